@@ -1,0 +1,1 @@
+"""Hugging Face -> zspa_jax checkpoint converters. `python -m convert.llava SRC OUT`."""

@@ -1,0 +1,201 @@
+"""Convert a Hugging Face LLaVA checkpoint into a zspa_jax checkpoint.
+
+    python -m convert.llava SRC OUT [--dtype float32|bfloat16] [--force]
+
+SRC is a local HF directory (config.json + safetensors + tokenizer/processor files) or a
+hub id. Tensors are streamed one at a time from memory-mapped safetensors; every mapping
+problem is collected and reported together; OUT is written to a temporary sibling and
+renamed into place, so a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert.hf_config import UnsupportedConfigError, llava_config_from_hf
+from convert.keymap import SKIPPED, map_key
+from convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from models.checkpoint import flatten, param_template, save_params, unflatten_into, write_config
+from models.layers import DTYPES
+
+# Files that let `AutoProcessor.from_pretrained(OUT)` rebuild the HF processor.
+PROCESSOR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+class ConversionError(ValueError):
+    """The source checkpoint cannot be converted; the message lists every problem."""
+
+
+def resolve_source(src: str) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (config, weights, processor)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"SRC {src!r} is a file; expected a directory or a hub id")
+    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+        raise ConversionError(f"SRC {src!r} is neither an existing directory nor a hub id like 'org/name'")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise ConversionError(
+            f"SRC {src!r} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+            "download it on a connected machine and pass the directory"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as e:  # network errors come in many types; the message is what matters
+        raise ConversionError(f"could not download {src!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+def load_hf_config(src: Path) -> dict:
+    if not (src / "config.json").exists():
+        raise ConversionError(f"{src}: config.json is missing")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src).to_dict()
+    except Exception as e:
+        raise ConversionError(f"{src}/config.json could not be read by transformers: {e}") from None
+
+
+def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, progress: bool = True) -> dict:
+    """Map every HF tensor onto `template` (nested ShapeDtypeStruct) and cast to `dtype`.
+
+    Collects unmatched keys, shape mismatches and missing parameters, and raises one
+    ConversionError with all of them.
+    """
+    targets = flatten(template)
+    converted: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+    tied = not any(path.startswith("language_model.lm_head.") for path in targets)
+    for key in tqdm(checkpoint.keys(), desc="converting", unit="tensor", disable=not progress):
+        if SKIPPED.search(key):
+            continue
+        mapped = map_key(key)
+        if mapped is None:
+            if tied and key.endswith("lm_head.weight"):
+                continue  # a tied head saved explicitly: the embedding table is the head
+            errors.append(f"unexpected tensor {key!r} {checkpoint.shape(key)}: no rule maps it")
+            continue
+        path, transform = mapped
+        if path not in targets:
+            if tied and path.startswith("language_model.lm_head."):
+                continue
+            errors.append(f"tensor {key!r} maps to {path!r}, which the model does not have")
+            continue
+        if path in converted:
+            errors.append(f"tensor {key!r} maps to {path!r}, already filled by another tensor")
+            continue
+        want = tuple(targets[path].shape)
+        got = transform.target_shape(checkpoint.shape(key))
+        if got != want:
+            errors.append(f"tensor {key!r}: shape {checkpoint.shape(key)} -> {got}, expected {want} for {path!r}")
+            continue
+        # One tensor at a time: read from the mapping, transform, cast, keep only the result.
+        converted[path] = np.ascontiguousarray(transform.apply(checkpoint.get(key)).astype(dtype))
+    missing = sorted(set(targets) - set(converted))
+    errors.extend(f"parameter {p!r} {tuple(targets[p].shape)} has no tensor in the checkpoint" for p in missing)
+    if errors:
+        raise ConversionError(f"{len(errors)} problem(s) mapping the checkpoint:\n  " + "\n  ".join(errors))
+    return unflatten_into(template, converted)
+
+
+def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True) -> dict:
+    """Convert SRC into OUT; returns a summary dict. Leaves OUT untouched on failure."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise ConversionError(f"OUT {out} already exists; pass --force to replace it")
+    start = time.perf_counter()
+    src_dir = resolve_source(str(src))
+    try:
+        cfg = llava_config_from_hf(load_hf_config(src_dir), dtype=dtype)
+    except UnsupportedConfigError as e:
+        raise ConversionError(f"{src_dir}: {e}") from None
+    try:
+        checkpoint = SafetensorsCheckpoint(src_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    params = convert_params(checkpoint, param_template(cfg), DTYPES[dtype], progress=progress)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become OUT's mode
+        save_params(tmp, params)
+        write_config(tmp, cfg, extra={"source": str(src), "dtype": dtype})
+        copied = [name for name in PROCESSOR_FILES if (src_dir / name).exists()]
+        for name in copied:
+            shutil.copy2(src_dir / name, tmp / name)
+        if out.exists():  # --force: swap in the new checkpoint, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    leaves = flatten(params).values()
+    return {
+        "out": str(out),
+        "parameters": int(sum(x.size for x in leaves)),
+        "bytes": int(sum(x.nbytes for x in leaves)),
+        "tensors": len(leaves),
+        "dtype": dtype,
+        "seconds": time.perf_counter() - start,
+        "processor_files": copied,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert.llava", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", metavar="SRC", help="local Hugging Face LLaVA directory or hub id")
+    parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
+    parser.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32", help="parameter dtype (default float32)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        s = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"converted {s['tensors']} tensors, {s['parameters']:,} parameters ({s['dtype']}, "
+        f"{s['bytes'] / 2**20:.1f} MiB) in {s['seconds']:.1f} s -> {s['out']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Memory-mapped reading of (sharded) safetensors checkpoints, one tensor at a time.
+
+`safetensors.safe_open(framework="np")` cannot return bfloat16; this reader maps the file
+and views each tensor through ml_dtypes instead, so nothing is copied until a transform
+needs it, and a truncated or corrupt file is reported before any tensor is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or malformed."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and validated, data memory-mapped lazily."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if 8 + header_len > size:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (header says {header_len} bytes)")
+            try:
+                header = json.loads(f.read(header_len))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated safetensors file: tensors need {self._data_start + end} bytes, "
+                f"file has {size}"
+            )
+        for name, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        self._map: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only view into the mapped file (no copy)."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        buf = self._map[self._data_start + begin : self._data_start + end]
+        return buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a HF checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: Path):
+        directory = Path(directory)
+        index = directory / INDEX_NAME
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shard_names = sorted(set(weight_map.values()))
+            missing = [n for n in shard_names if not (directory / n).exists()]
+            if missing:
+                raise CheckpointError(f"{directory}: shards listed in {INDEX_NAME} are missing: {missing}")
+            shards = {n: SafetensorsFile(directory / n) for n in shard_names}
+            self._where = {key: shards[shard] for key, shard in weight_map.items()}
+            for key, shard in weight_map.items():
+                if key not in shards[shard]._entries:
+                    raise CheckpointError(f"{directory / shard}: tensor {key!r} listed in the index is absent")
+        elif (directory / SINGLE_NAME).exists():
+            single = SafetensorsFile(directory / SINGLE_NAME)
+            self._where = {key: single for key in single.keys()}
+        else:
+            found = sorted(p.name for p in directory.glob("*.safetensors"))
+            raise CheckpointError(
+                f"{directory}: no weights found: expected {SINGLE_NAME} or {INDEX_NAME}"
+                + (f" (found {found})" if found else "")
+            )
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._where[key].get(key)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for key in self.keys():
+            yield key, self.get(key)

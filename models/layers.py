@@ -1,0 +1,96 @@
+"""Small building blocks shared by the model ports: activations, dtypes, attention masks."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Names follow transformers' ACT2FN. HF "gelu" is the exact erf GELU; jax.nn.gelu
+# defaults to the tanh approximation, so the flag is always explicit here.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def check_choice(owner: str, field: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{field}={value!r} is not supported; expected one of {sorted(choices)}")
+
+
+def check_positive(owner: str, **fields: int) -> None:
+    for field, value in fields.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{field} must be a positive int, got {value!r}")
+
+
+# Finite "minus infinity": a fully masked row (a left-pad query) then softmaxes to a
+# uniform distribution instead of NaN, and never leaks into valid rows.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | None = None
+) -> jax.Array:
+    """Softmax attention with grouped KV heads; softmax in f32 like transformers' eager path.
+
+    q: [B, L, H, Dh]; k, v: [B, S, Hkv, Dh] with H % Hkv == 0; mask: bool [B, L, S] or None.
+    Returns [B, L, H, Dh] in q's dtype.
+    """
+    b, l, h, dh = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    scale = 1.0 / math.sqrt(dh) if scale is None else scale
+    qg = q.reshape(b, l, hkv, h // hkv, dh)
+    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k).astype(jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, l, h, dh)
+
+
+def padding_causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """bool [B, L, L]: query i sees key j iff j <= i and key j is not padding.
+
+    attention_mask: [B, L], 1 for real tokens, 0 for (left) padding.
+    """
+    valid = attention_mask.astype(bool)
+    length = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return causal[None] & valid[:, None, :]
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """int32 [B, L] RoPE positions that start at 0 on each row's first real token.
+
+    Matches transformers' generate (cumsum - 1, padding set to 1): a left-padded row then
+    gets exactly the positions it would have alone.
+    """
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.cumsum(mask, axis=-1) - 1
+    return jnp.where(mask == 1, positions, 1).astype(jnp.int32)

@@ -1,0 +1,271 @@
+"""LLaMA decoder in Flax NNX: RMSNorm, RoPE, MHA/GQA/MQA, SwiGLU, tied or untied head.
+
+The KV cache is a plain pytree (`KVCache`) passed in and returned, so a decode loop can
+carry it through `lax.while_loop` and the caller owns its size. Attribute names mirror
+transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import (
+    ACTIVATIONS,
+    activation,
+    check_choice,
+    check_positive,
+    dot_product_attention,
+    dtype_of,
+    padding_causal_mask,
+    positions_from_mask,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive(
+            name,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"{name}.hidden_size ({self.hidden_size}) must be divisible by "
+                    f"num_attention_heads ({self.num_attention_heads}) when head_dim is not given"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        check_positive(name, head_dim=self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"{name}.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"{name}.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"{name}.rope_theta must be > 0, got {self.rope_theta}")
+        check_choice(name, "hidden_act", self.hidden_act, ACTIVATIONS)
+        dtype_of(self.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys and values for every decoder layer.
+
+    k, v: [num_layers, B, S, num_key_value_heads, head_dim]. Slot s of row b holds the
+    token written at cache index s; which slots are valid is the caller's mask.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        dt = dtype_of(cfg.dtype) if dtype is None else dtype
+        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: normalise in f32, cast back, then scale (transformers' order)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value * xf.astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """f32 [head_dim / 2]; the power is taken in f64 and rounded once, like a correctly
+    rounded f32 pow, so frequencies agree with torch bit for bit in practice."""
+    exponents = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)).astype(
+        np.float32
+    )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE. x: [B, L, H, Dh]; positions: int [B, L]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, Dh/2]
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta  # frequencies are trace-time constants, not state
+        lin = lambda din, dout: nnx.Linear(
+            din, dout, use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt, rngs=rngs
+        )
+        self.q_proj = lin(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = lin(self.num_heads * self.head_dim, cfg.hidden_size)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x: [B, L, D]; positions: [B, L]; mask: bool [B, L, S].
+
+        Without `kv`, S == L (attend within x). With `kv` = (k, v) each [B, S, Hkv, Dh],
+        the new keys/values are written at slots [cache_index, cache_index + L) and the
+        queries attend over all S slots; the updated (k, v) is returned. The caller must
+        keep cache_index + L <= S (dynamic_update_slice would clamp, not fail).
+        """
+        b, l, _ = x.shape
+        inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta)
+        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        if kv is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, l, -1)), kv
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        lin = lambda din, dout: nnx.Linear(din, dout, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.mlp = LlamaMLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv=None, cache_index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaModel(nnx.Module):
+    """Embedding table, decoder layers and final norm (no head)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds: [B, L, D]; positions: int [B, L]; mask: bool [B, L, S].
+
+        Returns (final-normed hidden states [B, L, D], updated cache or None).
+        """
+        x = inputs_embeds.astype(self.embed_tokens.embedding.value.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, positions, mask, kv, cache_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        return self.norm(x), new_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.config = cfg
+        self.model = LlamaModel(cfg, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+        )
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """int [B, L] -> [B, L, D]."""
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [..., D] -> f32 logits [..., V]."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Full-sequence forward (no cache): int [B, L] -> f32 logits [B, L, V]."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        hidden, _ = self.model(
+            self.embed(input_ids), positions_from_mask(attention_mask), padding_causal_mask(attention_mask)
+        )
+        return self.logits(hidden)

@@ -1,0 +1,170 @@
+"""LLaVA: CLIP tower -> MLP projector -> LLaMA decoder, in Flax NNX.
+
+Pieces are exposed separately (`image_features`, `embed_tokens`, `merge_image_features`,
+the decoder with its cache) so that pruning and generation can be composed outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.clip import CLIPVisionConfig, CLIPVisionModel
+from models.layers import (
+    ACTIVATIONS,
+    activation,
+    check_choice,
+    dtype_of,
+    padding_causal_mask,
+    positions_from_mask,
+)
+from models.llama import LlamaConfig, LlamaForCausalLM
+
+SELECT_STRATEGIES = ("default", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    vision: CLIPVisionConfig
+    text: LlamaConfig
+    image_token_index: int = 32000
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in self.vision_feature_layer))
+            if not self.vision_feature_layer:
+                raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
+        n_states = self.vision.num_hidden_layers + 1
+        for layer in self.feature_layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(
+                    f"{name}.vision_feature_layer {layer} is out of range for a tower with "
+                    f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
+                )
+        check_choice(name, "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
+        check_choice(name, "projector_hidden_act", self.projector_hidden_act, ACTIVATIONS)
+        if not 0 <= self.image_token_index:
+            raise ValueError(f"{name}.image_token_index must be >= 0, got {self.image_token_index}")
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return layer if isinstance(layer, tuple) else (layer,)
+
+    @property
+    def image_seq_length(self) -> int:
+        """Visual tokens per image (N): patches, plus CLS under the "full" strategy."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["vision_feature_layer"] = (
+            list(self.vision_feature_layer) if isinstance(self.vision_feature_layer, tuple) else self.vision_feature_layer
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaConfig":
+        d = dict(d)
+        return cls(vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+
+
+class LlavaMultiModalProjector(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.text.dtype)
+        din = cfg.vision.hidden_size * len(cfg.feature_layers)
+        dout = cfg.text.hidden_size
+        bias = cfg.multimodal_projector_bias
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_1 = nnx.Linear(din, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.linear_2 = nnx.Linear(dout, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def check_image_tokens(input_ids: np.ndarray, num_images: int, tokens_per_image: int, image_token_index: int) -> None:
+    """Raise unless the placeholders in `input_ids` match the images exactly (host-side check)."""
+    found = int(np.sum(np.asarray(input_ids) == image_token_index))
+    expected = num_images * tokens_per_image
+    if found != expected:
+        raise ValueError(
+            f"input_ids holds {found} image tokens (id {image_token_index}) but pixel_values holds "
+            f"{num_images} image(s) x {tokens_per_image} visual tokens = {expected}; the prompt must "
+            f"contain exactly {tokens_per_image} placeholders per image"
+        )
+
+
+def merge_image_features(
+    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token_index: int
+) -> jax.Array:
+    """Write visual tokens into the placeholder positions, in reading order across the batch.
+
+    input_ids: int [B, L]; inputs_embeds: [B, L, D]; image_features: [M, N, D] with
+    M * N == number of placeholders (checked by `check_image_tokens` on the host). Same
+    order as transformers' masked_scatter; gather-based so shapes stay static under jit.
+    """
+    is_image = input_ids == image_token_index
+    flat = image_features.reshape(-1, image_features.shape[-1]).astype(inputs_embeds.dtype)
+    order = jnp.cumsum(is_image.reshape(-1)) - 1
+    order = jnp.clip(order, 0, flat.shape[0] - 1).reshape(is_image.shape)
+    return jnp.where(is_image[..., None], flat[order], inputs_embeds)
+
+
+class LlavaForConditionalGeneration(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.vision_tower = CLIPVisionModel(cfg.vision, rngs=rngs)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg, rngs=rngs)
+        self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
+
+    def selected_vision_features(self, pixel_values: jax.Array) -> jax.Array:
+        """[B_img, C, H, W] -> tower features fed to the projector [B_img, N, D_vision * n_layers]."""
+        n_states = self.config.vision.num_hidden_layers + 1
+        wanted = [layer % n_states for layer in self.config.feature_layers]
+        states = self.vision_tower.hidden_states(pixel_values, num_layers=max(wanted))
+        picked = [states[i] for i in wanted]
+        if self.config.vision_feature_select_strategy == "default":
+            picked = [s[:, 1:] for s in picked]  # drop CLS
+        return jnp.concatenate(picked, axis=-1) if len(picked) > 1 else picked[0]
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Projected visual tokens in the LLM embedding space: [B_img, N, D_text]."""
+        return self.multi_modal_projector(self.selected_vision_features(pixel_values))
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Text embeddings [B, L, D]; placeholder ids (possibly >= vocab) embed as token 0."""
+        safe_ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
+        return self.language_model.embed(safe_ids)
+
+    def inputs_embeds(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        return merge_image_features(input_ids, embeds, self.image_features(pixel_values), self.config.image_token_index)
+
+    def __call__(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Full forward (no cache): f32 logits [B, L, V]. Positions follow the mask (left padding)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        embeds = self.inputs_embeds(input_ids, pixel_values)
+        hidden, _ = self.language_model.model(
+            embeds, positions_from_mask(attention_mask), padding_causal_mask(attention_mask)
+        )
+        return self.language_model.logits(hidden)
+
+
+def feature_layer_list(layer: int | Sequence[int]) -> int | tuple[int, ...]:
+    return tuple(layer) if isinstance(layer, (list, tuple)) else int(layer)

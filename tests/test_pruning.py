@@ -1,0 +1,407 @@
+"""zspa_jax.pruning: exact parity with the eager PyTorch oracle, properties, validation.
+
+Shapes are few and fixed on purpose (every new shape/keep/core size compiles once);
+variety comes from looping over seeds and data kinds.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from torch_reference_pruning import select_tokens_reference  # noqa: E402
+
+from zspa_jax import pruning  # noqa: E402
+from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens  # noqa: E402
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss", mask: str = "random"):
+    """numpy f32 visual [B,N,D], prompt [B,T,D], bool mask [B,T]."""
+    rng = np.random.default_rng(seed)
+    if kind == "gauss":
+        v = rng.standard_normal((b, n, d))
+    elif kind == "clustered":  # a few tight clusters: diversity decides which cluster is next
+        # (within-cluster cosine ~0.99. Much tighter clusters (noise 0.05, cosines within
+        # ~1e-4 of each other) produced a genuine 1-ulp near-tie in relevance, 4.4e-8 apart
+        # in float64, that f32 JAX and f32 torch legitimately order differently.)
+        n_clusters = int(rng.integers(2, 6))
+        centers = rng.standard_normal((b, n_clusters, d)) * 3.0
+        assign = rng.integers(0, n_clusters, (b, n))
+        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal((b, n, d))
+    else:
+        raise ValueError(kind)
+    v = v * rng.uniform(0.2, 5.0, (b, n, 1))  # varied norms
+    p = rng.standard_normal((b, t, d))
+    if kind == "clustered":  # prompt near one cluster so relevance is meaningful
+        p = p * 0.3 + v[:, :1, :]
+    if mask == "random":
+        m = rng.random((b, t)) < 0.7
+        m[0, :] = False if seed % 5 == 0 else m[0, :]  # sometimes an all-masked row
+    elif mask == "none":
+        m = np.ones((b, t), bool)
+    else:
+        raise ValueError(mask)
+    return v.astype(np.float32), p.astype(np.float32), m
+
+
+def jax_select(v, p, m, **kw) -> np.ndarray:
+    out = select_tokens(jnp.asarray(v), jnp.asarray(p), None if m is None else jnp.asarray(m), **kw)
+    assert out.dtype == jnp.int32
+    return np.asarray(out)
+
+
+def torch_select(v, p, m, **kw) -> np.ndarray:
+    tm = None if m is None else torch.from_numpy(np.asarray(m))
+    return select_tokens_reference(torch.from_numpy(np.asarray(v)), torch.from_numpy(np.asarray(p)), tm, **kw).numpy()
+
+
+def assert_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if not np.array_equal(a, b):
+        rows = np.nonzero((a != b).any(axis=1))[0]
+        raise AssertionError(f"{what}: rows {rows.tolist()} differ\njax   {a[rows]}\ntorch {b[rows]}")
+
+
+def check_valid(idx: np.ndarray, b: int, n: int, k: int) -> None:
+    assert idx.shape == (b, k)
+    assert (idx >= 0).all() and (idx < n).all()
+    assert (np.diff(idx, axis=1) > 0).all()  # strictly ascending => unique
+
+
+def cosine64(v: np.ndarray) -> np.ndarray:
+    vn = v.astype(np.float64) / np.maximum(np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True), 1e-6)
+    return vn
+
+
+# --------------------------------------------------------------------------- parity with the torch oracle
+
+SHAPE = dict(b=4, n=40, t=6, d=16)
+K = 10
+# (method, core_ratio): core sizes 0, 3, 6, 10 -> four compiles shared by all seeds.
+PARITY_CASES = [("zspaprune", 0.6), ("zspaprune", 0.3), ("relevance", 0.6), ("divprune", 0.6), ("uniform", 0.6)]
+
+
+@pytest.mark.parametrize("method,r", PARITY_CASES)
+def test_matches_torch_reference(method, r):
+    for seed in range(24):
+        kind = "clustered" if seed % 2 else "gauss"
+        v, p, m = make_data(seed, **SHAPE, kind=kind)
+        got = jax_select(v, p, m, keep=K, method=method, core_ratio=r)
+        check_valid(got, SHAPE["b"], SHAPE["n"], K)
+        assert_same(got, torch_select(v, p, m, keep=K, method=method, core_ratio=r), f"seed {seed} {kind}")
+
+
+@pytest.mark.parametrize(
+    "b,n,t,d,keep,r",
+    [
+        (2, 7, 3, 5, 7, 0.6),  # K == N
+        (3, 33, 1, 8, 1, 0.6),  # K == 1, core of 1 (relevance argmax)
+        (3, 33, 1, 8, 1, 0.4),  # K == 1, core of 0 -> DivPrune's first pick only
+        (2, 33, 4, 8, 32, 0.5),  # K == N - 1, k = 16 (half rounds up)
+        (1, 300, 9, 64, 37, 0.3),  # larger N
+        (2, 12, 5, 3, 6, 0.0),  # tiny D: many near-collinear tokens
+    ],
+)
+def test_matches_torch_reference_special_shapes(b, n, t, d, keep, r):
+    for seed in range(4):
+        kind = "clustered" if seed % 2 else "gauss"
+        v, p, m = make_data(100 + seed, b, n, t, d, kind=kind)
+        got = jax_select(v, p, m, keep=keep, core_ratio=r)
+        check_valid(got, b, n, keep)
+        assert_same(got, torch_select(v, p, m, keep=keep, core_ratio=r), f"seed {seed} {kind}")
+
+
+def test_exact_ties_go_to_lower_index():
+    # Axis-aligned tokens with duplicates: every cosine is exactly 0 or 1 under any
+    # summation order, so all ties are exact and must resolve to the lower index.
+    n, d = 12, 4
+    axes = np.array([0, 1, 2, 0, 3, 1, 2, 3, 0, 0, 2, 1])
+    v = (np.eye(d)[axes] * np.arange(1, n + 1)[:, None]).astype(np.float32)[None]
+    p = np.eye(d)[[0]].astype(np.float32)[None]  # prompt along axis 0: tokens 0,3,8,9 tie at s=1
+    # relevance: the 2 best are the lowest-index tokens on axis 0
+    assert jax_select(v, p, None, keep=2, method="relevance").tolist() == [[0, 3]]
+    # zspaprune K=4, r=0.6 -> k=3: core {0,3,8}; fill: c=1 for axis-0 tokens, 0 elsewhere ->
+    # lowest unselected index with c=0 is 1
+    assert jax_select(v, p, None, keep=4, core_ratio=0.6).tolist() == [[0, 1, 3, 8]]
+    # divprune K=4: every token has a duplicate axis (max off-diag = 1) -> first pick 0,
+    # then one token per remaining axis, lowest index first: 1, 2, 4
+    assert jax_select(v, p, None, keep=4, method="divprune").tolist() == [[0, 1, 2, 4]]
+    for keep, method in [(2, "relevance"), (4, "zspaprune"), (4, "divprune"), (7, "zspaprune")]:
+        assert_same(
+            jax_select(v, p, None, keep=keep, method=method), torch_select(v, p, None, keep=keep, method=method), method
+        )
+
+
+def test_signed_zero_scores_tie_by_index():
+    # All-masked prompt -> p = 0 -> scores are +0.0 or -0.0 (tokens with negative entries);
+    # they are equal and must tie by index (lax.top_k alone orders -0.0 below +0.0).
+    v = np.array([[-1.0, -2.0], [1.0, 2.0], [-3.0, -1.0], [2.0, 1.0]], np.float32)[None]
+    p = np.ones((1, 2, 2), np.float32)
+    m = np.zeros((1, 2), bool)
+    assert jax_select(v, p, m, keep=2, method="relevance").tolist() == [[0, 1]]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def test_relevance_is_topk_cosine():
+    for seed in range(6):
+        v, p, m = make_data(200 + seed, **SHAPE)
+        got = jax_select(v, p, m, keep=K, method="relevance")
+        for b in range(SHAPE["b"]):
+            mb = m[b]
+            pm = p[b][mb].astype(np.float64).sum(0) / max(mb.sum(), 1)
+            pm = pm / max(np.linalg.norm(pm), 1e-6)
+            s = cosine64(v[b]) @ pm
+            want = np.sort(np.argsort(-s, kind="stable")[:K])
+            assert got[b].tolist() == want.tolist(), (seed, b)
+
+
+def brute_force_divprune(v: np.ndarray, keep: int) -> list[int]:
+    """Greedy max-min from the definition, float64, no running state."""
+    sim = cosine64(v) @ cosine64(v).T
+    n = len(v)
+    first = min(range(n), key=lambda j: (max(sim[j, i] for i in range(n) if i != j), j))
+    chosen = [first]
+    while len(chosen) < keep:
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(min(rest, key=lambda j: (max(sim[j, i] for i in chosen), j)))
+    return sorted(chosen)
+
+
+def test_divprune_matches_brute_force():
+    for seed in range(8):
+        v, p, m = make_data(300 + seed, **SHAPE, kind="clustered" if seed % 2 else "gauss")
+        got = jax_select(v, p, m, keep=K, method="divprune")
+        for b in range(SHAPE["b"]):
+            assert got[b].tolist() == brute_force_divprune(v[b], K), (seed, b)
+
+
+def test_invariant_to_positive_token_scaling():
+    v, p, m = make_data(7, **SHAPE, kind="clustered")
+    base = jax_select(v, p, m, keep=K, core_ratio=0.6)
+    rng = np.random.default_rng(0)
+    # Powers of two scale norms exactly, so the unit vectors are bit-identical.
+    pow2 = (2.0 ** rng.integers(-6, 7, (SHAPE["b"], SHAPE["n"], 1))).astype(np.float32)
+    assert np.array_equal(jax_select(v * pow2, p, m, keep=K, core_ratio=0.6), base)
+    # Arbitrary positive scales change unit vectors by an ulp at most: same indices here.
+    for seed in range(4):
+        scale = np.random.default_rng(seed).uniform(0.01, 100.0, (SHAPE["b"], SHAPE["n"], 1)).astype(np.float32)
+        assert np.array_equal(jax_select(v * scale, p, m, keep=K, core_ratio=0.6), base)
+    # Scaling the prompt by a positive factor does not change anything either.
+    assert np.array_equal(jax_select(v, p * 4.0, m, keep=K, core_ratio=0.6), base)
+
+
+def test_masked_prompt_tokens_have_no_effect():
+    v, p, m = make_data(11, **SHAPE)
+    m[:, 0] = True  # at least one real token per row
+    m[:, -1] = False
+    base = jax_select(v, p, m, keep=K, core_ratio=0.6)
+    for fill in (1e6, -3.0, np.nan, np.inf):
+        p2 = np.where(m[..., None], p, np.float32(fill)).astype(np.float32)
+        assert np.array_equal(jax_select(v, p2, m, keep=K, core_ratio=0.6), base), fill
+    # Same as dropping the masked tokens of a row altogether.
+    b0 = p[0][m[0]][None]
+    assert np.array_equal(jax_select(v[:1], b0, None, keep=K, core_ratio=0.6), base[:1])
+    # Integer masks mean the same as boolean ones.
+    assert np.array_equal(jax_select(v, p, m.astype(np.int32), keep=K, core_ratio=0.6), base)
+
+
+def test_all_masked_prompt_is_zero_prompt():
+    v, p, _ = make_data(12, **SHAPE, kind="clustered")
+    m = np.zeros(p.shape[:2], bool)
+    got = jax_select(v, p, m, keep=K, core_ratio=0.6)
+    zero = jax_select(v, np.zeros_like(p), None, keep=K, core_ratio=0.6)
+    assert np.array_equal(got, zero)
+    k = pruning.core_size(K, 0.6)
+    assert (got[:, :k] == np.arange(k)).all()  # all scores 0 -> core = lowest indices
+    assert_same(got, torch_select(v, p, m, keep=K, core_ratio=0.6), "all masked")
+
+
+def test_batch_equals_per_example():
+    v, p, m = make_data(13, **SHAPE, kind="clustered")
+    batched = jax_select(v, p, m, keep=K, core_ratio=0.6)
+    for b in range(SHAPE["b"]):
+        one = jax_select(v[b : b + 1], p[b : b + 1], m[b : b + 1], keep=K, core_ratio=0.6)
+        assert np.array_equal(one[0], batched[b])
+
+
+def test_jit_equals_eager_and_batching_strategies_agree():
+    v, p, m = make_data(14, 2, 16, 3, 8, kind="clustered")
+    for r in (0.0, 0.5):
+        k = pruning.core_size(6, r)
+        args = (jnp.asarray(v), jnp.asarray(p), jnp.asarray(m))
+        jitted = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
+        vmapped = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="vmap"))
+        with jax.disable_jit():
+            eager = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
+        assert np.array_equal(jitted, eager) and np.array_equal(jitted, vmapped)
+    # Inside a user's jit (keep static through the closure).
+    inner = jax.jit(lambda v, p, m: select_tokens(v, p, m, keep=6, core_ratio=0.5))
+    assert np.array_equal(np.asarray(inner(*args)), jax_select(v, p, m, keep=6, core_ratio=0.5))
+
+
+def test_keep_equals_n_is_arange():
+    v, p, m = make_data(15, 2, 9, 2, 4)
+    for method in ("zspaprune", "divprune", "relevance", "uniform"):
+        assert (jax_select(v, p, m, keep=9, method=method) == np.arange(9)).all()
+
+
+def test_uniform_formula():
+    v, p, m = make_data(16, 2, 50, 2, 4)
+    for keep in (1, 7, 16, 49, 50):
+        want = [math.floor((i + 0.5) * 50 / keep) for i in range(keep)]
+        got = jax_select(v, p, m, keep=keep, method="uniform")
+        assert (got == np.array(want)).all(), keep
+
+
+def test_random_method():
+    v, p, m = make_data(17, **SHAPE)
+    key = jax.random.key(0)
+    a = jax_select(v, p, m, keep=K, method="random", rng=key)
+    check_valid(a, SHAPE["b"], SHAPE["n"], K)
+    assert np.array_equal(a, jax_select(v, p, m, keep=K, method="random", rng=key))  # reproducible
+    assert not np.array_equal(a, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(1)))
+    assert len({tuple(r) for r in a}) > 1  # each row draws its own subset
+    legacy = jax_select(v, p, m, keep=K, method="random", rng=jax.random.PRNGKey(0))  # raw uint32 keys work
+    check_valid(legacy, SHAPE["b"], SHAPE["n"], K)
+    # Roughly uniform: every index gets picked over many keys.
+    counts = np.zeros(SHAPE["n"])
+    for s in range(40):
+        np.add.at(counts, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(s)).ravel(), 1)
+    assert counts.min() > 0
+
+
+def test_bf16_inputs_equal_upcast_f32():
+    # Guarantee: inputs are cast to f32 first, so low-precision inputs give exactly the
+    # indices of the same values upcast to f32 (and hence match the torch oracle on those).
+    v, p, m = make_data(18, **SHAPE, kind="clustered")
+    for dt in (jnp.bfloat16, jnp.float16):
+        vb, pb = jnp.asarray(v).astype(dt), jnp.asarray(p).astype(dt)
+        got = np.asarray(select_tokens(vb, pb, jnp.asarray(m), keep=K))
+        up = np.asarray(select_tokens(vb.astype(jnp.float32), pb.astype(jnp.float32), jnp.asarray(m), keep=K))
+        assert np.array_equal(got, up)
+        assert_same(got, torch_select(np.asarray(vb.astype(jnp.float32)), np.asarray(pb.astype(jnp.float32)), m, keep=K), str(dt))
+    # Mixed dtypes are fine too.
+    mixed = np.asarray(select_tokens(jnp.asarray(v).astype(jnp.bfloat16), jnp.asarray(p), jnp.asarray(m), keep=K))
+    check_valid(mixed, SHAPE["b"], SHAPE["n"], K)
+
+
+def test_gather_tokens():
+    v, p, m = make_data(19, **SHAPE)
+    idx = jax_select(v, p, m, keep=K)
+    out = np.asarray(gather_tokens(jnp.asarray(v), jnp.asarray(idx)))
+    assert out.shape == (SHAPE["b"], K, SHAPE["d"])
+    for b in range(SHAPE["b"]):
+        assert np.array_equal(out[b], v[b][idx[b]])
+    with pytest.raises(ValueError, match="indices"):
+        gather_tokens(jnp.asarray(v), jnp.asarray(idx[0]))
+
+
+def test_no_recompile_for_same_shapes():
+    impl = pruning._select_impl
+    v, p, m = make_data(20, **SHAPE)
+    jax_select(v, p, m, keep=K, core_ratio=0.6)
+    before = impl._cache_size()
+    for seed in range(3):
+        v, p, m = make_data(21 + seed, **SHAPE)
+        jax_select(v, p, m, keep=K, core_ratio=0.6)
+        jax_select(v, p, m, keep=K, core_ratio=float(np.float64(0.6)))  # numpy scalar, same key
+    assert impl._cache_size() == before
+    # relevance and zspaprune with r = 1 reduce to the same core size: one compile.
+    jax_select(v, p, m, keep=K, core_ratio=1.0)
+    n1 = impl._cache_size()
+    jax_select(v, p, m, keep=K, method="relevance")
+    assert impl._cache_size() == n1
+
+
+# --------------------------------------------------------------------------- validation
+
+_V = jnp.zeros((2, 8, 4))
+_P = jnp.ones((2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(keep=0), "keep"),
+        (dict(keep=9), "keep"),
+        (dict(keep=2.0), "keep"),
+        (dict(keep=2, core_ratio=1.5), "core_ratio"),
+        (dict(keep=2, core_ratio=-0.1), "core_ratio"),
+        (dict(keep=2, prompt=jnp.ones((2, 3, 5))), "prompt feature dim"),
+        (dict(keep=2, prompt=jnp.ones((3, 3, 4))), "prompt batch"),
+        (dict(keep=2, prompt=jnp.ones((3, 4))), "prompt"),
+        (dict(keep=2, visual=jnp.zeros((8, 4))), "visual"),
+        (dict(keep=2, visual=jnp.zeros((2, 8, 4), jnp.int32)), "visual"),
+        (dict(keep=2, prompt=jnp.ones((2, 3, 4), jnp.int32)), "prompt"),
+        (dict(keep=2, prompt_mask=jnp.ones((2, 4), bool)), "prompt_mask"),
+        (dict(keep=2, prompt_mask=jnp.ones((2,), bool)), "prompt_mask"),
+        (dict(keep=2, method="random"), "rng"),
+        (dict(keep=2, method="fastv"), "method"),
+    ],
+)
+def test_validation_errors(kwargs, name):
+    args = dict(visual=_V, prompt=_P, prompt_mask=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name) as err:
+        select_tokens(args.pop("visual"), args.pop("prompt"), args.pop("prompt_mask"), **args)
+    if name == "method":
+        assert all(m in str(err.value) for m in PRUNE_METHODS)
+    if kwargs.get("keep") == 9:
+        assert "N=8" in str(err.value)
+
+
+def test_validation_happens_at_trace_time():
+    with pytest.raises(ValueError, match="keep"):
+        jax.jit(lambda v, p: select_tokens(v, p, keep=20))(_V, _P)
+
+
+def test_prune_config():
+    c = PruneConfig(ratio=0.25)
+    assert c.num_keep(576) == 144 and c.num_keep(3) == 1  # 0.75 + 0.5 -> 1
+    assert PruneConfig(ratio=0.5).num_keep(5) == 3  # 2.5 rounds half up
+    assert PruneConfig(ratio=0.01).num_keep(10) == 1  # at least one
+    assert PruneConfig(ratio=1.0).num_keep(577) == 577
+    assert PruneConfig(keep=64).num_keep(576) == 64
+    with pytest.raises(ValueError, match=r"keep=64.*n_visual=10"):
+        PruneConfig(keep=64).num_keep(10)
+    # hashable, usable as a static jit argument, equal configs hash equal
+    assert hash(PruneConfig(keep=8)) == hash(PruneConfig(keep=8)) and PruneConfig(keep=8) == PruneConfig(keep=8)
+    f = jax.jit(lambda x, cfg: x * cfg.num_keep(x.shape[0]), static_argnums=1)
+    assert int(f(jnp.ones(10), PruneConfig(ratio=0.3))[0]) == 3
+    with pytest.raises(AttributeError):
+        c.keep = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(), "keep or ratio"),
+        (dict(keep=4, ratio=0.5), "keep or ratio"),
+        (dict(keep=0), "keep"),
+        (dict(keep=2.5), "keep"),
+        (dict(keep=True), "keep"),
+        (dict(ratio=0.0), "ratio"),
+        (dict(ratio=1.5), "ratio"),
+        (dict(keep=4, method="nope"), "method"),
+        (dict(keep=4, core_ratio=2.0), "core_ratio"),
+        (dict(keep=4, prompt_scope="image"), "prompt_scope"),
+    ],
+)
+def test_prune_config_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PruneConfig(**kwargs)

@@ -1,0 +1,260 @@
+"""Prompt-aware visual-token pruning (ZSPAPrune) and baselines.
+
+`select_tokens` implements DESIGN.md section 3 exactly: a prompt-relevance core set
+(top-k cosine to the mean prompt embedding) followed by a greedy max-min diversity
+fill. "relevance" (r = 1), "divprune" (r = 0), "random" and "uniform" share the
+signature. Everything is computed in float32 and jit-compiled once per
+(shapes, keep, method, core_ratio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["PRUNE_METHODS", "PruneConfig", "gather_tokens", "select_tokens"]
+
+PRUNE_METHODS: tuple[str, ...] = ("zspaprune", "relevance", "divprune", "random", "uniform")
+PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
+
+_EPS = 1e-6  # norm floor of section 3, step 2
+_HIGHEST = lax.Precision.HIGHEST  # keep dots in true f32 on GPU/TPU too (no TF32/bf16 passes)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """How many visual tokens to keep and how to choose them.
+
+    Exactly one of `keep` (a count, >= 1) or `ratio` (fraction kept, in (0, 1]).
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    keep: int | None = None
+    ratio: float | None = None
+    method: str = "zspaprune"
+    core_ratio: float = 0.6
+    prompt_scope: str = "question"
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise ValueError(
+                f"PruneConfig needs exactly one of keep or ratio, got keep={self.keep!r}, ratio={self.ratio!r}"
+            )
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, np.integer)):
+                raise ValueError(f"PruneConfig.keep must be an int >= 1, got {self.keep!r}")
+            if self.keep < 1:
+                raise ValueError(f"PruneConfig.keep must be >= 1, got {self.keep}")
+            object.__setattr__(self, "keep", int(self.keep))
+        if self.ratio is not None:
+            if not _is_real(self.ratio) or not 0.0 < float(self.ratio) <= 1.0:
+                raise ValueError(f"PruneConfig.ratio must be in (0, 1], got {self.ratio!r}")
+            object.__setattr__(self, "ratio", float(self.ratio))
+        if self.method not in PRUNE_METHODS:
+            raise ValueError(f"PruneConfig.method must be one of {PRUNE_METHODS}, got {self.method!r}")
+        if not _is_real(self.core_ratio) or not 0.0 <= float(self.core_ratio) <= 1.0:
+            raise ValueError(f"PruneConfig.core_ratio must be in [0, 1], got {self.core_ratio!r}")
+        object.__setattr__(self, "core_ratio", float(self.core_ratio))
+        if self.prompt_scope not in PROMPT_SCOPES:
+            raise ValueError(
+                f"PruneConfig.prompt_scope must be one of {PROMPT_SCOPES}, got {self.prompt_scope!r}"
+            )
+
+    def num_keep(self, n_visual: int) -> int:
+        """Number of visual tokens kept out of `n_visual` (ratio rounds half up, min 1)."""
+        n_visual = operator.index(n_visual)
+        if n_visual < 1:
+            raise ValueError(f"n_visual must be >= 1, got {n_visual}")
+        if self.keep is not None:
+            if self.keep > n_visual:
+                raise ValueError(
+                    f"PruneConfig.keep={self.keep} exceeds the number of visual tokens n_visual={n_visual}"
+                )
+            return self.keep
+        assert self.ratio is not None
+        return max(1, math.floor(self.ratio * n_visual + 0.5))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def core_size(keep: int, core_ratio: float) -> int:
+    """k = floor(K * r + 0.5) clipped to [0, K] (section 3, step 4)."""
+    return min(max(math.floor(keep * core_ratio + 0.5), 0), keep)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def gather_tokens(visual: jax.Array, indices: jax.Array) -> jax.Array:
+    """Pick rows per example: visual [B, N, D], indices [B, K] -> [B, K, D]."""
+    if visual.ndim != 3 or indices.ndim != 2 or indices.shape[0] != visual.shape[0]:
+        raise ValueError(
+            f"gather_tokens expects visual [B, N, D] and indices [B, K], got {visual.shape} and {indices.shape}"
+        )
+    return jnp.take_along_axis(visual, indices[:, :, None].astype(jnp.int32), axis=1)
+
+
+def select_tokens(
+    visual: jax.Array,
+    prompt: jax.Array,
+    prompt_mask: jax.Array | None = None,
+    *,
+    keep: int,
+    method: str = "zspaprune",
+    core_ratio: float = 0.6,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Indices of the visual tokens to keep, int32 [B, keep], ascending per row.
+
+    Args:
+      visual: [B, N, D] projected visual tokens (any float dtype).
+      prompt: [B, T, D] prompt token embeddings (any float dtype).
+      prompt_mask: [B, T], nonzero/True = real prompt token; None = all real.
+        Masked tokens never influence the result (they may hold any value, even NaN).
+        An all-masked row gives p = 0, so every relevance score is 0 and the core set
+        is the first k indices.
+      keep: K, 1 <= K <= N (static).
+      method: one of PRUNE_METHODS (static). "zspaprune" uses `core_ratio`;
+        "relevance" is r = 1, "divprune" is r = 0; "random" needs `rng`;
+        "uniform" is floor((i + 0.5) * N / K).
+      core_ratio: r in [0, 1] (static, only read by "zspaprune").
+      rng: a JAX PRNG key, required by "random" (each batch row gets its own subset).
+
+    Inputs are cast to float32 before anything else, so bf16/f16 inputs give exactly
+    the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
+    give each batch row the result of running it alone. Ties go to the lower index.
+    """
+    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng)
+    keep = operator.index(keep)
+    b, n, _ = visual.shape
+    if method == "uniform" or keep == n:
+        # Data-independent: a constant, no compile needed.
+        idx = ((2 * np.arange(keep) + 1) * n) // (2 * keep)  # == floor((i + 0.5) * N / K), exactly
+        return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (b, keep))
+    if method == "random":
+        return _random_impl(rng, b, n, keep)
+    r = {"relevance": 1.0, "divprune": 0.0}.get(method, float(core_ratio))
+    # Static key is (keep, n_core): methods that reduce to the same k share one compile.
+    return _select_impl(
+        visual, prompt, prompt_mask, keep=keep, n_core=core_size(keep, r), batching=_default_batching()
+    )
+
+
+def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> None:
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    for name, x in (("visual", visual), ("prompt", prompt)):
+        if not hasattr(x, "shape") or len(x.shape) != 3:
+            want = "[B, N, D]" if name == "visual" else "[B, T, D]"
+            raise ValueError(f"{name} must be a 3-D array {want}, got shape {getattr(x, 'shape', type(x))}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    b, n, d = visual.shape
+    if prompt.shape[0] != b:
+        raise ValueError(f"prompt batch size {prompt.shape[0]} must equal visual batch size {b}")
+    if prompt.shape[2] != d:
+        raise ValueError(f"prompt feature dim {prompt.shape[2]} must equal visual feature dim D={d}")
+    if prompt_mask is not None:
+        shape = tuple(getattr(prompt_mask, "shape", ()))
+        if shape != prompt.shape[:2]:
+            raise ValueError(f"prompt_mask must have shape [B, T] = {tuple(prompt.shape[:2])}, got {shape}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)):
+        raise ValueError(f"keep must be a Python int in [1, N={n}], got {keep!r}")
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, N={n}] (number of visual tokens), got {keep}")
+    if not _is_real(core_ratio) or not 0.0 <= float(core_ratio) <= 1.0:
+        raise ValueError(f"core_ratio must be in [0, 1], got {core_ratio!r}")
+    if method == "random" and rng is None:
+        raise ValueError("rng (a JAX PRNG key) is required for method='random'")
+
+
+def _default_batching() -> str:
+    # Measured (benchmarks/pruning.py): on CPU a sequential lax.map keeps one example's
+    # [N, D] tokens cache-resident across the K fill steps and beats vmap; accelerators
+    # want the parallel batched form.
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@partial(jax.jit, static_argnames=("b", "n", "keep"))
+def _random_impl(rng: jax.Array, b: int, n: int, keep: int) -> jax.Array:
+    # Top-K of iid uniforms is a uniformly random K-subset; one row of noise per example.
+    u = jax.random.uniform(rng, (b, n))
+    return jnp.sort(lax.top_k(u, keep)[1], axis=-1).astype(jnp.int32)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    """x / max(|x|, eps) along the last axis (section 3, step 2)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, _EPS)
+
+
+def _select_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, n_core: int) -> jax.Array:
+    """One example: v [N, D], t [T, D] f32, m [T] bool -> sorted int32 [keep]."""
+    n = v.shape[0]
+    vn = _unit(v)
+    picks = jnp.zeros((keep,), jnp.int32)
+    selected = jnp.zeros((n,), jnp.bool_)
+    if n_core > 0:
+        # Steps 1-4: mean prompt (masked entries contribute an exact 0, whatever they hold).
+        count = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
+        p = jnp.sum(jnp.where(m[:, None], t, 0.0), axis=0) / count
+        s = jnp.einsum("nd,d->n", vn, _unit(p), precision=_HIGHEST)
+        s = jnp.where(s == 0.0, 0.0, s)  # top_k orders -0.0 below +0.0; equal scores must tie by index
+        core = lax.top_k(s, n_core)[1].astype(jnp.int32)  # ties -> lower index (documented)
+        if n_core == keep:
+            return jnp.sort(core)
+        picks = picks.at[:n_core].set(core)
+        selected = selected.at[core].set(True)
+        c = jnp.max(jnp.einsum("nd,kd->nk", vn, vn[core], precision=_HIGHEST), axis=1)
+        start = n_core
+    else:
+        # r = 0: DivPrune's first pick, argmin_j max_{i != j} cos(v_j, v_i) (only N x N use).
+        g = jnp.einsum("nd,md->nm", vn, vn, precision=_HIGHEST)
+        first = jnp.argmin(jnp.max(jnp.where(jnp.eye(n, dtype=jnp.bool_), -jnp.inf, g), axis=1))
+        first = first.astype(jnp.int32)
+        picks = picks.at[0].set(first)
+        selected = selected.at[first].set(True)
+        c = g[:, first]
+        start = 1
+
+    # Step 5: greedy max-min fill with a running c_j = max_{i selected} cos(v_j, v_i).
+    def fill(i, state):
+        c, selected, picks = state
+        j = jnp.argmin(jnp.where(selected, jnp.inf, c)).astype(jnp.int32)  # first occurrence
+        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=_HIGHEST))
+        return c, selected.at[j].set(True), picks.at[i].set(j)
+
+    _, _, picks = lax.fori_loop(start, keep, fill, (c, selected, picks))
+    return jnp.sort(picks)
+
+
+@partial(jax.jit, static_argnames=("keep", "n_core", "batching"))
+def _select_impl(
+    visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None, *, keep: int, n_core: int, batching: str
+) -> jax.Array:
+    """Batched `_select_one`: [B, N, D], [B, T, D], [B, T] | None -> int32 [B, keep]."""
+    v = visual.astype(jnp.float32)
+    t = prompt.astype(jnp.float32)
+    m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
+    one = partial(_select_one, keep=keep, n_core=n_core)
+    if batching == "vmap":
+        return jax.vmap(one)(v, t, m)
+    if batching == "map":
+        return lax.map(lambda args: one(*args), (v, t, m))
+    raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
