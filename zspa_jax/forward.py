@@ -1,4 +1,4 @@
-"""`forward(vlm, input_ids, pixel_values, attention_mask=None) -> logits` for parity and scoring."""
+"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None) -> logits`."""
 
 from __future__ import annotations
 
@@ -9,50 +9,53 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.llava import check_image_tokens
+from models.layers import padding_causal_mask
+
+from zspa_jax.inputs import validate_arrays
 from zspa_jax.loading import VLM
+from zspa_jax.pipeline import decoder_inputs
+from zspa_jax.pruning import PruneConfig
 
 
-def validate_inputs(vlm: VLM, input_ids, pixel_values, attention_mask) -> None:
-    """Host-side checks with messages that name the argument and what was expected."""
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}")
-    if attention_mask is not None and np.shape(attention_mask) != ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {np.shape(attention_mask)}")
-    max_pos = vlm.config.text.max_position_embeddings
-    if ids.shape[1] > max_pos:
-        raise ValueError(f"input_ids has {ids.shape[1]} tokens; the model allows at most {max_pos} positions")
-    if pixel_values is None:
-        if np.any(ids == vlm.config.image_token_index):
-            raise ValueError("input_ids holds image tokens but pixel_values is None")
-        return
-    vc = vlm.config.vision
-    expected = (vc.num_channels, vc.image_size, vc.image_size)
-    shape = tuple(np.shape(pixel_values))
-    if len(shape) != 4 or shape[1:] != expected:
-        raise ValueError(f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}], got {shape}")
-    check_image_tokens(ids, shape[0], vlm.tokens_per_image, vlm.config.image_token_index)
+@functools.partial(jax.jit, static_argnames=("graphdef", "prune", "special_ids", "keep_positions"))
+def _forward(graphdef, params, input_ids, pixel_values, attention_mask, rng, prune, special_ids, keep_positions):
+    model = nnx.merge(graphdef, params)
+    inputs = decoder_inputs(model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions)
+    hidden, _ = model.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(inputs.mask))
+    return model.language_model.logits(hidden), inputs.kept_indices
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, input_ids, pixel_values, attention_mask):
-    model = nnx.merge(graphdef, state)
-    return model(input_ids, pixel_values, attention_mask)
-
-
-def forward(vlm: VLM, input_ids, pixel_values=None, attention_mask=None) -> np.ndarray:
-    """Logits of the whole sequence.
+def forward(
+    vlm: VLM,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    prune: PruneConfig | None = None,
+    *,
+    seed: int = 0,
+    keep_positions: bool = False,
+    return_kept: bool = False,
+):
+    """Logits over the whole (possibly pruned) sequence, for parity checks and scoring.
 
     Args:
-      input_ids: int [B, L] with exactly `tokens_per_image` image tokens per image.
-      pixel_values: float [M, C, H, W] (M images, in reading order across the batch) or None.
-      attention_mask: [B, L], 0 on (left) padding; positions restart at each row's first token.
+      input_ids: int [B, L], `tokens_per_image` image tokens per image, left-padded.
+      pixel_values: float [M, C, H, W] (images in reading order across the batch) or None.
+      attention_mask: [B, L], 0 on left padding; positions restart at each row's first token.
+      prune: a PruneConfig (one image per row); the kept tokens replace the placeholders.
+      seed: rng seed for method="random".
+      return_kept: also return the kept indices int32 [B, K] (None without pruning).
     Returns:
-      f32 numpy [B, L, vocab].
+      f32 numpy [B, L', vocab] with L' = L - N + K when pruning (else L).
     """
-    validate_inputs(vlm, input_ids, pixel_values, attention_mask)
+    validate_arrays(vlm, input_ids, pixel_values, attention_mask, prune)
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones(ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
-    return np.asarray(_forward(vlm.graphdef, vlm.state, ids, pixels, mask))
+    logits, kept = _forward(
+        vlm.graphdef, vlm.state, ids, pixels, mask, jax.random.key(seed), prune, vlm.special_token_ids, keep_positions
+    )
+    logits = np.asarray(logits)
+    if return_kept:
+        return logits, None if kept is None else np.asarray(kept)
+    return logits

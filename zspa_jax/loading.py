@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ class VLM:
     model: LlavaForConditionalGeneration
     processor: Any | None
     path: Path | None = None
+    special_token_ids: tuple[int, ...] = ()  # never part of "the prompt" for pruning
+    eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generate
+    pad_token_id: int = 0  # written after a row has stopped
     graphdef: Any = dataclasses.field(init=False, repr=False)
     state: Any = dataclasses.field(init=False, repr=False)
 
@@ -47,6 +51,37 @@ def load_processor(path: Path):
         return AutoProcessor.from_pretrained(path)
 
 
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def token_ids(path: Path, processor) -> dict:
+    """Special, EOS and pad ids from the tokenizer, generation_config.json and config.json."""
+    eos, pad, special = [], [], []
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.exists():
+            d = json.loads(file.read_text())
+            for section in (d, d.get("text_config") or {}):
+                eos += _ids(section.get("eos_token_id"))
+                pad += _ids(section.get("pad_token_id"))
+                special += _ids(section.get("bos_token_id"))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is not None:
+        eos = _ids(tokenizer.eos_token_id) + eos
+        pad = _ids(tokenizer.pad_token_id) + pad
+        special += list(tokenizer.all_special_ids)
+    eos = list(dict.fromkeys(eos))
+    pad_id = pad[0] if pad else (eos[0] if eos else 0)
+    return {
+        "special_token_ids": tuple(sorted(set(special + eos + [pad_id]))),
+        "eos_token_ids": tuple(eos),
+        "pad_token_id": pad_id,
+    }
+
+
 def load(path: str | Path, *, processor: bool = True) -> VLM:
     """Load a checkpoint written by `python -m convert.llava`.
 
@@ -59,4 +94,8 @@ def load(path: str | Path, *, processor: bool = True) -> VLM:
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
     cfg = read_config(path)
     model = restore_model(path, cfg)
-    return VLM(config=cfg, model=model, processor=load_processor(path) if processor else None, path=path)
+    proc = load_processor(path) if processor else None
+    ids = token_ids(path, proc if proc is not None else load_processor(path))
+    # The image placeholder is embedded as visual tokens, never as prompt text.
+    ids["special_token_ids"] = tuple(i for i in ids["special_token_ids"] if i != cfg.image_token_index)
+    return VLM(config=cfg, model=model, processor=proc, path=path, **ids)

@@ -1,0 +1,384 @@
+"""`generate`: pruned prefill + KV-cache decoding in one `lax.while_loop`.
+
+Two entry points share one implementation:
+  * `generate(vlm, prompts, images, ...)` — strings + PIL images (or arrays) in, a
+    `GenerateResult` with texts, token ids, kept indices and timings out;
+  * `generate_tokens(vlm, input_ids, pixel_values, attention_mask, ...)` — pure JAX,
+    usable inside a caller's `jax.jit`; returns a `GenerateOutput` pytree.
+Shapes are static per (prompt bucket, cache bucket, keep); `max_new_tokens` is traced, so
+changing it inside one cache bucket does not recompile.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llama import KVCache
+from zspa_jax.inputs import encode, is_traced, validate_arrays
+from zspa_jax.loading import VLM
+from zspa_jax.pipeline import decoder_inputs
+from zspa_jax.pruning import PruneConfig
+from zspa_jax.sampling import Sampling
+
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
+CACHE_BUCKET = 64  # the KV cache holds a multiple of this many tokens
+
+# Incremented at trace time: a compile counter for tests and benchmarks.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticSettings:
+    """Everything that fixes the compiled program (a jit static argument)."""
+
+    sampling: Sampling
+    prune: PruneConfig | None
+    cache_length: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    special_ids: tuple[int, ...]
+    keep_positions: bool = False
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array  # int32 scalar: tokens generated so far
+    tokens: jax.Array  # int32 [B, T]: generated ids, pad after a row stops
+    lengths: jax.Array  # int32 [B]: generated tokens per row, EOS included
+    done: jax.Array  # bool [B]
+    logits: jax.Array  # f32 [B, V]: next-token logits
+    cache: KVCache
+    kv_valid: jax.Array  # bool [B, S]: slots that hold a real token
+    next_position: jax.Array  # int32 [B]: RoPE position of the next token
+    prompt_length: jax.Array  # int32 scalar L' (pruned prompt length): cache slot of step 0
+    rng: jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # int32 [B, T]
+    lengths: jax.Array  # int32 [B]
+    kept_indices: jax.Array | None  # int32 [B, K] or None
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    texts: list[str] | None  # decoded answers (None without a tokenizer)
+    sequences: np.ndarray  # int32 [B, n]: generated ids, pad after a row stops
+    kept_indices: np.ndarray | None  # int32 [B, K] into the N visual tokens, ascending
+    stats: dict[str, Any]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _prefill(model, input_ids, pixel_values, attention_mask, rng, st: StaticSettings):
+    """Run the (pruned) prompt through the decoder, filling cache slots [0, L')."""
+    rng, prune_rng = jax.random.split(rng)
+    inputs = decoder_inputs(
+        model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions
+    )
+    b, length, _ = inputs.embeds.shape
+    lm = model.language_model
+    slots = jnp.arange(st.cache_length)
+    kv_valid = (slots[None, :] < length) & jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length)))
+    causal = slots[None, None, :] <= jnp.arange(length)[None, :, None]
+    cache = KVCache.zeros(lm.config, b, st.cache_length)
+    hidden, cache = lm.model(inputs.embeds, inputs.positions, causal & kv_valid[:, None, :], cache, 0)
+    logits = lm.logits(hidden[:, -1])  # left padding: the last position is real in every row
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((b, st.cache_length - length), st.pad_id, jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        logits=logits,
+        cache=cache,
+        kv_valid=kv_valid,
+        next_position=jnp.max(inputs.positions, axis=1) + 1,
+        prompt_length=jnp.asarray(length, jnp.int32),
+        rng=rng,
+    )
+    return state, inputs.kept_indices
+
+
+def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
+    """Sample one token per row, append it, and compute the next logits."""
+    rng, sample_rng = jax.random.split(s.rng)
+    token = jnp.where(s.done, st.pad_id, st.sampling(s.logits, sample_rng))
+    tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+    lengths = s.lengths + (~s.done).astype(jnp.int32)
+    done = s.done | jnp.isin(token, jnp.asarray(st.eos_ids or (-1,), jnp.int32))
+    slot = s.prompt_length + s.step
+    kv_valid = s.kv_valid | (jnp.arange(st.cache_length)[None, :] == slot)
+    lm = model.language_model
+    hidden, cache = lm.model(
+        lm.embed(token[:, None]), s.next_position[:, None], kv_valid[:, None, :], s.cache, slot
+    )
+    return s._replace(
+        step=s.step + 1,
+        tokens=tokens,
+        lengths=lengths,
+        done=done,
+        logits=lm.logits(hidden[:, 0]),
+        cache=cache,
+        kv_valid=kv_valid,
+        next_position=s.next_position + 1,
+        rng=rng,
+    )
+
+
+def _decode_loop(model, s: DecodeState, max_new_tokens, st: StaticSettings) -> DecodeState:
+    limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), s.tokens.shape[1])
+    cond = lambda s: (s.step < limit) & ~jnp.all(s.done)
+    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, st), s)
+
+
+# --- jitted programs over (graphdef, state): plain jax.jit is cheaper per call than nnx.jit.
+def _jit_prefill(graphdef, params, input_ids, pixel_values, attention_mask, rng, st):
+    TRACE_COUNTS["prefill"] += 1
+    return _prefill(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, rng, st)
+
+
+def _jit_decode(graphdef, params, s, max_new_tokens, st):
+    TRACE_COUNTS["decode"] += 1
+    return _decode_loop(nnx.merge(graphdef, params), s, max_new_tokens, st)
+
+
+def _jit_step(graphdef, params, s, st):
+    TRACE_COUNTS["step"] += 1
+    return _decode_step(nnx.merge(graphdef, params), s, st)
+
+
+_prefill_fn = jax.jit(_jit_prefill, static_argnames=("graphdef", "st"))
+_decode_fn = jax.jit(_jit_decode, static_argnames=("graphdef", "st"), donate_argnames=("s",))
+_step_fn = jax.jit(_jit_step, static_argnames=("graphdef", "st"), donate_argnames=("s",))
+
+
+def _settings(vlm: VLM, prompt_length: int, max_new_tokens_bound: int, *, prune, sampling, eos_token_id, keep_positions):
+    if eos_token_id is None:
+        eos = vlm.eos_token_ids
+    else:
+        eos = tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+    if prune is not None:
+        prompt_length = prompt_length - vlm.tokens_per_image + prune.num_keep(vlm.tokens_per_image)
+    return StaticSettings(
+        sampling=sampling,
+        prune=prune,
+        cache_length=_round_up(prompt_length + max_new_tokens_bound, CACHE_BUCKET),
+        eos_ids=eos,
+        pad_id=vlm.pad_token_id,
+        special_ids=vlm.special_token_ids,
+        keep_positions=keep_positions,
+    )
+
+
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+
+
+def generate_tokens(
+    vlm: VLM,
+    input_ids: jax.Array,
+    pixel_values: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    max_new_tokens: int | jax.Array,
+    max_new_tokens_bound: int | None = None,
+    prune: PruneConfig | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    keep_positions: bool = False,
+) -> GenerateOutput:
+    """Array-in, array-out generation; traceable inside a caller's `jax.jit`.
+
+    input_ids: int [B, L], left-padded; pixel_values: [B, C, H, W] or None;
+    attention_mask: [B, L]. `max_new_tokens` may be traced, in which case
+    `max_new_tokens_bound` (a Python int) sizes the KV cache and bounds it. Returns
+    tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
+    kept_indices int32 [B, K] or None.
+    """
+    if max_new_tokens_bound is None:
+        if isinstance(max_new_tokens, jax.Array) and is_traced(max_new_tokens):
+            raise ValueError("max_new_tokens is traced: pass max_new_tokens_bound (a Python int) to size the KV cache")
+        max_new_tokens_bound = int(max_new_tokens)
+    _check_max_new_tokens(max_new_tokens_bound)
+    if not is_traced(max_new_tokens):
+        _check_max_new_tokens(int(max_new_tokens))
+        if int(max_new_tokens) > max_new_tokens_bound:
+            raise ValueError(
+                f"max_new_tokens ({int(max_new_tokens)}) exceeds max_new_tokens_bound ({max_new_tokens_bound})"
+            )
+    validate_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens_bound)
+    if prune is not None and prune.method == "random" and rng is None:
+        raise ValueError("prune method 'random' needs rng (a jax.random key)")
+    st = _settings(
+        vlm,
+        input_ids.shape[1],
+        max_new_tokens_bound,
+        prune=prune,
+        sampling=Sampling(temperature, top_k, top_p),
+        eos_token_id=eos_token_id,
+        keep_positions=keep_positions,
+    )
+    rng = jax.random.key(0) if rng is None else rng
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+    s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+    return GenerateOutput(s.tokens, s.lengths, kept)
+
+
+def _pad_to_bucket(batch: dict[str, np.ndarray], pad_id: int, bucket: int) -> dict[str, np.ndarray]:
+    """Left-pad input_ids/attention_mask to a multiple of `bucket` (fewer compiles)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = _round_up(ids.shape[1], bucket) - ids.shape[1]
+    if extra:
+        batch = dict(batch)
+        batch["input_ids"] = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        batch["attention_mask"] = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
+    return batch
+
+
+def generate(
+    vlm: VLM,
+    prompts: str | Sequence[str] | None = None,
+    images: Any | Sequence[Any] | None = None,
+    *,
+    input_ids=None,
+    pixel_values=None,
+    attention_mask=None,
+    prune: PruneConfig | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    keep_positions: bool = False,
+    chat_template: bool | None = None,
+    stream: bool = False,
+) -> GenerateResult | Iterator[np.ndarray]:
+    """Generate answers for prompts about images, optionally pruning visual tokens first.
+
+    Give either `prompts` (+ `images`, PIL, one per prompt) — encoded with the saved HF
+    processor, chat template included when the model has one — or `input_ids`
+    (+ `pixel_values`, `attention_mask`) arrays. Prompts are left-padded to a multiple
+    of PROMPT_BUCKET tokens.
+
+    Args:
+      prune: a PruneConfig; None keeps all visual tokens.
+      max_new_tokens: new tokens per row (EOS included); changing it inside one cache
+        bucket does not recompile.
+      temperature, top_k, top_p, seed: sampling (temperature 0 = greedy; top-p is applied
+        within top-k).
+      eos_token_id: int or list; defaults to the model's.
+      keep_positions: keep the original RoPE positions of kept tokens instead of
+        renumbering them contiguously.
+      stream: return an iterator that yields each step's new tokens (int32 [B]) as they
+        are produced, reusing the same jitted decode step.
+    """
+    _check_max_new_tokens(max_new_tokens)
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
+    if prompts is not None:
+        if pixel_values is not None or attention_mask is not None:
+            raise ValueError("pixel_values/attention_mask go with input_ids; with prompts, pass images")
+        batch = encode(vlm, prompts, images, chat_template)
+    else:
+        if images is not None:
+            raise ValueError("images go with prompts; with input_ids, pass pixel_values")
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        batch = {
+            "input_ids": ids.astype(np.int32),
+            "attention_mask": np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(ids.shape),
+        }
+        if pixel_values is not None:
+            batch["pixel_values"] = np.asarray(pixel_values, np.float32)
+    tokens_in = int(batch["attention_mask"].sum(axis=1).max())
+    validate_arrays(
+        vlm, batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], prune, extra_length=max_new_tokens
+    )
+    batch = _pad_to_bucket(batch, vlm.pad_token_id, PROMPT_BUCKET)
+    st = _settings(
+        vlm,
+        batch["input_ids"].shape[1],
+        max_new_tokens,
+        prune=prune,
+        sampling=Sampling(temperature, top_k, top_p),
+        eos_token_id=eos_token_id,
+        keep_positions=keep_positions,
+    )
+    ids = jnp.asarray(batch["input_ids"])
+    mask = jnp.asarray(batch["attention_mask"])
+    pixels = None if "pixel_values" not in batch else jnp.asarray(batch["pixel_values"])
+    rng = jax.random.key(seed)
+    if stream:
+        return _stream(vlm, ids, pixels, mask, rng, max_new_tokens, st)
+
+    t0 = time.perf_counter()
+    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+    jax.block_until_ready(s.logits)
+    t1 = time.perf_counter()
+    s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+    lengths = np.asarray(s.lengths)
+    t2 = time.perf_counter()
+    n = int(lengths.max()) if lengths.size else 0
+    sequences = np.asarray(s.tokens)[:, :n]
+    n_visual = vlm.tokens_per_image if pixels is not None else 0
+    kept_count = n_visual if (prune is None or pixels is None) else prune.num_keep(n_visual)
+    stats = {
+        "visual_tokens_in": n_visual,
+        "visual_tokens_kept": kept_count,
+        "sequence_length_before": tokens_in,
+        "sequence_length_after": tokens_in - n_visual + kept_count,
+        "prefill_seconds": t1 - t0,
+        "decode_seconds": t2 - t1,
+        "new_tokens": int(lengths.sum()),
+        "decode_tokens_per_second": float(lengths.sum() / (t2 - t1)) if t2 > t1 else float("nan"),
+        "kv_cache_bytes": int(s.cache.nbytes),
+        "cache_length": st.cache_length,
+    }
+    return GenerateResult(
+        texts=_decode_texts(vlm, sequences, lengths, st.eos_ids),
+        sequences=sequences,
+        kept_indices=None if kept is None else np.asarray(kept),
+        stats=stats,
+    )
+
+
+def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids) -> list[str] | None:
+    tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+    if tokenizer is None:
+        return None
+    texts = []
+    for row, n in zip(sequences, lengths):
+        row = [int(t) for t in row[:n] if int(t) not in eos_ids]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def _stream(vlm, ids, pixels, mask, rng, max_new_tokens, st) -> Iterator[np.ndarray]:
+    s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+    for _ in range(max_new_tokens):
+        done_before = np.asarray(s.done)
+        if done_before.all():
+            return
+        step = int(s.step)
+        s = _step_fn(vlm.graphdef, vlm.state, s, st)
+        yield np.asarray(s.tokens[:, step])
