@@ -51,7 +51,7 @@ def abstract_model(cfg: LlavaConfig) -> LlavaForConditionalGeneration:
 
 def param_template(cfg: LlavaConfig) -> dict:
     """Nested dict of ShapeDtypeStruct, the exact tree `restore_model` expects."""
-    return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
 
 
 def write_config(directory: Path, cfg: LlavaConfig, extra: dict | None = None) -> None:
@@ -84,7 +84,7 @@ def restore_model(directory: Path, cfg: LlavaConfig | None = None) -> LlavaForCo
     cfg = read_config(directory) if cfg is None else cfg
     model = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(model)
-    template = nnx.state(model, nnx.Param).to_pure_dict()
+    template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore((Path(directory) / PARAMS_DIR).absolute(), template)
     state = nnx.state(model)

@@ -91,13 +91,13 @@ class CLIPVisionEmbeddings(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, C, H, W] (the HF processor's NCHW layout) -> [B, 1 + P, D]."""
-        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.patch_embedding.kernel.value.dtype)
+        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.patch_embedding.kernel.dtype)
         patches = self.patch_embedding(x)  # [B, H/p, W/p, D]
         b = patches.shape[0]
         patches = patches.reshape(b, -1, patches.shape[-1])
-        cls = jnp.broadcast_to(self.class_embedding.value, (b, 1, patches.shape[-1])).astype(patches.dtype)
+        cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, patches.shape[-1])).astype(patches.dtype)
         tokens = jnp.concatenate([cls, patches], axis=1)
-        return tokens + self.position_embedding.embedding.value[None, : tokens.shape[1]].astype(tokens.dtype)
+        return tokens + self.position_embedding.embedding[None, : tokens.shape[1]].astype(tokens.dtype)
 
 
 class CLIPAttention(nnx.Module):

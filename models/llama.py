@@ -114,7 +114,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value * xf.astype(x.dtype)
+        return self.scale[...] * xf.astype(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
@@ -228,7 +228,7 @@ class LlamaModel(nnx.Module):
 
         Returns (final-normed hidden states [B, L, D], updated cache or None).
         """
-        x = inputs_embeds.astype(self.embed_tokens.embedding.value.dtype)
+        x = inputs_embeds.astype(self.embed_tokens.embedding.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -6,8 +6,8 @@ splits are reproducible streams that never share a seed (and, with continuous po
 and per-pixel noise, never share an image). Nothing here touches JAX.
 
 Scene: 96 x 96 RGB, a plain background (white / black / gray, jittered, with pixel
-noise), 1-5 shapes (circle, square, triangle, cross, star; 6 colours; radius 6-12 px,
-i.e. 3-6 patches across at the tower's 4 px patches, so one object covers ~2-8 % of the
+noise), 1-5 shapes (circle, square, triangle, cross, star; 6 colours; radius 7-12 px,
+i.e. 3.5-6 patches across at the tower's 4 px patches, so one object covers ~2-8 % of the
 576 visual tokens) placed without overlap, and 3-8 pieces of clutter (dots and short
 lines in random colours, each smaller than a patch or one patch wide). Every
 (colour, shape) pair is unique inside a scene so "the red circle" always names one
@@ -168,7 +168,7 @@ def make_scene(split: str, index: int) -> Scene:
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         if (colour, shape) in used:
             continue
-        radius = float(rng.uniform(6.0, 12.0))
+        radius = float(rng.uniform(7.0, 12.0))
         cx, cy = (float(v) for v in rng.uniform(radius + 1, IMAGE_SIZE - radius - 1, size=2))
         # Keep centres clear of the 3 x 3 grid lines: "where" then has one answer.
         if any(abs(c - g) < 3.0 for c in (cx, cy) for g in (IMAGE_SIZE / 3, 2 * IMAGE_SIZE / 3)):

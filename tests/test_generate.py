@@ -1,0 +1,316 @@
+"""zspa_jax.generate vs transformers: greedy tokens, pruned prefill, kept indices, sampling,
+compile counts, streaming, jit-ability and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zspa_jax
+from zspa_jax import generation
+from zspa_jax.pruning import PruneConfig
+from tests.torch_reference_pruning import select_tokens_reference
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_llava):
+    return tiny_hf_llava("gen")
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny, converted):
+    return zspa_jax.load(converted(tiny.path))
+
+
+def _prompt(tiny, n_text_before: int, n_question: int, seed: int) -> np.ndarray:
+    """BOS, text, the image placeholder span, then a question (random non-special ids)."""
+    rng = np.random.default_rng(seed)
+    text = lambda n: rng.integers(10, 290, size=n)
+    return np.concatenate(
+        [[tiny.bos_token_id], text(n_text_before), np.full(tiny.tokens_per_image, tiny.image_token_index), text(n_question)]
+    ).astype(np.int64)
+
+
+def _pixels(tiny, count: int, seed: int) -> np.ndarray:
+    size = tiny.image_size
+    return np.random.default_rng(seed).standard_normal((count, 3, size, size)).astype(np.float32)
+
+
+def _left_pad(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _hf_generate(tiny, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = tiny.hf.generate(
+            **{k: torch.as_tensor(v) for k, v in kwargs.items()},
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tiny.pad_token_id,
+        )
+    return out.numpy()
+
+
+def test_unpruned_greedy_matches_transformers_single(tiny, vlm):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    ref = _hf_generate(tiny, input_ids=ids, pixel_values=px)[:, ids.shape[1] :]
+    assert ours.sequences.shape == (1, NEW_TOKENS)
+    np.testing.assert_array_equal(ours.sequences, ref)
+
+
+def test_unpruned_greedy_left_padded_batch_matches_per_example(tiny, vlm):
+    rows = [_prompt(tiny, 3, 4, seed=2), _prompt(tiny, 11, 12, seed=3), _prompt(tiny, 0, 7, seed=4)]
+    ids, mask = _left_pad(rows, tiny.pad_token_id)
+    px = _pixels(tiny, 3, seed=5)
+    ours = zspa_jax.generate(
+        vlm, input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+    )
+    for i, row in enumerate(rows):
+        ref = _hf_generate(tiny, input_ids=row[None], pixel_values=px[i : i + 1])[:, len(row) :]
+        np.testing.assert_array_equal(ours.sequences[i : i + 1], ref, err_msg=f"row {i}")
+
+
+def test_eos_stops_rows_like_transformers(tiny, vlm):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    free = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    eos = int(free.sequences[0, 5])  # a token the model emits mid-way
+    stop_at = int(np.flatnonzero(free.sequences[0] == eos)[0])
+    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+    with torch.no_grad():
+        ref = tiny.hf.generate(
+            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), max_new_tokens=NEW_TOKENS,
+            do_sample=False, eos_token_id=eos, pad_token_id=tiny.pad_token_id,
+        ).numpy()[:, ids.shape[1] :]
+    assert ours.sequences.shape[1] == stop_at + 1 == ref.shape[1]
+    np.testing.assert_array_equal(ours.sequences, ref)
+    assert ours.stats["new_tokens"] == stop_at + 1
+
+
+def _hf_pieces(tiny, ids: np.ndarray, px: np.ndarray):
+    """The HF model's own projected visual tokens [B, N, D] and input-embedding rows [B, L, D]."""
+    hf = tiny.hf
+    with torch.no_grad():
+        feats = hf.model.get_image_features(pixel_values=torch.as_tensor(px), return_dict=True).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        text_ids = torch.as_tensor(np.where(ids == tiny.image_token_index, 0, ids))
+        embeds = hf.get_input_embeddings()(text_ids)
+    return feats, embeds
+
+
+def _question_mask(tiny, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    specials = {tiny.bos_token_id, tiny.pad_token_id, 2}
+    out = np.zeros(ids.shape, bool)
+    for b in range(ids.shape[0]):
+        last_image = np.flatnonzero(ids[b] == tiny.image_token_index)[-1]
+        for j in range(last_image + 1, ids.shape[1]):
+            out[b, j] = mask[b, j] == 1 and int(ids[b, j]) not in specials
+    return out
+
+
+def _pruned_hf_inputs(tiny, ids, mask, feats, embeds, kept):
+    """What a transformers user feeds after pruning: kept tokens replace the placeholders."""
+    rows, masks = [], []
+    for b in range(ids.shape[0]):
+        start = int(np.flatnonzero(ids[b] == tiny.image_token_index)[0])
+        end = start + tiny.tokens_per_image
+        rows.append(torch.cat([embeds[b, :start], feats[b, torch.as_tensor(kept[b])], embeds[b, end:]]))
+        masks.append(np.concatenate([mask[b, :start], np.ones(kept.shape[1], np.int64), mask[b, end:]]))
+    return torch.stack(rows), torch.as_tensor(np.stack(masks))
+
+
+@pytest.mark.parametrize("scope", ["question", "all_text"])
+def test_pruned_generation_matches_transformers_on_pruned_embeds(tiny, vlm, scope):
+    rows = [_prompt(tiny, 4, 10, seed=6), _prompt(tiny, 9, 6, seed=7)]
+    ids, mask = _left_pad(rows, tiny.pad_token_id)
+    px = _pixels(tiny, 2, seed=8)
+    prune = PruneConfig(keep=5, core_ratio=0.6, prompt_scope=scope)
+    ours = zspa_jax.generate(
+        vlm, input_ids=ids, pixel_values=px, attention_mask=mask, prune=prune, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+    )
+
+    # Kept indices == the eager PyTorch reference on the HF model's own features and embeddings.
+    feats, embeds = _hf_pieces(tiny, ids, px)
+    if scope == "question":
+        prompt_mask = _question_mask(tiny, ids, mask)
+    else:
+        prompt_mask = (mask == 1) & (ids != tiny.image_token_index) & ~np.isin(ids, [tiny.bos_token_id, tiny.pad_token_id, 2])
+    ref_kept = select_tokens_reference(feats, embeds, torch.as_tensor(prompt_mask), keep=5, core_ratio=0.6).numpy()
+    np.testing.assert_array_equal(ours.kept_indices, ref_kept)
+
+    # Greedy tokens == transformers fed the same pruned inputs_embeds.
+    pruned, pruned_mask = _pruned_hf_inputs(tiny, ids, mask, feats, embeds, ours.kept_indices)
+    with torch.no_grad():
+        ref = tiny.hf.generate(
+            inputs_embeds=pruned, attention_mask=pruned_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, pad_token_id=tiny.pad_token_id,
+        ).numpy()
+    np.testing.assert_array_equal(ours.sequences, ref)
+    assert ours.stats["visual_tokens_kept"] == 5
+    assert ours.stats["sequence_length_after"] == ours.stats["sequence_length_before"] - tiny.tokens_per_image + 5
+
+
+@pytest.mark.parametrize("keep_positions", [False, True])
+def test_pruned_prefill_logits_match_transformers(tiny, vlm, keep_positions, parity_record):
+    ids = _prompt(tiny, 6, 12, seed=9)[None]
+    px = _pixels(tiny, 1, seed=9)
+    prune = PruneConfig(keep=6)
+    logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, keep_positions=keep_positions, return_kept=True)
+    feats, embeds = _hf_pieces(tiny, ids, px)
+    pruned, pruned_mask = _pruned_hf_inputs(tiny, ids, np.ones_like(ids), feats, embeds, kept)
+    kwargs = {}
+    if keep_positions:
+        start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
+        n = tiny.tokens_per_image
+        pos = np.concatenate([np.arange(start), start + kept[0], np.arange(start + n, ids.shape[1])])
+        kwargs["position_ids"] = torch.as_tensor(pos[None])
+    with torch.no_grad():
+        ref = tiny.hf(inputs_embeds=pruned, attention_mask=pruned_mask, **kwargs).logits.numpy()
+    assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + 6, tiny.vocab_size)
+    diff = parity_record("pruned prefill logits", f"keep_positions={keep_positions}", np.abs(logits - ref).max(), 1e-4)
+    assert diff <= 1e-4
+
+
+def test_sampling_is_reproducible_for_a_seed(vlm, tiny):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    kw = dict(input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[], temperature=1.5, top_k=50, top_p=0.95)
+    a = zspa_jax.generate(vlm, seed=3, **kw).sequences
+    b = zspa_jax.generate(vlm, seed=3, **kw).sequences
+    c = zspa_jax.generate(vlm, seed=4, **kw).sequences
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[]).sequences
+    assert not np.array_equal(a, greedy)
+
+
+def test_top_k_one_is_greedy(vlm, tiny):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    kw = dict(input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    sampled = zspa_jax.generate(vlm, temperature=2.0, top_k=1, seed=7, **kw).sequences
+    np.testing.assert_array_equal(sampled, zspa_jax.generate(vlm, **kw).sequences)
+
+
+def test_same_bucket_does_not_recompile(vlm, tiny):
+    px = _pixels(tiny, 1, seed=10)
+    prune = PruneConfig(keep=4)
+    call = lambda ids, n: zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=n, eos_token_id=[])
+    first = call(_prompt(tiny, 2, 5, seed=11)[None], 5)
+    before = dict(generation.TRACE_COUNTS)
+    # Another prompt length in the same 64-token prompt bucket, another max_new_tokens in the same cache bucket.
+    out = call(_prompt(tiny, 7, 3, seed=12)[None], 11)
+    assert out.sequences.shape == (1, 11)
+    assert out.stats["cache_length"] == first.stats["cache_length"]
+    assert dict(generation.TRACE_COUNTS) == before
+
+
+def test_stream_yields_the_same_tokens(vlm, tiny):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    kw = dict(input_ids=ids, pixel_values=px, max_new_tokens=NEW_TOKENS, eos_token_id=[], prune=PruneConfig(keep=8))
+    chunks = list(zspa_jax.generate(vlm, stream=True, **kw))
+    assert len(chunks) == NEW_TOKENS and all(c.shape == (1,) for c in chunks)
+    np.testing.assert_array_equal(np.stack(chunks, axis=1), zspa_jax.generate(vlm, **kw).sequences)
+
+
+def test_generate_tokens_runs_inside_a_user_jit(vlm, tiny):
+    ids = _prompt(tiny, 5, 9, seed=1)[None]
+    px = _pixels(tiny, 1, seed=1)
+    prune = PruneConfig(keep=8)
+
+    @jax.jit
+    def pipeline(ids, px, n):
+        out = zspa_jax.generate_tokens(
+            vlm, ids, px, jnp.ones_like(ids), max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, prune=prune, eos_token_id=[]
+        )
+        return out.tokens, out.kept_indices
+
+    tokens, kept = pipeline(jnp.asarray(ids, jnp.int32), jnp.asarray(px), jnp.int32(NEW_TOKENS))
+    ref = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(tokens)[:, :NEW_TOKENS], ref.sequences)
+    np.testing.assert_array_equal(np.asarray(kept), ref.kept_indices)
+
+
+def test_strings_and_images_use_the_saved_processor(vlm, tiny):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    question = "What is shown in this image?"
+    ours = zspa_jax.generate(vlm, question, image, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    # The same text through the HF processor and transformers' generate.
+    text = tiny.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+    )
+    batch = tiny.processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        ref = tiny.hf.generate(
+            **batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tiny.pad_token_id
+        ).numpy()[:, batch["input_ids"].shape[1] :]
+    np.testing.assert_array_equal(ours.sequences, ref)
+    assert ours.texts == [tiny.processor.tokenizer.decode(ref[0], skip_special_tokens=True).strip()]
+
+
+# --- bad input: clear errors naming the problem -------------------------------------------------
+
+
+def test_prompt_without_image_token_is_an_error(vlm):
+    image = Image.new("RGB", (28, 28))
+    with pytest.raises(ValueError, match="must contain the image token"):
+        zspa_jax.generate(vlm, "no placeholder here", image, chat_template=False, max_new_tokens=2)
+
+
+def test_image_token_count_mismatch_is_an_error(vlm, tiny):
+    ids = _prompt(tiny, 2, 3, seed=0)[None]
+    with pytest.raises(ValueError, match="image tokens"):
+        zspa_jax.generate(vlm, input_ids=ids, pixel_values=_pixels(tiny, 2, seed=0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="one image per prompt"):
+        zspa_jax.generate(
+            vlm, input_ids=ids, pixel_values=_pixels(tiny, 2, seed=0), prune=PruneConfig(keep=2), max_new_tokens=2
+        )
+    with pytest.raises(ValueError, match=r"got 1 prompt\(s\) but 2 image\(s\)"):
+        image = Image.new("RGB", (28, 28))
+        zspa_jax.generate(vlm, ["<image> two images?"], [image, image], max_new_tokens=2)
+
+
+def test_keep_larger_than_visual_tokens_is_an_error(vlm, tiny):
+    ids = _prompt(tiny, 2, 3, seed=0)[None]
+    with pytest.raises(ValueError, match=str(tiny.tokens_per_image)):
+        zspa_jax.generate(
+            vlm, input_ids=ids, pixel_values=_pixels(tiny, 1, seed=0), prune=PruneConfig(keep=tiny.tokens_per_image + 1)
+        )
+
+
+def test_over_long_prompt_is_an_error(vlm, tiny):
+    limit = tiny.options["max_position_embeddings"]
+    ids = _prompt(tiny, limit - tiny.tokens_per_image - 20, 10, seed=0)[None]
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        zspa_jax.generate(vlm, input_ids=ids, pixel_values=_pixels(tiny, 1, seed=0), max_new_tokens=32)
+
+
+def test_bad_generation_arguments_are_errors(vlm, tiny):
+    ids = _prompt(tiny, 2, 3, seed=0)[None]
+    px = _pixels(tiny, 1, seed=0)
+    for kwargs, pattern in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0, temperature=1.0), "top_k"),
+        (dict(top_p=1.5, temperature=1.0), "top_p"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match="exactly one of prompts"):
+        zspa_jax.generate(vlm, max_new_tokens=2)
