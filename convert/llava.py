@@ -93,6 +93,7 @@ def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, pro
     """
     targets = flatten(template)
     converted: dict[str, np.ndarray] = {}
+    claimed: set[str] = set()  # paths some tensor maps to, even a wrongly shaped one
     errors: list[str] = []
     tied = not any(path.startswith("language_model.lm_head.") for path in targets)
     for key in tqdm(checkpoint.keys(), desc="converting", unit="tensor", disable=not progress):
@@ -110,9 +111,10 @@ def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, pro
                 continue
             errors.append(f"tensor {key!r} maps to {path!r}, which the model does not have")
             continue
-        if path in converted:
+        if path in claimed:
             errors.append(f"tensor {key!r} maps to {path!r}, already filled by another tensor")
             continue
+        claimed.add(path)
         want = tuple(targets[path].shape)
         got = transform.target_shape(checkpoint.shape(key))
         if got != want:
@@ -120,7 +122,7 @@ def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, pro
             continue
         # One tensor at a time: read from the mapping, transform, cast, keep only the result.
         converted[path] = np.ascontiguousarray(transform.apply(checkpoint.get(key)).astype(dtype))
-    missing = sorted(set(targets) - set(converted))
+    missing = sorted(set(targets) - claimed)
     errors.extend(f"parameter {p!r} {tuple(targets[p].shape)} has no tensor in the checkpoint" for p in missing)
     if errors:
         raise ConversionError(f"{len(errors)} problem(s) mapping the checkpoint:\n  " + "\n  ".join(errors))

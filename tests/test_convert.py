@@ -1,0 +1,180 @@
+"""Converter and loader failure modes: each a clear error, and never a half-written OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zspa_jax
+from convert.llava import ConversionError, convert
+
+
+@pytest.fixture(scope="module")
+def src(tiny_hf_llava):
+    return tiny_hf_llava("convert").path
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+def _fail(src, out, match: str, **kwargs) -> None:
+    with pytest.raises(ConversionError, match=match):
+        convert(src, out, progress=False, **kwargs)
+
+
+def test_missing_config(src, tmp_path):
+    bad = _copy(src, tmp_path)
+    (bad / "config.json").unlink()
+    out = tmp_path / "out"
+    _fail(bad, out, "config.json is missing")
+    _assert_nothing_written(out)
+
+
+def test_missing_weights(src, tmp_path):
+    bad = _copy(src, tmp_path)
+    (bad / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    _fail(bad, out, "no weights found")
+    _assert_nothing_written(out)
+
+
+def test_truncated_safetensors(src, tmp_path):
+    bad = _copy(src, tmp_path)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    _fail(bad, out, "truncated safetensors file")
+    _assert_nothing_written(out)
+
+
+def test_missing_shard_of_an_index(src, tmp_path):
+    bad = _copy(src, tmp_path)
+    (bad / "model.safetensors").rename(bad / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    _fail(bad, out, "shards listed in .* are missing")
+    _assert_nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (
+            lambda c: c["text_config"].update(
+                rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+            ),
+            "rope_type='llama3'",
+        ),
+        (lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type='yarn'"),
+        (lambda c: c["text_config"].update(hidden_act="gelu"), "text_config.hidden_act='gelu'"),
+        (lambda c: c["text_config"].update(sliding_window=128), "text_config.sliding_window"),
+        (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "vision_config.model_type"),
+        (lambda c: c.update(vision_feature_select_strategy="pooled"), "vision_feature_select_strategy"),
+    ],
+)
+def test_unsupported_config_field_is_refused_by_name(src, tmp_path, edit, field):
+    bad = _copy(src, tmp_path)
+    cfg = json.loads((bad / "config.json").read_text())
+    edit(cfg)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as err:
+        convert(bad, out, progress=False)
+    assert field in str(err.value)
+    _assert_nothing_written(out)
+
+
+def test_all_mapping_errors_are_reported_together(src, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    bad = _copy(src, tmp_path)
+    tensors = load_file(bad / "model.safetensors")
+    tensors.pop("language_model.model.norm.weight")
+    tensors.pop("multi_modal_projector.linear_2.bias")
+    tensors["vision_tower.mystery.weight"] = np.zeros(3, np.float32)
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key][:, :-1].copy()
+    save_file(tensors, bad / "model.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as err:
+        convert(bad, out, progress=False)
+    message = str(err.value)
+    assert "4 problem(s)" in message
+    for expected in ("language_model.model.norm.scale", "multi_modal_projector.linear_2.bias",
+                     "vision_tower.mystery.weight", "q_proj.weight"):
+        assert expected in message
+    _assert_nothing_written(out)
+
+
+def test_existing_out_needs_force(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fail(src, out, "already exists; pass --force")
+    assert (out / "keep.txt").read_text() == "mine"
+    summary = convert(src, out, force=True, progress=False)
+    assert not (out / "keep.txt").exists()
+    assert summary["parameters"] > 0
+    assert zspa_jax.load(out).config.image_token_index > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bad_dtype_and_hub_id_offline(src, tmp_path, monkeypatch):
+    _fail(src, tmp_path / "out", "--dtype 'float64' is not supported", dtype="float64")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fail("llava-hf/llava-1.5-7b-hf", tmp_path / "out", "HF_HUB_OFFLINE is set")
+    _fail(str(tmp_path / "nowhere" / "x" / "y"), tmp_path / "out", "neither an existing directory nor a hub id")
+
+
+def test_cli_reports_errors_without_a_traceback(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.llava", str(src), str(out)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2
+    assert "error: OUT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_load_of_a_non_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        zspa_jax.load(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="zspa_config.json missing"):
+        zspa_jax.load(tmp_path)
+
+
+def test_forward_rejects_bad_pixels_and_image_token_counts(tiny_hf_llava, converted):
+    tiny = tiny_hf_llava("convert")
+    vlm = zspa_jax.load(converted(tiny.path))
+    n = tiny.tokens_per_image
+    ids = np.concatenate([[tiny.bos_token_id], np.full(n, tiny.image_token_index), [20, 21]])[None]
+    good = np.zeros((1, 3, tiny.image_size, tiny.image_size), np.float32)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_images, 3, 28, 28\]"):
+        zspa_jax.forward(vlm, ids, good[:, :, :20])
+    with pytest.raises(ValueError, match=rf"holds {n - 1} image tokens .* = {n}"):
+        zspa_jax.forward(vlm, np.delete(ids, 1, axis=1), good)
+    with pytest.raises(ValueError, match="input_ids holds image tokens but pixel_values is None"):
+        zspa_jax.forward(vlm, ids, None)
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        zspa_jax.forward(vlm, ids, good, attention_mask=np.ones((1, 3)))
