@@ -17,14 +17,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from convert.hf_config import UnsupportedConfigError, llava_config_from_hf
-from convert.keymap import SKIPPED, map_key
+from convert.keymap import SKIPPED, Transform, map_key
 from convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from models.checkpoint import flatten, param_template, save_params, unflatten_into, write_config
+from models.checkpoint import ParamWriter, flatten, param_template, write_config
 from models.layers import DTYPES
 
 # Files that let `AutoProcessor.from_pretrained(OUT)` rebuild the HF processor.
@@ -85,30 +86,35 @@ def load_hf_config(src: Path) -> dict:
         raise ConversionError(f"{src}/config.json could not be read by transformers: {e}") from None
 
 
-def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, progress: bool = True) -> dict:
-    """Map every HF tensor onto `template` (nested ShapeDtypeStruct) and cast to `dtype`.
+class Step(NamedTuple):
+    key: str  # HF tensor name
+    path: str  # our dotted parameter path
+    transform: Transform
+    shape: tuple[int, ...]  # our shape
 
-    Collects unmatched keys, shape mismatches and missing parameters, and raises one
-    ConversionError with all of them.
+
+def plan_conversion(checkpoint: SafetensorsCheckpoint, template: dict) -> list[Step]:
+    """Match every HF tensor to a parameter of `template` (nested ShapeDtypeStruct).
+
+    Reads names and shapes only. Collects unmatched keys, shape mismatches and missing
+    parameters, and raises one ConversionError listing all of them.
     """
     targets = flatten(template)
-    converted: dict[str, np.ndarray] = {}
+    plan: list[Step] = []
     claimed: set[str] = set()  # paths some tensor maps to, even a wrongly shaped one
     errors: list[str] = []
     tied = not any(path.startswith("language_model.lm_head.") for path in targets)
-    for key in tqdm(checkpoint.keys(), desc="converting", unit="tensor", disable=not progress):
+    for key in checkpoint.keys():
         if SKIPPED.search(key):
             continue
         mapped = map_key(key)
         if mapped is None:
-            if tied and key.endswith("lm_head.weight"):
-                continue  # a tied head saved explicitly: the embedding table is the head
             errors.append(f"unexpected tensor {key!r} {checkpoint.shape(key)}: no rule maps it")
             continue
         path, transform = mapped
         if path not in targets:
             if tied and path.startswith("language_model.lm_head."):
-                continue
+                continue  # a tied head saved explicitly: the embedding table is the head
             errors.append(f"tensor {key!r} maps to {path!r}, which the model does not have")
             continue
         if path in claimed:
@@ -120,13 +126,24 @@ def convert_params(checkpoint: SafetensorsCheckpoint, template: dict, dtype, pro
         if got != want:
             errors.append(f"tensor {key!r}: shape {checkpoint.shape(key)} -> {got}, expected {want} for {path!r}")
             continue
-        # One tensor at a time: read from the mapping, transform, cast, keep only the result.
-        converted[path] = np.ascontiguousarray(transform.apply(checkpoint.get(key)).astype(dtype))
+        plan.append(Step(key, path, transform, want))
     missing = sorted(set(targets) - claimed)
     errors.extend(f"parameter {p!r} {tuple(targets[p].shape)} has no tensor in the checkpoint" for p in missing)
     if errors:
         raise ConversionError(f"{len(errors)} problem(s) mapping the checkpoint:\n  " + "\n  ".join(errors))
-    return unflatten_into(template, converted)
+    return plan
+
+
+def write_params(
+    checkpoint: SafetensorsCheckpoint, plan: list[Step], dtype, directory: Path, progress: bool = True
+) -> None:
+    """Stream tensors one at a time: map, transform, cast, hand to the grouped writer."""
+    writer = ParamWriter(directory)
+    for step in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
+        source = checkpoint.get(step.key)
+        writer.add(step.path, np.ascontiguousarray(step.transform.apply(source).astype(dtype)))
+        del source  # drop the mapping: its pages leave the process
+    writer.close()
 
 
 def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True) -> dict:
@@ -146,13 +163,13 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
         checkpoint = SafetensorsCheckpoint(src_dir)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    params = convert_params(checkpoint, param_template(cfg), DTYPES[dtype], progress=progress)
+    plan = plan_conversion(checkpoint, param_template(cfg))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become OUT's mode
-        save_params(tmp, params)
+        write_params(checkpoint, plan, DTYPES[dtype], tmp, progress=progress)
         write_config(tmp, cfg, extra={"source": str(src), "dtype": dtype})
         copied = [name for name in PROCESSOR_FILES if (src_dir / name).exists()]
         for name in copied:
@@ -167,12 +184,12 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    leaves = flatten(params).values()
+    parameters = int(sum(np.prod(step.shape) for step in plan))
     return {
         "out": str(out),
-        "parameters": int(sum(x.size for x in leaves)),
-        "bytes": int(sum(x.nbytes for x in leaves)),
-        "tensors": len(leaves),
+        "parameters": parameters,
+        "bytes": parameters * np.dtype(DTYPES[dtype]).itemsize,
+        "tensors": len(plan),
         "dtype": dtype,
         "seconds": time.perf_counter() - start,
         "processor_files": copied,

@@ -1,8 +1,10 @@
 """Memory-mapped reading of (sharded) safetensors checkpoints, one tensor at a time.
 
-`safetensors.safe_open(framework="np")` cannot return bfloat16; this reader maps the file
-and views each tensor through ml_dtypes instead, so nothing is copied until a transform
-needs it, and a truncated or corrupt file is reported before any tensor is used.
+`safetensors.safe_open(framework="np")` cannot return bfloat16; this reader maps each
+tensor's bytes on its own and views them through ml_dtypes instead. Mapping per tensor
+(not per file) means a tensor's pages leave the process once the caller drops it, so
+memory stays bounded by the largest tensor whatever the checkpoint size. A truncated or
+corrupt file is reported before any tensor is used.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ class SafetensorsFile:
         for name, entry in header.items():
             if entry["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        self._map: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -74,13 +75,14 @@ class SafetensorsFile:
         return tuple(self._entries[name]["shape"])
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only view into the mapped file (no copy)."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """A read-only memory-mapped view of one tensor (no copy until transformed)."""
         entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        buf = self._map[self._data_start + begin : self._data_start + end]
-        return buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        shape = tuple(entry["shape"])
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype)
+        begin, _ = entry["data_offsets"]
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
 class SafetensorsCheckpoint:

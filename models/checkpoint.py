@@ -1,8 +1,12 @@
 """On-disk format of a converted model: our config JSON + orbax params + HF processor files.
 
-    OUT/zspa_config.json   {"format": ..., "model": "llava", "config": LlavaConfig.to_dict()}
-    OUT/params/            orbax-checkpoint of the NNX Param state as a plain nested dict
+    OUT/zspa_config.json          {"format": ..., "model": "llava", "config": LlavaConfig.to_dict()}
+    OUT/params/manifest.json      {"groups": [["vision_tower.embeddings.class_embedding", ...], ...]}
+    OUT/params/00000, 00001, ...  one orbax-checkpoint per group of parameters (<= ~256 MiB each)
     OUT/config.json, tokenizer*, preprocessor_config.json, ...   copied from the HF source
+
+Parameters are written in groups so a converter holds one group in memory at a time,
+whatever the model size; restoring fills one abstract tree, keeping dtypes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 CONFIG_NAME = "zspa_config.json"
 PARAMS_DIR = "params"
+MANIFEST_NAME = "manifest.json"
 FORMAT = "zspa_jax.checkpoint/1"
+GROUP_BYTES = 256 * 2**20
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -72,21 +78,89 @@ def read_config(directory: Path) -> LlavaConfig:
     return LlavaConfig.from_dict(payload["config"])
 
 
+def _nest(flat: dict[str, Any]) -> dict:
+    """{"a.0.b": x} -> {"a": {"0": {"b": x}}} (string keys: orbax's on-disk form)."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+class ParamWriter:
+    """Streams named arrays into grouped orbax checkpoints; call `close()` to finish.
+
+    Arrays are held only until their group (about `group_bytes`) is written.
+    """
+
+    def __init__(self, directory: Path, group_bytes: int = GROUP_BYTES):
+        self.root = (Path(directory) / PARAMS_DIR).absolute()
+        self.root.mkdir(parents=True, exist_ok=False)
+        self.group_bytes = group_bytes
+        self.groups: list[list[str]] = []
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._checkpointer = ocp.StandardCheckpointer()
+
+    def add(self, path: str, array: np.ndarray) -> None:
+        self._pending[path] = array
+        self._pending_bytes += array.nbytes
+        if self._pending_bytes >= self.group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self._checkpointer.save(self.root / f"{len(self.groups):05d}", _nest(self._pending))
+        self._checkpointer.wait_until_finished()
+        self.groups.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        self._checkpointer.close()
+        (self.root / MANIFEST_NAME).write_text(json.dumps({"groups": self.groups}) + "\n")
+
+
 def save_params(directory: Path, params: dict) -> None:
-    """Write a nested dict of numpy/jax arrays (dtypes kept) with orbax."""
+    """Write a nested dict of numpy/jax arrays (dtypes kept)."""
+    writer = ParamWriter(directory)
+    for path, array in flatten(params).items():
+        writer.add(path, np.asarray(array))
+    writer.close()
+
+
+def restore_params(directory: Path, template: dict) -> dict:
+    """Nested dict shaped like `template` (ShapeDtypeStruct leaves), read group by group."""
+    root = (Path(directory) / PARAMS_DIR).absolute()
+    manifest = root / MANIFEST_NAME
+    if not manifest.exists():
+        raise FileNotFoundError(f"{root}: {MANIFEST_NAME} missing; the checkpoint is incomplete")
+    targets = flatten(template)
+    groups = json.loads(manifest.read_text())["groups"]
+    unknown = sorted({p for g in groups for p in g} - set(targets))
+    missing = sorted(set(targets) - {p for g in groups for p in g})
+    if unknown or missing:
+        raise ValueError(
+            f"{root}: checkpoint does not match the model config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unknown[:5]}"
+        )
+    flat: dict[str, Any] = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((Path(directory) / PARAMS_DIR).absolute(), params)
-        checkpointer.wait_until_finished()
+        for i, paths in enumerate(groups):
+            restored = checkpointer.restore(root / f"{i:05d}", _nest({p: targets[p] for p in paths}))
+            flat.update(flatten(restored))
+    return unflatten_into(template, flat)
 
 
 def restore_model(directory: Path, cfg: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
     """Restore params straight into an abstract model's tree (no random init, dtype kept)."""
     cfg = read_config(directory) if cfg is None else cfg
     model = abstract_model(cfg)
-    graphdef, abstract_state = nnx.split(model)
-    template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((Path(directory) / PARAMS_DIR).absolute(), template)
-    state = nnx.state(model)
+    graphdef, state = nnx.split(model)
+    restored = restore_params(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
