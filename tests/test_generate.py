@@ -314,3 +314,29 @@ def test_bad_generation_arguments_are_errors(vlm, tiny):
             zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, **{"max_new_tokens": 2, **kwargs})
     with pytest.raises(ValueError, match="exactly one of prompts"):
         zspa_jax.generate(vlm, max_new_tokens=2)
+
+
+def test_cli_generate_prints_the_answer_and_a_summary(vlm, tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image_path)
+    question = "What is shown in this image?"
+    expected = zspa_jax.generate(vlm, question, Image.open(image_path), prune=PruneConfig(keep=4), max_new_tokens=6).texts[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "zspa_jax", "generate", "--model", str(vlm.path), "--image", str(image_path),
+         "--prompt", question, "--keep", "4", "--max-new-tokens", "6"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+    assert f"visual tokens 4/{tiny.tokens_per_image}" in proc.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "zspa_jax", "generate", "--model", str(vlm.path), "--image", str(image_path),
+         "--prompt", question, "--keep", str(tiny.tokens_per_image + 1)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
