@@ -340,3 +340,18 @@ def test_cli_generate_prints_the_answer_and_a_summary(vlm, tiny, tmp_path):
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
     )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_text_only_prompt_ignores_pruning_and_keeps_its_cache(vlm, tiny):
+    ids = np.random.default_rng(3).integers(10, 290, size=(1, 60))
+    plain = zspa_jax.generate(vlm, input_ids=ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    pruned = zspa_jax.generate(vlm, input_ids=ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], prune=PruneConfig(keep=2))
+    np.testing.assert_array_equal(plain.sequences, pruned.sequences)
+    assert pruned.kept_indices is None
+    assert pruned.stats["cache_length"] >= 64 + NEW_TOKENS
+    with torch.no_grad():
+        ref = tiny.hf.generate(
+            input_ids=torch.as_tensor(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=tiny.pad_token_id,
+        ).numpy()[:, ids.shape[1] :]
+    np.testing.assert_array_equal(plain.sequences, ref)

@@ -163,11 +163,15 @@ _decode_fn = jax.jit(_jit_decode, static_argnames=("graphdef", "st"), donate_arg
 _step_fn = jax.jit(_jit_step, static_argnames=("graphdef", "st"), donate_argnames=("s",))
 
 
-def _settings(vlm: VLM, prompt_length: int, max_new_tokens_bound: int, *, prune, sampling, eos_token_id, keep_positions):
+def _settings(
+    vlm: VLM, prompt_length: int, max_new_tokens_bound: int, *, has_image, prune, sampling, eos_token_id, keep_positions
+):
     if eos_token_id is None:
         eos = vlm.eos_token_ids
     else:
         eos = tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+    if not has_image:
+        prune = None  # nothing to prune: the prompt keeps its length
     if prune is not None:
         prompt_length = prompt_length - vlm.tokens_per_image + prune.num_keep(vlm.tokens_per_image)
     return StaticSettings(
@@ -228,6 +232,7 @@ def generate_tokens(
         vlm,
         input_ids.shape[1],
         max_new_tokens_bound,
+        has_image=pixel_values is not None,
         prune=prune,
         sampling=Sampling(temperature, top_k, top_p),
         eos_token_id=eos_token_id,
@@ -319,6 +324,7 @@ def generate(
         vlm,
         batch["input_ids"].shape[1],
         max_new_tokens,
+        has_image="pixel_values" in batch,
         prune=prune,
         sampling=Sampling(temperature, top_k, top_p),
         eos_token_id=eos_token_id,
