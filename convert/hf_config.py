@@ -26,7 +26,7 @@ _METADATA = {
     "_experts_implementation", "architectures", "transformers_version", "model_type", "dtype", "torch_dtype",
     "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "initializer_range", "initializer_factor",
-    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "pad_token_id", "unk_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
     "tokenizer_class", "prefix", "task_specific_params", "finetuning_task", "torchscript", "pruned_heads",
     "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "attention_dropout", "dropout", "hidden_dropout", "max_length", "min_length", "num_beams",
