@@ -48,7 +48,7 @@ _LLAMA_MAPPED = (
     "attention_bias", "mlp_bias",
 )
 # pretraining_tp only splits matmuls during pretraining; the result is the same.
-_LLAMA_IGNORED = {"pretraining_tp", "tie_word_embeddings"}
+_LLAMA_IGNORED = {"pretraining_tp", "tie_word_embeddings", "is_llama_config", "transformers.js_config"}
 
 _LLAVA_MAPPED = (
     "image_token_index", "vision_feature_layer", "vision_feature_select_strategy", "projector_hidden_act",
@@ -114,11 +114,13 @@ def llava_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> LlavaCon
     _unknown(
         "text_config",
         text,
-        set(_LLAMA_MAPPED) | _LLAMA_IGNORED | {"rope_parameters", "rope_scaling", "rope_theta"},
+        set(_LLAMA_MAPPED) | _LLAMA_IGNORED | {"rope_parameters", "rope_scaling", "rope_theta", "rope_interleaved"},
         errors,
     )
     _unknown("config", hf, set(_LLAVA_MAPPED) | _LLAVA_IGNORED, errors)
     rope_theta = _rope_theta(text, errors)
+    if text.get("rope_interleaved", False):
+        errors.append("text_config.rope_interleaved=True is not implemented (only rotate-half RoPE)")
     if text.get("hidden_act", "silu") != "silu":
         errors.append(f"text_config.hidden_act={text['hidden_act']!r} is not implemented (only 'silu')")
     if errors:

@@ -86,6 +86,7 @@ def test_missing_shard_of_an_index(src, tmp_path):
         ),
         (lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type='yarn'"),
         (lambda c: c["text_config"].update(hidden_act="gelu"), "text_config.hidden_act='gelu'"),
+        (lambda c: c["text_config"].update(rope_interleaved=True), "text_config.rope_interleaved=True"),
         (lambda c: c["text_config"].update(sliding_window=128), "text_config.sliding_window"),
         (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "vision_config.model_type"),
         (lambda c: c.update(vision_feature_select_strategy="pooled"), "vision_feature_select_strategy"),

@@ -80,6 +80,25 @@ def validate_arrays(
             raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
 
 
+def _apply_chat_template(processor, prompt: str, with_image: bool, image_token: str) -> str:
+    """One user turn through the chat template, the image first.
+
+    Multimodal templates take typed content parts; text-only templates (a LLaVA built on
+    a text LLM's tokenizer) take a string, so the image token is put in front of the text.
+    """
+    import jinja2
+
+    parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+        if not with_image or image_token in text:
+            return text
+    except (TypeError, jinja2.TemplateError):
+        pass
+    content = f"{image_token}\n{prompt}" if with_image else prompt
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 def encode(
     vlm: VLM, prompts: str | Sequence[str], images: Any | Sequence[Any] | None, chat_template: bool | None = None
 ) -> dict[str, np.ndarray]:
@@ -103,13 +122,7 @@ def encode(
     image_token = getattr(processor, "image_token", None) or "<image>"
     use_template = getattr(processor, "chat_template", None) is not None if chat_template is None else chat_template
     if use_template:
-        prompts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": ([{"type": "image"}] if images is not None else []) + [{"type": "text", "text": p}]}],
-                add_generation_prompt=True,
-            )
-            for p in prompts
-        ]
+        prompts = [_apply_chat_template(processor, p, images is not None, image_token) for p in prompts]
     elif images is not None:
         for i, p in enumerate(prompts):
             count = p.count(image_token)
