@@ -29,8 +29,18 @@ from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_t
 # --------------------------------------------------------------------------- helpers
 
 
-def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss", mask: str = "random"):
-    """numpy f32 visual [B,N,D], prompt [B,T,D], bool mask [B,T]."""
+@pytest.fixture(autouse=True, scope="module")
+def _torch_single_thread():
+    # The oracle runs on tiny tensors; with 2 shared cores, torch's spinning worker threads
+    # only fight JAX's and other jobs' threads. Restored afterwards for other test files.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss"):
+    """numpy f32 visual [B,N,D], prompt [B,T,D], bool mask [B,T] (~30% masked)."""
     rng = np.random.default_rng(seed)
     if kind == "gauss":
         v = rng.standard_normal((b, n, d))
@@ -48,13 +58,9 @@ def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss", ma
     p = rng.standard_normal((b, t, d))
     if kind == "clustered":  # prompt near one cluster so relevance is meaningful
         p = p * 0.3 + v[:, :1, :]
-    if mask == "random":
-        m = rng.random((b, t)) < 0.7
-        m[0, :] = False if seed % 5 == 0 else m[0, :]  # sometimes an all-masked row
-    elif mask == "none":
-        m = np.ones((b, t), bool)
-    else:
-        raise ValueError(mask)
+    m = rng.random((b, t)) < 0.7
+    if seed % 5 == 0:
+        m[0, :] = False  # an all-masked row now and then
     return v.astype(np.float32), p.astype(np.float32), m
 
 
@@ -65,8 +71,8 @@ def jax_select(v, p, m, **kw) -> np.ndarray:
 
 
 def torch_select(v, p, m, **kw) -> np.ndarray:
-    tm = None if m is None else torch.from_numpy(np.asarray(m))
-    return select_tokens_reference(torch.from_numpy(np.asarray(v)), torch.from_numpy(np.asarray(p)), tm, **kw).numpy()
+    tm = None if m is None else torch.from_numpy(np.array(m))
+    return select_tokens_reference(torch.from_numpy(np.array(v)), torch.from_numpy(np.array(p)), tm, **kw).numpy()
 
 
 def assert_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -133,21 +139,22 @@ def test_exact_ties_go_to_lower_index():
     p = np.eye(d)[[0]].astype(np.float32)[None]  # prompt along axis 0: tokens 0,3,8,9 tie at s=1
     # relevance: the 2 best are the lowest-index tokens on axis 0
     assert jax_select(v, p, None, keep=2, method="relevance").tolist() == [[0, 3]]
-    # zspaprune K=4, r=0.6 -> k=3: core {0,3,8}; fill: c=1 for axis-0 tokens, 0 elsewhere ->
-    # lowest unselected index with c=0 is 1
-    assert jax_select(v, p, None, keep=4, core_ratio=0.6).tolist() == [[0, 1, 3, 8]]
+    # zspaprune K=5, r=0.6 -> k=3: core {0,3,8}; fill: c=1 on axis 0, 0 elsewhere -> the
+    # lowest unselected index with c=0 is 1 (axis 1); then c=0 only on axes 2, 3 -> 2
+    assert jax_select(v, p, None, keep=5, core_ratio=0.6).tolist() == [[0, 1, 2, 3, 8]]
     # divprune K=4: every token has a duplicate axis (max off-diag = 1) -> first pick 0,
     # then one token per remaining axis, lowest index first: 1, 2, 4
     assert jax_select(v, p, None, keep=4, method="divprune").tolist() == [[0, 1, 2, 4]]
-    for keep, method in [(2, "relevance"), (4, "zspaprune"), (4, "divprune"), (7, "zspaprune")]:
+    for keep, method in [(2, "relevance"), (5, "zspaprune"), (4, "divprune"), (7, "zspaprune")]:
         assert_same(
             jax_select(v, p, None, keep=keep, method=method), torch_select(v, p, None, keep=keep, method=method), method
         )
 
 
 def test_signed_zero_scores_tie_by_index():
-    # All-masked prompt -> p = 0 -> scores are +0.0 or -0.0 (tokens with negative entries);
-    # they are equal and must tie by index (lax.top_k alone orders -0.0 below +0.0).
+    # All-masked prompt -> p = 0 -> every score is zero. A dot product that starts its sum
+    # from the first product (some GPU/TPU kernels) gives -0.0 for all-negative tokens; zeros
+    # must still tie by index (lax.top_k alone orders -0.0 below +0.0, hence the clean-up).
     v = np.array([[-1.0, -2.0], [1.0, 2.0], [-3.0, -1.0], [2.0, 1.0]], np.float32)[None]
     p = np.ones((1, 2, 2), np.float32)
     m = np.zeros((1, 2), bool)
@@ -240,15 +247,17 @@ def test_batch_equals_per_example():
 
 
 def test_jit_equals_eager_and_batching_strategies_agree():
-    v, p, m = make_data(14, 2, 16, 3, 8, kind="clustered")
+    v, p, m = make_data(14, 1, 16, 3, 8, kind="clustered")  # B = 1: eager mode is slow per op
+    args = (jnp.asarray(v), jnp.asarray(p), jnp.asarray(m))
     for r in (0.0, 0.5):
         k = pruning.core_size(6, r)
-        args = (jnp.asarray(v), jnp.asarray(p), jnp.asarray(m))
-        jitted = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
+        mapped = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
         vmapped = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="vmap"))
-        with jax.disable_jit():
-            eager = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
-        assert np.array_equal(jitted, eager) and np.array_equal(jitted, vmapped)
+        assert np.array_equal(mapped, vmapped)
+    # Eager mode compiles every op once, so one case only (core + fill).
+    with jax.disable_jit():
+        eager = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
+    assert np.array_equal(mapped, eager)
     # Inside a user's jit (keep static through the closure).
     inner = jax.jit(lambda v, p, m: select_tokens(v, p, m, keep=6, core_ratio=0.5))
     assert np.array_equal(np.asarray(inner(*args)), jax_select(v, p, m, keep=6, core_ratio=0.5))
@@ -289,15 +298,12 @@ def test_bf16_inputs_equal_upcast_f32():
     # Guarantee: inputs are cast to f32 first, so low-precision inputs give exactly the
     # indices of the same values upcast to f32 (and hence match the torch oracle on those).
     v, p, m = make_data(18, **SHAPE, kind="clustered")
-    for dt in (jnp.bfloat16, jnp.float16):
+    for dt in (jnp.bfloat16,):  # (float16 behaves the same way: cast first)
         vb, pb = jnp.asarray(v).astype(dt), jnp.asarray(p).astype(dt)
         got = np.asarray(select_tokens(vb, pb, jnp.asarray(m), keep=K))
         up = np.asarray(select_tokens(vb.astype(jnp.float32), pb.astype(jnp.float32), jnp.asarray(m), keep=K))
         assert np.array_equal(got, up)
         assert_same(got, torch_select(np.asarray(vb.astype(jnp.float32)), np.asarray(pb.astype(jnp.float32)), m, keep=K), str(dt))
-    # Mixed dtypes are fine too.
-    mixed = np.asarray(select_tokens(jnp.asarray(v).astype(jnp.bfloat16), jnp.asarray(p), jnp.asarray(m), keep=K))
-    check_valid(mixed, SHAPE["b"], SHAPE["n"], K)
 
 
 def test_gather_tokens():
