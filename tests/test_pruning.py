@@ -7,8 +7,6 @@ variety comes from looping over seeds and data kinds.
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(_ROOT))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from torch_reference_pruning import select_tokens_reference  # noqa: E402
-
-from zspa_jax import pruning  # noqa: E402
-from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens  # noqa: E402
+from tests.torch_reference_pruning import select_tokens_reference
+from zspa_jax import pruning
+from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
 
 # --------------------------------------------------------------------------- helpers
 

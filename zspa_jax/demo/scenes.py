@@ -150,11 +150,17 @@ def _jitter(rgb, rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
-def make_scene(split: str, index: int) -> Scene:
-    """The scene `index` of `split` (pure function of its arguments)."""
+def make_scene(split: str, index: int, max_objects: int = MAX_OBJECTS) -> Scene:
+    """The scene `index` of `split` (pure function of its arguments).
+
+    `max_objects` < 5 draws from a smaller scene distribution (training curriculum);
+    evaluation always uses the default.
+    """
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     rng = _rng(split, index)
     background = str(rng.choice(list(BACKGROUNDS)))
-    n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+    n_objects = int(rng.integers(1, max_objects + 1))
     objects: list[Obj] = []
     used: set[tuple[str, str]] = set()
     attempts = 0
