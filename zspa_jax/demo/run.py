@@ -74,7 +74,10 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     header = f"{'question':<44} {'truth':<8} {'all ' + str(n_visual):<10} {'keep ' + str(keep):<10}"
     print(header + "\n" + "-" * len(header))
     for i, qa in enumerate(qas):
-        row = dict(question=qa.question, truth=qa.answer, full=full.texts[i], pruned=pruned.texts[i], kept=pruned.kept_indices[i])
+        row = dict(
+            question=qa.question, truth=qa.answer, full=full.texts[i] or "-", pruned=pruned.texts[i] or "-",
+            kept=pruned.kept_indices[i],
+        )
         rows.append(row)
         print(f"{qa.question:<44} {qa.answer:<8} {row['full']:<10} {row['pruned']:<10}")
     correct = lambda res: sum(t == qa.answer for t, qa in zip(res.texts, qas))
