@@ -1,0 +1,351 @@
+"""FLOPs and memory estimator for a LLaVA model with ZSPAPrune visual-token pruning.
+
+    python -m zspa_jax.estimate [--text-tokens 60] [--new-tokens 0] [--json]
+
+prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stage at
+keep in {576, 192, 128, 64}.
+
+Convention (every count below is in FLOPs = multiply-accumulates x 2):
+
+* Only matrix products are counted (dense layers, attention scores and values, the patch
+  convolution, the pruning dot products). Norms, softmax, activations, RoPE, residual adds
+  and biases are left out: they are O(n*d + h*n^2) element-wise work against the
+  O(n*d^2 + n^2*d) of the products, i.e. a few per cent at most for real widths
+  (tests/test_estimate.py checks the total against XLA's own count).
+* LLaMA decoder layer on n tokens with h query heads, hkv key/value heads of size dh,
+  width d and SwiGLU width m, in multiply-accumulates:
+      projections   n*d*(h*dh + 2*hkv*dh) + n*h*dh*d     (q, k, v, o)
+      attention     2 * n * n * h * dh                   (scores Q K^T and probs V)
+      SwiGLU MLP    3 * n * d * m                        (gate, up, down)
+  Attention is counted over the full n x n square, NOT halved for causality: that is
+  what a dense masked implementation (ours, transformers' eager/sdpa on CPU) computes.
+  For MHA (h*dh = hkv*dh = d) a layer is 4*n*d^2 + 2*n^2*d + 3*n*d*m MACs.
+* CLIP encoder layer on n_v = patches (+1 CLS) tokens: 4*n_v*d^2 + 2*n_v^2*d + 2*n_v*d*m
+  MACs (two-layer MLP), plus the patch convolution patches * (C*p*p) * d once. Only the
+  layers up to LLaVA's `vision_feature_layer` run (-2: all but the last).
+* Projector: N * (d_vision*n_layers * d + d * d) MACs (linear_1, linear_2).
+* Pruning (ZSPAPrune, `select_tokens`) with N visual tokens of width D, keep K, core
+  k = round(K*r), T prompt tokens: unit vectors 3*N*D FLOPs (square, sum, divide), the
+  prompt mean 2*T*D, relevance N*D MACs, core similarities N*k*D MACs and the greedy fill
+  (K - k) * N*D MACs, i.e. about 2*N*D*(K + 1) + 3*N*D + 2*T*D FLOPs in all (O(K*N*D));
+  r = 0 (DivPrune) adds the N*N*D MACs of its first pick. keep = N means no pruning: 0.
+* LLM prefill: the decoder on the (pruned) prompt of L' = T + K tokens plus the LM head
+  on the last position only (d*V MACs; what `generate` computes).
+* Decode: one token attending to its context c: projections + 2*c*h*dh attention + MLP +
+  head; `decode_flops_per_token` is the mean over `new_tokens` steps (context L'..L'+n-1),
+  or the first step's cost when new_tokens = 0. Implementations that attend over a
+  preallocated cache (zspa_jax does, over `cache_length` slots) do more attention work
+  than this ideal count.
+* Bytes: KV cache = 2 (k and v) * layers * batch * (L' + new_tokens) * hkv * dh *
+  kv_dtype_bytes; weights = parameter count * the config's dtype size.
+
+Everything scales with `batch` except weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import sys
+
+from models.clip import CLIPVisionConfig
+from models.layers import dtype_of
+from models.llama import LlamaConfig
+from models.llava import LlavaConfig
+
+__all__ = [
+    "clip_layer_macs",
+    "decoder_layer_macs",
+    "estimate",
+    "llava_1_5_7b_config",
+    "LLAVA_1_5_7B",
+    "pruning_flops",
+]
+
+
+def llava_1_5_7b_config(dtype: str = "float16") -> LlavaConfig:
+    """LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336 (24 layers, d 1024, m 4096,
+    16 heads, 577 tokens, feature layer -2) -> projector 1024 -> 4096 -> 4096 (gelu) ->
+    LLaMA-2-7B (32 layers, d 4096, m 11008, 32 heads, vocab 32064)."""
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        dtype=dtype,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        dtype=dtype,
+    )
+    return LlavaConfig(
+        vision=vision,
+        text=text,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+LLAVA_1_5_7B = llava_1_5_7b_config()
+
+
+# ----------------------------------------------------------------------------- per-component
+
+
+def decoder_layer_macs(t: LlamaConfig, n: int, kv_len: int | None = None) -> int:
+    """MACs of one LLaMA layer for n query tokens attending to kv_len keys (default n)."""
+    kv_len = n if kv_len is None else kv_len
+    h, hkv, dh, d, m = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    projections = n * d * (h * dh + 2 * hkv * dh) + n * h * dh * d
+    attention = 2 * n * kv_len * h * dh
+    mlp = 3 * n * d * m
+    return projections + attention + mlp
+
+
+def clip_layer_macs(v: CLIPVisionConfig, n: int) -> int:
+    """MACs of one CLIP encoder layer on n tokens (MHA, two-layer MLP)."""
+    d, m = v.hidden_size, v.intermediate_size
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def vision_layers_run(cfg: LlavaConfig) -> int:
+    """Encoder layers LLaVA actually runs: up to the deepest `vision_feature_layer`."""
+    n_states = cfg.vision.num_hidden_layers + 1
+    return max(layer % n_states for layer in cfg.feature_layers)
+
+
+def vision_flops(cfg: LlavaConfig) -> int:
+    """FLOPs of the tower for one image: patch conv + the encoder layers that run."""
+    v = cfg.vision
+    patches = v.num_patches
+    conv = patches * v.num_channels * v.patch_size * v.patch_size * v.hidden_size
+    return 2 * (conv + vision_layers_run(cfg) * clip_layer_macs(v, patches + 1))
+
+
+def projector_flops(cfg: LlavaConfig) -> int:
+    n = cfg.image_seq_length
+    din = cfg.vision.hidden_size * len(cfg.feature_layers)
+    d = cfg.text.hidden_size
+    return 2 * n * (din * d + d * d)
+
+
+def pruning_flops(n: int, d: int, keep: int, text_tokens: int, core_ratio: float = 0.6) -> int:
+    """FLOPs of `select_tokens(method="zspaprune")` for one example (0 when keep == n)."""
+    if keep >= n:
+        return 0
+    core = min(max(math.floor(keep * core_ratio + 0.5), 0), keep)
+    flops = 3 * n * d  # unit vectors: squares, sums, divides
+    if core > 0:
+        flops += 2 * text_tokens * d  # prompt mean (masked sum + divide)
+        flops += 2 * n * d  # relevance <p, v_j>
+        if core == keep:
+            return flops
+        flops += 2 * n * core * d  # similarities to the core set
+    else:
+        flops += 2 * n * n * d  # DivPrune's first pick: the full N x N Gram matrix
+        core = 1
+    flops += 2 * (keep - core) * n * d  # greedy fill: one N x D matvec per pick
+    return flops
+
+
+def llm_prefill_flops(t: LlamaConfig, n: int, kv_len: int | None = None, logits_positions: int = 1) -> int:
+    """Decoder on n tokens + the LM head on `logits_positions` positions (one sequence)."""
+    return 2 * (t.num_hidden_layers * decoder_layer_macs(t, n, kv_len) + logits_positions * t.hidden_size * t.vocab_size)
+
+
+def decode_flops(t: LlamaConfig, context: int) -> int:
+    """One decode step: one new token attending to `context` cached tokens (itself included)."""
+    return 2 * (t.num_hidden_layers * decoder_layer_macs(t, 1, context) + t.hidden_size * t.vocab_size)
+
+
+def _numel_vision(v: CLIPVisionConfig) -> int:
+    d, m = v.hidden_size, v.intermediate_size
+    embeddings = d + v.num_channels * v.patch_size**2 * d + (v.num_patches + 1) * d
+    layer = 4 * (d * d + d) + (d * m + m) + (m * d + d) + 2 * 2 * d
+    return embeddings + 2 * 2 * d + v.num_hidden_layers * layer  # pre/post layer norms
+
+
+def _numel_projector(cfg: LlavaConfig) -> int:
+    din = cfg.vision.hidden_size * len(cfg.feature_layers)
+    d = cfg.text.hidden_size
+    bias = cfg.multimodal_projector_bias
+    return din * d + d * d + (2 * d if bias else 0)
+
+
+def _numel_decoder_layer(t: LlamaConfig) -> int:
+    h, hkv, dh, d, m = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    attn = d * (h * dh + 2 * hkv * dh) + h * dh * d
+    if t.attention_bias:
+        attn += h * dh + 2 * hkv * dh + d
+    mlp = 3 * d * m + ((2 * m + d) if t.mlp_bias else 0)
+    return attn + mlp + 2 * d
+
+
+def _numel_llm(t: LlamaConfig) -> int:
+    embed = t.vocab_size * t.hidden_size
+    head = 0 if t.tie_word_embeddings else t.hidden_size * t.vocab_size
+    return embed + t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head
+
+
+def kv_cache_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int) -> int:
+    return 2 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * dtype_bytes
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def estimate(
+    cfg: LlavaConfig,
+    text_tokens: int,
+    keep: int | None = None,
+    new_tokens: int = 0,
+    batch: int = 1,
+    kv_dtype_bytes: int | None = None,
+    core_ratio: float = 0.6,
+) -> dict:
+    """FLOPs per stage and bytes for one LLaVA call (see the module docstring for the convention).
+
+    Args:
+      cfg: a `models.llava.LlavaConfig`.
+      text_tokens: T, text tokens of the prompt (everything but the image placeholders).
+      keep: K visual tokens kept (None = all N, no pruning).
+      new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
+      batch: B prompts (one image each).
+      kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
+      core_ratio: ZSPAPrune's r (only the pruning cost depends on it).
+    Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
+    """
+    n = cfg.image_seq_length
+    keep = n if keep is None else int(keep)
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}] (visual tokens), got {keep}")
+    if text_tokens < 0 or new_tokens < 0 or batch < 1:
+        raise ValueError(f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}")
+    t = cfg.text
+    weight_bytes_per = np.dtype(dtype_of(t.dtype)).itemsize
+    vision_bytes_per = np.dtype(dtype_of(cfg.vision.dtype)).itemsize
+    kv_bytes_per = weight_bytes_per if kv_dtype_bytes is None else int(kv_dtype_bytes)
+    length = text_tokens + keep
+    length_full = text_tokens + n
+
+    vision = batch * vision_flops(cfg)
+    projector = batch * projector_flops(cfg)
+    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
+    prefill = batch * llm_prefill_flops(t, length)
+    prefill_full = batch * llm_prefill_flops(t, length_full)
+    if new_tokens:
+        decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
+        decode_per_token = decode_total / (batch * new_tokens)
+    else:
+        decode_total = 0
+        decode_per_token = float(decode_flops(t, length + 1))
+
+    w_vision = _numel_vision(cfg.vision) * vision_bytes_per
+    w_projector = _numel_projector(cfg) * weight_bytes_per
+    w_llm = _numel_llm(t) * weight_bytes_per
+    # Read once per decode step: every decoder layer, the final norm, the head (the whole
+    # tied embedding table when tied) and one embedding row.
+    head = t.hidden_size * t.vocab_size
+    decode_weight_bytes = (
+        t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head + t.hidden_size
+    ) * weight_bytes_per
+    kv = kv_cache_bytes(t, batch, length + new_tokens, kv_bytes_per)
+
+    return {
+        "batch": batch,
+        "visual_tokens": n,
+        "kept_tokens": keep,
+        "text_tokens": text_tokens,
+        "new_tokens": new_tokens,
+        "sequence_length": length,
+        "sequence_length_unpruned": length_full,
+        "vision_tokens_in_tower": cfg.vision.num_patches + 1,
+        "vision_layers_run": vision_layers_run(cfg),
+        "vision_flops": vision,
+        "projector_flops": projector,
+        "pruning_flops": pruning,
+        "llm_prefill_flops": prefill,
+        "llm_prefill_flops_unpruned": prefill_full,
+        "prefill_reduction": prefill_full / prefill,
+        "prefill_flops_total": vision + projector + pruning + prefill,
+        "prefill_flops_total_unpruned": vision + projector + prefill_full,
+        "decode_flops_per_token": decode_per_token,
+        "decode_flops_total": decode_total,
+        "kv_cache_bytes": kv,
+        "kv_cache_bytes_unpruned": kv_cache_bytes(t, batch, length_full + new_tokens, kv_bytes_per),
+        "kv_cache_bytes_per_token": kv_cache_bytes(t, 1, 1, kv_bytes_per),
+        "weight_bytes": w_vision + w_projector + w_llm,
+        "weight_bytes_vision": w_vision,
+        "weight_bytes_projector": w_projector,
+        "weight_bytes_llm": w_llm,
+        "decode_weight_bytes_per_token": decode_weight_bytes,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _table(cfg: LlavaConfig, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int) -> tuple[str, list[dict]]:
+    rows = [estimate(cfg, text_tokens, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes) for k in keeps]
+    g, t = 1e9, 1e12
+    head = (
+        "| keep | seq len | vision GFLOPs | projector GFLOPs | pruning GFLOPs | LLM prefill TFLOPs "
+        "| prefill total TFLOPs | LLM prefill reduction | total prefill reduction | decode GFLOPs/token "
+        f"| KV cache ({kv_dtype_bytes * 8}-bit) MiB |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['kept_tokens']} | {r['sequence_length']} | {r['vision_flops'] / g:.1f} | {r['projector_flops'] / g:.2f} "
+            f"| {r['pruning_flops'] / g:.3f} | {r['llm_prefill_flops'] / t:.3f} | {r['prefill_flops_total'] / t:.3f} "
+            f"| {r['prefill_reduction']:.2f}x | {r['prefill_flops_total_unpruned'] / r['prefill_flops_total']:.2f}x "
+            f"| {r['decode_flops_per_token'] / g:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zspa_jax.estimate", description="LLaVA-1.5-7B FLOPs/KV table")
+    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens in the prompt (default 60)")
+    parser.add_argument("--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)")
+    parser.add_argument("--keep", type=int, nargs="+", default=[576, 192, 128, 64])
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+    cfg = LLAVA_1_5_7B
+    table, rows = _table(cfg, args.text_tokens, args.new_tokens, args.keep, kv_dtype_bytes=2)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    w = rows[0]
+    print(
+        f"LLaVA-1.5-7B (CLIP ViT-L/14-336 -> 2-layer MLP -> LLaMA-2-7B), B=1, {args.text_tokens} text tokens + "
+        f"{cfg.image_seq_length} visual tokens, {args.new_tokens} new tokens; FLOPs = 2 x MACs of matrix products, "
+        "attention over the full n x n square (not causal-halved)."
+    )
+    print(
+        f"weights (f16): vision {w['weight_bytes_vision'] / 2**30:.2f} GiB, projector "
+        f"{w['weight_bytes_projector'] / 2**20:.0f} MiB, LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB; "
+        f"decode reads {w['decode_weight_bytes_per_token'] / 2**30:.2f} GiB of weights per token; "
+        f"KV {w['kv_cache_bytes_per_token'] / 2**10:.0f} KiB per token (f16)"
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
