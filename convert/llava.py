@@ -141,8 +141,9 @@ def write_params(
     writer = ParamWriter(directory)
     for step in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
         source = checkpoint.get(step.key)
-        writer.add(step.path, np.ascontiguousarray(step.transform.apply(source).astype(dtype)))
-        del source  # drop the mapping: its pages leave the process
+        array = np.array(step.transform.apply(source), dtype=dtype, order="C")  # one copy: transform + cast
+        del source  # drop the mapping before the group is written: its pages leave the process
+        writer.add(step.path, array)
     writer.close()
 
 

@@ -2,7 +2,7 @@
 
     OUT/zspa_config.json          {"format": ..., "model": "llava", "config": LlavaConfig.to_dict()}
     OUT/params/manifest.json      {"groups": [["vision_tower.embeddings.class_embedding", ...], ...]}
-    OUT/params/00000, 00001, ...  one orbax-checkpoint per group of parameters (<= ~256 MiB each)
+    OUT/params/00000, 00001, ...  one orbax-checkpoint per group of parameters (<= 128 MiB, or one tensor)
     OUT/config.json, tokenizer*, preprocessor_config.json, ...   copied from the HF source
 
 Parameters are written in groups so a converter holds one group in memory at a time,
@@ -26,7 +26,7 @@ CONFIG_NAME = "zspa_config.json"
 PARAMS_DIR = "params"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "zspa_jax.checkpoint/1"
-GROUP_BYTES = 256 * 2**20
+GROUP_BYTES = 128 * 2**20
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -90,6 +90,16 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, inflating peak RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class ParamWriter:
     """Streams named arrays into grouped orbax checkpoints; call `close()` to finish.
 
@@ -106,10 +116,11 @@ class ParamWriter:
         self._checkpointer = ocp.StandardCheckpointer()
 
     def add(self, path: str, array: np.ndarray) -> None:
+        # Flush first, so a group never exceeds the budget unless one tensor alone does.
+        if self._pending and self._pending_bytes + array.nbytes > self.group_bytes:
+            self._flush()
         self._pending[path] = array
         self._pending_bytes += array.nbytes
-        if self._pending_bytes >= self.group_bytes:
-            self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -118,6 +129,7 @@ class ParamWriter:
         self._checkpointer.wait_until_finished()
         self.groups.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
+        _release_freed_memory()
 
     def close(self) -> None:
         self._flush()

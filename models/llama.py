@@ -80,28 +80,30 @@ class LlamaConfig:
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys and values for every decoder layer.
+    """Preallocated keys and values, one array per decoder layer.
 
-    k, v: [num_layers, B, S, num_key_value_heads, head_dim]. Slot s of row b holds the
-    token written at cache index s; which slots are valid is the caller's mask.
+    k[i], v[i]: [B, S, num_key_value_heads, head_dim]. Slot s of row b holds the token
+    written at cache index s; which slots are valid is the caller's mask. Separate arrays
+    per layer (not one stacked array) let XLA update each in place without re-stacking.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
         dt = dtype_of(cfg.dtype) if dtype is None else dtype
-        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+        layers = range(cfg.num_hidden_layers)
+        return cls(k=tuple(jnp.zeros(shape, dt) for _ in layers), v=tuple(jnp.zeros(shape, dt) for _ in layers))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
+        return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
 
 class RMSNorm(nnx.Module):
@@ -236,7 +238,7 @@ class LlamaModel(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
         return self.norm(x), new_cache
 
 
