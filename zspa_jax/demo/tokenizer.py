@@ -95,13 +95,21 @@ class FastEncoder:
         tokenizer = build_tokenizer() if tokenizer is None else tokenizer
         self.vocab = tokenizer.get_vocab()
         self.tokenizer = tokenizer
+        self._cache: dict[str, list[int]] = {}
         self.image_tokens = scenes.GRID * scenes.GRID
         head, tail = scenes.chat_prompt("\x00").split(scenes.IMAGE_TOKEN)
         self.head = [BOS_ID] + self.words(head)
         self.tail_template = tail  # " \x00 assistant :"
 
     def words(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of generator text (already lower-case, punctuation spaced): a plain
+        word lookup, identical to the tokenizer on such text and much faster."""
+        cached = self._cache.get(text)
+        if cached is None:
+            cached = [self.vocab.get(w, UNK_ID) for w in text.split()]
+            if len(self._cache) < 100_000:
+                self._cache[text] = cached
+        return list(cached)
 
     def prefix_ids(self) -> list[int]:
         """`<s>` + system line + `user :` + 576 image placeholders."""

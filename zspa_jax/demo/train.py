@@ -6,16 +6,24 @@ Model: our `models.llava` LLaVA with a narrow CLIP-style ViT (96 px images, 4 px
 -> 24 x 24 = 576 visual tokens, like LLaVA-1.5 at 336 px / 14 px), an exact-GELU
 two-layer MLP projector and a small LLaMA decoder over the word-level vocabulary.
 
-Recipe (LLaVA's two stages, adapted to training from scratch):
+Recipe (LLaVA's two stages, preceded by the LLM pretraining LLaVA inherits):
 
-* Stage 1, "alignment / pretraining" on captions ("describe the image ." ->
+* Stage 0, language pretraining of the LLM alone, no images. LLaVA starts from a
+  pretrained LLM; ours would otherwise start from nothing, and a from-scratch decoder
+  facing 576 visual tokens plus a 10-token question learns to ignore the question (it
+  settles on answer priors). So the LLM first learns the task's language as text
+  reading comprehension: the chat prompt with the scene's caption where the image goes
+  ("... user : on a white background : a red circle at top-left , ... what colour is
+  the circle ? assistant :" -> "red </s>"), the caption tokens spread over the 576
+  image positions. Cheap (short sequences), and it teaches the retrieval the visual
+  stages then reuse: find the named object in the context, read its attributes.
+* Stage 1, "alignment / pretraining" on image captions ("describe the image ." ->
   "on a white background : a red circle at top-left , ..."), loss on caption tokens.
-  LLaVA freezes a pretrained CLIP tower and a pretrained LLM here and trains only the
-  projector. Nothing here is pretrained, so a frozen random tower/LLM would be useless:
-  stage 1 trains everything, and really is pretraining of tower + projector + LLM on
-  dense captions.
+  LLaVA freezes a pretrained CLIP tower and the LLM here and trains only the projector.
+  Our tower is not pretrained, so a frozen random tower would be useless: stage 1 trains
+  everything (tower, projector, LLM).
 * Stage 2, instruction tuning on one-word visual QA, loss on the response tokens only
-  (answer word and `</s>`), every parameter trained, captions kept in the mix.
+  (answer word and `</s>`), every parameter trained.
 
 Two efficiency devices, both exact:
 * Prefix sharing: one image's prefix (`<s>` + system line + 576 visual tokens) is
@@ -25,15 +33,16 @@ Two efficiency devices, both exact:
   6 questions per image then cost about as much as 1.
 * Logits only on the text area (the 576 visual positions never need the LM head).
 
-Grounding loss (`align_weight`, on by default): each projected visual token, read
+Grounding loss (`align_weight`, stages 1 and 2): each projected visual token, read
 through the LLM's input-embedding table (a "logit lens" over the words), is trained to
-name what lies under its patch: the colour and shape word for a patch at least half
-covered by an object, the background colour word for a patch with no object. This
-stands in for what a pretrained LLaVA gets from CLIP's image-text pretraining and
-LLaVA's stage-1 projector alignment: visual tokens that sit near the words describing
-them in the LLM's embedding space, which is the premise of ZSPAPrune's relevance score.
-It is an inductive bias we add on purpose, stated here and in the benchmark report;
-`--align-weight 0` trains without it.
+name what lies under its patch: the colour, shape and grid-cell words for a patch at
+least half covered by an object, the background colour word for a patch with no object.
+It stands in for what a pretrained LLaVA gets from CLIP's image-text pretraining and
+LLaVA's projector alignment: visual tokens that sit near the words describing them in
+the LLM's embedding space - the very premise of ZSPAPrune's relevance score (cosine of
+visual tokens to the mean prompt embedding), and what lets stage 0's text skills carry
+over to pictures. It is an inductive bias added on purpose, stated here and in the
+benchmark report; `--align-weight 0` trains without it.
 
 Deterministic for a seed (data is a pure function of the scene index; init and step
 order fixed). The final export goes through `zspa_jax.demo.export.export_hf` (HF LLaVA
@@ -79,6 +88,9 @@ class TrainConfig:
     max_positions: int = 1024
     # data
     seed: int = 0
+    text_steps: int = 1500  # stage 0: language pretraining of the LLM (no images)
+    text_batch: int = 64
+    text_lr: float = 3e-3
     batch: int = 32
     qa_per_image: int = 6
     stage1_steps: int = 150
@@ -95,13 +107,16 @@ class TrainConfig:
     eval_examples: int = 210
 
     def __post_init__(self):
-        if self.batch < 1 or self.qa_per_image < 1 or self.stage1_steps < 0 or self.stage2_steps < 0:
+        if min(self.batch, self.text_batch, self.qa_per_image) < 1 or min(
+            self.text_steps, self.stage1_steps, self.stage2_steps
+        ) < 0:
             raise ValueError(f"invalid TrainConfig {self}")
 
 
 QUICK = dict(
     vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64, text_width=32, text_layers=1,
-    text_heads=2, text_kv_heads=1, text_mlp=64, batch=4, qa_per_image=2, stage1_steps=3, stage2_steps=5,
+    text_heads=2, text_kv_heads=1, text_mlp=64, text_steps=5, text_batch=4, batch=4, qa_per_image=2,
+    stage1_steps=3, stage2_steps=5,
     eval_every=0, eval_examples=14,
 )
 
@@ -144,10 +159,11 @@ def model_config(tc: TrainConfig, vocab_size: int):
 
 
 def patch_labels(scene: scenes.Scene, vocab: dict[str, int]) -> np.ndarray:
-    """int32 [576, 2] word ids under each patch (-1 = no label) for the grounding loss.
+    """int32 [576, 3] word ids under each patch (-1 = no label) for the grounding loss.
 
-    A patch at least half covered by one object gets (colour, shape); a patch no object
-    touches gets (background, -1); partial patches are left unlabelled.
+    A patch at least half covered by one object gets (colour, shape, grid cell) - the
+    words a caption uses for that object; a patch no object touches gets
+    (background, -1, -1); partial patches are left unlabelled.
     """
     from PIL import Image, ImageDraw
 
@@ -161,13 +177,14 @@ def patch_labels(scene: scenes.Scene, vocab: dict[str, int]) -> np.ndarray:
         else:
             draw.polygon(scenes._polygon(obj), fill=k + 1)
     a = np.asarray(ids).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
-    labels = np.full((g * g, 2), -1, np.int32)
+    labels = np.full((g * g, 3), -1, np.int32)
     empty = (a == 0).all(axis=1)
     labels[empty, 0] = vocab[scene.background]
     for k, obj in enumerate(scene.objects):
         covered = (a == k + 1).sum(axis=1) >= (p * p) // 2
         labels[covered, 0] = vocab[obj.colour]
         labels[covered, 1] = vocab[obj.shape]
+        labels[covered, 2] = vocab[obj.position]
     return labels
 
 
@@ -222,7 +239,55 @@ class Batches:
         if stage == 2:
             for qa in scenes.training_qas(scene, self.tc.qa_per_image, rng):
                 segs.append(self.segment(qa.question, [self.vocab[qa.answer], EOS_ID]))
-        length = text_area_length(stage, self.tc)
+        ids, targets, weights, seg, offset = self._pack(segs, text_area_length(stage, self.tc))
+        if stage == 2 and self.tc.stage2_captions:  # captions stay in the mix, at a lower weight
+            weights[seg == 1] *= 0.3
+        return dict(
+            pixels=self.enc.pixels(scene.render()),
+            ids=ids,
+            targets=targets,
+            weights=weights,
+            seg=seg,
+            offset=offset,
+            labels=patch_labels(scene, self.vocab),
+        )
+
+    CAPTION_WIDTH = 40  # caption tokens stand in for the 576 image tokens in stage 0
+
+    def text_row(self, index: int) -> dict[str, np.ndarray]:
+        """Stage 0: the chat prompt with the scene's caption where the image goes.
+
+        The caption's tokens get sorted random positions inside the 576 image slots, so
+        questions sit as far from the "picture" as they will with real visual tokens.
+        """
+        scene = scenes.make_scene("train", index)
+        rng = np.random.default_rng([scenes.BASE_SEED, 98, index, self.tc.seed])
+        words = self.enc.words(scene.caption())
+        head = self.enc.head
+        n_img = self.enc.image_tokens
+        pre_ids = np.full(len(head) + self.CAPTION_WIDTH, PAD_ID, np.int32)
+        pre_pos = np.zeros_like(pre_ids)
+        pre_valid = np.zeros(pre_ids.shape, bool)
+        pre_ids[: len(head)] = head
+        pre_pos[: len(head)] = np.arange(len(head))
+        pre_ids[len(head) : len(head) + len(words)] = words
+        pre_pos[len(head) : len(head) + len(words)] = len(head) + np.sort(rng.choice(n_img, len(words), replace=False))
+        pre_valid[: len(head) + len(words)] = True
+        qas = scenes.training_qas(scene, self.tc.qa_per_image, rng)
+        segs = [self.segment(qa.question, [self.vocab[qa.answer], EOS_ID]) for qa in qas]
+        ids, targets, weights, seg, offset = self._pack(segs, 11 * self.tc.qa_per_image)
+        return dict(
+            pre_ids=pre_ids, pre_pos=pre_pos, pre_valid=pre_valid,
+            ids=ids, targets=targets, weights=weights, seg=seg, offset=offset,
+        )
+
+    def text_batch(self, step: int) -> dict[str, np.ndarray]:
+        base = 50_000_000  # a range of train scenes the image stages never reach
+        rows = [self.text_row(base + step * self.tc.text_batch + r) for r in range(self.tc.text_batch)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    @staticmethod
+    def _pack(segs, length: int):
         ids = np.full(length, PAD_ID, np.int32)
         targets = np.full(length, PAD_ID, np.int32)
         weights = np.zeros(length, np.float32)
@@ -237,17 +302,7 @@ class Batches:
             seg[at : at + n] = k + 1
             offset[at : at + n] = np.arange(n)
             at += n
-        if stage == 2 and self.tc.stage2_captions:  # captions stay in the mix, at a lower weight
-            weights[seg == 1] *= 0.3
-        return dict(
-            pixels=self.enc.pixels(scene.render()),
-            ids=ids,
-            targets=targets,
-            weights=weights,
-            seg=seg,
-            offset=offset,
-            labels=patch_labels(scene, self.vocab),
-        )
+        return ids, targets, weights, seg, offset
 
     def batch(self, stage: int, step: int) -> dict[str, np.ndarray]:
         most = self.max_objects(stage, step)
@@ -287,8 +342,11 @@ def prefix_ids(enc: FastEncoder) -> np.ndarray:
     return np.asarray(enc.prefix_ids(), np.int32)
 
 
-def _sequence_mask(prefix_len: int, seg: "jax.Array") -> "jax.Array":
-    """bool [B, P + T, P + T]: causal prefix; each text segment sees the prefix and itself."""
+def _sequence_mask(prefix_len: int, seg: "jax.Array", prefix_valid: "jax.Array | None" = None) -> "jax.Array":
+    """bool [B, P + T, P + T]: causal prefix; each text segment sees the prefix and itself.
+
+    prefix_valid: bool [B, P] (stage 0's padded caption prefix) or None (all valid).
+    """
     import jax.numpy as jnp
 
     b, t = seg.shape
@@ -297,8 +355,11 @@ def _sequence_mask(prefix_len: int, seg: "jax.Array") -> "jax.Array":
     causal = q[:, None] >= q[None, :]
     seg_full = jnp.concatenate([jnp.zeros((b, prefix_len), seg.dtype), seg], axis=1)  # prefix = segment 0
     same = seg_full[:, :, None] == seg_full[:, None, :]
-    key_is_prefix = (seg_full == 0)[:, None, :] & (q[None, None, :] < prefix_len)
-    return causal[None] & (same | key_is_prefix)
+    in_prefix = jnp.broadcast_to(q[None, :] < prefix_len, (b, length))
+    if prefix_valid is not None:
+        in_prefix = in_prefix & jnp.concatenate([prefix_valid, jnp.zeros((b, t), bool)], axis=1)
+        same = same & jnp.concatenate([prefix_valid, seg > 0], axis=1)[:, None, :]
+    return causal[None] & (same | in_prefix[:, None, :])
 
 
 def model_outputs(model, prefix: "jax.Array", pixels, ids, seg, offset):
@@ -348,6 +409,39 @@ def decode_text_area(lm, embeds, positions, mask, p: int):
     return lm.norm(xt)
 
 
+def text_outputs(model, batch, question_start: int):
+    """Stage 0 forward (no image): hidden states of the text area [B, T, D]."""
+    import jax.numpy as jnp
+
+    lm = model.language_model
+    embeds = jnp.concatenate([lm.embed(batch["pre_ids"]), lm.embed(batch["ids"])], axis=1)
+    positions = jnp.concatenate([batch["pre_pos"], question_start + batch["offset"]], axis=1).astype(jnp.int32)
+    p = batch["pre_ids"].shape[1]
+    mask = _sequence_mask(p, batch["seg"], batch["pre_valid"])
+    return decode_text_area(lm.model, embeds, positions, mask, p)
+
+
+def _lm_loss(model, hidden, batch):
+    """(weighted next-token CE, accuracy on the weighted non-EOS targets = answers)."""
+    import jax.numpy as jnp
+    import optax
+
+    logits = model.language_model.logits(hidden)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    w = batch["weights"]
+    answer = (w > 0) & (batch["targets"] != EOS_ID)
+    hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & answer
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), jnp.sum(hit) / jnp.maximum(jnp.sum(answer), 1)
+
+
+def text_loss_fn(state, graphdef, question_start: int, batch):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    loss, acc = _lm_loss(model, text_outputs(model, batch, question_start), batch)
+    return loss, {"lm": loss, "acc": acc}
+
+
 def loss_fn(state, graphdef, prefix, batch, align_weight: float):
     import jax
     import jax.numpy as jnp
@@ -356,31 +450,35 @@ def loss_fn(state, graphdef, prefix, batch, align_weight: float):
 
     model = nnx.merge(graphdef, state)
     hidden, visual = model_outputs(model, prefix, batch["pixels"], batch["ids"], batch["seg"], batch["offset"])
-    logits = model.language_model.logits(hidden)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    w = batch["weights"]
-    lm_loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
-    metrics = {"lm": lm_loss}
+    lm_loss, acc = _lm_loss(model, hidden, batch)
+    metrics = {"lm": lm_loss, "acc": acc}
     loss = lm_loss
     if align_weight:
         table = model.language_model.model.embed_tokens.embedding[...]  # [V, D]
         lens = jax.nn.log_softmax(jnp.einsum("bnd,vd->bnv", visual, table), axis=-1)
-        labels = batch["labels"]  # [B, N, 2]
+        labels = batch["labels"]  # [B, N, 3]
         valid = labels >= 0
-        picked = jnp.take_along_axis(lens, jnp.maximum(labels, 0), axis=-1)  # [B, N, 2]
+        picked = jnp.take_along_axis(lens, jnp.maximum(labels, 0), axis=-1)  # [B, N, 3]
         align = -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
         metrics["align"] = align
         loss = loss + align_weight * align
     return loss, metrics
 
 
-def make_train_step(graphdef, optimizer, align_weight: float):
+def make_train_step(graphdef, optimizer, align_weight: float, text_only: bool = False):
+    """jit(step)(state, opt_state, prefix, batch); for stage 0 `prefix` is the question's
+    first RoPE position (a static int) instead of the prefix ids."""
     import jax
     import optax
 
-    @partial(jax.jit, donate_argnums=(0, 1))
+    def objective(state, prefix, batch):
+        if text_only:
+            return text_loss_fn(state, graphdef, prefix, batch)
+        return loss_fn(state, graphdef, prefix, batch, align_weight)
+
+    @partial(jax.jit, donate_argnums=(0, 1), static_argnums=(2,) if text_only else ())
     def step(state, opt_state, prefix, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, graphdef, prefix, batch, align_weight)
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state, prefix, batch)
         updates, opt_state = optimizer.update(grads, opt_state, state)
         state = optax.apply_updates(state, updates)
         metrics["loss"] = loss
@@ -485,24 +583,27 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     val = scenes.examples("val", tc.eval_examples)
     history: dict = {"params": int(n_params), "stages": {}}
     start, cpu0 = time.perf_counter(), _cpu_seconds()
-    for stage, steps, lr in ((1, tc.stage1_steps, tc.stage1_lr), (2, tc.stage2_steps, tc.stage2_lr)):
+    names = {0: "language pretraining, no images", 1: "captions", 2: "visual QA"}
+    question_start = int(prefix.shape[0])
+    for stage, steps, lr in ((0, tc.text_steps, tc.text_lr), (1, tc.stage1_steps, tc.stage1_lr), (2, tc.stage2_steps, tc.stage2_lr)):
         if steps == 0:
             continue
         optimizer = make_optimizer(tc, steps, lr)
         opt_state = optimizer.init(state)
-        train_step = make_train_step(graphdef, optimizer, tc.align_weight)
+        train_step = make_train_step(graphdef, optimizer, tc.align_weight, text_only=stage == 0)
         losses = []
         t0 = time.perf_counter()
         bar = tqdm(
-            prefetch(partial(data.batch, stage), range(steps)),
+            prefetch(data.text_batch if stage == 0 else partial(data.batch, stage), range(steps)),
             total=steps,
-            desc=f"stage {stage} ({'captions' if stage == 1 else 'QA'})",
+            desc=f"stage {stage} ({names[stage]})",
             disable=not progress,
             unit="step",
+            mininterval=2.0,
         )
         evals = []
         for step, batch in enumerate(bar):
-            state, opt_state, m = train_step(state, opt_state, prefix, batch)
+            state, opt_state, m = train_step(state, opt_state, question_start if stage == 0 else prefix, batch)
             m = {k: float(v) for k, v in m.items()}
             losses.append(m)
             bar.set_postfix({k: f"{v:.3f}" for k, v in m.items() if k != "grad_norm"})

@@ -1,0 +1,401 @@
+"""What visual-token pruning costs in accuracy, on the shipped demo model.
+
+    python benchmarks/accuracy.py [--model DIR] [--n 500] [--keeps 576,192,128,64,32,16]
+
+Test-split questions of `zspa_jax.demo.scenes` (types balanced), one-word answers scored
+by greedy argmax at the answer position, for every pruning method x budget K x prompt
+scope. Methods: ZSPAPrune at core ratios 0.2 / 0.4 / 0.6 / 0.8, relevance-only top-K
+(r = 1), DivPrune (r = 0), random and uniform. Prompt scopes: "question" (the text after
+the image span: the question and "assistant :") and "all_text" (also the system line and
+"user :"); special tokens never count. Scope does not change prompt-agnostic methods, so
+they are run once and listed under both.
+
+Besides accuracy, "target recall" is reported for object questions: the fraction whose
+kept tokens include at least one patch at least half covered by the object the answer
+depends on. It says whether a method finds the object, whatever the LLM then does.
+
+Pruning is composed from the model pieces (the same path `forward(prune=...)` takes):
+tower + projector once per image -> `zspa_jax.pruning.select_tokens` -> gather the kept
+tokens -> they replace the 576 placeholders, positions renumbered contiguously -> LLaMA
+decoder under `jax.jit` over the `nnx.split` state. If `zspa_jax.forward` accepts
+`prune=`, a spot check asserts that both paths give the same answers.
+
+Writes benchmarks/results/accuracy.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import zspa_jax  # noqa: E402
+from zspa_jax import pruning  # noqa: E402
+from zspa_jax.demo import scenes  # noqa: E402
+from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
+from zspa_jax.demo.train import ASSET_DIR, patch_labels  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PROMPT_AWARE = ("zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "relevance")
+AGNOSTIC = ("divprune", "random", "uniform")
+METHODS = PROMPT_AWARE + AGNOSTIC
+SCOPES = ("question", "all_text")
+
+
+def method_args(label: str) -> dict:
+    if label.startswith("zspaprune"):
+        return {"method": "zspaprune", "core_ratio": float(label.split("=")[1])}
+    return {"method": label}
+
+
+class Evaluator:
+    """Pruned greedy answers from cached visual tokens."""
+
+    def __init__(self, vlm, exs, batch: int):
+        self.vlm = vlm
+        self.exs = exs
+        self.batch = batch
+        self.enc = FastEncoder(vlm.processor.tokenizer if vlm.processor is not None else None)
+        self.head = np.asarray(self.enc.head, np.int32)  # <s> + system line + "user :"
+        self.specials = set(self.enc.tokenizer.all_special_ids)
+        qs = [self.enc.question_ids(e.qa.question) for e in exs]
+        self.q_width = max(len(q) for q in qs)
+        self.q_ids = np.full((len(exs), self.q_width), PAD_ID, np.int32)
+        self.q_len = np.zeros(len(exs), np.int32)
+        for i, q in enumerate(qs):
+            self.q_ids[i, : len(q)] = q
+            self.q_len[i] = len(q)
+        table = np.asarray(vlm.model.language_model.model.embed_tokens.embedding[...], np.float32)
+        self.table = table
+        # Prompt token sets per scope (ids and mask), padded to a common width.
+        self.prompt = {}
+        for scope in SCOPES:
+            rows = []
+            for i in range(len(exs)):
+                q = list(self.q_ids[i, : self.q_len[i]])
+                ids = q if scope == "question" else list(self.head) + q
+                rows.append([t for t in ids if t not in self.specials])
+            width = max(len(r) for r in rows)
+            ids = np.zeros((len(rows), width), np.int32)
+            mask = np.zeros((len(rows), width), bool)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = r
+                mask[i, : len(r)] = True
+            self.prompt[scope] = (table[ids], mask)
+        self.visual = self._visual_tokens()
+        self.labels = np.stack([patch_labels(e.scene, self.enc.vocab) for e in exs])
+        self.id_to_word = {i: w for w, i in self.enc.vocab.items()}
+        self._answer = jax.jit(_answer_fn, static_argnums=0)
+
+    def _visual_tokens(self) -> np.ndarray:
+        fn = jax.jit(lambda g, s, px: nnx.merge(g, s).image_features(px), static_argnums=0)
+        out = []
+        for s in tqdm(range(0, len(self.exs), self.batch), desc="visual tokens", leave=False):
+            chunk = self.exs[s : s + self.batch]
+            px = np.zeros((self.batch, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32)
+            for r, e in enumerate(chunk):
+                px[r] = self.enc.pixels(e.image())
+            out.append(np.asarray(fn(self.vlm.graphdef, self.vlm.state, px))[: len(chunk)])
+        return np.concatenate(out)
+
+    def select(self, label: str, scope: str, keep: int, seed: int = 0) -> np.ndarray:
+        n = self.visual.shape[1]
+        if keep == n:
+            return np.broadcast_to(np.arange(n, dtype=np.int32), (len(self.exs), n))
+        prompt, mask = self.prompt[scope]
+        out = []
+        key = jax.random.key(seed)
+        for s in range(0, len(self.exs), self.batch):
+            key, sub = jax.random.split(key)
+            idx = pruning.select_tokens(
+                jnp.asarray(self.visual[s : s + self.batch]),
+                jnp.asarray(prompt[s : s + self.batch]),
+                jnp.asarray(mask[s : s + self.batch]),
+                keep=keep,
+                rng=sub,
+                **method_args(label),
+            )
+            out.append(np.asarray(idx))
+        return np.concatenate(out)
+
+    def answers(self, indices: np.ndarray) -> list[str]:
+        words = []
+        for s in range(0, len(self.exs), self.batch):
+            sl = slice(s, s + self.batch)
+            kept = np.take_along_axis(self.visual[sl], indices[sl][:, :, None], axis=1)
+            q, qlen = self.q_ids[sl], self.q_len[sl]
+            pad = self.batch - kept.shape[0]
+            if pad:
+                kept = np.concatenate([kept, np.zeros((pad,) + kept.shape[1:], kept.dtype)])
+                q = np.concatenate([q, np.full((pad, q.shape[1]), PAD_ID, np.int32)])
+                qlen = np.concatenate([qlen, np.ones(pad, np.int32)])
+            pred = self._answer(self.vlm.graphdef, self.vlm.state, self.head, kept, q, qlen - 1)
+            words.extend(self.id_to_word[int(t)] for t in np.asarray(pred)[: min(self.batch, len(self.exs) - s)])
+        return words
+
+    def target_recall(self, indices: np.ndarray) -> float | None:
+        hits = []
+        for i, e in enumerate(self.exs):
+            if e.qa.target is None:
+                continue
+            obj = e.scene.objects[e.qa.target]
+            on = (self.labels[i, :, 0] == self.enc.vocab[obj.colour]) & (self.labels[i, :, 1] == self.enc.vocab[obj.shape])
+            hits.append(bool(on[indices[i]].any()))
+        return float(np.mean(hits)) if hits else None
+
+
+def _answer_fn(graphdef, state, head, kept, q_ids, last):
+    """Greedy next token after [head | kept visual | question], right-padded; contiguous positions."""
+    model = nnx.merge(graphdef, state)
+    b = kept.shape[0]
+    lm = model.language_model
+    embeds = jnp.concatenate(
+        [lm.embed(jnp.broadcast_to(head, (b, head.shape[0]))), kept.astype(jnp.float32), lm.embed(q_ids)], axis=1
+    )
+    length = embeds.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
+    hidden, _ = lm.model(embeds, positions, mask)
+    at = head.shape[0] + kept.shape[1] + last
+    h = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(lm.logits(h), axis=-1)
+
+
+def score(exs, answers) -> dict:
+    correct = np.array([a == e.qa.answer for e, a in zip(exs, answers)])
+    types = np.array([e.qa.qtype for e in exs])
+    groups = np.array([scenes.TYPE_GROUPS[t] for t in types])
+    return {
+        "overall": float(correct.mean()),
+        "per_type": {t: float(correct[types == t].mean()) for t in scenes.QUESTION_TYPES if (types == t).any()},
+        "per_group": {g: float(correct[groups == g].mean()) for g in dict.fromkeys(scenes.TYPE_GROUPS.values())},
+    }
+
+
+def forward_supports_prune() -> bool:
+    import inspect
+
+    return "prune" in inspect.signature(zspa_jax.forward).parameters
+
+
+def spot_check_forward(vlm, ev: Evaluator, results: dict, n: int = 20) -> dict | None:
+    """Answers from `zspa_jax.forward(..., prune=PruneConfig(...))` vs this script's path."""
+    if not forward_supports_prune():
+        return None
+    PruneConfig = getattr(zspa_jax, "PruneConfig", pruning.PruneConfig)
+    exs = ev.exs[:n]
+    agree = {}
+    for label, scope, keep in (("zspaprune r=0.6", "question", 64), ("divprune", "question", 64), ("relevance", "all_text", 32)):
+        cfg = PruneConfig(keep=keep, prompt_scope=scope, **method_args(label))
+        mine = results["answers"][scope][label][str(keep)][:n]
+        theirs = []
+        for i, e in enumerate(exs):
+            ids = np.asarray([ev.enc.prompt_ids(e.qa.question)], np.int32)
+            px = ev.enc.pixels(e.image())[None]
+            logits = zspa_jax.forward(vlm, ids, px, prune=cfg)
+            theirs.append(ev.id_to_word[int(np.argmax(np.asarray(logits)[0, -1]))])
+        agree[f"{label} / {scope} / K={keep}"] = float(np.mean([a == b for a, b in zip(mine, theirs)]))
+    return agree
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def markdown(res: dict) -> str:
+    keeps = res["keeps"]
+    n_vis = res["visual_tokens"]
+    lines = [
+        "# Accuracy under visual-token pruning (demo model, shapes VQA)",
+        "",
+        f"Model: `{res['model']}` ({res['parameters']:,} parameters, {n_vis} visual tokens per image). "
+        f"{res['n']} test questions (`zspa_jax.demo.scenes`, split \"test\", types balanced), greedy one-word "
+        f"answers. Machine: {res['machine']}. Run time {res['seconds']:.0f} s.",
+        "",
+        f"Unpruned accuracy (K = {n_vis}): **{res['unpruned']['overall']:.3f}**; per type: "
+        + ", ".join(f"{t} {v:.2f}" for t, v in res["unpruned"]["per_type"].items()),
+        "",
+    ]
+    for scope in SCOPES:
+        lines += [f"## Accuracy, prompt scope = `{scope}`", ""]
+        lines.append("| method | " + " | ".join(f"K={k} ({100 * (1 - k / n_vis):.0f}% pruned)" for k in keeps) + " |")
+        lines.append("|---" * (len(keeps) + 1) + "|")
+        for label in METHODS:
+            row = [f"{res['accuracy'][scope][label][str(k)]['overall']:.3f}" for k in keeps]
+            best = [
+                max(res["accuracy"][scope][m][str(k)]["overall"] for m in METHODS) for k in keeps
+            ]
+            row = [f"**{r}**" if float(r) == b and k != n_vis else r for r, b, k in zip(row, best, keeps)]
+            lines.append(f"| {label}{' *' if label in AGNOSTIC else ''} | " + " | ".join(row) + " |")
+        lines += ["", "\\* prompt-agnostic: identical in both scopes.", ""]
+    for scope in SCOPES:
+        lines += [f"## Target-object recall (object questions), scope = `{scope}`", ""]
+        lines.append("| method | " + " | ".join(f"K={k}" for k in keeps) + " |")
+        lines.append("|---" * (len(keeps) + 1) + "|")
+        for label in METHODS:
+            vals = [res["target_recall"][scope][label][str(k)] for k in keeps]
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        lines.append("")
+    for k in res["detail_keeps"]:
+        lines += [f"## Per question type at K = {k}, scope = `question`", ""]
+        types = list(res["unpruned"]["per_type"])
+        lines.append("| method | " + " | ".join(types) + " |")
+        lines.append("|---" * (len(types) + 1) + "|")
+        lines.append("| unpruned | " + " | ".join(f"{res['unpruned']['per_type'][t]:.2f}" for t in types) + " |")
+        for label in METHODS:
+            pt = res["accuracy"]["question"][label][str(k)]["per_type"]
+            lines.append(f"| {label} | " + " | ".join(f"{pt[t]:.2f}" for t in types) + " |")
+        lines.append("")
+    if res.get("forward_spot_check"):
+        lines += ["## Cross-check against `zspa_jax.forward(..., prune=...)`", ""]
+        for k, v in res["forward_spot_check"].items():
+            lines.append(f"- {k}: answers agree on {100 * v:.0f}% of {res['spot_check_n']} questions")
+        lines.append("")
+    if res.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    return "\n".join(lines)
+
+
+PALETTE = {
+    "zspaprune r=0.2": (255, 170, 170),
+    "zspaprune r=0.4": (240, 110, 110),
+    "zspaprune r=0.6": (220, 30, 30),
+    "zspaprune r=0.8": (140, 0, 0),
+    "relevance": (240, 140, 0),
+    "divprune": (30, 90, 220),
+    "random": (120, 120, 120),
+    "uniform": (30, 160, 60),
+}
+
+
+def plot(res: dict, path: Path) -> None:
+    """Accuracy vs K (log x axis), one panel per scope; drawn with PIL (no matplotlib here)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    keeps = sorted(res["keeps"])
+    font = ImageFont.load_default()
+    pw, ph, margin = 520, 380, 60
+    legend_w = 190
+    img = Image.new("RGB", (2 * pw + legend_w + 20, ph + 70), "white")
+    d = ImageDraw.Draw(img)
+    lo = min(
+        res["accuracy"][s][m][str(k)]["overall"] for s in SCOPES for m in METHODS for k in keeps
+    )
+    y0 = max(0.0, np.floor(lo * 10) / 10 - 0.05)
+    lx0, lx1 = np.log(keeps[0]), np.log(keeps[-1])
+    for p, scope in enumerate(SCOPES):
+        ox = p * pw
+        left, right, top, bottom = ox + margin, ox + pw - 20, 40, ph
+        d.text((left, 12), f"prompt scope = {scope}", fill="black", font=font)
+        d.rectangle([left, top, right, bottom], outline="black")
+        fx = lambda k: left + (np.log(k) - lx0) / (lx1 - lx0) * (right - left)
+        fy = lambda a: bottom - (a - y0) / (1.0 - y0) * (bottom - top)
+        for t in np.arange(np.ceil(y0 * 10) / 10, 1.0001, 0.1):
+            y = fy(t)
+            d.line([left, y, right, y], fill=(225, 225, 225))
+            d.text((left - 30, y - 6), f"{t:.1f}", fill="black", font=font)
+        for k in keeps:
+            x = fx(k)
+            d.line([x, top, x, bottom], fill=(235, 235, 235))
+            d.text((x - 8, bottom + 6), str(k), fill="black", font=font)
+        d.text(((left + right) / 2 - 60, bottom + 22), "visual tokens kept (K, log)", fill="black", font=font)
+        d.text((ox + 6, top - 16), "accuracy", fill="black", font=font)
+        for label in METHODS:
+            pts = [(fx(k), fy(res["accuracy"][scope][label][str(k)]["overall"])) for k in keeps]
+            width = 3 if label in ("zspaprune r=0.6", "divprune") else 2
+            d.line(pts, fill=PALETTE[label], width=width)
+            for x, y in pts:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=PALETTE[label])
+    lx = 2 * pw + 10
+    d.text((lx, 40), "method", fill="black", font=font)
+    for i, label in enumerate(METHODS):
+        y = 62 + 20 * i
+        d.line([lx, y + 6, lx + 26, y + 6], fill=PALETTE[label], width=3)
+        d.text((lx + 32, y), label, fill="black", font=font)
+    d.text((lx, 62 + 20 * len(METHODS) + 10), f"n = {res['n']} questions", fill="black", font=font)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(ASSET_DIR), help="converted demo model (default: the shipped one)")
+    parser.add_argument("--n", type=int, default=500, help="test questions (default 500)")
+    parser.add_argument("--keeps", default="576,192,128,64,32,16")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--no-spot-check", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    vlm = zspa_jax.load(args.model)
+    exs = scenes.examples("test", args.n)
+    keeps = sorted({int(k) for k in args.keeps.split(",")}, reverse=True)
+    ev = Evaluator(vlm, exs, args.batch)
+    n_vis = ev.visual.shape[1]
+    res: dict = {
+        "model": str(Path(args.model).relative_to(ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model),
+        "parameters": int(sum(np.size(x) for x in jax.tree.leaves(vlm.state))),
+        "visual_tokens": n_vis,
+        "n": len(exs),
+        "keeps": keeps,
+        "detail_keeps": [k for k in (64, 16) if k in keeps],
+        "machine": f"{platform.machine()} CPU x{os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()})",
+        "accuracy": {s: {m: {} for m in METHODS} for s in SCOPES},
+        "target_recall": {s: {m: {} for m in METHODS} for s in SCOPES},
+        "answers": {s: {m: {} for m in METHODS} for s in SCOPES},
+    }
+    full = ev.select("uniform", "question", n_vis)
+    full_answers = ev.answers(full)
+    res["unpruned"] = score(exs, full_answers)
+    print(f"unpruned accuracy {res['unpruned']['overall']:.3f}")
+    jobs = [(s, m, k) for k in keeps if k != n_vis for m in METHODS for s in SCOPES if s == "question" or m in PROMPT_AWARE]
+    for scope, label, keep in tqdm(jobs, desc="pruned runs"):
+        idx = ev.select(label, scope, keep, seed=args.seed)
+        answers = ev.answers(idx)
+        scopes = SCOPES if label in AGNOSTIC else (scope,)
+        for s in scopes:
+            res["accuracy"][s][label][str(keep)] = score(exs, answers)
+            res["target_recall"][s][label][str(keep)] = ev.target_recall(idx)
+            res["answers"][s][label][str(keep)] = answers
+    for s in SCOPES:
+        for label in METHODS:
+            res["accuracy"][s][label][str(n_vis)] = res["unpruned"]
+            res["target_recall"][s][label][str(n_vis)] = ev.target_recall(full)
+            res["answers"][s][label][str(n_vis)] = full_answers
+    if not args.no_spot_check:
+        res["spot_check_n"] = 20
+        res["forward_spot_check"] = spot_check_forward(vlm, ev, res, n=20)
+    res["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    answers = res.pop("answers")
+    (out / "accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "accuracy.md").write_text(markdown(res))
+    plot(res, out / "accuracy.png")
+    res["answers"] = answers
+    print(markdown(res))
+    print(f"wrote {out}/accuracy.{{md,json,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

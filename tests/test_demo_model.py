@@ -1,0 +1,216 @@
+"""The demo task, its training loop, and the shipped demo model (vs transformers).
+
+(a) the scene generator is deterministic, splits are disjoint, answers are in the
+    vocabulary, every question type occurs, and the fast encoder equals the HF processor;
+(b) a tiny config trains for a few steps and its loss falls;
+(c) the shipped converted checkpoint, re-exported to HF format, loads in transformers and
+    gives the same next-token logits and greedy answers as `zspa_jax.forward` on 50 test
+    questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import numpy as np
+import pytest
+
+from zspa_jax.demo import scenes
+from zspa_jax.demo.tokenizer import IMAGE_ID, FastEncoder, build_processor, build_tokenizer
+
+ASSET = pathlib.Path(__file__).resolve().parents[1] / "zspa_jax" / "assets" / "demo_model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+# --------------------------------------------------------------------------- (a) data
+
+
+def _digest(img) -> str:
+    return hashlib.sha1(np.asarray(img).tobytes()).hexdigest()
+
+
+def test_scenes_are_pure_functions_of_split_and_index():
+    for split in ("train", "test"):
+        for i in (0, 7, 12345):
+            a, b = scenes.make_scene(split, i), scenes.make_scene(split, i)
+            assert a == b
+            assert _digest(a.render()) == _digest(b.render())
+            assert scenes.example(split, i) == scenes.example(split, i)
+    assert scenes.make_scene("train", 3) != scenes.make_scene("train", 4)
+    with pytest.raises(ValueError, match="split"):
+        scenes.make_scene("dev", 0)
+
+
+def test_splits_are_disjoint():
+    digests = {s: {_digest(scenes.make_scene(s, i).render()) for i in range(150)} for s in scenes.SPLITS}
+    assert all(len(d) == 150 for d in digests.values())  # no duplicates inside a split either
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_questions_answers_and_captions_are_in_vocabulary(tokenizer):
+    vocab = tokenizer.get_vocab()
+    exs = scenes.examples("test", 140)
+    assert {e.qa.qtype for e in exs} == set(scenes.QUESTION_TYPES)
+    counts = {t: sum(e.qa.qtype == t for e in exs) for t in scenes.QUESTION_TYPES}
+    assert min(counts.values()) >= 10, counts
+    possible = scenes.answer_words()
+    for e in exs:
+        assert e.qa.answer in vocab
+        assert e.qa.answer in possible[e.qa.qtype]
+        for text in (e.qa.question, e.scene.caption(), scenes.SYSTEM):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert tokenizer.unk_token_id not in ids, text
+            assert len(ids) == len(text.split())  # one word, one token
+    # Answers are one word: a single token each.
+    for words in possible.values():
+        for w in words:
+            assert len(tokenizer.encode(w, add_special_tokens=False)) == 1
+
+
+def test_answers_are_consistent_with_the_scene():
+    for e in scenes.examples("val", 70):
+        s, qa = e.scene, e.qa
+        assert 1 <= len(s.objects) <= scenes.MAX_OBJECTS
+        assert len({(o.colour, o.shape) for o in s.objects}) == len(s.objects)
+        if qa.qtype == "count_all":
+            assert qa.answer == str(len(s.objects))
+        if qa.qtype == "background":
+            assert qa.answer == s.background
+        if qa.target is not None:
+            obj = s.objects[qa.target]
+            assert obj.colour in qa.question or obj.shape in qa.question
+            if qa.qtype == "colour":
+                assert qa.answer == obj.colour and s.count(obj.shape) == 1
+
+
+def test_fast_encoder_matches_the_hf_processor(tokenizer):
+    processor = build_processor(tokenizer)
+    enc = FastEncoder(tokenizer)
+    for e in scenes.examples("test", 3):
+        out = processor(text=e.prompt, images=e.image(), return_tensors="np")
+        ids = out["input_ids"][0]
+        assert (ids == IMAGE_ID).sum() == scenes.GRID**2 == 576
+        assert list(ids) == enc.prompt_ids(e.qa.question)
+        # the question comes after the image span (prompt_scope="question" sees it)
+        after = ids[np.nonzero(ids == IMAGE_ID)[0][-1] + 1 :]
+        assert tokenizer.decode(after).split()[: len(e.qa.question.split())] == e.qa.question.split()
+        np.testing.assert_allclose(out["pixel_values"][0], enc.pixels(e.image()), atol=1e-6)
+    # user-typed text normalises to the same tokens
+    assert tokenizer("What colour is the circle?").input_ids == tokenizer("what colour is the circle ?").input_ids
+
+
+# --------------------------------------------------------------------------- (b) training
+
+
+def test_a_few_training_steps_reduce_the_loss(tokenizer):
+    import jax
+    from flax import nnx
+
+    from models.llava import LlavaForConditionalGeneration
+    from zspa_jax.demo import train as T
+
+    tc = T.TrainConfig(**{**T.QUICK, "batch": 4, "qa_per_image": 3, "stage1_steps": 0, "stage2_steps": 8})
+    enc = FastEncoder(tokenizer)
+    cfg = T.model_config(tc, len(tokenizer))
+    model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
+    T.init_model(model, 0)
+    graphdef, state = nnx.split(model)
+    optimizer = T.make_optimizer(tc, 8, 3e-3)
+    opt_state = optimizer.init(state)
+    step = T.make_train_step(graphdef, optimizer, tc.align_weight)
+    prefix = jax.numpy.asarray(T.prefix_ids(enc))
+    batch = T.Batches(tc, enc).batch(2, 0)
+    assert batch["pixels"].shape == (4, 3, 96, 96) and batch["labels"].shape == (4, 576, 3)
+    losses = []
+    for _ in range(8):
+        state, opt_state, m = step(state, opt_state, prefix, batch)
+        losses.append((float(m["lm"]), float(m["align"])))
+    lm, align = zip(*losses)
+    assert all(np.isfinite(lm)) and all(np.isfinite(align))
+    assert lm[-1] < 0.8 * lm[0], lm
+    assert align[-1] < align[0], align
+
+
+def test_text_area_decoder_equals_the_full_forward(tokenizer):
+    """The training shortcut (last layer on text positions only) is exact."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.llava import LlavaForConditionalGeneration
+    from zspa_jax.demo import train as T
+
+    tc = T.TrainConfig(**{**T.QUICK, "text_layers": 2})
+    enc = FastEncoder(tokenizer)
+    model = LlavaForConditionalGeneration(T.model_config(tc, len(tokenizer)), rngs=nnx.Rngs(1))
+    e = scenes.example("val", 5)
+    ids = enc.prompt_ids(e.qa.question)
+    px = enc.pixels(e.image())[None]
+    prefix = T.prefix_ids(enc)
+    with jax.default_matmul_precision("highest"):
+        full = model(jnp.asarray([ids]), jnp.asarray(px))
+        q = jnp.asarray([ids[len(prefix) :]], jnp.int32)
+        hidden, _ = T.model_outputs(model, jnp.asarray(prefix), jnp.asarray(px), q, jnp.ones_like(q), jnp.arange(q.shape[1])[None])
+        mine = model.language_model.logits(hidden)
+    np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(full[0, len(prefix) :]), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- (c) shipped model
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (ASSET / "zspa_config.json").exists():
+        pytest.fail(f"the demo model is missing at {ASSET}; run `python -m zspa_jax.demo.train`")
+    import zspa_jax
+
+    return zspa_jax.load(ASSET)
+
+
+def test_shipped_model_matches_transformers(shipped, tmp_path):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import zspa_jax
+    from zspa_jax.demo.export import export_hf
+
+    hf_dir = export_hf(shipped, shipped.config, None, shipped.processor, tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    exs = scenes.examples("test", 50)
+    inputs = processor(
+        text=[e.prompt for e in exs], images=[e.image() for e in exs], padding=True, return_tensors="np"
+    )
+    ids, mask, px = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    assert processor.tokenizer.padding_side == "left"
+    # Left padding: the answer position is the last column for every row.
+    with torch.no_grad():
+        position_ids = torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
+        hf_logits = model(
+            input_ids=torch.from_numpy(ids),
+            pixel_values=torch.from_numpy(px),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=position_ids,
+        ).logits[:, -1].numpy()
+    ours = zspa_jax.forward(shipped, ids, px, mask)[:, -1]
+    np.testing.assert_allclose(ours, hf_logits, atol=1e-4, rtol=0)
+    vocab = {i: w for w, i in processor.tokenizer.get_vocab().items()}
+    hf_answers = [vocab[int(t)] for t in hf_logits.argmax(-1)]
+    our_answers = [vocab[int(t)] for t in ours.argmax(-1)]
+    assert our_answers == hf_answers
+
+
+def test_shipped_model_is_small_and_complete():
+    files = [p for p in ASSET.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"zspa_config.json", "tokenizer.json", "processor_config.json", "config.json"} <= names
+    assert not any(p.suffix in (".safetensors", ".bin", ".pt") for p in files)  # no torch weights shipped
+    assert sum(p.stat().st_size for p in files) < 8 * 2**20
