@@ -50,7 +50,7 @@ import zspa_jax  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
 from zspa_jax.demo import scenes  # noqa: E402
 from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
-from zspa_jax.demo.train import ASSET_DIR, patch_labels  # noqa: E402
+from zspa_jax.demo.train import ASSET_DIR, patch_coverage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT_AWARE = ("zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "relevance")
@@ -68,7 +68,7 @@ def method_args(label: str) -> dict:
 class Evaluator:
     """Pruned greedy answers from cached visual tokens."""
 
-    def __init__(self, vlm, exs, batch: int):
+    def __init__(self, vlm, exs, batch: int, keep_positions: bool = False):
         self.vlm = vlm
         self.exs = exs
         self.batch = batch
@@ -100,9 +100,10 @@ class Evaluator:
                 mask[i, : len(r)] = True
             self.prompt[scope] = (table[ids], mask)
         self.visual = self._visual_tokens()
-        self.labels = np.stack([patch_labels(e.scene, self.enc.vocab) for e in exs])
+        self.coverage = [patch_coverage(e.scene) for e in exs]  # [576, n_objects] each
         self.id_to_word = {i: w for w, i in self.enc.vocab.items()}
-        self._answer = jax.jit(_answer_fn, static_argnums=0)
+        self._answer = jax.jit(_answer_fn, static_argnums=(0, 1))
+        self.keep_positions = keep_positions
 
     def _visual_tokens(self) -> np.ndarray:
         fn = jax.jit(lambda g, s, px: nnx.merge(g, s).image_features(px), static_argnums=0)
@@ -141,12 +142,16 @@ class Evaluator:
             sl = slice(s, s + self.batch)
             kept = np.take_along_axis(self.visual[sl], indices[sl][:, :, None], axis=1)
             q, qlen = self.q_ids[sl], self.q_len[sl]
+            idx = indices[sl]
             pad = self.batch - kept.shape[0]
             if pad:
                 kept = np.concatenate([kept, np.zeros((pad,) + kept.shape[1:], kept.dtype)])
+                idx = np.concatenate([idx, np.zeros((pad, idx.shape[1]), idx.dtype)])
                 q = np.concatenate([q, np.full((pad, q.shape[1]), PAD_ID, np.int32)])
                 qlen = np.concatenate([qlen, np.ones(pad, np.int32)])
-            pred = self._answer(self.vlm.graphdef, self.vlm.state, self.head, kept, q, qlen - 1)
+            n_visual = self.visual.shape[1]
+            pos = np.asarray(idx, np.int32) if self.keep_positions else None
+            pred = self._answer(self.vlm.graphdef, n_visual, self.vlm.state, self.head, kept, q, qlen - 1, pos)
             words.extend(self.id_to_word[int(t)] for t in np.asarray(pred)[: min(self.batch, len(self.exs) - s)])
         return words
 
@@ -155,14 +160,14 @@ class Evaluator:
         for i, e in enumerate(self.exs):
             if e.qa.target is None:
                 continue
-            obj = e.scene.objects[e.qa.target]
-            on = (self.labels[i, :, 0] == self.enc.vocab[obj.colour]) & (self.labels[i, :, 1] == self.enc.vocab[obj.shape])
+            on = self.coverage[i][:, e.qa.target] >= 0.5
             hits.append(bool(on[indices[i]].any()))
         return float(np.mean(hits)) if hits else None
 
 
-def _answer_fn(graphdef, state, head, kept, q_ids, last):
-    """Greedy next token after [head | kept visual | question], right-padded; contiguous positions."""
+def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_positions):
+    """Greedy next token after [head | kept visual | question], right-padded; positions
+    contiguous, or original when `kept_positions` (int [B, K] indices) is given."""
     model = nnx.merge(graphdef, state)
     b = kept.shape[0]
     lm = model.language_model
@@ -170,7 +175,18 @@ def _answer_fn(graphdef, state, head, kept, q_ids, last):
         [lm.embed(jnp.broadcast_to(head, (b, head.shape[0]))), kept.astype(jnp.float32), lm.embed(q_ids)], axis=1
     )
     length = embeds.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    if kept_positions is None:  # contiguous renumbering (the library default)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    else:  # original RoPE positions (`keep_positions=True`): kept token i sits at head + index
+        h, n = head.shape[0], n_visual
+        positions = jnp.concatenate(
+            [
+                jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (b, h)),
+                h + kept_positions.astype(jnp.int32),
+                jnp.broadcast_to(h + n + jnp.arange(q_ids.shape[1], dtype=jnp.int32), (b, q_ids.shape[1])),
+            ],
+            axis=1,
+        )
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     hidden, _ = lm.model(embeds, positions, mask)
     at = head.shape[0] + kept.shape[1] + last
@@ -204,12 +220,13 @@ def spot_check_forward(vlm, ev: Evaluator, results: dict, n: int = 20) -> dict |
     agree = {}
     for label, scope, keep in (("zspaprune r=0.6", "question", 64), ("divprune", "question", 64), ("relevance", "all_text", 32)):
         cfg = PruneConfig(keep=keep, prompt_scope=scope, **method_args(label))
+        kwargs = {"keep_positions": True} if ev.keep_positions else {}
         mine = results["answers"][scope][label][str(keep)][:n]
         theirs = []
         for i, e in enumerate(exs):
             ids = np.asarray([ev.enc.prompt_ids(e.qa.question)], np.int32)
             px = ev.enc.pixels(e.image())[None]
-            logits = zspa_jax.forward(vlm, ids, px, prune=cfg)
+            logits = zspa_jax.forward(vlm, ids, px, prune=cfg, **kwargs)
             theirs.append(ev.id_to_word[int(np.argmax(np.asarray(logits)[0, -1]))])
         agree[f"{label} / {scope} / K={keep}"] = float(np.mean([a == b for a, b in zip(mine, theirs)]))
     return agree
@@ -226,7 +243,8 @@ def markdown(res: dict) -> str:
         "",
         f"Model: `{res['model']}` ({res['parameters']:,} parameters, {n_vis} visual tokens per image). "
         f"{res['n']} test questions (`zspa_jax.demo.scenes`, split \"test\", types balanced), greedy one-word "
-        f"answers. Machine: {res['machine']}. Run time {res['seconds']:.0f} s.",
+        f"answers. Positions of kept tokens: {res.get('positions', 'contiguous (default)')}. Machine: {res['machine']}. "
+        f"Run time {res['seconds']:.0f} s.",
         "",
         f"Unpruned accuracy (K = {n_vis}): **{res['unpruned']['overall']:.3f}**; per type: "
         + ", ".join(f"{t} {v:.2f}" for t, v in res["unpruned"]["per_type"].items()),
@@ -344,12 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-spot-check", action="store_true")
+    parser.add_argument(
+        "--keep-positions", action="store_true",
+        help="kept tokens keep their original RoPE positions (default: renumbered contiguously); "
+        "results go to accuracy_keep_positions.{md,json,png}",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     vlm = zspa_jax.load(args.model)
     exs = scenes.examples("test", args.n)
     keeps = sorted({int(k) for k in args.keeps.split(",")}, reverse=True)
-    ev = Evaluator(vlm, exs, args.batch)
+    ev = Evaluator(vlm, exs, args.batch, keep_positions=args.keep_positions)
     n_vis = ev.visual.shape[1]
     res: dict = {
         "model": str(Path(args.model).relative_to(ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model),
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "keeps": keeps,
         "detail_keeps": [k for k in (64, 16) if k in keeps],
         "machine": f"{platform.machine()} CPU x{os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()})",
+        "positions": "original (keep_positions=True)" if args.keep_positions else "contiguous (default)",
         "accuracy": {s: {m: {} for m in METHODS} for s in SCOPES},
         "target_recall": {s: {m: {} for m in METHODS} for s in SCOPES},
         "answers": {s: {m: {} for m in METHODS} for s in SCOPES},
@@ -388,12 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     answers = res.pop("answers")
-    (out / "accuracy.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / "accuracy.md").write_text(markdown(res))
-    plot(res, out / "accuracy.png")
+    stem = "accuracy_keep_positions" if args.keep_positions else "accuracy"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
+    plot(res, out / f"{stem}.png")
     res["answers"] = answers
     print(markdown(res))
-    print(f"wrote {out}/accuracy.{{md,json,png}}")
+    print(f"wrote {out}/{stem}.{{md,json,png}}")
     return 0
 
 
