@@ -49,7 +49,7 @@ Two efficiency devices, both exact:
   followed by several independent question/answer segments. Each segment attends to the
   prefix and to itself only, with RoPE positions continuing from the prefix as if it
   were the only question, so every segment sees exactly what a single-question prompt
-  sees; 12 questions per image then cost little more than 1.
+  sees; the 8 questions per image then cost little more than 1.
 * The last decoder layer runs on the text area only (nothing reads its outputs at the
   576 visual positions), and logits are computed there only.
 
