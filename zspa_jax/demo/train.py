@@ -335,11 +335,8 @@ def prefix_ids(enc: FastEncoder) -> np.ndarray:
     return np.asarray(enc.prefix_ids(), np.int32)
 
 
-def _sequence_mask(prefix_len: int, seg, prefix_valid=None):
-    """bool [B, P + T, P + T]: causal prefix; each text segment sees the prefix and itself.
-
-    prefix_valid: bool [B, P] or None (all valid).
-    """
+def _sequence_mask(prefix_len: int, seg):
+    """bool [B, P + T, P + T]: causal prefix; each text segment sees the prefix and itself."""
     import jax.numpy as jnp
 
     b, t = seg.shape
@@ -349,8 +346,6 @@ def _sequence_mask(prefix_len: int, seg, prefix_valid=None):
     seg_full = jnp.concatenate([jnp.zeros((b, prefix_len), seg.dtype), seg], axis=1)  # prefix = segment 0
     same = seg_full[:, :, None] == seg_full[:, None, :]
     in_prefix = jnp.broadcast_to(q[None, :] < prefix_len, (b, length))
-    if prefix_valid is not None:
-        in_prefix = in_prefix & jnp.concatenate([prefix_valid, jnp.zeros((b, t), bool)], axis=1)
     return causal[None] & (same | in_prefix[:, None, :])
 
 
@@ -471,7 +466,6 @@ def loss_fn(state, graphdef, prefix, batch, stage: int, align_weight: float):
         return lm_loss, {"lm": lm_loss, "acc": acc}
     if stage == 1:  # alignment: the tower + projector learn to produce the symbolic tokens (LLM frozen)
         table = jax.lax.stop_gradient(model.language_model.model.embed_tokens.embedding[...])
-        target = symbolic_tokens(table, batch["sym_ids"], batch["sym_w"])
         visual = model.image_features(batch["pixels"])
         align = alignment_loss(visual, table, batch)
         return align, {"align": align}
