@@ -44,6 +44,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
+from zspa_jax.estimate import llava_1_5_7b_config  # noqa: E402
+
 CACHE_ROOT = Path(tempfile.gettempdir()) / "zspa_jax_bench_cache"
 MARKER = "bench_model.json"
 IMAGE_TOKEN = "<image>"
@@ -52,15 +54,11 @@ DEMO_ASSET = ROOT / "zspa_jax" / "assets" / "demo_model"
 
 # Bump a version when its recipe changes: a new cache entry is built, the old one is ignored.
 SMOLLM2_CLIP_L_VERSION = "smollm2-clip-l-v1"
+_CLIP_L = llava_1_5_7b_config().vision  # the tower LLaVA-1.5 uses: CLIP ViT-L/14-336
 CLIP_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
+    **{f: getattr(_CLIP_L, f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "image_size", "patch_size", "hidden_act",
+                                        "layer_norm_eps")},
     projection_dim=768,
 )
 

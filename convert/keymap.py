@@ -18,12 +18,18 @@ class Transform(enum.Enum):
     LINEAR = "linear"  # torch [out, in] -> flax kernel [in, out]
     CONV = "conv"  # torch OIHW -> flax HWIO
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if self is Transform.LINEAR:
-            return x.T
-        if self is Transform.CONV:
-            return x.transpose(2, 3, 1, 0)
-        return x
+    def write_rows(self, out: np.ndarray, start: int, rows: np.ndarray) -> None:
+        """Write source rows [start, start + len(rows)) (first torch axis) into `out`, the
+        whole target array, casting to its dtype: lets a tensor be converted block by block."""
+        stop = start + (rows.shape[0] if rows.ndim else 1)
+        if rows.ndim == 0:
+            out[...] = rows
+        elif self is Transform.LINEAR and rows.ndim == 2:
+            out[:, start:stop] = rows.T
+        elif self is Transform.CONV and rows.ndim == 4:
+            out[..., start:stop] = rows.transpose(2, 3, 1, 0)
+        else:
+            out[start:stop] = rows
 
     def target_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         if self is Transform.LINEAR and len(shape) == 2:

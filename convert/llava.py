@@ -3,7 +3,7 @@
     python -m convert.llava SRC OUT [--dtype float32|bfloat16] [--force]
 
 SRC is a local HF directory (config.json + safetensors + tokenizer/processor files) or a
-hub id. Tensors are streamed one at a time from memory-mapped safetensors; every mapping
+hub id. Tensors are streamed one at a time, each read in blocks of rows; every mapping
 problem is collected and reported together; OUT is written to a temporary sibling and
 renamed into place, so a failed conversion leaves nothing behind.
 """
@@ -11,8 +11,10 @@ renamed into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
 )
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+BLOCK_BYTES = 16 * 2**20  # source bytes read at a time
 
 
 class ConversionError(ValueError):
@@ -75,15 +78,25 @@ def resolve_source(src: str) -> Path:
         raise ConversionError(f"could not download {src!r} from the hub: {type(e).__name__}: {e}") from None
 
 
+# Read in a child process: transformers pulls in torch, whose ~250 MiB would otherwise stay
+# resident for the whole conversion; the child exits once the (defaults-filled) dict is out.
+_READ_CONFIG = (
+    "import sys\n"
+    "from transformers import AutoConfig\n"
+    "sys.stdout.write(AutoConfig.from_pretrained(sys.argv[1]).to_json_string(use_diff=False))\n"
+)
+
+
 def load_hf_config(src: Path) -> dict:
+    """config.json as transformers reads it (with the defaults a sparse hub config leaves out)."""
     if not (src / "config.json").exists():
         raise ConversionError(f"{src}: config.json is missing")
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(src).to_dict()
-    except Exception as e:
-        raise ConversionError(f"{src}/config.json could not be read by transformers: {e}") from None
+    child = subprocess.run([sys.executable, "-c", _READ_CONFIG, str(src)], capture_output=True, text=True)
+    if child.returncode != 0:
+        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {child.returncode}"
+        raise ConversionError(f"{src}/config.json could not be read by transformers: {reason}")
+    return json.loads(child.stdout)
 
 
 class Step(NamedTuple):
@@ -134,16 +147,24 @@ def plan_conversion(checkpoint: SafetensorsCheckpoint, template: dict) -> list[S
     return plan
 
 
+def load_tensor(checkpoint: SafetensorsCheckpoint, step: Step, dtype, block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+    """One parameter in our layout and `dtype`, built block by block from the source: the
+    only full-size array is the result."""
+    out = np.empty(step.shape, dtype)
+    for start, rows in checkpoint.row_blocks(step.key, block_bytes):
+        step.transform.write_rows(out, start, rows)
+    return out
+
+
 def write_params(
     checkpoint: SafetensorsCheckpoint, plan: list[Step], dtype, directory: Path, progress: bool = True
 ) -> None:
     """Stream tensors one at a time: map, transform, cast, hand to the grouped writer."""
     writer = ParamWriter(directory)
+    itemsize = np.dtype(dtype).itemsize
     for step in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
-        source = checkpoint.get(step.key)
-        array = np.array(step.transform.apply(source), dtype=dtype, order="C")  # one copy: transform + cast
-        del source  # drop the mapping before the group is written: its pages leave the process
-        writer.add(step.path, array)
+        writer.reserve(int(np.prod(step.shape)) * itemsize)  # write the full group before building the next tensor
+        writer.add(step.path, load_tensor(checkpoint, step, dtype))
     writer.close()
 
 

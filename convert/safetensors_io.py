@@ -1,10 +1,11 @@
-"""Memory-mapped reading of (sharded) safetensors checkpoints, one tensor at a time.
+"""Reading (sharded) safetensors checkpoints one block of rows at a time.
 
-`safetensors.safe_open(framework="np")` cannot return bfloat16; this reader maps each
-tensor's bytes on its own and views them through ml_dtypes instead. Mapping per tensor
-(not per file) means a tensor's pages leave the process once the caller drops it, so
-memory stays bounded by the largest tensor whatever the checkpoint size. A truncated or
-corrupt file is reported before any tensor is used.
+`safetensors.safe_open(framework="np")` cannot return bfloat16 and hands out whole
+tensors; this reader parses the header itself, reads a tensor's bytes in blocks of rows
+with plain file reads and views them through ml_dtypes. Plain reads (not a memory map)
+keep the source's pages in the OS page cache instead of this process's RSS, so a
+converter holds one block of the source at a time whatever the tensor or checkpoint
+size. A truncated or corrupt file is reported before any tensor is used.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file: header parsed and validated, data memory-mapped lazily."""
+    """One .safetensors file: header parsed and validated; tensors read on demand."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -74,15 +75,26 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
-    def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of one tensor (no copy until transformed)."""
+    def row_blocks(self, name: str, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) blocks of one tensor along its first axis, each about
+        `block_bytes` (at least one row); a 0-d tensor comes as one block."""
         entry = self._entries[name]
         dtype = np.dtype(_DTYPES[entry["dtype"]])
         shape = tuple(entry["shape"])
-        if int(np.prod(shape)) == 0:
-            return np.zeros(shape, dtype)
-        begin, _ = entry["data_offsets"]
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+        if int(np.prod(shape)) == 0 or not shape:
+            begin, end = entry["data_offsets"]
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + begin)
+                yield 0, np.frombuffer(f.read(end - begin), dtype).reshape(shape)
+            return
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        per_block = max(1, block_bytes // row_bytes)
+        begin = self._data_start + entry["data_offsets"][0]
+        with open(self.path, "rb") as f:
+            for start in range(0, shape[0], per_block):
+                rows = min(per_block, shape[0] - start)
+                f.seek(begin + start * row_bytes)
+                yield start, np.frombuffer(f.read(rows * row_bytes), dtype).reshape((rows, *shape[1:]))
 
 
 class SafetensorsCheckpoint:
@@ -118,9 +130,5 @@ class SafetensorsCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key].shape(key)
 
-    def get(self, key: str) -> np.ndarray:
-        return self._where[key].get(key)
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for key in self.keys():
-            yield key, self.get(key)
+    def row_blocks(self, key: str, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+        return self._where[key].row_blocks(key, block_bytes)

@@ -113,20 +113,32 @@ class ParamWriter:
         self.groups: list[list[str]] = []
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
-        self._checkpointer = ocp.StandardCheckpointer()
+        # orbax's default numpy handler deep-copies every array so the caller may mutate it
+        # during an async save; this writer saves synchronously and drops its arrays after,
+        # so the copy would only double the peak memory of the largest tensor.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        )
+        self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
     def add(self, path: str, array: np.ndarray) -> None:
-        # Flush first, so a group never exceeds the budget unless one tensor alone does.
-        if self._pending and self._pending_bytes + array.nbytes > self.group_bytes:
-            self._flush()
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"ParamWriter.add({path!r}): expected a numpy array, got {type(array).__name__}")
+        self.reserve(array.nbytes)
         self._pending[path] = array
         self._pending_bytes += array.nbytes
+
+    def reserve(self, nbytes: int) -> None:
+        """Write the pending group now if `nbytes` more would overflow it, so a group never
+        exceeds the budget unless one tensor alone does. Call before building the next
+        tensor and it never shares memory with a group being written."""
+        if self._pending and self._pending_bytes + nbytes > self.group_bytes:
+            self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
-        self._checkpointer.save(self.root / f"{len(self.groups):05d}", _nest(self._pending))
-        self._checkpointer.wait_until_finished()
+        self._checkpointer.save(self.root / f"{len(self.groups):05d}", args=ocp.args.PyTreeSave(_nest(self._pending)))
         self.groups.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
         _release_freed_memory()
@@ -146,7 +158,7 @@ def save_params(directory: Path, params: dict) -> None:
 
 
 def restore_params(directory: Path, template: dict) -> dict:
-    """Nested dict shaped like `template` (ShapeDtypeStruct leaves), read group by group."""
+    """Nested dict shaped like `template` (ShapeDtypeStruct leaves) of device arrays, read group by group."""
     root = (Path(directory) / PARAMS_DIR).absolute()
     manifest = root / MANIFEST_NAME
     if not manifest.exists():
@@ -164,7 +176,10 @@ def restore_params(directory: Path, template: dict) -> dict:
     with ocp.StandardCheckpointer() as checkpointer:
         for i, paths in enumerate(groups):
             restored = checkpointer.restore(root / f"{i:05d}", _nest({p: targets[p] for p in paths}))
-            flat.update(flatten(restored))
+            # orbax hands back host numpy arrays, most not 64-byte aligned: as jit arguments
+            # they would be copied to the device on every call (the whole model per generate
+            # call). Placing them once here, a group at a time, keeps the host peak at a group.
+            flat.update(jax.device_put(flatten(restored)))
     return unflatten_into(template, flat)
 
 

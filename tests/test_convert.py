@@ -46,6 +46,14 @@ def test_missing_config(src, tmp_path):
     _assert_nothing_written(out)
 
 
+def test_unreadable_config(src, tmp_path):
+    bad = _copy(src, tmp_path)
+    (bad / "config.json").write_text('{"model_type": "llava", ')  # truncated JSON
+    out = tmp_path / "out"
+    _fail(bad, out, r"config.json could not be read by transformers: .+")
+    _assert_nothing_written(out)
+
+
 def test_missing_weights(src, tmp_path):
     bad = _copy(src, tmp_path)
     (bad / "model.safetensors").unlink()
@@ -158,6 +166,38 @@ def test_cli_reports_errors_without_a_traceback(src, tmp_path):
     assert "error: OUT" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_block_by_block_loading_equals_whole_tensor_transforms(tmp_path, dtype):
+    """load_tensor builds each parameter from row blocks (here as small as one row); the
+    result must equal transposing / casting the whole source tensor at once."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from convert.keymap import Transform
+    from convert.llava import Step, load_tensor
+    from convert.safetensors_io import SafetensorsCheckpoint
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "linear": (rng.standard_normal((7, 5)).astype(np.float16), Transform.LINEAR, lambda x: x.T),
+        "conv": (rng.standard_normal((6, 3, 2, 2)).astype(np.float32), Transform.CONV, lambda x: x.transpose(2, 3, 1, 0)),
+        "table": (rng.standard_normal((9, 4)).astype(np.float32), Transform.IDENTITY, lambda x: x),
+        "bias": (rng.standard_normal((11,)).astype(np.float16), Transform.IDENTITY, lambda x: x),
+        "scalar": (np.asarray(3.5, np.float32), Transform.IDENTITY, lambda x: x),
+    }
+    save_file({k: v for k, (v, _, _) in tensors.items()}, str(tmp_path / "model.safetensors"))
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    for key, (source, transform, reference) in tensors.items():
+        step = Step(key, key, transform, transform.target_shape(source.shape))
+        want = np.asarray(reference(source)).astype(target)
+        for block_bytes in (1, 24, 1 << 20):  # one row per block, a few rows, the whole tensor
+            got = load_tensor(checkpoint, step, target, block_bytes=block_bytes)
+            assert got.dtype == target and got.shape == want.shape, (key, block_bytes)
+            as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731  (exact, NaN-safe)
+            np.testing.assert_array_equal(as_bytes(got), as_bytes(want), err_msg=f"{key} {block_bytes}")
+
+
 def test_load_of_a_non_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         zspa_jax.load(tmp_path / "missing")
@@ -179,3 +219,16 @@ def test_forward_rejects_bad_pixels_and_image_token_counts(tiny_hf_llava, conver
         zspa_jax.forward(vlm, ids, None)
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         zspa_jax.forward(vlm, ids, good, attention_mask=np.ones((1, 3)))
+
+
+def test_load_places_parameters_on_the_device_once(tiny_hf_llava, converted):
+    """Host numpy parameters would be copied to the device by every jitted call (the whole
+    model per generate call); `load` must hand back device arrays in their saved dtype."""
+    import jax
+
+    vlm = zspa_jax.load(converted(tiny_hf_llava("convert").path), processor=False)
+    leaves = jax.tree.leaves(vlm.state)
+    assert leaves
+    not_on_device = [type(x).__name__ for x in leaves if not isinstance(x, jax.Array)]
+    assert not not_on_device, f"{len(not_on_device)} of {len(leaves)} parameters are host arrays: {set(not_on_device)}"
+    assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
