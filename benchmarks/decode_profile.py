@@ -1,0 +1,207 @@
+"""Where a zspa_jax decode step spends its time, against the memory-bandwidth roofline.
+
+    python benchmarks/decode_profile.py            # -> benchmarks/results/decode_profile.{md,json}
+
+Model: the generate benchmark's SmolLM2-135M + CLIP-L model (benchmarks/models.py), text
+only (the tower is not part of decode), B = 1, f32, contexts of 109 and 621 tokens (the
+sequence lengths at keep 64 and keep 576 in benchmarks/generate.py).
+
+Per-step time = (time of 32 greedy tokens - time of 1 token) / 31, medians of 7 runs, so
+prefill and dispatch cancel. Then, each on its own program:
+  * the decoder's 210 weight GEMVs (30 layers x q, k, v, o, gate, up, down) chained in one
+    program, and the head GEMV (x @ E^T, 49153 x 576) alone: what XLA's CPU matrix-vector
+    kernels reach on these shapes;
+  * the copy bandwidth reference of benchmarks/generate.py, and a read-only bandwidth (a
+    jitted sum), which is what a GEMV's weight stream can at best use.
+The step time beyond the isolated weight streaming is attention over the cache plus per-op
+overhead (norms, RoPE, residual adds, cache update, sampling, the while loop).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import zspa_jax  # noqa: E402
+from zspa_jax import generation  # noqa: E402
+
+RESULTS = HERE / "results"
+CONTEXTS = (109, 621)
+NEW_TOKENS = 32
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"zspa_bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def step_seconds(vlm, ids, repeats: int = 5) -> float:
+    """Seconds per decode step: (32 tokens - 1 token) / 31 of the real generate program."""
+
+    def run(n: int):
+        out = generation.generate_tokens(vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[])
+        jax.block_until_ready(out.tokens)
+
+    run(1), run(NEW_TOKENS)  # compile (max_new_tokens is traced: one program for both)
+    return (median_seconds(lambda: run(NEW_TOKENS), repeats) - median_seconds(lambda: run(1), repeats)) / (NEW_TOKENS - 1)
+
+
+def gemv_seconds(vlm) -> dict:
+    """The decoder's weight GEMVs chained in one program, and the tied head alone."""
+    layers = vlm.model.language_model.model.layers
+    weights = [getattr(getattr(layer, block), name).kernel[...] for layer in layers for block, name in PROJECTIONS]
+    hidden = vlm.config.text.hidden_size
+
+    def chain(x, ws):
+        total = jnp.zeros((), jnp.float32)
+        for w in ws:  # every input is x (or x tiled): all GEMVs independent, as XLA sees a layer's q/k/v
+            xin = x if w.shape[0] == hidden else jnp.tile(x, (1, w.shape[0] // hidden + 1))[:, : w.shape[0]]
+            total = total + (xin @ w).sum()
+        return total
+
+    x = jnp.ones((1, hidden), jnp.float32)
+    chained = jax.jit(chain)
+    chained(x, weights).block_until_ready()
+    layer_s = median_seconds(lambda: chained(x, weights).block_until_ready(), 10)
+    table = vlm.model.language_model.model.embed_tokens.embedding[...]
+    head = jax.jit(lambda x, e: x @ e.T)
+    head(x, table).block_until_ready()
+    head_s = median_seconds(lambda: head(x, table).block_until_ready(), 20)
+    layer_bytes = sum(w.nbytes for w in weights)
+    return {"layer_gemvs": len(weights), "layer_bytes": layer_bytes, "layer_s": layer_s,
+            "head_bytes": table.nbytes, "head_s": head_s}
+
+
+def read_bandwidth_gbs(size_mib: int = 512) -> float:
+    """Read-only bandwidth: a jitted sum over `size_mib` of f32 (what a GEMV's weight stream
+    needs; the copy reference counts a write for every byte read)."""
+    data = jnp.ones((size_mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(data).block_until_ready()
+    return data.nbytes / min(median_seconds(lambda: total(data).block_until_ready(), 1) for _ in range(5)) / 1e9
+
+
+def markdown(report: dict) -> str:
+    m, bw = report["machine"], report["bandwidth_gbs"]
+    g = report["gemv"]
+    lines = [
+        "# Decode step profile (zspa_jax, XLA CPU)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}. jax {m['jax']}.",
+        f"Model: {report['model']}; decoder weights read per step {report['weight_bytes'] / 2**20:.0f} MiB "
+        f"(30 layers {g['layer_bytes'] / 2**20:.0f} MiB + tied head {g['head_bytes'] / 2**20:.0f} MiB); "
+        f"copy bandwidth reference {bw:.1f} GB/s (read + write); read-only bandwidth (jitted sum over 512 MiB) "
+        f"{report['read_bandwidth_gbs']:.1f} GB/s.",
+        "",
+        "| context | step ms | tok/s | weights + cache GB/s (utilisation) | weight streaming ms (isolated GEMVs + head) "
+        "| everything else ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    floor = g["layer_s"] + g["head_s"]
+    for r in report["contexts"]:
+        rate = (report["weight_bytes"] + r["cache_bytes"]) / r["step_s"] / 1e9
+        lines.append(
+            f"| {r['context']} | {1e3 * r['step_s']:.1f} | {1 / r['step_s']:.1f} | {rate:.1f} ({100 * rate / bw:.0f}%) "
+            f"| {1e3 * floor:.1f} ({100 * floor / r['step_s']:.0f}% of the step) | {1e3 * (r['step_s'] - floor):.1f} |"
+        )
+    lines += [
+        "",
+        "Everything else: the step minus the isolated weight-streaming time: attention over the cache, norms, "
+        "RoPE, residual adds, KV-cache update, sampling and loop control (many small ops, each with a fixed cost).",
+        "",
+        "Isolated kernels (one program each, same weights):",
+        "",
+        "| kernel | ms | MiB | GB/s | share of the copy reference | share of the read-only bandwidth |",
+        "|---|---|---|---|---|---|",
+    ]
+    read = report["read_bandwidth_gbs"]
+    for name, nbytes, seconds in (
+        (f"{g['layer_gemvs']} decoder GEMVs chained", g["layer_bytes"], g["layer_s"]),
+        ("tied head x @ E^T", g["head_bytes"], g["head_s"]),
+    ):
+        rate = nbytes / seconds / 1e9
+        lines.append(
+            f"| {name} | {1e3 * seconds:.1f} | {nbytes / 2**20:.0f} | {rate:.1f} | {100 * rate / bw:.0f}% | {100 * rate / read:.0f}% |"
+        )
+    lines += [
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    bench_models = _module("models")
+    generate_bench = _module("generate")
+    machine = generate_bench.machine_info()
+    bm = bench_models.get_model("smollm2-clip-l")
+    if bm is None:
+        raise SystemExit("the SmolLM2 benchmark model is not available (see benchmarks/models.py)")
+    vlm = zspa_jax.load(bm.zspa_dir, processor=False)
+    text = vlm.config.text
+    bandwidth = generate_bench.memory_bandwidth()["reference_gbs"]
+    read_bandwidth = read_bandwidth_gbs()
+    gemv = gemv_seconds(vlm)
+    report = {
+        "machine": machine,
+        "model": bm.description,
+        "bandwidth_gbs": bandwidth,
+        "read_bandwidth_gbs": read_bandwidth,
+        "weight_bytes": gemv["layer_bytes"] + gemv["head_bytes"],
+        "gemv": gemv,
+        "contexts": [],
+    }
+    rng = np.random.default_rng(0)
+    for context in CONTEXTS:
+        ids = jnp.asarray(rng.integers(10, 40000, size=(1, context)), jnp.int32)
+        row = {
+            "context": context,
+            "step_s": step_seconds(vlm, ids, repeats=7),
+            # K and V of every layer: decode attends over the whole preallocated cache
+            "cache_bytes": 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+            * generation._round_up(context + NEW_TOKENS, 64),
+        }
+        report["contexts"].append(row)
+        print(f"context {context}: step {1e3 * row['step_s']:.1f} ms", flush=True)
+    md = markdown(report)
+    print("\n" + md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_profile.md").write_text(md)
+    (args.out / "decode_profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
