@@ -87,7 +87,8 @@ SLOTS = 8  # words mixed into one symbolic patch token: background, 2 x (colour,
 class TrainConfig:
     # model
     vision_width: int = 64
-    vision_layers: int = 3  # LLaVA reads layer -2, so the last one is carried but unused
+    vision_layers: int = 3
+    vision_feature_layer: int = -2  # LLaVA-1.5 reads layer -2: the last layer is carried but unused
     vision_heads: int = 2
     vision_mlp: int = 256
     text_width: int = 128
@@ -158,7 +159,7 @@ def model_config(tc: TrainConfig, vocab_size: int):
             rope_theta=10000.0,
         ),
         image_token_index=IMAGE_ID,
-        vision_feature_layer=-2,
+        vision_feature_layer=tc.vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
