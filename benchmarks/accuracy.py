@@ -31,7 +31,6 @@ import os
 import platform
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import zspa_jax  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
+from zspa_jax.pipeline import pruned_gather_index  # noqa: E402
 from zspa_jax.demo import scenes  # noqa: E402
 from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
 from zspa_jax.demo.train import ASSET_DIR, patch_coverage  # noqa: E402
@@ -177,16 +177,12 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
     length = embeds.shape[1]
     if kept_positions is None:  # contiguous renumbering (the library default)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    else:  # original RoPE positions (`keep_positions=True`): kept token i sits at head + index
-        h, n = head.shape[0], n_visual
-        positions = jnp.concatenate(
-            [
-                jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32), (b, h)),
-                h + kept_positions.astype(jnp.int32),
-                jnp.broadcast_to(h + n + jnp.arange(q_ids.shape[1], dtype=jnp.int32), (b, q_ids.shape[1])),
-            ],
-            axis=1,
+    else:  # original RoPE positions (`keep_positions=True`): the library's own gather index
+        image_id = model.config.image_token_index
+        full_ids = jnp.concatenate(
+            [jnp.broadcast_to(head, (b, head.shape[0])), jnp.full((b, n_visual), image_id, jnp.int32), q_ids], axis=1
         )
+        positions = pruned_gather_index(full_ids, image_id, kept_positions, n_visual)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     hidden, _ = lm.model(embeds, positions, mask)
     at = head.shape[0] + kept.shape[1] + last

@@ -445,7 +445,7 @@ def diagnose(profile: dict, conv: dict, baseline: dict) -> str:
         f"({min(ratio):.1f}-{max(ratio):.1f}x the group): tensorstore's write buffers (orbax's deep copy of host "
         "arrays is switched off in ParamWriter).",
         (
-            f"* Transform + cast of the largest tensors (one copy each): "
+            "* Transform + cast of the largest tensors (one copy each): "
             + ", ".join(f"{t['key']} {t['mib']} MiB +{t['anon_extra_peak']} MiB" for t in transforms[:3])
             + "."
             if transforms

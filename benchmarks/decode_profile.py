@@ -31,13 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import zspa_jax  # noqa: E402
+from models.llama import KVCache  # noqa: E402
 from zspa_jax import generation  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -47,31 +47,31 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"zspa_bench_{name}", HERE / f"{name}.py")
+def _load_generate_benchmark():
+    """benchmarks/generate.py as a module: its bandwidth, timing and machine helpers, and
+    the benchmark models it loads (`.bench_models`)."""
+    spec = importlib.util.spec_from_file_location("zspa_bench_generate", HERE / "generate.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
+generate_bench = _load_generate_benchmark()
+
+
 def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median wall time of `fn` (which returns the arrays to wait for)."""
+    return generate_bench.median([generate_bench.timed(fn)[0] for _ in range(repeats)])
 
 
 def step_seconds(vlm, ids, repeats: int = 5) -> float:
     """Seconds per decode step: (32 tokens - 1 token) / 31 of the real generate program."""
 
     def run(n: int):
-        out = generation.generate_tokens(vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[])
-        jax.block_until_ready(out.tokens)
+        return generation.generate_tokens(vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[]).tokens
 
-    run(1), run(NEW_TOKENS)  # compile (max_new_tokens is traced: one program for both)
+    jax.block_until_ready((run(1), run(NEW_TOKENS)))  # compile (max_new_tokens is traced: one program for both)
     return (median_seconds(lambda: run(NEW_TOKENS), repeats) - median_seconds(lambda: run(1), repeats)) / (NEW_TOKENS - 1)
 
 
@@ -91,11 +91,11 @@ def gemv_seconds(vlm) -> dict:
     x = jnp.ones((1, hidden), jnp.float32)
     chained = jax.jit(chain)
     chained(x, weights).block_until_ready()
-    layer_s = median_seconds(lambda: chained(x, weights).block_until_ready(), 10)
+    layer_s = median_seconds(lambda: chained(x, weights), 10)
     table = vlm.model.language_model.model.embed_tokens.embedding[...]
     head = jax.jit(lambda x, e: x @ e.T)
     head(x, table).block_until_ready()
-    head_s = median_seconds(lambda: head(x, table).block_until_ready(), 20)
+    head_s = median_seconds(lambda: head(x, table), 20)
     layer_bytes = sum(w.nbytes for w in weights)
     return {"layer_gemvs": len(weights), "layer_bytes": layer_bytes, "layer_s": layer_s,
             "head_bytes": table.nbytes, "head_s": head_s}
@@ -107,7 +107,7 @@ def read_bandwidth_gbs(size_mib: int = 512) -> float:
     data = jnp.ones((size_mib * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(data).block_until_ready()
-    return data.nbytes / min(median_seconds(lambda: total(data).block_until_ready(), 1) for _ in range(5)) / 1e9
+    return data.nbytes / min(generate_bench.timed(lambda: total(data))[0] for _ in range(5)) / 1e9
 
 
 def markdown(report: dict) -> str:
@@ -163,14 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
-    bench_models = _module("models")
-    generate_bench = _module("generate")
     machine = generate_bench.machine_info()
-    bm = bench_models.get_model("smollm2-clip-l")
+    bm = generate_bench.bench_models.get_model("smollm2-clip-l")
     if bm is None:
         raise SystemExit("the SmolLM2 benchmark model is not available (see benchmarks/models.py)")
     vlm = zspa_jax.load(bm.zspa_dir, processor=False)
-    text = vlm.config.text
     bandwidth = generate_bench.memory_bandwidth()["reference_gbs"]
     read_bandwidth = read_bandwidth_gbs()
     gemv = gemv_seconds(vlm)
@@ -189,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "context": context,
             "step_s": step_seconds(vlm, ids, repeats=7),
-            # K and V of every layer: decode attends over the whole preallocated cache
-            "cache_bytes": 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
-            * generation._round_up(context + NEW_TOKENS, 64),
+            # decode attends over the whole preallocated cache (shapes only: nothing allocated)
+            "cache_bytes": jax.eval_shape(
+                lambda n=generation._round_up(context + NEW_TOKENS, 64): KVCache.zeros(vlm.config.text, 1, n)
+            ).nbytes,
         }
         report["contexts"].append(row)
         print(f"context {context}: step {1e3 * row['step_s']:.1f} ms", flush=True)

@@ -385,44 +385,43 @@ def symbolic_tokens(table, ids, weights):
     return jnp.einsum("...k,...kd->...d", weights, table[ids])
 
 
+def _text_area_hidden(model, prefix, image_tokens, image_positions, ids, seg, offset):
+    """Hidden states [B, T, D] of the text area after `<s>` + system line + the image tokens
+    [B, M, D] at RoPE positions `image_positions` [B, M]; segments start after the full prefix."""
+    import jax.numpy as jnp
+
+    lm = model.language_model
+    b = ids.shape[0]
+    n_head = prefix.shape[0] - scenes.GRID**2
+    head = lm.embed(jnp.broadcast_to(prefix[:n_head], (b, n_head)))
+    embeds = jnp.concatenate([head, image_tokens.astype(head.dtype), lm.embed(ids)], axis=1)
+    positions = jnp.concatenate(
+        [
+            jnp.broadcast_to(jnp.arange(n_head, dtype=jnp.int32), (b, n_head)),
+            image_positions.astype(jnp.int32),
+            prefix.shape[0] + offset.astype(jnp.int32),
+        ],
+        axis=1,
+    )
+    p = n_head + image_tokens.shape[1]
+    return decode_text_area(lm.model, embeds, positions, _sequence_mask(p, seg), p)
+
+
 def model_outputs(model, prefix, pixels, ids, seg, offset):
     """Image stages: hidden states of the text area [B, T, D] and the visual tokens [B, N, D]."""
     import jax.numpy as jnp
 
-    b = pixels.shape[0]
     visual = model.image_features(pixels)  # [B, N, D]
-    n_head = prefix.shape[0] - visual.shape[1]
-    head = model.embed_tokens(jnp.broadcast_to(prefix[:n_head], (b, n_head)))
-    text = model.embed_tokens(ids)
-    embeds = jnp.concatenate([head, visual.astype(head.dtype), text], axis=1)
-    p = prefix.shape[0]
-    positions = jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)), p + offset.astype(jnp.int32)], axis=1
-    )
-    return decode_text_area(model.language_model.model, embeds, positions, _sequence_mask(p, seg), p), visual
+    b, n = visual.shape[:2]
+    slots = jnp.broadcast_to(prefix.shape[0] - n + jnp.arange(n, dtype=jnp.int32), (b, n))
+    return _text_area_hidden(model, prefix, visual, slots, ids, seg, offset), visual
 
 
 def symbolic_outputs(model, prefix, batch):
-    """Stage 0: `<s>` + system line, the symbolic patch tokens at their positions, then the text area."""
-    import jax.numpy as jnp
-
-    lm = model.language_model
-    b, width = batch["sym_pos"].shape
-    n_head = prefix.shape[0] - scenes.GRID**2
-    head = lm.embed(jnp.broadcast_to(prefix[:n_head], (b, n_head)))
-    table = lm.model.embed_tokens.embedding[...]
+    """Stage 0: the symbolic patch tokens at their positions stand in for the visual tokens."""
+    table = model.language_model.model.embed_tokens.embedding[...]
     sym = symbolic_tokens(table, batch["sym_ids"], batch["sym_w"])
-    embeds = jnp.concatenate([head, sym.astype(head.dtype), lm.embed(batch["ids"])], axis=1)
-    positions = jnp.concatenate(
-        [
-            jnp.broadcast_to(jnp.arange(n_head, dtype=jnp.int32), (b, n_head)),
-            batch["sym_pos"].astype(jnp.int32),
-            prefix.shape[0] + batch["offset"].astype(jnp.int32),
-        ],
-        axis=1,
-    )
-    p = n_head + width
-    return decode_text_area(lm.model, embeds, positions, _sequence_mask(p, batch["seg"]), p)
+    return _text_area_hidden(model, prefix, sym, batch["sym_pos"], batch["ids"], batch["seg"], batch["offset"])
 
 
 def _lm_loss(model, hidden, batch):
@@ -442,10 +441,12 @@ def alignment_loss(visual, table, batch):
     """Squared distance of each visual token [B, N, D] to its patch's symbolic token, plus a
     word-level cross-entropy through the embedding table (the "logit lens") that asks the
     main object's colour, shape and cell word to win, each on its own: the squared error
-    alone is dominated by colour, the easiest attribute, and learns shape and cell slowly."""
+    alone is dominated by colour, the easiest attribute, and learns shape and cell slowly.
+    The table is a fixed target here: no gradient flows into it."""
     import jax
     import jax.numpy as jnp
 
+    table = jax.lax.stop_gradient(table)
     target = symbolic_tokens(table, batch["sym_ids"], batch["sym_w"])
     mse = jnp.mean(jnp.sum((visual - target) ** 2, axis=-1))
     logp = jax.nn.log_softmax(jnp.einsum("bnd,vd->bnv", visual, table), axis=-1)
@@ -457,25 +458,21 @@ def alignment_loss(visual, table, batch):
 
 
 def loss_fn(state, graphdef, prefix, batch, stage: int, align_weight: float):
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     model = nnx.merge(graphdef, state)
     if stage == 0:
         lm_loss, acc = _lm_loss(model, symbolic_outputs(model, prefix, batch), batch)
         return lm_loss, {"lm": lm_loss, "acc": acc}
+    table = model.language_model.model.embed_tokens.embedding[...]
     if stage == 1:  # alignment: the tower + projector learn to produce the symbolic tokens (LLM frozen)
-        table = jax.lax.stop_gradient(model.language_model.model.embed_tokens.embedding[...])
-        visual = model.image_features(batch["pixels"])
-        align = alignment_loss(visual, table, batch)
+        align = alignment_loss(model.image_features(batch["pixels"]), table, batch)
         return align, {"align": align}
     hidden, visual = model_outputs(model, prefix, batch["pixels"], batch["ids"], batch["seg"], batch["offset"])
     lm_loss, acc = _lm_loss(model, hidden, batch)
     metrics = {"lm": lm_loss, "acc": acc}
     loss = lm_loss
     if align_weight:
-        table = jax.lax.stop_gradient(model.language_model.model.embed_tokens.embedding[...])
         align = alignment_loss(visual, table, batch)
         metrics["align"] = align
         loss = loss + align_weight * align
