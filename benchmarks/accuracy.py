@@ -213,8 +213,13 @@ def spot_check_forward(vlm, ev: Evaluator, results: dict, n: int = 20) -> dict |
         return None
     PruneConfig = getattr(zspa_jax, "PruneConfig", pruning.PruneConfig)
     exs = ev.exs[:n]
+    pruned = [k for k in results["keeps"] if k != results["visual_tokens"]]
+    if not pruned:
+        return None
     agree = {}
-    for label, scope, keep in (("zspaprune r=0.6", "question", 64), ("divprune", "question", 64), ("relevance", "all_text", 32)):
+    checks = (("zspaprune r=0.6", "question", 64), ("divprune", "question", 64), ("relevance", "all_text", 32))
+    for label, scope, preferred in checks:
+        keep = preferred if preferred in pruned else min(pruned)  # the grid given by --keeps may lack it
         cfg = PruneConfig(keep=keep, prompt_scope=scope, **method_args(label))
         kwargs = {"keep_positions": True} if ev.keep_positions else {}
         mine = results["answers"][scope][label][str(keep)][:n]
@@ -402,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             res["target_recall"][s][label][str(n_vis)] = ev.target_recall(full)
             res["answers"][s][label][str(n_vis)] = full_answers
     if not args.no_spot_check:
-        res["spot_check_n"] = 20
-        res["forward_spot_check"] = spot_check_forward(vlm, ev, res, n=20)
+        res["spot_check_n"] = min(20, len(exs))
+        res["forward_spot_check"] = spot_check_forward(vlm, ev, res, n=res["spot_check_n"])
     res["seconds"] = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,9 @@ def test_a_few_training_steps_reduce_the_loss(tokenizer, stage):
         assert batch["sym_ids"].shape == (4, tc.symbolic_tokens, T.SLOTS) and "pixels" not in batch
     else:
         assert batch["pixels"].shape == (4, 3, 96, 96) and batch["sym_ids"].shape == (4, 576, T.SLOTS)
+    if stage != 1:  # a caption segment plus the stage's own number of questions
+        expected = 1 + (tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image)
+        assert {len(set(row[row > 0])) for row in batch["seg"]} == {expected}
     llm_before = jax.tree.map(np.asarray, nnx.state(model.language_model))
     key = "align" if stage == 1 else "lm"
     losses = []

@@ -49,7 +49,10 @@ Two efficiency devices, both exact:
   followed by several independent question/answer segments. Each segment attends to the
   prefix and to itself only, with RoPE positions continuing from the prefix as if it
   were the only question, so every segment sees exactly what a single-question prompt
-  sees; the 8 questions per image then cost little more than 1.
+  sees; the 8 questions per image then cost little more than 1. In stage 0 (short
+  prefix) 16 per scene (`--symbolic-qa-per-image 16`, ~35 % slower per step) lift the
+  LLM's accuracy from perfect symbolic tokens on val from 0.87 to 0.93, but not the
+  final test accuracy (0.703 both ways): that is bound by the tower's shape recognition.
 * The last decoder layer runs on the text area only (nothing reads its outputs at the
   576 visual positions), and logits are computed there only.
 
@@ -104,6 +107,7 @@ class TrainConfig:
     symbolic_steps: int = 1200  # stage 0
     symbolic_batch: int = 16
     symbolic_tokens: int = 112  # patches shown per symbolic scene (objects + sampled background)
+    symbolic_qa_per_image: int = 8  # stage 0's own count (see the module docstring on 16)
     symbolic_lr: float = 3e-3
     batch: int = 16  # stages 1 and 2
     stage1_steps: int = 700
@@ -118,16 +122,15 @@ class TrainConfig:
     eval_examples: int = 210
 
     def __post_init__(self):
-        if min(self.batch, self.symbolic_batch, self.qa_per_image, self.symbolic_tokens) < 1 or min(
-            self.symbolic_steps, self.stage1_steps, self.stage2_steps
-        ) < 0:
+        counts = (self.batch, self.symbolic_batch, self.qa_per_image, self.symbolic_qa_per_image, self.symbolic_tokens)
+        if min(counts) < 1 or min(self.symbolic_steps, self.stage1_steps, self.stage2_steps) < 0:
             raise ValueError(f"invalid TrainConfig {self}")
 
 
 QUICK = dict(
     vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64, text_width=32, text_layers=1,
-    text_heads=2, text_kv_heads=1, text_mlp=64, qa_per_image=2, symbolic_steps=4, symbolic_batch=4,
-    symbolic_tokens=96, batch=4, stage1_steps=3, stage2_steps=5, eval_every=0, eval_examples=14,
+    text_heads=2, text_kv_heads=1, text_mlp=64, qa_per_image=2, symbolic_qa_per_image=2, symbolic_steps=4,
+    symbolic_batch=4, symbolic_tokens=96, batch=4, stage1_steps=3, stage2_steps=5, eval_every=0, eval_examples=14,
 )
 
 
@@ -216,9 +219,13 @@ def patch_words(scene: scenes.Scene, vocab: dict[str, int]) -> tuple[np.ndarray,
     return ids, w
 
 
-def text_area_length(tc: TrainConfig) -> int:
+def questions_per_image(tc: TrainConfig, stage: int) -> int:
+    return tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image
+
+
+def text_area_length(tc: TrainConfig, stage: int) -> int:
     """Tokens after the shared prefix in stages 0 and 2: caption segment + QA segments."""
-    return CAPTION_SLOT * tc.captions + QA_SLOT * tc.qa_per_image
+    return CAPTION_SLOT * tc.captions + QA_SLOT * questions_per_image(tc, stage)
 
 
 class Batches:
@@ -250,13 +257,13 @@ class Batches:
             weights[i] = 1.0
         return ids, targets, weights
 
-    def text_area(self, scene: scenes.Scene, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def text_area(self, scene: scenes.Scene, rng: np.random.Generator, stage: int) -> dict[str, np.ndarray]:
         segs = []
         if self.tc.captions:
             segs.append(self.segment(scenes.CAPTION_QUESTION, self.enc.words(scene.caption()) + [EOS_ID]))
-        for qa in scenes.training_qas(scene, self.tc.qa_per_image, rng):
+        for qa in scenes.training_qas(scene, questions_per_image(self.tc, stage), rng):
             segs.append(self.segment(qa.question, [self.vocab[qa.answer], EOS_ID]))
-        ids, targets, weights, seg, offset = _pack(segs, text_area_length(self.tc))
+        ids, targets, weights, seg, offset = _pack(segs, text_area_length(self.tc, stage))
         if self.tc.captions:  # captions stay in the mix, at a lower weight
             weights[seg == 1] *= 0.3
         return dict(ids=ids, targets=targets, weights=weights, seg=seg, offset=offset)
@@ -264,7 +271,7 @@ class Batches:
     def row(self, stage: int, index: int) -> dict[str, np.ndarray]:
         scene = scenes.make_scene("train", index)
         rng = np.random.default_rng([scenes.BASE_SEED, 99, index, self.tc.seed])
-        out = {} if stage == 1 else self.text_area(scene, rng)
+        out = {} if stage == 1 else self.text_area(scene, rng, stage)
         sym_ids, sym_w = patch_words(scene, self.vocab)
         if stage == 0:
             # All patches an object touches, then random background patches, in raster order.
