@@ -197,6 +197,26 @@ def test_text_area_decoder_equals_the_full_forward(tokenizer):
     np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(full[0, len(prefix) :]), atol=1e-5)
 
 
+def test_patch_readout_scores_tokens_by_the_words_they_carry(tokenizer):
+    """Tokens equal to E[colour] + E[shape] + E[cell] of the object under them read out
+    perfectly (orthonormal table); giving every object the next shape's word is caught."""
+    from zspa_jax.demo import train as T
+
+    vocab = FastEncoder(tokenizer).vocab
+    table = np.linalg.qr(np.random.default_rng(0).normal(size=(128, len(vocab))))[0].T  # [V, 128], orthonormal rows
+    scene_list = [sc for sc in (scenes.make_scene("val", i) for i in range(40)) if len(sc.objects) >= 2][:5]
+    words = [T.patch_words(sc, vocab)[0] for sc in scene_list]
+    right = np.stack([table[ids[:, 1:4]].sum(1) for ids in words])
+    assert T.patch_readout_accuracy(right, table, vocab, scene_list) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
+    next_shape = {vocab[s]: vocab[scenes.SHAPES[(k + 1) % len(scenes.SHAPES)]] for k, s in enumerate(scenes.SHAPES)}
+    wrong = []
+    for ids in words:
+        ids = ids.copy()
+        ids[:, 2] = [next_shape.get(int(i), int(i)) for i in ids[:, 2]]
+        wrong.append(table[ids[:, 1:4]].sum(1))
+    assert T.patch_readout_accuracy(np.stack(wrong), table, vocab, scene_list) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
+
+
 # --------------------------------------------------------------------------- (c) shipped model
 
 
@@ -241,6 +261,33 @@ def test_shipped_model_matches_transformers(shipped, tmp_path):
     hf_answers = [vocab[int(t)] for t in hf_logits.argmax(-1)]
     our_answers = [vocab[int(t)] for t in ours.argmax(-1)]
     assert our_answers == hf_answers
+
+
+def test_symbolic_answers_are_the_decoder_fed_symbolic_patches(shipped):
+    """`answer_batch(symbolic_tokens=576)`, the perfect-tower ceiling the training log
+    reports, answers what the full decoder answers when every image slot of the prompt
+    holds its patch's symbolic token; the shipped LLM still reads such tokens."""
+    import jax.numpy as jnp
+
+    from zspa_jax.demo import train as T
+
+    enc = FastEncoder(shipped.processor.tokenizer)
+    exs = scenes.examples("val", 14)
+    mine = T.answer_batch(shipped.graphdef, shipped.state, enc, exs, batch=14, symbolic_tokens=576)
+    lm = shipped.model.language_model
+    table = lm.model.embed_tokens.embedding[...]
+    words = {i: w for w, i in enc.vocab.items()}
+    n_head = len(enc.head)
+    expected = []
+    for e in exs:
+        ids = jnp.asarray([enc.prompt_ids(e.qa.question)])
+        sym = T.symbolic_tokens(table, *map(jnp.asarray, T.patch_words(e.scene, enc.vocab)))
+        embeds = shipped.model.embed_tokens(ids).at[0, n_head : n_head + 576].set(sym)
+        length = ids.shape[1]
+        hidden, _ = lm.model(embeds, jnp.arange(length)[None], jnp.tril(jnp.ones((length, length), bool))[None])
+        expected.append(words[int(jnp.argmax(lm.logits(hidden[0, -1])))])
+    assert mine == expected
+    assert np.mean([a == e.qa.answer for a, e in zip(mine, exs)]) >= 0.5
 
 
 def test_shipped_model_is_small_and_complete():

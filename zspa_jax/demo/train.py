@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +223,18 @@ def questions_per_image(tc: TrainConfig, stage: int) -> int:
     return tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image
 
 
+def symbolic_subset(sym_ids, sym_w, width: int, rng: np.random.Generator, n_head: int) -> dict[str, np.ndarray]:
+    """Stage 0's view of a scene: all patches an object touches, then random background
+    patches, `width` in all, in raster order. Returns sym_ids / sym_w [width, SLOTS] and
+    sym_pos [width], their RoPE positions after the `n_head` tokens before the image."""
+    touched = np.flatnonzero(sym_w[:, 0] < 1.0)
+    if len(touched) > width:
+        touched = touched[np.argsort(sym_w[touched, 0], kind="stable")[:width]]
+    rest = np.setdiff1d(np.arange(len(sym_w)), touched)
+    pick = np.sort(np.concatenate([touched, rng.choice(rest, width - len(touched), replace=False)]))
+    return dict(sym_ids=sym_ids[pick], sym_w=sym_w[pick], sym_pos=(n_head + pick).astype(np.int32))
+
+
 def text_area_length(tc: TrainConfig, stage: int) -> int:
     """Tokens after the shared prefix in stages 0 and 2: caption segment + QA segments."""
     return CAPTION_SLOT * tc.captions + QA_SLOT * questions_per_image(tc, stage)
@@ -274,14 +286,7 @@ class Batches:
         out = {} if stage == 1 else self.text_area(scene, rng, stage)
         sym_ids, sym_w = patch_words(scene, self.vocab)
         if stage == 0:
-            # All patches an object touches, then random background patches, in raster order.
-            width = self.tc.symbolic_tokens
-            touched = np.flatnonzero(sym_w[:, 0] < 1.0)
-            if len(touched) > width:
-                touched = touched[np.argsort(sym_w[touched, 0], kind="stable")[:width]]
-            rest = np.setdiff1d(np.arange(len(sym_w)), touched)
-            pick = np.sort(np.concatenate([touched, rng.choice(rest, width - len(touched), replace=False)]))
-            out.update(sym_ids=sym_ids[pick], sym_w=sym_w[pick], sym_pos=(len(self.enc.head) + pick).astype(np.int32))
+            out.update(symbolic_subset(sym_ids, sym_w, self.tc.symbolic_tokens, rng, len(self.enc.head)))
         else:
             out.update(pixels=self.enc.pixels(scene.render()), sym_ids=sym_ids, sym_w=sym_w)
         return out
@@ -527,48 +532,83 @@ def make_optimizer(tc: TrainConfig, steps: int, lr: float, state=None, frozen: s
 # --------------------------------------------------------------------------- evaluation
 
 
-def answer_batch(graphdef, state, enc: FastEncoder, exs: list, batch: int = 35) -> list[str]:
-    """Greedy one-word answers (argmax at the answer position), right-padded batches."""
+def answer_batch(
+    graphdef, state, enc: FastEncoder, exs: list, batch: int = 35, symbolic_tokens: int | None = None
+) -> list[str]:
+    """Greedy one-word answers (argmax at the answer position), right-padded batches.
+
+    With `symbolic_tokens`, the LLM answers from each scene's perfect symbolic patch tokens
+    (stage 0's input, that many patches) instead of the tower's: the accuracy a tower that
+    met its alignment targets exactly would give.
+    """
     id_to_word = {i: w for w, i in enc.vocab.items()}
-    fn = _answer_fn()
     prefix = prefix_ids(enc)
     out: list[str] = []
     for s in range(0, len(exs), batch):
         chunk = exs[s : s + batch]
-        qs = [enc.question_ids(e.qa.question) for e in chunk]
         ids = np.full((batch, QA_SLOT), PAD_ID, np.int32)
         last = np.zeros(batch, np.int32)
-        pixels = np.zeros((batch, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32)
-        for r, (e, q) in enumerate(zip(chunk, qs)):
+        for r, e in enumerate(chunk):
+            q = enc.question_ids(e.qa.question)
             ids[r, : len(q)] = q
             last[r] = len(q) - 1
-            pixels[r] = enc.pixels(e.image())
-        pred = np.asarray(fn(graphdef, state, prefix, pixels, ids, last))
+        if symbolic_tokens is None:
+            inputs = np.zeros((batch, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32)
+            for r, e in enumerate(chunk):
+                inputs[r] = enc.pixels(e.image())
+        else:
+            rows = [
+                symbolic_subset(
+                    *patch_words(e.scene, enc.vocab), symbolic_tokens,
+                    np.random.default_rng([scenes.BASE_SEED, 98, e.scene.index]), len(enc.head),
+                )
+                for e in chunk
+            ]
+            rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch - len(chunk))
+            inputs = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        pred = np.asarray(_answer_fn()(graphdef, symbolic_tokens is not None, state, prefix, inputs, ids, last))
         out.extend(id_to_word[int(t)] for t in pred[: len(chunk)])
     return out
 
 
-_ANSWER_FN = None
-
-
+@cache
 def _answer_fn():
-    global _ANSWER_FN
-    if _ANSWER_FN is None:
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
+    """jit(fn)(graphdef, symbolic, state, prefix, inputs, ids, last): the argmax token at
+    `last` [B] of each question; `inputs` are pixels or, if `symbolic`, symbolic rows."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-        @partial(jax.jit, static_argnums=0)
-        def fn(graphdef, state, prefix, pixels, ids, last):
-            model = nnx.merge(graphdef, state)
-            seg = jnp.ones(ids.shape, jnp.int32)
-            offset = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-            hidden, _ = model_outputs(model, prefix, pixels, ids, seg, offset)
-            h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-            return jnp.argmax(model.language_model.logits(h), axis=-1)
+    @partial(jax.jit, static_argnums=(0, 1))
+    def fn(graphdef, symbolic: bool, state, prefix, inputs, ids, last):
+        model = nnx.merge(graphdef, state)
+        seg = jnp.ones(ids.shape, jnp.int32)
+        offset = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        if symbolic:
+            hidden = symbolic_outputs(model, prefix, {**inputs, "ids": ids, "seg": seg, "offset": offset})
+        else:
+            hidden, _ = model_outputs(model, prefix, inputs, ids, seg, offset)
+        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return jnp.argmax(model.language_model.logits(h), axis=-1)
 
-        _ANSWER_FN = fn
-    return _ANSWER_FN
+    return fn
+
+
+READOUT_GROUPS = {"colour": tuple(scenes.COLOURS), "shape": scenes.SHAPES, "cell": scenes.POSITIONS}
+
+
+def patch_readout_accuracy(visual: np.ndarray, table: np.ndarray, vocab: dict, scene_list: list) -> dict[str, float]:
+    """How well visual tokens [S, 576, D] of `scene_list` name what they show, read through
+    the LLM's embedding table [V, D]: on patches mostly covered by one object, how often the
+    word of each group (colour, shape, cell) with the largest dot product is that object's."""
+    hits: dict[str, list[np.ndarray]] = {g: [] for g in READOUT_GROUPS}
+    for sc, v in zip(scene_list, visual):
+        ids, w = patch_words(sc, vocab)
+        main = w[:, 1] > 0.5
+        for slot, (group, words) in enumerate(READOUT_GROUPS.items()):
+            word_ids = np.asarray([vocab[x] for x in words])
+            hits[group].append(word_ids[(v[main] @ table[word_ids].T).argmax(1)] == ids[main, 1 + slot])
+    return {g: float(np.concatenate(h).mean()) for g, h in hits.items()}
 
 
 def accuracy_report(exs: list, answers: list[str]) -> dict:
@@ -605,6 +645,9 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     data = Batches(tc, enc)
     prefix = jax.numpy.asarray(prefix_ids(enc))
     val = scenes.examples("val", tc.eval_examples)
+    readout_scenes = [ex.scene for ex in val[:48]]
+    readout_pixels = np.stack([enc.pixels(sc.render()) for sc in readout_scenes])
+    features = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_features(px))
     history: dict = {"parameters": int(n_params), "stages": {}}
     start, cpu0 = time.perf_counter(), _cpu_seconds()
     schedule = ((0, tc.symbolic_steps, tc.symbolic_lr), (1, tc.stage1_steps, tc.stage1_lr), (2, tc.stage2_steps, tc.stage2_lr))
@@ -647,6 +690,16 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
         h = history["stages"][str(stage)]
         log(f"stage {stage} ({STAGES[stage]}): {steps} steps in {h['seconds']:.0f} s "
             f"({h['cpu_seconds']:.0f} CPU-s); final (mean of last {len(tail)}) {_fmt(h['final'])}")
+        if stage == 0:  # the ceiling a perfect tower would give this LLM
+            answers = answer_batch(graphdef, state, enc, val, symbolic_tokens=tc.symbolic_tokens)
+            h["symbolic_val"] = accuracy_report(val, answers)
+            log(f"  val accuracy from perfect symbolic tokens {h['symbolic_val']['overall']:.3f} "
+                + _fmt(h["symbolic_val"]["per_type"]))
+        else:
+            table = np.asarray(nnx.merge(graphdef, state).language_model.model.embed_tokens.embedding[...])
+            visual = np.asarray(features(state, readout_pixels))
+            h["patch_readout"] = patch_readout_accuracy(visual, table, enc.vocab, readout_scenes)
+            log(f"  per-patch readout of the visual tokens {_fmt(h['patch_readout'])}")
     history["seconds"] = time.perf_counter() - start
     history["cpu_seconds"] = _cpu_seconds() - cpu0
     acc = accuracy_report(val, answer_batch(graphdef, state, enc, val))
