@@ -205,16 +205,16 @@ def test_patch_readout_scores_tokens_by_the_words_they_carry(tokenizer):
     vocab = FastEncoder(tokenizer).vocab
     table = np.linalg.qr(np.random.default_rng(0).normal(size=(128, len(vocab))))[0].T  # [V, 128], orthonormal rows
     scene_list = [sc for sc in (scenes.make_scene("val", i) for i in range(40)) if len(sc.objects) >= 2][:5]
-    words = [T.patch_words(sc, vocab)[0] for sc in scene_list]
-    right = np.stack([table[ids[:, 1:4]].sum(1) for ids in words])
-    assert T.patch_readout_accuracy(right, table, vocab, scene_list) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
+    words = [T.patch_words(sc, vocab) for sc in scene_list]
+    right = np.stack([table[ids[:, 1:4]].sum(1) for ids, _ in words])
+    assert T.patch_readout_accuracy(right, table, vocab, words) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
     next_shape = {vocab[s]: vocab[scenes.SHAPES[(k + 1) % len(scenes.SHAPES)]] for k, s in enumerate(scenes.SHAPES)}
     wrong = []
-    for ids in words:
+    for ids, _ in words:
         ids = ids.copy()
         ids[:, 2] = [next_shape.get(int(i), int(i)) for i in ids[:, 2]]
         wrong.append(table[ids[:, 1:4]].sum(1))
-    assert T.patch_readout_accuracy(np.stack(wrong), table, vocab, scene_list) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
+    assert T.patch_readout_accuracy(np.stack(wrong), table, vocab, words) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
 
 
 # --------------------------------------------------------------------------- (c) shipped model

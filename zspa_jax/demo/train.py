@@ -221,6 +221,7 @@ def patch_words(scene: scenes.Scene, vocab: dict[str, int]) -> tuple[np.ndarray,
 
 
 def questions_per_image(tc: TrainConfig, stage: int) -> int:
+    """Question segments per scene in `stage` (0 or 2)."""
     return tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image
 
 
@@ -557,7 +558,7 @@ def answer_batch(
             inputs = np.zeros((batch, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32)
             for r, e in enumerate(chunk):
                 inputs[r] = enc.pixels(e.image())
-        else:
+        else:  # a fixed background sample per scene (its own seed stream, 98)
             rows = [
                 symbolic_subset(
                     *patch_words(e.scene, enc.vocab), symbolic_tokens,
@@ -598,16 +599,16 @@ def _answer_fn():
 READOUT_GROUPS = {"colour": tuple(scenes.COLOURS), "shape": scenes.SHAPES, "cell": scenes.POSITIONS}
 
 
-def patch_readout_accuracy(visual: np.ndarray, table: np.ndarray, vocab: dict, scene_list: list) -> dict[str, float]:
-    """How well visual tokens [S, 576, D] of `scene_list` name what they show, read through
-    the LLM's embedding table [V, D]: on patches mostly covered by one object, how often the
-    word of each group (colour, shape, cell) with the largest dot product is that object's."""
+def patch_readout_accuracy(visual: np.ndarray, table: np.ndarray, vocab: dict, words: list) -> dict[str, float]:
+    """How well visual tokens [S, 576, D] name what they show, read through the LLM's
+    embedding table [V, D]. `words` holds each scene's `patch_words` (ids, weights). On
+    patches mostly covered by one object: how often the word of each group (colour, shape,
+    cell) with the largest dot product is that object's."""
+    group_ids = {g: np.asarray([vocab[x] for x in group]) for g, group in READOUT_GROUPS.items()}
     hits: dict[str, list[np.ndarray]] = {g: [] for g in READOUT_GROUPS}
-    for sc, v in zip(scene_list, visual):
-        ids, w = patch_words(sc, vocab)
+    for (ids, w), v in zip(words, visual):
         main = w[:, 1] > 0.5
-        for slot, (group, words) in enumerate(READOUT_GROUPS.items()):
-            word_ids = np.asarray([vocab[x] for x in words])
+        for slot, (group, word_ids) in enumerate(group_ids.items()):
             hits[group].append(word_ids[(v[main] @ table[word_ids].T).argmax(1)] == ids[main, 1 + slot])
     return {g: float(np.concatenate(h).mean()) for g, h in hits.items()}
 
@@ -648,6 +649,7 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     val = scenes.examples("val", tc.eval_examples)
     readout_scenes = [ex.scene for ex in val[:48]]
     readout_pixels = np.stack([enc.pixels(sc.render()) for sc in readout_scenes])
+    readout_words = [patch_words(sc, enc.vocab) for sc in readout_scenes]
     features = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_features(px))
     history: dict = {"parameters": int(n_params), "stages": {}}
     start, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -699,7 +701,7 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
         else:
             table = np.asarray(nnx.merge(graphdef, state).language_model.model.embed_tokens.embedding[...])
             visual = np.asarray(features(state, readout_pixels))
-            h["patch_readout"] = patch_readout_accuracy(visual, table, enc.vocab, readout_scenes)
+            h["patch_readout"] = patch_readout_accuracy(visual, table, enc.vocab, readout_words)
             log(f"  per-patch readout of the visual tokens {_fmt(h['patch_readout'])}")
     history["seconds"] = time.perf_counter() - start
     history["cpu_seconds"] = _cpu_seconds() - cpu0
