@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from convert.hf_config import UnsupportedConfigError, llava_config_from_hf
 from convert.keymap import SKIPPED, Transform, map_key
 from convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from models.checkpoint import ParamWriter, flatten, param_template, write_config
+from models.checkpoint import CONFIG_NAME, ParamWriter, flatten, param_template, write_config
 from models.layers import DTYPES
 
 # Files that let `AutoProcessor.from_pretrained(OUT)` rebuild the HF processor.
@@ -97,6 +97,27 @@ def load_hf_config(src: Path) -> dict:
         reason = lines[-1] if lines else f"exit status {child.returncode}"
         raise ConversionError(f"{src}/config.json could not be read by transformers: {reason}")
     return json.loads(child.stdout)
+
+
+def check_out(out: str | Path, force: bool) -> Path:
+    """OUT as an absolute path, refused early (before any work) when it cannot be written:
+    an existing OUT without --force, an existing OUT that is not a previous checkpoint
+    (--force never replaces an ordinary file or directory), a parent that is a file."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ConversionError(f"OUT {out} already exists; pass --force to replace it")
+        if not (out.is_dir() and not out.is_symlink() and (out / CONFIG_NAME).is_file()):
+            raise ConversionError(
+                f"OUT {out} exists and is not a zspa_jax checkpoint directory; --force only replaces a "
+                "previous checkpoint, never other files: choose another OUT or remove it yourself"
+            )
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConversionError(f"cannot create OUT {out}: {ancestor} is a file, not a directory")
+    return out
 
 
 class Step(NamedTuple):
@@ -172,9 +193,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
     """Convert SRC into OUT; returns a summary dict. Leaves OUT untouched on failure."""
     if dtype not in SUPPORTED_DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not force:
-        raise ConversionError(f"OUT {out} already exists; pass --force to replace it")
+    out = check_out(out, force)
     start = time.perf_counter()
     src_dir = resolve_source(str(src))
     try:
@@ -187,8 +206,11 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
         raise ConversionError(str(e)) from None
     plan = plan_conversion(checkpoint, param_template(cfg))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ConversionError(f"cannot write into {out.parent}: {e.strerror or e}") from None
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become OUT's mode
         write_params(checkpoint, plan, DTYPES[dtype], tmp, progress=progress)
@@ -203,6 +225,9 @@ def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: boo
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"writing {out} failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         s = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

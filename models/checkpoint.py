@@ -12,6 +12,8 @@ whatever the model size; restoring fills one abstract tree, keeping dtypes.
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,13 @@ def write_config(directory: Path, cfg: LlavaConfig, extra: dict | None = None) -
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+RECONVERT = "re-run the converter (python -m convert.llava SRC OUT --force)"
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint is damaged or incomplete; the message names the file."""
+
+
 def read_config(directory: Path) -> LlavaConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
@@ -72,10 +81,17 @@ def read_config(directory: Path) -> LlavaConfig:
             f"{directory} is not a converted zspa_jax checkpoint ({CONFIG_NAME} missing); "
             "convert a Hugging Face model first with `python -m convert.llava SRC OUT`"
         )
-    payload = json.loads(path.read_text())
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {payload.get('format')!r}; expected {FORMAT!r}")
-    return LlavaConfig.from_dict(payload["config"])
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else payload
+        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}; expected {FORMAT!r}; {RECONVERT}")
+    try:
+        return LlavaConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds an invalid model config ({type(e).__name__}: {e}); {RECONVERT}") from None
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -116,8 +132,10 @@ class ParamWriter:
         # orbax's default numpy handler deep-copies every array so the caller may mutate it
         # during an async save; this writer saves synchronously and drops its arrays after,
         # so the copy would only double the peak memory of the largest tensor.
+        # The jax.Array entry is never used for writing; orbax warns on every save without one.
         registry = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()),
         )
         self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
@@ -160,27 +178,65 @@ def save_params(directory: Path, params: dict) -> None:
 def restore_params(directory: Path, template: dict) -> dict:
     """Nested dict shaped like `template` (ShapeDtypeStruct leaves) of device arrays, read group by group."""
     root = (Path(directory) / PARAMS_DIR).absolute()
-    manifest = root / MANIFEST_NAME
-    if not manifest.exists():
-        raise FileNotFoundError(f"{root}: {MANIFEST_NAME} missing; the checkpoint is incomplete")
     targets = flatten(template)
-    groups = json.loads(manifest.read_text())["groups"]
+    groups = _read_manifest(root)
     unknown = sorted({p for g in groups for p in g} - set(targets))
     missing = sorted(set(targets) - {p for g in groups for p in g})
     if unknown or missing:
-        raise ValueError(
-            f"{root}: checkpoint does not match the model config: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unknown[:5]}"
+        raise CheckpointError(
+            f"{root / MANIFEST_NAME}: checkpoint does not match the model config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unknown[:5]}; {RECONVERT}"
         )
     flat: dict[str, Any] = {}
     with ocp.StandardCheckpointer() as checkpointer:
         for i, paths in enumerate(groups):
-            restored = checkpointer.restore(root / f"{i:05d}", _nest({p: targets[p] for p in paths}))
+            group = root / f"{i:05d}"
+            try:
+                restored = checkpointer.restore(group, _nest({p: targets[p] for p in paths}))
+            except Exception as e:  # orbax/tensorstore raise many types for one cause: damaged files
+                _silence_late_read_callbacks()
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{group} cannot be restored ({reason}); {RECONVERT}") from None
             # orbax hands back host numpy arrays, most not 64-byte aligned: as jit arguments
             # they would be copied to the device on every call (the whole model per generate
             # call). Placing them once here, a group at a time, keeps the host peak at a group.
             flat.update(jax.device_put(flatten(restored)))
     return unflatten_into(template, flat)
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    exc = unraisable.exc_value
+    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)] if exc is not None else []
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and any("asyncio" in f for f in frames)
+
+
+def _silence_late_read_callbacks() -> None:
+    """After a failed restore, tensorstore reads still in flight finish later and post to
+    orbax's already closed event loop; Python would print each of those RuntimeErrors as an
+    "unraisable" traceback. Drop exactly those; every other unraisable exception is shown."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_zspa_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._zspa_filter = True
+    sys.unraisablehook = hook
+
+
+def _read_manifest(root: Path) -> list[list[str]]:
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise CheckpointError(f"{manifest} is missing: the checkpoint is incomplete; {RECONVERT}")
+    try:
+        groups = json.loads(manifest.read_text())["groups"]
+        if not all(isinstance(g, list) and all(isinstance(p, str) for p in g) for g in groups):
+            raise TypeError("groups must be lists of parameter paths")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
+    return groups
 
 
 def restore_model(directory: Path, cfg: LlavaConfig | None = None) -> LlavaForConditionalGeneration:

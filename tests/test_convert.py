@@ -134,17 +134,26 @@ def test_all_mapping_errors_are_reported_together(src, tmp_path):
     _assert_nothing_written(out)
 
 
-def test_existing_out_needs_force(src, tmp_path):
+def test_existing_out_needs_force_and_force_replaces_only_a_checkpoint(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     _fail(src, out, "already exists; pass --force")
+    _fail(src, out, "not a zspa_jax checkpoint directory; --force only replaces a previous checkpoint", force=True)
     assert (out / "keep.txt").read_text() == "mine"
-    summary = convert(src, out, force=True, progress=False)
-    assert not (out / "keep.txt").exists()
+    ordinary_file = tmp_path / "notes.txt"
+    ordinary_file.write_text("mine")
+    _fail(src, ordinary_file, "not a zspa_jax checkpoint directory", force=True)
+    assert ordinary_file.read_text() == "mine"
+
+    checkpoint = tmp_path / "ckpt"
+    convert(src, checkpoint, progress=False)
+    (checkpoint / "stale.txt").write_text("from the previous conversion")
+    summary = convert(src, checkpoint, force=True, progress=False)
+    assert not (checkpoint / "stale.txt").exists()
     assert summary["parameters"] > 0
-    assert zspa_jax.load(out).config.image_token_index > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert zspa_jax.load(checkpoint).config.image_token_index > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes.txt", "out"]
 
 
 def test_bad_dtype_and_hub_id_offline(src, tmp_path, monkeypatch):
@@ -211,7 +220,7 @@ def test_forward_rejects_bad_pixels_and_image_token_counts(tiny_hf_llava, conver
     n = tiny.tokens_per_image
     ids = np.concatenate([[tiny.bos_token_id], np.full(n, tiny.image_token_index), [20, 21]])[None]
     good = np.zeros((1, 3, tiny.image_size, tiny.image_size), np.float32)
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_images, 3, 28, 28\]"):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape float \[num_images, 3, 28, 28\] \(NCHW\)"):
         zspa_jax.forward(vlm, ids, good[:, :, :20])
     with pytest.raises(ValueError, match=rf"holds {n - 1} image tokens .* = {n}"):
         zspa_jax.forward(vlm, np.delete(ids, 1, axis=1), good)
@@ -232,3 +241,42 @@ def test_load_places_parameters_on_the_device_once(tiny_hf_llava, converted):
     not_on_device = [type(x).__name__ for x in leaves if not isinstance(x, jax.Array)]
     assert not not_on_device, f"{len(not_on_device)} of {len(leaves)} parameters are host arrays: {set(not_on_device)}"
     assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
+
+
+def test_out_problems_are_one_line_errors_and_leave_nothing(src, tmp_path, monkeypatch):
+    parent_file = tmp_path / "a_file"
+    parent_file.write_text("not a directory")
+    _fail(src, parent_file / "out", "is a file, not a directory")
+    _fail(src, parent_file / "deeper" / "out", "is a file, not a directory")
+    assert parent_file.read_text() == "not a directory"
+    _fail(src, "/sys/zspa_convert_out", "cannot write into /sys")  # a virtual filesystem
+
+    import errno
+
+    import models.checkpoint
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models.checkpoint.ParamWriter, "_flush", no_space)
+    out = tmp_path / "out"
+    _fail(src, out, r"writing .*out failed \(No space left on device\); nothing was written")
+    _assert_nothing_written(out)
+
+
+def test_cli_out_problem_is_one_line(src, tmp_path):
+    parent_file = tmp_path / "a_file"
+    parent_file.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.llava", str(src), str(parent_file / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"error: cannot create OUT {parent_file / 'out'}: {parent_file} is a file, not a directory"
+    ]
+
+
+def test_conversion_prints_no_orbax_warnings(src, converted):
+    proc = converted.process(src)
+    assert "absl" not in proc.stderr and "TypeHandlerRegistry" not in proc.stderr, proc.stderr[-2000:]

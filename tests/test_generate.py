@@ -99,7 +99,7 @@ def test_eos_stops_rows_like_transformers(tiny, vlm):
         ).numpy()[:, ids.shape[1] :]
     assert ours.sequences.shape[1] == stop_at + 1 == ref.shape[1]
     np.testing.assert_array_equal(ours.sequences, ref)
-    assert ours.stats["new_tokens"] == stop_at + 1
+    assert ours.stats["new_tokens_total"] == stop_at + 1 and ours.stats["new_tokens_per_row"] == [stop_at + 1]
 
 
 def _hf_pieces(tiny, ids: np.ndarray, px: np.ndarray):
@@ -161,8 +161,8 @@ def test_pruned_generation_matches_transformers_on_pruned_embeds(tiny, vlm, scop
             do_sample=False, pad_token_id=tiny.pad_token_id,
         ).numpy()
     np.testing.assert_array_equal(ours.sequences, ref)
-    assert ours.stats["visual_tokens_kept"] == 5
-    assert ours.stats["sequence_length_after"] == ours.stats["sequence_length_before"] - tiny.tokens_per_image + 5
+    assert ours.stats["visual_tokens_kept_per_image"] == 5
+    assert ours.stats["prompt_tokens_per_row_pruned"] == [n - tiny.tokens_per_image + 5 for n in ours.stats["prompt_tokens_per_row"]]
 
 
 @pytest.mark.parametrize("keep_positions", [False, True])

@@ -2,11 +2,17 @@
 prompt-aware visual-token pruning (arXiv 2510.17197).
 
     vlm = zspa_jax.load("converted/")                 # python -m convert.llava SRC converted/
-    out = zspa_jax.generate(vlm, "<image> what is this?", image, prune=zspa_jax.PruneConfig(keep=64))
+    out = zspa_jax.generate(vlm, "What is this?", image, prune=zspa_jax.PruneConfig(keep=64))
+    batch = zspa_jax.encode(vlm, ["What is this?"], [image])   # the arrays the array API takes
+    logits = zspa_jax.forward(vlm, **batch)
+
+A prompt may contain the image token (e.g. "<image>") to place the image; without it the
+image goes first. It is never counted twice.
 """
 
 from zspa_jax.forward import forward
 from zspa_jax.generation import GenerateOutput, GenerateResult, generate, generate_tokens
+from zspa_jax.inputs import encode
 from zspa_jax.loading import VLM, load
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
 
@@ -16,6 +22,7 @@ __all__ = [
     "GenerateResult",
     "PruneConfig",
     "VLM",
+    "encode",
     "forward",
     "gather_tokens",
     "generate",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from zspa_jax.pruning import PRUNE_METHODS
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     import zspa_jax
 
     prune = None
@@ -18,25 +18,63 @@ def _generate(args: argparse.Namespace) -> int:
         prune = zspa_jax.PruneConfig(
             keep=args.keep, ratio=args.ratio, method=args.method, core_ratio=args.core_ratio, prompt_scope=args.prompt_scope
         )
+    image = _open_image(args.image)  # before the model: a bad path fails in a second, not after loading
     vlm = zspa_jax.load(args.model)
-    image = Image.open(args.image).convert("RGB")
     result = zspa_jax.generate(vlm, args.prompt, image, prune=prune, max_new_tokens=args.max_new_tokens)
     s = result.stats
     print(result.texts[0] if result.texts else result.sequences[0].tolist())
     print(
-        f"[visual tokens {s['visual_tokens_kept']}/{s['visual_tokens_in']} | sequence {s['sequence_length_after']} "
-        f"(from {s['sequence_length_before']}) | prefill {s['prefill_seconds'] * 1e3:.0f} ms | "
-        f"{s['new_tokens']} new tokens at {s['decode_tokens_per_second']:.1f} tok/s | "
+        f"[visual tokens {s['visual_tokens_kept_per_image']}/{s['visual_tokens_per_image']} | "
+        f"sequence {s['prompt_tokens_per_row_pruned'][0]} (from {s['prompt_tokens_per_row'][0]}) | "
+        f"prefill {s['prefill_seconds'] * 1e3:.0f} ms | "
+        f"{s['new_tokens_total']} new tokens at {s['decode_tokens_per_second_total']:.1f} tok/s | "
         f"KV cache {s['kv_cache_bytes'] / 2**20:.1f} MiB]",
         file=sys.stderr,
     )
     return 0
 
 
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"--image {path!r} is a directory; give an image file")
+    if not file.exists():
+        raise ValueError(f"--image {path!r} does not exist")
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path!r} is not a readable image ({type(e).__name__})") from None
+
+
+def check_writable_file(option: str, path: str | Path) -> Path:
+    """`path` can be created or overwritten as a file: checked before any work starts."""
+    file = Path(path).expanduser().absolute()
+    if file.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a directory; give a file name")
+    parent = file.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (file.exists() and not os.access(file, os.W_OK)):
+        raise ValueError(f"{option} {str(path)!r} is not writable")
+    existed = file.exists()
+    try:  # permission bits do not bind root, and say nothing of read-only or virtual filesystems
+        with open(file, "ab"):
+            pass
+        if not existed:
+            file.unlink()
+    except OSError as e:
+        raise ValueError(f"{option} {str(path)!r} cannot be written ({e.strerror or e})") from None
+    return file
+
+
 def _demo(args: argparse.Namespace) -> int:
     from zspa_jax.demo.run import run_demo
 
-    return run_demo(out=args.out, keep=args.keep, seed=args.seed)
+    out = check_writable_file("--out", args.out)
+    return run_demo(out=out, keep=args.keep, seed=args.seed)
 
 
 def _train_demo(argv: list[str]) -> int:
@@ -61,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="answer a prompt about an image")
     gen.add_argument("--model", required=True, help="directory written by `python -m convert.llava`")
     gen.add_argument("--image", required=True, help="image file")
-    gen.add_argument("--prompt", required=True, help="question; include the image token unless the model has a chat template")
+    gen.add_argument("--prompt", required=True, help="question (the image token, e.g. <image>, is optional: without it the image goes first)")
     budget = gen.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens to keep")
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens to keep")
@@ -75,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

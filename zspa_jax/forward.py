@@ -11,7 +11,8 @@ from flax import nnx
 
 from models.layers import padding_causal_mask
 
-from zspa_jax.inputs import validate_arrays
+from zspa_jax.inputs import check_arrays
+from zspa_jax.validation import check_bool, check_int
 from zspa_jax.loading import VLM
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
@@ -48,12 +49,15 @@ def forward(
     Returns:
       f32 numpy [B, L', vocab] with L' = L - N + K when pruning (else L).
     """
-    validate_arrays(vlm, input_ids, pixel_values, attention_mask, prune)
-    ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones(ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune)
+    seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
+    check_bool("keep_positions", keep_positions)
+    check_bool("return_kept", return_kept)
+    ids = jnp.asarray(arrays.input_ids, jnp.int32)
+    mask = jnp.ones(ids.shape, jnp.int32) if arrays.attention_mask is None else jnp.asarray(arrays.attention_mask, jnp.int32)
+    pixels = None if arrays.pixel_values is None else jnp.asarray(arrays.pixel_values, jnp.float32)
     logits, kept = _forward(
-        vlm.graphdef, vlm.state, ids, pixels, mask, jax.random.key(seed), prune, vlm.special_token_ids, keep_positions
+        vlm.graphdef, vlm.state, ids, pixels, mask, jax.random.key(seed), prune, vlm.special_token_ids, bool(keep_positions)
     )
     logits = np.asarray(logits)
     if return_kept:

@@ -23,11 +23,12 @@ import numpy as np
 from flax import nnx
 
 from models.llama import KVCache
-from zspa_jax.inputs import encode, is_traced, validate_arrays
+from zspa_jax.inputs import check_arrays, check_prune, check_vlm, encode
 from zspa_jax.loading import VLM
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
+from zspa_jax.validation import check_bool, check_int, check_rng, check_token_ids, is_traced
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
 CACHE_BUCKET = 64  # the KV cache holds a multiple of this many tokens
@@ -70,6 +71,17 @@ class GenerateOutput(NamedTuple):
 
 @dataclasses.dataclass
 class GenerateResult:
+    """What `generate` returns.
+
+    `stats` keys; "_per_row" values are lists with one entry per batch row, "_total" and
+    the timings cover the whole batch:
+      batch_size; visual_tokens_per_image (N) and visual_tokens_kept_per_image (K);
+      prompt_tokens_per_row (real tokens, before pruning) and prompt_tokens_per_row_pruned;
+      new_tokens_per_row (EOS included) and new_tokens_total; prefill_seconds and
+      decode_seconds; decode_tokens_per_second_total (new_tokens_total / decode_seconds);
+      kv_cache_bytes (the whole batch's cache); cache_length (cache slots per row).
+    """
+
     texts: list[str] | None  # decoded answers (None without a tokenizer)
     sequences: np.ndarray  # int32 [B, n]: generated ids, pad after a row stops
     kept_indices: np.ndarray | None  # int32 [B, K] into the N visual tokens, ascending
@@ -162,13 +174,16 @@ _decode_fn = jax.jit(_jit_decode, static_argnames=("graphdef", "st"), donate_arg
 _step_fn = jax.jit(_jit_step, static_argnames=("graphdef", "st"), donate_argnames=("s",))
 
 
+def _eos_ids(vlm: VLM, eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return vlm.eos_token_ids
+    return check_token_ids("eos_token_id", eos_token_id, vlm.config.text.vocab_size)
+
+
 def _settings(
     vlm: VLM, prompt_length: int, max_new_tokens_bound: int, *, has_image, prune, sampling, eos_token_id, keep_positions
 ):
-    if eos_token_id is None:
-        eos = vlm.eos_token_ids
-    else:
-        eos = tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+    check_bool("keep_positions", keep_positions)
     if not has_image:
         prune = None  # nothing to prune: the prompt keeps its length
     if prune is not None:
@@ -177,16 +192,15 @@ def _settings(
         sampling=sampling,
         prune=prune,
         cache_length=_round_up(prompt_length + max_new_tokens_bound, CACHE_BUCKET),
-        eos_ids=eos,
+        eos_ids=_eos_ids(vlm, eos_token_id),
         pad_id=vlm.pad_token_id,
         special_ids=vlm.special_token_ids,
-        keep_positions=keep_positions,
+        keep_positions=bool(keep_positions),
     )
 
 
-def _check_max_new_tokens(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+def _check_max_new_tokens(max_new_tokens) -> int:
+    return check_int("max_new_tokens", max_new_tokens, minimum=1)
 
 
 def generate_tokens(
@@ -213,34 +227,36 @@ def generate_tokens(
     tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
     kept_indices int32 [B, K] or None.
     """
+    check_vlm(vlm)
     if max_new_tokens_bound is None:
-        if isinstance(max_new_tokens, jax.Array) and is_traced(max_new_tokens):
+        if is_traced(max_new_tokens):
             raise ValueError("max_new_tokens is traced: pass max_new_tokens_bound (a Python int) to size the KV cache")
-        max_new_tokens_bound = int(max_new_tokens)
-    _check_max_new_tokens(max_new_tokens_bound)
+        max_new_tokens_bound = max_new_tokens
+    max_new_tokens_bound = _check_max_new_tokens(max_new_tokens_bound)
     if not is_traced(max_new_tokens):
-        _check_max_new_tokens(int(max_new_tokens))
-        if int(max_new_tokens) > max_new_tokens_bound:
+        if int(_check_max_new_tokens(max_new_tokens)) > max_new_tokens_bound:
             raise ValueError(
                 f"max_new_tokens ({int(max_new_tokens)}) exceeds max_new_tokens_bound ({max_new_tokens_bound})"
             )
-    validate_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens_bound)
-    if prune is not None and prune.method == "random" and rng is None:
+    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens_bound)
+    if rng is not None:
+        check_rng("rng", rng)
+    elif prune is not None and prune.method == "random":
         raise ValueError("prune method 'random' needs rng (a jax.random key)")
     st = _settings(
         vlm,
-        input_ids.shape[1],
+        arrays.input_ids.shape[1],
         max_new_tokens_bound,
-        has_image=pixel_values is not None,
+        has_image=arrays.pixel_values is not None,
         prune=prune,
         sampling=Sampling(temperature, top_k, top_p),
         eos_token_id=eos_token_id,
         keep_positions=keep_positions,
     )
     rng = jax.random.key(0) if rng is None else rng
-    ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    ids = jnp.asarray(arrays.input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if arrays.attention_mask is None else jnp.asarray(arrays.attention_mask, jnp.int32)
+    pixels = None if arrays.pixel_values is None else jnp.asarray(arrays.pixel_values, jnp.float32)
     s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
     s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
     return GenerateOutput(s.tokens, s.lengths, kept)
@@ -295,29 +311,33 @@ def generate(
       stream: return an iterator that yields each step's new tokens (int32 [B]) as they
         are produced, reusing the same jitted decode step.
     """
-    _check_max_new_tokens(max_new_tokens)
+    check_vlm(vlm)
+    check_prune(prune)
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
+    seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
+    check_bool("stream", stream)
     if (prompts is None) == (input_ids is None):
         raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
     if prompts is not None:
         if pixel_values is not None or attention_mask is not None:
             raise ValueError("pixel_values/attention_mask go with input_ids; with prompts, pass images")
-        batch = encode(vlm, prompts, images, chat_template)
+        encoded = encode(vlm, prompts, images, chat_template=chat_template)
+        input_ids, pixel_values, attention_mask = (encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask"))
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        batch = {
-            "input_ids": ids.astype(np.int32),
-            "attention_mask": np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(ids.shape),
-        }
-        if pixel_values is not None:
-            batch["pixel_values"] = np.asarray(pixel_values, np.float32)
-    tokens_in = int(batch["attention_mask"].sum(axis=1).max())
-    validate_arrays(
-        vlm, batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], prune, extra_length=max_new_tokens
-    )
+        if chat_template is not None:
+            raise ValueError("chat_template applies to prompts (strings); input_ids are used as given")
+        if hasattr(input_ids, "shape") and len(input_ids.shape) == 1:  # one unbatched prompt
+            input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else np.asarray(attention_mask)[None]
+    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens)
+    ids = np.asarray(arrays.input_ids, np.int32)
+    mask = arrays.attention_mask
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)}
+    if arrays.pixel_values is not None:
+        batch["pixel_values"] = np.asarray(arrays.pixel_values, np.float32)
+    prompt_tokens = batch["attention_mask"].sum(axis=1).astype(int)
     batch = _pad_to_bucket(batch, vlm.pad_token_id, PROMPT_BUCKET)
     st = _settings(
         vlm,
@@ -348,14 +368,16 @@ def generate(
     n_visual = vlm.tokens_per_image if pixels is not None else 0
     kept_count = n_visual if (prune is None or pixels is None) else prune.num_keep(n_visual)
     stats = {
-        "visual_tokens_in": n_visual,
-        "visual_tokens_kept": kept_count,
-        "sequence_length_before": tokens_in,
-        "sequence_length_after": tokens_in - n_visual + kept_count,
+        "batch_size": int(len(lengths)),
+        "visual_tokens_per_image": n_visual,
+        "visual_tokens_kept_per_image": kept_count,
+        "prompt_tokens_per_row": prompt_tokens.tolist(),
+        "prompt_tokens_per_row_pruned": (prompt_tokens - n_visual + kept_count).tolist(),
+        "new_tokens_per_row": lengths.astype(int).tolist(),
+        "new_tokens_total": int(lengths.sum()),
         "prefill_seconds": t1 - t0,
         "decode_seconds": t2 - t1,
-        "new_tokens": int(lengths.sum()),
-        "decode_tokens_per_second": float(lengths.sum() / (t2 - t1)) if t2 > t1 else float("nan"),
+        "decode_tokens_per_second_total": float(lengths.sum() / (t2 - t1)) if t2 > t1 else float("nan"),
         "kv_cache_bytes": int(s.cache.nbytes),
         "cache_length": st.cache_length,
     }

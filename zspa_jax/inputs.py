@@ -1,48 +1,81 @@
-"""Host-side input handling: validation with clear errors, and strings + images -> arrays."""
+"""Host-side input handling: checked arrays with clear errors, and strings + images -> arrays."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
-import jax
 import numpy as np
 
 from zspa_jax.loading import VLM
 from zspa_jax.pruning import PruneConfig
+from zspa_jax.validation import (
+    as_array,
+    check_binary_mask,
+    check_bool,
+    check_finite,
+    check_ids_in_range,
+    is_traced,
+    type_name,
+)
+
+__all__ = ["CheckedArrays", "check_arrays", "check_prune", "check_vlm", "encode", "is_traced"]
 
 
-def is_traced(*arrays) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in arrays if a is not None)
+def check_vlm(vlm: Any) -> None:
+    if not isinstance(vlm, VLM):
+        raise TypeError(f"vlm must be a zspa_jax.VLM (what zspa_jax.load(path) returns), got {type_name(vlm)}")
 
 
-def validate_arrays(
+def check_prune(prune: Any) -> None:
+    if prune is not None and not isinstance(prune, PruneConfig):
+        raise TypeError(
+            f"prune must be a zspa_jax.PruneConfig (e.g. PruneConfig(keep=64)) or None, got {type_name(prune)} {prune!r}"
+        )
+
+
+class CheckedArrays(NamedTuple):
+    input_ids: Any  # int [B, L]
+    pixel_values: Any | None  # float [M, C, H, W]
+    attention_mask: Any | None  # [B, L] of 0/1
+
+
+def check_arrays(
     vlm: VLM, input_ids, pixel_values, attention_mask, prune: PruneConfig | None = None, extra_length: int = 0
-) -> None:
-    """Check shapes always, and values when concrete; messages name the argument.
+) -> CheckedArrays:
+    """Check the array API's inputs; messages name the argument and, for values, the row.
 
+    Shapes and dtypes are always checked; values (finite pixels, ids within the
+    vocabulary, 0/1 masks, placeholder counts) when the arrays are concrete.
     `extra_length` is the number of new tokens that will follow the prompt (generation).
+    Returns the arrays (host values as NumPy; JAX arrays and tracers untouched).
     """
-    shape = tuple(np.shape(input_ids))
-    if len(shape) != 2 or not np.issubdtype(np.asarray(input_ids).dtype if not is_traced(input_ids) else input_ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer array [batch, length], got shape {shape}")
-    if attention_mask is not None and tuple(np.shape(attention_mask)) != shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(np.shape(attention_mask))}")
+    check_vlm(vlm)
+    check_prune(prune)
+    ids = as_array("input_ids", input_ids, "integer", 2, "int [batch, length]")
+    shape = tuple(ids.shape)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask if hasattr(attention_mask, "dtype") else np.asarray(attention_mask)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
+        if not (np.issubdtype(np.dtype(mask.dtype), np.number) or np.dtype(mask.dtype) == np.bool_):
+            raise TypeError(f"attention_mask must be an array of 0/1 (int or bool), got dtype {mask.dtype}")
     n = vlm.tokens_per_image
+    pixels = None
     if pixel_values is not None:
         vc = vlm.config.vision
         expected = (vc.num_channels, vc.image_size, vc.image_size)
-        pshape = tuple(np.shape(pixel_values))
-        if len(pshape) != 4 or pshape[1:] != expected:
+        layout = f"float [num_images, {', '.join(map(str, expected))}] (NCHW)"
+        pixels = as_array("pixel_values", pixel_values, "floating", 4, layout)
+        if tuple(pixels.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must have shape {layout}, got {tuple(pixels.shape)}")
+        if prune is not None and pixels.shape[0] != shape[0]:
             raise ValueError(
-                f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}] (NCHW), got {pshape}"
-            )
-        if prune is not None and pshape[0] != shape[0]:
-            raise ValueError(
-                f"pruning needs exactly one image per prompt: pixel_values holds {pshape[0]} image(s) "
+                f"pruning needs exactly one image per prompt: pixel_values holds {pixels.shape[0]} image(s) "
                 f"for {shape[0]} prompt(s)"
             )
     length = shape[1]
-    if prune is not None and pixel_values is not None:
+    if prune is not None and pixels is not None:
         keep = prune.num_keep(n)  # raises if keep > N
         length = length - n + keep
     max_pos = vlm.config.text.max_position_embeddings
@@ -51,19 +84,26 @@ def validate_arrays(
             f"the prompt ({length} tokens after pruning) plus max_new_tokens ({extra_length}) needs "
             f"{length + extra_length} positions; the model allows at most {max_pos}"
         )
-    if is_traced(input_ids, attention_mask):
-        return
-    ids = np.asarray(input_ids)
-    is_image = ids == vlm.config.image_token_index
-    if pixel_values is None:
+    if is_traced(ids, mask, pixels):
+        return CheckedArrays(ids, pixels, mask)
+
+    check_ids_in_range("input_ids", ids, vlm.config.text.vocab_size, allowed=(vlm.config.image_token_index,))
+    if mask is not None:
+        check_binary_mask("attention_mask", mask)
+        if (np.asarray(mask)[:, -1] == 0).any():
+            raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
+    host_ids = np.asarray(ids)
+    is_image = host_ids == vlm.config.image_token_index
+    if pixels is None:
         if is_image.any():
             raise ValueError("input_ids holds image tokens but pixel_values is None")
-        return
-    found, expected_count = int(is_image.sum()), np.shape(pixel_values)[0] * n
+        return CheckedArrays(ids, pixels, mask)
+    check_finite("pixel_values", pixels, what="image")
+    found, expected_count = int(is_image.sum()), pixels.shape[0] * n
     if found != expected_count:
         raise ValueError(
             f"input_ids holds {found} image tokens (id {vlm.config.image_token_index}) but pixel_values holds "
-            f"{np.shape(pixel_values)[0]} image(s) x {n} visual tokens = {expected_count}; each image needs "
+            f"{pixels.shape[0]} image(s) x {n} visual tokens = {expected_count}; each image needs "
             f"exactly {n} placeholders"
         )
     if prune is not None:
@@ -74,69 +114,129 @@ def validate_arrays(
                     f"input_ids row {row}: pruning needs one contiguous span of {n} image tokens, "
                     f"found {len(idx)} image tokens" + ("" if len(idx) != n else " that are not contiguous")
                 )
-    if attention_mask is not None:
-        mask = np.asarray(attention_mask)
-        if (mask[:, -1] == 0).any():
-            raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
+    return CheckedArrays(ids, pixels, mask)
+
+
+# --------------------------------------------------------------------------- strings + images
+
+
+def _image_parts(prompt: str, image_token: str) -> list[dict]:
+    """Typed chat content: the text around the user's image token, the image where it stood
+    (first when the prompt has none)."""
+    if image_token not in prompt:
+        return [{"type": "image"}, {"type": "text", "text": prompt}]
+    before, after = prompt.split(image_token, 1)
+    parts = [{"type": "text", "text": before.rstrip()}] if before.strip() else []
+    parts.append({"type": "image"})
+    if after.strip():
+        parts.append({"type": "text", "text": after.lstrip()})
+    return parts
 
 
 def _apply_chat_template(processor, prompt: str, with_image: bool, image_token: str) -> str:
-    """One user turn through the chat template, the image first.
+    """One user turn through the chat template, the image where the prompt put its image token
+    (or first).
 
     Multimodal templates take typed content parts; text-only templates (a LLaVA built on
-    a text LLM's tokenizer) take a string, so the image token is put in front of the text.
+    a text LLM's tokenizer) take a string, so the image token is put in the text.
     """
     import jinja2
 
-    parts = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    parts = _image_parts(prompt, image_token) if with_image else [{"type": "text", "text": prompt}]
     try:
         text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
-        if not with_image or image_token in text:
+        if not with_image or text.count(image_token) == 1:
             return text
     except (TypeError, jinja2.TemplateError):
         pass
-    content = f"{image_token}\n{prompt}" if with_image else prompt
+    content = (prompt if image_token in prompt else f"{image_token}\n{prompt}") if with_image else prompt
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def encode(
-    vlm: VLM, prompts: str | Sequence[str], images: Any | Sequence[Any] | None, chat_template: bool | None = None
-) -> dict[str, np.ndarray]:
-    """Strings + PIL images -> left-padded input_ids, attention_mask, pixel_values via the saved processor.
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str or a list of str, got {type_name(prompts)}")
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type_name(p)} {p!r}"[:200])
+    return list(prompts)
 
-    With `chat_template` None, the processor's chat template is applied when it has one.
-    Without a template, each prompt must contain the image token where the image goes.
+
+def _check_images(images: Any, count: int) -> list | None:
+    if images is None:
+        return None
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(images) != count:
+        raise ValueError(f"got {count} prompt(s) but {len(images)} image(s); give one image per prompt")
+    for i, img in enumerate(images):
+        if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
+            continue
+        if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[-1] in (1, 3, 4) and img.size:
+            if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+                raise ValueError(f"images[{i}] holds NaN or Inf values; every value must be finite")
+            continue
+        hint = " (open files with PIL.Image.open(path))" if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__") else ""
+        raise TypeError(
+            f"images[{i}] must be a PIL.Image.Image or an [height, width, channels] array, got "
+            f"{type_name(img)}{' of shape ' + str(img.shape) if isinstance(img, np.ndarray) else ''}{hint}"
+        )
+    return images
+
+
+def encode(
+    vlm: VLM, prompts: str | Sequence[str], images: Any | Sequence[Any] | None = None, *, chat_template: bool | None = None
+) -> dict[str, np.ndarray]:
+    """Strings + images -> exactly the arrays the array API takes, through the saved HF processor.
+
+        batch = zspa_jax.encode(vlm, ["What is on the table?"], [image])
+        logits = zspa_jax.forward(vlm, **batch)                 # input_ids, pixel_values, attention_mask
+        out = zspa_jax.generate_tokens(vlm, **batch, max_new_tokens=16)
+
+    Returns a dict of NumPy arrays: input_ids int32 [B, L] and attention_mask int32 [B, L]
+    (left-padded), plus pixel_values f32 [B, C, H, W] when images are given.
+
+    The image token (e.g. "<image>") is optional in a prompt: where it appears, the image
+    goes there; otherwise the image goes first. It is never counted twice. With
+    `chat_template` None the processor's chat template is applied when it has one.
     """
+    check_vlm(vlm)
+    check_bool("chat_template", chat_template, allow_none=True)
     if vlm.processor is None:
         raise ValueError(
             f"{vlm.path} has no saved processor/tokenizer, so prompts must be given as input_ids "
             "(convert a checkpoint that includes tokenizer and processor files)"
         )
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if images is not None and not isinstance(images, (list, tuple)):
-        images = [images]
-    if images is not None and len(images) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompt(s) but {len(images)} image(s); give one image per prompt")
+    prompts = _check_prompts(prompts)
+    images = _check_images(images, len(prompts))
     processor = vlm.processor
     tokenizer = getattr(processor, "tokenizer", processor)
     image_token = getattr(processor, "image_token", None) or "<image>"
-    use_template = getattr(processor, "chat_template", None) is not None if chat_template is None else chat_template
+    for i, p in enumerate(prompts):
+        if p.count(image_token) > (1 if images is not None else 0):
+            raise ValueError(
+                f"prompts[{i}] contains the image token {image_token!r} {p.count(image_token)} times; "
+                + ("each prompt takes one image" if images is not None else "give an image or remove the token")
+            )
+    has_template = getattr(processor, "chat_template", None) is not None
+    if chat_template and not has_template:
+        raise ValueError(f"chat_template=True, but the processor saved at {vlm.path} has no chat template")
+    use_template = has_template if chat_template is None else chat_template
     if use_template:
         prompts = [_apply_chat_template(processor, p, images is not None, image_token) for p in prompts]
     elif images is not None:
-        for i, p in enumerate(prompts):
-            count = p.count(image_token)
-            if count != 1:
-                raise ValueError(
-                    f"prompts[{i}] must contain the image token {image_token!r} exactly once (found {count}); "
-                    f"it marks where the image goes"
-                )
+        prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
     tokenizer.padding_side = "left"
-    kwargs = dict(text=prompts, return_tensors="np", padding=True)
     if images is not None:
-        kwargs["images"] = [img.convert("RGB") if hasattr(img, "convert") else img for img in images]
-    batch = processor(**kwargs) if images is not None else tokenizer(prompts, return_tensors="np", padding=True)
-    out = {"input_ids": np.asarray(batch["input_ids"], np.int32), "attention_mask": np.asarray(batch["attention_mask"], np.int32)}
+        rgb = [img.convert("RGB") if hasattr(img, "convert") else img for img in images]
+        batch = processor(text=prompts, images=rgb, return_tensors="np", padding=True)
+    else:
+        batch = tokenizer(prompts, return_tensors="np", padding=True)
+    out = {"input_ids": np.asarray(batch["input_ids"], np.int32)}
     if images is not None:
         out["pixel_values"] = np.asarray(batch["pixel_values"], np.float32)
+    out["attention_mask"] = np.asarray(batch["attention_mask"], np.int32)
     return out

@@ -10,8 +10,9 @@ from typing import Any
 
 from flax import nnx
 
-from models.checkpoint import read_config, restore_model
+from models.checkpoint import RECONVERT, CheckpointError, read_config, restore_model
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
+from zspa_jax.validation import check_bool, check_path
 
 
 @dataclasses.dataclass
@@ -48,7 +49,11 @@ def load_processor(path: Path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoProcessor.from_pretrained(path)
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except Exception as e:  # transformers raises many types for one cause: damaged files
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: the saved tokenizer/processor files cannot be loaded ({reason}); {RECONVERT}") from None
 
 
 def _ids(value) -> list[int]:
@@ -63,7 +68,12 @@ def token_ids(path: Path, processor) -> dict:
     for name in ("generation_config.json", "config.json"):
         file = path / name
         if file.exists():
-            d = json.loads(file.read_text())
+            try:
+                d = json.loads(file.read_text())
+                if not isinstance(d, dict):
+                    raise TypeError(f"expected a JSON object, found {type(d).__name__}")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+                raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
             for section in (d, d.get("text_config") or {}):
                 eos += _ids(section.get("eos_token_id"))
                 pad += _ids(section.get("pad_token_id"))
@@ -89,6 +99,8 @@ def load(path: str | Path, *, processor: bool = True) -> VLM:
       path: the converted directory (OUT of the converter).
       processor: also load the saved HF processor/tokenizer (if present).
     """
+    check_path("path", path)
+    check_bool("processor", processor)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zspa_jax.validation import check_rng, is_traced
+
 __all__ = ["PRUNE_METHODS", "PruneConfig", "gather_tokens", "select_tokens"]
 
 PRUNE_METHODS: tuple[str, ...] = ("zspaprune", "relevance", "divprune", "random", "uniform")
@@ -99,12 +101,24 @@ def core_size(keep: int, core_ratio: float) -> int:
 
 
 def gather_tokens(visual: jax.Array, indices: jax.Array) -> jax.Array:
-    """Pick rows per example: visual [B, N, D], indices [B, K] -> [B, K, D]."""
-    if visual.ndim != 3 or indices.ndim != 2 or indices.shape[0] != visual.shape[0]:
-        raise ValueError(
-            f"gather_tokens expects visual [B, N, D] and indices [B, K], got {visual.shape} and {indices.shape}"
-        )
-    return jnp.take_along_axis(visual, indices[:, :, None].astype(jnp.int32), axis=1)
+    """Pick rows per example: visual [B, N, D], indices int [B, K] in [0, N) -> [B, K, D].
+
+    Concrete indices outside [0, N) are a ValueError; traced ones are clamped into range
+    (an index from `select_tokens` always is in range).
+    """
+    shapes = tuple(getattr(visual, "shape", ())), tuple(getattr(indices, "shape", ()))
+    if len(shapes[0]) != 3 or len(shapes[1]) != 2 or shapes[1][0] != shapes[0][0]:
+        raise ValueError(f"gather_tokens expects visual [B, N, D] and indices [B, K], got shapes {shapes[0]} and {shapes[1]}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(f"indices must be an integer array [B, K], got dtype {indices.dtype}")
+    n = shapes[0][1]
+    if not is_traced(indices):
+        host = np.asarray(indices)
+        bad = (host < 0) | (host >= n)
+        if bad.any():
+            row, col = (int(i[0]) for i in np.nonzero(bad))
+            raise ValueError(f"indices row {row} holds {int(host[row, col])}, outside [0, N={n})")
+    return jnp.take_along_axis(visual, indices[:, :, None].astype(jnp.int32), axis=1, mode="clip")
 
 
 def select_tokens(
@@ -177,8 +191,26 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> Non
         raise ValueError(f"keep must be in [1, N={n}] (number of visual tokens), got {keep}")
     if not _is_real(core_ratio) or not 0.0 <= float(core_ratio) <= 1.0:
         raise ValueError(f"core_ratio must be in [0, 1], got {core_ratio!r}")
-    if method == "random" and rng is None:
-        raise ValueError("rng (a JAX PRNG key) is required for method='random'")
+    if method == "random":
+        if rng is None:
+            raise ValueError("rng (a JAX PRNG key) is required for method='random'")
+        check_rng("rng", rng)
+    _check_finite_values(visual, prompt, prompt_mask)
+
+
+def _check_finite_values(visual, prompt, prompt_mask) -> None:
+    """NaN/Inf in the visual tokens or in an unmasked prompt token: a ValueError naming the
+    row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
+    if is_traced(visual, prompt, prompt_mask):
+        return
+    finite_visual = np.asarray(jnp.all(jnp.isfinite(jnp.asarray(visual)), axis=(1, 2)))
+    finite = jnp.isfinite(jnp.asarray(prompt))
+    if prompt_mask is not None:
+        finite |= ~(jnp.asarray(prompt_mask) != 0)[..., None]
+    finite_prompt = np.asarray(jnp.all(finite, axis=(1, 2)))
+    for name, ok in (("visual", finite_visual), ("prompt", finite_prompt)):
+        if not ok.all():
+            raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")
 
 
 def _default_batching() -> str:

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from zspa_jax.validation import check_int, check_real
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -20,12 +22,12 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("temperature", check_real("temperature", self.temperature, minimum=0.0))
+        if self.top_k is not None:
+            set_("top_k", check_int("top_k", self.top_k, minimum=1))
+        if self.top_p is not None:
+            set_("top_p", check_real("top_p", self.top_p, minimum=0.0, maximum=1.0, open_minimum=True))
 
     @property
     def greedy(self) -> bool:

@@ -87,8 +87,8 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
           f"{correct(pruned)}/{len(qas)} keeping {keep} ({100 * (1 - keep / n_visual):.0f}% pruned)")
     fs, ps = full_warm.stats, pruned_warm.stats
     print(
-        f"prefill of {len(qas)} prompts: {fs['prefill_seconds'] * 1e3:.0f} ms at {fs['sequence_length_after']} tokens "
-        f"-> {ps['prefill_seconds'] * 1e3:.0f} ms at {ps['sequence_length_after']} tokens "
+        f"prefill of {len(qas)} prompts: {fs['prefill_seconds'] * 1e3:.0f} ms at {max(fs['prompt_tokens_per_row_pruned'])} "
+        f"tokens -> {ps['prefill_seconds'] * 1e3:.0f} ms at {max(ps['prompt_tokens_per_row_pruned'])} tokens "
         f"(x{fs['prefill_seconds'] / ps['prefill_seconds']:.1f}); KV cache {fs['kv_cache_bytes'] / 2**20:.2f} -> "
         f"{ps['kv_cache_bytes'] / 2**20:.2f} MiB"
     )
