@@ -267,10 +267,13 @@ def test_strings_and_images_use_the_saved_processor(vlm, tiny):
 # --- bad input: clear errors naming the problem -------------------------------------------------
 
 
-def test_prompt_without_image_token_is_an_error(vlm):
+def test_prompt_without_image_token_gets_the_image_first_without_a_template(vlm, tiny):
     image = Image.new("RGB", (28, 28))
-    with pytest.raises(ValueError, match="must contain the image token"):
-        zspa_jax.generate(vlm, "no placeholder here", image, chat_template=False, max_new_tokens=2)
+    plain = zspa_jax.encode(vlm, "no placeholder here", image, chat_template=False)
+    tagged = zspa_jax.encode(vlm, "<image>\nno placeholder here", image, chat_template=False)
+    np.testing.assert_array_equal(plain["input_ids"], tagged["input_ids"])
+    ids = plain["input_ids"][0]
+    assert ids[1] == tiny.image_token_index and (ids == tiny.image_token_index).sum() == tiny.tokens_per_image
 
 
 def test_image_token_count_mismatch_is_an_error(vlm, tiny):

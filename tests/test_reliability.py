@@ -131,7 +131,7 @@ def _bad_option(data, vocab: int) -> dict:
         "top_k": st.one_of(st.integers(max_value=0), st.floats(1, 10), st.text(min_size=1, max_size=3)),
         "top_p": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0 + 1e-6), NOT_FINITE, st.text(min_size=1, max_size=3)),
         "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32), st.floats(), st.text(max_size=3), st.lists(st.integers(), max_size=2)),
-        "eos_token_id": st.one_of(st.integers(max_value=-1), st.integers(min_value=vocab), st.text(min_size=1, max_size=3), st.just([])),
+        "eos_token_id": st.one_of(st.integers(max_value=-1), st.integers(min_value=vocab), st.text(min_size=1, max_size=3), st.lists(st.integers(max_value=-1), min_size=1, max_size=2)),
         "prune": st.one_of(st.integers(), st.text(max_size=4), st.dictionaries(st.just("keep"), st.integers(), min_size=1)),
         "keep_positions": NOT_BOOL,
         "stream": NOT_BOOL,

@@ -305,7 +305,7 @@ def generate(
         bucket does not recompile.
       temperature, top_k, top_p, seed: sampling (temperature 0 = greedy; top-p is applied
         within top-k).
-      eos_token_id: int or list; defaults to the model's.
+      eos_token_id: int or list (an empty list never stops early); defaults to the model's.
       keep_positions: keep the original RoPE positions of kept tokens instead of
         renumbering them contiguously.
       stream: return an iterator that yields each step's new tokens (int32 [B]) as they

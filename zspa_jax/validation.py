@@ -65,11 +65,9 @@ def check_bool(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 
 def check_token_ids(name: str, value: Any, vocab_size: int) -> tuple[int, ...]:
-    """An int or a sequence of ints, each in [0, vocab_size); returns them as a tuple."""
+    """An int or a sequence of ints (empty: none), each in [0, vocab_size); returns a tuple."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ValueError(f"{name} must be an int or a non-empty list of ints, got {value!r}")
-    return tuple(check_int(f"{name}", v, minimum=0, maximum=vocab_size - 1) for v in values)
+    return tuple(check_int(name, v, minimum=0, maximum=vocab_size - 1) for v in values)
 
 
 def check_path(name: str, value: Any) -> None:
