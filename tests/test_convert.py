@@ -220,7 +220,7 @@ def test_forward_rejects_bad_pixels_and_image_token_counts(tiny_hf_llava, conver
     n = tiny.tokens_per_image
     ids = np.concatenate([[tiny.bos_token_id], np.full(n, tiny.image_token_index), [20, 21]])[None]
     good = np.zeros((1, 3, tiny.image_size, tiny.image_size), np.float32)
-    with pytest.raises(ValueError, match=r"pixel_values must have shape float \[num_images, 3, 28, 28\] \(NCHW\)"):
+    with pytest.raises(ValueError, match=r"pixel_values must be a float array \[num_images, 3, 28, 28\] \(NCHW\), got shape"):
         zspa_jax.forward(vlm, ids, good[:, :, :20])
     with pytest.raises(ValueError, match=rf"holds {n - 1} image tokens .* = {n}"):
         zspa_jax.forward(vlm, np.delete(ids, 1, axis=1), good)

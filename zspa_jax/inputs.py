@@ -51,7 +51,7 @@ def check_arrays(
     """
     check_vlm(vlm)
     check_prune(prune)
-    ids = as_array("input_ids", input_ids, "integer", 2, "int [batch, length]")
+    ids = as_array("input_ids", input_ids, "integer", 2, "an int array [batch, length]")
     shape = tuple(ids.shape)
     mask = None
     if attention_mask is not None:
@@ -65,10 +65,10 @@ def check_arrays(
     if pixel_values is not None:
         vc = vlm.config.vision
         expected = (vc.num_channels, vc.image_size, vc.image_size)
-        layout = f"float [num_images, {', '.join(map(str, expected))}] (NCHW)"
+        layout = f"a float array [num_images, {', '.join(map(str, expected))}] (NCHW)"
         pixels = as_array("pixel_values", pixel_values, "floating", 4, layout)
         if tuple(pixels.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must have shape {layout}, got {tuple(pixels.shape)}")
+            raise ValueError(f"pixel_values must be {layout}, got shape {tuple(pixels.shape)}")
         if prune is not None and pixels.shape[0] != shape[0]:
             raise ValueError(
                 f"pruning needs exactly one image per prompt: pixel_values holds {pixels.shape[0]} image(s) "

@@ -92,24 +92,25 @@ def as_array(name: str, value: Any, kind: str, ndim: int, layout: str) -> Any:
     """`value` as an array of `kind` ("integer" or "floating") with `ndim` dims.
 
     Returns a NumPy array for host values and the value itself for JAX arrays and
-    tracers (no device -> host copy). `layout` describes the expected shape in messages.
+    tracers (no device -> host copy). `layout` completes "{name} must be ...", e.g.
+    "an int array [batch, length]".
     """
     if isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(f"{name} must be an array {layout}, got {type_name(value)}")
+        raise TypeError(f"{name} must be {layout}, got {type_name(value)}")
     if not hasattr(value, "dtype"):
         try:
             value = np.asarray(value)
         except (ValueError, TypeError) as e:
-            raise TypeError(f"{name} must be an array {layout}, got {type_name(value)} ({e})") from None
+            raise TypeError(f"{name} must be {layout}, got {type_name(value)} ({e})") from None
     dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else None
     ok = dtype is not None and (
         (kind == "integer" and np.issubdtype(dtype, np.integer))
         or (kind == "floating" and np.issubdtype(dtype, np.floating))
     )
     if not ok:
-        raise TypeError(f"{name} must be an {kind} array {layout}, got dtype {value.dtype}")
+        raise TypeError(f"{name} must be {layout}, got dtype {value.dtype}")
     if len(value.shape) != ndim:
-        raise ValueError(f"{name} must be an array {layout}, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(value.shape)}")
     if any(d == 0 for d in value.shape):
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
     return value
