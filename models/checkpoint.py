@@ -12,6 +12,7 @@ whatever the model size; restoring fills one abstract tree, keeping dtypes.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -210,10 +211,22 @@ def _is_closed_loop_callback(unraisable) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and any("asyncio" in f for f in frames)
 
 
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax reads orphaned by a
+    failed restore (the failure itself was already raised as a CheckpointError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+            return True
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+        return not any("orbax" in f.filename or "tensorstore" in f.filename for f in frames)
+
+
 def _silence_late_read_callbacks() -> None:
-    """After a failed restore, tensorstore reads still in flight finish later and post to
-    orbax's already closed event loop; Python would print each of those RuntimeErrors as an
-    "unraisable" traceback. Drop exactly those; every other unraisable exception is shown."""
+    """After a failed restore, tensorstore reads still in flight finish later: they post to
+    orbax's already closed event loop (Python prints each RuntimeError as an "unraisable"
+    traceback) and leave failed tasks nobody awaits (asyncio logs each). Drop exactly those;
+    every other unraisable exception and asyncio error is still shown."""
     previous = sys.unraisablehook
     if getattr(previous, "_zspa_filter", False):
         return
@@ -224,6 +237,7 @@ def _silence_late_read_callbacks() -> None:
 
     hook._zspa_filter = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrphanedReadFilter())
 
 
 def _read_manifest(root: Path) -> list[list[str]]:
