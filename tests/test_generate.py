@@ -102,6 +102,102 @@ def test_eos_stops_rows_like_transformers(tiny, vlm):
     assert ours.stats["new_tokens_total"] == stop_at + 1 and ours.stats["new_tokens_per_row"] == [stop_at + 1]
 
 
+# --- batched stopping: rows that hit EOS at different steps ------------------------------------
+
+_STOP_ROWS = [(3, 4, 21), (11, 12, 22), (0, 7, 23), (6, 2, 24)]  # (text before, question, seed)
+
+
+def _stop_batch(tiny):
+    rows = [_prompt(tiny, a, q, seed=s) for a, q, s in _STOP_ROWS]
+    ids, mask = _left_pad(rows, tiny.pad_token_id)
+    return rows, ids, mask, _pixels(tiny, len(rows), seed=25)
+
+
+def _first_steps(free: list[np.ndarray], token: int) -> list[int | None]:
+    """Step at which each row's free-running greedy output first emits `token` (None: never)."""
+    return [int(np.flatnonzero(f == token)[0]) if (f == token).any() else None for f in free]
+
+
+def _staggered_eos(free: list[np.ndarray], n_ids: int = 1) -> list[int]:
+    """`n_ids` EOS ids, taken from the reference's own greedy outputs, that stop the rows at
+    pairwise different steps, the first stop early enough that other rows run on for at
+    least 2 more steps (a finished row must stay finished while the loop continues). With
+    two ids, each id is the one that stops at least one row. Prefers a row that never stops."""
+    candidates = sorted({int(t) for f in free for t in f[: NEW_TOKENS - 3]})
+    combos = [[t] for t in candidates] if n_ids == 1 else [[a, b] for a in candidates for b in candidates if a < b]
+    best = None
+    for combo in combos:
+        steps, stoppers = [], set()
+        for f in free:
+            hits = {t: s for t in combo for s in _first_steps([f], t) if s is not None}
+            if hits:
+                t = min(hits, key=hits.get)
+                steps.append(hits[t] + 1)  # tokens generated, EOS included
+                stoppers.add(t)
+            else:
+                steps.append(NEW_TOKENS)  # never stops: runs to the limit
+        if len(set(steps)) < len(steps) or max(steps) - min(steps) < 2 or len(stoppers) < len(combo):
+            continue
+        score = (NEW_TOKENS in steps, max(steps) - min(steps))
+        if best is None or score > best[0]:
+            best = (score, combo)
+    assert best is not None, "no EOS choice staggers these rows; change _STOP_ROWS"
+    return best[1]
+
+
+def _hf_generate_until(tiny, row: np.ndarray, px: np.ndarray, eos: list[int]) -> np.ndarray:
+    """transformers' greedy generate for one unpadded row, stopping at `eos`: the new tokens."""
+    with torch.no_grad():
+        out = tiny.hf.generate(
+            input_ids=torch.as_tensor(row[None]), pixel_values=torch.as_tensor(px[None]), max_new_tokens=NEW_TOKENS,
+            do_sample=False, eos_token_id=eos, pad_token_id=tiny.pad_token_id,
+        )
+    return out.numpy()[0, len(row) :]
+
+
+@pytest.mark.parametrize("n_eos", [1, 2])
+def test_batched_rows_stop_at_different_steps_like_transformers_per_row(tiny, vlm, n_eos):
+    """A left-padded batch whose rows hit EOS at different steps: each row's tokens up to and
+    including its EOS equal transformers' generate run on that row alone, then only pad;
+    lengths and the stats count agree; streaming yields the same tokens."""
+    rows, ids, mask, px = _stop_batch(tiny)
+    free = [_hf_generate(tiny, input_ids=r[None], pixel_values=px[i : i + 1])[0, len(r) :] for i, r in enumerate(rows)]
+    eos = _staggered_eos(free, n_eos)
+    refs = [_hf_generate_until(tiny, r, px[i], eos) for i, r in enumerate(rows)]
+    ref_lengths = np.array([len(r) for r in refs])
+    # The scenario really is staggered: distinct stops, an unfinished row keeps going after the first stop.
+    assert len(set(ref_lengths.tolist())) == len(rows), ref_lengths
+    assert ref_lengths.max() - ref_lengths.min() >= 2, ref_lengths
+    print(f"eos {eos}: per-row lengths {ref_lengths.tolist()}")
+    for ref, n in zip(refs, ref_lengths):
+        assert n == NEW_TOKENS or ref[-1] in eos
+
+    kw = dict(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+    ours = zspa_jax.generate(vlm, **kw)
+    assert ours.sequences.shape == (len(rows), ref_lengths.max())
+    for i, (ref, n) in enumerate(zip(refs, ref_lengths)):
+        np.testing.assert_array_equal(ours.sequences[i, :n], ref, err_msg=f"row {i}: tokens up to EOS")
+        assert (ours.sequences[i, n:] == vlm.pad_token_id).all(), f"row {i} after EOS: {ours.sequences[i, n:]}"
+    assert ours.stats["new_tokens"] == ref_lengths.sum()
+    assert ours.texts is not None and len(ours.texts) == len(rows)
+
+    # generate_tokens: the same tokens, exact per-row lengths, pad to the end of its buffer.
+    out = zspa_jax.generate_tokens(
+        vlm, jnp.asarray(ids, jnp.int32), jnp.asarray(px), jnp.asarray(mask, jnp.int32), max_new_tokens=NEW_TOKENS,
+        eos_token_id=eos,
+    )
+    np.testing.assert_array_equal(np.asarray(out.lengths), ref_lengths)
+    tokens = np.asarray(out.tokens)
+    for i, (ref, n) in enumerate(zip(refs, ref_lengths)):
+        np.testing.assert_array_equal(tokens[i, :n], ref, err_msg=f"generate_tokens row {i}")
+        assert (tokens[i, n:] == vlm.pad_token_id).all(), f"generate_tokens row {i} after EOS: {tokens[i, n:NEW_TOKENS]}"
+
+    # Streaming: one chunk per step until every row has stopped, pad for finished rows.
+    chunks = list(zspa_jax.generate(vlm, stream=True, **kw))
+    assert len(chunks) == ref_lengths.max()
+    np.testing.assert_array_equal(np.stack(chunks, axis=1), ours.sequences)
+
+
 def _hf_pieces(tiny, ids: np.ndarray, px: np.ndarray):
     """The HF model's own projected visual tokens [B, N, D] and input-embedding rows [B, L, D]."""
     hf = tiny.hf
