@@ -280,3 +280,53 @@ def test_cli_out_problem_is_one_line(src, tmp_path):
 def test_conversion_prints_no_orbax_warnings(src, converted):
     proc = converted.process(src)
     assert "absl" not in proc.stderr and "TypeHandlerRegistry" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _expected_layout(key: str, tensor: np.ndarray) -> np.ndarray:
+    """Our layout of one HF tensor, stated independently of convert.keymap: every 2-D weight
+    other than an embedding table is a torch Linear [out, in] -> flax kernel [in, out]; the
+    4-D patch embedding is OIHW -> HWIO; everything else is copied unchanged."""
+    if tensor.ndim == 2 and key.endswith(".weight") and "embed" not in key:
+        return tensor.T
+    if tensor.ndim == 4:
+        return tensor.transpose(2, 3, 1, 0)
+    return tensor
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_converted_parameter_equals_its_hf_tensor(src, tmp_path, dtype):
+    """Each parameter of the converted checkpoint equals its HF tensor in our layout, exactly
+    (after the cast). Square linears (the vision tower's q/k/v/out, the decoder's q/o) are
+    included: a missing transpose keeps their shape, so only their values can show it."""
+    import ml_dtypes
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from convert.keymap import map_key
+    from models.checkpoint import flatten, read_config, restore_model
+
+    out = tmp_path / "out"
+    convert(src, out, dtype=dtype, progress=False)
+    model = restore_model(out, read_config(out))
+    ours = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    hf = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        hf.update(load_file(f))
+    compared, square = set(), set()
+    for key, tensor in hf.items():
+        mapped = map_key(key)
+        if mapped is None:  # buffers the converter skips (position ids); nothing to compare
+            continue
+        path = mapped[0]
+        want = np.ascontiguousarray(_expected_layout(key, tensor)).astype(target)
+        got = ours[path]
+        assert got.dtype == target and got.shape == want.shape, (key, path, got.shape, want.shape)
+        as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731  (exact)
+        np.testing.assert_array_equal(as_bytes(got), as_bytes(want), err_msg=f"{key} -> {path}")
+        compared.add(path)
+        if tensor.ndim == 2 and tensor.shape[0] == tensor.shape[1] and "embed" not in key:
+            square.add(key.split(".")[-2])
+    assert compared == set(ours), f"parameters without an HF tensor: {sorted(set(ours) - compared)}"
+    # The test data really covers square attention projections (where only values can catch a bad transpose).
+    assert {"q_proj", "k_proj", "v_proj"} <= square and square & {"o_proj", "out_proj"}, square
