@@ -1,4 +1,5 @@
-"""Plain eager PyTorch ZSPAPrune (DESIGN.md section 3): the oracle for zspa_jax.pruning.
+"""Plain eager PyTorch ZSPAPrune (the six steps of README.md, "ZSPAPrune, exactly"): the
+oracle for zspa_jax.pruning.
 
 Written the way a PyTorch user would: one example at a time, the full cosine-similarity
 matrix, and a Python loop for the greedy fill that recomputes

@@ -75,7 +75,8 @@ def decoder_inputs(
 
     input_ids: int [B, L]; pixel_values: [M, C, H, W] (M == B when pruning: one image
     per row); attention_mask: [B, L]. Pruning scores the projected visual tokens against
-    the mean of the raw input-embedding rows of the prompt tokens (DESIGN.md section 3).
+    the mean of the raw input-embedding rows of the prompt tokens (README.md, "ZSPAPrune,
+    exactly", step 1).
     Positions are renumbered contiguously (what transformers computes for the pruned
     `inputs_embeds`) unless `keep_positions`, which keeps each token's original position.
     """

@@ -1,8 +1,8 @@
 """Prompt-aware visual-token pruning (ZSPAPrune) and baselines.
 
-`select_tokens` implements DESIGN.md section 3 exactly: a prompt-relevance core set
-(top-k cosine to the mean prompt embedding) followed by a greedy max-min diversity
-fill. "relevance" (r = 1), "divprune" (r = 0), "random" and "uniform" share the
+`select_tokens` implements the six steps of README.md, "ZSPAPrune, exactly": a
+prompt-relevance core set (top-k cosine to the mean prompt embedding) followed by a
+greedy max-min diversity fill. "relevance" (r = 1), "divprune" (r = 0), "random" and "uniform" share the
 signature. Everything is computed in float32 and jit-compiled once per
 (shapes, keep, method, core_ratio).
 """
@@ -27,7 +27,7 @@ __all__ = ["PRUNE_METHODS", "PruneConfig", "gather_tokens", "select_tokens"]
 PRUNE_METHODS: tuple[str, ...] = ("zspaprune", "relevance", "divprune", "random", "uniform")
 PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
 
-_EPS = 1e-6  # norm floor of section 3, step 2
+_EPS = 1e-6  # norm floor (README "ZSPAPrune, exactly", step 2)
 _HIGHEST = lax.Precision.HIGHEST  # keep dots in true f32 on GPU/TPU too (no TF32/bf16 passes)
 
 
@@ -93,7 +93,7 @@ def _is_real(x: Any) -> bool:
 
 
 def core_size(keep: int, core_ratio: float) -> int:
-    """k = floor(K * r + 0.5) clipped to [0, K] (section 3, step 4)."""
+    """k = floor(K * r + 0.5) clipped to [0, K] (README "ZSPAPrune, exactly", step 4)."""
     return min(max(math.floor(keep * core_ratio + 0.5), 0), keep)
 
 
@@ -231,7 +231,7 @@ def _random_impl(rng: jax.Array, b: int, n: int, keep: int) -> jax.Array:
 
 
 def _unit(x: jax.Array) -> jax.Array:
-    """x / max(|x|, eps) along the last axis (section 3, step 2)."""
+    """x / max(|x|, eps) along the last axis (README "ZSPAPrune, exactly", step 2)."""
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
     return x / jnp.maximum(norm, _EPS)
 
