@@ -7,6 +7,7 @@ tokens each question kept.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from importlib import resources
 from pathlib import Path
@@ -14,7 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-PANEL = 288  # pixels per scene panel in the picture
+PANEL = 320  # pixels per scene panel in the picture
+COLUMNS = 4  # panels per row: 8 panels (reference + 7 questions) fit a screen in 2 rows
+DIM_ALPHA = 170  # dropped tokens: black at this opacity over the image
+FONT_SIZE = 22  # captions; still ~11 px when the 1280 px wide picture is shown at half size
+TITLE_SIZE = 30
+MARGIN = 10
+INK, GOOD, BAD = (20, 20, 20), (0, 110, 40), (180, 20, 20)
 
 
 def demo_model_path() -> Path:
@@ -24,28 +31,148 @@ def demo_model_path() -> Path:
     return path
 
 
-def kept_tokens_picture(image: Image.Image, rows: list[dict], grid: int, out: Path) -> None:
-    """One panel per question: kept patches at full brightness, pruned ones dimmed."""
-    font = ImageFont.load_default()
-    caption_h = 64
-    canvas = Image.new("RGB", (PANEL * len(rows), PANEL + caption_h), "white")
+def with_article(phrase: str) -> str:
+    """"orange circle" -> "an orange circle"; "red star" -> "a red star"."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def describe(scene) -> str:
+    """Plain-English description of a scene (the model's own caption words, with articles)."""
+    from zspa_jax.demo import scenes
+
+    ordered = sorted(scene.objects, key=lambda o: (scenes.POSITIONS.index(o.position), o.cx))
+    parts = [f"{with_article(f'{o.colour} {o.shape}')} at {o.position}" for o in ordered]
+    objects = "no shapes" if not parts else parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{objects}, on {with_article(scene.background)} background"
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)  # Pillow's bundled TrueType font: offline, scalable
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def _dimmed(base: Image.Image, kept: np.ndarray | None, grid: int) -> Image.Image:
+    """`base` with every patch not in `kept` darkened (None: nothing dropped)."""
+    if kept is None:
+        return base.copy()
+    keep = np.zeros(grid * grid, bool)
+    keep[np.asarray(kept)] = True
+    cell = base.width / grid
+    dim = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(dim)
+    for idx in np.flatnonzero(~keep):
+        y, x = divmod(int(idx), grid)
+        draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=(0, 0, 0, DIM_ALPHA))
+    return Image.alpha_composite(base.convert("RGBA"), dim).convert("RGB")
+
+
+def kept_tokens_picture(
+    image: Image.Image,
+    rows: list[dict],
+    grid: int,
+    out: Path,
+    keep: int,
+    n_visual: int,
+    scene_text: str = "",
+    swatch_centre: tuple[float, float] | None = None,
+) -> list[tuple[int, int]]:
+    """A title with the budget, a legend, an unpruned reference panel, then one panel per
+    question: kept patches in full colour, dropped ones dimmed; captions give the question,
+    the true answer and both models' answers (green right, red wrong). `swatch_centre`:
+    where in `image` (its pixels) the legend's sample patch comes from. Returns the top-left
+    corner of each PANEL x PANEL image panel (the reference first)."""
+    font, bold = _font(FONT_SIZE), _font(TITLE_SIZE)
+    line_h = FONT_SIZE + 6
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     base = image.convert("RGB").resize((PANEL, PANEL), Image.NEAREST)
-    cell = PANEL / grid
-    for i, row in enumerate(rows):
-        keep = np.zeros(grid * grid, bool)
-        keep[row["kept"]] = True
-        dim = Image.new("RGBA", (PANEL, PANEL), (0, 0, 0, 0))
-        draw = ImageDraw.Draw(dim)
-        for idx in np.flatnonzero(~keep):
-            y, x = divmod(int(idx), grid)
-            draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=(0, 0, 0, 170))
-        panel = Image.alpha_composite(base.convert("RGBA"), dim).convert("RGB")
-        canvas.paste(panel, (i * PANEL, 0))
-        text = ImageDraw.Draw(canvas)
-        lines = [row["question"], f"truth: {row['truth']}", f"pruned: {row['pruned']}  full: {row['full']}"]
-        for j, line in enumerate(lines):
-            text.text((i * PANEL + 6, PANEL + 4 + 19 * j), line, fill="black", font=font)
+
+    panels = [dict(title="unpruned reference", lines=[(f"all {n_visual} visual tokens", INK)], kept=None)]
+    for row in rows:
+        question = row["question"].replace(" ?", "?").replace(" .", ".")  # display form
+        lines = [(t, INK) for t in _wrap(measure, question, font, PANEL - 2 * MARGIN)]
+        lines.append((f"truth: {row['truth']}", INK))
+        for label, answer in ((f"all {n_visual}", row["full"]), (f"keep {keep}", row["pruned"])):
+            lines.append((f"{label}: {answer}", GOOD if answer == row["truth"] else BAD))
+        panels.append(dict(title=None, lines=lines, kept=row["kept"]))
+    caption_h = MARGIN + line_h * max(len(p["lines"]) + (p["title"] is not None) for p in panels) + MARGIN
+
+    columns = min(COLUMNS, len(panels))
+    n_rows = -(-len(panels) // columns)
+    width = columns * PANEL + (columns + 1) * MARGIN
+    title = f"ZSPAPrune: {keep} of {n_visual} visual tokens kept ({100 * (1 - keep / n_visual):.0f}% dropped), per question"
+    title_lines = _wrap(measure, title, bold, width - 2 * MARGIN)
+    scene_lines = _wrap(measure, f"Scene: {scene_text}", font, width - 2 * MARGIN) if scene_text else []
+    swatch = 2 * FONT_SIZE
+    header_h = MARGIN + len(title_lines) * (TITLE_SIZE + 8) + len(scene_lines) * line_h + swatch + 2 * MARGIN
+    canvas = Image.new("RGB", (width, header_h + n_rows * (PANEL + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    y = MARGIN
+    for t in title_lines:
+        draw.text((MARGIN, y), t, fill=INK, font=bold)
+        y += TITLE_SIZE + 8
+    for t in scene_lines:
+        draw.text((MARGIN, y), t, fill=INK, font=font)
+        y += line_h
+    # Legend: a patch of the scene's own colours, as kept and as dropped.
+    y += MARGIN // 2
+    cx, cy = (0.0, 0.0) if swatch_centre is None else swatch_centre
+    sx = int(min(max(cx * PANEL / image.width - swatch / 2, 0), PANEL - swatch))
+    sy = int(min(max(cy * PANEL / image.height - swatch / 2, 0), PANEL - swatch))
+    sample = base.crop((sx, sy, sx + swatch, sy + swatch))
+    x = MARGIN
+    for label, patch in (
+        ("kept token: full colour", sample),
+        ("dropped token: dimmed", _dimmed(sample, np.zeros(0, int), 1)),
+    ):
+        canvas.paste(patch, (x, y))
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], outline=INK)
+        draw.text((x + swatch + 8, y + (swatch - FONT_SIZE) // 2 - 2), label, fill=INK, font=font)
+        x += swatch + 8 + int(draw.textlength(label, font=font)) + 3 * MARGIN
+
+    corners = []
+    for i, p in enumerate(panels):
+        r, c = divmod(i, columns)
+        x0 = MARGIN + c * (PANEL + MARGIN)
+        y0 = header_h + r * (PANEL + caption_h)
+        corners.append((x0, y0))
+        canvas.paste(_dimmed(base, p["kept"], grid), (x0, y0))
+        ty = y0 + PANEL + MARGIN // 2
+        if p["title"]:
+            draw.text((x0, ty), p["title"], fill=INK, font=_font(FONT_SIZE + 2))
+            ty += line_h
+        for text, colour in p["lines"]:
+            draw.text((x0, ty), text, fill=colour, font=font)
+            ty += line_h
     canvas.save(out)
+    return corners
+
+
+def _wrap_text(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False)
+
+
+def _score_sentence(full_ok: int, pruned_ok: int, n: int, keep: int, n_visual: int) -> str:
+    if pruned_ok > full_ok:
+        return (
+            f"Note: on these {n} questions the pruned model ({keep} tokens) scored higher than the unpruned one "
+            f"({pruned_ok} vs {full_ok} right). That is chance on a handful of questions, not a gain from pruning: "
+            f"over the full test set pruning costs this model accuracy (benchmarks/results/accuracy_keep_positions.md)."
+        )
+    if pruned_ok == full_ok:
+        return f"Pruning to {keep} of {n_visual} visual tokens changed no score on these {n} questions."
+    return f"Pruning to {keep} of {n_visual} visual tokens cost {full_ok - pruned_ok} of {n} answers here."
 
 
 def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -> int:
@@ -70,10 +197,25 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     # Second calls show steady-state speed (the first ones include compilation).
     full_warm = zspa_jax.generate(vlm, prompts, images, max_new_tokens=4)
     pruned_warm = zspa_jax.generate(vlm, prompts, images, prune=prune, max_new_tokens=4, keep_positions=True)
+    kept_count = int(pruned.kept_indices.shape[1])
+
+    # What the model reads: the text of the prompt (BOS, system line, question) with the
+    # one <image> placeholder expanded to n_visual visual tokens.
+    tokenizer = vlm.processor.tokenizer
+    text_tokens = [len(tokenizer(p)["input_ids"]) - 1 for p in prompts]
+    lo, hi = min(text_tokens), max(text_tokens)
+    text_range = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    print(_wrap_text(f"scene: {describe(scene)}") + "\n")
+    print(_wrap_text(
+        f"Each prompt is {text_range} text tokens (the system line \"{scenes.SYSTEM}\" and the question) plus "
+        f"{n_visual} visual tokens (one per {scenes.PATCH_SIZE}x{scenes.PATCH_SIZE}-pixel patch of the "
+        f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} image): {lo + n_visual}-{hi + n_visual} tokens for the language model. "
+        f"ZSPAPrune keeps {kept_count} of the {n_visual} visual tokens, chosen per question, so the same prompts "
+        f"are {lo + kept_count}-{hi + kept_count} tokens."
+    ) + "\n")
 
     rows = []
-    print(f"scene: {scene.caption()}\n")
-    header = f"{'question':<44} {'truth':<8} {'all ' + str(n_visual):<10} {'keep ' + str(keep):<10}"
+    header = f"{'question':<44} {'truth':<8} {'all ' + str(n_visual):<10} {'keep ' + str(kept_count):<10}"
     print(header + "\n" + "-" * len(header))
     for i, qa in enumerate(qas):
         row = dict(
@@ -83,8 +225,10 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
         rows.append(row)
         print(f"{qa.question:<44} {qa.answer:<8} {row['full']:<10} {row['pruned']:<10}")
     correct = lambda res: sum(t == qa.answer for t, qa in zip(res.texts, qas))
-    print(f"\ncorrect: {correct(full)}/{len(qas)} with all {n_visual} visual tokens, "
-          f"{correct(pruned)}/{len(qas)} keeping {keep} ({100 * (1 - keep / n_visual):.0f}% pruned)")
+    full_ok, pruned_ok = correct(full), correct(pruned)
+    print(f"\ncorrect: {full_ok}/{len(qas)} with all {n_visual} visual tokens, "
+          f"{pruned_ok}/{len(qas)} keeping {kept_count} ({100 * (1 - kept_count / n_visual):.0f}% pruned)")
+    print(_wrap_text(_score_sentence(full_ok, pruned_ok, len(qas), kept_count, n_visual)))
     fs, ps = full_warm.stats, pruned_warm.stats
     print(
         f"prefill of {len(qas)} prompts: {fs['prefill_seconds'] * 1e3:.0f} ms at {max(fs['prompt_tokens_per_row_pruned'])} "
@@ -94,6 +238,7 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     )
     grid = int(round(n_visual**0.5))
     out = Path(out)
-    kept_tokens_picture(image, rows, grid, out)
+    centre = (scene.objects[0].cx, scene.objects[0].cy) if scene.objects else None
+    kept_tokens_picture(image, rows, grid, out, kept_count, n_visual, describe(scene), centre)
     print(f"kept tokens per question: {out}  (total {time.perf_counter() - t_start:.0f} s)")
     return 0
