@@ -49,11 +49,10 @@ Two efficiency devices, both exact:
   followed by several independent question/answer segments. Each segment attends to the
   prefix and to itself only, with RoPE positions continuing from the prefix as if it
   were the only question, so every segment sees exactly what a single-question prompt
-  sees; the 8 questions per image then cost little more than 1. In stage 0 (short
-  prefix) 16 per scene (`--symbolic-qa-per-image 16`, 50 % more time per step) lift the
-  LLM's val accuracy from perfect symbolic tokens from 0.87 to 0.93 (1200 steps), but a
-  full run with it (1100 stage-0 steps to stay in 30 minutes) ends at the same 0.703 on
-  test: the final accuracy is bound by the tower's shape recognition.
+  sees; the 8 questions per image then cost little more than 1. Stage 0 (short prefix)
+  has its own count, `--symbolic-qa-per-image` (default 8). The final accuracy is bound
+  by the tower's shape recognition (benchmarks/demo_readout.py measures it on the
+  shipped model).
 * The last decoder layer runs on the text area only (nothing reads its outputs at the
   576 visual positions), and logits are computed there only.
 
