@@ -47,15 +47,15 @@ def demo(tmp_path_factory):
 def test_demo_explains_the_sequence_and_the_scores(demo):
     stdout, _ = demo
     flat = " ".join(stdout.split())  # the long lines are wrapped
-    import zspa_jax
+    from zspa_jax.loading import load_processor
 
-    vlm = zspa_jax.load(run.demo_model_path())
+    processor = load_processor(run.demo_model_path())
     scene = scenes.make_scene("test", 0)
     rng = np.random.default_rng(0)
     qas = [qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None]
     # The processor's own expansion of <image>: the length of what the language model reads.
     lengths = [
-        vlm.processor(text=[scenes.chat_prompt(qa.question)], images=[scene.render()], return_tensors="np")[
+        processor(text=[scenes.chat_prompt(qa.question)], images=[scene.render()], return_tensors="np")[
             "input_ids"
         ].shape[1]
         for qa in qas
