@@ -61,11 +61,11 @@ def test_demo_explains_the_sequence_and_the_scores(demo):
         for qa in qas
     ]
     lo, hi = min(lengths), max(lengths)
-    text = f"{lo - 576}" if lo == hi else f"{lo - 576}-{hi - 576}"
-    assert f"Each prompt is {text} text tokens" in flat
+    span = lambda a, b: f"{a}" if a == b else f"{a}-{b}"  # noqa: E731
+    assert f"Each prompt is {span(lo - 576, hi - 576)} text tokens" in flat
     assert "plus 576 visual tokens (one per 4x4-pixel patch of the 96x96 image)" in flat
-    assert f"{lo}-{hi} tokens for the language model" in flat
-    assert f"ZSPAPrune keeps 64 of the 576 visual tokens, chosen per question, so the same prompts are {lo - 512}-{hi - 512} tokens" in flat
+    assert f"{span(lo, hi)} tokens for the language model" in flat
+    assert f"ZSPAPrune keeps 64 of the 576 visual tokens, chosen per question, so the same prompts are {span(lo - 512, hi - 512)} tokens" in flat
     assert f"scene: {run.describe(scene)}" in flat
 
     m = re.search(r"correct: (\d+)/(\d+) with all 576 visual tokens, (\d+)/(\d+) keeping 64", flat)

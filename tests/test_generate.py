@@ -178,7 +178,8 @@ def test_batched_rows_stop_at_different_steps_like_transformers_per_row(tiny, vl
     for i, (ref, n) in enumerate(zip(refs, ref_lengths)):
         np.testing.assert_array_equal(ours.sequences[i, :n], ref, err_msg=f"row {i}: tokens up to EOS")
         assert (ours.sequences[i, n:] == vlm.pad_token_id).all(), f"row {i} after EOS: {ours.sequences[i, n:]}"
-    assert ours.stats["new_tokens"] == ref_lengths.sum()
+    assert ours.stats["new_tokens_per_row"] == ref_lengths.tolist()
+    assert ours.stats["new_tokens_total"] == ref_lengths.sum()
     assert ours.texts is not None and len(ours.texts) == len(rows)
 
     # generate_tokens: the same tokens, exact per-row lengths, pad to the end of its buffer.

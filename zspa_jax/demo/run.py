@@ -159,6 +159,10 @@ def kept_tokens_picture(
     return corners
 
 
+def _span(lo: int, hi: int) -> str:
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
 def _wrap_text(text: str) -> str:
     return textwrap.fill(text, width=100, break_on_hyphens=False)
 
@@ -201,17 +205,15 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
 
     # What the model reads: the text of the prompt (BOS, system line, question) with the
     # one <image> placeholder expanded to n_visual visual tokens.
-    tokenizer = vlm.processor.tokenizer
-    text_tokens = [len(tokenizer(p)["input_ids"]) - 1 for p in prompts]
+    text_tokens = [n - n_visual for n in full.stats["prompt_tokens_per_row"]]
     lo, hi = min(text_tokens), max(text_tokens)
-    text_range = f"{lo}" if lo == hi else f"{lo}-{hi}"
     print(_wrap_text(f"scene: {describe(scene)}") + "\n")
     print(_wrap_text(
-        f"Each prompt is {text_range} text tokens (the system line \"{scenes.SYSTEM}\" and the question) plus "
+        f"Each prompt is {_span(lo, hi)} text tokens (the system line \"{scenes.SYSTEM}\" and the question) plus "
         f"{n_visual} visual tokens (one per {scenes.PATCH_SIZE}x{scenes.PATCH_SIZE}-pixel patch of the "
-        f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} image): {lo + n_visual}-{hi + n_visual} tokens for the language model. "
+        f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} image): {_span(lo + n_visual, hi + n_visual)} tokens for the language model. "
         f"ZSPAPrune keeps {kept_count} of the {n_visual} visual tokens, chosen per question, so the same prompts "
-        f"are {lo + kept_count}-{hi + kept_count} tokens."
+        f"are {_span(lo + kept_count, hi + kept_count)} tokens."
     ) + "\n")
 
     rows = []
