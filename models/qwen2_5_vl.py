@@ -1,0 +1,441 @@
+"""Qwen2.5-VL in Flax NNX: windowed ViT -> patch merger -> Qwen2 decoder with M-RoPE.
+
+Follows transformers' `modeling_qwen2_5_vl.py`. The tower works on the processor's
+flattened patches `[P, C * T * p * p]` (all images of a batch concatenated) and
+`image_grid_thw [n, 3]`. Everything that depends on the grid values (window order,
+rotary positions, attention segments, 3-D LLM positions) is computed on the host in
+numpy by `vision_layout` and `rope_index`, so the jitted programs only see arrays of
+static shape; padding the patch count to a bucket (`vision_layout(..., length=)`) lets
+images of different sizes share one compiled tower.
+
+The language model is `models.llama.LlamaForCausalLM` with q/k/v biases and
+`mrope_section`: the same decoder and KV cache as LLaVA's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import (
+    ACTIVATIONS,
+    activation,
+    check_choice,
+    check_positive,
+    dot_product_attention,
+    dtype_of,
+    padding_causal_mask,
+)
+from models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
+from models.llava import merge_image_features
+
+VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLVisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    out_hidden_size: int = 3584
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive(
+            name,
+            depth=self.depth,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            in_channels=self.in_channels,
+            patch_size=self.patch_size,
+            temporal_patch_size=self.temporal_patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            out_hidden_size=self.out_hidden_size,
+        )
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"{name}.fullatt_block_indexes {bad} out of range for depth {self.depth}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"{name}.hidden_size ({self.hidden_size}) / num_heads ({self.num_heads}) must be a multiple of 4 "
+                "(2-D rotary over height and width)"
+            )
+        if self.window_size < self.patch_size * self.spatial_merge_size:
+            raise ValueError(
+                f"{name}.window_size ({self.window_size}) must be >= patch_size * spatial_merge_size "
+                f"({self.patch_size * self.spatial_merge_size})"
+            )
+        check_choice(name, "hidden_act", self.hidden_act, ACTIVATIONS)
+        dtype_of(self.dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row: C * T * p * p."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged tokens (transformers' vit_merger_window_size)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+    vision: Qwen2_5_VLVisionConfig
+    text: LlamaConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.text.mrope_section is None:
+            raise ValueError(f"{name}.text.mrope_section is required (Qwen2.5-VL uses M-RoPE)")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(
+                f"{name}.vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
+                f"text.hidden_size ({self.text.hidden_size})"
+            )
+        for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen2_5_VLConfig":
+        d = dict(d)
+        return cls(vision=Qwen2_5_VLVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+
+
+# ----------------------------------------------------------------------------- host-side layout
+
+
+class VisionLayout(NamedTuple):
+    """Grid-dependent index arrays for the tower, in window order (see `vision_layout`).
+
+    P = patch rows (real + padding), U = P / merge_unit merged tokens.
+    """
+
+    order: np.ndarray  # int32 [P]: source patch row of each window-ordered row
+    positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each window-ordered row
+    window_segment: np.ndarray  # int32 [P]: attention segment in windowed blocks (-1: padding)
+    image_segment: np.ndarray  # int32 [P]: attention segment in full-attention blocks (-1: padding)
+    inverse: np.ndarray  # int32 [U]: window-ordered merged token of each merged token, in input order
+
+
+def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
+    """int64 [n, 3] with every row a valid image grid, else ValueError naming `name`."""
+    grid = np.asarray(grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got shape {grid.shape}")
+    m = cfg.spatial_merge_size
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        if t != 1:
+            raise ValueError(f"{name}[{i}] has t={t}; images have t=1 (video input is not supported)")
+        if h < m or w < m or h % m or w % m:
+            raise ValueError(
+                f"{name}[{i}] = ({t}, {h}, {w}): h and w must be positive multiples of spatial_merge_size={m} "
+                "(the image is too small for one merged token, or not from the Qwen2-VL image processor)"
+            )
+    return grid.astype(np.int64)
+
+
+def num_patches(grid_thw: np.ndarray) -> int:
+    return int(np.prod(np.asarray(grid_thw), axis=-1).sum())
+
+
+def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, length: int | None = None) -> VisionLayout:
+    """Window order, rotary positions and attention segments for the images of `grid_thw`.
+
+    Mirrors transformers' `get_vision_window_index`, `get_vision_position_ids` and
+    `get_vision_cu_seqlens`: merged tokens are grouped into windows of `window_merged`
+    per side (edge windows smaller), concatenated window by window, image by image.
+    Windowed blocks attend within a window, full-attention blocks within an image (one
+    frame); segments are contiguous in window order. `length` pads the patch count with
+    rows that only see each other (segment -1) and come out last.
+    """
+    grid = check_grid(grid_thw, cfg)
+    m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
+    real = num_patches(grid)
+    length = real if length is None else int(length)
+    if length < real or length % unit:
+        raise ValueError(f"layout length {length} must be >= {real} patches and a multiple of {unit}")
+    window_index, window_seg, positions = [], [], []
+    offset = seg = 0
+    for t, h, w in grid.tolist():
+        gh, gw = h // m, w // m
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = (-gh) % win, (-gw) % win  # transformers pads a full window more; empty windows vanish
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+        nh, nw = padded.shape[1] // win, padded.shape[2] // win
+        windows = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(-1, win * win)
+        for window in windows:
+            tokens = window[window >= 0]
+            if tokens.size:
+                window_index.append(tokens + offset)
+                window_seg.append(np.full(tokens.size * unit, seg))
+                seg += 1
+        # (h, w) of every patch, merge-block major: transformers' get_vision_position_ids.
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = (gh, m, gw, m)
+        hw = np.stack([a.reshape(block).transpose(0, 2, 1, 3).ravel() for a in (hpos, wpos)], -1)
+        positions.append(np.tile(hw, (t, 1)))
+        offset += t * gh * gw
+    # Full-attention segments: one per frame of each image (cu_seqlens), in input order;
+    # window order permutes only within an image, so they stay contiguous.
+    frames = np.repeat(np.arange(int(grid[:, 0].sum())), np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))
+    merged_index = np.concatenate(window_index)
+    patch_order = (merged_index[:, None] * unit + np.arange(unit)).ravel()
+    pad = length - real
+    order = np.concatenate([patch_order, np.arange(real, length)])
+    pos = np.concatenate(positions)[patch_order]
+    units = length // unit
+    inverse = np.concatenate([np.argsort(merged_index), np.arange(real // unit, units)])
+    return VisionLayout(
+        order=order.astype(np.int32),
+        positions=np.concatenate([pos, np.zeros((pad, 2), np.int64)]).astype(np.int32),
+        window_segment=np.concatenate([np.concatenate(window_seg), np.full(pad, -1)]).astype(np.int32),
+        image_segment=np.concatenate([frames[patch_order], np.full(pad, -1)]).astype(np.int32),
+        inverse=inverse.astype(np.int32),
+    )
+
+
+def image_token_counts(grid_thw: np.ndarray, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
+    """Merged (LLM) tokens per image: t * h * w / merge_unit."""
+    return (np.prod(np.asarray(grid_thw), axis=-1) // cfg.merge_unit).astype(np.int64)
+
+
+def image_spans(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, stop) runs of consecutive image tokens among the real tokens."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    spans = []
+    for row, valid in zip(ids, mask):
+        is_image = (row == image_token_id) & valid
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(np.int8), [0]])))
+        spans.append([(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])])
+    return spans
+
+
+def rope_index(
+    input_ids, attention_mask, grid_thw, cfg: Qwen2_5_VLConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """3-D M-RoPE positions, transformers' `get_rope_index` for images.
+
+    input_ids, attention_mask: [B, L] (left padding allowed); grid_thw: [n, 3], images
+    in reading order across the batch (may be None for text only). Text tokens count on
+    from the previous position; an image of grid (t, h, w) at start s gets t/h/w
+    positions s + (t, h / m, w / m) indices and the text after it continues at
+    s + max(h, w) / m. Padding gets 0.
+    Returns (positions int32 [3, B, L], next position int32 [B] = max + 1 per row).
+    """
+    ids = np.asarray(input_ids)
+    b, length = ids.shape
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    m = cfg.vision.spatial_merge_size
+    grids = iter([] if grid_thw is None else np.asarray(grid_thw).tolist())
+    out = np.zeros((3, b, length), np.int64)
+    next_pos = np.zeros((b,), np.int64)
+    for r in range(b):
+        types = (ids[r][mask[r]] == cfg.image_token_id).astype(np.int8)
+        pieces, pos = [], 0
+        for kind, group in itertools.groupby(types.tolist()):
+            n = len(list(group))
+            if kind == 0:
+                pieces.append(np.broadcast_to(np.arange(n) + pos, (3, n)))
+                pos += n
+                continue
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise ValueError("input_ids holds more image-token spans than image_grid_thw has images") from None
+            gt, gh, gw = t, h // m, w // m
+            if n != gt * gh * gw:
+                raise ValueError(
+                    f"input_ids row {r}: an image-token span of {n} tokens does not match its grid "
+                    f"({t}, {h}, {w}), which gives {gt * gh * gw} tokens"
+                )
+            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+            pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos)
+            pos += max(h, w) // m
+        row = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+        out[:, r, mask[r]] = row
+        next_pos[r] = (row.max() + 1) if row.size else 0
+    if next(grids, None) is not None:
+        raise ValueError("image_grid_thw has more images than input_ids has image-token spans")
+    return out.astype(np.int32), next_pos.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+def segment_mask(segment: jax.Array) -> jax.Array:
+    """bool [1, P, P]: row i sees column j iff they share a segment (block-diagonal)."""
+    return (segment[:, None] == segment[None, :])[None]
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.num_heads = cfg.num_heads
+        self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [P, D]; cos, sin: f32 [P, Dh / 2]; mask: bool [1, P, P]."""
+        p, d = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
+        # transformers rotates in f32 and casts back
+        q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        out = dot_product_attention(q[None], k[None], v[None], mask)
+        return self.proj(out.reshape(p, d))
+
+
+class VisionMLP(nnx.Module):
+    """SwiGLU with biases."""
+
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        lin = lambda din, dout: nnx.Linear(din, dout, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.norm1 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.mlp = VisionMLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, concatenate each spatial_merge_size^2 block, Linear -> exact GELU -> Linear."""
+
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.width = cfg.hidden_size * cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.fc1 = nnx.Linear(self.width, self.width, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.fc2 = nnx.Linear(self.width, cfg.out_hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[P, D] (window order) -> [P / merge_unit, out_hidden_size]."""
+        return self.fc2(jax.nn.gelu(self.fc1(self.ln_q(x).reshape(-1, self.width)), approximate=False))
+
+
+class Qwen2_5_VisionTransformer(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.config = cfg
+        # Conv3d with stride == kernel over one flattened patch is a matmul (no bias).
+        self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs)
+
+    def _angles(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """2-D axial rotary: [P, 2] (h, w) -> f32 cos, sin [P, Dh / 2] (h angles, then w)."""
+        inv_freq = rope_inverse_frequencies(self.config.head_dim // 2, self.config.rope_theta)
+        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [P, 2, Dh / 4]
+        freqs = freqs.reshape(positions.shape[0], -1)
+        return jnp.cos(freqs), jnp.sin(freqs)
+
+    def blocks_out(self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None) -> list[jax.Array]:
+        """Hidden states after each block, in window order: list of [P, D]."""
+        cfg = self.config
+        x = self.patch_embed(jnp.take(pixel_values.astype(self.patch_embed.kernel.dtype), layout.order, axis=0))
+        cos, sin = self._angles(layout.positions)
+        window_mask = segment_mask(layout.window_segment)
+        image_mask = segment_mask(layout.image_segment)
+        states = []
+        for i, block in enumerate(self.blocks[: cfg.depth if num_blocks is None else num_blocks]):
+            x = block(x, cos, sin, image_mask if i in cfg.fullatt_block_indexes else window_mask)
+            states.append(x)
+        return states
+
+    def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """pixel_values [P, C*T*p*p] (rows beyond the real patches are padding) -> merged
+        tokens [P / merge_unit, out_hidden_size] in input order, padding last."""
+        merged = self.merger(self.blocks_out(pixel_values, layout)[-1])
+        return jnp.take(merged, layout.inverse, axis=0)
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.visual = Qwen2_5_VisionTransformer(cfg.vision, rngs=rngs)
+        self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
+
+    def image_features(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """Merged visual tokens in the LLM embedding space [U, D_text], images concatenated."""
+        return self.visual(pixel_values, layout)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Text embeddings [B, L, D] (image placeholders embed as themselves; replaced later)."""
+        return self.language_model.embed(input_ids)
+
+    def inputs_embeds(self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: VisionLayout | None) -> jax.Array:
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.image_features(pixel_values, layout)[None]
+        return merge_image_features(input_ids, embeds, features, self.config.image_token_id)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        layout: VisionLayout | None,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+    ) -> jax.Array:
+        """Full forward (no cache): f32 logits [B, L, V].
+
+        positions: int [3, B, L] from `rope_index`; attention_mask: [B, L] (left padding).
+        """
+        embeds = self.inputs_embeds(input_ids, pixel_values, layout)
+        hidden, _ = self.language_model.model(embeds, positions, padding_causal_mask(attention_mask))
+        return self.language_model.logits(hidden)
