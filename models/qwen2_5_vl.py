@@ -34,6 +34,7 @@ from models.layers import (
 )
 from models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
 from models.llava import merge_image_features
+from models.protocol import MultimodalInputs
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
@@ -295,6 +296,150 @@ def rope_index(
     return out.astype(np.int32), next_pos.astype(np.int32)
 
 
+class QwenAux(NamedTuple):
+    """Host-computed arrays the jitted Qwen2.5-VL programs take (a pytree; see `prepare_batch`)."""
+
+    layout: VisionLayout
+    positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
+    next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
+    feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image token, -1 elsewhere
+    visual_index: np.ndarray | None  # int32 [B, N]: each row's image span as merged-token indices
+    visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to pad a span to N
+
+
+class PreparedBatch(NamedTuple):
+    input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
+    attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
+    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p], zero rows appended up to the layout length
+    aux: QwenAux | None
+    visual_counts: np.ndarray | None  # int [B]: real visual tokens per row (one image per row), else None
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    extra = -ids.shape[1] % multiple
+    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
+
+
+def pad_image_spans(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int, slots: int, pad_id: int):
+    """Give every row's single image span exactly `slots` positions.
+
+    The added slots (image ids with mask 0, right after the real span) are masked out
+    of attention and excluded from positions; rows are re-left-padded to one length.
+    Returns (input_ids, attention_mask) int32 [B, L'].
+    """
+    rows_ids, rows_mask = [], []
+    for ids, mask in zip(input_ids, attention_mask):
+        real = np.flatnonzero((ids == image_token_id) & (mask != 0))
+        extra = slots - real.size
+        at = real[-1] + 1
+        rows_ids.append(np.concatenate([ids[:at], np.full(extra, image_token_id), ids[at:]]))
+        rows_mask.append(np.concatenate([mask[:at], np.zeros(extra, mask.dtype), mask[at:]]))
+    length = max(r.size for r in rows_ids)
+    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
+    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def prepare_batch(
+    cfg: "Qwen2_5_VLConfig",
+    input_ids,
+    attention_mask,
+    pixel_values,
+    image_grid_thw,
+    *,
+    one_image_per_row: bool = False,
+    span_slots: int | None = None,
+    patch_length: int | None = None,
+    pad_id: int = 0,
+    prompt_multiple: int | None = None,
+) -> PreparedBatch:
+    """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
+
+    input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the
+    processor's flattened patches of all images; image_grid_thw: [n, 3]. With
+    `one_image_per_row` (pruning), each row holds exactly one image and `aux` carries its
+    span as merged-token indices; `span_slots` then pads every span to that many slots
+    (>= the largest image), so images of different sizes give one shape. `patch_length`
+    pads the patch rows (a bucket) for the tower; `prompt_multiple` left-pads the prompt
+    to a multiple of it. Raises ValueError naming the argument.
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+    vc = cfg.vision
+    image = ids == cfg.image_token_id
+    if (ids == cfg.video_token_id).any():
+        raise ValueError("input_ids holds video tokens: video input is not supported for Qwen2.5-VL (images only)")
+    if pixel_values is None:
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw was given without pixel_values")
+        if (image & (mask != 0)).any():
+            raise ValueError("input_ids holds image tokens but pixel_values is None")
+        if prompt_multiple:
+            ids, mask = _left_pad(ids, mask, prompt_multiple, pad_id)
+        positions, next_pos = rope_index(ids, mask, None, cfg)
+        aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
+        return PreparedBatch(ids.astype(np.int32), mask, None, aux, None)
+    if image_grid_thw is None:
+        raise ValueError(
+            "image_grid_thw is required with pixel_values for Qwen2.5-VL: the processor returns it "
+            "(int [num_images, 3] of t, h, w patches)"
+        )
+    grid = check_grid(image_grid_thw, vc)
+    pixels = np.asarray(pixel_values)
+    if pixels.ndim != 2 or pixels.shape[1] != vc.patch_dim:
+        raise ValueError(
+            f"pixel_values must be the processor's flattened patches [num_patches, {vc.patch_dim}] "
+            f"(C*T*p*p = {vc.in_channels}*{vc.temporal_patch_size}*{vc.patch_size}*{vc.patch_size}), "
+            f"got shape {pixels.shape}"
+        )
+    if pixels.shape[0] != num_patches(grid):
+        raise ValueError(
+            f"pixel_values holds {pixels.shape[0]} patch rows but image_grid_thw {grid.tolist()} "
+            f"needs sum(t*h*w) = {num_patches(grid)}"
+        )
+    counts = image_token_counts(grid, vc)
+    found = int((image & (mask != 0)).sum())
+    if found != counts.sum():
+        raise ValueError(
+            f"input_ids holds {found} image tokens (id {cfg.image_token_id}) but image_grid_thw gives "
+            f"{counts.tolist()} = {int(counts.sum())} merged tokens"
+        )
+    spans = image_spans(ids, mask, cfg.image_token_id)
+    visual_counts = None
+    if one_image_per_row:
+        per_row = [len(s) for s in spans]
+        if per_row != [1] * len(spans) or len(grid) != ids.shape[0]:
+            raise ValueError(
+                f"pruning needs exactly one image per prompt: image spans per row {per_row}, "
+                f"{len(grid)} image(s) for {ids.shape[0]} prompt(s)"
+            )
+        visual_counts = counts.copy()
+        slots = int(counts.max()) if span_slots is None else int(span_slots)
+        if slots < counts.max():
+            raise ValueError(f"span_slots={slots} is smaller than the largest image ({int(counts.max())} tokens)")
+        if slots > counts.min() or (span_slots is not None):
+            ids, mask = pad_image_spans(ids, mask, cfg.image_token_id, slots, pad_id)
+    if prompt_multiple:
+        ids, mask = _left_pad(ids, mask, prompt_multiple, pad_id)
+    positions, next_pos = rope_index(ids, mask, grid, cfg)  # also checks each span against its grid
+    real_image = (ids == cfg.image_token_id) & (mask != 0)
+    feature_index = np.full(ids.shape, -1, np.int64)
+    feature_index[real_image] = np.arange(int(real_image.sum()))  # reading order = merged-token order
+    visual_index = visual_valid = None
+    if one_image_per_row:
+        slots_mask = ids == cfg.image_token_id
+        visual_index = feature_index[slots_mask].reshape(ids.shape[0], -1)
+        visual_valid = visual_index >= 0
+        visual_index = np.maximum(visual_index, 0).astype(np.int32)
+    total = num_patches(grid)
+    length = total if patch_length is None else max(int(patch_length), total)
+    pixels = np.pad(pixels.astype(np.float32), ((0, length - total), (0, 0)))
+    aux = QwenAux(
+        vision_layout(grid, vc, length=length), positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid
+    )
+    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts)
+
+
 # ----------------------------------------------------------------------------- vision tower
 
 
@@ -423,6 +568,21 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             return embeds
         features = self.image_features(pixel_values, layout)[None]
         return merge_image_features(input_ids, embeds, features, self.config.image_token_id)
+
+    def multimodal_inputs(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux: QwenAux
+    ) -> MultimodalInputs:
+        """The family protocol (models.protocol), with `aux` from `prepare_batch`: 3-D
+        positions, visual tokens written at `aux.feature_index`, and with one image per
+        row the per-row visual tokens [B, N, D] for pruning."""
+        text = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return MultimodalInputs(text, text, aux.positions, aux.next_position, None, None)
+        features = self.image_features(pixel_values, aux.layout)  # [U, D]
+        index = aux.feature_index
+        merged = jnp.where((index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text)
+        visual = None if aux.visual_index is None else features[aux.visual_index]
+        return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid)
 
     def __call__(
         self,
