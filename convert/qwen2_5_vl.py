@@ -58,7 +58,9 @@ _VISION_MAPPED = (
     "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size", "hidden_act",
 )
 # tokens_per_second spaces video frames' temporal positions only (images have t = 1).
-_VISION_IGNORED = {"tokens_per_second", "rope_parameters"}
+# in_chans / spatial_patch_size: legacy hub names transformers keeps but never reads
+# (it uses in_channels / patch_size), so they cannot change the forward pass.
+_VISION_IGNORED = {"tokens_per_second", "rope_parameters", "in_chans", "spatial_patch_size"}
 _TEXT_MAPPED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "hidden_act",
@@ -67,7 +69,8 @@ _TEXT_MAPPED = (
 _TEXT_IGNORED = {"tie_word_embeddings", "sliding_window", "max_window_layers", "use_sliding_window", "layer_types",
                  "rope_parameters", "rope_scaling", "rope_theta"}
 _TOP_MAPPED = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_TOP_IGNORED = {"text_config", "vision_config", "tie_word_embeddings", "vocab_size"}
+# vision_token_id: a legacy hub field the model never reads.
+_TOP_IGNORED = {"text_config", "vision_config", "tie_word_embeddings", "vocab_size", "vision_token_id"}
 
 
 def _text_rope(text: dict, errors: list[str]) -> tuple[float, tuple[int, ...] | None]:

@@ -123,3 +123,24 @@ def test_reports_every_mapping_problem(tiny, tmp_path):
     assert "3 problem(s)" in msg
     assert "visual.merger.ln_q.scale" in msg and "visual.blocks.0.attn.qkv.bias" in msg and "visual.extra.weight" in msg
     assert not (tmp_path / "out").exists()
+
+
+def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path):
+    """Hub configs written by transformers 4.x keep the text fields at the top level with
+    rope_scaling {"type": "mrope"} and legacy names (in_chans, spatial_patch_size,
+    vision_token_id) that transformers ignores: they must give the same config."""
+    from convert.core import load_hf_config
+    from convert.qwen2_5_vl import qwen2_5_vl_config_from_hf
+
+    cfg = json.loads((tiny.path / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    legacy = {**cfg, **{k: v for k, v in text.items() if k not in ("model_type", "dtype")}}
+    legacy["rope_theta"] = rope["rope_theta"]
+    legacy["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    legacy["vision_config"].update(in_chans=3, spatial_patch_size=legacy["vision_config"]["patch_size"])
+    legacy["vision_token_id"] = 12345
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(legacy))
+    ours = qwen2_5_vl_config_from_hf(load_hf_config(tmp_path / "legacy"))
+    assert ours == qwen2_5_vl_config_from_hf(load_hf_config(tiny.path))
