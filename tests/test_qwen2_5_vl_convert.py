@@ -12,7 +12,7 @@ import pytest
 from convert.core import ConversionError
 from convert.qwen2_5_vl import convert, map_key
 from models.checkpoint import flatten, read_config, restore_params, param_template
-from tests.qwen2_5_vl_helpers import convert_cli, converted, tiny_model
+from tests.qwen2_5_vl_helpers import converted, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,7 @@ def test_both_layouts_give_identical_params(tiny, tmp_path):
     saved = _params(converted(tiny))
     assert any(k.startswith("visual.") for k in saved) and "language_model.lm_head.kernel" in saved
     src = _rewrite(tiny.path, tmp_path / "in_memory", _in_memory)
-    proc = convert_cli(src, tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr
+    convert(src, tmp_path / "out", progress=False)  # in process (the CLI made `saved`)
     other = _params(tmp_path / "out")
     assert saved.keys() == other.keys()
     for k in saved:
@@ -84,25 +83,51 @@ def _with_config(tiny, tmp_path, edit):
     return dst
 
 
+@pytest.fixture(scope="module")
+def hf_config_dict(tiny):
+    from convert.core import load_hf_config
+
+    return load_hf_config(tiny.path)  # as transformers reads it (a child process: read once)
+
+
 REFUSALS = {
     "sliding_window": (lambda c: c["text_config"].update(use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+    "layer_types": (
+        lambda c: c["text_config"].update(layer_types=["sliding_attention", "full_attention"]), "layer_types"
+    ),
     "rope_type": (
         lambda c: c["text_config"]["rope_parameters"].update(rope_type="linear", factor=2.0),
         "rope_type='linear'",
     ),
+    "no_mrope": (lambda c: c["text_config"]["rope_parameters"].pop("mrope_section"), "mrope_section is missing"),
+    "vision_rope": (lambda c: c["vision_config"].update(rope_parameters={"rope_type": "2d"}), "vision_config.rope_parameters"),
     "unknown_vision_field": (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]), "deepstack_visual_indexes"),
+    "unknown_text_field": (lambda c: c["text_config"].update(attn_logit_softcapping=30.0), "attn_logit_softcapping"),
     "unknown_top_field": (lambda c: c.update(use_temporal_merge=True), "use_temporal_merge"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_refuses_unsupported_config(tiny, tmp_path, case):
+def test_refuses_unsupported_config(hf_config_dict, case):
+    import copy
+
+    from convert.hf_config import UnsupportedConfigError
+    from convert.qwen2_5_vl import qwen2_5_vl_config_from_hf
+
     edit, needle = REFUSALS[case]
-    src = _with_config(tiny, tmp_path, edit)
-    out = tmp_path / "out"
-    with pytest.raises(ConversionError) as err:
-        convert(src, out, progress=False)
+    cfg = copy.deepcopy(hf_config_dict)
+    edit(cfg)
+    with pytest.raises(UnsupportedConfigError) as err:
+        qwen2_5_vl_config_from_hf(cfg)
     assert needle in str(err.value)
+
+
+def test_refusal_leaves_out_untouched(tiny, tmp_path):
+    """Through the converter (transformers reads the edited config.json): nothing at OUT."""
+    src = _with_config(tiny, tmp_path, REFUSALS["sliding_window"][0])
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="use_sliding_window"):
+        convert(src, out, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -125,7 +150,7 @@ def test_reports_every_mapping_problem(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path):
+def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path, hf_config_dict):
     """Hub configs written by transformers 4.x keep the text fields at the top level with
     rope_scaling {"type": "mrope"} and legacy names (in_chans, spatial_patch_size,
     vision_token_id) that transformers ignores: they must give the same config."""
@@ -143,4 +168,4 @@ def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path):
     (tmp_path / "legacy").mkdir()
     (tmp_path / "legacy" / "config.json").write_text(json.dumps(legacy))
     ours = qwen2_5_vl_config_from_hf(load_hf_config(tmp_path / "legacy"))
-    assert ours == qwen2_5_vl_config_from_hf(load_hf_config(tiny.path))
+    assert ours == qwen2_5_vl_config_from_hf(hf_config_dict)

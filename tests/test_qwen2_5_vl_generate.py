@@ -53,9 +53,13 @@ def test_greedy_generation_matches_hf(tiny, vlm):
     )
     np.testing.assert_array_equal(res.sequences, ref[:, : res.sequences.shape[1]])
     assert res.sequences.shape[1] == ref.shape[1] or (ref[:, res.sequences.shape[1]:] == vlm.pad_token_id).all()
-    # generate_tokens (array API) gives the same tokens.
+    # generate_tokens (array API) gives the same tokens (prompt pre-padded to generate's
+    # bucket, so the compiled programs are shared).
+    extra = -a["input_ids"].shape[1] % generation.PROMPT_BUCKET
+    ids = np.pad(a["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
+    mask = np.pad(a["attention_mask"], ((0, 0), (extra, 0)))
     out = zspa_jax.generate_tokens(
-        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"], image_grid_thw=a["image_grid_thw"], max_new_tokens=12
+        vlm, ids, a["pixel_values"], mask, image_grid_thw=a["image_grid_thw"], max_new_tokens=12
     )
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, : res.sequences.shape[1]], res.sequences)
 
