@@ -5,8 +5,10 @@ flattened patches `[P, C * T * p * p]` (all images of a batch concatenated) and
 `image_grid_thw [n, 3]`. Everything that depends on the grid values (window order,
 rotary positions, attention segments, 3-D LLM positions) is computed on the host in
 numpy by `vision_layout` and `rope_index`, so the jitted programs only see arrays of
-static shape; padding the patch count to a bucket (`vision_layout(..., length=)`) lets
-images of different sizes share one compiled tower.
+static shape. The tower runs on fixed-size window blocks (padding slots fill partial
+windows), so windowed attention is one batched [windows, S, S] attention; padding the
+window count to a bucket (`vision_layout(..., windows=)`) lets images of different
+sizes share one compiled tower.
 
 The language model is `models.llama.LlamaForCausalLM` with q/k/v biases and
 `mrope_section`: the same decoder and KV cache as LLaVA's.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -141,16 +144,19 @@ class Qwen2_5_VLConfig:
 
 
 class VisionLayout(NamedTuple):
-    """Grid-dependent index arrays for the tower, in window order (see `vision_layout`).
+    """Grid-dependent index arrays for the tower (see `vision_layout`).
 
-    P = patch rows (real + padding), U = P / merge_unit merged tokens.
+    The tower runs on P = W * S slots: W windows of S = window_slots patch rows each, in
+    transformers' window order. A window holding fewer patches (at an image's right or
+    bottom edge) and the windows added to reach a bucket are filled with padding slots.
+    U = P / merge_unit merged slots.
     """
 
-    order: np.ndarray  # int32 [P]: source patch row of each window-ordered row
-    positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each window-ordered row
-    window_segment: np.ndarray  # int32 [P]: attention segment in windowed blocks (-1: padding)
-    image_segment: np.ndarray  # int32 [P]: attention segment in full-attention blocks (-1: padding)
-    inverse: np.ndarray  # int32 [U]: window-ordered merged token of each merged token, in input order
+    order: np.ndarray  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
+    positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
+    valid: np.ndarray  # bool [P]: the slot holds a real patch
+    image_segment: np.ndarray  # int32 [P]: full-attention segment (image frame) of each slot, -1 padding
+    inverse: np.ndarray  # int32 [U]: merged slot of each merged token in input order, padding slots last
 
 
 def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
@@ -174,58 +180,75 @@ def num_patches(grid_thw: np.ndarray) -> int:
     return int(np.prod(np.asarray(grid_thw), axis=-1).sum())
 
 
-def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, length: int | None = None) -> VisionLayout:
+def window_slots(cfg: Qwen2_5_VLVisionConfig) -> int:
+    """Patch rows per window slot block: window_merged^2 merged tokens of merge_unit patches."""
+    return cfg.window_merged**2 * cfg.merge_unit
+
+
+def num_windows(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> int:
+    """Non-empty windows of all images (what the tower's slot count is made of)."""
+    win, m = cfg.window_merged, cfg.spatial_merge_size
+    return int(sum(t * -(-(h // m) // win) * -(-(w // m) // win) for t, h, w in np.asarray(grid_thw).tolist()))
+
+
+def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None) -> VisionLayout:
     """Window order, rotary positions and attention segments for the images of `grid_thw`.
 
     Mirrors transformers' `get_vision_window_index`, `get_vision_position_ids` and
     `get_vision_cu_seqlens`: merged tokens are grouped into windows of `window_merged`
     per side (edge windows smaller), concatenated window by window, image by image.
-    Windowed blocks attend within a window, full-attention blocks within an image (one
-    frame); segments are contiguous in window order. `length` pads the patch count with
-    rows that only see each other (segment -1) and come out last.
+    Here every window gets `window_slots` slots (padding after its real patches), so
+    windowed attention is one batched [W, S, S] attention; full-attention blocks attend
+    within an image (one frame). `windows` (>= the real count) adds all-padding windows:
+    a bucket, so images of different sizes share one compiled tower.
     """
     grid = check_grid(grid_thw, cfg)
     m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
+    slots = window_slots(cfg)
     real = num_patches(grid)
-    length = real if length is None else int(length)
-    if length < real or length % unit:
-        raise ValueError(f"layout length {length} must be >= {real} patches and a multiple of {unit}")
-    window_index, window_seg, positions = [], [], []
-    offset = seg = 0
+    needed = num_windows(grid, cfg)
+    windows = needed if windows is None else int(windows)
+    if windows < needed:
+        raise ValueError(f"layout windows {windows} must be >= the {needed} windows of image_grid_thw")
+    order = np.full((windows, slots), real, np.int64)  # `real` indexes the zero row appended to the patches
+    positions = np.zeros((windows, slots, 2), np.int64)
+    segment = np.full((windows, slots), -1, np.int64)
+    merged_slot = np.zeros(real // unit, np.int64)  # merged token (input order) -> merged slot
+    w_i = offset = frame = 0
     for t, h, w in grid.tolist():
         gh, gw = h // m, w // m
-        index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        pad_h, pad_w = (-gh) % win, (-gw) % win  # transformers pads a full window more; empty windows vanish
-        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
-        nh, nw = padded.shape[1] // win, padded.shape[2] // win
-        windows = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(-1, win * win)
-        for window in windows:
-            tokens = window[window >= 0]
-            if tokens.size:
-                window_index.append(tokens + offset)
-                window_seg.append(np.full(tokens.size * unit, seg))
-                seg += 1
         # (h, w) of every patch, merge-block major: transformers' get_vision_position_ids.
         hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         block = (gh, m, gw, m)
         hw = np.stack([a.reshape(block).transpose(0, 2, 1, 3).ravel() for a in (hpos, wpos)], -1)
-        positions.append(np.tile(hw, (t, 1)))
-        offset += t * gh * gw
-    # Full-attention segments: one per frame of each image (cu_seqlens), in input order;
-    # window order permutes only within an image, so they stay contiguous.
-    frames = np.repeat(np.arange(int(grid[:, 0].sum())), np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))
-    merged_index = np.concatenate(window_index)
-    patch_order = (merged_index[:, None] * unit + np.arange(unit)).ravel()
-    pad = length - real
-    order = np.concatenate([patch_order, np.arange(real, length)])
-    pos = np.concatenate(positions)[patch_order]
-    units = length // unit
-    inverse = np.concatenate([np.argsort(merged_index), np.arange(real // unit, units)])
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = (-gh) % win, (-gw) % win  # transformers pads a full window more; empty windows vanish
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+        nh, nw = padded.shape[1] // win, padded.shape[2] // win
+        tiles = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, -1, win * win)
+        for f in range(t):
+            for tile in tiles[f]:
+                tokens = tile[tile >= 0]  # merged tokens of this window, in window order
+                if not tokens.size:
+                    continue
+                rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the image
+                n = rows.size
+                order[w_i, :n] = rows + offset
+                positions[w_i, :n] = hw[rows % (gh * gw * unit)]
+                segment[w_i, :n] = frame + f
+                merged_slot[offset // unit + tokens] = w_i * (slots // unit) + np.arange(tokens.size)
+                w_i += 1
+        offset += t * gh * gw * unit
+        frame += t
+    total_merged = windows * slots // unit
+    used = np.zeros(total_merged, bool)
+    used[merged_slot] = True
+    inverse = np.concatenate([merged_slot, np.flatnonzero(~used)])
     return VisionLayout(
-        order=order.astype(np.int32),
-        positions=np.concatenate([pos, np.zeros((pad, 2), np.int64)]).astype(np.int32),
-        window_segment=np.concatenate([np.concatenate(window_seg), np.full(pad, -1)]).astype(np.int32),
-        image_segment=np.concatenate([frames[patch_order], np.full(pad, -1)]).astype(np.int32),
+        order=order.ravel().astype(np.int32),
+        positions=positions.reshape(-1, 2).astype(np.int32),
+        valid=(order.ravel() < real),
+        image_segment=segment.ravel().astype(np.int32),
         inverse=inverse.astype(np.int32),
     )
 
@@ -310,7 +333,7 @@ class QwenAux(NamedTuple):
 class PreparedBatch(NamedTuple):
     input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
     attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
-    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p], zero rows appended up to the layout length
+    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the patches, then zero rows up to the layout's P slots
     aux: QwenAux | None
     visual_counts: np.ndarray | None  # int [B]: real visual tokens per row (one image per row), else None
 
@@ -349,7 +372,7 @@ def prepare_batch(
     *,
     one_image_per_row: bool = False,
     span_slots: int | None = None,
-    patch_length: int | None = None,
+    windows: int | None = None,
     pad_id: int = 0,
     prompt_multiple: int | None = None,
 ) -> PreparedBatch:
@@ -359,8 +382,8 @@ def prepare_batch(
     processor's flattened patches of all images; image_grid_thw: [n, 3]. With
     `one_image_per_row` (pruning), each row holds exactly one image and `aux` carries its
     span as merged-token indices; `span_slots` then pads every span to that many slots
-    (>= the largest image), so images of different sizes give one shape. `patch_length`
-    pads the patch rows (a bucket) for the tower; `prompt_multiple` left-pads the prompt
+    (>= the largest image), so images of different sizes give one shape. `windows` pads
+    the tower to that many windows (a bucket); `prompt_multiple` left-pads the prompt
     to a multiple of it. Raises ValueError naming the argument.
     """
     ids = np.asarray(input_ids)
@@ -431,21 +454,45 @@ def prepare_batch(
         visual_index = feature_index[slots_mask].reshape(ids.shape[0], -1)
         visual_valid = visual_index >= 0
         visual_index = np.maximum(visual_index, 0).astype(np.int32)
-    total = num_patches(grid)
-    length = total if patch_length is None else max(int(patch_length), total)
-    pixels = np.pad(pixels.astype(np.float32), ((0, length - total), (0, 0)))
-    aux = QwenAux(
-        vision_layout(grid, vc, length=length), positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid
-    )
+    layout = vision_layout(grid, vc, windows=None if windows is None else max(int(windows), num_windows(grid, vc)))
+    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid)
+    # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
+    pixels = np.pad(pixels.astype(np.float32), ((0, layout.order.size - pixels.shape[0]), (0, 0)))
     return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts)
 
 
 # ----------------------------------------------------------------------------- vision tower
 
 
-def segment_mask(segment: jax.Array) -> jax.Array:
-    """bool [1, P, P]: row i sees column j iff they share a segment (block-diagonal)."""
-    return (segment[:, None] == segment[None, :])[None]
+QUERY_CHUNK = 1024  # full-attention blocks score this many queries at a time (memory ~ H * chunk * P)
+
+
+def _windowed_attention(q, k, v, valid, slots: int) -> jax.Array:
+    """q, k, v: [P, H, Dh] in window order, P = W * slots; valid: bool [P]. Each window
+    attends within itself (padding slots are never keys). Returns [P, H, Dh]."""
+    p, h, dh = q.shape
+    w = p // slots
+    q, k, v = (a.reshape(w, slots, h, dh) for a in (q, k, v))
+    mask = jnp.broadcast_to(valid.reshape(w, 1, slots), (w, slots, slots))
+    return dot_product_attention(q, k, v, mask).reshape(p, h, dh)
+
+
+def _segment_attention(q, k, v, segment) -> jax.Array:
+    """Full attention within segments (images): q, k, v [P, H, Dh]; segment int [P], -1 =
+    padding (never a key). Queries go in chunks so scores stay [H, chunk, P]."""
+    p, h, dh = q.shape
+    chunk = math.gcd(p, QUERY_CHUNK)
+    keys_ok = segment >= 0
+
+    def one(args):
+        qc, seg = args  # [chunk, H, Dh], [chunk]
+        mask = (seg[:, None] == segment[None, :]) & keys_ok[None, :]
+        return dot_product_attention(qc[None], k[None], v[None], mask[None])[0]
+
+    if chunk == p:
+        return one((q, segment))
+    out = jax.lax.map(one, (q.reshape(p // chunk, chunk, h, dh), segment.reshape(p // chunk, chunk)))
+    return out.reshape(p, h, dh)
 
 
 class VisionAttention(nnx.Module):
@@ -455,14 +502,17 @@ class VisionAttention(nnx.Module):
         self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
         self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [P, D]; cos, sin: f32 [P, Dh / 2]; mask: bool [1, P, P]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool, slots: int):
+        """x: [P, D]; cos, sin: f32 [P, Dh / 2]. Windowed attention, or per image when `full`."""
         p, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
         # transformers rotates in f32 and casts back
         q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
-        out = dot_product_attention(q[None], k[None], v[None], mask)
+        if full:
+            out = _segment_attention(q, k, v, layout.image_segment)
+        else:
+            out = _windowed_attention(q, k, v, layout.valid, slots)
         return self.proj(out.reshape(p, d))
 
 
@@ -489,8 +539,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
         self.mlp = VisionMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, layout, full: bool, slots: int):
+        x = x + self.attn(self.norm1(x), cos, sin, layout, full, slots)
         return x + self.mlp(self.norm2(x))
 
 
@@ -526,21 +576,24 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         return jnp.cos(freqs), jnp.sin(freqs)
 
     def blocks_out(self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None) -> list[jax.Array]:
-        """Hidden states after each block, in window order: list of [P, D]."""
+        """Hidden states after each block on the layout's slots: list of [P, D]
+        (`layout.valid` marks the real patches, in transformers' window order)."""
         cfg = self.config
-        x = self.patch_embed(jnp.take(pixel_values.astype(self.patch_embed.kernel.dtype), layout.order, axis=0))
+        dt = self.patch_embed.kernel.dtype
+        # One zero row after the real patches: what every padding slot reads.
+        pixels = jnp.concatenate([pixel_values.astype(dt), jnp.zeros((1, pixel_values.shape[1]), dt)])
+        x = self.patch_embed(jnp.take(pixels, layout.order, axis=0))
         cos, sin = self._angles(layout.positions)
-        window_mask = segment_mask(layout.window_segment)
-        image_mask = segment_mask(layout.image_segment)
+        slots = window_slots(cfg)
         states = []
         for i, block in enumerate(self.blocks[: cfg.depth if num_blocks is None else num_blocks]):
-            x = block(x, cos, sin, image_mask if i in cfg.fullatt_block_indexes else window_mask)
+            x = block(x, cos, sin, layout, i in cfg.fullatt_block_indexes, slots)
             states.append(x)
         return states
 
     def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
-        """pixel_values [P, C*T*p*p] (rows beyond the real patches are padding) -> merged
-        tokens [P / merge_unit, out_hidden_size] in input order, padding last."""
+        """pixel_values [num_patches (+ zero rows), C*T*p*p] -> merged tokens [U, out_hidden_size]: the
+        images' tokens in input order first, then padding slots."""
         merged = self.merger(self.blocks_out(pixel_values, layout)[-1])
         return jnp.take(merged, layout.inverse, axis=0)
 

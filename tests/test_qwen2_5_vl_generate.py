@@ -183,8 +183,9 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
 
 
 def test_one_program_across_image_sizes(tiny, vlm):
-    """Three image sizes (patch counts 140, 160, 192: one tower bucket; merged 35, 40, 48:
-    one span bucket) with pruning compile one prefill and one decode program."""
+    """Three image sizes (grids 10x14, 10x16, 12x16 patches: 12 windows each, one window
+    bucket; 35, 40, 48 merged tokens: one span bucket) with pruning compile one prefill and
+    one decode program."""
     prune = zspa_jax.PruneConfig(keep=8)
     sizes = [(40, 56), (40, 64), (48, 64)]
     zspa_jax.generate(vlm, ["what is this"], [random_image(*sizes[0], seed=40)], max_new_tokens=4, prune=prune)

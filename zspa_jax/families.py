@@ -21,7 +21,7 @@ from models.checkpoint import family_of
 from models import qwen2_5_vl as qwen
 from zspa_jax.pruning import PruneConfig
 
-PATCH_BUCKET_MIN = 64  # the tower's patch count is padded to a power of two >= this
+WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
 SPAN_BUCKET = 64  # pruning: each image span is padded to a multiple of this many slots
 
 
@@ -110,10 +110,11 @@ class QwenAdapter:
         cfg = vlm.config
         pruning = prune is not None and pixel_values is not None
         grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
-        span_slots = patch_length = None
+        span_slots = windows = None
         if bucket and pixel_values is not None and grid is not None and grid.ndim == 2 and grid.shape[-1] == 3:
-            total = int(np.prod(grid, axis=-1).sum())
-            patch_length = max(PATCH_BUCKET_MIN, 1 << max(total - 1, 0).bit_length())
+            qwen.check_grid(grid, cfg.vision)
+            needed = qwen.num_windows(grid, cfg.vision)
+            windows = max(WINDOW_BUCKET_MIN, 1 << max(needed - 1, 0).bit_length())
             if pruning:
                 span_slots = _round_up(int(np.prod(grid, axis=-1).max()) // cfg.vision.merge_unit, SPAN_BUCKET)
         batch = qwen.prepare_batch(
@@ -124,7 +125,7 @@ class QwenAdapter:
             grid,
             one_image_per_row=pruning,
             span_slots=span_slots,
-            patch_length=patch_length,
+            windows=windows,
             pad_id=vlm.pad_token_id,
             prompt_multiple=prompt_bucket,
         )
@@ -277,7 +278,7 @@ def prepare_arrays(
     """Validate arrays (before any compile) and build the family's host batch.
 
     `bucket`: pad the family's image-dependent shapes to buckets (Qwen2.5-VL: the tower's
-    patch rows and, when pruning, each image span), so images of different sizes share
+    window count and, when pruning, each image span), so images of different sizes share
     compiled programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
     """
     return adapter(vlm).prepare(
