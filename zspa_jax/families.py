@@ -20,6 +20,7 @@ import numpy as np
 from models.checkpoint import family_of
 from models import qwen2_5_vl as qwen
 from zspa_jax.pruning import PruneConfig
+from zspa_jax.validation import check_binary_mask, check_finite, check_ids_in_range
 
 WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
 SPAN_BUCKET = 64  # pruning: each image span is padded to a multiple of this many slots
@@ -57,6 +58,7 @@ def _check_ids(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     mask = np.asarray(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+    check_binary_mask("attention_mask", mask)
     if (mask[:, -1] == 0).any():
         raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
     return ids, mask.astype(np.int32)
@@ -108,6 +110,13 @@ class QwenAdapter:
             )
         ids, mask = _check_ids(input_ids, attention_mask)
         cfg = vlm.config
+        check_ids_in_range("input_ids", ids, cfg.text.vocab_size)
+        if pixel_values is not None:
+            pixels = np.asarray(pixel_values)
+            if not np.issubdtype(pixels.dtype, np.floating):
+                raise TypeError(f"pixel_values must be a float array of flattened patches, got dtype {pixels.dtype}")
+            if pixels.size:
+                check_finite("pixel_values", pixels, what="patch row")
         pruning = prune is not None and pixel_values is not None
         grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
         span_slots = windows = None

@@ -158,11 +158,10 @@ def select_tokens(
     the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
     give each batch row the result of running it alone. Ties go to the lower index.
     """
-    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng)
+    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, visual_mask)
     keep = operator.index(keep)
     b, n, _ = visual.shape
     if visual_mask is not None:
-        _validate_visual_mask(visual_mask, b, n, keep)
         if method == "uniform":
             return _uniform_masked(visual_mask != 0, keep)
         if method == "random":
@@ -188,7 +187,7 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
     shape = tuple(getattr(visual_mask, "shape", ()))
     if shape != (b, n):
         raise ValueError(f"visual_mask must have shape [B, N] = {(b, n)}, got {shape}")
-    if not isinstance(visual_mask, jax.core.Tracer):
+    if not is_traced(visual_mask):
         counts = np.asarray(visual_mask != 0).sum(axis=1)
         if (counts < keep).any():
             row = int(np.argmax(counts < keep))
@@ -207,7 +206,7 @@ def _uniform_masked(valid: jax.Array, keep: int) -> jax.Array:
     return jnp.take_along_axis(real_positions, rank, axis=1).astype(jnp.int32)
 
 
-def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> None:
+def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, visual_mask=None) -> None:
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
     for name, x in (("visual", visual), ("prompt", prompt)):
@@ -235,15 +234,20 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> Non
         if rng is None:
             raise ValueError("rng (a JAX PRNG key) is required for method='random'")
         check_rng("rng", rng)
-    _check_finite_values(visual, prompt, prompt_mask)
+    if visual_mask is not None:
+        _validate_visual_mask(visual_mask, b, n, keep)
+    _check_finite_values(visual, prompt, prompt_mask, visual_mask)
 
 
-def _check_finite_values(visual, prompt, prompt_mask) -> None:
-    """NaN/Inf in the visual tokens or in an unmasked prompt token: a ValueError naming the
-    row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
-    if is_traced(visual, prompt, prompt_mask):
+def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
+    """NaN/Inf in a real visual token or in an unmasked prompt token: a ValueError naming
+    the row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
+    if is_traced(visual, prompt, prompt_mask, visual_mask):
         return
-    finite_visual = np.asarray(jnp.all(jnp.isfinite(jnp.asarray(visual)), axis=(1, 2)))
+    finite_v = jnp.isfinite(jnp.asarray(visual))
+    if visual_mask is not None:  # padding slots may hold anything
+        finite_v |= ~(jnp.asarray(visual_mask) != 0)[..., None]
+    finite_visual = np.asarray(jnp.all(finite_v, axis=(1, 2)))
     finite = jnp.isfinite(jnp.asarray(prompt))
     if prompt_mask is not None:
         finite |= ~(jnp.asarray(prompt_mask) != 0)[..., None]
