@@ -17,6 +17,7 @@ class Transform(enum.Enum):
     IDENTITY = "identity"
     LINEAR = "linear"  # torch [out, in] -> flax kernel [in, out]
     CONV = "conv"  # torch OIHW -> flax HWIO
+    CONV_AS_LINEAR = "conv_as_linear"  # torch Conv3d [O, C, T, P, P] with stride == kernel -> kernel [C*T*P*P, O]
 
     def write_rows(self, out: np.ndarray, start: int, rows: np.ndarray) -> None:
         """Write source rows [start, start + len(rows)) (first torch axis) into `out`, the
@@ -28,6 +29,8 @@ class Transform(enum.Enum):
             out[:, start:stop] = rows.T
         elif self is Transform.CONV and rows.ndim == 4:
             out[..., start:stop] = rows.transpose(2, 3, 1, 0)
+        elif self is Transform.CONV_AS_LINEAR and rows.ndim >= 2:
+            out[:, start:stop] = rows.reshape(rows.shape[0], -1).T
         else:
             out[start:stop] = rows
 
@@ -36,6 +39,8 @@ class Transform(enum.Enum):
             return shape[::-1]
         if self is Transform.CONV and len(shape) == 4:
             return (shape[2], shape[3], shape[1], shape[0])
+        if self is Transform.CONV_AS_LINEAR and len(shape) >= 2:
+            return (int(np.prod(shape[1:])), shape[0])
         return shape
 
 
@@ -85,3 +90,32 @@ def map_key(key: str) -> tuple[str, Transform] | None:
         if pattern.match(canon):
             return pattern.sub(replacement, canon), transform
     return None
+
+
+KeyRules = tuple[tuple[re.Pattern, str, Transform], ...]
+Layouts = tuple[tuple[re.Pattern, str], ...]
+
+
+def compile_layouts(pairs) -> Layouts:
+    return tuple((re.compile(p), r) for p, r in pairs)
+
+
+def compile_rules(triples) -> KeyRules:
+    return tuple((re.compile(p), r, t) for p, r, t in triples)
+
+
+def table_mapper(layouts: Layouts, rules: KeyRules):
+    """A `map_key` for another family's tables: first matching layout prefix, then first rule."""
+
+    def mapper(key: str) -> tuple[str, Transform] | None:
+        canon = key
+        for pattern, prefix in layouts:
+            if pattern.search(key):
+                canon = pattern.sub(prefix, key, count=1)
+                break
+        for pattern, replacement, transform in rules:
+            if pattern.match(canon):
+                return pattern.sub(replacement, canon), transform
+        return None
+
+    return mapper

@@ -1,16 +1,19 @@
 """On-disk format of a converted model: our config JSON + orbax params + HF processor files.
 
-    OUT/zspa_config.json          {"format": ..., "model": "llava", "config": LlavaConfig.to_dict()}
+    OUT/zspa_config.json          {"format": ..., "model": FAMILY, "config": <family config>.to_dict()}
     OUT/params/manifest.json      {"groups": [["vision_tower.embeddings.class_embedding", ...], ...]}
     OUT/params/00000, 00001, ...  one orbax-checkpoint per group of parameters (<= 128 MiB, or one tensor)
     OUT/config.json, tokenizer*, preprocessor_config.json, ...   copied from the HF source
 
 Parameters are written in groups so a converter holds one group in memory at a time,
-whatever the model size; restoring fills one abstract tree, keeping dtypes.
+whatever the model size; restoring fills one abstract tree, keeping dtypes. FAMILY
+("llava", "qwen2_5_vl") picks the config and model classes from `FAMILIES`, so nothing
+above models/ branches on the family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -24,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
+from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 CONFIG_NAME = "zspa_config.json"
 PARAMS_DIR = "params"
@@ -53,34 +57,65 @@ def unflatten_into(template: dict, flat: dict[str, Any], prefix: str = "") -> di
     return out
 
 
-def abstract_model(cfg: LlavaConfig) -> LlavaForConditionalGeneration:
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: the name recorded on disk, its config and model classes."""
+
+    name: str
+    config_cls: type
+    model_cls: type
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llava", LlavaConfig, LlavaForConditionalGeneration),
+        Family("qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    )
+}
+
+
+def family_of(cfg) -> Family:
+    for family in FAMILIES.values():
+        if isinstance(cfg, family.config_cls):
+            return family
+    raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family ({sorted(FAMILIES)})")
+
+
+def build_model(cfg, rngs: nnx.Rngs):
+    """A randomly initialised model of `cfg`'s family."""
+    return family_of(cfg).model_cls(cfg, rngs=rngs)
+
+
+def abstract_model(cfg):
     """The model with ShapeDtypeStruct params: costs no memory, no compute."""
-    return nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
 
 
-def param_template(cfg: LlavaConfig) -> dict:
+def param_template(cfg) -> dict:
     """Nested dict of ShapeDtypeStruct, the exact tree `restore_model` expects."""
     return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
 
 
-def write_config(directory: Path, cfg: LlavaConfig, extra: dict | None = None) -> None:
-    payload = {"format": FORMAT, "model": "llava", "config": cfg.to_dict(), **(extra or {})}
+def write_config(directory: Path, cfg, extra: dict | None = None) -> None:
+    payload = {"format": FORMAT, "model": family_of(cfg).name, "config": cfg.to_dict(), **(extra or {})}
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-RECONVERT = "re-run the converter (python -m convert.llava SRC OUT --force)"
+RECONVERT = "re-run the converter (python -m convert.llava or convert.qwen2_5_vl SRC OUT --force)"
 
 
 class CheckpointError(ValueError):
     """A converted checkpoint is damaged or incomplete; the message names the file."""
 
 
-def read_config(directory: Path) -> LlavaConfig:
+def read_config(directory: Path):
+    """The family config recorded in `directory` (LlavaConfig, Qwen2_5_VLConfig, ...)."""
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(
             f"{directory} is not a converted zspa_jax checkpoint ({CONFIG_NAME} missing); "
-            "convert a Hugging Face model first with `python -m convert.llava SRC OUT`"
+            "convert a Hugging Face model first with `python -m convert.llava SRC OUT` (or convert.qwen2_5_vl)"
         )
     try:
         payload = json.loads(path.read_text())
@@ -89,8 +124,11 @@ def read_config(directory: Path) -> LlavaConfig:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else payload
         raise CheckpointError(f"{path}: unknown checkpoint format {found!r}; expected {FORMAT!r}; {RECONVERT}")
+    name = payload.get("model", "llava")
+    if name not in FAMILIES:
+        raise CheckpointError(f"{path}: unknown model family {name!r}; this version reads {sorted(FAMILIES)}")
     try:
-        return LlavaConfig.from_dict(payload["config"])
+        return FAMILIES[name].config_cls.from_dict(payload["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} holds an invalid model config ({type(e).__name__}: {e}); {RECONVERT}") from None
 
@@ -255,7 +293,7 @@ def _read_manifest(root: Path) -> list[list[str]]:
     return groups
 
 
-def restore_model(directory: Path, cfg: LlavaConfig | None = None) -> LlavaForConditionalGeneration:
+def restore_model(directory: Path, cfg=None):
     """Restore params straight into an abstract model's tree (no random init, dtype kept)."""
     cfg = read_config(directory) if cfg is None else cfg
     model = abstract_model(cfg)

@@ -1,5 +1,10 @@
 """LLaMA decoder in Flax NNX: RMSNorm, RoPE, MHA/GQA/MQA, SwiGLU, tied or untied head.
 
+The same decoder serves Qwen2 (the language model of Qwen2.5-VL): `qkv_bias` adds biases
+to q/k/v only, and `mrope_section` turns on multimodal RoPE, where positions are
+[3, B, L] (temporal, height, width rows) and each block of rotary frequencies takes its
+angle from one row.
+
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so a decode loop can
 carry it through `lax.while_loop` and the caller owns its size. Attribute names mirror
 transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...).
@@ -41,8 +46,10 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (LLaMA's flag)
     mlp_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2); o follows attention_bias
+    mrope_section: tuple[int, ...] | None = None  # M-RoPE: rotary pairs per t/h/w row
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -75,6 +82,14 @@ class LlamaConfig:
         if self.rope_theta <= 0:
             raise ValueError(f"{name}.rope_theta must be > 0, got {self.rope_theta}")
         check_choice(name, "hidden_act", self.hidden_act, ACTIVATIONS)
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+            if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
+                raise ValueError(f"{name}.mrope_section must be 3 non-negative ints (t, h, w), got {self.mrope_section}")
+            if sum(self.mrope_section) != self.head_dim // 2:
+                raise ValueError(
+                    f"{name}.mrope_section {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}"
+                )
         dtype_of(self.dtype)
 
 
@@ -128,13 +143,38 @@ def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     )
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE. x: [B, L, H, Dh]; positions: int [B, L]."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, Dh/2]
-    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE with precomputed angles. x: [..., Dh]; cos, sin: [..., Dh / 2]
+    broadcastable to x's leading axes. Same arithmetic as transformers' x * cos +
+    rotate_half(x) * sin with cos/sin duplicated over both halves."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+    """f32 rotary angles [B, L, Dh / 2].
+
+    positions: int [B, L] (plain RoPE; with M-RoPE a text-only position, the same on all
+    three rows) or [3, B, L] (M-RoPE: frequency block i of `mrope_section` takes its
+    angle from row i, transformers' `recomposition_frequencies`).
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    if positions.ndim == 2:
+        return freqs
+    if positions.ndim != 3 or mrope_section is None:
+        raise ValueError(f"positions must be [B, L] (or [3, B, L] with mrope_section), got shape {positions.shape}")
+    rows = np.repeat(np.arange(3), mrope_section)  # which row each frequency reads
+    return jnp.where(rows == 0, freqs[0], jnp.where(rows == 1, freqs[1], freqs[2]))
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None
+) -> jax.Array:
+    """Rotate-half RoPE. x: [B, L, H, Dh]; positions: int [B, L] or [3, B, L] (M-RoPE)."""
+    freqs = rope_angles(positions, inv_freq, mrope_section)
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    return rotate(x, cos, sin)
 
 
 class LlamaAttention(nnx.Module):
@@ -144,13 +184,13 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta  # frequencies are trace-time constants, not state
-        lin = lambda din, dout: nnx.Linear(
-            din, dout, use_bias=cfg.attention_bias, dtype=dt, param_dtype=dt, rngs=rngs
-        )
-        self.q_proj = lin(cfg.hidden_size, self.num_heads * self.head_dim)
-        self.k_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim)
-        self.v_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim)
-        self.o_proj = lin(self.num_heads * self.head_dim, cfg.hidden_size)
+        self.mrope_section = cfg.mrope_section
+        lin = lambda din, dout, bias: nnx.Linear(din, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = lin(cfg.hidden_size, self.num_heads * self.head_dim, qkv_bias)
+        self.k_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim, qkv_bias)
+        self.v_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim, qkv_bias)
+        self.o_proj = lin(self.num_heads * self.head_dim, cfg.hidden_size, cfg.attention_bias)
 
     def __call__(
         self,
@@ -160,7 +200,7 @@ class LlamaAttention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x: [B, L, D]; positions: [B, L]; mask: bool [B, L, S].
+        """x: [B, L, D]; positions: [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
 
         Without `kv`, S == L (attend within x). With `kv` = (k, v) each [B, S, Hkv, Dh],
         the new keys/values are written at slots [cache_index, cache_index + L) and the
@@ -169,8 +209,10 @@ class LlamaAttention(nnx.Module):
         """
         b, l, _ = x.shape
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta)
-        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq, self.mrope_section)
+        k = apply_rope(
+            self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq, self.mrope_section
+        )
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         if kv is not None:
             start = (0, cache_index, 0, 0)
@@ -226,7 +268,7 @@ class LlamaModel(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """inputs_embeds: [B, L, D]; positions: int [B, L]; mask: bool [B, L, S].
+        """inputs_embeds: [B, L, D]; positions: int [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
 
         Returns (final-normed hidden states [B, L, D], updated cache or None).
         """

@@ -24,6 +24,7 @@ from models.layers import (
     positions_from_mask,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
+from models.protocol import MultimodalInputs
 
 SELECT_STRATEGIES = ("default", "full")
 
@@ -55,6 +56,11 @@ class LlavaConfig:
         check_choice(name, "projector_hidden_act", self.projector_hidden_act, ACTIVATIONS)
         if not 0 <= self.image_token_index:
             raise ValueError(f"{name}.image_token_index must be >= 0, got {self.image_token_index}")
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder id, under the name every family uses."""
+        return self.image_token_index
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -152,6 +158,19 @@ class LlavaForConditionalGeneration(nnx.Module):
         if pixel_values is None:
             return embeds
         return merge_image_features(input_ids, embeds, self.image_features(pixel_values), self.config.image_token_index)
+
+    def multimodal_inputs(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux=None
+    ) -> MultimodalInputs:
+        """The family protocol (models.protocol): 1-D positions from the mask; with images,
+        pixel_values [M, C, H, W] give M rows of N visual tokens (M == B when pruning)."""
+        text = self.embed_tokens(input_ids)
+        positions = positions_from_mask(attention_mask)
+        if pixel_values is None:
+            return MultimodalInputs(text, text, positions, None, None, None)
+        visual = self.image_features(pixel_values)
+        merged = merge_image_features(input_ids, text, visual, self.config.image_token_index)
+        return MultimodalInputs(merged, text, positions, None, visual, None)
 
     def __call__(
         self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None = None

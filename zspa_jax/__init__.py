@@ -12,7 +12,7 @@ image goes first. It is never counted twice.
 
 from zspa_jax.forward import forward
 from zspa_jax.generation import GenerateOutput, GenerateResult, generate, generate_tokens
-from zspa_jax.inputs import encode
+from zspa_jax.families import encode
 from zspa_jax.loading import VLM, load
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
 

@@ -1,9 +1,11 @@
-"""FLOPs and memory estimator for a LLaVA model with ZSPAPrune visual-token pruning.
+"""FLOPs and memory estimator for LLaVA and Qwen2.5-VL models with ZSPAPrune pruning.
 
     python -m zspa_jax.estimate [--text-tokens 60] [--new-tokens 0] [--json]
+    python -m zspa_jax.estimate --model qwen2.5-vl-7b --image 1344x1008 [--keep 1230 256 128 64]
 
 prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stage at
-keep in {576, 192, 128, 64}.
+keep in {576, 192, 128, 64}; or for Qwen2.5-VL-7B at one image size (its visual token
+count follows the image: `estimate_qwen2_5_vl`, conventions at the end of this docstring).
 
 Convention (every count below is in FLOPs = multiply-accumulates x 2):
 
@@ -40,6 +42,15 @@ Convention (every count below is in FLOPs = multiply-accumulates x 2):
   kv_dtype_bytes; weights = parameter count * the config's dtype size.
 
 Everything scales with `batch` except weight bytes.
+
+Qwen2.5-VL (`estimate_qwen2_5_vl`): the image is resized like the Qwen2-VL image
+processor (smart_resize: sides multiples of patch*merge, pixels within min/max), giving a
+grid of P = h*w patches and N = P/4 visual tokens. Vision block on P patches of width d,
+SwiGLU width m: 4*P*d^2 (qkv, proj) + 3*P*d*m (MLP) + attention 2*sum(s^2)*d over its
+segments s (each window of up to 64 patches for windowed blocks, the whole image for the
+`fullatt_block_indexes`) — the ideal count, what transformers computes per window; our
+tower pads partial windows to 64 slots. Patch embedding P*(3*2*p*p)*d; merger
+N*((4d)^2 + 4d*d_llm). The LLM is the shared decoder count with L' = T + K.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from models.clip import CLIPVisionConfig
 from models.layers import dtype_of
 from models.llama import LlamaConfig
 from models.llava import LlavaConfig
+from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
 
 __all__ = [
     "clip_layer_macs",
@@ -63,6 +75,9 @@ __all__ = [
     "llava_1_5_7b_config",
     "LLAVA_1_5_7B",
     "pruning_flops",
+    "estimate_qwen2_5_vl",
+    "qwen2_5_vl_7b_config",
+    "qwen_image_grid",
 ]
 
 
@@ -192,6 +207,8 @@ def _numel_decoder_layer(t: LlamaConfig) -> int:
     attn = d * (h * dh + 2 * hkv * dh) + h * dh * d
     if t.attention_bias:
         attn += h * dh + 2 * hkv * dh + d
+    elif t.qkv_bias:
+        attn += h * dh + 2 * hkv * dh
     mlp = 3 * d * m + ((2 * m + d) if t.mlp_bias else 0)
     return attn + mlp + 2 * d
 
@@ -297,11 +314,155 @@ def estimate(
     }
 
 
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+
+def qwen2_5_vl_7b_config(dtype: str = "bfloat16", text_layers: int = 28, vision_depth: int = 32) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B-Instruct: ViT 32 blocks (d 1280, m 3420, 16 heads, patch 14, window
+    112, full attention at 7/15/23/31) -> merger -> Qwen2-7B (28 layers, d 3584, m 18944,
+    28 heads / 4 KV heads, vocab 152064, M-RoPE [16, 24, 24]). Fewer layers on request
+    (full-attention blocks kept at the same relative depths)."""
+    full = tuple(sorted({min(vision_depth - 1, round((i + 1) * vision_depth / 4) - 1) for i in range(4)}))
+    vision = Qwen2_5_VLVisionConfig(
+        depth=vision_depth, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=full,
+        out_hidden_size=3584, dtype=dtype,
+    )
+    text = LlamaConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,
+        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=128000, qkv_bias=True, mrope_section=(16, 24, 24), dtype=dtype,
+    )
+    return Qwen2_5_VLConfig(vision=vision, text=text)
+
+
+def qwen_image_grid(
+    height: int, width: int, v: Qwen2_5_VLVisionConfig, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """(h, w) in patches of an image of height x width pixels after the Qwen2-VL image
+    processor's smart_resize (its defaults for min/max pixels)."""
+    factor = v.patch_size * v.spatial_merge_size
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h // v.patch_size, w // v.patch_size
+
+
+def _qwen_window_sizes(gh: int, gw: int, v: Qwen2_5_VLVisionConfig) -> list[int]:
+    """Patches per window of an image of gh x gw patches (edge windows smaller)."""
+    m, win = v.spatial_merge_size, v.window_merged
+    mh, mw = gh // m, gw // m
+    rows = [min(win, mh - i) for i in range(0, mh, win)]
+    cols = [min(win, mw - j) for j in range(0, mw, win)]
+    return [r * c * m * m for r in rows for c in cols]
+
+
+def qwen_vision_flops(cfg: Qwen2_5_VLConfig, gh: int, gw: int) -> int:
+    """FLOPs of the tower + merger for one image of gh x gw patches."""
+    v = cfg.vision
+    p, d, m = gh * gw, v.hidden_size, v.intermediate_size
+    windows = _qwen_window_sizes(gh, gw, v)
+    dense = 4 * p * d * d + 3 * p * d * m
+    macs = p * v.patch_dim * d
+    for i in range(v.depth):
+        attention = 2 * p * p * d if i in v.fullatt_block_indexes else 2 * sum(s * s for s in windows) * d
+        macs += dense + attention
+    n = p // v.merge_unit
+    width = d * v.merge_unit
+    macs += n * (width * width + width * v.out_hidden_size)
+    return 2 * macs
+
+
+def _numel_qwen_vision(v: Qwen2_5_VLVisionConfig) -> int:
+    d, m = v.hidden_size, v.intermediate_size
+    block = (3 * d * d + 3 * d) + (d * d + d) + (3 * d * m + 2 * m + d) + 2 * d
+    width = d * v.merge_unit
+    merger = d + width * width + width + width * v.out_hidden_size + v.out_hidden_size
+    return v.patch_dim * d + v.depth * block + merger
+
+
+def estimate_qwen2_5_vl(
+    cfg: Qwen2_5_VLConfig,
+    text_tokens: int,
+    image_hw: tuple[int, int],
+    keep: int | None = None,
+    new_tokens: int = 0,
+    batch: int = 1,
+    kv_dtype_bytes: int | None = None,
+    core_ratio: float = 0.6,
+) -> dict:
+    """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
+    width) pixels (see the module docstring). Same keys as `estimate`, plus the grid."""
+    gh, gw = qwen_image_grid(*image_hw, cfg.vision)
+    n = gh * gw // cfg.vision.merge_unit
+    keep = n if keep is None else int(keep)
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}] (visual tokens of a {image_hw} image), got {keep}")
+    t = cfg.text
+    wb = np.dtype(dtype_of(t.dtype)).itemsize
+    kvb = wb if kv_dtype_bytes is None else int(kv_dtype_bytes)
+    length, length_full = text_tokens + keep, text_tokens + n
+    vision = batch * qwen_vision_flops(cfg, gh, gw)
+    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
+    prefill = batch * llm_prefill_flops(t, length)
+    prefill_full = batch * llm_prefill_flops(t, length_full)
+    if new_tokens:
+        decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
+        decode_per_token = decode_total / (batch * new_tokens)
+    else:
+        decode_total, decode_per_token = 0, float(decode_flops(t, length + 1))
+    w_vision = _numel_qwen_vision(cfg.vision) * np.dtype(dtype_of(cfg.vision.dtype)).itemsize
+    w_llm = _numel_llm(t) * wb
+    return {
+        "batch": batch,
+        "image_hw": list(image_hw),
+        "grid_hw": [gh, gw],
+        "visual_tokens": n,
+        "kept_tokens": keep,
+        "text_tokens": text_tokens,
+        "new_tokens": new_tokens,
+        "sequence_length": length,
+        "sequence_length_unpruned": length_full,
+        "vision_tokens_in_tower": gh * gw,
+        "vision_flops": vision,
+        "projector_flops": 0,  # the merger is counted in vision_flops
+        "pruning_flops": pruning,
+        "llm_prefill_flops": prefill,
+        "llm_prefill_flops_unpruned": prefill_full,
+        "prefill_reduction": prefill_full / prefill,
+        "prefill_flops_total": vision + pruning + prefill,
+        "prefill_flops_total_unpruned": vision + prefill_full,
+        "decode_flops_per_token": decode_per_token,
+        "decode_flops_total": decode_total,
+        "kv_cache_bytes": kv_cache_bytes(t, batch, length + new_tokens, kvb),
+        "kv_cache_bytes_unpruned": kv_cache_bytes(t, batch, length_full + new_tokens, kvb),
+        "kv_cache_bytes_per_token": kv_cache_bytes(t, 1, 1, kvb),
+        "weight_bytes": w_vision + w_llm,
+        "weight_bytes_vision": w_vision,
+        "weight_bytes_projector": 0,
+        "weight_bytes_llm": w_llm,
+    }
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
-def _table(cfg: LlavaConfig, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int) -> tuple[str, list[dict]]:
-    rows = [estimate(cfg, text_tokens, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes) for k in keeps]
+def _table(
+    cfg, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int, image_hw=None
+) -> tuple[str, list[dict]]:
+    if image_hw is None:
+        rows = [estimate(cfg, text_tokens, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes) for k in keeps]
+    else:
+        rows = [
+            estimate_qwen2_5_vl(cfg, text_tokens, image_hw, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes)
+            for k in keeps
+        ]
     g, t = 1e9, 1e12
     head = (
         "| keep | seq len | vision GFLOPs | projector GFLOPs | pruning GFLOPs | LLM prefill TFLOPs "
@@ -323,9 +484,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zspa_jax.estimate", description="LLaVA-1.5-7B FLOPs/KV table")
     parser.add_argument("--text-tokens", type=int, default=60, help="text tokens in the prompt (default 60)")
     parser.add_argument("--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)")
-    parser.add_argument("--keep", type=int, nargs="+", default=[576, 192, 128, 64])
+    parser.add_argument("--keep", type=int, nargs="+", default=None, help="kept visual tokens (default: all, 192/256, 128, 64)")
+    parser.add_argument("--model", choices=("llava-1.5-7b", "qwen2.5-vl-7b"), default="llava-1.5-7b")
+    parser.add_argument("--image", default="448x448", help="Qwen2.5-VL image size HxW in pixels (default 448x448)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.model == "qwen2.5-vl-7b":
+        cfg = qwen2_5_vl_7b_config()
+        hw = tuple(int(x) for x in args.image.lower().split("x"))
+        n = estimate_qwen2_5_vl(cfg, args.text_tokens, hw)["visual_tokens"]
+        keeps = args.keep or list(dict.fromkeys(k for k in (n, 256, 128, 64) if k <= n))
+        table, rows = _table(cfg, args.text_tokens, args.new_tokens, keeps, kv_dtype_bytes=2, image_hw=hw)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        w = rows[0]
+        print(
+            f"Qwen2.5-VL-7B, B=1, a {hw[0]}x{hw[1]} image -> grid {w['grid_hw'][0]}x{w['grid_hw'][1]} patches, "
+            f"{n} visual tokens, {args.text_tokens} text tokens, {args.new_tokens} new tokens (vision GFLOPs include "
+            f"the merger); weights (bf16): vision "
+            f"{w['weight_bytes_vision'] / 2**30:.2f} GiB, LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB"
+        )
+        print(table)
+        return 0
+    args.keep = args.keep or [576, 192, 128, 64]
     cfg = LLAVA_1_5_7B
     table, rows = _table(cfg, args.text_tokens, args.new_tokens, args.keep, kv_dtype_bytes=2)
     if args.json:

@@ -1,4 +1,4 @@
-"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None) -> logits`."""
+"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None, *, image_grid_thw=None) -> logits`."""
 
 from __future__ import annotations
 
@@ -11,19 +11,22 @@ from flax import nnx
 
 from models.layers import padding_causal_mask
 
-from zspa_jax.inputs import check_arrays
-from zspa_jax.validation import check_bool, check_int
+from zspa_jax.families import prepare_arrays, reject_video, resolve_prune
+from zspa_jax.inputs import check_prune, check_vlm
 from zspa_jax.loading import VLM
+from zspa_jax.validation import check_bool, check_int
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prune", "special_ids", "keep_positions"))
-def _forward(graphdef, params, input_ids, pixel_values, attention_mask, rng, prune, special_ids, keep_positions):
+def _forward(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng, prune, special_ids, keep_positions):
     model = nnx.merge(graphdef, params)
-    inputs = decoder_inputs(model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions)
+    inputs = decoder_inputs(
+        model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions, aux
+    )
     hidden, _ = model.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(inputs.mask))
-    return model.language_model.logits(hidden), inputs.kept_indices
+    return model.language_model.logits(hidden), inputs.kept_indices, inputs.mask
 
 
 def forward(
@@ -33,33 +36,50 @@ def forward(
     attention_mask=None,
     prune: PruneConfig | None = None,
     *,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
     seed: int = 0,
     keep_positions: bool = False,
     return_kept: bool = False,
+    return_mask: bool = False,
 ):
     """Logits over the whole (possibly pruned) sequence, for parity checks and scoring.
 
     Args:
-      input_ids: int [B, L], `tokens_per_image` image tokens per image, left-padded.
-      pixel_values: float [M, C, H, W] (images in reading order across the batch) or None.
-      attention_mask: [B, L], 0 on left padding; positions restart at each row's first token.
+      input_ids: int [B, L], left-padded, with the image placeholders the processor wrote
+        (LLaVA: `tokens_per_image` per image; Qwen2.5-VL: t*h*w / merge^2 per image).
+      pixel_values: the processor's pixel_values (LLaVA float [M, C, H, W]; Qwen2.5-VL the
+        flattened patches [sum t*h*w, C*T*p*p]), images in reading order, or None.
+      attention_mask: [B, L], 0 on left padding.
       prune: a PruneConfig (one image per row); the kept tokens replace the placeholders.
+      image_grid_thw: int [num_images, 3], required with Qwen2.5-VL pixel_values.
+      pixel_values_videos, video_grid_thw: refused (video input is not supported).
       seed: rng seed for method="random".
       return_kept: also return the kept indices int32 [B, K] (None without pruning).
+      return_mask: also return the attention mask of the returned positions (Qwen2.5-VL
+        pads rows whose image has fewer tokens than the largest; those slots are 0).
     Returns:
       f32 numpy [B, L', vocab] with L' = L - N + K when pruning (else L).
     """
-    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune)
+    check_vlm(vlm)
+    check_prune(prune)
+    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
-    check_bool("keep_positions", keep_positions)
-    check_bool("return_kept", return_kept)
-    ids = jnp.asarray(arrays.input_ids, jnp.int32)
-    mask = jnp.ones(ids.shape, jnp.int32) if arrays.attention_mask is None else jnp.asarray(arrays.attention_mask, jnp.int32)
-    pixels = None if arrays.pixel_values is None else jnp.asarray(arrays.pixel_values, jnp.float32)
-    logits, kept = _forward(
-        vlm.graphdef, vlm.state, ids, pixels, mask, jax.random.key(seed), prune, vlm.special_token_ids, bool(keep_positions)
+    for name, value in (("keep_positions", keep_positions), ("return_kept", return_kept), ("return_mask", return_mask)):
+        check_bool(name, value)
+    batch = prepare_arrays(vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune)
+    prune = resolve_prune(prune, batch)
+    ids = jnp.asarray(batch.input_ids, jnp.int32)
+    mask = jnp.ones(ids.shape, jnp.int32) if batch.attention_mask is None else jnp.asarray(batch.attention_mask, jnp.int32)
+    pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values, jnp.float32)
+    logits, kept, out_mask = _forward(
+        vlm.graphdef, vlm.state, ids, pixels, mask, batch.aux, jax.random.key(seed), prune, vlm.special_token_ids,
+        bool(keep_positions),
     )
-    logits = np.asarray(logits)
+    out = [np.asarray(logits)]
     if return_kept:
-        return logits, None if kept is None else np.asarray(kept)
-    return logits
+        out.append(None if kept is None else np.asarray(kept))
+    if return_mask:
+        out.append(np.asarray(out_mask))
+    return out[0] if len(out) == 1 else tuple(out)

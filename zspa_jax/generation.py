@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from models.llama import KVCache
-from zspa_jax.inputs import check_arrays, check_prune, check_vlm, encode
+from zspa_jax.families import HostBatch, encode, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.inputs import check_prune, check_vlm
 from zspa_jax.loading import VLM
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
@@ -58,7 +59,7 @@ class DecodeState(NamedTuple):
     logits: jax.Array  # f32 [B, V]: next-token logits
     cache: KVCache
     kv_valid: jax.Array  # bool [B, S]: slots that hold a real token
-    next_position: jax.Array  # int32 [B]: RoPE position of the next token
+    next_position: jax.Array  # int32 [B]: RoPE position of the next token (same on all M-RoPE rows)
     prompt_length: jax.Array  # int32 scalar L' (pruned prompt length): cache slot of step 0
     rng: jax.Array
 
@@ -92,11 +93,11 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def _prefill(model, input_ids, pixel_values, attention_mask, rng, st: StaticSettings):
+def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: StaticSettings):
     """Run the (pruned) prompt through the decoder, filling cache slots [0, L')."""
     rng, prune_rng = jax.random.split(rng)
     inputs = decoder_inputs(
-        model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions
+        model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
     )
     b, length, _ = inputs.embeds.shape
     lm = model.language_model
@@ -114,7 +115,7 @@ def _prefill(model, input_ids, pixel_values, attention_mask, rng, st: StaticSett
         logits=logits,
         cache=cache,
         kv_valid=kv_valid,
-        next_position=jnp.max(inputs.positions, axis=1) + 1,
+        next_position=inputs.next_position,
         prompt_length=jnp.asarray(length, jnp.int32),
         rng=rng,
     )
@@ -154,9 +155,9 @@ def _decode_loop(model, s: DecodeState, max_new_tokens, st: StaticSettings) -> D
 
 
 # --- jitted programs over (graphdef, state): plain jax.jit is cheaper per call than nnx.jit.
-def _jit_prefill(graphdef, params, input_ids, pixel_values, attention_mask, rng, st):
+def _jit_prefill(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng, st):
     TRACE_COUNTS["prefill"] += 1
-    return _prefill(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, rng, st)
+    return _prefill(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, aux, rng, st)
 
 
 def _jit_decode(graphdef, params, s, max_new_tokens, st):
@@ -181,13 +182,13 @@ def _eos_ids(vlm: VLM, eos_token_id) -> tuple[int, ...]:
 
 
 def _settings(
-    vlm: VLM, prompt_length: int, max_new_tokens_bound: int, *, has_image, prune, sampling, eos_token_id, keep_positions
+    vlm: VLM, batch: HostBatch, max_new_tokens_bound: int, *, prune, sampling, eos_token_id, keep_positions
 ):
     check_bool("keep_positions", keep_positions)
-    if not has_image:
-        prune = None  # nothing to prune: the prompt keeps its length
+    prune = resolve_prune(prune, batch)  # None without images: nothing to prune
+    prompt_length = int(np.shape(batch.input_ids)[1])
     if prune is not None:
-        prompt_length = prompt_length - vlm.tokens_per_image + prune.num_keep(vlm.tokens_per_image)
+        prompt_length = prompt_length - batch.num_visual + prune.num_keep(batch.num_visual)
     return StaticSettings(
         sampling=sampling,
         prune=prune,
@@ -218,11 +219,16 @@ def generate_tokens(
     rng: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     keep_positions: bool = False,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
 ) -> GenerateOutput:
-    """Array-in, array-out generation; traceable inside a caller's `jax.jit`.
+    """Array-in, array-out generation; traceable inside a caller's `jax.jit` (LLaVA; a
+    Qwen2.5-VL batch needs concrete arrays, whose grid layouts are built on the host).
 
-    input_ids: int [B, L], left-padded; pixel_values: [B, C, H, W] or None;
-    attention_mask: [B, L]. `max_new_tokens` may be traced, in which case
+    input_ids: int [B, L], left-padded; pixel_values: the processor's pixel_values or
+    None; attention_mask: [B, L]; image_grid_thw: int [n, 3] with Qwen2.5-VL images
+    (video arguments are refused). `max_new_tokens` may be traced, in which case
     `max_new_tokens_bound` (a Python int) sizes the KV cache and bounds it. Returns
     tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
     kept_indices int32 [B, K] or None.
@@ -238,39 +244,32 @@ def generate_tokens(
             raise ValueError(
                 f"max_new_tokens ({int(max_new_tokens)}) exceeds max_new_tokens_bound ({max_new_tokens_bound})"
             )
-    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens_bound)
+    check_prune(prune)
+    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    batch = prepare_arrays(
+        vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length=max_new_tokens_bound,
+        bucket=True,
+    )
     if rng is not None:
         check_rng("rng", rng)
     elif prune is not None and prune.method == "random":
         raise ValueError("prune method 'random' needs rng (a jax.random key)")
     st = _settings(
         vlm,
-        arrays.input_ids.shape[1],
+        batch,
         max_new_tokens_bound,
-        has_image=arrays.pixel_values is not None,
         prune=prune,
         sampling=Sampling(temperature, top_k, top_p),
         eos_token_id=eos_token_id,
         keep_positions=keep_positions,
     )
     rng = jax.random.key(0) if rng is None else rng
-    ids = jnp.asarray(arrays.input_ids, jnp.int32)
-    mask = jnp.ones_like(ids) if arrays.attention_mask is None else jnp.asarray(arrays.attention_mask, jnp.int32)
-    pixels = None if arrays.pixel_values is None else jnp.asarray(arrays.pixel_values, jnp.float32)
-    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+    ids = jnp.asarray(batch.input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if batch.attention_mask is None else jnp.asarray(batch.attention_mask, jnp.int32)
+    pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values, jnp.float32)
+    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, batch.aux, rng, st)
     s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
     return GenerateOutput(s.tokens, s.lengths, kept)
-
-
-def _pad_to_bucket(batch: dict[str, np.ndarray], pad_id: int, bucket: int) -> dict[str, np.ndarray]:
-    """Left-pad input_ids/attention_mask to a multiple of `bucket` (fewer compiles)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    extra = _round_up(ids.shape[1], bucket) - ids.shape[1]
-    if extra:
-        batch = dict(batch)
-        batch["input_ids"] = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-        batch["attention_mask"] = np.pad(mask, ((0, 0), (extra, 0)), constant_values=0)
-    return batch
 
 
 def generate(
@@ -281,6 +280,9 @@ def generate(
     input_ids=None,
     pixel_values=None,
     attention_mask=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
     prune: PruneConfig | None = None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -296,8 +298,10 @@ def generate(
 
     Give either `prompts` (+ `images`, PIL, one per prompt) — encoded with the saved HF
     processor, chat template included when the model has one — or `input_ids`
-    (+ `pixel_values`, `attention_mask`) arrays. Prompts are left-padded to a multiple
-    of PROMPT_BUCKET tokens.
+    (+ `pixel_values`, `attention_mask`, and `image_grid_thw` for Qwen2.5-VL) arrays, with
+    transformers' names. Prompts are left-padded to a multiple of PROMPT_BUCKET tokens;
+    Qwen2.5-VL's tower windows and pruned image spans are padded to buckets too, so images
+    of different sizes share compiled programs. Video input is refused.
 
     Args:
       prune: a PruneConfig; None keeps all visual tokens.
@@ -316,13 +320,16 @@ def generate(
     max_new_tokens = _check_max_new_tokens(max_new_tokens)
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     check_bool("stream", stream)
+    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
     if (prompts is None) == (input_ids is None):
         raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
     if prompts is not None:
-        if pixel_values is not None or attention_mask is not None:
-            raise ValueError("pixel_values/attention_mask go with input_ids; with prompts, pass images")
+        if pixel_values is not None or attention_mask is not None or image_grid_thw is not None:
+            raise ValueError("pixel_values/attention_mask/image_grid_thw go with input_ids; with prompts, pass images")
         encoded = encode(vlm, prompts, images, chat_template=chat_template)
-        input_ids, pixel_values, attention_mask = (encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask"))
+        input_ids, pixel_values, attention_mask, image_grid_thw = (
+            encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")
+        )
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
@@ -331,33 +338,36 @@ def generate(
         if hasattr(input_ids, "shape") and len(input_ids.shape) == 1:  # one unbatched prompt
             input_ids = input_ids[None]
             attention_mask = None if attention_mask is None else np.asarray(attention_mask)[None]
-    arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=max_new_tokens)
-    ids = np.asarray(arrays.input_ids, np.int32)
-    mask = arrays.attention_mask
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)}
-    if arrays.pixel_values is not None:
-        batch["pixel_values"] = np.asarray(arrays.pixel_values, np.float32)
-    prompt_tokens = batch["attention_mask"].sum(axis=1).astype(int)
-    batch = _pad_to_bucket(batch, vlm.pad_token_id, PROMPT_BUCKET)
+    host = prepare_arrays(
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        image_grid_thw,
+        prune,
+        extra_length=max_new_tokens,
+        bucket=True,
+        prompt_bucket=PROMPT_BUCKET,
+    )
+    prompt_tokens = np.asarray(host.prompt_tokens, int)
     st = _settings(
         vlm,
-        batch["input_ids"].shape[1],
+        host,
         max_new_tokens,
-        has_image="pixel_values" in batch,
         prune=prune,
         sampling=Sampling(temperature, top_k, top_p),
         eos_token_id=eos_token_id,
         keep_positions=keep_positions,
     )
-    ids = jnp.asarray(batch["input_ids"])
-    mask = jnp.asarray(batch["attention_mask"])
-    pixels = None if "pixel_values" not in batch else jnp.asarray(batch["pixel_values"])
+    ids = jnp.asarray(host.input_ids, jnp.int32)
+    mask = jnp.asarray(host.attention_mask, jnp.int32)
+    pixels = None if host.pixel_values is None else jnp.asarray(host.pixel_values, jnp.float32)
     rng = jax.random.key(seed)
     if stream:
-        return _stream(vlm, ids, pixels, mask, rng, max_new_tokens, st)
+        return _stream(vlm, ids, pixels, mask, host.aux, rng, max_new_tokens, st)
 
     t0 = time.perf_counter()
-    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, host.aux, rng, st)
     jax.block_until_ready(s.logits)
     t1 = time.perf_counter()
     s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
@@ -365,8 +375,8 @@ def generate(
     t2 = time.perf_counter()
     n = int(lengths.max()) if lengths.size else 0
     sequences = np.asarray(s.tokens)[:, :n]
-    n_visual = vlm.tokens_per_image if pixels is not None else 0
-    kept_count = n_visual if (prune is None or pixels is None) else prune.num_keep(n_visual)
+    n_visual = host.min_visual if pixels is not None else 0  # per image (the smallest when sizes differ)
+    kept_count = n_visual if st.prune is None else st.prune.num_keep(n_visual)
     stats = {
         "batch_size": int(len(lengths)),
         "visual_tokens_per_image": n_visual,
@@ -400,8 +410,8 @@ def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids)
     return texts
 
 
-def _stream(vlm, ids, pixels, mask, rng, max_new_tokens, st) -> Iterator[np.ndarray]:
-    s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, rng, st)
+def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st) -> Iterator[np.ndarray]:
+    s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
     for _ in range(max_new_tokens):
         done_before = np.asarray(s.done)
         if done_before.all():

@@ -11,7 +11,6 @@ from typing import Any
 from flax import nnx
 
 from models.checkpoint import RECONVERT, CheckpointError, read_config, restore_model
-from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax.validation import check_bool, check_path
 
 
@@ -23,8 +22,8 @@ class VLM:
     `graphdef` + `state` under plain `jax.jit` (cheaper per call than `nnx.jit`).
     """
 
-    config: LlavaConfig
-    model: LlavaForConditionalGeneration
+    config: Any  # the family's config (LlavaConfig, Qwen2_5_VLConfig)
+    model: Any  # the family's NNX model (models.protocol)
     processor: Any | None
     path: Path | None = None
     special_token_ids: tuple[int, ...] = ()  # never part of "the prompt" for pruning
@@ -38,7 +37,18 @@ class VLM:
 
     @property
     def tokens_per_image(self) -> int:
-        return self.config.image_seq_length
+        """Visual tokens per image for fixed-resolution families (LLaVA); Qwen2.5-VL's
+        count depends on each image's size (image_grid_thw), so it has none."""
+        n = getattr(self.config, "image_seq_length", None)
+        if n is None:
+            raise AttributeError(f"{type(self.config).__name__} has no fixed number of visual tokens per image")
+        return n
+
+    @property
+    def family(self) -> str:
+        from models.checkpoint import family_of
+
+        return family_of(self.config).name
 
 
 def load_processor(path: Path):
@@ -93,7 +103,7 @@ def token_ids(path: Path, processor) -> dict:
 
 
 def load(path: str | Path, *, processor: bool = True) -> VLM:
-    """Load a checkpoint written by `python -m convert.llava`.
+    """Load a checkpoint written by `python -m convert.llava` or `python -m convert.qwen2_5_vl`.
 
     Args:
       path: the converted directory (OUT of the converter).
@@ -104,10 +114,13 @@ def load(path: str | Path, *, processor: bool = True) -> VLM:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
+    from zspa_jax.families import adapter
+
     cfg = read_config(path)
     model = restore_model(path, cfg)
-    proc = load_processor(path) if processor else None
-    ids = token_ids(path, proc if proc is not None else load_processor(path))
+    load_proc = adapter(cfg).load_processor
+    proc = load_proc(path) if processor else None
+    ids = token_ids(path, proc if proc is not None else load_proc(path))
     # The image placeholder is embedded as visual tokens, never as prompt text.
-    ids["special_token_ids"] = tuple(i for i in ids["special_token_ids"] if i != cfg.image_token_index)
+    ids["special_token_ids"] = tuple(i for i in ids["special_token_ids"] if i != cfg.image_token_id)
     return VLM(config=cfg, model=model, processor=proc, path=path, **ids)

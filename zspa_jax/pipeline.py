@@ -1,8 +1,9 @@
 """Composes the model pieces into the (optionally pruned) sequence the decoder sees.
 
-image -> tower -> projector -> select_tokens -> the K kept tokens replace the N
+image -> tower -> projector/merger -> select_tokens -> the K kept tokens replace the N
 placeholders -> embeddings, mask and RoPE positions of length L - N + K. Everything is
-static-shaped and jittable; host-side validation lives in `zspa_jax.inputs`.
+static-shaped and jittable and goes through the family protocol (models.protocol);
+host-side validation lives in `zspa_jax.families` / `zspa_jax.inputs`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from typing import Any
+
 from models.layers import positions_from_mask
-from models.llava import LlavaForConditionalGeneration, merge_image_features
 from zspa_jax.pruning import PruneConfig, select_tokens
 
 
 class DecoderInputs(NamedTuple):
     embeds: jax.Array  # [B, L', D]
     mask: jax.Array  # int32 [B, L'], 0 on left padding
-    positions: jax.Array  # int32 [B, L']
+    positions: jax.Array  # int32 [B, L'] or [3, B, L'] (M-RoPE)
     kept_indices: jax.Array | None  # int32 [B, K] into the N visual tokens, ascending
+    next_position: jax.Array  # int32 [B]: RoPE position of the first generated token
 
 
 def prompt_token_mask(
@@ -62,7 +65,7 @@ def pruned_gather_index(input_ids: jax.Array, image_token_index: int, kept: jax.
 
 
 def decoder_inputs(
-    model: LlavaForConditionalGeneration,
+    model: Any,
     input_ids: jax.Array,
     pixel_values: jax.Array | None,
     attention_mask: jax.Array,
@@ -70,43 +73,50 @@ def decoder_inputs(
     special_ids: tuple[int, ...] = (),
     rng: jax.Array | None = None,
     keep_positions: bool = False,
+    aux: Any = None,
 ) -> DecoderInputs:
     """Build the decoder's inputs, pruning visual tokens when `prune` is given.
 
-    input_ids: int [B, L]; pixel_values: [M, C, H, W] (M == B when pruning: one image
-    per row); attention_mask: [B, L]. Pruning scores the projected visual tokens against
-    the mean of the raw input-embedding rows of the prompt tokens (README.md, "ZSPAPrune,
-    exactly", step 1).
-    Positions are renumbered contiguously (what transformers computes for the pruned
-    `inputs_embeds`) unless `keep_positions`, which keeps each token's original position.
+    input_ids: int [B, L]; pixel_values: the family's image input (LLaVA [M, C, H, W];
+    Qwen2.5-VL flattened patches) with one image per row when pruning; attention_mask:
+    [B, L]; aux: the family's host-computed arrays (zspa_jax.families). Pruning scores the
+    visual tokens against the mean of the raw input-embedding rows of the prompt tokens
+    (README.md, "ZSPAPrune, exactly", step 1); padded visual slots (`visual_valid`) are never kept.
+    1-D positions are renumbered contiguously (what transformers computes for the pruned
+    `inputs_embeds`) unless `keep_positions`; 3-D M-RoPE positions are always kept, and
+    decoding then continues after the unpruned prompt's largest position.
     """
-    cfg = model.config
-    text_embeds = model.embed_tokens(input_ids)
-    positions = positions_from_mask(attention_mask)
-    if pixel_values is None:
-        return DecoderInputs(text_embeds, attention_mask, positions, None)
-    visual = model.image_features(pixel_values)  # [M, N, D]
-    merged = merge_image_features(input_ids, text_embeds, visual, cfg.image_token_index)
-    if prune is None:
-        return DecoderInputs(merged, attention_mask, positions, None)
+    mm = model.multimodal_inputs(input_ids, pixel_values, attention_mask, aux)
 
-    n = visual.shape[1]
-    prompt_mask = prompt_token_mask(input_ids, attention_mask, cfg.image_token_index, special_ids, prune.prompt_scope)
+    def finish(embeds, mask, positions, kept):
+        if mm.next_position is not None:
+            nxt = mm.next_position
+        else:
+            nxt = jnp.max(positions.reshape(-1, *positions.shape[-2:]), axis=(0, 2)) + 1
+        return DecoderInputs(embeds, mask, positions, kept, nxt.astype(jnp.int32))
+
+    if prune is None or mm.visual is None:
+        return finish(mm.embeds, attention_mask, mm.positions, None)
+
+    n = mm.visual.shape[1]
+    image_id = model.config.image_token_id
+    prompt_mask = prompt_token_mask(input_ids, attention_mask, image_id, special_ids, prune.prompt_scope)
     kept = select_tokens(
-        visual,
-        text_embeds,
+        mm.visual,
+        mm.text_embeds,
         prompt_mask,
         keep=prune.num_keep(n),
         method=prune.method,
         core_ratio=prune.core_ratio,
         rng=rng,
+        visual_mask=mm.visual_valid,
     )
-    src = pruned_gather_index(input_ids, cfg.image_token_index, kept, n)
-    embeds = jnp.take_along_axis(merged, src[..., None], axis=1)
+    src = pruned_gather_index(input_ids, image_id, kept, n)
+    embeds = jnp.take_along_axis(mm.embeds, src[..., None], axis=1)
     mask = jnp.take_along_axis(attention_mask, src, axis=1)
-    if keep_positions:
+    if mm.positions.ndim == 3 or keep_positions:
         # Original RoPE positions: gaps where pruned tokens were.
-        positions = jnp.take_along_axis(positions, src, axis=1)
+        positions = jnp.take_along_axis(mm.positions, jnp.broadcast_to(src, mm.positions.shape[:-1] + src.shape[-1:]), axis=-1)
     else:
         positions = positions_from_mask(mask)
-    return DecoderInputs(embeds, mask, positions, kept)
+    return finish(embeds, mask, positions, kept)

@@ -130,6 +130,7 @@ def select_tokens(
     method: str = "zspaprune",
     core_ratio: float = 0.6,
     rng: jax.Array | None = None,
+    visual_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Indices of the visual tokens to keep, int32 [B, keep], ascending per row.
 
@@ -146,14 +147,29 @@ def select_tokens(
         "uniform" is floor((i + 0.5) * N / K).
       core_ratio: r in [0, 1] (static, only read by "zspaprune").
       rng: a JAX PRNG key, required by "random" (each batch row gets its own subset).
+      visual_mask: [B, N], nonzero/True = real visual token; None = all real. Lets rows
+        carry different numbers of tokens N_b <= N in one array: masked tokens are never
+        chosen and never influence a choice (they may hold any value, even NaN), so a
+        row gives exactly the indices of its N_b real tokens run alone (mapped back to
+        their positions). Needs keep <= N_b in every row; "uniform" spaces the picks
+        over the real tokens.
 
     Inputs are cast to float32 before anything else, so bf16/f16 inputs give exactly
     the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
     give each batch row the result of running it alone. Ties go to the lower index.
     """
-    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng)
+    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, visual_mask)
     keep = operator.index(keep)
     b, n, _ = visual.shape
+    if visual_mask is not None:
+        if method == "uniform":
+            return _uniform_masked(visual_mask != 0, keep)
+        if method == "random":
+            return _random_impl(rng, b, n, keep, visual_mask != 0)
+        r = {"relevance": 1.0, "divprune": 0.0}.get(method, float(core_ratio))
+        return _select_impl(
+            visual, prompt, prompt_mask, visual_mask != 0, keep=keep, n_core=core_size(keep, r), batching=_default_batching()
+        )
     if method == "uniform" or keep == n:
         # Data-independent: a constant, no compile needed.
         idx = ((2 * np.arange(keep) + 1) * n) // (2 * keep)  # == floor((i + 0.5) * N / K), exactly
@@ -163,11 +179,34 @@ def select_tokens(
     r = {"relevance": 1.0, "divprune": 0.0}.get(method, float(core_ratio))
     # Static key is (keep, n_core): methods that reduce to the same k share one compile.
     return _select_impl(
-        visual, prompt, prompt_mask, keep=keep, n_core=core_size(keep, r), batching=_default_batching()
+        visual, prompt, prompt_mask, None, keep=keep, n_core=core_size(keep, r), batching=_default_batching()
     )
 
 
-def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> None:
+def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
+    shape = tuple(getattr(visual_mask, "shape", ()))
+    if shape != (b, n):
+        raise ValueError(f"visual_mask must have shape [B, N] = {(b, n)}, got {shape}")
+    if not is_traced(visual_mask):
+        counts = np.asarray(visual_mask != 0).sum(axis=1)
+        if (counts < keep).any():
+            row = int(np.argmax(counts < keep))
+            raise ValueError(
+                f"keep={keep} exceeds the {int(counts[row])} real visual tokens of row {row} (visual_mask); "
+                "every row needs at least keep real tokens"
+            )
+
+
+@partial(jax.jit, static_argnames=("keep",))
+def _uniform_masked(valid: jax.Array, keep: int) -> jax.Array:
+    # floor((i + 0.5) * N_b / K) over each row's real tokens, mapped to their positions.
+    n_b = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.int32)
+    rank = ((2 * jnp.arange(keep, dtype=jnp.int32)[None] + 1) * n_b) // (2 * keep)
+    real_positions = jnp.argsort(~valid, axis=1, stable=True)  # real tokens first, in order
+    return jnp.take_along_axis(real_positions, rank, axis=1).astype(jnp.int32)
+
+
+def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, visual_mask=None) -> None:
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
     for name, x in (("visual", visual), ("prompt", prompt)):
@@ -195,15 +234,20 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng) -> Non
         if rng is None:
             raise ValueError("rng (a JAX PRNG key) is required for method='random'")
         check_rng("rng", rng)
-    _check_finite_values(visual, prompt, prompt_mask)
+    if visual_mask is not None:
+        _validate_visual_mask(visual_mask, b, n, keep)
+    _check_finite_values(visual, prompt, prompt_mask, visual_mask)
 
 
-def _check_finite_values(visual, prompt, prompt_mask) -> None:
-    """NaN/Inf in the visual tokens or in an unmasked prompt token: a ValueError naming the
-    row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
-    if is_traced(visual, prompt, prompt_mask):
+def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
+    """NaN/Inf in a real visual token or in an unmasked prompt token: a ValueError naming
+    the row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
+    if is_traced(visual, prompt, prompt_mask, visual_mask):
         return
-    finite_visual = np.asarray(jnp.all(jnp.isfinite(jnp.asarray(visual)), axis=(1, 2)))
+    finite_v = jnp.isfinite(jnp.asarray(visual))
+    if visual_mask is not None:  # padding slots may hold anything
+        finite_v |= ~(jnp.asarray(visual_mask) != 0)[..., None]
+    finite_visual = np.asarray(jnp.all(finite_v, axis=(1, 2)))
     finite = jnp.isfinite(jnp.asarray(prompt))
     if prompt_mask is not None:
         finite |= ~(jnp.asarray(prompt_mask) != 0)[..., None]
@@ -224,9 +268,11 @@ def _default_batching() -> str:
 
 
 @partial(jax.jit, static_argnames=("b", "n", "keep"))
-def _random_impl(rng: jax.Array, b: int, n: int, keep: int) -> jax.Array:
+def _random_impl(rng: jax.Array, b: int, n: int, keep: int, valid: jax.Array | None = None) -> jax.Array:
     # Top-K of iid uniforms is a uniformly random K-subset; one row of noise per example.
     u = jax.random.uniform(rng, (b, n))
+    if valid is not None:
+        u = jnp.where(valid, u, -1.0)  # padding ranks below every real token
     return jnp.sort(lax.top_k(u, keep)[1], axis=-1).astype(jnp.int32)
 
 
@@ -236,10 +282,18 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, _EPS)
 
 
-def _select_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, n_core: int) -> jax.Array:
-    """One example: v [N, D], t [T, D] f32, m [T] bool -> sorted int32 [keep]."""
+def _select_one(
+    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int
+) -> jax.Array:
+    """One example: v [N, D], t [T, D] f32, m [T] bool, valid [N] bool | None -> sorted int32 [keep].
+
+    Masked tokens (valid False) get unit vector 0, relevance -inf and a running c of
+    +inf, so they are never picked and never change another token's score.
+    """
     n = v.shape[0]
     vn = _unit(v)
+    if valid is not None:
+        vn = jnp.where(valid[:, None], vn, 0.0)
     picks = jnp.zeros((keep,), jnp.int32)
     selected = jnp.zeros((n,), jnp.bool_)
     if n_core > 0:
@@ -248,6 +302,8 @@ def _select_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, n_core: 
         p = jnp.sum(jnp.where(m[:, None], t, 0.0), axis=0) / count
         s = jnp.einsum("nd,d->n", vn, _unit(p), precision=_HIGHEST)
         s = jnp.where(s == 0.0, 0.0, s)  # top_k orders -0.0 below +0.0; equal scores must tie by index
+        if valid is not None:
+            s = jnp.where(valid, s, -jnp.inf)
         core = lax.top_k(s, n_core)[1].astype(jnp.int32)  # ties -> lower index (documented)
         if n_core == keep:
             return jnp.sort(core)
@@ -258,7 +314,11 @@ def _select_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, n_core: 
     else:
         # r = 0: DivPrune's first pick, argmin_j max_{i != j} cos(v_j, v_i) (only N x N use).
         g = jnp.einsum("nd,md->nm", vn, vn, precision=_HIGHEST)
-        first = jnp.argmin(jnp.max(jnp.where(jnp.eye(n, dtype=jnp.bool_), -jnp.inf, g), axis=1))
+        others = ~jnp.eye(n, dtype=jnp.bool_)
+        if valid is not None:
+            others &= valid[None, :]
+        worst = jnp.max(jnp.where(others, g, -jnp.inf), axis=1)
+        first = jnp.argmin(worst if valid is None else jnp.where(valid, worst, jnp.inf))
         first = first.astype(jnp.int32)
         picks = picks.at[0].set(first)
         selected = selected.at[first].set(True)
@@ -266,27 +326,42 @@ def _select_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, n_core: 
         start = 1
 
     # Step 5: greedy max-min fill with a running c_j = max_{i selected} cos(v_j, v_i).
-    def fill(i, state):
-        c, selected, picks = state
-        j = jnp.argmin(jnp.where(selected, jnp.inf, c)).astype(jnp.int32)  # first occurrence
-        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=_HIGHEST))
-        return c, selected.at[j].set(True), picks.at[i].set(j)
+    blocked = selected if valid is None else selected | ~valid
 
-    _, _, picks = lax.fori_loop(start, keep, fill, (c, selected, picks))
+    def fill(i, state):
+        c, blocked, picks = state
+        j = jnp.argmin(jnp.where(blocked, jnp.inf, c)).astype(jnp.int32)  # first occurrence
+        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=_HIGHEST))
+        return c, blocked.at[j].set(True), picks.at[i].set(j)
+
+    _, _, picks = lax.fori_loop(start, keep, fill, (c, blocked, picks))
     return jnp.sort(picks)
 
 
 @partial(jax.jit, static_argnames=("keep", "n_core", "batching"))
 def _select_impl(
-    visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None, *, keep: int, n_core: int, batching: str
+    visual: jax.Array,
+    prompt: jax.Array,
+    prompt_mask: jax.Array | None,
+    valid: jax.Array | None = None,
+    *,
+    keep: int,
+    n_core: int,
+    batching: str,
 ) -> jax.Array:
-    """Batched `_select_one`: [B, N, D], [B, T, D], [B, T] | None -> int32 [B, keep]."""
+    """Batched `_select_one`: [B, N, D], [B, T, D], [B, T] | None, [B, N] | None -> int32 [B, keep]."""
     v = visual.astype(jnp.float32)
     t = prompt.astype(jnp.float32)
     m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
-    one = partial(_select_one, keep=keep, n_core=n_core)
+    if valid is None:
+        one = lambda v, t, m: _select_one(v, t, m, None, keep=keep, n_core=n_core)  # noqa: E731
+        args = (v, t, m)
+    else:
+        v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN: keep it out of every sum
+        one = partial(_select_one, keep=keep, n_core=n_core)
+        args = (v, t, m, valid)
     if batching == "vmap":
-        return jax.vmap(one)(v, t, m)
+        return jax.vmap(one)(*args)
     if batching == "map":
-        return lax.map(lambda args: one(*args), (v, t, m))
+        return lax.map(lambda a: one(*a), args)
     raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")

@@ -1,0 +1,28 @@
+"""What every model family exposes to the code above models/ (pipeline, generation).
+
+A family's model module has `config` (with `image_token_id` and `text`), a
+`language_model` (`models.llama.LlamaForCausalLM`: the decoder with its KV cache and
+the logits head, shared by all families) and
+
+    multimodal_inputs(input_ids, pixel_values, attention_mask, aux) -> MultimodalInputs
+
+which embeds the text, runs the vision tower and writes the visual tokens into the
+placeholder positions. `aux` is the family's pytree of host-computed index arrays (None
+for LLaVA; grid layouts and 3-D positions for Qwen2.5-VL), built by the family's host
+adapter in `zspa_jax.families`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+
+class MultimodalInputs(NamedTuple):
+    embeds: jax.Array  # [B, L, D]: text embeddings with the visual tokens written in
+    text_embeds: jax.Array  # [B, L, D]: raw input-embedding rows (what the prompt vector averages)
+    positions: jax.Array  # int32 [B, L] (1-D RoPE) or [3, B, L] (M-RoPE, kept as is when pruning)
+    next_position: jax.Array | None  # int32 [B]: first decode position; None = max(positions) + 1
+    visual: jax.Array | None  # [B, N, D]: each row's visual tokens (one image per row), for pruning
+    visual_valid: jax.Array | None  # bool [B, N]: real tokens of `visual` (None: all real)

@@ -1,0 +1,654 @@
+"""Qwen2.5-VL in Flax NNX: windowed ViT -> patch merger -> Qwen2 decoder with M-RoPE.
+
+Follows transformers' `modeling_qwen2_5_vl.py`. The tower works on the processor's
+flattened patches `[P, C * T * p * p]` (all images of a batch concatenated) and
+`image_grid_thw [n, 3]`. Everything that depends on the grid values (window order,
+rotary positions, attention segments, 3-D LLM positions) is computed on the host in
+numpy by `vision_layout` and `rope_index`, so the jitted programs only see arrays of
+static shape. The tower runs on fixed-size window blocks (padding slots fill partial
+windows), so windowed attention is one batched [windows, S, S] attention; padding the
+window count to a bucket (`vision_layout(..., windows=)`) lets images of different
+sizes share one compiled tower.
+
+The language model is `models.llama.LlamaForCausalLM` with q/k/v biases and
+`mrope_section`: the same decoder and KV cache as LLaVA's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import (
+    ACTIVATIONS,
+    activation,
+    check_choice,
+    check_positive,
+    dot_product_attention,
+    dtype_of,
+    padding_causal_mask,
+)
+from models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
+from models.llava import merge_image_features
+from models.protocol import MultimodalInputs
+
+VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLVisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    out_hidden_size: int = 3584
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive(
+            name,
+            depth=self.depth,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            in_channels=self.in_channels,
+            patch_size=self.patch_size,
+            temporal_patch_size=self.temporal_patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            out_hidden_size=self.out_hidden_size,
+        )
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"{name}.fullatt_block_indexes {bad} out of range for depth {self.depth}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"{name}.hidden_size ({self.hidden_size}) / num_heads ({self.num_heads}) must be a multiple of 4 "
+                "(2-D rotary over height and width)"
+            )
+        if self.window_size < self.patch_size * self.spatial_merge_size:
+            raise ValueError(
+                f"{name}.window_size ({self.window_size}) must be >= patch_size * spatial_merge_size "
+                f"({self.patch_size * self.spatial_merge_size})"
+            )
+        check_choice(name, "hidden_act", self.hidden_act, ACTIVATIONS)
+        dtype_of(self.dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row: C * T * p * p."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged tokens (transformers' vit_merger_window_size)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+    vision: Qwen2_5_VLVisionConfig
+    text: LlamaConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.text.mrope_section is None:
+            raise ValueError(f"{name}.text.mrope_section is required (Qwen2.5-VL uses M-RoPE)")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(
+                f"{name}.vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
+                f"text.hidden_size ({self.text.hidden_size})"
+            )
+        for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen2_5_VLConfig":
+        d = dict(d)
+        return cls(vision=Qwen2_5_VLVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+
+
+# ----------------------------------------------------------------------------- host-side layout
+
+
+class VisionLayout(NamedTuple):
+    """Grid-dependent index arrays for the tower (see `vision_layout`).
+
+    The tower runs on P = W * S slots: W windows of S = window_slots patch rows each, in
+    transformers' window order. A window holding fewer patches (at an image's right or
+    bottom edge) and the windows added to reach a bucket are filled with padding slots.
+    U = P / merge_unit merged slots.
+    """
+
+    order: np.ndarray  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
+    positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
+    valid: np.ndarray  # bool [P]: the slot holds a real patch
+    image_segment: np.ndarray  # int32 [P]: full-attention segment (image frame) of each slot, -1 padding
+    inverse: np.ndarray  # int32 [U]: merged slot of each merged token in input order, padding slots last
+
+
+def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
+    """int64 [n, 3] with every row a valid image grid, else ValueError naming `name`."""
+    grid = np.asarray(grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got shape {grid.shape}")
+    m = cfg.spatial_merge_size
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        if t != 1:
+            raise ValueError(f"{name}[{i}] has t={t}; images have t=1 (video input is not supported)")
+        if h < m or w < m or h % m or w % m:
+            raise ValueError(
+                f"{name}[{i}] = ({t}, {h}, {w}): h and w must be positive multiples of spatial_merge_size={m} "
+                "(the image is too small for one merged token, or not from the Qwen2-VL image processor)"
+            )
+    return grid.astype(np.int64)
+
+
+def num_patches(grid_thw: np.ndarray) -> int:
+    return int(np.prod(np.asarray(grid_thw), axis=-1).sum())
+
+
+def window_slots(cfg: Qwen2_5_VLVisionConfig) -> int:
+    """Patch rows per window slot block: window_merged^2 merged tokens of merge_unit patches."""
+    return cfg.window_merged**2 * cfg.merge_unit
+
+
+def num_windows(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> int:
+    """Non-empty windows of all images (what the tower's slot count is made of)."""
+    win, m = cfg.window_merged, cfg.spatial_merge_size
+    return int(sum(t * -(-(h // m) // win) * -(-(w // m) // win) for t, h, w in np.asarray(grid_thw).tolist()))
+
+
+def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None) -> VisionLayout:
+    """Window order, rotary positions and attention segments for the images of `grid_thw`.
+
+    Mirrors transformers' `get_vision_window_index`, `get_vision_position_ids` and
+    `get_vision_cu_seqlens`: merged tokens are grouped into windows of `window_merged`
+    per side (edge windows smaller), concatenated window by window, image by image.
+    Here every window gets `window_slots` slots (padding after its real patches), so
+    windowed attention is one batched [W, S, S] attention; full-attention blocks attend
+    within an image (one frame). `windows` (>= the real count) adds all-padding windows:
+    a bucket, so images of different sizes share one compiled tower.
+    """
+    grid = check_grid(grid_thw, cfg)
+    m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
+    slots = window_slots(cfg)
+    real = num_patches(grid)
+    needed = num_windows(grid, cfg)
+    windows = needed if windows is None else int(windows)
+    if windows < needed:
+        raise ValueError(f"layout windows {windows} must be >= the {needed} windows of image_grid_thw")
+    order = np.full((windows, slots), real, np.int64)  # `real` indexes the zero row appended to the patches
+    positions = np.zeros((windows, slots, 2), np.int64)
+    segment = np.full((windows, slots), -1, np.int64)
+    merged_slot = np.zeros(real // unit, np.int64)  # merged token (input order) -> merged slot
+    w_i = offset = frame = 0
+    for t, h, w in grid.tolist():
+        gh, gw = h // m, w // m
+        # (h, w) of every patch, merge-block major: transformers' get_vision_position_ids.
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = (gh, m, gw, m)
+        hw = np.stack([a.reshape(block).transpose(0, 2, 1, 3).ravel() for a in (hpos, wpos)], -1)
+        index = np.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = (-gh) % win, (-gw) % win  # transformers pads a full window more; empty windows vanish
+        padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
+        nh, nw = padded.shape[1] // win, padded.shape[2] // win
+        tiles = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, -1, win * win)
+        for f in range(t):
+            for tile in tiles[f]:
+                tokens = tile[tile >= 0]  # merged tokens of this window, in window order
+                if not tokens.size:
+                    continue
+                rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the image
+                n = rows.size
+                order[w_i, :n] = rows + offset
+                positions[w_i, :n] = hw[rows % (gh * gw * unit)]
+                segment[w_i, :n] = frame + f
+                merged_slot[offset // unit + tokens] = w_i * (slots // unit) + np.arange(tokens.size)
+                w_i += 1
+        offset += t * gh * gw * unit
+        frame += t
+    total_merged = windows * slots // unit
+    used = np.zeros(total_merged, bool)
+    used[merged_slot] = True
+    inverse = np.concatenate([merged_slot, np.flatnonzero(~used)])
+    return VisionLayout(
+        order=order.ravel().astype(np.int32),
+        positions=positions.reshape(-1, 2).astype(np.int32),
+        valid=(order.ravel() < real),
+        image_segment=segment.ravel().astype(np.int32),
+        inverse=inverse.astype(np.int32),
+    )
+
+
+def image_token_counts(grid_thw: np.ndarray, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
+    """Merged (LLM) tokens per image: t * h * w / merge_unit."""
+    return (np.prod(np.asarray(grid_thw), axis=-1) // cfg.merge_unit).astype(np.int64)
+
+
+def image_spans(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, stop) runs of consecutive image tokens among the real tokens."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    spans = []
+    for row, valid in zip(ids, mask):
+        is_image = (row == image_token_id) & valid
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(np.int8), [0]])))
+        spans.append([(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])])
+    return spans
+
+
+def rope_index(
+    input_ids, attention_mask, grid_thw, cfg: Qwen2_5_VLConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """3-D M-RoPE positions, transformers' `get_rope_index` for images.
+
+    input_ids, attention_mask: [B, L] (left padding allowed); grid_thw: [n, 3], images
+    in reading order across the batch (may be None for text only). Text tokens count on
+    from the previous position; an image of grid (t, h, w) at start s gets t/h/w
+    positions s + (t, h / m, w / m) indices and the text after it continues at
+    s + max(h, w) / m. Padding gets 0.
+    Returns (positions int32 [3, B, L], next position int32 [B] = max + 1 per row).
+    """
+    ids = np.asarray(input_ids)
+    b, length = ids.shape
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    m = cfg.vision.spatial_merge_size
+    grids = iter([] if grid_thw is None else np.asarray(grid_thw).tolist())
+    out = np.zeros((3, b, length), np.int64)
+    next_pos = np.zeros((b,), np.int64)
+    for r in range(b):
+        types = (ids[r][mask[r]] == cfg.image_token_id).astype(np.int8)
+        pieces, pos = [], 0
+        for kind, group in itertools.groupby(types.tolist()):
+            n = len(list(group))
+            if kind == 0:
+                pieces.append(np.broadcast_to(np.arange(n) + pos, (3, n)))
+                pos += n
+                continue
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise ValueError("input_ids holds more image-token spans than image_grid_thw has images") from None
+            gt, gh, gw = t, h // m, w // m
+            if n != gt * gh * gw:
+                raise ValueError(
+                    f"input_ids row {r}: an image-token span of {n} tokens does not match its grid "
+                    f"({t}, {h}, {w}), which gives {gt * gh * gw} tokens"
+                )
+            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+            pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos)
+            pos += max(h, w) // m
+        row = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+        out[:, r, mask[r]] = row
+        next_pos[r] = (row.max() + 1) if row.size else 0
+    if next(grids, None) is not None:
+        raise ValueError("image_grid_thw has more images than input_ids has image-token spans")
+    return out.astype(np.int32), next_pos.astype(np.int32)
+
+
+class QwenAux(NamedTuple):
+    """Host-computed arrays the jitted Qwen2.5-VL programs take (a pytree; see `prepare_batch`)."""
+
+    layout: VisionLayout
+    positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
+    next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
+    feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image token, -1 elsewhere
+    visual_index: np.ndarray | None  # int32 [B, N]: each row's image span as merged-token indices
+    visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to pad a span to N
+
+
+class PreparedBatch(NamedTuple):
+    input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
+    attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
+    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the patches, then zero rows up to the layout's P slots
+    aux: QwenAux | None
+    visual_counts: np.ndarray | None  # int [B]: real visual tokens per row (one image per row), else None
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    extra = -ids.shape[1] % multiple
+    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
+
+
+def pad_image_spans(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int, slots: int, pad_id: int):
+    """Give every row's single image span exactly `slots` positions.
+
+    The added slots (image ids with mask 0, right after the real span) are masked out
+    of attention and excluded from positions; rows are re-left-padded to one length.
+    Returns (input_ids, attention_mask) int32 [B, L'].
+    """
+    rows_ids, rows_mask = [], []
+    for ids, mask in zip(input_ids, attention_mask):
+        real = np.flatnonzero((ids == image_token_id) & (mask != 0))
+        extra = slots - real.size
+        at = real[-1] + 1
+        rows_ids.append(np.concatenate([ids[:at], np.full(extra, image_token_id), ids[at:]]))
+        rows_mask.append(np.concatenate([mask[:at], np.zeros(extra, mask.dtype), mask[at:]]))
+    length = max(r.size for r in rows_ids)
+    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
+    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def prepare_batch(
+    cfg: "Qwen2_5_VLConfig",
+    input_ids,
+    attention_mask,
+    pixel_values,
+    image_grid_thw,
+    *,
+    one_image_per_row: bool = False,
+    span_slots: int | None = None,
+    windows: int | None = None,
+    pad_id: int = 0,
+    prompt_multiple: int | None = None,
+) -> PreparedBatch:
+    """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
+
+    input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the
+    processor's flattened patches of all images; image_grid_thw: [n, 3]. With
+    `one_image_per_row` (pruning), each row holds exactly one image and `aux` carries its
+    span as merged-token indices; `span_slots` then pads every span to that many slots
+    (>= the largest image), so images of different sizes give one shape. `windows` pads
+    the tower to that many windows (a bucket); `prompt_multiple` left-pads the prompt
+    to a multiple of it. Raises ValueError naming the argument.
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+    vc = cfg.vision
+    image = ids == cfg.image_token_id
+    if (ids == cfg.video_token_id).any():
+        raise ValueError("input_ids holds video tokens: video input is not supported for Qwen2.5-VL (images only)")
+    if pixel_values is None:
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw was given without pixel_values")
+        if (image & (mask != 0)).any():
+            raise ValueError("input_ids holds image tokens but pixel_values is None")
+        if prompt_multiple:
+            ids, mask = _left_pad(ids, mask, prompt_multiple, pad_id)
+        positions, next_pos = rope_index(ids, mask, None, cfg)
+        aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
+        return PreparedBatch(ids.astype(np.int32), mask, None, aux, None)
+    if image_grid_thw is None:
+        raise ValueError(
+            "image_grid_thw is required with pixel_values for Qwen2.5-VL: the processor returns it "
+            "(int [num_images, 3] of t, h, w patches)"
+        )
+    grid = check_grid(image_grid_thw, vc)
+    pixels = np.asarray(pixel_values)
+    if pixels.ndim != 2 or pixels.shape[1] != vc.patch_dim:
+        raise ValueError(
+            f"pixel_values must be the processor's flattened patches [num_patches, {vc.patch_dim}] "
+            f"(C*T*p*p = {vc.in_channels}*{vc.temporal_patch_size}*{vc.patch_size}*{vc.patch_size}), "
+            f"got shape {pixels.shape}"
+        )
+    if pixels.shape[0] != num_patches(grid):
+        raise ValueError(
+            f"pixel_values holds {pixels.shape[0]} patch rows but image_grid_thw {grid.tolist()} "
+            f"needs sum(t*h*w) = {num_patches(grid)}"
+        )
+    counts = image_token_counts(grid, vc)
+    found = int((image & (mask != 0)).sum())
+    if found != counts.sum():
+        raise ValueError(
+            f"input_ids holds {found} image tokens (id {cfg.image_token_id}) but image_grid_thw gives "
+            f"{counts.tolist()} = {int(counts.sum())} merged tokens"
+        )
+    spans = image_spans(ids, mask, cfg.image_token_id)
+    visual_counts = None
+    if one_image_per_row:
+        per_row = [len(s) for s in spans]
+        if per_row != [1] * len(spans) or len(grid) != ids.shape[0]:
+            raise ValueError(
+                f"pruning needs exactly one image per prompt: image spans per row {per_row}, "
+                f"{len(grid)} image(s) for {ids.shape[0]} prompt(s)"
+            )
+        visual_counts = counts.copy()
+        slots = int(counts.max()) if span_slots is None else int(span_slots)
+        if slots < counts.max():
+            raise ValueError(f"span_slots={slots} is smaller than the largest image ({int(counts.max())} tokens)")
+        if slots > counts.min() or (span_slots is not None):
+            ids, mask = pad_image_spans(ids, mask, cfg.image_token_id, slots, pad_id)
+    if prompt_multiple:
+        ids, mask = _left_pad(ids, mask, prompt_multiple, pad_id)
+    positions, next_pos = rope_index(ids, mask, grid, cfg)  # also checks each span against its grid
+    real_image = (ids == cfg.image_token_id) & (mask != 0)
+    feature_index = np.full(ids.shape, -1, np.int64)
+    feature_index[real_image] = np.arange(int(real_image.sum()))  # reading order = merged-token order
+    visual_index = visual_valid = None
+    if one_image_per_row:
+        slots_mask = ids == cfg.image_token_id
+        visual_index = feature_index[slots_mask].reshape(ids.shape[0], -1)
+        visual_valid = visual_index >= 0
+        visual_index = np.maximum(visual_index, 0).astype(np.int32)
+    layout = vision_layout(grid, vc, windows=None if windows is None else max(int(windows), num_windows(grid, vc)))
+    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid)
+    # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
+    pixels = np.pad(pixels.astype(np.float32), ((0, layout.order.size - pixels.shape[0]), (0, 0)))
+    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts)
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+QUERY_CHUNK = 1024  # full-attention blocks score this many queries at a time (memory ~ H * chunk * P)
+
+
+def _windowed_attention(q, k, v, valid, slots: int) -> jax.Array:
+    """q, k, v: [P, H, Dh] in window order, P = W * slots; valid: bool [P]. Each window
+    attends within itself (padding slots are never keys). Returns [P, H, Dh]."""
+    p, h, dh = q.shape
+    w = p // slots
+    q, k, v = (a.reshape(w, slots, h, dh) for a in (q, k, v))
+    mask = jnp.broadcast_to(valid.reshape(w, 1, slots), (w, slots, slots))
+    return dot_product_attention(q, k, v, mask).reshape(p, h, dh)
+
+
+def _segment_attention(q, k, v, segment) -> jax.Array:
+    """Full attention within segments (images): q, k, v [P, H, Dh]; segment int [P], -1 =
+    padding (never a key). Queries go in chunks so scores stay [H, chunk, P]."""
+    p, h, dh = q.shape
+    chunk = math.gcd(p, QUERY_CHUNK)
+    keys_ok = segment >= 0
+
+    def one(args):
+        qc, seg = args  # [chunk, H, Dh], [chunk]
+        mask = (seg[:, None] == segment[None, :]) & keys_ok[None, :]
+        return dot_product_attention(qc[None], k[None], v[None], mask[None])[0]
+
+    if chunk == p:
+        return one((q, segment))
+    out = jax.lax.map(one, (q.reshape(p // chunk, chunk, h, dh), segment.reshape(p // chunk, chunk)))
+    return out.reshape(p, h, dh)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.num_heads = cfg.num_heads
+        self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool, slots: int):
+        """x: [P, D]; cos, sin: f32 [P, Dh / 2]. Windowed attention, or per image when `full`."""
+        p, d = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
+        # transformers rotates in f32 and casts back
+        q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+        if full:
+            out = _segment_attention(q, k, v, layout.image_segment)
+        else:
+            out = _windowed_attention(q, k, v, layout.valid, slots)
+        return self.proj(out.reshape(p, d))
+
+
+class VisionMLP(nnx.Module):
+    """SwiGLU with biases."""
+
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        lin = lambda din, dout: nnx.Linear(din, dout, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.norm1 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.mlp = VisionMLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, layout, full: bool, slots: int):
+        x = x + self.attn(self.norm1(x), cos, sin, layout, full, slots)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, concatenate each spatial_merge_size^2 block, Linear -> exact GELU -> Linear."""
+
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.width = cfg.hidden_size * cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
+        self.fc1 = nnx.Linear(self.width, self.width, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.fc2 = nnx.Linear(self.width, cfg.out_hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[P, D] (window order) -> [P / merge_unit, out_hidden_size]."""
+        return self.fc2(jax.nn.gelu(self.fc1(self.ln_q(x).reshape(-1, self.width)), approximate=False))
+
+
+class Qwen2_5_VisionTransformer(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
+        dt = dtype_of(cfg.dtype)
+        self.config = cfg
+        # Conv3d with stride == kernel over one flattened patch is a matmul (no bias).
+        self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs)
+
+    def _angles(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """2-D axial rotary: [P, 2] (h, w) -> f32 cos, sin [P, Dh / 2] (h angles, then w)."""
+        inv_freq = rope_inverse_frequencies(self.config.head_dim // 2, self.config.rope_theta)
+        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [P, 2, Dh / 4]
+        freqs = freqs.reshape(positions.shape[0], -1)
+        return jnp.cos(freqs), jnp.sin(freqs)
+
+    def blocks_out(self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None) -> list[jax.Array]:
+        """Hidden states after each block on the layout's slots: list of [P, D]
+        (`layout.valid` marks the real patches, in transformers' window order)."""
+        cfg = self.config
+        dt = self.patch_embed.kernel.dtype
+        # One zero row after the real patches: what every padding slot reads.
+        pixels = jnp.concatenate([pixel_values.astype(dt), jnp.zeros((1, pixel_values.shape[1]), dt)])
+        x = self.patch_embed(jnp.take(pixels, layout.order, axis=0))
+        cos, sin = self._angles(layout.positions)
+        slots = window_slots(cfg)
+        states = []
+        for i, block in enumerate(self.blocks[: cfg.depth if num_blocks is None else num_blocks]):
+            x = block(x, cos, sin, layout, i in cfg.fullatt_block_indexes, slots)
+            states.append(x)
+        return states
+
+    def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """pixel_values [num_patches (+ zero rows), C*T*p*p] -> merged tokens [U, out_hidden_size]: the
+        images' tokens in input order first, then padding slots."""
+        merged = self.merger(self.blocks_out(pixel_values, layout)[-1])
+        return jnp.take(merged, layout.inverse, axis=0)
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.visual = Qwen2_5_VisionTransformer(cfg.vision, rngs=rngs)
+        self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
+
+    def image_features(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """Merged visual tokens in the LLM embedding space [U, D_text], images concatenated."""
+        return self.visual(pixel_values, layout)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Text embeddings [B, L, D] (image placeholders embed as themselves; replaced later)."""
+        return self.language_model.embed(input_ids)
+
+    def inputs_embeds(self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: VisionLayout | None) -> jax.Array:
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.image_features(pixel_values, layout)[None]
+        return merge_image_features(input_ids, embeds, features, self.config.image_token_id)
+
+    def multimodal_inputs(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux: QwenAux
+    ) -> MultimodalInputs:
+        """The family protocol (models.protocol), with `aux` from `prepare_batch`: 3-D
+        positions, visual tokens written at `aux.feature_index`, and with one image per
+        row the per-row visual tokens [B, N, D] for pruning."""
+        text = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return MultimodalInputs(text, text, aux.positions, aux.next_position, None, None)
+        features = self.image_features(pixel_values, aux.layout)  # [U, D]
+        index = aux.feature_index
+        merged = jnp.where((index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text)
+        visual = None if aux.visual_index is None else features[aux.visual_index]
+        return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        layout: VisionLayout | None,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+    ) -> jax.Array:
+        """Full forward (no cache): f32 logits [B, L, V].
+
+        positions: int [3, B, L] from `rope_index`; attention_mask: [B, L] (left padding).
+        """
+        embeds = self.inputs_embeds(input_ids, pixel_values, layout)
+        hidden, _ = self.language_model.model(embeds, positions, padding_causal_mask(attention_mask))
+        return self.language_model.logits(hidden)

@@ -1,0 +1,254 @@
+"""Qwen2.5-VL through the public API (zspa_jax.load / forward / generate) against transformers:
+greedy generation, pruning at original 3-D positions, kept indices against the eager
+torch ZSPAPrune reference on HF's merger output, strings + PIL through the processor,
+one compiled program across image sizes, and bad input refused before any compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zspa_jax
+from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
+from tests.torch_reference_pruning import select_tokens_reference
+from zspa_jax import generation
+from zspa_jax.pipeline import prompt_token_mask
+
+BOUND = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny):
+    return zspa_jax.load(converted(tiny))
+
+
+def _np(batch):
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def _hf_generate(tiny, batch, n):
+    with torch.no_grad():
+        out = tiny.hf.generate(**batch, max_new_tokens=n, do_sample=False)
+    return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+PROMPTS = [("what is shown in this picture", 2), ("describe the image", 1)]
+IMAGES = [(40, 56), (24, 32), (16, 48)]
+
+
+def test_greedy_generation_matches_hf(tiny, vlm):
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGES)]
+    batch = hf_inputs(tiny.processor, PROMPTS, images)  # row 0 holds two images; left-padded
+    ref = _hf_generate(tiny, batch, 12)
+    a = _np(batch)
+    res = zspa_jax.generate(
+        vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"], attention_mask=a["attention_mask"],
+        image_grid_thw=a["image_grid_thw"], max_new_tokens=12,
+    )
+    np.testing.assert_array_equal(res.sequences, ref[:, : res.sequences.shape[1]])
+    assert res.sequences.shape[1] == ref.shape[1] or (ref[:, res.sequences.shape[1]:] == vlm.pad_token_id).all()
+    # generate_tokens (array API) gives the same tokens (prompt pre-padded to generate's
+    # bucket, so the compiled programs are shared).
+    extra = -a["input_ids"].shape[1] % generation.PROMPT_BUCKET
+    ids = np.pad(a["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
+    mask = np.pad(a["attention_mask"], ((0, 0), (extra, 0)))
+    out = zspa_jax.generate_tokens(
+        vlm, ids, a["pixel_values"], mask, image_grid_thw=a["image_grid_thw"], max_new_tokens=12
+    )
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, : res.sequences.shape[1]], res.sequences)
+
+
+def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
+    prompts = ["what is shown in this image", "how many cats are there"]
+    images = [random_image(40, 24, seed=11), random_image(32, 56, seed=12)]
+    batch = hf_inputs(tiny.processor, [(p, 1) for p in prompts], images)
+    ours = vlm.processor.encode(prompts, images)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        np.testing.assert_array_equal(ours[key], batch[key].numpy(), err_msg=key)
+    ref = _hf_generate(tiny, batch, 10)
+    res = zspa_jax.generate(vlm, prompts, images, max_new_tokens=10)
+    np.testing.assert_array_equal(res.sequences, ref[:, : res.sequences.shape[1]])
+    texts = [
+        tiny.processor.tokenizer.decode([t for t in row if t not in vlm.eos_token_ids], skip_special_tokens=True).strip()
+        for row in res.sequences
+    ]
+    assert res.texts == texts
+
+
+def _hf_pruned_row_logits(tiny, batch, row, kept):
+    """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions."""
+    hf = tiny.hf
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    with torch.no_grad():
+        embeds = hf.model.get_input_embeddings()(ids)
+        feats = hf.model.get_image_features(batch["pixel_values"], grid).pooler_output
+        image = ids == tiny.image_token_id
+        embeds[image] = torch.cat(feats)
+        positions, _ = hf.model.get_rope_index(
+            ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask
+        )
+        span = torch.nonzero(image[row])[:, 0]
+        s, n = int(span[0]), len(span)
+        src = torch.cat([torch.arange(s), s + torch.as_tensor(np.array(kept)), torch.arange(s + n, ids.shape[1])])
+        logits = hf(
+            inputs_embeds=embeds[row, src][None],
+            position_ids=positions[:, row, src][:, None],
+            attention_mask=mask[row, src][None],
+        ).logits[0].numpy()
+    return logits, mask[row, src].numpy().astype(bool), feats, embeds
+
+
+def _question_mask(tiny, vlm, ids, mask):
+    """The prompt tokens, from the tokenizer's own special list: after the image span,
+    real, not special (chat template and vision tokens never count)."""
+    tok = tiny.processor.tokenizer
+    special = set(tok.all_special_ids) | {tok.pad_token_id, tok.eos_token_id}
+    special.discard(tiny.image_token_id)
+    out = np.zeros(ids.shape, bool)
+    for r in range(ids.shape[0]):
+        last = np.flatnonzero(ids[r] == tiny.image_token_id).max()
+        for j in range(last + 1, ids.shape[1]):
+            out[r, j] = mask[r, j] == 1 and int(ids[r, j]) not in special
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[(40, 56), (40, 56)], [(40, 56), (24, 32)]], ids=["same_size", "different_sizes"])
+def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parity_record):
+    keep = 5
+    prompts = [("what color is the cat on the left", 1), ("describe the small dog", 1)]
+    images = [random_image(h, w, seed=20 + i) for i, (h, w) in enumerate(sizes)]
+    batch = hf_inputs(tiny.processor, prompts, images)
+    a = _np(batch)
+    prune = zspa_jax.PruneConfig(keep=keep, core_ratio=0.6)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"], prune, image_grid_thw=a["image_grid_thw"],
+        return_kept=True, return_mask=True,
+    )
+    assert kept.shape == (2, keep)
+    ids, mask = a["input_ids"], a["attention_mask"]
+    qmask = _question_mask(tiny, vlm, ids, mask)
+    ours_mask = np.asarray(prompt_token_mask(ids, mask, tiny.image_token_id, vlm.special_token_ids, "question"))
+    np.testing.assert_array_equal(ours_mask, qmask)
+    for row in range(2):
+        ref, ref_mask, feats, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
+        # Kept indices: the eager torch ZSPAPrune on HF's merger output and HF's embeddings.
+        expect = select_tokens_reference(
+            feats[row][None], embeds[row][None], torch.tensor(qmask[row])[None], keep=keep, core_ratio=0.6
+        ).numpy()[0]
+        np.testing.assert_array_equal(kept[row], expect)
+        got = logits[row][out_mask[row].astype(bool)]
+        d = parity_record("qwen pruned logits (3-D positions)", f"{'/'.join(map(str, sizes))} row {row}",
+                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        assert d <= BOUND
+
+
+def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
+    """Greedy pruned generation equals HF generating from the pruned inputs_embeds with
+    the kept tokens' original positions and decode positions max + 1, max + 2, ..."""
+    keep = 6
+    image = random_image(40, 56, seed=30)
+    batch = hf_inputs(tiny.processor, [("what is on the table", 1)], [image])
+    res = zspa_jax.generate(vlm, ["what is on the table"], [image], max_new_tokens=6, prune=zspa_jax.PruneConfig(keep=keep))
+    kept = res.kept_indices[0]
+    hf = tiny.hf
+    _, _, feats, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
+    ids = batch["input_ids"]
+    positions, deltas = hf.model.get_rope_index(
+        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    span = torch.nonzero(ids[0] == tiny.image_token_id)[:, 0]
+    s, n = int(span[0]), len(span)
+    src = torch.cat([torch.arange(s), s + torch.as_tensor(np.array(kept)), torch.arange(s + n, ids.shape[1])])
+    x, pos = embeds[0, src][None], positions[:, 0, src][:, None]
+    next_pos = int(positions.max()) + 1
+    tokens = []
+    with torch.no_grad():
+        for _ in range(6):  # no cache: the whole sequence each step, positions written explicitly
+            logits = hf(inputs_embeds=x, position_ids=pos).logits[0, -1]
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            if tok in vlm.eos_token_ids:
+                break
+            x = torch.cat([x, hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
+            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
+            next_pos += 1
+    assert res.sequences[0, : len(tokens)].tolist() == tokens
+
+
+def test_one_program_across_image_sizes(tiny, vlm):
+    """Three image sizes (grids 10x14, 10x16, 12x16 patches: 12 windows each, one window
+    bucket; 35, 40, 48 merged tokens: one span bucket) with pruning compile one prefill and
+    one decode program."""
+    prune = zspa_jax.PruneConfig(keep=8)
+    sizes = [(40, 56), (40, 64), (48, 64)]
+    zspa_jax.generate(vlm, ["what is this"], [random_image(*sizes[0], seed=40)], max_new_tokens=4, prune=prune)
+    before = dict(generation.TRACE_COUNTS)
+    grids = []
+    for i, (h, w) in enumerate(sizes[1:] + sizes[:1]):
+        res = zspa_jax.generate(vlm, ["what is this"], [random_image(h, w, seed=41 + i)], max_new_tokens=4, prune=prune)
+        grids.append(vlm.processor.encode(["x"], [random_image(h, w, seed=0)])["image_grid_thw"][0].tolist())
+        assert res.kept_indices.shape == (1, 8)
+    assert sorted({tuple(g) for g in grids}) == [(1, 10, 14), (1, 10, 16), (1, 12, 16)]
+    assert dict(generation.TRACE_COUNTS) == before, (before, dict(generation.TRACE_COUNTS))
+
+
+def _arrays(tiny, n_images=1):
+    images = [random_image(24, 32, seed=50 + i) for i in range(n_images)]
+    return _np(hf_inputs(tiny.processor, [("what is this", n_images)], images))
+
+
+BAD_INPUTS = {
+    "grid_missing": (lambda a: a.pop("image_grid_thw"), "image_grid_thw is required"),
+    "grid_vs_pixels": (lambda a: a.update(image_grid_thw=np.array([[1, 6, 10]])), "pixel_values holds 48 patch rows"),
+    "grid_vs_tokens": (
+        lambda a: a.update(pixel_values=np.concatenate([a["pixel_values"], a["pixel_values"][:16]]),
+                           image_grid_thw=np.array([[1, 8, 8]])),
+        "input_ids holds 12 image tokens",
+    ),
+    "too_small": (lambda a: a.update(image_grid_thw=np.array([[1, 1, 48]])), "too small for one merged token"),
+    "video_frames": (lambda a: a.update(image_grid_thw=np.array([[2, 6, 4]])), "video input is not supported"),
+    "video_tensor": (lambda a: a.update(pixel_values_videos=a["pixel_values"]), "video input is not supported"),
+    "pixels_shape": (lambda a: a.update(pixel_values=a["pixel_values"].reshape(-1, 3, 32)), "flattened patches"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_before_compile(tiny, vlm, case):
+    edit, needle = BAD_INPUTS[case]
+    a = _arrays(tiny)
+    a.pop("mm_token_type_ids")
+    edit(a)
+    before = dict(generation.TRACE_COUNTS)
+    with pytest.raises(ValueError, match=needle):
+        zspa_jax.generate(vlm, max_new_tokens=2, **a)
+    with pytest.raises(ValueError, match=needle):
+        zspa_jax.forward(vlm, **a)
+    assert dict(generation.TRACE_COUNTS) == before
+
+
+def test_span_that_does_not_match_its_grid(tiny, vlm):
+    """Two images whose grids are swapped: the token total matches, each span does not."""
+    images = [random_image(24, 32, seed=60), random_image(40, 56, seed=61)]
+    a = _np(hf_inputs(tiny.processor, [("what is this", 2)], images))
+    grid = a["image_grid_thw"][::-1].copy()
+    first = int(np.prod(grid[0]))
+    pixels = np.concatenate([a["pixel_values"][-first:], a["pixel_values"][:-first]])
+    with pytest.raises(ValueError, match="does not match its grid"):
+        zspa_jax.forward(vlm, a["input_ids"], pixels, a["attention_mask"], image_grid_thw=grid)
+
+
+def test_bad_images_through_the_processor(vlm):
+    with pytest.raises(ValueError, match="aspect ratio"):
+        zspa_jax.generate(vlm, ["what is this"], [random_image(8, 2000, seed=0)], max_new_tokens=2)
+    with pytest.raises(ValueError, match="video"):
+        zspa_jax.generate(vlm, ["what is this"], [[random_image(16, 16, seed=0)] * 2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="keep=200 exceeds"):
+        zspa_jax.generate(vlm, ["what is this"], [random_image(16, 16, seed=0)], max_new_tokens=2,
+                          prune=zspa_jax.PruneConfig(keep=200))
