@@ -14,6 +14,7 @@ from models.layers import padding_causal_mask
 from zspa_jax.inputs import check_arrays
 from zspa_jax.validation import check_bool, check_int
 from zspa_jax.loading import VLM
+from zspa_jax.methods import fastv
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
 
@@ -22,6 +23,13 @@ from zspa_jax.pruning import PruneConfig
 def _forward(graphdef, params, input_ids, pixel_values, attention_mask, rng, prune, special_ids, keep_positions):
     model = nnx.merge(graphdef, params)
     inputs = decoder_inputs(model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions)
+    if prune is not None and prune.method == "fastv" and pixel_values is not None:
+        n = model.config.image_seq_length
+        out = fastv.prefill(
+            model.language_model.model, inputs.embeds, inputs.positions, inputs.mask, input_ids,
+            model.config.image_token_index, n, prune.num_keep(n), prune.fastv_layer,
+        )
+        return model.language_model.logits(out.hidden), out.kept
     hidden, _ = model.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(inputs.mask))
     return model.language_model.logits(hidden), inputs.kept_indices
 
@@ -43,7 +51,8 @@ def forward(
       input_ids: int [B, L], `tokens_per_image` image tokens per image, left-padded.
       pixel_values: float [M, C, H, W] (images in reading order across the batch) or None.
       attention_mask: [B, L], 0 on left padding; positions restart at each row's first token.
-      prune: a PruneConfig (one image per row); the kept tokens replace the placeholders.
+      prune: a PruneConfig (one image per row); the kept tokens replace the placeholders
+        ("fastv": from layer `prune.fastv_layer` on; its early layers see all tokens).
       seed: rng seed for method="random".
       return_kept: also return the kept indices int32 [B, K] (None without pruning).
     Returns:

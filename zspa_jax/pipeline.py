@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from models.layers import positions_from_mask
 from models.llava import LlavaForConditionalGeneration, merge_image_features
-from zspa_jax.pruning import PruneConfig, select_tokens
+from zspa_jax.methods.tower import place_span_tokens, tower_prune
+from zspa_jax.pruning import CLS_ATTENTION_METHODS, PruneConfig, _default_batching, select_tokens
 
 
 class DecoderInputs(NamedTuple):
@@ -22,6 +23,7 @@ class DecoderInputs(NamedTuple):
     mask: jax.Array  # int32 [B, L'], 0 on left padding
     positions: jax.Array  # int32 [B, L']
     kept_indices: jax.Array | None  # int32 [B, K] into the N visual tokens, ascending
+    # (visionzip: the placeholder slot each of the K tokens takes, in sequence order)
 
 
 def prompt_token_mask(
@@ -50,6 +52,7 @@ def pruned_gather_index(input_ids: jax.Array, image_token_index: int, kept: jax.
 
     Each row holds one contiguous span of N placeholders starting at s_b; the pruned row
     is tokens [0, s_b), then the kept visual tokens s_b + kept, then [s_b + N, L).
+    `kept` may be unsorted (merged tokens' slots, in sequence order).
     """
     b, length = input_ids.shape
     keep = kept.shape[1]
@@ -85,27 +88,40 @@ def decoder_inputs(
     positions = positions_from_mask(attention_mask)
     if pixel_values is None:
         return DecoderInputs(text_embeds, attention_mask, positions, None)
-    visual = model.image_features(pixel_values)  # [M, N, D]
-    merged = merge_image_features(input_ids, text_embeds, visual, cfg.image_token_index)
-    if prune is None:
-        return DecoderInputs(merged, attention_mask, positions, None)
-
-    n = visual.shape[1]
-    prompt_mask = prompt_token_mask(input_ids, attention_mask, cfg.image_token_index, special_ids, prune.prompt_scope)
-    kept = select_tokens(
-        visual,
-        text_embeds,
-        prompt_mask,
-        keep=prune.num_keep(n),
-        method=prune.method,
-        core_ratio=prune.core_ratio,
-        rng=rng,
-    )
+    if prune is not None and prune.method in CLS_ATTENTION_METHODS:
+        # VisPruner / VisionZip read the tower's [CLS] attention (zspa_jax.methods.tower).
+        n = cfg.image_seq_length
+        pruned = tower_prune(model, pixel_values, prune.method, prune.num_keep(n), _default_batching())
+        merged = text_embeds
+        if pruned.visual is not None:
+            merged = merge_image_features(input_ids, text_embeds, pruned.visual, cfg.image_token_index)
+        kept, tokens = pruned.kept, pruned.tokens
+    else:
+        visual = model.image_features(pixel_values)  # [M, N, D]
+        merged = merge_image_features(input_ids, text_embeds, visual, cfg.image_token_index)
+        if prune is None or prune.method == "fastv":  # FastV prunes inside the decoder
+            return DecoderInputs(merged, attention_mask, positions, None)
+        n = visual.shape[1]
+        prompt_mask = prompt_token_mask(
+            input_ids, attention_mask, cfg.image_token_index, special_ids, prune.prompt_scope
+        )
+        kept = select_tokens(
+            visual,
+            text_embeds,
+            prompt_mask,
+            keep=prune.num_keep(n),
+            method=prune.method,
+            core_ratio=prune.core_ratio,
+            rng=rng,
+        )
+        tokens = None
     src = pruned_gather_index(input_ids, cfg.image_token_index, kept, n)
     embeds = jnp.take_along_axis(merged, src[..., None], axis=1)
+    if tokens is not None:  # merged tokens (VisionZip) are new tokens: write them over the span
+        embeds = place_span_tokens(embeds, input_ids, cfg.image_token_index, tokens)
     mask = jnp.take_along_axis(attention_mask, src, axis=1)
     if keep_positions:
-        # Original RoPE positions: gaps where pruned tokens were.
+        # Original RoPE positions: gaps where pruned tokens were (merged tokens: their slot's).
         positions = jnp.take_along_axis(positions, src, axis=1)
     else:
         positions = positions_from_mask(mask)
