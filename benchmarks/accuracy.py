@@ -4,8 +4,12 @@
 
 Test-split questions of `zspa_jax.demo.scenes` (types balanced), one-word answers scored
 by greedy argmax at the answer position, for every pruning method x budget K x prompt
-scope. Methods: ZSPAPrune at core ratios 0.2 / 0.4 / 0.6 / 0.8, relevance-only top-K
-(r = 1), DivPrune (r = 0), random and uniform. Prompt scopes: "question" (the text after
+scope. Methods: ZSPAPrune at core ratios 0.2 / 0.4 / 0.6 / 0.8 and "auto", relevance-only
+top-K (r = 1), DivPrune (r = 0), CDPruner, random, uniform, and the model-internal
+methods VisPruner, VisionZip and FastV (K = 1: the demo decoder has 2 layers), which run
+through `zspa_jax.forward(prune=...)` (for VisionZip the "kept" tokens of the recall
+column are the slots its tokens take: the dominant patches and the contextual targets).
+Prompt scopes: "question" (the text after
 the image span: the question and "assistant :") and "all_text" (also the system line and
 "user :"); special tokens never count. Scope does not change prompt-agnostic methods, so
 they are run once and listed under both.
@@ -53,15 +57,22 @@ from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
 from zspa_jax.demo.train import ASSET_DIR, patch_coverage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-PROMPT_AWARE = ("zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "relevance")
-AGNOSTIC = ("divprune", "random", "uniform")
+PROMPT_AWARE = (
+    "zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "zspaprune r=auto", "relevance",
+    "cdpruner",
+)
+MODEL_LABELS = ("vispruner", "visionzip", "fastv K=1")  # need model internals: run through forward()
+AGNOSTIC = ("divprune", "random", "uniform") + MODEL_LABELS
 METHODS = PROMPT_AWARE + AGNOSTIC
 SCOPES = ("question", "all_text")
 
 
 def method_args(label: str) -> dict:
     if label.startswith("zspaprune"):
-        return {"method": "zspaprune", "core_ratio": float(label.split("=")[1])}
+        r = label.split("=")[1]
+        return {"method": "zspaprune", "core_ratio": r if r == "auto" else float(r)}
+    if label.startswith("fastv"):
+        return {"method": "fastv", "fastv_layer": int(label.split("=")[1])}
     return {"method": label}
 
 
@@ -107,14 +118,40 @@ class Evaluator:
 
     def _visual_tokens(self) -> np.ndarray:
         fn = jax.jit(lambda g, s, px: nnx.merge(g, s).image_features(px), static_argnums=0)
-        out = []
+        out, pixels = [], []
         for s in tqdm(range(0, len(self.exs), self.batch), desc="visual tokens", leave=False):
             chunk = self.exs[s : s + self.batch]
             px = np.zeros((self.batch, 3, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32)
             for r, e in enumerate(chunk):
                 px[r] = self.enc.pixels(e.image())
+            pixels.append(px[: len(chunk)])
             out.append(np.asarray(fn(self.vlm.graphdef, self.vlm.state, px))[: len(chunk)])
+        self.pixels = np.concatenate(pixels)
         return np.concatenate(out)
+
+    def model_method(self, label: str, keep: int) -> tuple[np.ndarray, list[str]]:
+        """(kept indices or slots [n, K], answers) from `zspa_jax.forward(prune=...)`, batched
+        with left padding at one width so each (method, K) compiles once."""
+        prompts = [self.enc.prompt_ids(e.qa.question) for e in self.exs]
+        width = max(len(p) for p in prompts)
+        cfg = pruning.PruneConfig(keep=keep, **method_args(label))
+        kept_all, words = [], []
+        for s in range(0, len(self.exs), self.batch):
+            rows = prompts[s : s + self.batch]
+            count = len(rows)
+            rows = rows + [rows[0]] * (self.batch - count)  # fixed batch: pad with copies
+            ids = np.full((self.batch, width), PAD_ID, np.int32)
+            mask = np.zeros((self.batch, width), np.int32)
+            for r, p in enumerate(rows):
+                ids[r, width - len(p) :], mask[r, width - len(p) :] = p, 1
+            px = self.pixels[s : s + self.batch]
+            px = np.concatenate([px, np.repeat(px[:1], self.batch - count, axis=0)])
+            logits, kept = zspa_jax.forward(
+                self.vlm, ids, px, mask, prune=cfg, keep_positions=self.keep_positions, return_kept=True
+            )
+            kept_all.append(kept[:count])
+            words.extend(self.id_to_word[int(t)] for t in np.argmax(logits[:count, -1], axis=-1))
+        return np.concatenate(kept_all), words
 
     def select(self, label: str, scope: str, keep: int, seed: int = 0) -> np.ndarray:
         n = self.visual.shape[1]
@@ -135,6 +172,17 @@ class Evaluator:
             )
             out.append(np.asarray(idx))
         return np.concatenate(out)
+
+    def auto_ratios(self, scope: str, keep: int) -> dict:
+        prompt, mask = self.prompt[scope]
+        r = np.concatenate([
+            np.asarray(pruning.auto_core_ratio(
+                jnp.asarray(self.visual[s : s + self.batch]), jnp.asarray(prompt[s : s + self.batch]),
+                jnp.asarray(mask[s : s + self.batch]), keep=keep,
+            ))
+            for s in range(0, len(self.exs), self.batch)
+        ])
+        return {"mean": float(r.mean()), "zero": float((r == 0).mean()), "max": float(r.max())}
 
     def answers(self, indices: np.ndarray) -> list[str]:
         words = []
@@ -300,6 +348,11 @@ PALETTE = {
     "divprune": (30, 90, 220),
     "random": (120, 120, 120),
     "uniform": (30, 160, 60),
+    "zspaprune r=auto": (200, 0, 160),
+    "cdpruner": (0, 170, 170),
+    "vispruner": (150, 100, 40),
+    "visionzip": (110, 60, 200),
+    "fastv K=1": (0, 0, 0),
 }
 
 
@@ -393,9 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     res["unpruned"] = score(exs, full_answers)
     print(f"unpruned accuracy {res['unpruned']['overall']:.3f}")
     jobs = [(s, m, k) for k in keeps if k != n_vis for m in METHODS for s in SCOPES if s == "question" or m in PROMPT_AWARE]
+    auto_r = {}
     for scope, label, keep in tqdm(jobs, desc="pruned runs"):
-        idx = ev.select(label, scope, keep, seed=args.seed)
-        answers = ev.answers(idx)
+        if label in MODEL_LABELS:
+            idx, answers = ev.model_method(label, keep)
+        else:
+            idx = ev.select(label, scope, keep, seed=args.seed)
+            answers = ev.answers(idx)
+        if label == "zspaprune r=auto":
+            auto_r[f"{scope} K={keep}"] = ev.auto_ratios(scope, keep)
         scopes = SCOPES if label in AGNOSTIC else (scope,)
         for s in scopes:
             res["accuracy"][s][label][str(keep)] = score(exs, answers)
@@ -406,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
             res["accuracy"][s][label][str(n_vis)] = res["unpruned"]
             res["target_recall"][s][label][str(n_vis)] = ev.target_recall(full)
             res["answers"][s][label][str(n_vis)] = full_answers
+    res["auto_core_ratio"] = auto_r
+    res["notes"] = [
+        "zspaprune r=auto: mean chosen r (share of questions with r = 0) per scope and K: "
+        + "; ".join(f"{k} {v['mean']:.2f} ({100 * v['zero']:.0f}%)" for k, v in auto_r.items())
+    ]
     if not args.no_spot_check:
         res["spot_check_n"] = min(20, len(exs))
         res["forward_spot_check"] = spot_check_forward(vlm, ev, res, n=res["spot_check_n"])

@@ -8,6 +8,8 @@ is a plain rename; all hidden states are returned so LLaVA can pick
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,19 @@ class CLIPVisionEmbeddings(nnx.Module):
         return tokens + self.position_embedding.embedding[None, : tokens.shape[1]].astype(tokens.dtype)
 
 
+class ClsAttention(NamedTuple):
+    """What the [CLS]-attention pruning methods read from one encoder layer.
+
+    probs: f32 [B, 1 + P] softmax attention of the [CLS] query (row 0) to every token,
+      averaged over heads (what transformers' `output_attentions` gives as
+      `attentions[i][:, :, 0, :].mean(1)`).
+    keys: f32 [B, 1 + P, head_dim] that layer's key vectors averaged over heads.
+    """
+
+    probs: jax.Array
+    keys: jax.Array
+
+
 class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_attention_heads
@@ -110,11 +125,17 @@ class CLIPAttention(nnx.Module):
         self.v_proj = _linear(cfg, d, d, rngs)
         self.out_proj = _linear(cfg, d, d, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cls_attention: bool = False) -> jax.Array | tuple[jax.Array, ClsAttention]:
+        """x [B, L, D] -> [B, L, D]; with `cls_attention`, also the [CLS] row (see ClsAttention)."""
         b, l, _ = x.shape
         split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
-        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask=None)
-        return self.out_proj(out.reshape(b, l, -1))
+        q, k = split(self.q_proj(x)), split(self.k_proj(x))
+        out = self.out_proj(dot_product_attention(q, k, split(self.v_proj(x)), mask=None).reshape(b, l, -1))
+        if not cls_attention:
+            return out
+        scores = jnp.einsum("bhd,bshd->bhs", q[:, 0], k).astype(jnp.float32) / math.sqrt(self.head_dim)
+        probs = jnp.mean(jax.nn.softmax(scores, axis=-1), axis=1)
+        return out, ClsAttention(probs, jnp.mean(k.astype(jnp.float32), axis=2))
 
 
 class CLIPMLP(nnx.Module):
@@ -134,9 +155,15 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = _layer_norm(cfg, rngs)
         self.mlp = CLIPMLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def __call__(self, x: jax.Array, cls_attention: bool = False):
+        """x [B, L, D] -> [B, L, D] (and the layer's ClsAttention when asked)."""
+        attn = self.self_attn(self.layer_norm1(x), cls_attention)
+        row = None
+        if cls_attention:
+            attn, row = attn
+        x = x + attn
+        x = x + self.mlp(self.layer_norm2(x))
+        return x if row is None else (x, row)
 
 
 class CLIPEncoder(nnx.Module):
@@ -154,11 +181,18 @@ class CLIPVisionModel(nnx.Module):
         self.encoder = CLIPEncoder(cfg, rngs=rngs)
         self.post_layernorm = _layer_norm(cfg, rngs)
 
-    def hidden_states(self, pixel_values: jax.Array, num_layers: int | None = None) -> list[jax.Array]:
+    has_cls_token = True  # index 0 of every hidden state is [CLS]
+
+    def hidden_states(
+        self, pixel_values: jax.Array, num_layers: int | None = None, cls_attention_layer: int | None = None
+    ) -> list[jax.Array] | tuple[list[jax.Array], ClsAttention]:
         """All hidden states: [pre_layrnorm(embeddings), after layer 1, ..., after layer `num_layers`].
 
         pixel_values: [B, C, H, W]; each entry is [B, 1 + P, D]. `num_layers` stops the
         encoder early (LLaVA's default feature layer -2 never needs the last layer).
+        `cls_attention_layer`: an encoder layer index i (0-based, transformers'
+        `attentions[i]`; the layer whose output is hidden state i + 1). When given, returns
+        (states, ClsAttention of that layer): only the [CLS] query's row, never the maps.
         """
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -166,12 +200,21 @@ class CLIPVisionModel(nnx.Module):
                 f"pixel_values must have shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(NCHW), got {tuple(pixel_values.shape)}"
             )
+        n_layers = self.config.num_hidden_layers
+        if cls_attention_layer is not None and not 0 <= cls_attention_layer < min(n_layers, num_layers or n_layers):
+            raise ValueError(
+                f"cls_attention_layer must be an encoder layer index in [0, {min(n_layers, num_layers or n_layers)}), "
+                f"got {cls_attention_layer}"
+            )
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [x]
-        for layer in self.encoder.layers[:num_layers]:
-            x = layer(x)
+        states, row = [x], None
+        for i, layer in enumerate(self.encoder.layers[:num_layers]):
+            if i == cls_attention_layer:
+                x, row = layer(x, cls_attention=True)
+            else:
+                x = layer(x)
             states.append(x)
-        return states
+        return states if cls_attention_layer is None else (states, row)
 
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns (last_hidden_state [B, 1 + P, D], pooled [B, D] = post_layernorm(CLS))."""

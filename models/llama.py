@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.layers import (
     ACTIVATIONS,
+    MASK_VALUE,
     activation,
     check_choice,
     check_positive,
@@ -177,6 +178,20 @@ def apply_rope(
     return rotate(x, cos, sin)
 
 
+def last_query_attention(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """f32 [B, S]: softmax attention of the last query to every key, averaged over heads.
+
+    q: [B, L, H, Dh]; k: [B, S, Hkv, Dh] (GQA groups share a key head); mask: bool [B, L, S].
+    Equals transformers' `output_attentions[i][:, :, -1, :].mean(1)` (eager attention).
+    """
+    b, _, h, dh = q.shape
+    hkv = k.shape[2]
+    qg = q[:, -1].reshape(b, hkv, h // hkv, dh)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k).astype(jnp.float32) / np.sqrt(dh).astype(np.float32)
+    scores = jnp.where(mask[:, -1][:, None, None, :], scores, MASK_VALUE)
+    return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
@@ -199,8 +214,11 @@ class LlamaAttention(nnx.Module):
         mask: jax.Array,
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
+        query_row: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, L, D]; positions: [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
+
+        `query_row`: also return `last_query_attention` (f32 [B, S]) as a third element.
 
         Without `kv`, S == L (attend within x). With `kv` = (k, v) each [B, S, Hkv, Dh],
         the new keys/values are written at slots [cache_index, cache_index + L) and the
@@ -220,6 +238,8 @@ class LlamaAttention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        if query_row:
+            return self.o_proj(out.reshape(b, l, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask)
         return self.o_proj(out.reshape(b, l, -1)), kv
 
 
@@ -244,10 +264,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index)
+    def __call__(self, x, positions, mask, kv=None, cache_index=None, query_row: bool = False):
+        """-> (x, kv), or (x, kv, last-query attention row f32 [B, S]) with `query_row`."""
+        attn, kv, *row = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index, query_row)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return (x + self.mlp(self.post_attention_layernorm(x)), kv, *row)
 
 
 class LlamaModel(nnx.Module):
@@ -267,20 +288,28 @@ class LlamaModel(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        attention_row_layer: int | None = None,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, jax.Array]:
         """inputs_embeds: [B, L, D]; positions: int [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
 
-        Returns (final-normed hidden states [B, L, D], updated cache or None).
+        Returns (final-normed hidden states [B, L, D], updated cache or None). With
+        `attention_row_layer` = i, also the last query's attention at layer i averaged over
+        heads, f32 [B, S] (transformers' `attentions[i][:, :, -1].mean(1)`; what FastV reads).
         """
+        if attention_row_layer is not None and not 0 <= attention_row_layer < len(self.layers):
+            raise ValueError(f"attention_row_layer must be in [0, {len(self.layers)}), got {attention_row_layer}")
         x = inputs_embeds.astype(self.embed_tokens.embedding.dtype)
-        new_k, new_v = [], []
+        new_k, new_v, row = [], [], None
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, mask, kv, cache_index)
+            x, kv, *extra = layer(x, positions, mask, kv, cache_index, i == attention_row_layer)
+            row = extra[0] if extra else row
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        if attention_row_layer is not None:
+            return self.norm(x), new_cache, row
         return self.norm(x), new_cache
 
 

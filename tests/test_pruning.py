@@ -349,7 +349,7 @@ _P = jnp.ones((2, 3, 4))
         (dict(keep=2, prompt_mask=jnp.ones((2, 4), bool)), "prompt_mask"),
         (dict(keep=2, prompt_mask=jnp.ones((2,), bool)), "prompt_mask"),
         (dict(keep=2, method="random"), "rng"),
-        (dict(keep=2, method="fastv"), "method"),
+        (dict(keep=2, method="nope"), "method"),
     ],
 )
 def test_validation_errors(kwargs, name):

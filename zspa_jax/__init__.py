@@ -14,7 +14,7 @@ from zspa_jax.forward import forward
 from zspa_jax.generation import GenerateOutput, GenerateResult, generate, generate_tokens
 from zspa_jax.families import encode
 from zspa_jax.loading import VLM, load
-from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
+from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, auto_core_ratio, gather_tokens, select_tokens
 
 __all__ = [
     "PRUNE_METHODS",
@@ -23,6 +23,7 @@ __all__ = [
     "PruneConfig",
     "VLM",
     "encode",
+    "auto_core_ratio",
     "forward",
     "gather_tokens",
     "generate",

@@ -16,7 +16,8 @@ def _generate(args: argparse.Namespace) -> int:
     prune = None
     if args.keep is not None or args.ratio is not None:
         prune = zspa_jax.PruneConfig(
-            keep=args.keep, ratio=args.ratio, method=args.method, core_ratio=args.core_ratio, prompt_scope=args.prompt_scope
+            keep=args.keep, ratio=args.ratio, method=args.method, core_ratio=args.core_ratio,
+            prompt_scope=args.prompt_scope, fastv_layer=args.fastv_layer,
         )
     image = _open_image(args.image)  # before the model: a bad path fails in a second, not after loading
     vlm = zspa_jax.load(args.model)
@@ -70,6 +71,10 @@ def check_writable_file(option: str, path: str | Path) -> Path:
     return file
 
 
+def _core_ratio(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from zspa_jax.demo.run import run_demo
 
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--keep", type=int, help="visual tokens to keep")
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens to keep")
     gen.add_argument("--method", default="zspaprune", choices=PRUNE_METHODS)
-    gen.add_argument("--core-ratio", type=float, default=0.6)
+    gen.add_argument("--core-ratio", type=_core_ratio, default=0.6, help="zspaprune's r in [0, 1], or 'auto'")
+    gen.add_argument("--fastv-layer", type=int, default=2, help="fastv: LLM layer K after which tokens are dropped")
     gen.add_argument("--prompt-scope", default="question", choices=("question", "all_text"))
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.set_defaults(func=_generate)

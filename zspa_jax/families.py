@@ -19,7 +19,7 @@ import numpy as np
 
 from models.checkpoint import family_of
 from models import qwen2_5_vl as qwen
-from zspa_jax.pruning import PruneConfig
+from zspa_jax.pruning import AUTO, CLS_ATTENTION_METHODS, MASKED_METHODS, PruneConfig
 from zspa_jax.validation import check_binary_mask, check_finite, check_ids_in_range
 
 WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
@@ -97,6 +97,24 @@ class LlavaAdapter:
         return load_processor(path)
 
 
+def _check_qwen_method(prune: PruneConfig | None) -> None:
+    """Qwen2.5-VL rows carry different numbers of visual tokens (a mask over padded slots):
+    only the methods whose kernels take that mask apply; the [CLS] methods need a token its
+    tower does not have."""
+    if prune is None:
+        return
+    if prune.method in CLS_ATTENTION_METHODS:
+        raise ValueError(
+            f"method {prune.method!r} needs the vision tower's [CLS] attention; Qwen2.5-VL's tower has no [CLS] token"
+        )
+    if prune.method not in MASKED_METHODS or prune.core_ratio == AUTO:
+        what = f"method {prune.method!r}" + (" with core_ratio='auto'" if prune.core_ratio == AUTO else "")
+        raise ValueError(
+            f"{what} is not implemented for Qwen2.5-VL (variable-size images); use one of {MASKED_METHODS} "
+            "with a fixed core_ratio"
+        )
+
+
 class QwenAdapter:
     """Qwen2.5-VL: grids, window layouts and 3-D positions computed here from
     `image_grid_thw`; tower patches and pruned spans padded to buckets when `bucket`."""
@@ -108,6 +126,7 @@ class QwenAdapter:
                 "Qwen2.5-VL inputs must be concrete arrays: window layouts and 3-D positions are computed "
                 "on the host from image_grid_thw"
             )
+        _check_qwen_method(prune)
         ids, mask = _check_ids(input_ids, attention_mask)
         cfg = vlm.config
         check_ids_in_range("input_ids", ids, cfg.text.vocab_size)

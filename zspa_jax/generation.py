@@ -25,6 +25,7 @@ from flax import nnx
 from models.llama import KVCache
 from zspa_jax.families import HostBatch, encode, prepare_arrays, reject_video, resolve_prune
 from zspa_jax.inputs import check_prune, check_vlm
+from zspa_jax.methods import fastv
 from zspa_jax.loading import VLM
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
@@ -62,6 +63,9 @@ class DecodeState(NamedTuple):
     next_position: jax.Array  # int32 [B]: RoPE position of the next token (same on all M-RoPE rows)
     prompt_length: jax.Array  # int32 scalar L' (pruned prompt length): cache slot of step 0
     rng: jax.Array
+    # FastV only: the layers after K cache the pruned prompt (slots [0, L - N + K)).
+    late_kv_valid: jax.Array | None = None  # bool [B, S - N + K]
+    late_prompt_length: jax.Array | None = None  # int32 scalar L - N + K
 
 
 class GenerateOutput(NamedTuple):
@@ -93,12 +97,18 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
+def _is_fastv(st: StaticSettings, pixel_values) -> bool:
+    return st.prune is not None and st.prune.method == "fastv" and pixel_values is not None
+
+
 def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: StaticSettings):
     """Run the (pruned) prompt through the decoder, filling cache slots [0, L')."""
     rng, prune_rng = jax.random.split(rng)
     inputs = decoder_inputs(
         model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
     )
+    if _is_fastv(st, pixel_values):
+        return _prefill_fastv(model, input_ids, inputs, rng, st)
     b, length, _ = inputs.embeds.shape
     lm = model.language_model
     slots = jnp.arange(st.cache_length)
@@ -122,6 +132,35 @@ def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: Stati
     return state, inputs.kept_indices
 
 
+def _prefill_fastv(model, input_ids, inputs, rng, st: StaticSettings):
+    """FastV prefill (zspa_jax.methods.fastv): layers >= K cache only the kept tokens."""
+    lm = model.language_model
+    n = model.config.image_seq_length
+    keep = st.prune.num_keep(n)
+    b, length, _ = inputs.embeds.shape
+    out = fastv.prefill(
+        lm.model, inputs.embeds, inputs.positions, inputs.mask, input_ids, model.config.image_token_index, n, keep,
+        st.prune.fastv_layer, st.cache_length,
+    )
+    late_slots = st.cache_length - n + keep
+    pruned_length = length - n + keep
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((b, st.cache_length - length), st.pad_id, jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        logits=lm.logits(out.hidden[:, -1]),
+        cache=out.cache,
+        kv_valid=jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length))),
+        next_position=inputs.next_position,
+        prompt_length=jnp.asarray(length, jnp.int32),
+        rng=rng,
+        late_kv_valid=jnp.pad(out.mask.astype(bool), ((0, 0), (0, late_slots - pruned_length))),
+        late_prompt_length=jnp.asarray(pruned_length, jnp.int32),
+    )
+    return state, out.kept
+
+
 def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
     """Sample one token per row, append it, and compute the next logits."""
     rng, sample_rng = jax.random.split(s.rng)
@@ -132,10 +171,20 @@ def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
     slot = s.prompt_length + s.step
     kv_valid = s.kv_valid | (jnp.arange(st.cache_length)[None, :] == slot)
     lm = model.language_model
-    hidden, cache = lm.model(
-        lm.embed(token[:, None]), s.next_position[:, None], kv_valid[:, None, :], s.cache, slot
-    )
+    late_kv_valid = s.late_kv_valid
+    if late_kv_valid is not None:  # FastV: two cache lengths, two slot counters
+        late_slot = s.late_prompt_length + s.step
+        late_kv_valid = late_kv_valid | (jnp.arange(late_kv_valid.shape[1])[None, :] == late_slot)
+        hidden, cache = fastv.decode_layers(
+            lm.model, lm.embed(token[:, None]), s.next_position[:, None], kv_valid, late_kv_valid, s.cache, slot,
+            late_slot, st.prune.fastv_layer,
+        )
+    else:
+        hidden, cache = lm.model(
+            lm.embed(token[:, None]), s.next_position[:, None], kv_valid[:, None, :], s.cache, slot
+        )
     return s._replace(
+        late_kv_valid=late_kv_valid,
         step=s.step + 1,
         tokens=tokens,
         lengths=lengths,
@@ -187,7 +236,7 @@ def _settings(
     check_bool("keep_positions", keep_positions)
     prune = resolve_prune(prune, batch)  # None without images: nothing to prune
     prompt_length = int(np.shape(batch.input_ids)[1])
-    if prune is not None:
+    if prune is not None and prune.method != "fastv":  # FastV's first K layers cache the whole prompt
         prompt_length = prompt_length - batch.num_visual + prune.num_keep(batch.num_visual)
     return StaticSettings(
         sampling=sampling,

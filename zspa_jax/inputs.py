@@ -77,7 +77,12 @@ def check_arrays(
     length = shape[1]
     if prune is not None and pixels is not None:
         keep = prune.num_keep(n)  # raises if keep > N
-        length = length - n + keep
+        if prune.method == "fastv":  # kept tokens keep their positions: decoding continues at L
+            from zspa_jax.methods.fastv import check_layer
+
+            check_layer(vlm.config.text, prune.fastv_layer)
+        else:
+            length = length - n + keep
     max_pos = vlm.config.text.max_position_embeddings
     if length + extra_length > max_pos:
         raise ValueError(

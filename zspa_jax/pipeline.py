@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from typing import Any
 
 from models.layers import positions_from_mask
-from zspa_jax.pruning import PruneConfig, select_tokens
+from zspa_jax.methods.tower import place_span_tokens, tower_prune
+from zspa_jax.pruning import CLS_ATTENTION_METHODS, PruneConfig, _default_batching, select_tokens
 
 
 class DecoderInputs(NamedTuple):
@@ -24,6 +25,7 @@ class DecoderInputs(NamedTuple):
     mask: jax.Array  # int32 [B, L'], 0 on left padding
     positions: jax.Array  # int32 [B, L'] or [3, B, L'] (M-RoPE)
     kept_indices: jax.Array | None  # int32 [B, K] into the N visual tokens, ascending
+    # (visionzip: the placeholder slot each of the K tokens takes, in sequence order)
     next_position: jax.Array  # int32 [B]: RoPE position of the first generated token
 
 
@@ -53,6 +55,7 @@ def pruned_gather_index(input_ids: jax.Array, image_token_index: int, kept: jax.
 
     Each row holds one contiguous span of N placeholders starting at s_b; the pruned row
     is tokens [0, s_b), then the kept visual tokens s_b + kept, then [s_b + N, L).
+    `kept` may be unsorted (merged tokens' slots, in sequence order).
     """
     b, length = input_ids.shape
     keep = kept.shape[1]
@@ -86,8 +89,6 @@ def decoder_inputs(
     `inputs_embeds`) unless `keep_positions`; 3-D M-RoPE positions are always kept, and
     decoding then continues after the unpruned prompt's largest position.
     """
-    mm = model.multimodal_inputs(input_ids, pixel_values, attention_mask, aux)
-
     def finish(embeds, mask, positions, kept):
         if mm.next_position is not None:
             nxt = mm.next_position
@@ -95,27 +96,40 @@ def decoder_inputs(
             nxt = jnp.max(positions.reshape(-1, *positions.shape[-2:]), axis=(0, 2)) + 1
         return DecoderInputs(embeds, mask, positions, kept, nxt.astype(jnp.int32))
 
-    if prune is None or mm.visual is None:
-        return finish(mm.embeds, attention_mask, mm.positions, None)
-
-    n = mm.visual.shape[1]
     image_id = model.config.image_token_id
-    prompt_mask = prompt_token_mask(input_ids, attention_mask, image_id, special_ids, prune.prompt_scope)
-    kept = select_tokens(
-        mm.visual,
-        mm.text_embeds,
-        prompt_mask,
-        keep=prune.num_keep(n),
-        method=prune.method,
-        core_ratio=prune.core_ratio,
-        rng=rng,
-        visual_mask=mm.visual_valid,
-    )
+    tower_method = prune is not None and pixel_values is not None and prune.method in CLS_ATTENTION_METHODS
+    # VisPruner / VisionZip run the tower themselves ([CLS] attention; zspa_jax.methods.tower).
+    mm = model.multimodal_inputs(input_ids, None if tower_method else pixel_values, attention_mask, aux)
+    if tower_method:
+        n = model.config.image_seq_length
+        pruned = tower_prune(model, pixel_values, prune.method, prune.num_keep(n), _default_batching())
+        kept = pruned.kept
+        # Subset methods keep projected tokens; merging methods bring new ones (their slots in `kept`).
+        tokens = pruned.tokens if pruned.tokens is not None else jnp.take_along_axis(pruned.visual, kept[..., None], axis=1)
+        base = mm.embeds
+    else:
+        if prune is None or mm.visual is None or prune.method == "fastv":  # FastV prunes inside the decoder
+            return finish(mm.embeds, attention_mask, mm.positions, None)
+        n = mm.visual.shape[1]
+        prompt_mask = prompt_token_mask(input_ids, attention_mask, image_id, special_ids, prune.prompt_scope)
+        kept = select_tokens(
+            mm.visual,
+            mm.text_embeds,
+            prompt_mask,
+            keep=prune.num_keep(n),
+            method=prune.method,
+            core_ratio=prune.core_ratio,
+            rng=rng,
+            visual_mask=mm.visual_valid,
+        )
+        tokens, base = None, mm.embeds
     src = pruned_gather_index(input_ids, image_id, kept, n)
-    embeds = jnp.take_along_axis(mm.embeds, src[..., None], axis=1)
+    embeds = jnp.take_along_axis(base, src[..., None], axis=1)
+    if tokens is not None:
+        embeds = place_span_tokens(embeds, input_ids, image_id, tokens)
     mask = jnp.take_along_axis(attention_mask, src, axis=1)
     if mm.positions.ndim == 3 or keep_positions:
-        # Original RoPE positions: gaps where pruned tokens were.
+        # Original RoPE positions: gaps where pruned tokens were (merged tokens: their slot's).
         positions = jnp.take_along_axis(mm.positions, jnp.broadcast_to(src, mm.positions.shape[:-1] + src.shape[-1:]), axis=-1)
     else:
         positions = positions_from_mask(mask)

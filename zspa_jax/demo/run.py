@@ -172,7 +172,7 @@ def _score_sentence(full_ok: int, pruned_ok: int, n: int, keep: int, n_visual: i
         return (
             f"Note: on these {n} questions the pruned model ({keep} tokens) scored higher than the unpruned one "
             f"({pruned_ok} vs {full_ok} right). That is chance on a handful of questions, not a gain from pruning: "
-            f"over 490 test questions pruning costs this model accuracy (benchmarks/results/accuracy_keep_positions.md)."
+            f"over 500 test questions pruning costs this model accuracy (benchmarks/results/accuracy_keep_positions.md)."
         )
     if pruned_ok == full_ok:
         return f"Pruning to {keep} of {n_visual} visual tokens changed no score on these {n} questions."

@@ -1,0 +1,383 @@
+"""Model-internal methods on a tiny random HF LLaVA: the tower's [CLS]-attention option and the
+decoder's last-query attention row vs transformers' `output_attentions`; VisPruner,
+VisionZip, CDPruner and core_ratio="auto" through forward/generate vs transformers fed
+the same pruned inputs; FastV's pruned prefill and greedy decoding vs transformers with
+the same tokens dropped at layer K (decoder layers hooked); bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zspa_jax
+from models.layers import padding_causal_mask, positions_from_mask
+from tests.torch_reference_pruning import (
+    cdpruner_reference,
+    select_auto_reference,
+    vispruner_reference,
+    visionzip_reference,
+)
+from zspa_jax.pruning import PruneConfig
+
+FASTV_LAYER = 2  # FastV's default K; the tiny decoder has 3 layers
+KEEP = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_llava):
+    return tiny_hf_llava("methods", text_layers=3)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny, converted):
+    return zspa_jax.load(converted(tiny.path))
+
+
+def _prompt(tiny, n_before: int, n_question: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    text = lambda n: rng.integers(10, 290, size=n)  # noqa: E731
+    return np.concatenate(
+        [[tiny.bos_token_id], text(n_before), np.full(tiny.tokens_per_image, tiny.image_token_index), text(n_question)]
+    ).astype(np.int64)
+
+
+def _pixels(tiny, count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, tiny.image_size, tiny.image_size)).astype(np.float32)
+
+
+def _hf_tower(tiny, px: np.ndarray, layer: int):
+    """HF tower internals at encoder layer `layer`: hidden state after it, [CLS] row (head mean), head-mean keys."""
+    tower = tiny.hf.model.vision_tower
+    captured = {}
+    k_proj = tower.encoder.layers[layer].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
+    try:
+        with torch.no_grad():
+            out = tower(pixel_values=torch.as_tensor(px), output_attentions=True, output_hidden_states=True)
+    finally:
+        handle.remove()
+    heads = tower.config.num_attention_heads
+    k = captured["k"]
+    keys = k.view(k.shape[0], k.shape[1], heads, -1).mean(2)
+    return out.hidden_states[layer + 1], out.attentions[layer][:, :, 0, :].mean(1), keys
+
+
+def _feature_layer(tiny) -> int:
+    """Encoder layer index that produces hidden_states[vision_feature_layer] (-2 -> layers - 2)."""
+    return tiny.options["vision_feature_layer"] % (tiny.options["vision_layers"] + 1) - 1
+
+
+def _embeds(tiny, ids):
+    with torch.no_grad():
+        return tiny.hf.get_input_embeddings()(torch.as_tensor(np.where(ids == tiny.image_token_index, 0, ids)))
+
+
+def _hf_logits_with_visual(tiny, ids: np.ndarray, visual: torch.Tensor, positions=None) -> np.ndarray:
+    """HF logits for one row whose placeholder span is replaced by `visual` [K, D]."""
+    start = int(np.flatnonzero(ids == tiny.image_token_index)[0])
+    embeds = _embeds(tiny, ids)
+    pruned = torch.cat([embeds[:start], visual, embeds[start + tiny.tokens_per_image :]])[None]
+    kwargs = {} if positions is None else {"position_ids": torch.as_tensor(positions[None])}
+    with torch.no_grad():
+        return tiny.hf(inputs_embeds=pruned, **kwargs).logits.numpy()
+
+
+# --------------------------------------------------------------------------- attention options
+
+
+def test_cls_attention_option_equals_output_attentions(tiny, vlm, parity_record):
+    px = _pixels(tiny, 2, seed=1)
+    tower = vlm.model.vision_tower
+    for layer in range(tiny.options["vision_layers"]):
+        hidden, row, keys = _hf_tower(tiny, px, layer)
+        states, cls = tower.hidden_states(px, cls_attention_layer=layer)
+        assert cls.probs.shape == (2, tiny.tokens_per_image + 1)
+        d = parity_record("CLIP [CLS] attention row", f"layer {layer}", np.abs(np.asarray(cls.probs) - row.numpy()).max(), 1e-6)
+        assert d <= 1e-6
+        assert np.abs(np.asarray(cls.keys) - keys.numpy()).max() <= 1e-5
+        assert np.abs(np.asarray(states[layer + 1]) - hidden.numpy()).max() <= 1e-4
+        np.testing.assert_allclose(np.asarray(cls.probs).sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="cls_attention_layer"):
+        tower.hidden_states(px, cls_attention_layer=tiny.options["vision_layers"])
+
+
+def test_decoder_attention_row_equals_output_attentions(tiny, vlm, parity_record):
+    rows = [_prompt(tiny, 3, 9, seed=2), _prompt(tiny, 0, 5, seed=3)]
+    width = max(map(len, rows))
+    ids = np.full((2, width), tiny.pad_token_id, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    px = _pixels(tiny, 2, seed=2)
+    positions = np.asarray(positions_from_mask(mask))
+    with torch.no_grad():
+        out = tiny.hf(
+            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(positions), output_attentions=True,
+        )
+    model = vlm.model
+    embeds = model.inputs_embeds(ids, px)
+    for layer in range(tiny.options["text_layers"]):
+        ref = out.attentions[layer][:, :, -1, :].mean(1).numpy()
+        _, _, row = model.language_model.model(embeds, positions, padding_causal_mask(mask), attention_row_layer=layer)
+        d = parity_record("LLaMA last-query attention row", f"layer {layer}", np.abs(np.asarray(row) - ref).max(), 1e-6)
+        assert d <= 1e-6
+        assert (np.asarray(row)[mask == 0] < 1e-12).all()  # padding gets no attention
+
+
+# --------------------------------------------------------------------------- tower methods through the pipeline
+
+
+def test_vispruner_in_forward_matches_reference_and_transformers(tiny, vlm, parity_record):
+    ids = _prompt(tiny, 4, 8, seed=4)[None]
+    px = _pixels(tiny, 1, seed=4)
+    for keep in (1, KEEP, tiny.tokens_per_image):
+        logits, kept = zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=keep, method="vispruner"), return_kept=True)
+        hidden, row, _ = _hf_tower(tiny, px, _feature_layer(tiny))
+        ref = vispruner_reference(hidden[:, 1:], row[:, 1:], keep=keep).numpy()
+        np.testing.assert_array_equal(kept, ref)
+        with torch.no_grad():
+            visual = tiny.hf.model.multi_modal_projector(hidden[:, 1:])[0, torch.as_tensor(ref[0])]
+        hf = _hf_logits_with_visual(tiny, ids[0], visual)
+        d = parity_record("vispruner prefill logits", f"keep={keep}", np.abs(logits - hf).max(), 1e-4)
+        assert d <= 1e-4
+
+
+@pytest.mark.parametrize("keep_positions", [False, True])
+def test_visionzip_in_forward_matches_reference_and_transformers(tiny, vlm, keep_positions, parity_record):
+    ids = _prompt(tiny, 5, 7, seed=5)[None]
+    px = _pixels(tiny, 1, seed=5)
+    # (keep = 6 with contiguous positions: the left-padded generation test below.)
+    for keep in (1, tiny.tokens_per_image) if not keep_positions else (KEEP,):
+        prune = PruneConfig(keep=keep, method="visionzip")
+        logits, slots = zspa_jax.forward(vlm, ids, px, prune=prune, keep_positions=keep_positions, return_kept=True)
+        hidden, row, keys = _hf_tower(tiny, px, _feature_layer(tiny))
+        tokens, ref_slots = visionzip_reference(hidden, row, keys, keep=keep)
+        np.testing.assert_array_equal(slots, ref_slots.numpy())
+        with torch.no_grad():
+            visual = tiny.hf.model.multi_modal_projector(tokens)[0]
+        positions = None
+        if keep_positions:
+            start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
+            n = tiny.tokens_per_image
+            positions = np.concatenate([np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])])
+        hf = _hf_logits_with_visual(tiny, ids[0], visual, positions)
+        assert logits.shape == hf.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        d = parity_record("visionzip prefill logits", f"keep={keep} keep_pos={keep_positions}", np.abs(logits - hf).max(), 1e-4)
+        assert d <= 1e-4
+
+
+def test_prompt_methods_in_forward_match_references(tiny, vlm):
+    rows = [_prompt(tiny, 4, 10, seed=6), _prompt(tiny, 2, 12, seed=7)]
+    ids = np.stack(rows)
+    px = _pixels(tiny, 2, seed=6)
+    with torch.no_grad():
+        feats = tiny.hf.model.get_image_features(pixel_values=torch.as_tensor(px), return_dict=True).pooler_output
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    embeds = _embeds(tiny, ids)
+    specials = {tiny.bos_token_id, tiny.pad_token_id, 2}
+    question = np.zeros(ids.shape, bool)
+    for b in range(2):
+        last = np.flatnonzero(ids[b] == tiny.image_token_index)[-1]
+        question[b, last + 1 :] = ~np.isin(ids[b, last + 1 :], list(specials))
+    mask = torch.as_tensor(question)
+    for prune, ref in [
+        (PruneConfig(keep=KEEP, method="cdpruner"), lambda: cdpruner_reference(feats, embeds, mask, keep=KEEP)),
+        (PruneConfig(keep=KEEP, core_ratio="auto"), lambda: select_auto_reference(feats, embeds, mask, keep=KEEP)[0]),
+    ]:
+        _, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
+        np.testing.assert_array_equal(kept, ref().numpy(), err_msg=prune.method)
+
+
+def test_tower_methods_refuse_a_tower_without_cls(tiny, vlm, monkeypatch):
+    ids = _prompt(tiny, 1, 3, seed=8)[None]
+    px = _pixels(tiny, 1, seed=8)
+    monkeypatch.setattr(type(vlm.model.vision_tower), "has_cls_token", False)
+    for method in ("vispruner", "visionzip"):
+        with pytest.raises(ValueError, match=f"method '{method}' needs the vision tower's \\[CLS\\] attention.*no \\[CLS\\]"):
+            zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=KEEP, method=method))
+
+
+# --------------------------------------------------------------------------- FastV
+
+
+def _hf_attention_row(tiny, ids, px, layer):
+    with torch.no_grad():
+        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_attentions=True)
+    return out.attentions[layer][:, :, -1, :].mean(1)  # [B, L]
+
+
+def _hf_fastv_kept(tiny, ids, px, layer, keep) -> np.ndarray:
+    """The reference choice: layer K-1's last-query attention to the image span, top `keep`, ties -> lower index."""
+    row = _hf_attention_row(tiny, ids, px, layer - 1)
+    start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
+    scores = row[0, start : start + tiny.tokens_per_image]
+    return np.sort(torch.sort(scores, descending=True, stable=True).indices[:keep].numpy())[None]
+
+
+class DropAtLayer:
+    """Forward pre-hooks on HF decoder layers >= K: the prefill's hidden states, RoPE tables,
+    position ids and mask lose the dropped tokens; decode steps' masks lose their columns."""
+
+    def __init__(self, lm, layer: int, src: np.ndarray, length: int):
+        self.src = torch.as_tensor(src)
+        self.length = length
+        self.handles = [lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True) for i in range(layer, len(lm.layers))]
+
+    def hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dim() == 4
+        cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
+        if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
+            if hidden.shape[1] == self.length:  # layer K itself: drop the tokens from the hidden states
+                hidden = hidden[:, self.src]
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
+            kwargs["position_ids"] = kwargs["position_ids"][:, self.src]
+            kwargs["attention_mask"] = mask[:, :, self.src][:, :, :, cols]
+        else:  # a decode step: the cache of this layer lacks the dropped tokens' columns
+            kwargs["attention_mask"] = mask[..., cols]
+        return (hidden,) + tuple(args[1:]), kwargs
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _src(tiny, ids, kept) -> np.ndarray:
+    start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
+    n = tiny.tokens_per_image
+    return np.concatenate([np.arange(start), start + kept[0], np.arange(start + n, ids.shape[1])])
+
+
+def test_fastv_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, parity_record):
+    ids = _prompt(tiny, 6, 9, seed=9)[None]
+    px = _pixels(tiny, 1, seed=9)
+    # (K = 2, keep = 6 is checked token by token in the generation test below.)
+    for layer, keep in [(1, 1), (FASTV_LAYER, tiny.tokens_per_image)]:
+        prune = PruneConfig(keep=keep, method="fastv", fastv_layer=layer)
+        logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
+        ref_kept = _hf_fastv_kept(tiny, ids, px, layer, keep)
+        np.testing.assert_array_equal(kept, ref_kept)
+        hooks = DropAtLayer(tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1])
+        try:
+            with torch.no_grad():
+                ref = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px)).logits.numpy()
+        finally:
+            hooks.remove()
+        assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        d = parity_record("fastv pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
+        assert d <= 1e-4
+
+
+def test_fastv_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm):
+    ids = _prompt(tiny, 3, 10, seed=10)[None]
+    px = _pixels(tiny, 1, seed=10)
+    prune = PruneConfig(keep=KEEP, method="fastv")
+    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=12, eos_token_id=[])
+    unpruned = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=12, eos_token_id=[])
+    hooks = DropAtLayer(tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1])
+    try:
+        with torch.no_grad():
+            ref = tiny.hf.generate(
+                input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), max_new_tokens=12, min_new_tokens=12,
+                do_sample=False, pad_token_id=tiny.pad_token_id,
+            ).numpy()[:, ids.shape[1] :]
+    finally:
+        hooks.remove()
+    np.testing.assert_array_equal(ours.sequences, ref)
+    with torch.no_grad():  # the hooks matter: without them transformers answers differently
+        plain = tiny.hf.generate(
+            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), max_new_tokens=12, min_new_tokens=12,
+            do_sample=False, pad_token_id=tiny.pad_token_id,
+        ).numpy()[:, ids.shape[1] :]
+    assert not np.array_equal(plain, ref)
+    np.testing.assert_array_equal(ours.kept_indices, _hf_fastv_kept(tiny, ids, px, FASTV_LAYER, KEEP))
+    # The layers after K cache N - keep fewer tokens.
+    cfg = vlm.config.text
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    dropped_layers = cfg.num_hidden_layers - FASTV_LAYER
+    saved = (tiny.tokens_per_image - KEEP) * per_token * dropped_layers
+    assert unpruned.stats["kv_cache_bytes"] - ours.stats["kv_cache_bytes"] == saved
+
+
+def test_fastv_bad_input(tiny, vlm):
+    ids = _prompt(tiny, 1, 3, seed=11)[None]
+    px = _pixels(tiny, 1, seed=11)
+    n_layers = tiny.options["text_layers"]
+    for layer in (0, n_layers, -1):
+        with pytest.raises(ValueError, match=f"'fastv': layer K={layer} is outside the decoder"):
+            zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer))
+        with pytest.raises(ValueError, match="outside the decoder"):
+            zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=2,
+                              prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer))
+    too_many = tiny.tokens_per_image + 1
+    for method in ("fastv", "vispruner", "visionzip", "cdpruner"):
+        with pytest.raises(ValueError, match=f"keep={too_many} exceeds.*n_visual={tiny.tokens_per_image}.*'{method}'"):
+            zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=too_many, method=method))
+
+
+def test_cls_methods_need_one_feature_layer_produced_by_attention(tiny, vlm):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from zspa_jax.methods.tower import check_cls_tower
+
+    assert check_cls_tower(vlm.model, "vispruner") == tiny.options["vision_layers"] - 1  # feature layer -2
+    for layers, reason in [((-2, -3), "several feature layers"), (0, "embeddings")]:
+        cfg = dataclasses.replace(vlm.config, vision_feature_layer=layers)
+        fake = SimpleNamespace(vision_tower=vlm.model.vision_tower, config=cfg)
+        for method in ("vispruner", "visionzip"):
+            with pytest.raises(ValueError, match=f"method '{method}'.*{reason}"):
+                check_cls_tower(fake, method)
+
+
+def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
+    # Merged tokens land in each row's own span (different starts under left padding).
+    rows = [_prompt(tiny, 2, 6, seed=12), _prompt(tiny, 7, 9, seed=13)]
+    width = max(map(len, rows))
+    ids = np.full((2, width), tiny.pad_token_id, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    px = _pixels(tiny, 2, seed=12)
+    out = zspa_jax.generate(
+        vlm, input_ids=ids, pixel_values=px, attention_mask=mask, prune=PruneConfig(keep=KEEP, method="visionzip"),
+        max_new_tokens=8, eos_token_id=[],
+    )
+    hidden, row, keys = _hf_tower(tiny, px, _feature_layer(tiny))
+    tokens, slots = visionzip_reference(hidden, row, keys, keep=KEEP)
+    np.testing.assert_array_equal(out.kept_indices, slots.numpy())
+    with torch.no_grad():
+        visual = tiny.hf.model.multi_modal_projector(tokens)
+    embeds = _embeds(tiny, ids)
+    pruned, pruned_mask = [], []
+    for b in range(2):
+        start = int(np.flatnonzero(ids[b] == tiny.image_token_index)[0])
+        end = start + tiny.tokens_per_image
+        pruned.append(torch.cat([embeds[b, :start], visual[b], embeds[b, end:]]))
+        pruned_mask.append(np.concatenate([mask[b, :start], np.ones(KEEP, np.int64), mask[b, end:]]))
+    with torch.no_grad():
+        ref = tiny.hf.generate(
+            inputs_embeds=torch.stack(pruned), attention_mask=torch.as_tensor(np.stack(pruned_mask)), max_new_tokens=8,
+            min_new_tokens=8, do_sample=False, pad_token_id=tiny.pad_token_id,
+        ).numpy()
+    np.testing.assert_array_equal(out.sequences, ref)
+
+
+def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
+    rows = [_prompt(tiny, 2, 5, seed=14), _prompt(tiny, 8, 11, seed=15)]
+    width = max(map(len, rows))
+    ids = np.full((2, width), tiny.pad_token_id, np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    px = _pixels(tiny, 2, seed=14)
+    prune = PruneConfig(keep=KEEP, method="fastv")
+    logits, kept = zspa_jax.forward(vlm, ids, px, mask, prune=prune, return_kept=True)
+    for i, r in enumerate(rows):
+        one, one_kept = zspa_jax.forward(vlm, r[None], px[i : i + 1], prune=prune, return_kept=True)
+        np.testing.assert_array_equal(kept[i], one_kept[0])
+        np.testing.assert_allclose(logits[i, -one.shape[1] :], one[0], atol=2e-5, rtol=0)
