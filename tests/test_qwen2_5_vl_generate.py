@@ -252,3 +252,24 @@ def test_bad_images_through_the_processor(vlm):
     with pytest.raises(ValueError, match="keep=200 exceeds"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(16, 16, seed=0)], max_new_tokens=2,
                           prune=zspa_jax.PruneConfig(keep=200))
+
+
+@pytest.mark.parametrize(
+    "prune, needle",
+    [
+        (zspa_jax.PruneConfig(keep=4, method="vispruner"), "has no \\[CLS\\] token"),
+        (zspa_jax.PruneConfig(keep=4, method="visionzip"), "has no \\[CLS\\] token"),
+        (zspa_jax.PruneConfig(keep=4, method="fastv"), "'fastv' is not implemented for Qwen2.5-VL"),
+        (zspa_jax.PruneConfig(keep=4, method="cdpruner"), "'cdpruner' is not implemented for Qwen2.5-VL"),
+        (zspa_jax.PruneConfig(keep=4, core_ratio="auto"), "core_ratio='auto' is not implemented for Qwen2.5-VL"),
+    ],
+)
+def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle):
+    a = _arrays(tiny)
+    a.pop("mm_token_type_ids")
+    before = dict(generation.TRACE_COUNTS)
+    with pytest.raises(ValueError, match=needle):
+        zspa_jax.generate(vlm, max_new_tokens=2, prune=prune, **a)
+    with pytest.raises(ValueError, match=needle):
+        zspa_jax.forward(vlm, prune=prune, **a)
+    assert dict(generation.TRACE_COUNTS) == before
