@@ -267,26 +267,36 @@ def hf_inputs(processor, prompts, images):
 
 _BUILT: dict[tuple, TinyQwen] = {}
 _CONVERTED: dict[tuple, Path] = {}
+_TEMP_DIRS: list[Path] = []
+
+
+def _temp_dir(prefix: str) -> Path:
+    """A temp dir removed when the test process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _TEMP_DIRS:
+        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMP_DIRS])
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _TEMP_DIRS.append(path)
+    return path
 
 
 def tiny_model(**overrides) -> TinyQwen:
     """The tiny HF model for `overrides` (built once per process, in a temp dir)."""
-    import tempfile
-
     key = tuple(sorted({**DEFAULTS, **overrides}.items()))
     if key not in _BUILT:
-        directory = Path(tempfile.mkdtemp(prefix="zspa_qwen_hf_"))
+        directory = _temp_dir("zspa_qwen_hf_")
         _BUILT[key] = build(directory, name=f"qwen{len(_BUILT)}", **overrides)
     return _BUILT[key]
 
 
 def converted(tiny: TinyQwen, *extra: str) -> Path:
     """`python -m convert.qwen2_5_vl tiny.path OUT *extra` (once per process); fails loudly."""
-    import tempfile
-
     key = (str(tiny.path), extra)
     if key not in _CONVERTED:
-        out = Path(tempfile.mkdtemp(prefix="zspa_qwen_conv_")) / "out"
+        out = _temp_dir("zspa_qwen_conv_") / "out"
         proc = convert_cli(tiny.path, out, *extra)
         if proc.returncode != 0:
             raise AssertionError(f"converter failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

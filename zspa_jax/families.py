@@ -251,7 +251,8 @@ class QwenProcessor:
             if self.image_processor is None:
                 raise ValueError("this checkpoint has no image processor (preprocessor_config.json missing)")
             try:
-                pix = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="np")
+                rgb = [im.convert("RGB") if hasattr(im, "convert") else np.asarray(im) for im in images]
+                pix = self.image_processor(images=rgb, return_tensors="np")
             except ValueError as e:  # e.g. an aspect ratio the processor refuses
                 raise ValueError(f"the image processor refused an image: {e}") from None
             out["pixel_values"] = np.asarray(pix["pixel_values"], np.float32)
