@@ -138,7 +138,7 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
         pretrained=_pretrained(kwargs.get("pretrained")),
         prune=prune,
         keep_positions=_bool("keep_positions", kwargs.get("keep_positions", False)),
-        batch_size=_int("batch_size", kwargs.get("batch_size", 1) or 1, 1),
+        batch_size=_int("batch_size", 1 if kwargs.get("batch_size") is None else kwargs["batch_size"], 1),
         dtype=None if dtype in (None, "", "auto") else _choice("dtype", dtype, DTYPES),
         max_new_tokens=_int("max_new_tokens", kwargs.get("max_new_tokens", 32), 1),
         seed=_int("seed", kwargs.get("seed", 0), 0),

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
     PROMPT_BUCKET = 64
 
 # Generation kwargs that tasks pass and that do not change greedy decoding here.
-_HARMLESS_GEN_KWARGS = ("image_aspect_ratio", "image_sizes", "use_cache", "num_return_sequences")
+_HARMLESS_GEN_KWARGS = ("image_aspect_ratio", "image_sizes", "use_cache")
 _WARNED: set[str] = set()
 
 
