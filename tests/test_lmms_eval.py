@@ -47,6 +47,13 @@ def task_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def task_manager(task_root):
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_root))
+
+
 def runner(vlm, model_args: str = "", **kwargs) -> Runner:
     args = dict(a.split("=", 1) for a in model_args.split(",") if a)
     return Runner(parse_model_args({"pretrained": str(DEMO), **args, **kwargs}), vlm)
@@ -209,13 +216,12 @@ def test_multi_round_generation_feeds_each_round_back(vlm, exs):
 
 
 @pytest.mark.parametrize("model_args", ["", PRUNED])
-def test_task_accuracy_equals_the_benchmark(task_root, benchmark_answers, exs, model_args):
+def test_task_accuracy_equals_the_benchmark(task_manager, benchmark_answers, exs, model_args):
     from lmms_eval import evaluator
-    from lmms_eval.tasks import TaskManager
 
     out = evaluator.simple_evaluate(
         model="zspa_jax", model_args=f"pretrained={DEMO},{model_args}".rstrip(","), tasks=["zspa_shapes"],
-        batch_size=8, task_manager=TaskManager(include_path=str(task_root)), log_samples=True,
+        batch_size=8, task_manager=task_manager, log_samples=True,
     )
     samples = sorted(out["samples"]["zspa_shapes"], key=lambda s: s["doc_id"])
     assert [s["doc"]["question"] for s in samples] == [e.qa.question for e in exs]
