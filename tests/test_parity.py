@@ -26,7 +26,7 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import LAYOUTS, REAL_TEXT, detect_layout, safetensors_keys, smollm2_cached_path
+from tests.conftest import LAYOUTS, REAL_TEXT, detect_layout, safetensors_keys, smollm2_cached_path
 
 TOL = 1e-4
 SEQ_LEN = 40  # one length for every tiny-config batch
