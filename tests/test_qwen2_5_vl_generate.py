@@ -273,3 +273,20 @@ def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle)
     with pytest.raises(ValueError, match=needle):
         zspa_jax.forward(vlm, prune=prune, **a)
     assert dict(generation.TRACE_COUNTS) == before
+
+
+def test_lmms_eval_runner_serves_qwen(vlm):
+    """The lmms-eval model's runner is family-agnostic: its answers and scores on Qwen2.5-VL
+    equal `generate` and `forward`, with images of different sizes in one batch."""
+    from zspa_jax.eval.args import parse_model_args
+    from zspa_jax.eval.runner import GenRequest, LoglikelihoodRequest, Runner
+
+    args = parse_model_args({"pretrained": str(vlm.path), "keep": 8, "batch_size": 2, "max_new_tokens": 4})
+    runner = Runner(args, vlm=vlm)
+    images = [random_image(40, 56, seed=70), random_image(24, 32, seed=71)]
+    answers = runner.generate_until([GenRequest("what is this", (im,), {"max_new_tokens": 4}) for im in images])
+    for answer, image in zip(answers, images):
+        expected = zspa_jax.generate(vlm, ["what is this"], [image], prune=args.prune, max_new_tokens=4).texts[0]
+        assert answer == expected
+    (score, _), = runner.loglikelihood([LoglikelihoodRequest("what is this", " a cat", (images[0],))])
+    assert np.isfinite(score) and score < 0
