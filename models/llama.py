@@ -243,17 +243,24 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out.reshape(b, l, -1)), kv
 
 
-class LlamaMLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        dt = dtype_of(cfg.dtype)
-        lin = lambda din, dout: nnx.Linear(din, dout, use_bias=cfg.mlp_bias, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.act = activation(cfg.hidden_act)
-        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
+class GatedMLP(nnx.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)): LLaMA's MLP, and Qwen2.5-VL's tower MLP."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, use_bias: bool, dtype: str, *, rngs: nnx.Rngs):
+        dt = dtype_of(dtype)
+        lin = lambda din, dout: nnx.Linear(din, dout, use_bias=use_bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.act = activation(act)
+        self.gate_proj = lin(hidden_size, intermediate_size)
+        self.up_proj = lin(hidden_size, intermediate_size)
+        self.down_proj = lin(intermediate_size, hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaMLP(GatedMLP):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, cfg.dtype, rngs=rngs)
 
 
 class LlamaDecoderLayer(nnx.Module):

@@ -28,14 +28,13 @@ from flax import nnx
 
 from models.layers import (
     ACTIVATIONS,
-    activation,
     check_choice,
     check_positive,
     dot_product_attention,
     dtype_of,
     padding_causal_mask,
 )
-from models.llama import LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
+from models.llama import GatedMLP, LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
 from models.llava import merge_image_features
 from models.protocol import MultimodalInputs
 
@@ -516,19 +515,11 @@ class VisionAttention(nnx.Module):
         return self.proj(out.reshape(p, d))
 
 
-class VisionMLP(nnx.Module):
+class VisionMLP(GatedMLP):
     """SwiGLU with biases."""
 
     def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
-        dt = dtype_of(cfg.dtype)
-        lin = lambda din, dout: nnx.Linear(din, dout, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.act = activation(cfg.hidden_act)
-        self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, True, cfg.dtype, rngs=rngs)
 
 
 class VisionBlock(nnx.Module):
