@@ -290,3 +290,14 @@ def test_lmms_eval_runner_serves_qwen(vlm):
         assert answer == expected
     (score, _), = runner.loglikelihood([LoglikelihoodRequest("what is this", " a cat", (images[0],))])
     assert np.isfinite(score) and score < 0
+
+
+def test_stats_count_each_rows_own_visual_tokens(vlm):
+    images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
+    res = zspa_jax.generate(vlm, ["what is this", "what is this"], images, prune=zspa_jax.PruneConfig(keep=8), max_new_tokens=2)
+    grids = vlm.processor.encode(["x", "x"], images)["image_grid_thw"]
+    per_row = [int(np.prod(g)) // vlm.config.vision.merge_unit for g in grids]
+    s = res.stats
+    assert s["visual_tokens_per_row"] == per_row and per_row[0] != per_row[1]
+    assert s["visual_tokens_per_image"] == min(per_row) and s["visual_tokens_kept_per_image"] == 8
+    assert s["prompt_tokens_per_row_pruned"] == [t - n + 8 for t, n in zip(s["prompt_tokens_per_row"], per_row)]

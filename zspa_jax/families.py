@@ -34,6 +34,7 @@ class HostBatch(NamedTuple):
     num_visual: int  # visual slots per row N (the pruned span), 0 without images
     min_visual: int  # fewest real visual tokens in a row (what a prune ratio applies to)
     prompt_tokens: np.ndarray | None  # int [B]: real prompt tokens per row before any padding (None if traced)
+    visual_per_row: np.ndarray | None = None  # int [B]: real visual tokens per row (None: num_visual each)
 
 
 def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | None:
@@ -170,7 +171,10 @@ class QwenAdapter:
                 f"the prompt (positions up to {batch_max}) plus max_new_tokens ({extra_length}) needs "
                 f"{max(batch_max, length) + extra_length} positions; the model allows at most {max_pos}"
             )
-        return HostBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.aux, n, min_visual, mask.sum(1))
+        return HostBatch(
+            batch.input_ids, batch.attention_mask, batch.pixel_values, batch.aux, n, min_visual, mask.sum(1),
+            per_row if batch.pixel_values is not None else None,
+        )
 
     def encode(self, vlm, prompts, images, chat_template):
         if vlm.processor is None:

@@ -80,7 +80,8 @@ class GenerateResult:
 
     `stats` keys; "_per_row" values are lists with one entry per batch row, "_total" and
     the timings cover the whole batch:
-      batch_size; visual_tokens_per_image (N) and visual_tokens_kept_per_image (K);
+      batch_size; visual_tokens_per_image (N; the smallest image's when sizes differ),
+      visual_tokens_kept_per_image (K) and visual_tokens_per_row;
       prompt_tokens_per_row (real tokens, before pruning) and prompt_tokens_per_row_pruned;
       new_tokens_per_row (EOS included) and new_tokens_total; prefill_seconds and
       decode_seconds; decode_tokens_per_second_total (new_tokens_total / decode_seconds);
@@ -426,12 +427,16 @@ def generate(
     sequences = np.asarray(s.tokens)[:, :n]
     n_visual = host.min_visual if pixels is not None else 0  # per image (the smallest when sizes differ)
     kept_count = n_visual if st.prune is None else st.prune.num_keep(n_visual)
+    visual_per_row = np.full(len(lengths), n_visual) if host.visual_per_row is None else np.asarray(host.visual_per_row)
     stats = {
         "batch_size": int(len(lengths)),
         "visual_tokens_per_image": n_visual,
         "visual_tokens_kept_per_image": kept_count,
+        "visual_tokens_per_row": visual_per_row.astype(int).tolist(),
         "prompt_tokens_per_row": prompt_tokens.tolist(),
-        "prompt_tokens_per_row_pruned": (prompt_tokens - n_visual + kept_count).tolist(),
+        "prompt_tokens_per_row_pruned": (
+            prompt_tokens if st.prune is None else prompt_tokens - visual_per_row + kept_count
+        ).astype(int).tolist(),
         "new_tokens_per_row": lengths.astype(int).tolist(),
         "new_tokens_total": int(lengths.sum()),
         "prefill_seconds": t1 - t0,
