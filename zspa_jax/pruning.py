@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from zspa_jax.methods import auto_core
+from zspa_jax.methods._common import HIGHEST, batched, unit
 from zspa_jax.methods.cdpruner import cdpruner_select
 from zspa_jax.methods.vispruner import vispruner_select
 from zspa_jax.validation import check_rng, is_traced
@@ -48,8 +49,6 @@ MODEL_METHODS: tuple[str, ...] = ("visionzip", "fastv")  # not a function of (vi
 AUTO = "auto"
 PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
 
-_EPS = 1e-6  # norm floor (README "ZSPAPrune, exactly", step 2)
-_HIGHEST = lax.Precision.HIGHEST  # keep dots in true f32 on GPU/TPU too (no TF32/bf16 passes)
 
 
 # --------------------------------------------------------------------------- config
@@ -369,12 +368,6 @@ def _random_impl(rng: jax.Array, b: int, n: int, keep: int, valid: jax.Array | N
     return jnp.sort(lax.top_k(u, keep)[1], axis=-1).astype(jnp.int32)
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    """x / max(|x|, eps) along the last axis (README "ZSPAPrune, exactly", step 2)."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, _EPS)
-
-
 def _select_one(
     v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int
 ) -> jax.Array:
@@ -384,7 +377,7 @@ def _select_one(
     +inf, so they are never picked and never change another token's score.
     """
     n = v.shape[0]
-    vn = _unit(v)
+    vn = unit(v)
     if valid is not None:
         vn = jnp.where(valid[:, None], vn, 0.0)
     picks = jnp.zeros((keep,), jnp.int32)
@@ -393,7 +386,7 @@ def _select_one(
         # Steps 1-4: mean prompt (masked entries contribute an exact 0, whatever they hold).
         count = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
         p = jnp.sum(jnp.where(m[:, None], t, 0.0), axis=0) / count
-        s = jnp.einsum("nd,d->n", vn, _unit(p), precision=_HIGHEST)
+        s = jnp.einsum("nd,d->n", vn, unit(p), precision=HIGHEST)
         s = jnp.where(s == 0.0, 0.0, s)  # top_k orders -0.0 below +0.0; equal scores must tie by index
         if valid is not None:
             s = jnp.where(valid, s, -jnp.inf)
@@ -402,11 +395,11 @@ def _select_one(
             return jnp.sort(core)
         picks = picks.at[:n_core].set(core)
         selected = selected.at[core].set(True)
-        c = jnp.max(jnp.einsum("nd,kd->nk", vn, vn[core], precision=_HIGHEST), axis=1)
+        c = jnp.max(jnp.einsum("nd,kd->nk", vn, vn[core], precision=HIGHEST), axis=1)
         start = n_core
     else:
         # r = 0: DivPrune's first pick, argmin_j max_{i != j} cos(v_j, v_i) (only N x N use).
-        g = jnp.einsum("nd,md->nm", vn, vn, precision=_HIGHEST)
+        g = jnp.einsum("nd,md->nm", vn, vn, precision=HIGHEST)
         others = ~jnp.eye(n, dtype=jnp.bool_)
         if valid is not None:
             others &= valid[None, :]
@@ -424,7 +417,7 @@ def _select_one(
     def fill(i, state):
         c, blocked, picks = state
         j = jnp.argmin(jnp.where(blocked, jnp.inf, c)).astype(jnp.int32)  # first occurrence
-        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=_HIGHEST))
+        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=HIGHEST))
         return c, blocked.at[j].set(True), picks.at[i].set(j)
 
     _, _, picks = lax.fori_loop(start, keep, fill, (c, blocked, picks))
@@ -453,8 +446,4 @@ def _select_impl(
         v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN: keep it out of every sum
         one = partial(_select_one, keep=keep, n_core=n_core)
         args = (v, t, m, valid)
-    if batching == "vmap":
-        return jax.vmap(one)(*args)
-    if batching == "map":
-        return lax.map(lambda a: one(*a), args)
-    raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
+    return batched(one, args, batching)
