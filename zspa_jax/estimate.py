@@ -262,15 +262,9 @@ def estimate(
 
     vision = batch * vision_flops(cfg)
     projector = batch * projector_flops(cfg)
-    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
-    prefill = batch * llm_prefill_flops(t, length)
-    prefill_full = batch * llm_prefill_flops(t, length_full)
-    if new_tokens:
-        decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
-        decode_per_token = decode_total / (batch * new_tokens)
-    else:
-        decode_total = 0
-        decode_per_token = float(decode_flops(t, length + 1))
+    pruning, prefill, prefill_full, decode_total, decode_per_token = _language_model_flops(
+        t, n, keep, text_tokens, new_tokens, batch, core_ratio
+    )
 
     w_vision = _numel_vision(cfg.vision) * vision_bytes_per
     w_projector = _numel_projector(cfg) * weight_bytes_per
@@ -387,6 +381,19 @@ def _numel_qwen_vision(v: Qwen2_5_VLVisionConfig) -> int:
     return v.patch_dim * d + v.depth * block + merger
 
 
+def _language_model_flops(t, n: int, keep: int, text_tokens: int, new_tokens: int, batch: int, core_ratio: float):
+    """(pruning, LLM prefill, unpruned LLM prefill, decode total, decode per token) FLOPs for
+    a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens."""
+    length = text_tokens + keep
+    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
+    prefill = batch * llm_prefill_flops(t, length)
+    prefill_full = batch * llm_prefill_flops(t, text_tokens + n)
+    if not new_tokens:
+        return pruning, prefill, prefill_full, 0, float(decode_flops(t, length + 1))
+    decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
+    return pruning, prefill, prefill_full, decode_total, decode_total / (batch * new_tokens)
+
+
 def estimate_qwen2_5_vl(
     cfg: Qwen2_5_VLConfig,
     text_tokens: int,
@@ -409,14 +416,9 @@ def estimate_qwen2_5_vl(
     kvb = wb if kv_dtype_bytes is None else int(kv_dtype_bytes)
     length, length_full = text_tokens + keep, text_tokens + n
     vision = batch * qwen_vision_flops(cfg, gh, gw)
-    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
-    prefill = batch * llm_prefill_flops(t, length)
-    prefill_full = batch * llm_prefill_flops(t, length_full)
-    if new_tokens:
-        decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
-        decode_per_token = decode_total / (batch * new_tokens)
-    else:
-        decode_total, decode_per_token = 0, float(decode_flops(t, length + 1))
+    pruning, prefill, prefill_full, decode_total, decode_per_token = _language_model_flops(
+        t, n, keep, text_tokens, new_tokens, batch, core_ratio
+    )
     w_vision = _numel_qwen_vision(cfg.vision) * np.dtype(dtype_of(cfg.vision.dtype)).itemsize
     w_llm = _numel_llm(t) * wb
     return {
