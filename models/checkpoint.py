@@ -214,10 +214,17 @@ def save_params(directory: Path, params: dict) -> None:
     writer.close()
 
 
-def restore_params(directory: Path, template: dict) -> dict:
-    """Nested dict shaped like `template` (ShapeDtypeStruct leaves) of device arrays, read group by group."""
+def restore_params(directory: Path, template: dict, shardings: dict[str, Any] | None = None) -> dict:
+    """Nested dict shaped like `template` (ShapeDtypeStruct leaves) of device arrays, read group by group.
+
+    Stored arrays are cast to the template's dtypes. `shardings` ({path: Sharding}, every
+    path) restores each array straight into its sharding: every device reads only its
+    own shard, and no parameter is ever whole on one device.
+    """
     root = (Path(directory) / PARAMS_DIR).absolute()
     targets = flatten(template)
+    if shardings is not None:
+        targets = {p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p]) for p, t in targets.items()}
     groups = _read_manifest(root)
     unknown = sorted({p for g in groups for p in g} - set(targets))
     missing = sorted(set(targets) - {p for g in groups for p in g})
@@ -236,9 +243,13 @@ def restore_params(directory: Path, template: dict) -> dict:
             except Exception as e:  # orbax/tensorstore raise many types for one cause: damaged files
                 reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 raise CheckpointError(f"{group} cannot be restored ({reason}); {RECONVERT}") from None
-            # orbax hands back host numpy arrays, most not 64-byte aligned: as jit arguments
-            # they would be copied to the device on every call (the whole model per generate
-            # call). Placing them once here, a group at a time, keeps the host peak at a group.
+            if shardings is not None:
+                flat.update(flatten(restored))
+                continue
+            # Without shardings orbax hands back host numpy arrays, most not 64-byte aligned:
+            # as jit arguments they would be copied to the device on every call (the whole
+            # model per generate call). Placing them once here, a group at a time, keeps the
+            # host peak at a group.
             flat.update(jax.device_put(flatten(restored)))
     return unflatten_into(template, flat)
 
@@ -293,11 +304,22 @@ def _read_manifest(root: Path) -> list[list[str]]:
     return groups
 
 
-def restore_model(directory: Path, cfg=None):
-    """Restore params straight into an abstract model's tree (no random init, dtype kept)."""
+def with_dtype(cfg, dtype: str):
+    """`cfg` with every component's parameter/compute dtype set to `dtype` ("bfloat16", ...)."""
+    changes = {
+        f.name: dataclasses.replace(getattr(cfg, f.name), dtype=dtype)
+        for f in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(getattr(cfg, f.name)) and hasattr(getattr(cfg, f.name), "dtype")
+    }
+    return dataclasses.replace(cfg, **changes)
+
+
+def restore_model(directory: Path, cfg=None, shardings: dict[str, Any] | None = None):
+    """Restore params straight into an abstract model's tree (no random init); dtypes are
+    `cfg`'s (the stored arrays are cast), `shardings` as in `restore_params`."""
     cfg = read_config(directory) if cfg is None else cfg
     model = abstract_model(cfg)
     graphdef, state = nnx.split(model)
-    restored = restore_params(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    restored = restore_params(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

@@ -18,6 +18,19 @@ from flax import nnx
 from models.layers import ACTIVATIONS, activation, check_choice, check_positive, dot_product_attention, dtype_of
 
 
+# Tensor parallelism over "model" (zspa_jax.sharding): attention q/k/v and fc1 split by
+# output columns, out_proj and fc2 by input rows, the patch convolution by output channel.
+SHARDING_RULES = (
+    (r"embeddings\.patch_embedding\.kernel", (None, None, None, "model")),
+    (r"encoder\.layers\.\d+\.self_attn\.[qkv]_proj\.kernel", (None, "model")),
+    (r"encoder\.layers\.\d+\.self_attn\.[qkv]_proj\.bias", ("model",)),
+    (r"encoder\.layers\.\d+\.self_attn\.out_proj\.kernel", ("model", None)),
+    (r"encoder\.layers\.\d+\.mlp\.fc1\.kernel", (None, "model")),
+    (r"encoder\.layers\.\d+\.mlp\.fc1\.bias", ("model",)),
+    (r"encoder\.layers\.\d+\.mlp\.fc2\.kernel", ("model", None)),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
     hidden_size: int = 1024

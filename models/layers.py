@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import jax
@@ -20,6 +21,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# A sharding rule: (regex matched against a parameter path such as
+# "model.layers.0.self_attn.q_proj.kernel", one mesh axis or None per dimension).
+# Each model module declares a SHARDING_RULES table; zspa_jax.sharding applies it.
+ShardingRule = tuple[str, tuple[str | None, ...]]
+
+
+def prefixed_rules(prefix: str, rules: tuple[ShardingRule, ...]) -> tuple[ShardingRule, ...]:
+    """A component's rules as seen from its parent module (`prefix` is the attribute name)."""
+    return tuple((re.escape(prefix + ".") + pattern, axes) for pattern, axes in rules)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

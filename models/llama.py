@@ -33,6 +33,21 @@ from models.layers import (
 )
 
 
+# Tensor parallelism over "model" (applied by zspa_jax.sharding): q/k/v/gate/up split by
+# output columns (with their biases), o/down by input rows, so each layer needs one
+# reduction per block; the embedding table split over hidden, the head over vocab.
+SHARDING_RULES = (
+    (r"model\.embed_tokens\.embedding", (None, "model")),
+    (r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.kernel", (None, "model")),
+    (r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias", ("model",)),
+    (r"model\.layers\.\d+\.self_attn\.o_proj\.kernel", ("model", None)),
+    (r"model\.layers\.\d+\.mlp\.(gate|up)_proj\.kernel", (None, "model")),
+    (r"model\.layers\.\d+\.mlp\.(gate|up)_proj\.bias", ("model",)),
+    (r"model\.layers\.\d+\.mlp\.down_proj\.kernel", ("model", None)),
+    (r"lm_head\.kernel", (None, "model")),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int = 32000

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import clip, llama
 from models.clip import CLIPVisionConfig, CLIPVisionModel
 from models.layers import (
     ACTIVATIONS,
@@ -22,6 +23,7 @@ from models.layers import (
     dtype_of,
     padding_causal_mask,
     positions_from_mask,
+    prefixed_rules,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.protocol import MultimodalInputs
@@ -128,6 +130,18 @@ def merge_image_features(
 
 
 class LlavaForConditionalGeneration(nnx.Module):
+    # Parameter shardings over a ("data", "model") mesh: the tower's and the decoder's
+    # tables, and the projector split like an MLP (column then row).
+    SHARDING_RULES = (
+        prefixed_rules("vision_tower", clip.SHARDING_RULES)
+        + (
+            (r"multi_modal_projector\.linear_1\.kernel", (None, "model")),
+            (r"multi_modal_projector\.linear_1\.bias", ("model",)),
+            (r"multi_modal_projector\.linear_2\.kernel", ("model", None)),
+        )
+        + prefixed_rules("language_model", llama.SHARDING_RULES)
+    )
+
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.vision_tower = CLIPVisionModel(cfg.vision, rngs=rngs)

@@ -33,7 +33,9 @@ from models.layers import (
     dot_product_attention,
     dtype_of,
     padding_causal_mask,
+    prefixed_rules,
 )
+from models import llama
 from models.llama import GatedMLP, LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
 from models.llava import merge_image_features
 from models.protocol import MultimodalInputs
@@ -593,6 +595,25 @@ class Qwen2_5_VisionTransformer(nnx.Module):
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    # Parameter shardings over a ("data", "model") mesh: the tower like the decoder (fused
+    # qkv, gate/up and merger fc1 by output columns; proj, down and fc2 by input rows),
+    # the patch embedding by output channel, then the decoder's own table.
+    SHARDING_RULES = (
+        prefixed_rules("visual", (
+            (r"patch_embed\.kernel", (None, "model")),
+            (r"blocks\.\d+\.attn\.qkv\.kernel", (None, "model")),
+            (r"blocks\.\d+\.attn\.qkv\.bias", ("model",)),
+            (r"blocks\.\d+\.attn\.proj\.kernel", ("model", None)),
+            (r"blocks\.\d+\.mlp\.(gate|up)_proj\.kernel", (None, "model")),
+            (r"blocks\.\d+\.mlp\.(gate|up)_proj\.bias", ("model",)),
+            (r"blocks\.\d+\.mlp\.down_proj\.kernel", ("model", None)),
+            (r"merger\.fc1\.kernel", (None, "model")),
+            (r"merger\.fc1\.bias", ("model",)),
+            (r"merger\.fc2\.kernel", ("model", None)),
+        ))
+        + prefixed_rules("language_model", llama.SHARDING_RULES)
+    )
+
     def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.visual = Qwen2_5_VisionTransformer(cfg.vision, rngs=rngs)

@@ -56,6 +56,7 @@ N*((4d)^2 + 4d*d_llm). The LLM is the shared decoder count with L' = T + K.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -117,6 +118,17 @@ def llava_1_5_7b_config(dtype: str = "float16") -> LlavaConfig:
 
 
 LLAVA_1_5_7B = llava_1_5_7b_config()
+
+
+def llava_1_5_13b_config(dtype: str = "float16") -> LlavaConfig:
+    """LLaVA-1.5-13B (llava-hf/llava-1.5-13b-hf): the 7B's tower, projector 1024 -> 5120 ->
+    5120, LLaMA-2-13B (40 layers, d 5120, m 13824, 40 heads, vocab 32064)."""
+    cfg = llava_1_5_7b_config(dtype)
+    text = dataclasses.replace(
+        cfg.text, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, head_dim=None,
+    )
+    return dataclasses.replace(cfg, text=text)
 
 
 # ----------------------------------------------------------------------------- per-component
@@ -330,6 +342,18 @@ def qwen2_5_vl_7b_config(dtype: str = "bfloat16", text_layers: int = 28, vision_
     return Qwen2_5_VLConfig(vision=vision, text=text)
 
 
+def qwen2_5_vl_72b_config(dtype: str = "bfloat16") -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-72B-Instruct: the 7B's ViT with MLP width 3456 and merger output 8192 ->
+    Qwen2-72B (80 layers, d 8192, m 29568, 64 heads / 8 KV heads, vocab 152064)."""
+    cfg = qwen2_5_vl_7b_config(dtype)
+    vision = dataclasses.replace(cfg.vision, intermediate_size=3456, out_hidden_size=8192)
+    text = dataclasses.replace(
+        cfg.text, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=None,
+    )
+    return Qwen2_5_VLConfig(vision=vision, text=text)
+
+
 def qwen_image_grid(
     height: int, width: int, v: Qwen2_5_VLVisionConfig, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
 ) -> tuple[int, int]:
@@ -452,6 +476,62 @@ def estimate_qwen2_5_vl(
     }
 
 
+# ----------------------------------------------------------------------------- meshes
+
+
+def mesh_bytes(cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtype_bytes: int | None = None) -> dict:
+    """Per-device bytes on a ("data", "model") mesh, as `zspa_jax.load(mesh=)` and
+    `generate` place them: parameters by the family's rule table (models.*.SHARDING_RULES;
+    dims that do not divide are replicated), the KV cache of `batch` rows (padded to a
+    multiple of "data") and `length` slots split over "data" and, when the KV heads divide
+    it, over "model" (otherwise every "model" device holds all heads).
+
+    Computed from the abstract parameter tree: no memory, no devices.
+    """
+    from models.checkpoint import family_of, flatten, param_template
+    from zspa_jax import sharding
+
+    template = flatten(param_template(cfg))
+    shapes = {p: tuple(t.shape) for p, t in template.items()}
+    plan = sharding.plan_params(shapes, family_of(cfg).model_cls.SHARDING_RULES, axis_sizes)
+    itemsize = {p: np.dtype(t.dtype).itemsize for p, t in template.items()}
+    t = cfg.text
+    kvb = np.dtype(dtype_of(t.dtype)).itemsize if kv_dtype_bytes is None else int(kv_dtype_bytes)
+    data, model = axis_sizes["data"], axis_sizes["model"]
+    rows = -(-batch // data)
+    heads_split = model if t.num_key_value_heads % model == 0 else 1
+    params = sharding.bytes_per_device(shapes, itemsize, plan, axis_sizes)
+    kv = kv_cache_bytes(t, rows, length, kvb) // heads_split
+    return {
+        "mesh": dict(axis_sizes),
+        "param_bytes_total": sum(int(np.prod(s)) * itemsize[p] for p, s in shapes.items()),
+        "param_bytes_per_device": params,
+        "kv_cache_bytes_per_device": kv,
+        "bytes_per_device": params + kv,
+        "rows_per_device": rows,
+        "kv_heads_split": heads_split > 1 or model == 1,
+        "replicated_dims": len(plan.replicated),
+    }
+
+
+def _mesh_table(name: str, cfg, axis_sizes, batch: int, text_tokens: int, new_tokens: int,
+                visual_tokens: int, keeps) -> tuple[str, list[dict]]:
+    rows = []
+    for keep in keeps:
+        r = mesh_bytes(cfg, axis_sizes, batch, text_tokens + keep + new_tokens)
+        rows.append({"model": name, "batch": batch, "kept_tokens": keep, "visual_tokens": visual_tokens, **r})
+    gib = 2**30
+    mesh = f"data={axis_sizes['data']},model={axis_sizes['model']}"
+    head = f"| model | mesh | batch | keep | params / device GiB | KV cache / device GiB | total / device GiB |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        lines.append(
+            f"| {name} | {mesh} | {batch} | {r['kept_tokens']} | {r['param_bytes_per_device'] / gib:.2f} "
+            f"| {r['kv_cache_bytes_per_device'] / gib:.2f} | {r['bytes_per_device'] / gib:.2f} |"
+        )
+    return "\n".join(lines), rows
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -487,10 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=60, help="text tokens in the prompt (default 60)")
     parser.add_argument("--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)")
     parser.add_argument("--keep", type=int, nargs="+", default=None, help="kept visual tokens (default: all, 192/256, 128, 64)")
-    parser.add_argument("--model", choices=("llava-1.5-7b", "qwen2.5-vl-7b"), default="llava-1.5-7b")
+    parser.add_argument("--model", choices=tuple(MODELS), default="llava-1.5-7b")
     parser.add_argument("--image", default="448x448", help="Qwen2.5-VL image size HxW in pixels (default 448x448)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--mesh", default=None, help="data=D,model=M: per-device parameter and KV-cache bytes")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)")
     args = parser.parse_args(argv)
+    if args.mesh is not None:
+        return _mesh_main(args, parser)
+    if args.model not in ("llava-1.5-7b", "qwen2.5-vl-7b"):
+        parser.error(f"the FLOPs table covers llava-1.5-7b and qwen2.5-vl-7b; {args.model} goes with --mesh")
     if args.model == "qwen2.5-vl-7b":
         cfg = qwen2_5_vl_7b_config()
         hw = tuple(int(x) for x in args.image.lower().split("x"))
@@ -526,6 +612,46 @@ def main(argv: list[str] | None = None) -> int:
         f"{w['weight_bytes_projector'] / 2**20:.0f} MiB, LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB; "
         f"decode reads {w['decode_weight_bytes_per_token'] / 2**30:.2f} GiB of weights per token; "
         f"KV {w['kv_cache_bytes_per_token'] / 2**10:.0f} KiB per token (f16)"
+    )
+    print(table)
+    return 0
+
+
+MODELS = {
+    "llava-1.5-7b": llava_1_5_7b_config,
+    "llava-1.5-13b": llava_1_5_13b_config,
+    "qwen2.5-vl-7b": qwen2_5_vl_7b_config,
+    "qwen2.5-vl-72b": qwen2_5_vl_72b_config,
+}
+
+
+def _mesh_main(args, parser) -> int:
+    from zspa_jax.sharding import parse_mesh_shape
+
+    try:
+        sizes = parse_mesh_shape(args.mesh)
+    except ValueError as e:
+        parser.error(f"--mesh: {e}")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    cfg = MODELS[args.model]()
+    if isinstance(cfg, Qwen2_5_VLConfig):
+        hw = tuple(int(x) for x in args.image.lower().split("x"))
+        gh, gw = qwen_image_grid(*hw, cfg.vision)
+        n = gh * gw // cfg.vision.merge_unit
+    else:
+        n = cfg.image_seq_length
+    keeps = args.keep or list(dict.fromkeys(k for k in (n, 256, 128, 64) if k <= n))
+    table, rows = _mesh_table(args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    r = rows[0]
+    print(
+        f"{args.model} on data={sizes['data']} x model={sizes['model']} devices: {r['param_bytes_total'] / 2**30:.1f} GiB "
+        f"of parameters ({cfg.text.dtype}); B={args.batch}, {n} visual + {args.text_tokens} text + "
+        f"{args.new_tokens} new tokens per row; KV heads "
+        + ("split over model" if r["kv_heads_split"] else f"({cfg.text.num_key_value_heads}) do not divide model: replicated")
     )
     print(table)
     return 0

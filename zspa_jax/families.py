@@ -20,6 +20,7 @@ import numpy as np
 from models.checkpoint import family_of
 from models import qwen2_5_vl as qwen
 from zspa_jax.pruning import AUTO, CLS_ATTENTION_METHODS, MASKED_METHODS, PruneConfig
+from zspa_jax.sharding import data_size, padded_rows, place, place_tree
 from zspa_jax.validation import check_binary_mask, check_finite, check_ids_in_range
 
 WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
@@ -35,6 +36,7 @@ class HostBatch(NamedTuple):
     min_visual: int  # fewest real visual tokens in a row (what a prune ratio applies to)
     prompt_tokens: np.ndarray | None  # int [B]: real prompt tokens per row before any padding (None if traced)
     visual_per_row: np.ndarray | None = None  # int [B]: real visual tokens per row (None: num_visual each)
+    rows: int | None = None  # the caller's rows when the batch was padded for a mesh (None: not padded)
 
 
 def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | None:
@@ -86,6 +88,11 @@ class LlavaAdapter:
             if prompt_bucket:
                 input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id)
         return HostBatch(input_ids, attention_mask, pixel_values, None, n, n, prompt_tokens)
+
+    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
+        """(images, pixel_values rows) of the batch's last row (images are in reading order)."""
+        images = int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length
+        return images, images
 
     def encode(self, vlm, prompts, images, chat_template):
         from zspa_jax.inputs import encode
@@ -175,6 +182,19 @@ class QwenAdapter:
             batch.input_ids, batch.attention_mask, batch.pixel_values, batch.aux, n, min_visual, mask.sum(1),
             per_row if batch.pixel_values is not None else None,
         )
+
+    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
+        """(images, patch rows) of the batch's last row: its placeholders, matched against
+        the last images' t*h*w / merge^2 tokens."""
+        tokens = int((ids[-1] == vlm.config.image_token_id).sum())
+        grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+        images = patches = 0
+        while tokens > 0 and images < len(grid):
+            images += 1
+            size = int(np.prod(grid[-images]))
+            patches += size
+            tokens -= size // vlm.config.vision.merge_unit
+        return images, patches
 
     def encode(self, vlm, prompts, images, chat_template):
         if vlm.processor is None:
@@ -314,8 +334,57 @@ def prepare_arrays(
     window count and, when pruning, each image span), so images of different sizes share
     compiled programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
     """
-    return adapter(vlm).prepare(
+    family = adapter(vlm)
+    batch = family.prepare(
         vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket, prompt_bucket
+    )
+    rows = int(np.shape(batch.input_ids)[0])
+    target = padded_rows(rows, vlm.mesh)
+    if target == rows:
+        return batch
+    if _is_traced(input_ids, pixel_values, attention_mask, image_grid_thw):
+        raise ValueError(
+            f"a batch of {rows} rows does not divide the mesh axis 'data' ({data_size(vlm.mesh)}) and traced "
+            "arrays cannot be padded: pass a multiple of it, or concrete arrays"
+        )
+    # Validated above: pad with copies of the last row (and its images), run again.
+    ids, pixels, mask, grid = _repeat_last_row(family, vlm, input_ids, pixel_values, attention_mask, image_grid_thw,
+                                               target - rows)
+    batch = family.prepare(vlm, ids, pixels, mask, grid, prune, extra_length, bucket, prompt_bucket)
+    return batch._replace(rows=rows)
+
+
+def _repeat_last_row(family, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, extra: int):
+    """The batch with its last row (and that row's images) appended `extra` more times."""
+    ids = np.asarray(input_ids)
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    images, pixel_rows = family.last_row_images(vlm, ids, image_grid_thw)
+    repeat = lambda x, n: np.concatenate([x] + [x[len(x) - n:]] * extra) if n else x  # noqa: E731
+    ids = repeat(ids, 1)
+    mask = None if mask is None else repeat(mask, 1)
+    pixels = None if pixel_values is None else repeat(np.asarray(pixel_values), pixel_rows)
+    grid = None if image_grid_thw is None else repeat(np.asarray(image_grid_thw), images)
+    return ids, pixels, mask, grid
+
+
+def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
+    """(input_ids int32, attention_mask int32, pixel_values f32 | None, aux) as the jitted
+    programs take them: on `mesh`, rows split over "data" and aux replicated; traced
+    arrays (a caller's jit) pass through for that jit to place."""
+    import jax.numpy as jnp
+
+    ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
+    if mask is None:
+        mask = jnp.ones(np.shape(ids), jnp.int32)
+    if mesh is None or _is_traced(ids, mask, pixels):
+        pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels, batch.aux
+    pixels = None if pixels is None else place(np.asarray(pixels, np.float32), mesh, "data")
+    return (
+        place(np.asarray(ids, np.int32), mesh, "data"),
+        place(np.asarray(mask, np.int32), mesh, "data"),
+        pixels,
+        place_tree(batch.aux, mesh),
     )
 
 

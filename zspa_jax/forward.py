@@ -5,19 +5,18 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models.layers import padding_causal_mask
 
-from zspa_jax.families import prepare_arrays, reject_video, resolve_prune
+from zspa_jax.families import device_arrays, prepare_arrays, reject_video, resolve_prune
 from zspa_jax.inputs import check_prune, check_vlm
 from zspa_jax.loading import VLM
 from zspa_jax.methods import fastv
 from zspa_jax.validation import check_bool, check_int
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
+from zspa_jax.sharding import fetch, mesh_context, place_key
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prune", "special_ids", "keep_positions"))
@@ -79,16 +78,16 @@ def forward(
         check_bool(name, value)
     batch = prepare_arrays(vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune)
     prune = resolve_prune(prune, batch)
-    ids = jnp.asarray(batch.input_ids, jnp.int32)
-    mask = jnp.ones(ids.shape, jnp.int32) if batch.attention_mask is None else jnp.asarray(batch.attention_mask, jnp.int32)
-    pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values, jnp.float32)
-    logits, kept, out_mask = _forward(
-        vlm.graphdef, vlm.state, ids, pixels, mask, batch.aux, jax.random.key(seed), prune, vlm.special_token_ids,
-        bool(keep_positions),
-    )
-    out = [np.asarray(logits)]
+    ids, mask, pixels, aux = device_arrays(batch, vlm.mesh)
+    with mesh_context(vlm.mesh):
+        logits, kept, out_mask = _forward(
+            vlm.graphdef, vlm.state, ids, pixels, mask, aux, place_key(jax.random.key(seed), vlm.mesh), prune,
+            vlm.special_token_ids, bool(keep_positions),
+        )
+    rows = slice(batch.rows)  # mesh padding dropped
+    out = [fetch(logits)[rows]]
     if return_kept:
-        out.append(None if kept is None else np.asarray(kept))
+        out.append(None if kept is None else fetch(kept)[rows])
     if return_mask:
-        out.append(np.asarray(out_mask))
+        out.append(fetch(out_mask)[rows])
     return out[0] if len(out) == 1 else tuple(out)

@@ -23,13 +23,14 @@ import numpy as np
 from flax import nnx
 
 from models.llama import KVCache
-from zspa_jax.families import HostBatch, encode, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.families import HostBatch, device_arrays, encode, prepare_arrays, reject_video, resolve_prune
 from zspa_jax.inputs import check_prune, check_vlm
 from zspa_jax.methods import fastv
 from zspa_jax.loading import VLM
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
+from zspa_jax.sharding import constrain_cache, fetch, mesh_context, place_key
 from zspa_jax.validation import check_bool, check_int, check_rng, check_token_ids, is_traced
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
@@ -115,8 +116,9 @@ def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: Stati
     slots = jnp.arange(st.cache_length)
     kv_valid = (slots[None, :] < length) & jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length)))
     causal = slots[None, None, :] <= jnp.arange(length)[None, :, None]
-    cache = KVCache.zeros(lm.config, b, st.cache_length)
+    cache = constrain_cache(KVCache.zeros(lm.config, b, st.cache_length))
     hidden, cache = lm.model(inputs.embeds, inputs.positions, causal & kv_valid[:, None, :], cache, 0)
+    cache = constrain_cache(cache)
     logits = lm.logits(hidden[:, -1])  # left padding: the last position is real in every row
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -151,7 +153,7 @@ def _prefill_fastv(model, input_ids, inputs, rng, st: StaticSettings):
         lengths=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
         logits=lm.logits(out.hidden[:, -1]),
-        cache=out.cache,
+        cache=constrain_cache(out.cache),
         kv_valid=jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length))),
         next_position=inputs.next_position,
         prompt_length=jnp.asarray(length, jnp.int32),
@@ -191,7 +193,7 @@ def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
         lengths=lengths,
         done=done,
         logits=lm.logits(hidden[:, 0]),
-        cache=cache,
+        cache=constrain_cache(cache),
         kv_valid=kv_valid,
         next_position=s.next_position + 1,
         rng=rng,
@@ -314,11 +316,14 @@ def generate_tokens(
         keep_positions=keep_positions,
     )
     rng = jax.random.key(0) if rng is None else rng
-    ids = jnp.asarray(batch.input_ids, jnp.int32)
-    mask = jnp.ones_like(ids) if batch.attention_mask is None else jnp.asarray(batch.attention_mask, jnp.int32)
-    pixels = None if batch.pixel_values is None else jnp.asarray(batch.pixel_values, jnp.float32)
-    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, batch.aux, rng, st)
-    s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+    ids, mask, pixels, aux = device_arrays(batch, vlm.mesh)
+    if not is_traced(rng):
+        rng = place_key(rng, vlm.mesh)
+    with mesh_context(vlm.mesh):
+        s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+    if batch.rows is not None:  # mesh padding dropped
+        return GenerateOutput(s.tokens[: batch.rows], s.lengths[: batch.rows], None if kept is None else kept[: batch.rows])
     return GenerateOutput(s.tokens, s.lengths, kept)
 
 
@@ -399,7 +404,8 @@ def generate(
         bucket=True,
         prompt_bucket=PROMPT_BUCKET,
     )
-    prompt_tokens = np.asarray(host.prompt_tokens, int)
+    rows = slice(host.rows)  # what the caller passed; mesh padding is dropped from every result
+    prompt_tokens = np.asarray(host.prompt_tokens, int)[rows]
     st = _settings(
         vlm,
         host,
@@ -409,25 +415,26 @@ def generate(
         eos_token_id=eos_token_id,
         keep_positions=keep_positions,
     )
-    ids = jnp.asarray(host.input_ids, jnp.int32)
-    mask = jnp.asarray(host.attention_mask, jnp.int32)
-    pixels = None if host.pixel_values is None else jnp.asarray(host.pixel_values, jnp.float32)
-    rng = jax.random.key(seed)
+    ids, mask, pixels, aux = device_arrays(host, vlm.mesh)
+    rng = place_key(jax.random.key(seed), vlm.mesh)
     if stream:
-        return _stream(vlm, ids, pixels, mask, host.aux, rng, max_new_tokens, st)
+        return _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows)
 
     t0 = time.perf_counter()
-    s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, host.aux, rng, st)
-    jax.block_until_ready(s.logits)
-    t1 = time.perf_counter()
-    s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
-    lengths = np.asarray(s.lengths)
+    with mesh_context(vlm.mesh):
+        s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        jax.block_until_ready(s.logits)
+        t1 = time.perf_counter()
+        s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+        lengths = fetch(s.lengths)[rows]
     t2 = time.perf_counter()
     n = int(lengths.max()) if lengths.size else 0
-    sequences = np.asarray(s.tokens)[:, :n]
+    sequences = fetch(s.tokens)[rows, :n]
     n_visual = host.min_visual if pixels is not None else 0  # per image (the smallest when sizes differ)
     kept_count = n_visual if st.prune is None else st.prune.num_keep(n_visual)
-    visual_per_row = np.full(len(lengths), n_visual) if host.visual_per_row is None else np.asarray(host.visual_per_row)
+    visual_per_row = (
+        np.full(len(lengths), n_visual) if host.visual_per_row is None else np.asarray(host.visual_per_row)[rows]
+    )
     stats = {
         "batch_size": int(len(lengths)),
         "visual_tokens_per_image": n_visual,
@@ -448,7 +455,7 @@ def generate(
     return GenerateResult(
         texts=_decode_texts(vlm, sequences, lengths, st.eos_ids),
         sequences=sequences,
-        kept_indices=None if kept is None else np.asarray(kept),
+        kept_indices=None if kept is None else fetch(kept)[rows],
         stats=stats,
     )
 
@@ -464,12 +471,12 @@ def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids)
     return texts
 
 
-def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st) -> Iterator[np.ndarray]:
-    s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
-    for _ in range(max_new_tokens):
-        done_before = np.asarray(s.done)
-        if done_before.all():
+def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows: slice) -> Iterator[np.ndarray]:
+    with mesh_context(vlm.mesh):
+        s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+    for step in range(max_new_tokens):
+        if fetch(s.done)[rows].all():
             return
-        step = int(s.step)
-        s = _step_fn(vlm.graphdef, vlm.state, s, st)
-        yield np.asarray(s.tokens[:, step])
+        with mesh_context(vlm.mesh):
+            s = _step_fn(vlm.graphdef, vlm.state, s, st)
+        yield fetch(s.tokens)[rows, step]

@@ -1,4 +1,5 @@
-"""`load(path) -> VLM`: a converted checkpoint, its config and its HF processor."""
+"""`load(path, mesh=None, dtype=None) -> VLM`: a converted checkpoint, its config and its
+HF processor, on one device or split over a mesh; `shard(vlm, mesh)` splits a loaded one."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
-from models.checkpoint import RECONVERT, CheckpointError, read_config, restore_model
+from models.checkpoint import (
+    RECONVERT,
+    CheckpointError,
+    flatten,
+    read_config,
+    restore_model,
+    unflatten_into,
+    with_dtype,
+)
+from models.layers import DTYPES
+from zspa_jax import sharding
 from zspa_jax.validation import check_bool, check_path
 
 
@@ -29,6 +41,7 @@ class VLM:
     special_token_ids: tuple[int, ...] = ()  # never part of "the prompt" for pruning
     eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generate
     pad_token_id: int = 0  # written after a row has stopped
+    mesh: Any = None  # jax Mesh ("data", "model") the parameters are split over, or None (one device)
     graphdef: Any = dataclasses.field(init=False, repr=False)
     state: Any = dataclasses.field(init=False, repr=False)
 
@@ -102,25 +115,74 @@ def token_ids(path: Path, processor) -> dict:
     }
 
 
-def load(path: str | Path, *, processor: bool = True) -> VLM:
+def _check_dtype(dtype) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be None (as stored) or one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def sharding_plan(cfg, mesh) -> sharding.ShardingPlan:
+    """The family's rule table applied to `cfg`'s parameters on `mesh` (checked)."""
+    from models.checkpoint import family_of, param_template
+
+    shapes = {p: tuple(t.shape) for p, t in flatten(param_template(cfg)).items()}
+    plan = sharding.plan_params(shapes, family_of(cfg).model_cls.SHARDING_RULES, dict(mesh.shape))
+    sharding.check_model_axis(plan, dict(mesh.shape))
+    return plan
+
+
+def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | None = None) -> VLM:
     """Load a checkpoint written by `python -m convert.llava` or `python -m convert.qwen2_5_vl`.
 
     Args:
       path: the converted directory (OUT of the converter).
       processor: also load the saved HF processor/tokenizer (if present).
+      mesh: a jax Mesh with axes ("data", "model") (Explicit or Auto): every parameter is
+        restored straight into its shard (zspa_jax.sharding; tensor parallel over
+        "model"), and forward/generate split batches over "data". None: one device.
+      dtype: "float32", "bfloat16" or "float16" to cast the parameters (and compute) to;
+        None keeps the stored dtype.
     """
     check_path("path", path)
     check_bool("processor", processor)
+    _check_dtype(dtype)
+    mesh = None if mesh is None else sharding.program_mesh(mesh)
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
     from zspa_jax.families import adapter
 
     cfg = read_config(path)
-    model = restore_model(path, cfg)
+    if dtype is not None:
+        cfg = with_dtype(cfg, dtype)
+    shardings = None if mesh is None else sharding.param_shardings(mesh, sharding_plan(cfg, mesh))
+    model = restore_model(path, cfg, shardings)
     load_proc = adapter(cfg).load_processor
     proc = load_proc(path) if processor else None
     ids = token_ids(path, proc if proc is not None else load_proc(path))
     # The image placeholder is embedded as visual tokens, never as prompt text.
     ids["special_token_ids"] = tuple(i for i in ids["special_token_ids"] if i != cfg.image_token_id)
-    return VLM(config=cfg, model=model, processor=proc, path=path, **ids)
+    return VLM(config=cfg, model=model, processor=proc, path=path, mesh=mesh, **ids)
+
+
+def shard(vlm: VLM, mesh) -> VLM:
+    """`vlm` with its parameters split over `mesh` as `load(..., mesh=mesh)` would place them
+    (for a model built or cast in memory; loading with `mesh=` never gathers a parameter)."""
+    from zspa_jax.inputs import check_vlm
+
+    check_vlm(vlm)
+    mesh = sharding.program_mesh(mesh)
+    if vlm.mesh is not None:
+        raise ValueError(f"vlm is already split over mesh {dict(vlm.mesh.shape)}; load it again with mesh=")
+    devices = set(mesh.devices.flat)
+    outside = {d for leaf in jax.tree.leaves(vlm.state) for d in leaf.devices()} - devices
+    if outside:
+        raise ValueError(
+            f"vlm's parameters are on {sorted(map(str, outside))}, which mesh {dict(mesh.shape)} does not hold; "
+            "build the mesh over those devices or load the checkpoint with mesh="
+        )
+    specs = sharding.param_shardings(mesh, sharding_plan(vlm.config, mesh))
+    params = nnx.to_pure_dict(nnx.state(vlm.model, nnx.Param))
+    placed = unflatten_into(params, {p: jax.device_put(x, specs[p]) for p, x in flatten(params).items()})
+    graphdef, state = nnx.split(vlm.model)
+    nnx.replace_by_pure_dict(state, placed)
+    return dataclasses.replace(vlm, model=nnx.merge(graphdef, state), mesh=mesh)

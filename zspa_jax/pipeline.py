@@ -18,6 +18,7 @@ from typing import Any
 from models.layers import positions_from_mask
 from zspa_jax.methods.tower import place_span_tokens, tower_prune
 from zspa_jax.pruning import CLS_ATTENTION_METHODS, PruneConfig, _default_batching, select_tokens
+from zspa_jax.sharding import constrain
 
 
 class DecoderInputs(NamedTuple):
@@ -94,7 +95,12 @@ def decoder_inputs(
             nxt = mm.next_position
         else:
             nxt = jnp.max(positions.reshape(-1, *positions.shape[-2:]), axis=(0, 2)) + 1
-        return DecoderInputs(embeds, mask, positions, kept, nxt.astype(jnp.int32))
+        # On a mesh: rows stay split over "data" into the decoder (a no-op on one device).
+        batch_axis = (None,) * (positions.ndim - 2) + ("data",)  # [B, L] or M-RoPE [3, B, L]
+        return DecoderInputs(
+            constrain(embeds, "data"), constrain(mask, "data"), constrain(positions, *batch_axis), kept,
+            nxt.astype(jnp.int32),
+        )
 
     image_id = model.config.image_token_id
     tower_method = prune is not None and pixel_values is not None and prune.method in CLS_ATTENTION_METHODS

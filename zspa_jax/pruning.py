@@ -28,6 +28,7 @@ from zspa_jax.methods import auto_core
 from zspa_jax.methods._common import HIGHEST, batched, unit
 from zspa_jax.methods.cdpruner import cdpruner_select
 from zspa_jax.methods.vispruner import vispruner_select
+from zspa_jax.sharding import fetch
 from zspa_jax.validation import check_rng, is_traced
 
 __all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "gather_tokens", "select_tokens"]
@@ -156,7 +157,7 @@ def gather_tokens(visual: jax.Array, indices: jax.Array) -> jax.Array:
         raise TypeError(f"indices must be an integer array [B, K], got dtype {indices.dtype}")
     n = shapes[0][1]
     if not is_traced(indices):
-        host = np.asarray(indices)
+        host = fetch(indices)
         bad = (host < 0) | (host >= n)
         if bad.any():
             row, col = (int(i[0]) for i in np.nonzero(bad))
@@ -257,7 +258,7 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
     if shape != (b, n):
         raise ValueError(f"visual_mask must have shape [B, N] = {(b, n)}, got {shape}")
     if not is_traced(visual_mask):
-        counts = np.asarray(visual_mask != 0).sum(axis=1)
+        counts = fetch(jnp.asarray(visual_mask) != 0).sum(axis=1)
         if (counts < keep).any():
             row = int(np.argmax(counts < keep))
             raise ValueError(
@@ -338,12 +339,12 @@ def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
     finite_v = jnp.isfinite(jnp.asarray(visual))
     if visual_mask is not None:  # padding slots may hold anything
         finite_v |= ~(jnp.asarray(visual_mask) != 0)[..., None]
-    checks = [("visual", np.asarray(jnp.all(finite_v, axis=(1, 2))))]
+    checks = [("visual", fetch(jnp.all(finite_v, axis=(1, 2))))]
     if prompt is not None:
         finite = jnp.isfinite(jnp.asarray(prompt))
         if prompt_mask is not None:
             finite |= ~(jnp.asarray(prompt_mask) != 0)[..., None]
-        checks.append(("prompt", np.asarray(jnp.all(finite, axis=(1, 2)))))
+        checks.append(("prompt", fetch(jnp.all(finite, axis=(1, 2)))))
     for name, ok in checks:
         if not ok.all():
             raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")

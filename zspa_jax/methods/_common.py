@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 EPS = 1e-6  # norm floor, as in ZSPAPrune's step 2
 HIGHEST = lax.Precision.HIGHEST  # true f32 dots on GPU/TPU too
@@ -29,9 +30,19 @@ def prompt_relevance(vn: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
 
 
 def batched(fn, args: tuple, batching: str):
-    """Run a per-example `fn(*args_b)` over the leading axis with vmap or a sequential lax.map."""
+    """Run a per-example `fn(*args_b)` over the leading axis with vmap or a sequential lax.map.
+
+    Under a mesh with a "data" axis (jax.set_mesh) that divides the batch, each device
+    runs the examples it holds (shard_map), so selection never gathers the batch.
+    """
     if batching == "vmap":
-        return jax.vmap(fn)(*args)
-    if batching == "map":
-        return lax.map(lambda a: fn(*a), args)
-    raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
+        run = lambda *a: jax.vmap(fn)(*a)  # noqa: E731
+    elif batching == "map":
+        run = lambda *a: lax.map(lambda x: fn(*x), a)  # noqa: E731
+    else:
+        raise ValueError(f"batching must be 'vmap' or 'map', got {batching!r}")
+    mesh = jax.sharding.get_abstract_mesh()
+    data = 1 if mesh.empty or "data" not in mesh.axis_names else mesh.shape["data"]
+    if data > 1 and all(x.shape[0] % data == 0 for x in jax.tree.leaves(args)):
+        return jax.shard_map(run, in_specs=P("data"), out_specs=P("data"), check_vma=False)(*args)
+    return run(*args)
