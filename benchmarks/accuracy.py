@@ -24,6 +24,16 @@ tokens -> they replace the 576 placeholders, positions renumbered contiguously -
 decoder under `jax.jit` over the `nnx.split` state. If `zspa_jax.forward` accepts
 `prune=`, a spot check asserts that both paths give the same answers.
 
+Cost per method (scope "question", the benchmark's batch of 50, median of several timed
+calls after a warm-up compile, `jax.block_until_ready`): the method's own selection time,
+i.e. `select_tokens` under `jax.jit` (which skips its host-side finiteness check) for the
+embedding-level methods and, for VisPruner and VisionZip, their kernels on the tower's
+feature-layer hidden states and [CLS] attention (computed once, not timed). FastV's
+selection cannot be separated from the LLM, so its row is the LLM prefill with FastV
+(layers < K on all 576 visual tokens, the rest on K), next to the plain LLM prefill on a
+prompt holding K visual tokens and on the unpruned one. FLOPs come from
+`zspa_jax.estimate` (`method_flops`, `llm_prefill_flops`, `fastv_prefill_flops`).
+
 Writes benchmarks/results/accuracy.{md,json,png}.
 """
 
@@ -50,7 +60,12 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import zspa_jax  # noqa: E402
+from zspa_jax import estimate as est  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
+from zspa_jax.methods import fastv  # noqa: E402
+from zspa_jax.methods.tower import check_cls_tower  # noqa: E402
+from zspa_jax.methods.visionzip import visionzip_merge  # noqa: E402
+from zspa_jax.methods.vispruner import vispruner_select  # noqa: E402
 from zspa_jax.pipeline import pruned_gather_index  # noqa: E402
 from zspa_jax.demo import scenes  # noqa: E402
 from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
@@ -238,6 +253,115 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
     return jnp.argmax(lm.logits(h), axis=-1)
 
 
+def _median_ms(fn, *args, repeats: int) -> float:
+    """Median wall time of fn(*args) in ms, after one untimed call (the compile)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
+    """Selection time and FLOPs per method and K on the first batch (scope "question"),
+    plus the LLM prefill on the pruned prompt, on the unpruned one and with FastV."""
+    b, n = ev.batch, ev.visual.shape[1]
+    cfg = vlm.model.config
+    text_cfg = cfg.text
+    visual = jnp.asarray(ev.visual[:b])
+    prompt, mask = (jnp.asarray(x[:b]) for x in ev.prompt["question"])
+    t_prompt = prompt.shape[1]  # the padded width is what the kernels run over
+    rng = jax.random.key(0)
+    # Tower outputs for the [CLS]-attention methods, computed once (the tower runs anyway).
+    index = check_cls_tower(vlm.model, "vispruner")
+    tower = jax.jit(
+        lambda g, s, px: nnx.merge(g, s).vision_tower.hidden_states(px, num_layers=index, cls_attention_layer=index - 1),
+        static_argnums=0,
+    )
+    states, cls = tower(vlm.graphdef, vlm.state, jnp.asarray(ev.pixels[:b]))
+    hidden = states[index]
+    width, key_dim = hidden.shape[-1], cls.keys.shape[-1]
+    batching = pruning._default_batching()
+    # LLM prefill programs: [head | visual | question] + the head's logits at the last position.
+    t_text = len(ev.head) + ev.q_width
+    q = jnp.asarray(ev.q_ids[:b])
+    head = jnp.broadcast_to(jnp.asarray(ev.head), (b, len(ev.head)))
+
+    def embeds_of(model, kept):
+        lm = model.language_model
+        return jnp.concatenate([lm.embed(head), kept, lm.embed(q)], axis=1)
+
+    def plain(g, s, kept):
+        model = nnx.merge(g, s)
+        embeds = embeds_of(model, kept)
+        length = embeds.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
+        hid, _ = model.language_model.model(embeds, positions, causal)
+        return model.language_model.logits(hid[:, -1])
+
+    def with_fastv(g, s, kept, keep, layer):
+        model = nnx.merge(g, s)
+        embeds = embeds_of(model, kept)
+        length = embeds.shape[1]
+        ids = jnp.concatenate([head, jnp.full((b, n), cfg.image_token_index, jnp.int32), q], axis=1)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        out = fastv.prefill(
+            model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32), ids,
+            cfg.image_token_index, n, keep, layer,
+        )
+        return model.language_model.logits(out.hidden[:, -1])
+
+    plain_jit = jax.jit(plain, static_argnums=0)
+    fastv_jit = jax.jit(with_fastv, static_argnums=(0, 3, 4))
+    g, st = vlm.graphdef, vlm.state
+    cost: dict = {"batch": b, "repeats": repeats, "selection": {}, "llm_prefill": {}, "fastv_prefill": {}}
+    for keep in tqdm([k for k in keeps if k != n], desc="cost", leave=False):
+        zero_share = ev.auto_ratios("question", keep)["zero"]
+        for label in METHODS:
+            args = method_args(label)
+            method = args["method"]
+            if method == "fastv":
+                continue  # its cost is the FastV prefill below
+            if method == "vispruner":
+                ms = _median_ms(
+                    lambda f, a: vispruner_select(f, a, keep=keep, batching=batching),
+                    hidden[:, 1:], cls.probs[:, 1:], repeats=repeats,
+                )
+                flops = est.method_flops(method, n, width, keep, 0)
+            elif method == "visionzip":
+                ms = _median_ms(
+                    lambda h, a, k: visionzip_merge(h, a, k, keep=keep, batching=batching),
+                    hidden, cls.probs, cls.keys, repeats=repeats,
+                )
+                flops = est.method_flops(method, n, width, keep, 0, key_dim=key_dim)
+            else:
+                select = jax.jit(lambda v, p, m, r: pruning.select_tokens(v, p, m, keep=keep, rng=r, **args))
+                ms = _median_ms(select, visual, prompt, mask, rng, repeats=repeats)
+                flops = est.method_flops(
+                    method, n, visual.shape[-1], keep, t_prompt, args.get("core_ratio", 0.6), auto_zero_share=zero_share
+                )
+            cost["selection"].setdefault(label, {})[str(keep)] = {"ms": ms, "gflops": b * flops / 1e9}
+        kept = visual[:, :keep]
+        cost["llm_prefill"][str(keep)] = {
+            "ms": _median_ms(plain_jit, g, st, kept, repeats=repeats),
+            "gflops": b * est.llm_prefill_flops(text_cfg, t_text + keep) / 1e9,
+        }
+        layer = method_args(MODEL_LABELS[-1])["fastv_layer"]
+        cost["fastv_prefill"][str(keep)] = {
+            "ms": _median_ms(lambda g_, s_, v_: fastv_jit(g_, s_, v_, keep, layer), g, st, visual, repeats=repeats),
+            "gflops": b * est.fastv_prefill_flops(text_cfg, t_text, n, keep, layer) / 1e9,
+        }
+    cost["llm_prefill"][str(n)] = {
+        "ms": _median_ms(plain_jit, g, st, visual, repeats=repeats),
+        "gflops": b * est.llm_prefill_flops(text_cfg, t_text + n) / 1e9,
+    }
+    cost["text_tokens"] = t_text
+    return cost
+
+
 def score(exs, answers) -> dict:
     correct = np.array([a == e.qa.answer for e, a in zip(exs, answers)])
     types = np.array([e.qa.qtype for e in exs])
@@ -329,6 +453,8 @@ def markdown(res: dict) -> str:
             pt = res["accuracy"]["question"][label][str(k)]["per_type"]
             lines.append(f"| {label} | " + " | ".join(f"{pt[t]:.2f}" for t in types) + " |")
         lines.append("")
+    if res.get("cost"):
+        lines += cost_markdown(res)
     if res.get("forward_spot_check"):
         lines += ["## Cross-check against `zspa_jax.forward(..., prune=...)`", ""]
         for k, v in res["forward_spot_check"].items():
@@ -337,6 +463,36 @@ def markdown(res: dict) -> str:
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
+
+
+def cost_markdown(res: dict) -> list[str]:
+    c = res["cost"]
+    n_vis = res["visual_tokens"]
+    keeps = [k for k in res["keeps"] if k != n_vis]
+    cell = lambda v: f"{v['ms']:.2f} ms / {v['gflops']:.3f}"  # noqa: E731
+    lines = [
+        f"## Cost per method: time (ms) / GFLOPs per batch of {c['batch']}, scope `question`",
+        "",
+        f"Time: median of {c['repeats']} calls after a warm-up compile, `jax.block_until_ready`, on {res['machine']} "
+        "(shared with other work, so expect some noise). GFLOPs: `zspa_jax.estimate` (matrix products, 2 x MACs). "
+        "Selection rows: the method's own selection only (`select_tokens` under `jax.jit`; VisPruner and "
+        "VisionZip: their kernels on the tower's hidden states and [CLS] attention). FastV selects inside the "
+        "LLM, so it has its own prefill row instead. The last rows are what the selection saves: "
+        f"the LLM prefill ({res['cost']['text_tokens']} text tokens + K visual, LM head on the last position).",
+        "",
+        "| method | " + " | ".join(f"K={k}" for k in keeps) + " |",
+        "|---" * (len(keeps) + 1) + "|",
+    ]
+    for label, row in c["selection"].items():
+        lines.append(f"| {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |")
+    full = c["llm_prefill"][str(n_vis)]
+    lines.append("| LLM prefill, K visual tokens | " + " | ".join(cell(c["llm_prefill"][str(k)]) for k in keeps) + " |")
+    fastv_label = MODEL_LABELS[-1]
+    lines.append(
+        f"| LLM prefill with {fastv_label} | " + " | ".join(cell(c["fastv_prefill"][str(k)]) for k in keeps) + " |"
+    )
+    lines += ["", f"Unpruned LLM prefill (K = {n_vis}): {cell(full)}.", ""]
+    return lines
 
 
 PALETTE = {
@@ -416,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-spot-check", action="store_true")
+    parser.add_argument("--cost-repeats", type=int, default=7, help="timed calls per method and K (median)")
     parser.add_argument(
         "--keep-positions", action="store_true",
         help="kept tokens keep their original RoPE positions (default: renumbered contiguously); "
@@ -428,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     keeps = sorted({int(k) for k in args.keeps.split(",")}, reverse=True)
     ev = Evaluator(vlm, exs, args.batch, keep_positions=args.keep_positions)
     n_vis = ev.visual.shape[1]
+    cost = method_costs(vlm, ev, keeps, args.cost_repeats)  # first, before the long accuracy loop
+    print("cost per method measured")
     res: dict = {
         "model": str(Path(args.model).relative_to(ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model),
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(vlm.state))),
@@ -466,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             res["target_recall"][s][label][str(n_vis)] = ev.target_recall(full)
             res["answers"][s][label][str(n_vis)] = full_answers
     res["auto_core_ratio"] = auto_r
+    res["cost"] = cost
     res["notes"] = [
         "zspaprune r=auto: mean chosen r (share of questions with r = 0) per scope and K: "
         + "; ".join(f"{k} {v['mean']:.2f} ({100 * v['zero']:.0f}%)" for k, v in auto_r.items())

@@ -161,3 +161,135 @@ def test_llava_1_5_7b_numbers():
     assert e["prefill_reduction"] > 5.0
     with pytest.raises(ValueError, match="keep"):
         est.estimate(cfg, 60, keep=577)
+
+
+# ----------------------------------------------------------------------------- methods' own cost
+#
+# XLA's cost analysis counts a while loop's body once, whatever its trip count, so the
+# selection kernels are traced with `lax.fori_loop` unrolled into straight-line code (same
+# ops per step), and counted on the lowered, not yet optimised program: after fusion XLA
+# recomputes a loop-invariant element-wise producer (the unit vectors) inside every
+# unrolled step, work the real loop does once. Element-wise work the formulas leave out
+# is a few per cent at D = 64, so XLA / formula must lie in [M_LOW, M_HIGH]; a formula
+# missing a leading term (an N x N product, the K x N Cholesky projection) lands outside.
+M_LOW, M_HIGH = 0.9, 1.15
+N_SEL, D_SEL, T_SEL, K_SEL = 96, 64, 8, 12
+
+
+def _unrolled_fori_loop(lower, upper, body, init):
+    for i in range(int(lower), int(upper)):
+        init = body(i, init)
+    return init
+
+
+def lowered_flops(fn, *args) -> float:
+    """XLA's FLOP count of jit(fn) lowered for these arguments, before optimisation."""
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+@pytest.fixture
+def unrolled(monkeypatch):
+    jax.clear_caches()  # kernels traced with the real fori_loop must not be reused
+    monkeypatch.setattr(jax.lax, "fori_loop", _unrolled_fori_loop)
+    yield
+    jax.clear_caches()
+
+
+def _selection_xla(method: str, core_ratio=0.6) -> float:
+    from zspa_jax import pruning
+
+    v = jax.ShapeDtypeStruct((1, N_SEL, D_SEL), jnp.float32)
+    t = jax.ShapeDtypeStruct((1, T_SEL, D_SEL), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, T_SEL), jnp.bool_)
+    kw = {"core_ratio": core_ratio} if method == "zspaprune" else {}
+    if method == "random":
+        return lowered_flops(lambda v, r: pruning.select_tokens(v, keep=K_SEL, method="random", rng=r), v, jax.random.key(0))
+    return lowered_flops(lambda v, t, m: pruning.select_tokens(v, t, m, keep=K_SEL, method=method, **kw), v, t, m)
+
+
+@pytest.mark.parametrize(
+    "method, core_ratio", [("zspaprune", 0.6), ("zspaprune", 0.2), ("relevance", 0.6), ("divprune", 0.6), ("cdpruner", 0.6)]
+)
+def test_selection_flops_match_xla(unrolled, method, core_ratio):
+    xla = _selection_xla(method, core_ratio)
+    ours = est.method_flops(method, N_SEL, D_SEL, K_SEL, T_SEL, core_ratio)
+    assert M_LOW <= xla / ours <= M_HIGH, (method, xla, ours, xla / ours)
+
+
+def test_auto_core_flops_match_xla(unrolled):
+    # A vmapped (or XLA-counted) batch computes DivPrune's N x N first pick whatever k is:
+    # auto_zero_share = 1; without it the count misses that N x N x D product.
+    from zspa_jax.methods import auto_core
+
+    v = jax.ShapeDtypeStruct((1, N_SEL, D_SEL), jnp.float32)
+    t = jax.ShapeDtypeStruct((1, T_SEL, D_SEL), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, T_SEL), jnp.bool_)
+    xla = lowered_flops(lambda v, t, m: auto_core.select_auto(v, t, m, keep=K_SEL, batching="vmap"), v, t, m)
+    ours = est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto")
+    assert M_LOW <= xla / ours <= M_HIGH, (xla, ours, xla / ours)
+    assert est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto", auto_zero_share=0.0) < 0.5 * xla
+
+
+def test_prompt_agnostic_baselines_cost_next_to_nothing():
+    # random is a top-k of noise, uniform a constant: 0 in the model, a few element-wise
+    # ops per token in XLA's count (under 1% of the cheapest prompt-aware selection).
+    assert est.method_flops("random", N_SEL, D_SEL, K_SEL, T_SEL) == 0
+    assert est.method_flops("uniform", N_SEL, D_SEL, K_SEL, T_SEL) == 0
+    assert _selection_xla("random") < 0.2 * est.method_flops("relevance", N_SEL, D_SEL, K_SEL, T_SEL)
+
+
+def test_tower_method_flops_match_xla(unrolled):
+    from zspa_jax.methods.visionzip import visionzip_merge
+    from zspa_jax.methods.vispruner import vispruner_select
+
+    c, dh = 64, 32
+    feats = jax.ShapeDtypeStruct((1, N_SEL, c), jnp.float32)
+    attn = jax.ShapeDtypeStruct((1, N_SEL), jnp.float32)
+    xla = lowered_flops(lambda f, a: vispruner_select(f, a, keep=K_SEL), feats, attn)
+    ours = est.method_flops("vispruner", N_SEL, c, K_SEL, 0)
+    assert M_LOW <= xla / ours <= M_HIGH, ("vispruner", xla, ours)
+    # VisionZip at CLIP-like proportions (head width = tower width / 4). Its two
+    # `jnp.nonzero`s (an integer prefix sum over the L tokens, index bookkeeping the
+    # convention leaves out) are counted by XLA and subtracted here.
+    c, dh, length = 256, 64, N_SEL + 1
+    hidden = jax.ShapeDtypeStruct((1, length, c), jnp.float32)  # [CLS] + N patches
+    probs = jax.ShapeDtypeStruct((1, length), jnp.float32)
+    keys = jax.ShapeDtypeStruct((1, length, dh), jnp.float32)
+    for keep in (K_SEL, 64):
+        dominant = keep - min(int(keep * 10 / 64 + 0.5), keep - 1)
+        bookkeeping = lowered_flops(
+            lambda a: (jnp.nonzero(a > 0, size=dominant)[0], jnp.nonzero(a <= 0, size=length - dominant)[0]),
+            jax.ShapeDtypeStruct((length,), jnp.float32),
+        )
+        xla = lowered_flops(lambda h, a, k: visionzip_merge(h, a, k, keep=keep), hidden, probs, keys) - bookkeeping
+        ours = est.method_flops("visionzip", N_SEL, c, keep, 0, key_dim=dh)
+        assert M_LOW <= xla / ours <= M_HIGH, ("visionzip", keep, xla, ours, xla / ours)
+
+
+def test_fastv_prefill_flops_match_xla(decoder):
+    from zspa_jax.methods import fastv
+
+    graphdef, state = decoder
+    text_tokens, n, keep, layer, image_id = 32, 160, 40, 1, 7
+    ids = np.full((1, text_tokens + n), 3, np.int32)
+    ids[0, 10 : 10 + n] = image_id
+    length = ids.shape[1]
+
+    def prefill(state, embeds):
+        lm = nnx.merge(graphdef, state)
+        positions = jnp.arange(length)[None]
+        out = fastv.prefill(lm.model, embeds, positions, jnp.ones((1, length), jnp.int32), jnp.asarray(ids), image_id, n, keep, layer)
+        return lm.logits(out.hidden[:, -1])
+
+    xla = xla_flops(prefill, state, jax.ShapeDtypeStruct((1, length, TEXT.hidden_size), jnp.float32))
+    ours = est.fastv_prefill_flops(TEXT, text_tokens, n, keep, layer)
+    assert LOW <= xla / ours <= HIGH, (xla, ours, xla / ours)
+    # Between the pruned and the unpruned prefill, by the share of layers before K.
+    assert est.llm_prefill_flops(TEXT, text_tokens + keep) < ours < est.llm_prefill_flops(TEXT, text_tokens + n)
+    e = est.estimate(LLAVA, text_tokens, keep=keep, method="fastv", fastv_layer=layer, new_tokens=4)
+    assert e["llm_prefill_flops"] == est.fastv_prefill_flops(TEXT, text_tokens, LLAVA.image_seq_length, keep, layer)
+    assert e["pruning_flops"] == 0
+    assert e["kv_cache_bytes"] > est.estimate(LLAVA, text_tokens, keep=keep, new_tokens=4)["kv_cache_bytes"]

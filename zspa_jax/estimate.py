@@ -31,6 +31,31 @@ Convention (every count below is in FLOPs = multiply-accumulates x 2):
   prompt mean 2*T*D, relevance N*D MACs, core similarities N*k*D MACs and the greedy fill
   (K - k) * N*D MACs, i.e. about 2*N*D*(K + 1) + 3*N*D + 2*T*D FLOPs in all (O(K*N*D));
   r = 0 (DivPrune) adds the N*N*D MACs of its first pick. keep = N means no pruning: 0.
+* The other methods' own selection cost (`method_flops`, same convention, unit vectors
+  counted as 3*N*D like above, keep = N: 0), from what zspa_jax.methods computes:
+      relevance (r = 1)  3*N*D + 2*T*D + 2*N*D           (unit vectors, prompt mean, top-k)
+      divprune (r = 0)   pruning_flops(r = 0): 2*N*N*D + 2*(K - 1)*N*D + 3*N*D
+      zspaprune "auto"   3*N*D + 2*T*D + 2*N*D + 2*K*N*D (+ 2*N*N*D when its k is 0)
+                         one N x D matvec per pick, core picks included; the median/MAD
+                         are sorts (0). The N x N pick runs only for examples whose k = 0
+                         (`auto_zero_share` of them; a vmapped batch computes it always).
+      cdpruner           3*N*D + 2*T*D + 2*N*D + 2*K*N*(D + K)
+                         per pick one kernel row L[j, :] (N*D MACs) and the Cholesky
+                         projection over the whole [K, N] buffer (K*N MACs).
+      vispruner          3*N*C + 2*N*N*C   (C = tower width; one N x N cosine matrix, the
+                         duplicate-removal rounds only gather from it and sort)
+      visionzip          3*L*Dh + 2*(M - c)*c*(Dh + C)   (L = N + 1 tower tokens with
+                         [CLS], c contextual, M = L - dominant; cosine of the keys (width
+                         Dh) of the M - c merged tokens to the c targets, then the one-hot
+                         assignment matrix times their hidden states (width C))
+      random, uniform    0 (top-k of noise / a constant)
+      fastv              0 for the selection (a top-k over one attention row); its cost
+                         is in the LLM: layers < fastv_layer run on all T + N tokens,
+                         the others on T + K (`fastv_prefill_flops`, what `estimate`
+                         reports as LLM prefill for method="fastv"; its decode and KV
+                         cache follow the same split).
+  VisionZip hands the projector its K tokens only, so `estimate` counts the projector
+  on K rows for it.
 * LLM prefill: the decoder on the (pruned) prompt of L' = T + K tokens plus the LM head
   on the last position only (d*V MACs; what `generate` computes).
 * Decode: one token attending to its context c: projections + 2*c*h*dh attention + MLP +
@@ -76,6 +101,8 @@ __all__ = [
     "llava_1_5_7b_config",
     "LLAVA_1_5_7B",
     "pruning_flops",
+    "method_flops",
+    "fastv_prefill_flops",
     "estimate_qwen2_5_vl",
     "qwen2_5_vl_7b_config",
     "qwen_image_grid",
@@ -164,8 +191,9 @@ def vision_flops(cfg: LlavaConfig) -> int:
     return 2 * (conv + vision_layers_run(cfg) * clip_layer_macs(v, patches + 1))
 
 
-def projector_flops(cfg: LlavaConfig) -> int:
-    n = cfg.image_seq_length
+def projector_flops(cfg: LlavaConfig, n: int | None = None) -> int:
+    """Projector on n tokens (default: the image's N)."""
+    n = cfg.image_seq_length if n is None else n
     din = cfg.vision.hidden_size * len(cfg.feature_layers)
     d = cfg.text.hidden_size
     return 2 * n * (din * d + d * d)
@@ -188,6 +216,65 @@ def pruning_flops(n: int, d: int, keep: int, text_tokens: int, core_ratio: float
         core = 1
     flops += 2 * (keep - core) * n * d  # greedy fill: one N x D matvec per pick
     return flops
+
+
+TOWER_METHODS = ("vispruner", "visionzip")  # read the vision tower's [CLS] attention
+SELECTION_METHODS = ("zspaprune", "relevance", "divprune", "random", "uniform", "cdpruner") + TOWER_METHODS + ("fastv",)
+
+
+def method_flops(
+    method: str,
+    n: int,
+    d: int,
+    keep: int,
+    text_tokens: int,
+    core_ratio: float | str = 0.6,
+    *,
+    key_dim: int | None = None,
+    auto_zero_share: float = 1.0,
+) -> int:
+    """FLOPs of one example's token selection by `method` (module docstring, `method_flops`).
+
+    n: visual tokens N; d: the width the method reads (the LLM width D for the
+    embedding-level methods, the tower width C for "vispruner"/"visionzip"); key_dim: the
+    tower's head width Dh ("visionzip"; default d); core_ratio: ZSPAPrune's r or "auto";
+    auto_zero_share: expected share of examples whose automatic core is empty (1 = the
+    worst case, what a vmapped batch computes). "fastv" selects inside the LLM: 0 here,
+    see `fastv_prefill_flops`.
+    """
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
+    if keep >= n or method in ("random", "uniform", "fastv"):
+        return 0
+    unit_vectors, relevance = 3 * n * d, 2 * text_tokens * d + 2 * n * d
+    if method == "zspaprune" and core_ratio == "auto":
+        gram = 2 * n * n * d  # DivPrune's first pick, only when the core is empty
+        return round(unit_vectors + relevance + 2 * keep * n * d + auto_zero_share * gram)
+    if method in ("zspaprune", "relevance", "divprune"):
+        r = {"relevance": 1.0, "divprune": 0.0}.get(method, core_ratio)
+        return pruning_flops(n, d, keep, text_tokens, float(r))
+    if method == "cdpruner":
+        return unit_vectors + relevance + 2 * keep * n * (d + keep)
+    if method == "vispruner":
+        return 3 * n * d + 2 * n * n * d
+    # visionzip: split as in zspa_jax.methods.visionzip.split_counts (kept local: no jax import)
+    dh = d if key_dim is None else key_dim
+    length = n + 1
+    contextual = min(math.floor(keep * 10 / 64 + 0.5), keep - 1)
+    merged = length - (keep - contextual) - contextual
+    if contextual == 0 or merged <= 0:
+        return 0
+    return 3 * length * dh + 2 * merged * contextual * (dh + d)
+
+
+def fastv_prefill_flops(
+    t: LlamaConfig, text_tokens: int, n: int, keep: int, layer: int = 2, logits_positions: int = 1
+) -> int:
+    """FastV's LLM prefill (one sequence): layers < `layer` on T + N tokens, the rest on T + K."""
+    early, late = text_tokens + n, text_tokens + keep
+    layers = t.num_hidden_layers
+    macs = layer * decoder_layer_macs(t, early) + (layers - layer) * decoder_layer_macs(t, late)
+    return 2 * (macs + logits_positions * t.hidden_size * t.vocab_size)
 
 
 def llm_prefill_flops(t: LlamaConfig, n: int, kv_len: int | None = None, logits_positions: int = 1) -> int:
@@ -235,6 +322,12 @@ def kv_cache_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int) ->
     return 2 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
+def _kv_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int, method: str, dropped: int, layer: int) -> int:
+    """KV cache of `length` slots; FastV's layers < `layer` also hold the `dropped` visual tokens."""
+    extra = layer * 2 * batch * dropped * t.num_key_value_heads * t.head_dim * dtype_bytes if method == "fastv" else 0
+    return kv_cache_bytes(t, batch, length, dtype_bytes) + extra
+
+
 # ----------------------------------------------------------------------------- the estimate
 
 
@@ -245,7 +338,9 @@ def estimate(
     new_tokens: int = 0,
     batch: int = 1,
     kv_dtype_bytes: int | None = None,
-    core_ratio: float = 0.6,
+    core_ratio: float | str = 0.6,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
 ) -> dict:
     """FLOPs per stage and bytes for one LLaVA call (see the module docstring for the convention).
 
@@ -256,7 +351,9 @@ def estimate(
       new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
       batch: B prompts (one image each).
       kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
-      core_ratio: ZSPAPrune's r (only the pruning cost depends on it).
+      core_ratio: ZSPAPrune's r or "auto" (only the pruning cost depends on it).
+      method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
+        and KV cache instead (layers < fastv_layer keep all N tokens).
     Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
     """
     n = cfg.image_seq_length
@@ -273,9 +370,11 @@ def estimate(
     length_full = text_tokens + n
 
     vision = batch * vision_flops(cfg)
-    projector = batch * projector_flops(cfg)
+    # VisionZip merges in tower space: the projector sees only its K tokens.
+    projector = batch * projector_flops(cfg, keep if method == "visionzip" else None)
     pruning, prefill, prefill_full, decode_total, decode_per_token = _language_model_flops(
-        t, n, keep, text_tokens, new_tokens, batch, core_ratio
+        t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer,
+        tower_dims=(cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads),
     )
 
     w_vision = _numel_vision(cfg.vision) * vision_bytes_per
@@ -287,7 +386,7 @@ def estimate(
     decode_weight_bytes = (
         t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head + t.hidden_size
     ) * weight_bytes_per
-    kv = kv_cache_bytes(t, batch, length + new_tokens, kv_bytes_per)
+    kv = _kv_bytes(t, batch, length + new_tokens, kv_bytes_per, method, n - keep, fastv_layer)
 
     return {
         "batch": batch,
@@ -405,16 +504,41 @@ def _numel_qwen_vision(v: Qwen2_5_VLVisionConfig) -> int:
     return v.patch_dim * d + v.depth * block + merger
 
 
-def _language_model_flops(t, n: int, keep: int, text_tokens: int, new_tokens: int, batch: int, core_ratio: float):
+def _language_model_flops(
+    t,
+    n: int,
+    keep: int,
+    text_tokens: int,
+    new_tokens: int,
+    batch: int,
+    core_ratio: float | str,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
+    tower_dims: tuple[int, int] | None = None,
+):
     """(pruning, LLM prefill, unpruned LLM prefill, decode total, decode per token) FLOPs for
-    a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens."""
+    a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens.
+    tower_dims: (tower width, head width) read by the [CLS]-attention methods."""
     length = text_tokens + keep
-    pruning = batch * pruning_flops(n, t.hidden_size, keep, text_tokens, core_ratio)
-    prefill = batch * llm_prefill_flops(t, length)
+    width, key_dim = tower_dims if method in TOWER_METHODS else (t.hidden_size, None)
+    pruning = batch * method_flops(method, n, width, keep, text_tokens, core_ratio, key_dim=key_dim)
+    fastv = method == "fastv" and keep < n
+    if fastv:
+        prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, fastv_layer)
+    else:
+        prefill = batch * llm_prefill_flops(t, length)
     prefill_full = batch * llm_prefill_flops(t, text_tokens + n)
+
+    def step(i: int) -> int:  # decode step i: FastV's early layers still attend over all N
+        if not fastv:
+            return decode_flops(t, length + i + 1)
+        early = fastv_layer * decoder_layer_macs(t, 1, text_tokens + n + i + 1)
+        late = (t.num_hidden_layers - fastv_layer) * decoder_layer_macs(t, 1, length + i + 1)
+        return 2 * (early + late + t.hidden_size * t.vocab_size)
+
     if not new_tokens:
-        return pruning, prefill, prefill_full, 0, float(decode_flops(t, length + 1))
-    decode_total = batch * sum(decode_flops(t, length + i + 1) for i in range(new_tokens))
+        return pruning, prefill, prefill_full, 0, float(step(0))
+    decode_total = batch * sum(step(i) for i in range(new_tokens))
     return pruning, prefill, prefill_full, decode_total, decode_total / (batch * new_tokens)
 
 
@@ -426,10 +550,15 @@ def estimate_qwen2_5_vl(
     new_tokens: int = 0,
     batch: int = 1,
     kv_dtype_bytes: int | None = None,
-    core_ratio: float = 0.6,
+    core_ratio: float | str = 0.6,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
 ) -> dict:
     """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
-    width) pixels (see the module docstring). Same keys as `estimate`, plus the grid."""
+    width) pixels (see the module docstring). Same keys as `estimate`, plus the grid.
+    "vispruner"/"visionzip" are refused: this tower has no [CLS] token."""
+    if method in TOWER_METHODS:
+        raise ValueError(f"method {method!r} needs a [CLS] token, which the Qwen2.5-VL tower does not have")
     gh, gw = qwen_image_grid(*image_hw, cfg.vision)
     n = gh * gw // cfg.vision.merge_unit
     keep = n if keep is None else int(keep)
@@ -441,7 +570,7 @@ def estimate_qwen2_5_vl(
     length, length_full = text_tokens + keep, text_tokens + n
     vision = batch * qwen_vision_flops(cfg, gh, gw)
     pruning, prefill, prefill_full, decode_total, decode_per_token = _language_model_flops(
-        t, n, keep, text_tokens, new_tokens, batch, core_ratio
+        t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer
     )
     w_vision = _numel_qwen_vision(cfg.vision) * np.dtype(dtype_of(cfg.vision.dtype)).itemsize
     w_llm = _numel_llm(t) * wb
@@ -466,7 +595,7 @@ def estimate_qwen2_5_vl(
         "prefill_flops_total_unpruned": vision + prefill_full,
         "decode_flops_per_token": decode_per_token,
         "decode_flops_total": decode_total,
-        "kv_cache_bytes": kv_cache_bytes(t, batch, length + new_tokens, kvb),
+        "kv_cache_bytes": _kv_bytes(t, batch, length + new_tokens, kvb, method, n - keep, fastv_layer),
         "kv_cache_bytes_unpruned": kv_cache_bytes(t, batch, length_full + new_tokens, kvb),
         "kv_cache_bytes_per_token": kv_cache_bytes(t, 1, 1, kvb),
         "weight_bytes": w_vision + w_llm,
