@@ -89,6 +89,7 @@ def main(argv=None) -> int:
 
     import zspa_jax
     from zspa_jax import generation
+    from zspa_jax.sharding import fetch, mesh_context, place
 
     data = dict(np.load(args.inputs))
     keep = int(data.pop("keep"))
@@ -104,12 +105,27 @@ def main(argv=None) -> int:
         res = zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), prune=prune, **gen)
         out[f"pruned_tokens_{tag}"], out[f"kept_{tag}"] = res.sequences, res.kept_indices
         out[f"tokens5_{tag}"] = zspa_jax.generate(vlm, input_ids=first5["input_ids"], **_rest(first5), **gen).sequences
+        # The array API, prompt pre-padded to generate's bucket so the programs are shared.
+        extra = -batch["input_ids"].shape[1] % generation.PROMPT_BUCKET
+        ids = np.pad(batch["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
+        mask = np.pad(batch["attention_mask"], ((0, 0), (extra, 0)))
+        arrays = {k: v for k, v in _rest(batch).items() if k != "attention_mask"}
+        res = zspa_jax.generate_tokens(vlm, ids, attention_mask=mask, prune=prune, max_new_tokens=args.new_tokens,
+                                       eos_token_id=[], **arrays)
+        out[f"array_api_tokens_{tag}"] = fetch(res.tokens)[:, : args.new_tokens]
+        # select_tokens on arrays split over "data", under the mesh.
+        with mesh_context(vlm.mesh):
+            kept = zspa_jax.select_tokens(place(visual, vlm.mesh, "data"), place(prompt, vlm.mesh, "data"), keep=keep)
+        out[f"select_{tag}"] = fetch(kept)
         # The same calls again: nothing may compile.
         before = dict(generation.TRACE_COUNTS)
         zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), prune=prune, **gen)
         zspa_jax.generate(vlm, input_ids=first5["input_ids"], **_rest(first5), **gen)
         report["compiles"][tag] = sum(generation.TRACE_COUNTS.values()) - sum(before.values())
 
+    rng = np.random.default_rng(0)
+    visual = rng.standard_normal((8, 40, 16)).astype(np.float32)
+    prompt = rng.standard_normal((8, 5, 16)).astype(np.float32)
     multi = args.process_id is not None
     if not multi:
         run("single", zspa_jax.load(args.model))

@@ -156,6 +156,8 @@ def test_dtype_bfloat16_casts_the_parameters(vlm):
         ({"method": "divprune"}, "method configure pruning, which needs keep or ratio"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"kep": 64}, "unknown argument(s) kep"),
+        ({"mesh": "data:0;model:2"}, "mesh must be data:D;model:M"),
+        ({"mesh": "data:4;model:4"}, "needs 16 devices, this process sees 1"),
     ],
 )
 def test_bad_model_args_are_clear_errors(kwargs, message):

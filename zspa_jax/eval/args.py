@@ -10,7 +10,8 @@ bad value is a `ValueError` that names the argument:
     prompt_scope=S        question | all_text (default question)
     keep_positions=B      kept tokens keep their original RoPE positions (default false)
     batch_size=B          requests per zspa_jax.generate / forward call (default 1)
-    dtype=D               bfloat16 | float32: cast the parameters after loading (default: as stored)
+    dtype=D               bfloat16 | float32: the parameters' and compute dtype (default: as stored)
+    mesh=data:D;model:M   split the model over a D x M device mesh (zspa_jax.load(mesh=); default one device)
     max_new_tokens=T      when a task does not set it (default 32)
     seed=S                sampling seed (and the `random` method's) (default 0)
 """
@@ -38,8 +39,22 @@ class ModelArgs:
     keep_positions: bool = False
     batch_size: int = 1
     dtype: str | None = None
+    mesh: tuple[int, int] | None = None  # (data, model) axis sizes
     max_new_tokens: int = 32
     seed: int = 0
+
+
+def _mesh(value: Any) -> tuple[int, int] | None:
+    """"data:2;model:4" (lmms-eval splits model_args on "," and "=") -> (2, 4)."""
+    if value in (None, ""):
+        return None
+    from zspa_jax.sharding import parse_mesh_shape
+
+    try:
+        sizes = parse_mesh_shape(str(value).replace(":", "=").replace(";", ","))
+    except ValueError:
+        raise _fail("mesh", "data:D;model:M with positive sizes", value) from None
+    return sizes["data"], sizes["model"]
 
 
 def _fail(name: str, what: str, value: Any) -> ValueError:
@@ -140,6 +155,7 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
         keep_positions=_bool("keep_positions", kwargs.get("keep_positions", False)),
         batch_size=_int("batch_size", 1 if kwargs.get("batch_size") is None else kwargs["batch_size"], 1),
         dtype=None if dtype in (None, "", "auto") else _choice("dtype", dtype, DTYPES),
+        mesh=_mesh(kwargs.get("mesh")),
         max_new_tokens=_int("max_new_tokens", kwargs.get("max_new_tokens", 32), 1),
         seed=_int("seed", kwargs.get("seed", 0), 0),
     )

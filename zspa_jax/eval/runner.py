@@ -133,29 +133,27 @@ def _fill(idx: list[int], batch_size: int) -> list[int]:
     return idx + [idx[-1]] * (batch_size - len(idx))
 
 
-def _cast_params(vlm: zspa_jax.VLM, dtype: str) -> None:
-    """Cast the floating-point parameters of `vlm` to `dtype` in place."""
+def _device_mesh(sizes: tuple[int, int] | None):
+    if sizes is None:
+        return None
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    target = jnp.dtype(dtype)
-    _, params, _ = nnx.split(vlm.model, nnx.Param, ...)
-    params = jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    nnx.update(vlm.model, params)
-    vlm.graphdef, vlm.state = nnx.split(vlm.model)
+    if sizes[0] * sizes[1] > jax.device_count():
+        raise ValueError(
+            f"zspa_jax model_args: mesh=data:{sizes[0]};model:{sizes[1]} needs {sizes[0] * sizes[1]} devices, "
+            f"this process sees {jax.device_count()}"
+        )
+    return jax.make_mesh(sizes, ("data", "model"))
 
 
 def load_model(args: ModelArgs) -> zspa_jax.VLM:
-    """`zspa_jax.load(args.pretrained)`, cast to `args.dtype`, checked against `args.prune`."""
-    vlm = zspa_jax.load(args.pretrained)
+    """`zspa_jax.load(args.pretrained, mesh=, dtype=)`, checked against `args.prune`."""
+    vlm = zspa_jax.load(args.pretrained, mesh=_device_mesh(args.mesh), dtype=args.dtype)
     if vlm.processor is None:
         raise ValueError(
             f"zspa_jax model_args: pretrained={str(args.pretrained)!r} has no saved tokenizer/processor; "
             "evaluation needs one (convert a checkpoint that includes them)"
         )
-    if args.dtype is not None:
-        _cast_params(vlm, args.dtype)
     n_visual = getattr(vlm, "tokens_per_image", None)
     if args.prune is not None and n_visual:
         try:
