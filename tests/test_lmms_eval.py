@@ -128,6 +128,14 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs_from_forward(vlm, ex
                                            keep_positions=r.args.keep_positions, max_new_tokens=1).texts[0] == exs[0].qa.answer)
 
 
+def test_mesh_arg_loads_the_model_onto_a_mesh(vlm):
+    r = Runner(parse_model_args({"pretrained": str(DEMO), "mesh": "1x1"}))
+    assert dict(r.vlm.mesh.shape) == {"data": 1, "model": 1}
+    e = scenes.example("test", 0)
+    request = GenRequest(scenes.chat_prompt(e.qa.question), (e.image(),), {"max_new_tokens": 2})
+    assert r.generate_until([request]) == runner(vlm).generate_until([request])
+
+
 def test_dtype_bfloat16_casts_the_parameters(vlm):
     import jax
     from flax import nnx
@@ -156,8 +164,9 @@ def test_dtype_bfloat16_casts_the_parameters(vlm):
         ({"method": "divprune"}, "method configure pruning, which needs keep or ratio"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"kep": 64}, "unknown argument(s) kep"),
-        ({"mesh": "data:0;model:2"}, "mesh must be data:D;model:M"),
-        ({"mesh": "data:4;model:4"}, "needs 16 devices, this process sees 1"),
+        ({"mesh": "0x2"}, "mesh must be DxM (data x model devices"),
+        ({"mesh": "data=2"}, "mesh must be DxM"),
+        ({"mesh": "4x4"}, "mesh=4x4 needs 16 devices, this process sees 1"),
     ],
 )
 def test_bad_model_args_are_clear_errors(kwargs, message):

@@ -9,6 +9,7 @@ cover the CLIs; the rest pins the rules for the image token, `encode` and `stats
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -466,3 +467,35 @@ def test_stats_name_rows_and_batch_totals(demo):
     per_row = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in result.sequences.tolist()]
     assert s["new_tokens_per_row"] == per_row and s["new_tokens_total"] == sum(per_row)
     assert s["decode_tokens_per_second_total"] == pytest.approx(s["new_tokens_total"] / s["decode_seconds"])
+
+
+def test_cli_generate_mesh(tmp_path):
+    """--mesh splits the model (here 2 host devices) and answers like one device; a bad
+    or too large mesh is one error line."""
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(image)
+    common = ["generate", "--model", str(demo_model_path()), "--image", str(image), "--prompt", "what colour is the circle ?",
+              "--keep", "16", "--max-new-tokens", "3"]
+    plain = _cli(*common)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    split = subprocess.run([sys.executable, "-m", "zspa_jax", *common, "--mesh", "data=1,model=2"],
+                           capture_output=True, text=True, cwd=REPO, env=env)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == plain.stdout
+    _assert_one_line_error(_cli(*common, "--mesh", "data=0"), "data=D,model=M")
+    _assert_one_line_error(_cli(*common, "--mesh", "data=4,model=2"), "needs 8 devices", "sees 1")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        ({"dtype": "int8"}, ValueError, "dtype must be None (as stored) or one of"),
+        ({"dtype": 16}, ValueError, "dtype must be None"),
+        ({"mesh": "data=2,model=4"}, TypeError, "mesh must be a jax.sharding.Mesh"),
+        ({"mesh": jax.make_mesh((1,), ("model",))}, ValueError, "missing ['data']"),
+    ],
+)
+def test_load_refuses_bad_mesh_and_dtype(kwargs, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
+        zspa_jax.load(demo_model_path(), **kwargs)

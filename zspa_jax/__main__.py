@@ -19,8 +19,20 @@ def _generate(args: argparse.Namespace) -> int:
             keep=args.keep, ratio=args.ratio, method=args.method, core_ratio=args.core_ratio,
             prompt_scope=args.prompt_scope, fastv_layer=args.fastv_layer,
         )
+    mesh = None
+    if args.mesh is not None:  # before the model, like the image
+        import jax
+
+        from zspa_jax.sharding import parse_mesh_shape
+
+        sizes = parse_mesh_shape(args.mesh)
+        if sizes["data"] * sizes["model"] > jax.device_count():
+            raise ValueError(
+                f"--mesh {args.mesh} needs {sizes['data'] * sizes['model']} devices; this process sees {jax.device_count()}"
+            )
+        mesh = jax.make_mesh((sizes["data"], sizes["model"]), ("data", "model"))
     image = _open_image(args.image)  # before the model: a bad path fails in a second, not after loading
-    vlm = zspa_jax.load(args.model)
+    vlm = zspa_jax.load(args.model, mesh=mesh)
     result = zspa_jax.generate(vlm, args.prompt, image, prune=prune, max_new_tokens=args.max_new_tokens)
     s = result.stats
     print(result.texts[0] if result.texts else result.sequences[0].tolist())
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--fastv-layer", type=int, default=2, help="fastv: LLM layer K after which tokens are dropped")
     gen.add_argument("--prompt-scope", default="question", choices=("question", "all_text"))
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--mesh", default=None, help="data=D,model=M: split the model over D x M devices")
     gen.set_defaults(func=_generate)
 
     sub.add_parser("train-demo", help="train the embedded demo model (see --help of that command)")

@@ -11,7 +11,8 @@ bad value is a `ValueError` that names the argument:
     keep_positions=B      kept tokens keep their original RoPE positions (default false)
     batch_size=B          requests per zspa_jax.generate / forward call (default 1)
     dtype=D               bfloat16 | float32: the parameters' and compute dtype (default: as stored)
-    mesh=data:D;model:M   split the model over a D x M device mesh (zspa_jax.load(mesh=); default one device)
+    mesh=DxM              split the model over D ("data") x M ("model") devices (zspa_jax.load(mesh=);
+                          default one device)
     max_new_tokens=T      when a task does not set it (default 32)
     seed=S                sampling seed (and the `random` method's) (default 0)
 """
@@ -45,16 +46,13 @@ class ModelArgs:
 
 
 def _mesh(value: Any) -> tuple[int, int] | None:
-    """"data:2;model:4" (lmms-eval splits model_args on "," and "=") -> (2, 4)."""
+    """"2x4" -> (2, 4): data x model (lmms-eval splits model_args on "," and "=")."""
     if value in (None, ""):
         return None
-    from zspa_jax.sharding import parse_mesh_shape
-
-    try:
-        sizes = parse_mesh_shape(str(value).replace(":", "=").replace(";", ","))
-    except ValueError:
-        raise _fail("mesh", "data:D;model:M with positive sizes", value) from None
-    return sizes["data"], sizes["model"]
+    data, sep, model = str(value).strip().partition("x")
+    if not sep or not data.isdigit() or not model.isdigit() or int(data) < 1 or int(model) < 1:
+        raise _fail("mesh", "DxM (data x model devices, e.g. 2x4)", value)
+    return int(data), int(model)
 
 
 def _fail(name: str, what: str, value: Any) -> ValueError:

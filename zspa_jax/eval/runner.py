@@ -140,7 +140,7 @@ def _device_mesh(sizes: tuple[int, int] | None):
 
     if sizes[0] * sizes[1] > jax.device_count():
         raise ValueError(
-            f"zspa_jax model_args: mesh=data:{sizes[0]};model:{sizes[1]} needs {sizes[0] * sizes[1]} devices, "
+            f"zspa_jax model_args: mesh={sizes[0]}x{sizes[1]} needs {sizes[0] * sizes[1]} devices, "
             f"this process sees {jax.device_count()}"
         )
     return jax.make_mesh(sizes, ("data", "model"))
