@@ -218,6 +218,34 @@ def test_parameters_are_really_split(mesh_runs, family, mesh, parity_note):
     assert per_device.pop() < b["total"] / model + (b["total"] - b["split_total"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_estimate_predicts_the_measured_parameter_bytes(mesh_runs, family, mesh):
+    """`estimate.mesh_bytes` (the --mesh planner) equals what each device really holds."""
+    from models.checkpoint import read_config
+
+    model, _ = mesh_runs["_paths"][family]
+    data, size = (int(x) for x in mesh.split("x"))
+    planned = estimate.mesh_bytes(read_config(model), {"data": data, "model": size}, batch=ROWS, length=64)
+    measured = mesh_runs[family].report["bytes"][mesh]
+    assert planned["param_bytes_total"] == measured["total"]
+    assert set(measured["per_device"].values()) == {planned["param_bytes_per_device"]}
+
+
+def test_estimate_cli_mesh(capsys):
+    assert estimate.main(["--model", "llava-1.5-13b", "--mesh", "data=2,model=8", "--batch", "3", "--keep", "576", "64",
+                          "--new-tokens", "4", "--json"]) == 0
+    full, pruned = json.loads(capsys.readouterr().out)
+    assert full["rows_per_device"] == 2 and full["kv_heads_split"]  # 3 rows padded to 4 over data=2; 40 heads / 8
+    t = estimate.llava_1_5_13b_config().text
+    assert full["kv_cache_bytes_per_device"] == estimate.kv_cache_bytes(t, 2, 60 + 576 + 4, 2) // 8
+    assert pruned["kv_cache_bytes_per_device"] == estimate.kv_cache_bytes(t, 2, 60 + 64 + 4, 2) // 8
+    assert full["param_bytes_total"] / 8 < full["param_bytes_per_device"] < full["param_bytes_total"] / 8 * 1.01
+    with pytest.raises(SystemExit) as bad:
+        estimate.main(["--mesh", "data=2,model"])
+    assert bad.value.code == 2 and "--mesh: mesh must look like 'data=D,model=M'" in capsys.readouterr().err
+
+
 def test_explicit_and_auto_meshes_both_ran(mesh_runs):
     assert mesh_runs["llava"].report["mesh_types"] == {"1x8": "Explicit", "2x4": "Explicit", "8x1": "Auto"}
 
