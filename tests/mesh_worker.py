@@ -117,6 +117,9 @@ def main(argv=None) -> int:
         with mesh_context(vlm.mesh):
             kept = zspa_jax.select_tokens(place(visual, vlm.mesh, "data"), place(prompt, vlm.mesh, "data"), keep=keep)
         out[f"select_{tag}"] = fetch(kept)
+        if tag in ("single", "2x4"):  # streaming: the same tokens, step by step
+            chunks = zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), stream=True, **gen)
+            out[f"stream_{tag}"] = np.stack(list(chunks), axis=1)
         # The same calls again: nothing may compile.
         before = dict(generation.TRACE_COUNTS)
         zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), prune=prune, **gen)

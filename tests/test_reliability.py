@@ -491,7 +491,8 @@ def test_cli_generate_mesh(tmp_path):
     "kwargs, error, needle",
     [
         ({"dtype": "int8"}, ValueError, "dtype must be None (as stored) or one of"),
-        ({"dtype": 16}, ValueError, "dtype must be None"),
+        ({"dtype": 16}, TypeError, "dtype must be None (as stored) or a string"),
+        ({"dtype": ["bfloat16"]}, TypeError, "got list"),
         ({"mesh": "data=2,model=4"}, TypeError, "mesh must be a jax.sharding.Mesh"),
         ({"mesh": jax.make_mesh((1,), ("model",))}, ValueError, "missing ['data']"),
     ],

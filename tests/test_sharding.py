@@ -246,6 +246,13 @@ def test_estimate_cli_mesh(capsys):
     assert bad.value.code == 2 and "--mesh: mesh must look like 'data=D,model=M'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_on_a_mesh_yields_the_same_tokens(mesh_runs, family):
+    run = mesh_runs[family]
+    np.testing.assert_array_equal(run.out["stream_2x4"], run.out["tokens_single"])
+    np.testing.assert_array_equal(run.out["stream_single"], run.out["tokens_single"])
+
+
 def test_explicit_and_auto_meshes_both_ran(mesh_runs):
     assert mesh_runs["llava"].report["mesh_types"] == {"1x8": "Explicit", "2x4": "Explicit", "8x1": "Auto"}
 

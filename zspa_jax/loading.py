@@ -15,7 +15,9 @@ from flax import nnx
 from models.checkpoint import (
     RECONVERT,
     CheckpointError,
+    family_of,
     flatten,
+    param_template,
     read_config,
     restore_model,
     unflatten_into,
@@ -59,8 +61,6 @@ class VLM:
 
     @property
     def family(self) -> str:
-        from models.checkpoint import family_of
-
         return family_of(self.config).name
 
 
@@ -116,14 +116,14 @@ def token_ids(path: Path, processor) -> dict:
 
 
 def _check_dtype(dtype) -> None:
+    if dtype is not None and not isinstance(dtype, str):
+        raise TypeError(f"dtype must be None (as stored) or a string, one of {sorted(DTYPES)}; got {type(dtype).__name__}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None (as stored) or one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 def sharding_plan(cfg, mesh) -> sharding.ShardingPlan:
     """The family's rule table applied to `cfg`'s parameters on `mesh` (checked)."""
-    from models.checkpoint import family_of, param_template
-
     shapes = {p: tuple(t.shape) for p, t in flatten(param_template(cfg)).items()}
     plan = sharding.plan_params(shapes, family_of(cfg).model_cls.SHARDING_RULES, dict(mesh.shape))
     sharding.check_model_axis(plan, dict(mesh.shape))
