@@ -5,6 +5,9 @@ one compiled program across image sizes, and bad input refused before any compil
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -301,3 +304,36 @@ def test_stats_count_each_rows_own_visual_tokens(vlm):
     assert s["visual_tokens_per_row"] == per_row and per_row[0] != per_row[1]
     assert s["visual_tokens_per_image"] == min(per_row) and s["visual_tokens_kept_per_image"] == 8
     assert s["prompt_tokens_per_row_pruned"] == [t - n + 8 for t, n in zip(s["prompt_tokens_per_row"], per_row)]
+
+
+def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypatch):
+    """The pruned prefill program holds one vision tower, like the unpruned one, and XLA
+    counts fewer flops for it (a shorter LLM prefill; the selection is cheap): catches the
+    tower, or another big piece, being built twice when pruning (no timing involved)."""
+    from models.qwen2_5_vl import Qwen2_5_VisionTransformer
+    from zspa_jax.families import device_arrays, prepare_arrays
+    from zspa_jax.sampling import Sampling
+
+    towers = []
+    blocks_out = Qwen2_5_VisionTransformer.blocks_out
+    monkeypatch.setattr(Qwen2_5_VisionTransformer, "blocks_out", lambda *a, **k: towers.append(1) or blocks_out(*a, **k))
+    # 64 merged tokens fill one span bucket exactly; a smaller image's span padding can
+    # leave the pruned prompt longer than the unpruned one (the bucket, not the pruning).
+    enc = vlm.processor.encode(["what is in the picture"], [random_image(64, 64, seed=50)])
+    assert int((enc["input_ids"] == vlm.config.image_token_id).sum()) == 64
+    flops = {}
+    for keep in (None, 8):
+        prune = None if keep is None else zspa_jax.PruneConfig(keep=keep)
+        host = prepare_arrays(vlm, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], enc["image_grid_thw"],
+                              prune, extra_length=4, bucket=True, prompt_bucket=generation.PROMPT_BUCKET)
+        st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
+                                  keep_positions=False)
+        ids, mask, pixels, aux = device_arrays(host, vlm.mesh)
+        args = (vlm.state, ids, pixels, mask, aux, jax.random.key(0))
+        del towers[:]
+        # A fresh partial: traced anew, never served from jit's trace cache.
+        jax.make_jaxpr(functools.partial(generation._jit_prefill, vlm.graphdef, st=st))(*args)
+        assert len(towers) == 1, (keep, len(towers))
+        cost = generation._prefill_fn.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
+        flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert 0 < flops[8] < flops[None], flops
