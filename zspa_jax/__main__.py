@@ -21,16 +21,10 @@ def _generate(args: argparse.Namespace) -> int:
         )
     mesh = None
     if args.mesh is not None:  # before the model, like the image
-        import jax
-
-        from zspa_jax.sharding import parse_mesh_shape
+        from zspa_jax.sharding import device_mesh, parse_mesh_shape
 
         sizes = parse_mesh_shape(args.mesh)
-        if sizes["data"] * sizes["model"] > jax.device_count():
-            raise ValueError(
-                f"--mesh {args.mesh} needs {sizes['data'] * sizes['model']} devices; this process sees {jax.device_count()}"
-            )
-        mesh = jax.make_mesh((sizes["data"], sizes["model"]), ("data", "model"))
+        mesh = device_mesh(sizes["data"], sizes["model"], f"--mesh {args.mesh}")
     image = _open_image(args.image)  # before the model: a bad path fails in a second, not after loading
     vlm = zspa_jax.load(args.model, mesh=mesh)
     result = zspa_jax.generate(vlm, args.prompt, image, prune=prune, max_new_tokens=args.max_new_tokens)

@@ -375,7 +375,7 @@ def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
 
     ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
     if mask is None:
-        mask = jnp.ones(np.shape(ids), jnp.int32)
+        mask = np.ones(np.shape(ids), np.int32)
     if mesh is None or _is_traced(ids, mask, pixels):
         pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
         return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels, batch.aux

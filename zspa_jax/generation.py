@@ -479,4 +479,4 @@ def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows: slice) -
             return
         with mesh_context(vlm.mesh):
             s = _step_fn(vlm.graphdef, vlm.state, s, st)
-        yield fetch(s.tokens)[rows, step]
+        yield fetch(s.tokens[:, step])[rows]  # one column to the host, not the whole buffer

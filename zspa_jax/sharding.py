@@ -69,6 +69,15 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
     return sizes
 
 
+def device_mesh(data: int, model: int, what: str) -> Mesh:
+    """`jax.make_mesh((data, model), AXES)`, refused by name (`what`) when this process
+    sees fewer devices than it needs."""
+    needed, have = data * model, jax.device_count()
+    if needed > have:
+        raise ValueError(f"{what} needs {needed} devices, this process sees {have}")
+    return jax.make_mesh((data, model), AXES)
+
+
 # ----------------------------------------------------------------------- parameter plan
 
 

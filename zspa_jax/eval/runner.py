@@ -19,6 +19,7 @@ import numpy as np
 
 import zspa_jax
 from zspa_jax.eval.args import ModelArgs
+from zspa_jax.sharding import device_mesh
 
 try:  # the library's prompt bucket; 64 if a future version moves it
     from zspa_jax.generation import PROMPT_BUCKET
@@ -133,22 +134,10 @@ def _fill(idx: list[int], batch_size: int) -> list[int]:
     return idx + [idx[-1]] * (batch_size - len(idx))
 
 
-def _device_mesh(sizes: tuple[int, int] | None):
-    if sizes is None:
-        return None
-    import jax
-
-    if sizes[0] * sizes[1] > jax.device_count():
-        raise ValueError(
-            f"zspa_jax model_args: mesh={sizes[0]}x{sizes[1]} needs {sizes[0] * sizes[1]} devices, "
-            f"this process sees {jax.device_count()}"
-        )
-    return jax.make_mesh(sizes, ("data", "model"))
-
-
 def load_model(args: ModelArgs) -> zspa_jax.VLM:
     """`zspa_jax.load(args.pretrained, mesh=, dtype=)`, checked against `args.prune`."""
-    vlm = zspa_jax.load(args.pretrained, mesh=_device_mesh(args.mesh), dtype=args.dtype)
+    mesh = None if args.mesh is None else device_mesh(*args.mesh, f"zspa_jax model_args: mesh={args.mesh[0]}x{args.mesh[1]}")
+    vlm = zspa_jax.load(args.pretrained, mesh=mesh, dtype=args.dtype)
     if vlm.processor is None:
         raise ValueError(
             f"zspa_jax model_args: pretrained={str(args.pretrained)!r} has no saved tokenizer/processor; "
