@@ -62,14 +62,15 @@ from tqdm.auto import tqdm  # noqa: E402
 import zspa_jax  # noqa: E402
 from zspa_jax import estimate as est  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
-from zspa_jax.methods import fastv  # noqa: E402
-from zspa_jax.methods.tower import check_cls_tower  # noqa: E402
+from zspa_jax.methods import get_method  # noqa: E402
+from models.llava import cls_feature_state  # noqa: E402
 from zspa_jax.methods.visionzip import visionzip_merge  # noqa: E402
 from zspa_jax.methods.vispruner import vispruner_select  # noqa: E402
-from zspa_jax.pipeline import pruned_gather_index  # noqa: E402
+from zspa_jax.prefill import prefill_pruned_at_layer, pruned_gather_index  # noqa: E402
 from zspa_jax.demo import scenes  # noqa: E402
 from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
-from zspa_jax.demo.train import ASSET_DIR, patch_coverage  # noqa: E402
+from zspa_jax.demo import DEMO_MODEL_DIR as ASSET_DIR  # noqa: E402
+from zspa_jax.demo.data import patch_coverage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT_AWARE = (
@@ -245,7 +246,8 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
         full_ids = jnp.concatenate(
             [jnp.broadcast_to(head, (b, head.shape[0])), jnp.full((b, n_visual), image_id, jnp.int32), q_ids], axis=1
         )
-        positions = pruned_gather_index(full_ids, image_id, kept_positions, n_visual)
+        start = jnp.argmax(full_ids == image_id, axis=1)
+        positions = pruned_gather_index(start, kept_positions, n_visual, full_ids.shape[1])
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     hidden, _ = lm.model(embeds, positions, mask)
     at = head.shape[0] + kept.shape[1] + last
@@ -275,7 +277,7 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     t_prompt = prompt.shape[1]  # the padded width is what the kernels run over
     rng = jax.random.key(0)
     # Tower outputs for the [CLS]-attention methods, computed once (the tower runs anyway).
-    index = check_cls_tower(vlm.model, "vispruner")
+    index = cls_feature_state(vlm.model.config, vlm.model.vision_tower, "vispruner")
     tower = jax.jit(
         lambda g, s, px: nnx.merge(g, s).vision_tower.hidden_states(px, num_layers=index, cls_attention_layer=index - 1),
         static_argnums=0,
@@ -283,7 +285,7 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     states, cls = tower(vlm.graphdef, vlm.state, jnp.asarray(ev.pixels[:b]))
     hidden = states[index]
     width, key_dim = hidden.shape[-1], cls.keys.shape[-1]
-    batching = pruning._default_batching()
+    batching = pruning.default_batching()
     # LLM prefill programs: [head | visual | question] + the head's logits at the last position.
     t_text = len(ev.head) + ev.q_width
     q = jnp.asarray(ev.q_ids[:b])
@@ -308,9 +310,10 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
         length = embeds.shape[1]
         ids = jnp.concatenate([head, jnp.full((b, n), cfg.image_token_index, jnp.int32), q], axis=1)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        out = fastv.prefill(
-            model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32), ids,
-            cfg.image_token_index, n, keep, layer,
+        out = prefill_pruned_at_layer(
+            model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32),
+            method=get_method("fastv"), layer=layer, keep=keep, visual_start=jnp.full((b,), head.shape[0], jnp.int32),
+            visual_valid=None, text_mask=ids != cfg.image_token_index, num_visual=n,
         )
         return model.language_model.logits(out.hidden[:, -1])
 

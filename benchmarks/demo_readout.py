@@ -4,14 +4,14 @@
 
 Two measurements, both on held-out scenes (the `val` and `test` splits of zspa_jax.demo.scenes):
 
-* per-patch readout (zspa_jax.demo.train.patch_readout_accuracy): each visual token of a
+* per-patch readout (zspa_jax.demo.evaluate.patch_readout_accuracy): each visual token of a
   patch mostly (> 50 %) covered by one object is read through the LLM's embedding table;
   for each word group (colour: 6 words, shape: 5, grid cell: 9) it counts how often the
   word with the largest dot product is that object's. This is what the training log
   prints after stages 1 and 2, here for the model as shipped.
 * the shipped decoder's accuracy when its tower's visual tokens are replaced by perfect
   symbolic patch tokens (every image slot holds its patch's words, as in stage 0;
-  zspa_jax.demo.train.answer_batch with symbolic_tokens) vs its accuracy from pixels, on
+  zspa_jax.demo.evaluate.answer_batch with symbolic_tokens) vs its accuracy from pixels, on
   the same questions.
 """
 
@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 
 import zspa_jax  # noqa: E402
-from zspa_jax.demo import scenes, train  # noqa: E402
+from zspa_jax.demo import scenes  # noqa: E402
+from zspa_jax.demo.data import patch_words  # noqa: E402
+from zspa_jax.demo.evaluate import accuracy_report, answer_batch, patch_readout_accuracy  # noqa: E402
 from zspa_jax.demo.tokenizer import FastEncoder, build_tokenizer  # noqa: E402
 
 MODEL = ROOT / "zspa_jax" / "assets" / "demo_model"
@@ -51,18 +53,18 @@ def readout(vlm, enc, split: str, n_scenes: int, batch: int = 16) -> dict:
         if pad:
             px = np.concatenate([px, np.zeros((pad, *px.shape[1:]), px.dtype)])
         visual.append(np.asarray(features(px))[: len(chunk)])
-        words += [train.patch_words(sc, enc.vocab) for sc in chunk]
+        words += [patch_words(sc, enc.vocab) for sc in chunk]
     visual = np.concatenate(visual)
     patches = int(sum((w[:, 1] > 0.5).sum() for _, w in words))
     return {"split": split, "scenes": n_scenes, "patches": patches,
-            **train.patch_readout_accuracy(visual, table, enc.vocab, words)}
+            **patch_readout_accuracy(visual, table, enc.vocab, words)}
 
 
 def symbolic_vs_pixels(vlm, enc, split: str, n: int, symbolic_tokens: int) -> dict:
     exs = scenes.examples(split, n)
-    pixels = train.accuracy_report(exs, train.answer_batch(vlm.graphdef, vlm.state, enc, exs))
-    symbolic = train.accuracy_report(
-        exs, train.answer_batch(vlm.graphdef, vlm.state, enc, exs, symbolic_tokens=symbolic_tokens)
+    pixels = accuracy_report(exs, answer_batch(vlm.graphdef, vlm.state, enc, exs))
+    symbolic = accuracy_report(
+        exs, answer_batch(vlm.graphdef, vlm.state, enc, exs, symbolic_tokens=symbolic_tokens)
     )
     return {"split": split, "questions": n, "symbolic_tokens": symbolic_tokens, "pixels": pixels, "symbolic": symbolic}
 

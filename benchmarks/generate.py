@@ -495,10 +495,10 @@ class JaxStages:
 
 
 def jax_compile_state() -> dict:
-    from zspa_jax import pruning
+    from zspa_jax.methods.zspaprune import select_fixed_core
 
     state = {f"generation.{k}": v for k, v in generation.TRACE_COUNTS.items()}
-    cache_size = getattr(pruning._select_impl, "_cache_size", None)
+    cache_size = getattr(select_fixed_core, "_cache_size", None)
     if cache_size is not None:
         state["select_tokens_jit_cache"] = cache_size()
     return state

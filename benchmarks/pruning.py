@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from torch_reference_pruning import select_tokens_reference, select_tokens_vectorised  # noqa: E402
 
 from zspa_jax import pruning  # noqa: E402
+from zspa_jax.methods.zspaprune import select_fixed_core  # noqa: E402
 
 T_PROMPT = 32
 CORE_RATIO = 0.6
@@ -147,7 +148,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
-        "library_batching": pruning._default_batching(),
+        "library_batching": pruning.default_batching(),
         "loadavg_start": _loadavg(),
     }
 
@@ -234,7 +235,7 @@ def bench_batching(b, n, d, keep, repeats) -> dict[str, Any]:
     k = pruning.core_size(keep, CORE_RATIO)
     row: dict[str, Any] = {"B": b, "N": n, "D": d, "K": keep}
     fns = {
-        strategy: partial(pruning._select_impl, v, t, m, keep=keep, n_core=k, batching=strategy)
+        strategy: partial(select_fixed_core, v, t, m, keep=keep, n_core=k, batching=strategy)
         for strategy in ("vmap", "map")
     }
     med, outs, _ = interleaved(fns, repeats)
@@ -250,12 +251,12 @@ def bench_phases(b, n, d, keep, repeats) -> dict[str, Any]:
     + core similarity matmul (one fill pick), + all (K - k) picks."""
     v, t, m = (jnp.asarray(x) for x in make_inputs(b, n, d))
     k = pruning.core_size(keep, CORE_RATIO)
-    batching = pruning._default_batching()
+    batching = pruning.default_batching()
 
     fns = {
-        "prefix": partial(pruning._select_impl, v, t, m, keep=k, n_core=k, batching=batching),  # top-k only
-        "one_pick": partial(pruning._select_impl, v, t, m, keep=k + 1, n_core=k, batching=batching),
-        "full": partial(pruning._select_impl, v, t, m, keep=keep, n_core=k, batching=batching),
+        "prefix": partial(select_fixed_core, v, t, m, keep=k, n_core=k, batching=batching),  # top-k only
+        "one_pick": partial(select_fixed_core, v, t, m, keep=k + 1, n_core=k, batching=batching),
+        "full": partial(select_fixed_core, v, t, m, keep=keep, n_core=k, batching=batching),
     }
     med, _, _ = interleaved(fns, repeats)
     prefix, one_pick, full = med["prefix"], med["one_pick"], med["full"]

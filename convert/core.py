@@ -60,7 +60,8 @@ class ConversionError(ValueError):
 class FamilySpec:
     """What one model family contributes to the shared converter."""
 
-    name: str  # recorded in zspa_config.json ("llava", "qwen2_5_vl")
+    name: str  # the family's name, recorded in zspa_config.json (zspa_jax.families looks it up)
+    model_cls: type  # the family's NNX model (its parameter tree is the conversion target)
     config_from_hf: Callable[..., Any]  # (transformers config dict, dtype=) -> our config; UnsupportedConfigError
     map_key: Callable[[str], tuple[str, Transform] | None]  # HF tensor name -> (our path, transform)
     skipped: re.Pattern  # buffers that are recomputed, never learned
@@ -221,7 +222,7 @@ def convert(
         checkpoint = SafetensorsCheckpoint(src_dir)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    plan = plan_conversion(checkpoint, param_template(cfg), spec)
+    plan = plan_conversion(checkpoint, param_template(cfg, spec.model_cls), spec)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ def convert(
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become OUT's mode
         write_params(checkpoint, plan, DTYPES[dtype], tmp, progress=progress)
-        write_config(tmp, cfg, extra={"source": str(src), "dtype": dtype})
+        write_config(tmp, spec.name, cfg, extra={"source": str(src), "dtype": dtype})
         copied = [name for name in spec.processor_files if (src_dir / name).exists()]
         for name in copied:
             shutil.copy2(src_dir / name, tmp / name)

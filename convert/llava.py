@@ -29,9 +29,16 @@ from convert.core import (  # noqa: F401  (re-exported: the LLaVA converter's pu
 )
 from convert.hf_config import llava_config_from_hf
 from convert.keymap import SKIPPED, map_key
+from models.llava import LlavaForConditionalGeneration
 from convert.safetensors_io import SafetensorsCheckpoint
 
-SPEC = FamilySpec(name="llava", config_from_hf=llava_config_from_hf, map_key=map_key, skipped=SKIPPED)
+SPEC = FamilySpec(
+    name="llava",
+    model_cls=LlavaForConditionalGeneration,
+    config_from_hf=llava_config_from_hf,
+    map_key=map_key,
+    skipped=SKIPPED,
+)
 PROCESSOR_FILES = SPEC.processor_files
 
 

@@ -20,7 +20,7 @@ from convert.hf_config import UnsupportedConfigError, _unknown
 from convert.keymap import Transform, compile_layouts, compile_rules, table_mapper
 from models.layers import ACTIVATIONS
 from models.llama import LlamaConfig
-from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
+from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLVisionConfig
 
 # --------------------------------------------------------------------------- key table
 
@@ -141,6 +141,7 @@ def qwen2_5_vl_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Qwe
 
 SPEC = core.FamilySpec(
     name="qwen2_5_vl",
+    model_cls=Qwen2_5_VLForConditionalGeneration,
     config_from_hf=qwen2_5_vl_config_from_hf,
     map_key=map_key,
     skipped=SKIPPED,

@@ -6,9 +6,9 @@
     OUT/config.json, tokenizer*, preprocessor_config.json, ...   copied from the HF source
 
 Parameters are written in groups so a converter holds one group in memory at a time,
-whatever the model size; restoring fills one abstract tree, keeping dtypes. FAMILY
-("llava", "qwen2_5_vl") picks the config and model classes from `FAMILIES`, so nothing
-above models/ branches on the family.
+whatever the model size; restoring fills one abstract tree, keeping dtypes. FAMILY names
+the model family; `zspa_jax.families` maps it to the config and model classes (this
+module knows no family).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-
-from models.llava import LlavaConfig, LlavaForConditionalGeneration
-from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 CONFIG_NAME = "zspa_config.json"
 PARAMS_DIR = "params"
@@ -57,65 +54,35 @@ def unflatten_into(template: dict, flat: dict[str, Any], prefix: str = "") -> di
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A model family: the name recorded on disk, its config and model classes."""
-
-    name: str
-    config_cls: type
-    model_cls: type
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("llava", LlavaConfig, LlavaForConditionalGeneration),
-        Family("qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-    )
-}
-
-
-def family_of(cfg) -> Family:
-    for family in FAMILIES.values():
-        if isinstance(cfg, family.config_cls):
-            return family
-    raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family ({sorted(FAMILIES)})")
-
-
-def build_model(cfg, rngs: nnx.Rngs):
-    """A randomly initialised model of `cfg`'s family."""
-    return family_of(cfg).model_cls(cfg, rngs=rngs)
-
-
-def abstract_model(cfg):
+def abstract_model(cfg, model_cls):
     """The model with ShapeDtypeStruct params: costs no memory, no compute."""
-    return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
 
 
-def param_template(cfg) -> dict:
+def param_template(cfg, model_cls) -> dict:
     """Nested dict of ShapeDtypeStruct, the exact tree `restore_model` expects."""
-    return nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(abstract_model(cfg, model_cls), nnx.Param))
 
 
-def write_config(directory: Path, cfg, extra: dict | None = None) -> None:
-    payload = {"format": FORMAT, "model": family_of(cfg).name, "config": cfg.to_dict(), **(extra or {})}
+def write_config(directory: Path, family: str, cfg, extra: dict | None = None) -> None:
+    payload = {"format": FORMAT, "model": family, "config": cfg.to_dict(), **(extra or {})}
     (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-RECONVERT = "re-run the converter (python -m convert.llava or convert.qwen2_5_vl SRC OUT --force)"
+RECONVERT = "re-run the converter (python -m convert.<family> SRC OUT --force)"
 
 
 class CheckpointError(ValueError):
     """A converted checkpoint is damaged or incomplete; the message names the file."""
 
 
-def read_config(directory: Path):
-    """The family config recorded in `directory` (LlavaConfig, Qwen2_5_VLConfig, ...)."""
+def read_payload(directory: Path) -> tuple[str, dict]:
+    """(family name, family config dict) recorded in `directory`."""
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(
             f"{directory} is not a converted zspa_jax checkpoint ({CONFIG_NAME} missing); "
-            "convert a Hugging Face model first with `python -m convert.llava SRC OUT` (or convert.qwen2_5_vl)"
+            "convert a Hugging Face model first with `python -m convert.<family> SRC OUT` (e.g. convert.llava)"
         )
     try:
         payload = json.loads(path.read_text())
@@ -124,13 +91,13 @@ def read_config(directory: Path):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else payload
         raise CheckpointError(f"{path}: unknown checkpoint format {found!r}; expected {FORMAT!r}; {RECONVERT}")
-    name = payload.get("model", "llava")
-    if name not in FAMILIES:
-        raise CheckpointError(f"{path}: unknown model family {name!r}; this version reads {sorted(FAMILIES)}")
-    try:
-        return FAMILIES[name].config_cls.from_dict(payload["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} holds an invalid model config ({type(e).__name__}: {e}); {RECONVERT}") from None
+    name = payload.get("model")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path} does not name its model family (the \"model\" field); {RECONVERT}")
+    config = payload.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds no model config (the \"config\" field); {RECONVERT}")
+    return name, config
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -314,11 +281,10 @@ def with_dtype(cfg, dtype: str):
     return dataclasses.replace(cfg, **changes)
 
 
-def restore_model(directory: Path, cfg=None, shardings: dict[str, Any] | None = None):
+def restore_model(directory: Path, cfg, model_cls, shardings: dict[str, Any] | None = None):
     """Restore params straight into an abstract model's tree (no random init); dtypes are
     `cfg`'s (the stored arrays are cast), `shardings` as in `restore_params`."""
-    cfg = read_config(directory) if cfg is None else cfg
-    model = abstract_model(cfg)
+    model = abstract_model(cfg, model_cls)
     graphdef, state = nnx.split(model)
     restored = restore_params(directory, nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
     nnx.replace_by_pure_dict(state, restored)

@@ -106,3 +106,19 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     mask = attention_mask.astype(jnp.int32)
     positions = jnp.cumsum(mask, axis=-1) - 1
     return jnp.where(mask == 1, positions, 1).astype(jnp.int32)
+
+
+def merge_image_features(
+    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token_index: int
+) -> jax.Array:
+    """Write visual tokens into the placeholder positions, in reading order across the batch.
+
+    input_ids: int [B, L]; inputs_embeds: [B, L, D]; image_features: [M, N, D] with
+    M * N == number of placeholders (checked by the family's host adapter). Same
+    order as transformers' masked_scatter; gather-based so shapes stay static under jit.
+    """
+    is_image = input_ids == image_token_index
+    flat = image_features.reshape(-1, image_features.shape[-1]).astype(inputs_embeds.dtype)
+    order = jnp.cumsum(is_image.reshape(-1)) - 1
+    order = jnp.clip(order, 0, flat.shape[0] - 1).reshape(is_image.shape)
+    return jnp.where(is_image[..., None], flat[order], inputs_embeds)

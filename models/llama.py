@@ -307,32 +307,26 @@ class LlamaModel(nnx.Module):
         self,
         inputs_embeds: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | tuple[jax.Array, ...],
         cache: KVCache | None = None,
-        cache_index: jax.Array | int | None = None,
-        attention_row_layer: int | None = None,
-    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, jax.Array]:
-        """inputs_embeds: [B, L, D]; positions: int [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
+        cache_index: jax.Array | int | tuple | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """inputs_embeds: [B, L, D]; positions: int [B, L] or [3, B, L] (M-RoPE); mask: bool
+        [B, L, S], or one per layer when the layers' caches differ in length S_i (then
+        `cache_index` is one slot per layer too).
 
-        Returns (final-normed hidden states [B, L, D], updated cache or None). With
-        `attention_row_layer` = i, also the last query's attention at layer i averaged over
-        heads, f32 [B, S] (transformers' `attentions[i][:, :, -1].mean(1)`; what FastV reads).
+        Returns (final-normed hidden states [B, L, D], updated cache or None).
         """
-        if attention_row_layer is not None and not 0 <= attention_row_layer < len(self.layers):
-            raise ValueError(f"attention_row_layer must be in [0, {len(self.layers)}), got {attention_row_layer}")
+        per_layer = lambda value, i: value[i] if isinstance(value, (tuple, list)) else value  # noqa: E731
         x = inputs_embeds.astype(self.embed_tokens.embedding.dtype)
-        new_k, new_v, row = [], [], None
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv, *extra = layer(x, positions, mask, kv, cache_index, i == attention_row_layer)
-            row = extra[0] if extra else row
+            x, kv = layer(x, positions, per_layer(mask, i), kv, per_layer(cache_index, i))
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-        if attention_row_layer is not None:
-            return self.norm(x), new_cache, row
-        return self.norm(x), new_cache
+        return self.norm(x), None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -7,11 +7,9 @@ the decoder with its cache) so that pruning and generation can be composed outsi
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models import clip, llama
@@ -21,12 +19,13 @@ from models.layers import (
     activation,
     check_choice,
     dtype_of,
+    merge_image_features,
     padding_causal_mask,
     positions_from_mask,
     prefixed_rules,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
-from models.protocol import MultimodalInputs
+from models.protocol import ClsTower, MultimodalInputs, TowerFeatures
 
 SELECT_STRATEGIES = ("default", "full")
 
@@ -70,6 +69,12 @@ class LlavaConfig:
         return layer if isinstance(layer, tuple) else (layer,)
 
     @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of an image's visual tokens, or None when [CLS] is among them ("full")."""
+        side = self.vision.image_size // self.vision.patch_size
+        return (side, side) if self.vision_feature_select_strategy == "default" else None
+
+    @property
     def image_seq_length(self) -> int:
         """Visual tokens per image (N): patches, plus CLS under the "full" strategy."""
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
@@ -99,34 +104,6 @@ class LlavaMultiModalProjector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(self.act(self.linear_1(x)))
-
-
-def check_image_tokens(input_ids: np.ndarray, num_images: int, tokens_per_image: int, image_token_index: int) -> None:
-    """Raise unless the placeholders in `input_ids` match the images exactly (host-side check)."""
-    found = int(np.sum(np.asarray(input_ids) == image_token_index))
-    expected = num_images * tokens_per_image
-    if found != expected:
-        raise ValueError(
-            f"input_ids holds {found} image tokens (id {image_token_index}) but pixel_values holds "
-            f"{num_images} image(s) x {tokens_per_image} visual tokens = {expected}; the prompt must "
-            f"contain exactly {tokens_per_image} placeholders per image"
-        )
-
-
-def merge_image_features(
-    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token_index: int
-) -> jax.Array:
-    """Write visual tokens into the placeholder positions, in reading order across the batch.
-
-    input_ids: int [B, L]; inputs_embeds: [B, L, D]; image_features: [M, N, D] with
-    M * N == number of placeholders (checked by `check_image_tokens` on the host). Same
-    order as transformers' masked_scatter; gather-based so shapes stay static under jit.
-    """
-    is_image = input_ids == image_token_index
-    flat = image_features.reshape(-1, image_features.shape[-1]).astype(inputs_embeds.dtype)
-    order = jnp.cumsum(is_image.reshape(-1)) - 1
-    order = jnp.clip(order, 0, flat.shape[0] - 1).reshape(is_image.shape)
-    return jnp.where(is_image[..., None], flat[order], inputs_embeds)
 
 
 class LlavaForConditionalGeneration(nnx.Module):
@@ -184,7 +161,23 @@ class LlavaForConditionalGeneration(nnx.Module):
             return MultimodalInputs(text, text, positions, None, None, None)
         visual = self.image_features(pixel_values)
         merged = merge_image_features(input_ids, text, visual, self.config.image_token_index)
-        return MultimodalInputs(merged, text, positions, None, visual, None)
+        grid = self.config.token_grid
+        grid = None if grid is None else jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (visual.shape[0], 2))
+        return MultimodalInputs(merged, text, positions, None, visual, None, grid)
+
+    def cls_tower(self, pixel_values: jax.Array, method: str) -> TowerFeatures:
+        """The tower at the feature layer with its [CLS] attention row (models.protocol), for
+        the tower-stage methods; pixel_values [B, C, H, W], one image per row."""
+        index = cls_feature_state(self.config, self.vision_tower, method)
+        states, cls = self.vision_tower.hidden_states(pixel_values, num_layers=index, cls_attention_layer=index - 1)
+        hidden = states[index]  # [B, 1 + P, Dv], [CLS] at 0
+        full = self.config.vision_feature_select_strategy == "full"
+        features, attention = (hidden, cls.probs) if full else (hidden[:, 1:], cls.probs[:, 1:])
+        return TowerFeatures(features, attention, ClsTower(hidden, cls.probs, cls.keys, full))
+
+    def project_tower_features(self, x: jax.Array) -> jax.Array:
+        """Tower features [..., Dv] -> the LLM embedding space [..., D]."""
+        return self.multi_modal_projector(x)
 
     def __call__(
         self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None = None
@@ -199,5 +192,25 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.language_model.logits(hidden)
 
 
-def feature_layer_list(layer: int | Sequence[int]) -> int | tuple[int, ...]:
-    return tuple(layer) if isinstance(layer, (list, tuple)) else int(layer)
+
+def cls_feature_state(cfg: LlavaConfig, tower, method: str) -> int:
+    """The hidden-state index whose [CLS] attention `method` reads: the one feature layer,
+    produced by an attention layer; a ValueError naming the method otherwise."""
+    if not getattr(tower, "has_cls_token", False):
+        raise ValueError(
+            f"method {method!r} needs the vision tower's [CLS] attention, but this tower "
+            f"({type(tower).__name__}) has no [CLS] token"
+        )
+    layers = cfg.feature_layers
+    if len(layers) != 1:
+        raise ValueError(
+            f"method {method!r} reads the [CLS] attention at the vision feature layer, but this model "
+            f"concatenates several feature layers {layers}"
+        )
+    index = layers[0] % (cfg.vision.num_hidden_layers + 1)
+    if index == 0:
+        raise ValueError(
+            f"method {method!r} needs the [CLS] attention of the layer that produces the features, but "
+            "vision_feature_layer selects the embeddings (hidden state 0), which no attention layer produced"
+        )
+    return index

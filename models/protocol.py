@@ -10,6 +10,12 @@ which embeds the text, runs the vision tower and writes the visual tokens into t
 placeholder positions. `aux` is the family's pytree of host-computed index arrays (None
 for LLaVA; grid layouts and 3-D positions for Qwen2.5-VL), built by the family's host
 adapter in `zspa_jax.families`.
+
+A family whose tower has a [CLS] token also exposes, for the tower-stage methods
+(VisPruner, VisionZip),
+
+    cls_tower(pixel_values, method) -> TowerFeatures    # raises when it cannot serve `method`
+    project_tower_features(x [B, K, Dv]) -> [B, K, D]   # the projector
 """
 
 from __future__ import annotations
@@ -26,3 +32,19 @@ class MultimodalInputs(NamedTuple):
     next_position: jax.Array | None  # int32 [B]: first decode position; None = max(positions) + 1
     visual: jax.Array | None  # [B, N, D]: each row's visual tokens (one image per row), for pruning
     visual_valid: jax.Array | None  # bool [B, N]: real tokens of `visual` (None: all real)
+    visual_grid: jax.Array | None = None  # int32 [B, 2]: (rows, cols) of each row's token grid, row-major from slot 0
+
+
+class ClsTower(NamedTuple):
+    """A tower's feature layer with its [CLS] token (what VisionZip merges from)."""
+
+    hidden: jax.Array  # [B, 1 + P, Dv] hidden state, [CLS] at 0
+    probs: jax.Array  # [B, 1 + P] the [CLS] query's attention, head mean
+    keys: jax.Array  # [B, 1 + P, Dh] the layer's keys, head mean
+    cls_in_placeholders: bool  # True when the N placeholders hold [CLS] + P
+
+
+class TowerFeatures(NamedTuple):
+    features: jax.Array  # [B, N, Dv] the tower features of the N placeholders (before the projector)
+    cls_attention: jax.Array  # [B, N] the [CLS] query's attention to each of them
+    layer: ClsTower  # the whole feature layer

@@ -32,12 +32,12 @@ from models.layers import (
     check_positive,
     dot_product_attention,
     dtype_of,
+    merge_image_features,
     padding_causal_mask,
     prefixed_rules,
 )
 from models import llama
 from models.llama import GatedMLP, LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
-from models.llava import merge_image_features
 from models.protocol import MultimodalInputs
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
@@ -329,6 +329,7 @@ class QwenAux(NamedTuple):
     feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image token, -1 elsewhere
     visual_index: np.ndarray | None  # int32 [B, N]: each row's image span as merged-token indices
     visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to pad a span to N
+    visual_grid: np.ndarray | None = None  # int32 [B, 2]: each row's merged-token grid (h, w) / merge
 
 
 class PreparedBatch(NamedTuple):
@@ -456,7 +457,10 @@ def prepare_batch(
         visual_valid = visual_index >= 0
         visual_index = np.maximum(visual_index, 0).astype(np.int32)
     layout = vision_layout(grid, vc, windows=None if windows is None else max(int(windows), num_windows(grid, vc)))
-    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid)
+    visual_grid = None
+    if one_image_per_row and (grid[:, 0] == 1).all():  # one frame: the span is an (h, w) grid, row-major
+        visual_grid = (grid[:, 1:] // vc.spatial_merge_size).astype(np.int32)
+    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, visual_grid)
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
     pixels = np.pad(pixels.astype(np.float32), ((0, layout.order.size - pixels.shape[0]), (0, 0)))
     return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts)
@@ -647,7 +651,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         index = aux.feature_index
         merged = jnp.where((index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text)
         visual = None if aux.visual_index is None else features[aux.visual_index]
-        return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid)
+        return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid,
+                                aux.visual_grid)
 
     def __call__(
         self,

@@ -303,7 +303,8 @@ def test_every_converted_parameter_equals_its_hf_tensor(src, tmp_path, dtype):
     from safetensors.numpy import load_file
 
     from convert.keymap import map_key
-    from models.checkpoint import flatten, read_config, restore_model
+    from models.checkpoint import flatten
+    from zspa_jax.families import read_config, restore_model
 
     out = tmp_path / "out"
     convert(src, out, dtype=dtype, progress=False)

@@ -117,22 +117,24 @@ def test_a_few_training_steps_reduce_the_loss(tokenizer, stage):
     from flax import nnx
 
     from models.llava import LlavaForConditionalGeneration
-    from zspa_jax.demo import train as T
+    from zspa_jax.demo.config import QUICK, TrainConfig
+    from zspa_jax.demo.data import SLOTS, Batches, prefix_ids
+    from zspa_jax.demo.model import init_model, make_optimizer, make_train_step, model_config
 
-    tc = T.TrainConfig(**{**T.QUICK, "batch": 4, "symbolic_batch": 4, "qa_per_image": 3})
+    tc = TrainConfig(**{**QUICK, "batch": 4, "symbolic_batch": 4, "qa_per_image": 3})
     enc = FastEncoder(tokenizer)
-    model = LlavaForConditionalGeneration(T.model_config(tc, len(tokenizer)), rngs=nnx.Rngs(0))
-    T.init_model(model, 0)
+    model = LlavaForConditionalGeneration(model_config(tc, len(tokenizer)), rngs=nnx.Rngs(0))
+    init_model(model, 0)
     graphdef, state = nnx.split(model)
-    optimizer = T.make_optimizer(tc, 8, 3e-3, state, frozen="language_model" if stage == 1 else None)
+    optimizer = make_optimizer(tc, 8, 3e-3, state, frozen="language_model" if stage == 1 else None)
     opt_state = optimizer.init(state)
-    step = T.make_train_step(graphdef, optimizer, stage, tc.align_weight)
-    prefix = jax.numpy.asarray(T.prefix_ids(enc))
-    batch = T.Batches(tc, enc).batch(stage, 0)
+    step = make_train_step(graphdef, optimizer, stage, tc.align_weight)
+    prefix = jax.numpy.asarray(prefix_ids(enc))
+    batch = Batches(tc, enc).batch(stage, 0)
     if stage == 0:
-        assert batch["sym_ids"].shape == (4, tc.symbolic_tokens, T.SLOTS) and "pixels" not in batch
+        assert batch["sym_ids"].shape == (4, tc.symbolic_tokens, SLOTS) and "pixels" not in batch
     else:
-        assert batch["pixels"].shape == (4, 3, 96, 96) and batch["sym_ids"].shape == (4, 576, T.SLOTS)
+        assert batch["pixels"].shape == (4, 3, 96, 96) and batch["sym_ids"].shape == (4, 576, SLOTS)
     if stage != 1:  # a caption segment plus the stage's own number of questions
         expected = 1 + (tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image)
         assert {len(set(row[row > 0])) for row in batch["seg"]} == {expected}
@@ -151,13 +153,13 @@ def test_a_few_training_steps_reduce_the_loss(tokenizer, stage):
 def test_symbolic_tokens_describe_the_scene(tokenizer):
     """Stage 0 / alignment targets: background where nothing is drawn, the object's words
     where it covers the patch, one centre marker per object."""
-    from zspa_jax.demo import train as T
+    from zspa_jax.demo.data import SLOTS, patch_coverage, patch_words
 
     vocab = FastEncoder(tokenizer).vocab
     scene = next(s for s in (scenes.make_scene("train", i) for i in range(50)) if len(s.objects) >= 3)
-    ids, w = T.patch_words(scene, vocab)
-    cov = T.patch_coverage(scene)
-    assert ids.shape == w.shape == (576, T.SLOTS)
+    ids, w = patch_words(scene, vocab)
+    cov = patch_coverage(scene)
+    assert ids.shape == w.shape == (576, SLOTS)
     np.testing.assert_allclose(w[cov.sum(1) == 0, 0], 1.0)
     np.testing.assert_allclose(w.sum(1)[cov.sum(1) == 0], 1.0)
     assert w[:, 7].sum() == len(scene.objects)
@@ -180,19 +182,21 @@ def test_text_area_decoder_equals_the_full_forward(tokenizer):
     from flax import nnx
 
     from models.llava import LlavaForConditionalGeneration
-    from zspa_jax.demo import train as T
+    from zspa_jax.demo.config import QUICK, TrainConfig
+    from zspa_jax.demo.data import prefix_ids
+    from zspa_jax.demo.model import model_config, model_outputs
 
-    tc = T.TrainConfig(**{**T.QUICK, "text_layers": 2})
+    tc = TrainConfig(**{**QUICK, "text_layers": 2})
     enc = FastEncoder(tokenizer)
-    model = LlavaForConditionalGeneration(T.model_config(tc, len(tokenizer)), rngs=nnx.Rngs(1))
+    model = LlavaForConditionalGeneration(model_config(tc, len(tokenizer)), rngs=nnx.Rngs(1))
     e = scenes.example("val", 5)
     ids = enc.prompt_ids(e.qa.question)
     px = enc.pixels(e.image())[None]
-    prefix = T.prefix_ids(enc)
+    prefix = prefix_ids(enc)
     with jax.default_matmul_precision("highest"):
         full = model(jnp.asarray([ids]), jnp.asarray(px))
         q = jnp.asarray([ids[len(prefix) :]], jnp.int32)
-        hidden, _ = T.model_outputs(model, jnp.asarray(prefix), jnp.asarray(px), q, jnp.ones_like(q), jnp.arange(q.shape[1])[None])
+        hidden, _ = model_outputs(model, jnp.asarray(prefix), jnp.asarray(px), q, jnp.ones_like(q), jnp.arange(q.shape[1])[None])
         mine = model.language_model.logits(hidden)
     np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(full[0, len(prefix) :]), atol=1e-5)
 
@@ -200,21 +204,22 @@ def test_text_area_decoder_equals_the_full_forward(tokenizer):
 def test_patch_readout_scores_tokens_by_the_words_they_carry(tokenizer):
     """Tokens equal to E[colour] + E[shape] + E[cell] of the object under them read out
     perfectly (orthonormal table); giving every object the next shape's word is caught."""
-    from zspa_jax.demo import train as T
+    from zspa_jax.demo.data import patch_words
+    from zspa_jax.demo.evaluate import patch_readout_accuracy
 
     vocab = FastEncoder(tokenizer).vocab
     table = np.linalg.qr(np.random.default_rng(0).normal(size=(128, len(vocab))))[0].T  # [V, 128], orthonormal rows
     scene_list = [sc for sc in (scenes.make_scene("val", i) for i in range(40)) if len(sc.objects) >= 2][:5]
-    words = [T.patch_words(sc, vocab) for sc in scene_list]
+    words = [patch_words(sc, vocab) for sc in scene_list]
     right = np.stack([table[ids[:, 1:4]].sum(1) for ids, _ in words])
-    assert T.patch_readout_accuracy(right, table, vocab, words) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
+    assert patch_readout_accuracy(right, table, vocab, words) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
     next_shape = {vocab[s]: vocab[scenes.SHAPES[(k + 1) % len(scenes.SHAPES)]] for k, s in enumerate(scenes.SHAPES)}
     wrong = []
     for ids, _ in words:
         ids = ids.copy()
         ids[:, 2] = [next_shape.get(int(i), int(i)) for i in ids[:, 2]]
         wrong.append(table[ids[:, 1:4]].sum(1))
-    assert T.patch_readout_accuracy(np.stack(wrong), table, vocab, words) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
+    assert patch_readout_accuracy(np.stack(wrong), table, vocab, words) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
 
 
 # --------------------------------------------------------------------------- (c) shipped model
@@ -269,11 +274,13 @@ def test_symbolic_answers_are_the_decoder_fed_symbolic_patches(shipped):
     holds its patch's symbolic token; the shipped LLM still reads such tokens."""
     import jax.numpy as jnp
 
-    from zspa_jax.demo import train as T
+    from zspa_jax.demo.data import patch_words
+    from zspa_jax.demo.evaluate import answer_batch
+    from zspa_jax.demo.model import symbolic_tokens
 
     enc = FastEncoder(shipped.processor.tokenizer)
     exs = scenes.examples("val", 14)
-    mine = T.answer_batch(shipped.graphdef, shipped.state, enc, exs, batch=14, symbolic_tokens=576)
+    mine = answer_batch(shipped.graphdef, shipped.state, enc, exs, batch=14, symbolic_tokens=576)
     lm = shipped.model.language_model
     table = lm.model.embed_tokens.embedding[...]
     words = {i: w for w, i in enc.vocab.items()}
@@ -281,7 +288,7 @@ def test_symbolic_answers_are_the_decoder_fed_symbolic_patches(shipped):
     expected = []
     for e in exs:
         ids = jnp.asarray([enc.prompt_ids(e.qa.question)])
-        sym = T.symbolic_tokens(table, *map(jnp.asarray, T.patch_words(e.scene, enc.vocab)))
+        sym = symbolic_tokens(table, *map(jnp.asarray, patch_words(e.scene, enc.vocab)))
         embeds = shipped.model.embed_tokens(ids).at[0, n_head : n_head + 576].set(sym)
         length = ids.shape[1]
         hidden, _ = lm.model(embeds, jnp.arange(length)[None], jnp.tril(jnp.ones((length, length), bool))[None])

@@ -47,9 +47,9 @@ def demo(tmp_path_factory):
 def test_demo_explains_the_sequence_and_the_scores(demo):
     stdout, _ = demo
     flat = " ".join(stdout.split())  # the long lines are wrapped
-    from zspa_jax.loading import load_processor
+    from zspa_jax.families.llava import FAMILY
 
-    processor = load_processor(run.demo_model_path())
+    processor = FAMILY.adapter.load_processor(run.demo_model_path())
     scene = scenes.make_scene("test", 0)
     rng = np.random.default_rng(0)
     qas = [qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None]

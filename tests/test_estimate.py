@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.checkpoint import flatten, param_template
+from models.checkpoint import flatten
+from zspa_jax.families import param_template
 from models.clip import CLIPVisionConfig
 from models.layers import padding_causal_mask
 from models.llama import KVCache, LlamaConfig, LlamaForCausalLM
@@ -270,7 +271,8 @@ def test_tower_method_flops_match_xla(unrolled):
 
 
 def test_fastv_prefill_flops_match_xla(decoder):
-    from zspa_jax.methods import fastv
+    from zspa_jax.methods import METHODS
+    from zspa_jax.prefill import prefill_pruned_at_layer
 
     graphdef, state = decoder
     text_tokens, n, keep, layer, image_id = 32, 160, 40, 1, 7
@@ -281,7 +283,11 @@ def test_fastv_prefill_flops_match_xla(decoder):
     def prefill(state, embeds):
         lm = nnx.merge(graphdef, state)
         positions = jnp.arange(length)[None]
-        out = fastv.prefill(lm.model, embeds, positions, jnp.ones((1, length), jnp.int32), jnp.asarray(ids), image_id, n, keep, layer)
+        out = prefill_pruned_at_layer(
+            lm.model, embeds, positions, jnp.ones((1, length), jnp.int32), method=METHODS["fastv"], layer=layer,
+            keep=keep, visual_start=jnp.asarray([10]), visual_valid=None, text_mask=jnp.asarray(ids != image_id),
+            num_visual=n,
+        )
         return lm.logits(out.hidden[:, -1])
 
     xla = xla_flops(prefill, state, jax.ShapeDtypeStruct((1, length, TEXT.hidden_size), jnp.float32))

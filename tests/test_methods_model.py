@@ -120,7 +120,10 @@ def test_decoder_attention_row_equals_output_attentions(tiny, vlm, parity_record
     embeds = model.inputs_embeds(ids, px)
     for layer in range(tiny.options["text_layers"]):
         ref = out.attentions[layer][:, :, -1, :].mean(1).numpy()
-        _, _, row = model.language_model.model(embeds, positions, padding_causal_mask(mask), attention_row_layer=layer)
+        x = embeds
+        for i in range(layer + 1):  # the layer's last-query attention row, as the LLM-stage methods read it
+            x, _, *row = model.language_model.model.layers[i](x, positions, padding_causal_mask(mask), None, None, i == layer)
+        row = row[0]
         d = parity_record("LLaMA last-query attention row", f"layer {layer}", np.abs(np.asarray(row) - ref).max(), 1e-6)
         assert d <= 1e-6
         assert (np.asarray(row)[mask == 0] < 1e-12).all()  # padding gets no attention
@@ -321,17 +324,15 @@ def test_fastv_bad_input(tiny, vlm):
 
 def test_cls_methods_need_one_feature_layer_produced_by_attention(tiny, vlm):
     import dataclasses
-    from types import SimpleNamespace
 
-    from zspa_jax.methods.tower import check_cls_tower
+    from models.llava import cls_feature_state
 
-    assert check_cls_tower(vlm.model, "vispruner") == tiny.options["vision_layers"] - 1  # feature layer -2
+    assert cls_feature_state(vlm.config, vlm.model.vision_tower, "vispruner") == tiny.options["vision_layers"] - 1  # -2
     for layers, reason in [((-2, -3), "several feature layers"), (0, "embeddings")]:
         cfg = dataclasses.replace(vlm.config, vision_feature_layer=layers)
-        fake = SimpleNamespace(vision_tower=vlm.model.vision_tower, config=cfg)
         for method in ("vispruner", "visionzip"):
             with pytest.raises(ValueError, match=f"method '{method}'.*{reason}"):
-                check_cls_tower(fake, method)
+                cls_feature_state(cfg, vlm.model.vision_tower, method)
 
 
 def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):

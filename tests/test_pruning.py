@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.torch_reference_pruning import select_tokens_reference
+from zspa_jax.methods.zspaprune import select_fixed_core
 from zspa_jax import pruning
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
 
@@ -243,12 +244,12 @@ def test_jit_equals_eager_and_batching_strategies_agree():
     args = (jnp.asarray(v), jnp.asarray(p), jnp.asarray(m))
     for r in (0.0, 0.5):
         k = pruning.core_size(6, r)
-        mapped = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
-        vmapped = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="vmap"))
+        mapped = np.asarray(select_fixed_core(*args, keep=6, n_core=k, batching="map"))
+        vmapped = np.asarray(select_fixed_core(*args, keep=6, n_core=k, batching="vmap"))
         assert np.array_equal(mapped, vmapped)
     # Eager mode compiles every op once, so one case only (core + fill).
     with jax.disable_jit():
-        eager = np.asarray(pruning._select_impl(*args, keep=6, n_core=k, batching="map"))
+        eager = np.asarray(select_fixed_core(*args, keep=6, n_core=k, batching="map"))
     assert np.array_equal(mapped, eager)
     # Inside a user's jit (keep static through the closure).
     inner = jax.jit(lambda v, p, m: select_tokens(v, p, m, keep=6, core_ratio=0.5))
@@ -310,7 +311,7 @@ def test_gather_tokens():
 
 
 def test_no_recompile_for_same_shapes():
-    impl = pruning._select_impl
+    impl = select_fixed_core
     v, p, m = make_data(20, **SHAPE)
     jax_select(v, p, m, keep=K, core_ratio=0.6)
     before = impl._cache_size()

@@ -11,7 +11,8 @@ import pytest
 
 from convert.core import ConversionError
 from convert.qwen2_5_vl import convert, map_key
-from models.checkpoint import flatten, read_config, restore_params, param_template
+from models.checkpoint import flatten, restore_params
+from zspa_jax.families import param_template, read_config
 from tests.qwen2_5_vl_helpers import converted, tiny_model
 
 

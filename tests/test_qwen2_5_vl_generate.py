@@ -311,7 +311,7 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
     counts fewer flops for it (a shorter LLM prefill; the selection is cheap): catches the
     tower, or another big piece, being built twice when pruning (no timing involved)."""
     from models.qwen2_5_vl import Qwen2_5_VisionTransformer
-    from zspa_jax.families import device_arrays, prepare_arrays
+    from zspa_jax.batch import device_arrays, prepare_arrays
     from zspa_jax.sampling import Sampling
 
     towers = []

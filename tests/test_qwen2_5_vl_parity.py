@@ -16,7 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
-from models.checkpoint import restore_model
+from zspa_jax.families import restore_model
 from models import qwen2_5_vl
 from models.qwen2_5_vl import rope_index, vision_layout, window_slots
 from tests.qwen2_5_vl_helpers import FACTOR, converted, hf_inputs, random_image, tiny_model

@@ -222,7 +222,7 @@ def test_parameters_are_really_split(mesh_runs, family, mesh, parity_note):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_estimate_predicts_the_measured_parameter_bytes(mesh_runs, family, mesh):
     """`estimate.mesh_bytes` (the --mesh planner) equals what each device really holds."""
-    from models.checkpoint import read_config
+    from zspa_jax.families import read_config
 
     model, _ = mesh_runs["_paths"][family]
     data, size = (int(x) for x in mesh.split("x"))
@@ -320,7 +320,8 @@ def _two_layers(cfg):
 
 
 def test_rule_tables_split_like_megatron():
-    from models.checkpoint import flatten, param_template
+    from models.checkpoint import flatten
+    from zspa_jax.families import param_template
     from models.llava import LlavaForConditionalGeneration
 
     cfg = _two_layers(estimate.llava_1_5_7b_config())
@@ -343,7 +344,8 @@ def test_rule_tables_split_like_megatron():
 def test_every_parameter_of_both_families_has_a_rule_or_is_small():
     """A parameter no rule matches is replicated: only norms, biases of row-split layers
     and small embeddings may fall through (a renamed layer would silently replicate)."""
-    from models.checkpoint import family_of, flatten, param_template
+    from models.checkpoint import flatten
+    from zspa_jax.families import family_of, param_template
 
     for cfg in (_two_layers(estimate.llava_1_5_7b_config()), estimate.qwen2_5_vl_7b_config(text_layers=2, vision_depth=4)):
         shapes = {p: tuple(t.shape) for p, t in flatten(param_template(cfg)).items()}

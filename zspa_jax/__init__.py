@@ -13,7 +13,7 @@ image goes first. It is never counted twice.
 
 from zspa_jax.forward import forward
 from zspa_jax.generation import GenerateOutput, GenerateResult, generate, generate_tokens
-from zspa_jax.families import encode
+from zspa_jax.batch import encode
 from zspa_jax.loading import VLM, load, shard
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, auto_core_ratio, gather_tokens, select_tokens
 

@@ -93,6 +93,7 @@ from models.layers import dtype_of
 from models.llama import LlamaConfig
 from models.llava import LlavaConfig
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
+from zspa_jax.methods import get_method
 
 __all__ = [
     "clip_layer_macs",
@@ -201,25 +202,7 @@ def projector_flops(cfg: LlavaConfig, n: int | None = None) -> int:
 
 def pruning_flops(n: int, d: int, keep: int, text_tokens: int, core_ratio: float = 0.6) -> int:
     """FLOPs of `select_tokens(method="zspaprune")` for one example (0 when keep == n)."""
-    if keep >= n:
-        return 0
-    core = min(max(math.floor(keep * core_ratio + 0.5), 0), keep)
-    flops = 3 * n * d  # unit vectors: squares, sums, divides
-    if core > 0:
-        flops += 2 * text_tokens * d  # prompt mean (masked sum + divide)
-        flops += 2 * n * d  # relevance <p, v_j>
-        if core == keep:
-            return flops
-        flops += 2 * n * core * d  # similarities to the core set
-    else:
-        flops += 2 * n * n * d  # DivPrune's first pick: the full N x N Gram matrix
-        core = 1
-    flops += 2 * (keep - core) * n * d  # greedy fill: one N x D matvec per pick
-    return flops
-
-
-TOWER_METHODS = ("vispruner", "visionzip")  # read the vision tower's [CLS] attention
-SELECTION_METHODS = ("zspaprune", "relevance", "divprune", "random", "uniform", "cdpruner") + TOWER_METHODS + ("fastv",)
+    return method_flops("zspaprune", n, d, keep, text_tokens, core_ratio)
 
 
 def method_flops(
@@ -233,38 +216,19 @@ def method_flops(
     key_dim: int | None = None,
     auto_zero_share: float = 1.0,
 ) -> int:
-    """FLOPs of one example's token selection by `method` (module docstring, `method_flops`).
+    """FLOPs of one example's token selection by `method` (its record's `flops`; the module
+    docstring lists each formula).
 
     n: visual tokens N; d: the width the method reads (the LLM width D for the
-    embedding-level methods, the tower width C for "vispruner"/"visionzip"); key_dim: the
-    tower's head width Dh ("visionzip"; default d); core_ratio: ZSPAPrune's r or "auto";
+    embedding-stage methods, the tower width C for the tower-stage ones); key_dim: the
+    tower's head width Dh ("visionzip"; default d); core_ratio: the core ratio or "auto";
     auto_zero_share: expected share of examples whose automatic core is empty (1 = the
-    worst case, what a vmapped batch computes). "fastv" selects inside the LLM: 0 here,
-    see `fastv_prefill_flops`.
+    worst case, what a vmapped batch computes). Methods inside the LLM count their
+    selection only; their saving is in the LLM prefill (`fastv_prefill_flops`).
     """
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"method must be one of {SELECTION_METHODS}, got {method!r}")
-    if keep >= n or method in ("random", "uniform", "fastv"):
-        return 0
-    unit_vectors, relevance = 3 * n * d, 2 * text_tokens * d + 2 * n * d
-    if method == "zspaprune" and core_ratio == "auto":
-        gram = 2 * n * n * d  # DivPrune's first pick, only when the core is empty
-        return round(unit_vectors + relevance + 2 * keep * n * d + auto_zero_share * gram)
-    if method in ("zspaprune", "relevance", "divprune"):
-        r = {"relevance": 1.0, "divprune": 0.0}.get(method, core_ratio)
-        return pruning_flops(n, d, keep, text_tokens, float(r))
-    if method == "cdpruner":
-        return unit_vectors + relevance + 2 * keep * n * (d + keep)
-    if method == "vispruner":
-        return 3 * n * d + 2 * n * n * d
-    # visionzip: split as in zspa_jax.methods.visionzip.split_counts (kept local: no jax import)
-    dh = d if key_dim is None else key_dim
-    length = n + 1
-    contextual = min(math.floor(keep * 10 / 64 + 0.5), keep - 1)
-    merged = length - (keep - contextual) - contextual
-    if contextual == 0 or merged <= 0:
-        return 0
-    return 3 * length * dh + 2 * merged * contextual * (dh + d)
+    record = get_method(method)
+    return int(record.flops(n, d, keep, text_tokens, core_ratio=core_ratio, key_dim=key_dim,
+                            auto_zero_share=auto_zero_share))
 
 
 def fastv_prefill_flops(
@@ -322,9 +286,11 @@ def kv_cache_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int) ->
     return 2 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * dtype_bytes
 
 
-def _kv_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int, method: str, dropped: int, layer: int) -> int:
-    """KV cache of `length` slots; FastV's layers < `layer` also hold the `dropped` visual tokens."""
-    extra = layer * 2 * batch * dropped * t.num_key_value_heads * t.head_dim * dtype_bytes if method == "fastv" else 0
+def _kv_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int, inside_llm: bool, dropped: int,
+              layer: int) -> int:
+    """KV cache of `length` slots; a method pruning inside the LLM leaves the `dropped`
+    visual tokens in the caches of layers < `layer` too."""
+    extra = layer * 2 * batch * dropped * t.num_key_value_heads * t.head_dim * dtype_bytes if inside_llm else 0
     return kv_cache_bytes(t, batch, length, dtype_bytes) + extra
 
 
@@ -370,8 +336,9 @@ def estimate(
     length_full = text_tokens + n
 
     vision = batch * vision_flops(cfg)
-    # VisionZip merges in tower space: the projector sees only its K tokens.
-    projector = batch * projector_flops(cfg, keep if method == "visionzip" else None)
+    # A method merging in tower space hands the projector only its K tokens.
+    record = get_method(method)
+    projector = batch * projector_flops(cfg, keep if record.stage == "tower" and record.merges else None)
     pruning, prefill, prefill_full, decode_total, decode_per_token = _language_model_flops(
         t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer,
         tower_dims=(cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads),
@@ -386,7 +353,7 @@ def estimate(
     decode_weight_bytes = (
         t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head + t.hidden_size
     ) * weight_bytes_per
-    kv = _kv_bytes(t, batch, length + new_tokens, kv_bytes_per, method, n - keep, fastv_layer)
+    kv = _kv_bytes(t, batch, length + new_tokens, kv_bytes_per, record.llm_layer, n - keep, fastv_layer)
 
     return {
         "batch": batch,
@@ -520,9 +487,10 @@ def _language_model_flops(
     a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens.
     tower_dims: (tower width, head width) read by the [CLS]-attention methods."""
     length = text_tokens + keep
-    width, key_dim = tower_dims if method in TOWER_METHODS else (t.hidden_size, None)
+    record = get_method(method)
+    width, key_dim = tower_dims if record.stage == "tower" else (t.hidden_size, None)
     pruning = batch * method_flops(method, n, width, keep, text_tokens, core_ratio, key_dim=key_dim)
-    fastv = method == "fastv" and keep < n
+    fastv = record.llm_layer and keep < n  # early layers keep all N tokens
     if fastv:
         prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, fastv_layer)
     else:
@@ -556,8 +524,8 @@ def estimate_qwen2_5_vl(
 ) -> dict:
     """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
     width) pixels (see the module docstring). Same keys as `estimate`, plus the grid.
-    "vispruner"/"visionzip" are refused: this tower has no [CLS] token."""
-    if method in TOWER_METHODS:
+    Methods that need the tower's [CLS] token are refused: this tower has none."""
+    if get_method(method).needs_cls_attention:
         raise ValueError(f"method {method!r} needs a [CLS] token, which the Qwen2.5-VL tower does not have")
     gh, gw = qwen_image_grid(*image_hw, cfg.vision)
     n = gh * gw // cfg.vision.merge_unit
@@ -595,7 +563,8 @@ def estimate_qwen2_5_vl(
         "prefill_flops_total_unpruned": vision + prefill_full,
         "decode_flops_per_token": decode_per_token,
         "decode_flops_total": decode_total,
-        "kv_cache_bytes": _kv_bytes(t, batch, length + new_tokens, kvb, method, n - keep, fastv_layer),
+        "kv_cache_bytes": _kv_bytes(t, batch, length + new_tokens, kvb, get_method(method).llm_layer, n - keep,
+                                    fastv_layer),
         "kv_cache_bytes_unpruned": kv_cache_bytes(t, batch, length_full + new_tokens, kvb),
         "kv_cache_bytes_per_token": kv_cache_bytes(t, 1, 1, kvb),
         "weight_bytes": w_vision + w_llm,
@@ -617,12 +586,14 @@ def mesh_bytes(cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtyp
 
     Computed from the abstract parameter tree: no memory, no devices.
     """
-    from models.checkpoint import family_of, flatten, param_template
+    from models.checkpoint import flatten, param_template
     from zspa_jax import sharding
+    from zspa_jax.families import family_of
 
-    template = flatten(param_template(cfg))
+    family = family_of(cfg)
+    template = flatten(param_template(cfg, family.model_cls))
     shapes = {p: tuple(t.shape) for p, t in template.items()}
-    plan = sharding.plan_params(shapes, family_of(cfg).model_cls.SHARDING_RULES, axis_sizes)
+    plan = sharding.plan_params(shapes, family.sharding_rules, axis_sizes)
     itemsize = {p: np.dtype(t.dtype).itemsize for p, t in template.items()}
     t = cfg.text
     kvb = np.dtype(dtype_of(t.dtype)).itemsize if kv_dtype_bytes is None else int(kv_dtype_bytes)

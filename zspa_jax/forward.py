@@ -7,16 +7,13 @@ import functools
 import jax
 from flax import nnx
 
-from models.layers import padding_causal_mask
-
-from zspa_jax.families import device_arrays, prepare_arrays, reject_video, resolve_prune
-from zspa_jax.inputs import check_prune, check_vlm
-from zspa_jax.loading import VLM
-from zspa_jax.methods import fastv
-from zspa_jax.validation import check_bool, check_int
+from zspa_jax.batch import device_arrays, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.loading import VLM, check_prune, check_vlm
 from zspa_jax.pipeline import decoder_inputs
+from zspa_jax.prefill import run_prefill
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sharding import fetch, mesh_context, place_key
+from zspa_jax.validation import check_bool, check_int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prune", "special_ids", "keep_positions"))
@@ -25,15 +22,9 @@ def _forward(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng
     inputs = decoder_inputs(
         model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions, aux
     )
-    if prune is not None and prune.method == "fastv" and pixel_values is not None:
-        n = model.config.image_seq_length
-        out = fastv.prefill(
-            model.language_model.model, inputs.embeds, inputs.positions, inputs.mask, input_ids,
-            model.config.image_token_index, n, prune.num_keep(n), prune.fastv_layer,
-        )
-        return model.language_model.logits(out.hidden), out.kept, out.mask
-    hidden, _ = model.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(inputs.mask))
-    return model.language_model.logits(hidden), inputs.kept_indices, inputs.mask
+    out = run_prefill(model.language_model.model, inputs, prune)
+    kept = inputs.kept_indices if out.kept is None else out.kept
+    return model.language_model.logits(out.hidden), kept, out.mask
 
 
 def forward(
@@ -60,7 +51,7 @@ def forward(
         flattened patches [sum t*h*w, C*T*p*p]), images in reading order, or None.
       attention_mask: [B, L], 0 on left padding.
       prune: a PruneConfig (one image per row); the kept tokens replace the placeholders
-        ("fastv": from layer `prune.fastv_layer` on; its early layers see all tokens).
+        (methods inside the LLM: from layer `prune.layer` on; earlier layers see all tokens).
       image_grid_thw: int [num_images, 3], required with Qwen2.5-VL pixel_values.
       pixel_values_videos, video_grid_thw: refused (video input is not supported).
       seed: rng seed for method="random".

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -23,17 +22,17 @@ import numpy as np
 from flax import nnx
 
 from models.llama import KVCache
-from zspa_jax.families import HostBatch, device_arrays, encode, prepare_arrays, reject_video, resolve_prune
-from zspa_jax.inputs import check_prune, check_vlm
-from zspa_jax.methods import fastv
-from zspa_jax.loading import VLM
+from zspa_jax.batch import device_arrays, encode, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.families import HostBatch
+from zspa_jax.families.base import PROMPT_BUCKET, round_up
+from zspa_jax.loading import VLM, check_prune, check_vlm
 from zspa_jax.pipeline import decoder_inputs
+from zspa_jax.prefill import run_prefill
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
 from zspa_jax.sharding import constrain_cache, fetch, mesh_context, place_key
 from zspa_jax.validation import check_bool, check_int, check_rng, check_token_ids, is_traced
 
-PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
 CACHE_BUCKET = 64  # the KV cache holds a multiple of this many tokens
 
 # Incremented at trace time: a compile counter for tests and benchmarks.
@@ -56,17 +55,14 @@ class StaticSettings:
 class DecodeState(NamedTuple):
     step: jax.Array  # int32 scalar: tokens generated so far
     tokens: jax.Array  # int32 [B, T]: generated ids, pad after a row stops
-    lengths: jax.Array  # int32 [B]: generated tokens per row, EOS included
+    lengths: jax.Array  # int32 [B]
     done: jax.Array  # bool [B]
     logits: jax.Array  # f32 [B, V]: next-token logits
-    cache: KVCache
-    kv_valid: jax.Array  # bool [B, S]: slots that hold a real token
+    cache: KVCache  # per layer [B, S_i, Hkv, Dh]: layers may hold different lengths
+    kv_valid: tuple[jax.Array, ...]  # per layer bool [B, S_i]: slots that hold a real token
+    prompt_lengths: jax.Array  # int32 [layers]: each layer's cache slot of step 0
     next_position: jax.Array  # int32 [B]: RoPE position of the next token (same on all M-RoPE rows)
-    prompt_length: jax.Array  # int32 scalar L' (pruned prompt length): cache slot of step 0
     rng: jax.Array
-    # FastV only: the layers after K cache the pruned prompt (slots [0, L - N + K)).
-    late_kv_valid: jax.Array | None = None  # bool [B, S - N + K]
-    late_prompt_length: jax.Array | None = None  # int32 scalar L - N + K
 
 
 class GenerateOutput(NamedTuple):
@@ -95,99 +91,45 @@ class GenerateResult:
     stats: dict[str, Any]
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def _is_fastv(st: StaticSettings, pixel_values) -> bool:
-    return st.prune is not None and st.prune.method == "fastv" and pixel_values is not None
-
-
 def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: StaticSettings):
-    """Run the (pruned) prompt through the decoder, filling cache slots [0, L')."""
+    """Run the (pruned) prompt through the decoder, filling each layer's cache slots."""
     rng, prune_rng = jax.random.split(rng)
     inputs = decoder_inputs(
         model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
     )
-    if _is_fastv(st, pixel_values):
-        return _prefill_fastv(model, input_ids, inputs, rng, st)
-    b, length, _ = inputs.embeds.shape
     lm = model.language_model
-    slots = jnp.arange(st.cache_length)
-    kv_valid = (slots[None, :] < length) & jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length)))
-    causal = slots[None, None, :] <= jnp.arange(length)[None, :, None]
-    cache = constrain_cache(KVCache.zeros(lm.config, b, st.cache_length))
-    hidden, cache = lm.model(inputs.embeds, inputs.positions, causal & kv_valid[:, None, :], cache, 0)
-    cache = constrain_cache(cache)
-    logits = lm.logits(hidden[:, -1])  # left padding: the last position is real in every row
+    out = run_prefill(lm.model, inputs, st.prune, st.cache_length)
+    b, length = inputs.mask.shape
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
         tokens=jnp.full((b, st.cache_length - length), st.pad_id, jnp.int32),
         lengths=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
-        logits=logits,
-        cache=cache,
-        kv_valid=kv_valid,
-        next_position=inputs.next_position,
-        prompt_length=jnp.asarray(length, jnp.int32),
-        rng=rng,
-    )
-    return state, inputs.kept_indices
-
-
-def _prefill_fastv(model, input_ids, inputs, rng, st: StaticSettings):
-    """FastV prefill (zspa_jax.methods.fastv): layers >= K cache only the kept tokens."""
-    lm = model.language_model
-    n = model.config.image_seq_length
-    keep = st.prune.num_keep(n)
-    b, length, _ = inputs.embeds.shape
-    out = fastv.prefill(
-        lm.model, inputs.embeds, inputs.positions, inputs.mask, input_ids, model.config.image_token_index, n, keep,
-        st.prune.fastv_layer, st.cache_length,
-    )
-    late_slots = st.cache_length - n + keep
-    pruned_length = length - n + keep
-    state = DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        tokens=jnp.full((b, st.cache_length - length), st.pad_id, jnp.int32),
-        lengths=jnp.zeros((b,), jnp.int32),
-        done=jnp.zeros((b,), bool),
-        logits=lm.logits(out.hidden[:, -1]),
+        logits=lm.logits(out.hidden[:, -1]),  # left padding: the last position is real in every row
         cache=constrain_cache(out.cache),
-        kv_valid=jnp.pad(inputs.mask.astype(bool), ((0, 0), (0, st.cache_length - length))),
+        kv_valid=out.kv_valid,
+        prompt_lengths=out.prompt_lengths,
         next_position=inputs.next_position,
-        prompt_length=jnp.asarray(length, jnp.int32),
         rng=rng,
-        late_kv_valid=jnp.pad(out.mask.astype(bool), ((0, 0), (0, late_slots - pruned_length))),
-        late_prompt_length=jnp.asarray(pruned_length, jnp.int32),
     )
-    return state, out.kept
+    return state, inputs.kept_indices if out.kept is None else out.kept
 
 
 def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
-    """Sample one token per row, append it, and compute the next logits."""
+    """Sample one token per row, append it to every layer's cache, compute the next logits."""
     rng, sample_rng = jax.random.split(s.rng)
     token = jnp.where(s.done, st.pad_id, st.sampling(s.logits, sample_rng))
     tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
     lengths = s.lengths + (~s.done).astype(jnp.int32)
     done = s.done | jnp.isin(token, jnp.asarray(st.eos_ids or (-1,), jnp.int32))
-    slot = s.prompt_length + s.step
-    kv_valid = s.kv_valid | (jnp.arange(st.cache_length)[None, :] == slot)
+    slots = s.prompt_lengths + s.step  # [layers]
+    kv_valid = tuple(v | (jnp.arange(v.shape[1])[None, :] == slots[i]) for i, v in enumerate(s.kv_valid))
     lm = model.language_model
-    late_kv_valid = s.late_kv_valid
-    if late_kv_valid is not None:  # FastV: two cache lengths, two slot counters
-        late_slot = s.late_prompt_length + s.step
-        late_kv_valid = late_kv_valid | (jnp.arange(late_kv_valid.shape[1])[None, :] == late_slot)
-        hidden, cache = fastv.decode_layers(
-            lm.model, lm.embed(token[:, None]), s.next_position[:, None], kv_valid, late_kv_valid, s.cache, slot,
-            late_slot, st.prune.fastv_layer,
-        )
-    else:
-        hidden, cache = lm.model(
-            lm.embed(token[:, None]), s.next_position[:, None], kv_valid[:, None, :], s.cache, slot
-        )
+    hidden, cache = lm.model(
+        lm.embed(token[:, None]), s.next_position[:, None], tuple(v[:, None, :] for v in kv_valid), s.cache,
+        tuple(slots[i] for i in range(len(kv_valid))),
+    )
     return s._replace(
-        late_kv_valid=late_kv_valid,
         step=s.step + 1,
         tokens=tokens,
         lengths=lengths,
@@ -239,12 +181,12 @@ def _settings(
     check_bool("keep_positions", keep_positions)
     prune = resolve_prune(prune, batch)  # None without images: nothing to prune
     prompt_length = int(np.shape(batch.input_ids)[1])
-    if prune is not None and prune.method != "fastv":  # FastV's first K layers cache the whole prompt
+    if prune is not None and not prune.record.llm_layer:  # inside the LLM, early layers cache the whole prompt
         prompt_length = prompt_length - batch.num_visual + prune.num_keep(batch.num_visual)
     return StaticSettings(
         sampling=sampling,
         prune=prune,
-        cache_length=_round_up(prompt_length + max_new_tokens_bound, CACHE_BUCKET),
+        cache_length=round_up(prompt_length + max_new_tokens_bound, CACHE_BUCKET),
         eos_ids=_eos_ids(vlm, eos_token_id),
         pad_id=vlm.pad_token_id,
         special_ids=vlm.special_token_ids,
@@ -304,8 +246,8 @@ def generate_tokens(
     )
     if rng is not None:
         check_rng("rng", rng)
-    elif prune is not None and prune.method == "random":
-        raise ValueError("prune method 'random' needs rng (a jax.random key)")
+    elif prune is not None and prune.record.needs_rng:
+        raise ValueError(f"prune method {prune.method!r} needs rng (a jax.random key)")
     st = _settings(
         vlm,
         batch,

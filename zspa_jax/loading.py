@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,17 @@ from flax import nnx
 from models.checkpoint import (
     RECONVERT,
     CheckpointError,
-    family_of,
     flatten,
     param_template,
-    read_config,
     restore_model,
     unflatten_into,
     with_dtype,
 )
 from models.layers import DTYPES
 from zspa_jax import sharding
-from zspa_jax.validation import check_bool, check_path
+from zspa_jax.families import Family, family_of, read_config
+from zspa_jax.pruning import PruneConfig
+from zspa_jax.validation import check_bool, check_path, type_name
 
 
 @dataclasses.dataclass
@@ -52,31 +51,33 @@ class VLM:
 
     @property
     def tokens_per_image(self) -> int:
-        """Visual tokens per image for fixed-resolution families (LLaVA); Qwen2.5-VL's
-        count depends on each image's size (image_grid_thw), so it has none."""
-        n = getattr(self.config, "image_seq_length", None)
+        """Visual tokens per image for fixed-resolution families; a family whose count follows
+        each image's size (Qwen2.5-VL) has none."""
+        n = self.record.tokens_per_image(self.config)
         if n is None:
             raise AttributeError(f"{type(self.config).__name__} has no fixed number of visual tokens per image")
         return n
 
     @property
+    def record(self) -> Family:
+        """The family's record (zspa_jax.families)."""
+        return family_of(self.config)
+
+    @property
     def family(self) -> str:
-        return family_of(self.config).name
+        return self.record.name
 
 
-def load_processor(path: Path):
-    """The HF processor saved beside the params, or None when the checkpoint has none."""
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoProcessor
+def check_vlm(vlm: Any) -> None:
+    if not isinstance(vlm, VLM):
+        raise TypeError(f"vlm must be a zspa_jax.VLM (what zspa_jax.load(path) returns), got {type_name(vlm)}")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return AutoProcessor.from_pretrained(path)
-        except Exception as e:  # transformers raises many types for one cause: damaged files
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: the saved tokenizer/processor files cannot be loaded ({reason}); {RECONVERT}") from None
+
+def check_prune(prune: Any) -> None:
+    if prune is not None and not isinstance(prune, PruneConfig):
+        raise TypeError(
+            f"prune must be a zspa_jax.PruneConfig (e.g. PruneConfig(keep=64)) or None, got {type_name(prune)} {prune!r}"
+        )
 
 
 def _ids(value) -> list[int]:
@@ -124,14 +125,15 @@ def _check_dtype(dtype) -> None:
 
 def sharding_plan(cfg, mesh) -> sharding.ShardingPlan:
     """The family's rule table applied to `cfg`'s parameters on `mesh` (checked)."""
-    shapes = {p: tuple(t.shape) for p, t in flatten(param_template(cfg)).items()}
-    plan = sharding.plan_params(shapes, family_of(cfg).model_cls.SHARDING_RULES, dict(mesh.shape))
+    family = family_of(cfg)
+    shapes = {p: tuple(t.shape) for p, t in flatten(param_template(cfg, family.model_cls)).items()}
+    plan = sharding.plan_params(shapes, family.sharding_rules, dict(mesh.shape))
     sharding.check_model_axis(plan, dict(mesh.shape))
     return plan
 
 
 def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | None = None) -> VLM:
-    """Load a checkpoint written by `python -m convert.llava` or `python -m convert.qwen2_5_vl`.
+    """Load a checkpoint written by a converter (`python -m convert.<family> SRC OUT`).
 
     Args:
       path: the converted directory (OUT of the converter).
@@ -149,14 +151,13 @@ def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | No
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
-    from zspa_jax.families import adapter
-
     cfg = read_config(path)
+    family = family_of(cfg)
     if dtype is not None:
         cfg = with_dtype(cfg, dtype)
     shardings = None if mesh is None else sharding.param_shardings(mesh, sharding_plan(cfg, mesh))
-    model = restore_model(path, cfg, shardings)
-    load_proc = adapter(cfg).load_processor
+    model = restore_model(path, cfg, family.model_cls, shardings)
+    load_proc = family.adapter.load_processor
     proc = load_proc(path) if processor else None
     ids = token_ids(path, proc if proc is not None else load_proc(path))
     # The image placeholder is embedded as visual tokens, never as prompt text.
@@ -167,8 +168,6 @@ def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | No
 def shard(vlm: VLM, mesh) -> VLM:
     """`vlm` with its parameters split over `mesh` as `load(..., mesh=mesh)` would place them
     (for a model built or cast in memory; loading with `mesh=` never gathers a parameter)."""
-    from zspa_jax.inputs import check_vlm
-
     check_vlm(vlm)
     mesh = sharding.program_mesh(mesh)
     if vlm.mesh is not None:

@@ -1,14 +1,11 @@
-"""Prompt-aware visual-token pruning (ZSPAPrune) and the methods it is compared with.
+"""The public pruning front: `PruneConfig`, `select_tokens`, `gather_tokens`, `auto_core_ratio`.
 
-`select_tokens` implements the six steps of README.md, "ZSPAPrune, exactly": a prompt-relevance core set (top-k cosine
-to the mean prompt embedding) followed by a greedy max-min diversity fill;
-`core_ratio="auto"` picks the core size per example (`zspa_jax.methods.auto_core`).
-"relevance" (r = 1), "divprune" (r = 0), "random", "uniform", "cdpruner"
-(`zspa_jax.methods.cdpruner`) and "vispruner" (`zspa_jax.methods.vispruner`, needs the
-tower's [CLS] attention) share the signature. "visionzip" (merges tokens in the vision
-tower) and "fastv" (prunes inside the LLM) need model internals: they run through
-`PruneConfig` in `forward`/`generate`. Everything is computed in float32 and
-jit-compiled once per (shapes, keep, method, core size).
+Every method is a record in `zspa_jax.methods` (ZSPAPrune and its r = 1 / r = 0 ends,
+random, uniform, CDPruner, VisPruner, VisionZip, FastV, ...); this module validates
+arguments against the record's capabilities and calls its select function. Methods that
+need model internals (a whole tower layer, the LLM's attention) run through `PruneConfig`
+in `forward`/`generate`. Everything is computed in float32 and jit-compiled once per
+(shapes, keep, method, core size).
 """
 
 from __future__ import annotations
@@ -16,40 +13,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from zspa_jax.methods import METHODS, MethodInputs, get_method
 from zspa_jax.methods import auto_core
-from zspa_jax.methods._common import HIGHEST, batched, unit
-from zspa_jax.methods.cdpruner import cdpruner_select
-from zspa_jax.methods.vispruner import vispruner_select
+from zspa_jax.methods.zspaprune import AUTO, core_size
 from zspa_jax.sharding import fetch
 from zspa_jax.validation import check_rng, is_traced
 
-__all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "gather_tokens", "select_tokens"]
+__all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "core_size", "default_batching", "gather_tokens", "select_tokens"]
 
-PRUNE_METHODS: tuple[str, ...] = (
-    "zspaprune",
-    "relevance",
-    "divprune",
-    "random",
-    "uniform",
-    "cdpruner",
-    "vispruner",
-    "visionzip",
-    "fastv",
-)
-# Methods that read the vision tower's [CLS] attention / run inside the LLM.
-CLS_ATTENTION_METHODS: tuple[str, ...] = ("vispruner", "visionzip")
-MODEL_METHODS: tuple[str, ...] = ("visionzip", "fastv")  # not a function of (visual, prompt)
-AUTO = "auto"
+PRUNE_METHODS: tuple[str, ...] = tuple(METHODS)
 PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
-
 
 
 # --------------------------------------------------------------------------- config
@@ -60,11 +39,13 @@ class PruneConfig:
     """How many visual tokens to keep and how to choose them.
 
     Exactly one of `keep` (a count, >= 1) or `ratio` (fraction kept, in (0, 1]).
-    `core_ratio`: r in [0, 1], or "auto" (zspaprune only: r chosen per example from the
-    relevance scores, see `zspa_jax.methods.auto_core`). `fastv_layer`: the LLM layer K
-    after which "fastv" drops visual tokens (1 <= K < number of decoder layers; the
-    attention used is that of layer K's input, i.e. the K-th layer's, as FastV).
-    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    `method`: a name in PRUNE_METHODS. `core_ratio`: r in [0, 1], or "auto" (methods
+    that read it: r chosen per example from the relevance scores, see
+    `zspa_jax.methods.auto_core`). `layer`: for methods that prune inside the LLM
+    ("fastv"), the decoder layer K whose input loses the dropped tokens (1 <= K < number
+    of decoder layers; the choice reads layer K-1's output). `fastv_layer` is the same
+    field under its earlier name (given, it sets `layer`). Frozen and hashable, so it can
+    be a static argument of `jax.jit`.
     """
 
     keep: int | None = None
@@ -72,9 +53,10 @@ class PruneConfig:
     method: str = "zspaprune"
     core_ratio: float | str = 0.6
     prompt_scope: str = "question"
-    fastv_layer: int = 2
+    layer: int = 2
+    fastv_layer: dataclasses.InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, fastv_layer: int | None = None) -> None:
         if (self.keep is None) == (self.ratio is None):
             raise ValueError(
                 f"PruneConfig needs exactly one of keep or ratio, got keep={self.keep!r}, ratio={self.ratio!r}"
@@ -89,18 +71,24 @@ class PruneConfig:
             if not _is_real(self.ratio) or not 0.0 < float(self.ratio) <= 1.0:
                 raise ValueError(f"PruneConfig.ratio must be in (0, 1], got {self.ratio!r}")
             object.__setattr__(self, "ratio", float(self.ratio))
-        if self.method not in PRUNE_METHODS:
+        if self.method not in METHODS:
             raise ValueError(f"PruneConfig.method must be one of {PRUNE_METHODS}, got {self.method!r}")
         _check_core_ratio(self.core_ratio, self.method, "PruneConfig.core_ratio")
         if self.core_ratio != AUTO:
             object.__setattr__(self, "core_ratio", float(self.core_ratio))
-        if isinstance(self.fastv_layer, bool) or not isinstance(self.fastv_layer, (int, np.integer)):
-            raise ValueError(f"PruneConfig.fastv_layer must be an int, got {self.fastv_layer!r}")
-        object.__setattr__(self, "fastv_layer", int(self.fastv_layer))
+        for name, value in (("fastv_layer", fastv_layer), ("layer", self.layer)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"PruneConfig.{name} must be an int, got {value!r}")
+        object.__setattr__(self, "layer", int(self.layer if fastv_layer is None else fastv_layer))
         if self.prompt_scope not in PROMPT_SCOPES:
             raise ValueError(
                 f"PruneConfig.prompt_scope must be one of {PROMPT_SCOPES}, got {self.prompt_scope!r}"
             )
+
+    @property
+    def record(self):
+        """The method's record (`zspa_jax.methods.Method`)."""
+        return METHODS[self.method]
 
     def num_keep(self, n_visual: int) -> int:
         """Number of visual tokens kept out of `n_visual` (ratio rounds half up, min 1)."""
@@ -126,19 +114,15 @@ def _check_core_ratio(core_ratio: Any, method: str, name: str) -> None:
     if isinstance(core_ratio, str):
         if core_ratio != AUTO:
             raise ValueError(f"{name} must be a number in [0, 1] or 'auto', got {core_ratio!r}")
-        if method != "zspaprune":
+        if not get_method(method).uses_core_ratio:
+            with_core = [m.name for m in METHODS.values() if m.uses_core_ratio]
             raise ValueError(
-                f"{name}='auto' chooses the size of ZSPAPrune's relevance core, but method {method!r} "
-                "has no core ratio to choose (only 'zspaprune' does)"
+                f"{name}='auto' chooses the size of a relevance core, but method {method!r} "
+                f"has no core ratio to choose (methods with one: {with_core})"
             )
         return
     if not _is_real(core_ratio) or not 0.0 <= float(core_ratio) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1] or 'auto', got {core_ratio!r}")
-
-
-def core_size(keep: int, core_ratio: float) -> int:
-    """k = floor(K * r + 0.5) clipped to [0, K] (README "ZSPAPrune, exactly", step 4)."""
-    return min(max(math.floor(keep * core_ratio + 0.5), 0), keep)
 
 
 # --------------------------------------------------------------------------- public API
@@ -183,25 +167,27 @@ def select_tokens(
       visual: [B, N, D] tokens (any float dtype): the projected visual tokens, or for
         "vispruner" the tower features its similarity step uses (the pipeline passes the
         feature-layer hidden states, as the official code).
-      prompt: [B, T, D] prompt token embeddings (any float dtype); needed by "zspaprune",
-        "relevance" and "cdpruner", ignored (may be None) by the others.
+      prompt: [B, T, D] prompt token embeddings (any float dtype); needed by the methods
+        whose record says `needs_prompt` ("zspaprune", "relevance", "cdpruner"), ignored
+        (may be None) by the others.
       prompt_mask: [B, T], nonzero/True = real prompt token; None = all real.
         Masked tokens never influence the result (they may hold any value, even NaN).
         An all-masked row gives p = 0, so every relevance score is 0 and the core set
         is the first k indices.
       keep: K, 1 <= K <= N (static).
-      method: one of PRUNE_METHODS except "visionzip"/"fastv" (static). "zspaprune" uses
-        `core_ratio`; "relevance" is r = 1, "divprune" is r = 0; "random" needs `rng`;
-        "uniform" is floor((i + 0.5) * N / K); "cdpruner" is the conditional DPP of
-        `zspa_jax.methods.cdpruner`; "vispruner" needs `cls_attention`.
-      core_ratio: r in [0, 1] or "auto" (static, only read by "zspaprune").
+      method: a name in PRUNE_METHODS whose record is a function of these arrays (not the
+        ones that read a whole tower layer, merge tokens or run inside the LLM) (static).
+        "zspaprune" uses `core_ratio`; "relevance" is r = 1, "divprune" is r = 0; "random"
+        needs `rng`; "uniform" is floor((i + 0.5) * N / K); "cdpruner" is the conditional
+        DPP of `zspa_jax.methods.cdpruner`; "vispruner" needs `cls_attention`.
+      core_ratio: r in [0, 1] or "auto" (static, only read by methods with a core).
       rng: a JAX PRNG key, required by "random" (each batch row gets its own subset).
       visual_mask: [B, N], nonzero/True = real visual token; None = all real. Lets rows
         carry different numbers of tokens N_b <= N in one array: masked tokens are never
         chosen and never influence a choice (they may hold any value, even NaN), so a
         row gives exactly the indices of its N_b real tokens run alone (mapped back to
         their positions). Needs keep <= N_b in every row; "uniform" spaces the picks
-        over the real tokens.
+        over the real tokens. Methods whose record says `accepts_mask`.
       cls_attention: [B, N] attention of the tower's [CLS] query to each of the N tokens,
         averaged over heads (`CLIPVisionModel.hidden_states(..., cls_attention_layer=...)`).
 
@@ -209,36 +195,14 @@ def select_tokens(
     the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
     give each batch row the result of running it alone. Ties go to the lower index.
     """
-    _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask)
+    record = _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask)
     keep = operator.index(keep)
     b, n, _ = visual.shape
-    if method == "divprune" and prompt is None:
-        prompt = jnp.zeros((b, 1, visual.shape[2]), jnp.float32)  # never read (r = 0)
-    if visual_mask is not None:
-        if method == "uniform":
-            return _uniform_masked(visual_mask != 0, keep)
-        if method == "random":
-            return _random_impl(rng, b, n, keep, visual_mask != 0)
-        r = {"relevance": 1.0, "divprune": 0.0}.get(method, float(core_ratio))
-        return _select_impl(
-            visual, prompt, prompt_mask, visual_mask != 0, keep=keep, n_core=core_size(keep, r), batching=_default_batching()
-        )
-    if method == "uniform" or keep == n:
-        # Data-independent: a constant, no compile needed.
-        idx = ((2 * np.arange(keep) + 1) * n) // (2 * keep)  # == floor((i + 0.5) * N / K), exactly
-        return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (b, keep))
-    if method == "random":
-        return _random_impl(rng, b, n, keep)
-    batching = _default_batching()
-    if method == "cdpruner":
-        return cdpruner_select(visual, prompt, prompt_mask, keep=keep, batching=batching)
-    if method == "vispruner":
-        return vispruner_select(visual, cls_attention, keep=keep, batching=batching)
-    if method == "zspaprune" and core_ratio == AUTO:
-        return auto_core.select_auto(visual, prompt, prompt_mask, keep=keep, batching=batching)
-    r = {"relevance": 1.0, "divprune": 0.0}.get(method, core_ratio)
-    # Static key is (keep, n_core): methods that reduce to the same k share one compile.
-    return _select_impl(visual, prompt, prompt_mask, None, keep=keep, n_core=core_size(keep, float(r)), batching=batching)
+    valid = None if visual_mask is None else jnp.asarray(visual_mask) != 0
+    if keep == n and valid is None:
+        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # nothing to choose
+    inputs = MethodInputs(visual, valid, prompt, prompt_mask, rng, cls_attention, None)
+    return record.select(inputs, keep=keep, core_ratio=core_ratio, batching=default_batching()).kept
 
 
 def auto_core_ratio(visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None = None, *, keep: int) -> jax.Array:
@@ -246,11 +210,6 @@ def auto_core_ratio(visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array
     `zspa_jax.methods.auto_core`); the core holds round(r * keep) tokens."""
     _validate(visual, prompt, prompt_mask, keep, "zspaprune", AUTO, None, None)
     return auto_core.auto_core_ratio(visual, prompt, prompt_mask, keep=operator.index(keep))
-
-
-_PROMPT_METHODS = ("zspaprune", "relevance", "cdpruner")
-# Methods whose kernels take a visual_mask (rows with different numbers of real tokens).
-MASKED_METHODS: tuple[str, ...] = ("zspaprune", "relevance", "divprune", "random", "uniform")
 
 
 def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
@@ -267,25 +226,17 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
             )
 
 
-@partial(jax.jit, static_argnames=("keep",))
-def _uniform_masked(valid: jax.Array, keep: int) -> jax.Array:
-    # floor((i + 0.5) * N_b / K) over each row's real tokens, mapped to their positions.
-    n_b = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.int32)
-    rank = ((2 * jnp.arange(keep, dtype=jnp.int32)[None] + 1) * n_b) // (2 * keep)
-    real_positions = jnp.argsort(~valid, axis=1, stable=True)  # real tokens first, in order
-    return jnp.take_along_axis(real_positions, rank, axis=1).astype(jnp.int32)
-
-
-def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask=None) -> None:
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
-    if method in MODEL_METHODS:
-        where = "the vision tower ([CLS] attention and keys)" if method == "visionzip" else "the LLM's attention at layer K"
+def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask=None):
+    """Check select_tokens' arguments against the method's record; returns the record."""
+    record = get_method(method)
+    if record.llm_layer or record.needs_tower or record.merges:
+        where = "the LLM's attention at layer K" if record.llm_layer else (
+            "the vision tower ([CLS] attention and keys)" if record.needs_tower else "to replace tokens by merged ones")
         raise ValueError(
             f"method {method!r} is not a function of (visual, prompt): it needs {where}; "
             f"use PruneConfig(method={method!r}) with zspa_jax.forward / zspa_jax.generate"
         )
-    if prompt is None and method in _PROMPT_METHODS:
+    if prompt is None and record.needs_prompt:
         raise ValueError(f"prompt [B, T, D] is required by method {method!r} (it scores tokens against the prompt)")
     arrays = (("visual", visual),) + ((("prompt", prompt),) if prompt is not None else ())
     for name, x in arrays:
@@ -309,14 +260,14 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_at
     if not 1 <= keep <= n:
         raise ValueError(f"keep must be in [1, N={n}] (number of visual tokens), got {keep}")
     _check_core_ratio(core_ratio, method, "core_ratio")
-    if method == "random":
+    if record.needs_rng:
         if rng is None:
-            raise ValueError("rng (a JAX PRNG key) is required for method='random'")
+            raise ValueError(f"rng (a JAX PRNG key) is required for method={method!r}")
         check_rng("rng", rng)
-    if method == "vispruner":
+    if record.needs_cls_attention:
         if cls_attention is None:
             raise ValueError(
-                "method 'vispruner' needs cls_attention [B, N], the vision tower's [CLS] attention to each "
+                f"method {method!r} needs cls_attention [B, N], the vision tower's [CLS] attention to each "
                 "token; a tower without a [CLS] token cannot provide it"
             )
         if tuple(getattr(cls_attention, "shape", ())) != (b, n):
@@ -324,11 +275,12 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_at
                 f"cls_attention must have shape [B, N] = {(b, n)}, got {tuple(getattr(cls_attention, 'shape', ()))}"
             )
     if visual_mask is not None:
-        if method not in MASKED_METHODS or core_ratio == AUTO:
-            what = f"method {method!r}" + (" with core_ratio='auto'" if core_ratio == AUTO else "")
-            raise ValueError(f"visual_mask is not supported by {what}; supported: {MASKED_METHODS} with a fixed core_ratio")
+        if not record.accepts_mask:
+            supported = tuple(m.name for m in METHODS.values() if m.accepts_mask and not (m.llm_layer or m.merges))
+            raise ValueError(f"visual_mask is not supported by method {method!r}; supported: {supported}")
         _validate_visual_mask(visual_mask, b, n, keep)
     _check_finite_values(visual, prompt, prompt_mask, visual_mask)
+    return record
 
 
 def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
@@ -350,101 +302,8 @@ def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
             raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")
 
 
-def _default_batching() -> str:
-    # Measured (benchmarks/pruning.py): on CPU a sequential lax.map keeps one example's
-    # [N, D] tokens cache-resident across the K fill steps and beats vmap; accelerators
-    # want the parallel batched form.
+def default_batching() -> str:
+    """How the kernels map over the batch. Measured (benchmarks/pruning.py): on CPU a
+    sequential lax.map keeps one example's [N, D] tokens cache-resident across the K fill
+    steps and beats vmap; accelerators want the parallel batched form."""
     return "map" if jax.default_backend() == "cpu" else "vmap"
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@partial(jax.jit, static_argnames=("b", "n", "keep"))
-def _random_impl(rng: jax.Array, b: int, n: int, keep: int, valid: jax.Array | None = None) -> jax.Array:
-    # Top-K of iid uniforms is a uniformly random K-subset; one row of noise per example.
-    u = jax.random.uniform(rng, (b, n))
-    if valid is not None:
-        u = jnp.where(valid, u, -1.0)  # padding ranks below every real token
-    return jnp.sort(lax.top_k(u, keep)[1], axis=-1).astype(jnp.int32)
-
-
-def _select_one(
-    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int
-) -> jax.Array:
-    """One example: v [N, D], t [T, D] f32, m [T] bool, valid [N] bool | None -> sorted int32 [keep].
-
-    Masked tokens (valid False) get unit vector 0, relevance -inf and a running c of
-    +inf, so they are never picked and never change another token's score.
-    """
-    n = v.shape[0]
-    vn = unit(v)
-    if valid is not None:
-        vn = jnp.where(valid[:, None], vn, 0.0)
-    picks = jnp.zeros((keep,), jnp.int32)
-    selected = jnp.zeros((n,), jnp.bool_)
-    if n_core > 0:
-        # Steps 1-4: mean prompt (masked entries contribute an exact 0, whatever they hold).
-        count = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
-        p = jnp.sum(jnp.where(m[:, None], t, 0.0), axis=0) / count
-        s = jnp.einsum("nd,d->n", vn, unit(p), precision=HIGHEST)
-        s = jnp.where(s == 0.0, 0.0, s)  # top_k orders -0.0 below +0.0; equal scores must tie by index
-        if valid is not None:
-            s = jnp.where(valid, s, -jnp.inf)
-        core = lax.top_k(s, n_core)[1].astype(jnp.int32)  # ties -> lower index (documented)
-        if n_core == keep:
-            return jnp.sort(core)
-        picks = picks.at[:n_core].set(core)
-        selected = selected.at[core].set(True)
-        c = jnp.max(jnp.einsum("nd,kd->nk", vn, vn[core], precision=HIGHEST), axis=1)
-        start = n_core
-    else:
-        # r = 0: DivPrune's first pick, argmin_j max_{i != j} cos(v_j, v_i) (only N x N use).
-        g = jnp.einsum("nd,md->nm", vn, vn, precision=HIGHEST)
-        others = ~jnp.eye(n, dtype=jnp.bool_)
-        if valid is not None:
-            others &= valid[None, :]
-        worst = jnp.max(jnp.where(others, g, -jnp.inf), axis=1)
-        first = jnp.argmin(worst if valid is None else jnp.where(valid, worst, jnp.inf))
-        first = first.astype(jnp.int32)
-        picks = picks.at[0].set(first)
-        selected = selected.at[first].set(True)
-        c = g[:, first]
-        start = 1
-
-    # Step 5: greedy max-min fill with a running c_j = max_{i selected} cos(v_j, v_i).
-    blocked = selected if valid is None else selected | ~valid
-
-    def fill(i, state):
-        c, blocked, picks = state
-        j = jnp.argmin(jnp.where(blocked, jnp.inf, c)).astype(jnp.int32)  # first occurrence
-        c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=HIGHEST))
-        return c, blocked.at[j].set(True), picks.at[i].set(j)
-
-    _, _, picks = lax.fori_loop(start, keep, fill, (c, blocked, picks))
-    return jnp.sort(picks)
-
-
-@partial(jax.jit, static_argnames=("keep", "n_core", "batching"))
-def _select_impl(
-    visual: jax.Array,
-    prompt: jax.Array,
-    prompt_mask: jax.Array | None,
-    valid: jax.Array | None = None,
-    *,
-    keep: int,
-    n_core: int,
-    batching: str,
-) -> jax.Array:
-    """Batched `_select_one`: [B, N, D], [B, T, D], [B, T] | None, [B, N] | None -> int32 [B, keep]."""
-    v = visual.astype(jnp.float32)
-    t = prompt.astype(jnp.float32)
-    m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
-    if valid is None:
-        one = lambda v, t, m: _select_one(v, t, m, None, keep=keep, n_core=n_core)  # noqa: E731
-        args = (v, t, m)
-    else:
-        v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN: keep it out of every sum
-        one = partial(_select_one, keep=keep, n_core=n_core)
-        args = (v, t, m, valid)
-    return batched(one, args, batching)

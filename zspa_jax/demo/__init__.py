@@ -3,7 +3,10 @@
 - `zspa_jax.demo.scenes`: the scene / question / caption generator (pure numpy + PIL).
 - `zspa_jax.demo.tokenizer`: the word-level tokenizer and the HF `LlavaProcessor`.
 - `zspa_jax.demo.train`: `python -m zspa_jax.demo.train` trains the model from scratch
-  and ships it to `zspa_jax/assets/demo_model/` (a converted zspa_jax checkpoint).
+  and ships it to `zspa_jax/assets/demo_model/` (a converted zspa_jax checkpoint); its
+  pieces: `config` (TrainConfig), `data` (symbolic patch tokens, batches), `model`
+  (model config and init, forward passes, losses, train step) and `evaluate` (answers,
+  accuracy, per-patch readout).
 - `zspa_jax.demo.export`: `export_hf(...)` writes a zspa_jax LLaVA in HF format.
 
 Importing this package is cheap: the submodules are imported on use.

@@ -1,4 +1,35 @@
-"""Published visual-token pruning methods behind `zspa_jax.select_tokens` / `PruneConfig`.
+"""Visual-token pruning methods: one record (`Method`) per method, one module per method.
 
-One module per method; `zspa_jax.pruning` is the public front that dispatches to them.
+To add a method, write its module (a `Method` value with its select and FLOPs functions
+and its capabilities) and list it in `_RECORDS` below; everything else (PruneConfig,
+select_tokens, the families' support checks, the pipeline, estimate) reads the record.
 """
+
+from __future__ import annotations
+
+from zspa_jax.methods import baselines, cdpruner, fastv, pool, vispruner, visionzip, zspaprune
+from zspa_jax.methods.base import ClsTower, LayerInputs, Method, MethodInputs, Selection
+
+_RECORDS = (
+    zspaprune.ZSPAPRUNE,
+    zspaprune.RELEVANCE,
+    zspaprune.DIVPRUNE,
+    baselines.RANDOM,
+    baselines.UNIFORM,
+    cdpruner.METHOD,
+    vispruner.METHOD,
+    visionzip.METHOD,
+    fastv.METHOD,
+    pool.METHOD,
+)
+METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}
+
+__all__ = ["METHODS", "ClsTower", "LayerInputs", "Method", "MethodInputs", "Selection", "get_method"]
+
+
+def get_method(name: str) -> Method:
+    """The record of method `name`; a ValueError listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}") from None

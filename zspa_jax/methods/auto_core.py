@@ -39,38 +39,52 @@ OUTLIER_Z = 3.5  # Iglewicz & Hoaglin (1993) modified z-score threshold
 MAD_CONSISTENCY = 0.6745  # Phi^{-1}(3/4): makes MAD comparable to a standard deviation
 
 
-def _median(x: jax.Array) -> jax.Array:
+def _median(x: jax.Array, count: jax.Array | None = None) -> jax.Array:
+    """Median of x [N], or of its first `count` values after sorting (masked entries +inf)."""
     srt = jnp.sort(x)
-    n = x.shape[0]
+    n = x.shape[0] if count is None else count
     return 0.5 * (srt[(n - 1) // 2] + srt[n // 2])
 
 
-def auto_core_count(s: jax.Array, keep: int) -> jax.Array:
-    """int32 k in [0, keep] from relevance scores s [N] (the rule in the module docstring)."""
-    med = _median(s)
-    mad = _median(jnp.abs(s - med))
-    outliers = MAD_CONSISTENCY * (s - med) > OUTLIER_Z * mad
+def auto_core_count(s: jax.Array, keep: int, valid: jax.Array | None = None) -> jax.Array:
+    """int32 k in [0, keep] from relevance scores s [N] (the rule in the module docstring);
+    with `valid` [N], over the real tokens only."""
+    if valid is None:
+        med = _median(s)
+        mad = _median(jnp.abs(s - med))
+        outliers = MAD_CONSISTENCY * (s - med) > OUTLIER_Z * mad
+    else:
+        count = jnp.sum(valid.astype(jnp.int32))
+        med = _median(jnp.where(valid, s, jnp.inf), count)
+        mad = _median(jnp.where(valid, jnp.abs(s - med), jnp.inf), count)
+        outliers = valid & (MAD_CONSISTENCY * (s - med) > OUTLIER_Z * mad)
     return jnp.minimum(jnp.sum(outliers.astype(jnp.int32)), keep).astype(jnp.int32)
 
 
-def _prepare(v, t, m):
+def _prepare(v, t, m, valid=None):
     vn = unit(v)
+    if valid is not None:
+        vn = jnp.where(valid[:, None], vn, 0.0)
     return vn, prompt_relevance(vn, t, m)
 
 
-def _divprune_first(vn: jax.Array) -> jax.Array:
+def _divprune_first(vn: jax.Array, valid: jax.Array) -> jax.Array:
     n = vn.shape[0]
     g = jnp.einsum("nd,md->nm", vn, vn, precision=HIGHEST)
-    return jnp.argmin(jnp.max(jnp.where(jnp.eye(n, dtype=jnp.bool_), -jnp.inf, g), axis=1)).astype(jnp.int32)
+    others = ~jnp.eye(n, dtype=jnp.bool_) & valid[None, :]
+    worst = jnp.where(valid, jnp.max(jnp.where(others, g, -jnp.inf), axis=1), jnp.inf)
+    return jnp.argmin(worst).astype(jnp.int32)
 
 
-def _select_auto_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int) -> jax.Array:
-    """One example: v [N, D], t [T, D] f32, m bool [T] -> sorted int32 [keep]."""
+def _select_auto_one(v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None = None, *, keep: int) -> jax.Array:
+    """One example: v [N, D], t [T, D] f32, m bool [T], valid bool [N] | None -> sorted int32 [keep].
+    Masked tokens are never picked and never change a score, the median or the MAD."""
     n = v.shape[0]
-    vn, s = _prepare(v, t, m)
-    k = auto_core_count(s, keep)
-    order = jnp.argsort(-s, stable=True).astype(jnp.int32)  # most relevant first, ties -> lower index
-    first = lax.cond(k == 0, _divprune_first, lambda _: jnp.int32(0), vn)
+    vn, s = _prepare(v, t, m, valid)
+    k = auto_core_count(s, keep, valid)
+    real = jnp.ones((n,), jnp.bool_) if valid is None else valid
+    order = jnp.argsort(-jnp.where(real, s, -jnp.inf), stable=True).astype(jnp.int32)  # most relevant first
+    first = lax.cond(k == 0, _divprune_first, lambda *_: jnp.int32(0), vn, real)
 
     def step(i, state):
         c, selected, picks = state
@@ -79,7 +93,7 @@ def _select_auto_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int) -> 
         c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=HIGHEST))
         return c, selected.at[j].set(True), picks.at[i].set(j)
 
-    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.bool_), jnp.zeros((keep,), jnp.int32))
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), ~real, jnp.zeros((keep,), jnp.int32))
     _, _, picks = lax.fori_loop(0, keep, step, init)
     return jnp.sort(picks)
 
@@ -92,10 +106,20 @@ def _inputs(visual, prompt, prompt_mask):
 
 @partial(jax.jit, static_argnames=("keep", "batching"))
 def select_auto(
-    visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None, *, keep: int, batching: str = "vmap"
+    visual: jax.Array,
+    prompt: jax.Array,
+    prompt_mask: jax.Array | None,
+    valid: jax.Array | None = None,
+    *,
+    keep: int,
+    batching: str = "vmap",
 ) -> jax.Array:
-    """ZSPAPrune with the automatic core: [B, N, D], [B, T, D], [B, T] | None -> int32 [B, keep]."""
-    return batched(partial(_select_auto_one, keep=keep), _inputs(visual, prompt, prompt_mask), batching)
+    """ZSPAPrune with the automatic core: [B, N, D], [B, T, D], [B, T] | None, [B, N] | None -> int32 [B, keep]."""
+    v, t, m = _inputs(visual, prompt, prompt_mask)
+    if valid is None:
+        return batched(partial(_select_auto_one, keep=keep), (v, t, m), batching)
+    v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN
+    return batched(partial(_select_auto_one, keep=keep), (v, t, m, valid), batching)
 
 
 @partial(jax.jit, static_argnames=("keep",))

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from zspa_jax.methods._common import EPS, HIGHEST, batched, prompt_relevance, unit
+from zspa_jax.methods.base import Method, Selection
 
-__all__ = ["cdpruner_select", "normalized_relevance"]
+__all__ = ["METHOD", "cdpruner_select", "normalized_relevance"]
 
 
 def normalized_relevance(s: jax.Array, theta: float | None = None) -> jax.Array:
@@ -97,3 +98,25 @@ def cdpruner_select(
     t = prompt.astype(jnp.float32)
     m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
     return batched(partial(_cdpruner_one, keep=keep, theta=theta), (v, t, m), batching)
+
+
+def cdpruner_flops(n: int, d: int, keep: int, text_tokens: int, **_) -> int:
+    """Unit vectors, prompt relevance, then per pick one kernel row L[j, :] (N*D MACs) and
+    the Cholesky projection over the whole [K, N] buffer (K*N MACs); 0 when keep == n."""
+    if keep >= n:
+        return 0
+    return 3 * n * d + 2 * text_tokens * d + 2 * n * d + 2 * keep * n * (d + keep)
+
+
+METHOD = Method(
+    name="cdpruner",
+    stage="embedding",
+    select=lambda inputs, *, keep, batching, **_: Selection(
+        cdpruner_select(inputs.visual, inputs.prompt, inputs.prompt_mask, keep=keep, batching=batching)
+    ),
+    flops=cdpruner_flops,
+    summary="greedy MAP of a conditional DPP: cosine similarity weighted by prompt relevance",
+    citation="arXiv:2506.10967, github.com/Theia-4869/CDPruner",
+    needs_prompt=True,
+    accepts_mask=False,
+)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from zspa_jax.methods._common import HIGHEST, batched, unit
+from zspa_jax.methods.base import Method, MethodInputs, Selection
 
 __all__ = ["CONTEXTUAL_SHARE", "split_counts", "visionzip_merge"]
 
@@ -99,3 +100,38 @@ def visionzip_merge(
     one = partial(_visionzip_one, keep=keep, cls_in_placeholders=cls_in_placeholders)
     args = (hidden.astype(jnp.float32), cls_attention.astype(jnp.float32), keys.astype(jnp.float32))
     return batched(one, args, batching)
+
+
+def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
+    tower = inputs.tower
+    tokens, slots = visionzip_merge(
+        tower.hidden, tower.probs, tower.keys, keep=keep, cls_in_placeholders=tower.cls_in_placeholders, batching=batching
+    )
+    return Selection(slots, tokens)
+
+
+def visionzip_flops(n: int, d: int, keep: int, text_tokens: int, *, key_dim: int | None = None, **_) -> int:
+    """d = the tower width C, key_dim = its head width Dh: unit keys of the L = N + 1 tower
+    tokens, the cosine of the M - c merged tokens to the c targets, then the one-hot
+    assignment matrix times their hidden states."""
+    if keep >= n:
+        return 0
+    dh = d if key_dim is None else key_dim
+    length = n + 1
+    dominant, contextual = split_counts(keep)
+    merged = length - dominant - contextual
+    if contextual == 0 or merged <= 0:
+        return 0
+    return 3 * length * dh + 2 * merged * contextual * (dh + d)
+
+
+METHOD = Method(
+    name="visionzip",
+    stage="tower",
+    select=_select,
+    flops=visionzip_flops,
+    summary="[CLS] and the patches with the most [CLS] attention, plus contextual tokens merged by key similarity",
+    citation="arXiv:2412.04467, github.com/dvlab-research/VisionZip",
+    accepts_mask=False,
+    merges=True,
+)

@@ -35,8 +35,9 @@ import numpy as np
 from jax import lax
 
 from zspa_jax.methods._common import HIGHEST, batched, unit
+from zspa_jax.methods.base import Method, MethodInputs, Selection
 
-__all__ = ["IMPORTANT_RATIO", "schedule", "vispruner_select"]
+__all__ = ["IMPORTANT_RATIO", "METHOD", "schedule", "vispruner_select"]
 
 IMPORTANT_RATIO = 0.5  # official default (--important_ratio 0.5)
 MAX_DROP = 8  # tokens dropped per round in the official code
@@ -109,3 +110,24 @@ def vispruner_select(
     x = features.astype(jnp.float32)
     a = cls_attention.astype(jnp.float32)
     return batched(partial(_vispruner_one, keep=keep, important_ratio=important_ratio), (x, a), batching)
+
+
+def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
+    return Selection(vispruner_select(inputs.visual, inputs.cls_attention, keep=keep, batching=batching))
+
+
+def vispruner_flops(n: int, d: int, keep: int, text_tokens: int, **_) -> int:
+    """d = the tower width C: unit vectors and one N x N cosine matrix (the rounds only
+    gather from it and sort); 0 when keep == n."""
+    return 0 if keep >= n else 3 * n * d + 2 * n * n * d
+
+
+METHOD = Method(
+    name="vispruner",
+    stage="tower",
+    select=_select,
+    flops=vispruner_flops,
+    summary="half the budget by the tower's [CLS] attention, the rest by duplicate-removal rounds on tower features",
+    citation="arXiv:2412.01818, github.com/Theia-4869/VisPruner",
+    accepts_mask=False,
+)

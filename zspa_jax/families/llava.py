@@ -1,12 +1,22 @@
-"""Host-side input handling: checked arrays with clear errors, and strings + images -> arrays."""
+"""The LLaVA-1.5 family: CLIP tower -> MLP projector -> LLaMA (models/llava.py, convert/llava.py).
+
+Host side: a fixed number of visual tokens per image (N = patches, plus [CLS] under the
+"full" strategy), NCHW pixel_values, no aux arrays; the array path is traceable, so
+`generate_tokens` runs inside a caller's `jax.jit`. Strings + images go through the saved
+transformers processor (`LlavaProcessor`) and the chat template.
+"""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from zspa_jax.loading import VLM
+from models.checkpoint import RECONVERT, CheckpointError
+from models.llava import LlavaConfig, LlavaForConditionalGeneration
+from zspa_jax.families.base import Family, HostBatch, left_pad
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.validation import (
     as_array,
@@ -18,19 +28,7 @@ from zspa_jax.validation import (
     type_name,
 )
 
-__all__ = ["CheckedArrays", "check_arrays", "check_prune", "check_vlm", "encode", "is_traced"]
-
-
-def check_vlm(vlm: Any) -> None:
-    if not isinstance(vlm, VLM):
-        raise TypeError(f"vlm must be a zspa_jax.VLM (what zspa_jax.load(path) returns), got {type_name(vlm)}")
-
-
-def check_prune(prune: Any) -> None:
-    if prune is not None and not isinstance(prune, PruneConfig):
-        raise TypeError(
-            f"prune must be a zspa_jax.PruneConfig (e.g. PruneConfig(keep=64)) or None, got {type_name(prune)} {prune!r}"
-        )
+__all__ = ["FAMILY", "LlavaAdapter", "check_arrays", "encode"]
 
 
 class CheckedArrays(NamedTuple):
@@ -40,7 +38,7 @@ class CheckedArrays(NamedTuple):
 
 
 def check_arrays(
-    vlm: VLM, input_ids, pixel_values, attention_mask, prune: PruneConfig | None = None, extra_length: int = 0
+    vlm, input_ids, pixel_values, attention_mask, prune: PruneConfig | None = None, extra_length: int = 0
 ) -> CheckedArrays:
     """Check the array API's inputs; messages name the argument and, for values, the row.
 
@@ -49,8 +47,6 @@ def check_arrays(
     `extra_length` is the number of new tokens that will follow the prompt (generation).
     Returns the arrays (host values as NumPy; JAX arrays and tracers untouched).
     """
-    check_vlm(vlm)
-    check_prune(prune)
     ids = as_array("input_ids", input_ids, "integer", 2, "an int array [batch, length]")
     shape = tuple(ids.shape)
     mask = None
@@ -77,11 +73,7 @@ def check_arrays(
     length = shape[1]
     if prune is not None and pixels is not None:
         keep = prune.num_keep(n)  # raises if keep > N
-        if prune.method == "fastv":  # kept tokens keep their positions: decoding continues at L
-            from zspa_jax.methods.fastv import check_layer
-
-            check_layer(vlm.config.text, prune.fastv_layer)
-        else:
+        if not prune.record.llm_layer:  # inside the LLM kept tokens keep their positions: decoding continues at L
             length = length - n + keep
     max_pos = vlm.config.text.max_position_embeddings
     if length + extra_length > max_pos:
@@ -193,7 +185,7 @@ def _check_images(images: Any, count: int) -> list | None:
 
 
 def encode(
-    vlm: VLM, prompts: str | Sequence[str], images: Any | Sequence[Any] | None = None, *, chat_template: bool | None = None
+    vlm, prompts: str | Sequence[str], images: Any | Sequence[Any] | None = None, *, chat_template: bool | None = None
 ) -> dict[str, np.ndarray]:
     """Strings + images -> exactly the arrays the array API takes, through the saved HF processor.
 
@@ -208,7 +200,6 @@ def encode(
     goes there; otherwise the image goes first. It is never counted twice. With
     `chat_template` None the processor's chat template is applied when it has one.
     """
-    check_vlm(vlm)
     check_bool("chat_template", chat_template, allow_none=True)
     if vlm.processor is None:
         raise ValueError(
@@ -245,3 +236,62 @@ def encode(
         out["pixel_values"] = np.asarray(batch["pixel_values"], np.float32)
     out["attention_mask"] = np.asarray(batch["attention_mask"], np.int32)
     return out
+
+
+class LlavaAdapter:
+    """Fixed N per image, NCHW pixels, no aux; traced arrays pass through untouched."""
+
+    def prepare(self, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket,
+                prompt_bucket=None) -> HostBatch:
+        if image_grid_thw is not None:
+            raise ValueError(f"image_grid_thw is not used by {FAMILY.display_name} models (a fixed image size)")
+        arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=extra_length)
+        input_ids, pixel_values, attention_mask = arrays.input_ids, arrays.pixel_values, arrays.attention_mask
+        n = vlm.config.image_seq_length if pixel_values is not None else 0
+        prompt_tokens = None
+        if not is_traced(input_ids, attention_mask):
+            ids = np.asarray(input_ids, np.int32)
+            mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+            prompt_tokens = mask.sum(axis=1)
+            if prompt_bucket:
+                input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id)
+        grid = vlm.config.token_grid
+        rows = int(np.shape(input_ids)[0])
+        grid = None if grid is None or pixel_values is None else np.tile(np.asarray(grid, np.int32), (rows, 1))
+        return HostBatch(input_ids, attention_mask, pixel_values, None, n, n, prompt_tokens, visual_grid=grid)
+
+    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
+        images = int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length
+        return images, images
+
+    def encode(self, vlm, prompts, images, chat_template):
+        return encode(vlm, prompts, images, chat_template=chat_template)
+
+    def load_processor(self, path: Path):
+        """The transformers processor saved beside the params, or None when there is none."""
+        if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        from transformers import AutoProcessor
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return AutoProcessor.from_pretrained(path)
+            except Exception as e:  # transformers raises many types for one cause: damaged files
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                raise CheckpointError(
+                    f"{path}: the saved tokenizer/processor files cannot be loaded ({reason}); {RECONVERT}"
+                ) from None
+
+
+FAMILY = Family(
+    name="llava",
+    display_name="LLaVA",
+    config_cls=LlavaConfig,
+    model_cls=LlavaForConditionalGeneration,
+    adapter=LlavaAdapter(),
+    converter="convert.llava",
+    has_cls=True,
+    variable_tokens=False,
+    tokens_per_image=lambda cfg: cfg.image_seq_length,
+)

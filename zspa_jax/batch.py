@@ -1,0 +1,150 @@
+"""The generic host path: user arrays -> a checked `HostBatch` -> arrays placed for the programs.
+
+`forward`, `generate` and `generate_tokens` call `prepare_arrays` (the family's adapter
+checks and lays out the batch before any compile; the method's needs are checked against
+the family's record; a batch that does not divide the mesh's "data" axis is padded with
+copies of its last row) and `device_arrays` (placement on the mesh). Nothing here names a
+family or a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from zspa_jax.families import HostBatch, family_of
+from zspa_jax.loading import check_vlm
+from zspa_jax.prefill import check_layer
+from zspa_jax.pruning import PruneConfig
+from zspa_jax.sharding import data_size, padded_rows, place, place_tree
+from zspa_jax.validation import is_traced
+
+__all__ = ["device_arrays", "encode", "prepare_arrays", "reject_video", "resolve_prune"]
+
+
+def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | None:
+    """A keep-count PruneConfig for this batch (ratio applied to the fewest real tokens), or
+    None when there is nothing to prune."""
+    if prune is None or batch.pixel_values is None:
+        return None
+    keep = prune.num_keep(batch.min_visual)  # raises when keep exceeds a row's tokens
+    return dataclasses.replace(prune, keep=keep, ratio=None)
+
+
+def check_prune_for(vlm, prune: PruneConfig | None) -> None:
+    """The method's needs against the family's capabilities and the decoder's depth."""
+    if prune is None:
+        return
+    family_of(vlm).check_method(prune)
+    if prune.record.llm_layer:
+        check_layer(vlm.config.text.num_hidden_layers, prune.layer, prune.method)
+
+
+def prepare_arrays(
+    vlm,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    image_grid_thw=None,
+    prune=None,
+    extra_length=0,
+    bucket=False,
+    prompt_bucket: int | None = None,
+) -> HostBatch:
+    """Validate arrays (before any compile) and build the family's host batch.
+
+    `bucket`: pad the family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower
+    windows and pruned image spans), so images of different sizes share compiled
+    programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
+    """
+    adapter = family_of(vlm).adapter
+    if pixel_values is not None:
+        check_prune_for(vlm, prune)
+    batch = adapter.prepare(
+        vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket, prompt_bucket
+    )
+    _check_layout(prune, batch)
+    rows = int(np.shape(batch.input_ids)[0])
+    target = padded_rows(rows, vlm.mesh)
+    if target == rows:
+        return batch
+    if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw):
+        raise ValueError(
+            f"a batch of {rows} rows does not divide the mesh axis 'data' ({data_size(vlm.mesh)}) and traced "
+            "arrays cannot be padded: pass a multiple of it, or concrete arrays"
+        )
+    # Validated above: pad with copies of the last row (and its images), run again.
+    ids, pixels, mask, grid = _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, image_grid_thw,
+                                               target - rows)
+    batch = adapter.prepare(vlm, ids, pixels, mask, grid, prune, extra_length, bucket, prompt_bucket)
+    return batch._replace(rows=rows)
+
+
+def _check_layout(prune: PruneConfig | None, batch: HostBatch) -> None:
+    """A method that reads the token grid checks each row's grid on the host (e.g. that
+    pooling to K tokens fits it)."""
+    if prune is None or batch.pixel_values is None or not prune.record.needs_grid:
+        return
+    if batch.visual_grid is None:
+        raise ValueError(
+            f"method {prune.method!r} needs each row's visual tokens as a 2-D grid; this model's visual tokens are "
+            "not one (e.g. a [CLS] token among them)"
+        )
+    if prune.record.check_layout is not None:
+        prune.record.check_layout(np.asarray(batch.visual_grid), prune.num_keep(batch.min_visual))
+
+
+def _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, extra: int):
+    """The batch with its last row (and that row's images) appended `extra` more times."""
+    ids = np.asarray(input_ids)
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    images, pixel_rows = adapter.last_row_images(vlm, ids, image_grid_thw)
+    repeat = lambda x, n: np.concatenate([x] + [x[len(x) - n:]] * extra) if n else x  # noqa: E731
+    ids = repeat(ids, 1)
+    mask = None if mask is None else repeat(mask, 1)
+    pixels = None if pixel_values is None else repeat(np.asarray(pixel_values), pixel_rows)
+    grid = None if image_grid_thw is None else repeat(np.asarray(image_grid_thw), images)
+    return ids, pixels, mask, grid
+
+
+def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
+    """(input_ids int32, attention_mask int32, pixel_values f32 | None, aux) as the jitted
+    programs take them: on `mesh`, rows split over "data" and aux replicated; traced
+    arrays (a caller's jit) pass through for that jit to place."""
+    ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
+    if mask is None:
+        mask = np.ones(np.shape(ids), np.int32)
+    if mesh is None or is_traced(ids, mask, pixels):
+        pixels = None if pixels is None else jnp.asarray(pixels, jnp.float32)
+        return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), pixels, batch.aux
+    pixels = None if pixels is None else place(np.asarray(pixels, np.float32), mesh, "data")
+    return (
+        place(np.asarray(ids, np.int32), mesh, "data"),
+        place(np.asarray(mask, np.int32), mesh, "data"),
+        pixels,
+        place_tree(batch.aux, mesh),
+    )
+
+
+def reject_video(**kwargs) -> None:
+    """Video arguments (transformers' names) are not supported by any family here."""
+    for name, value in kwargs.items():
+        if value is not None:
+            raise ValueError(f"{name} was given: video input is not supported (images only)")
+
+
+def encode(
+    vlm, prompts: str | Sequence[str], images=None, *, chat_template: bool | None = None
+) -> dict[str, np.ndarray]:
+    """Strings + images -> exactly the arrays the array API takes (transformers' names:
+    input_ids, attention_mask, pixel_values, and the family's extras such as Qwen2.5-VL's
+    image_grid_thw), through the checkpoint's saved processor.
+
+        batch = zspa_jax.encode(vlm, ["What is on the table?"], [image])
+        logits = zspa_jax.forward(vlm, **batch)
+    """
+    check_vlm(vlm)
+    return family_of(vlm).adapter.encode(vlm, prompts, images, chat_template)

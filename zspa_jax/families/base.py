@@ -1,0 +1,124 @@
+"""The family record: everything the generic path needs to know about one model family.
+
+A family is one models/ file (config + NNX modules), one convert/ table and one record
+here (its host adapter, capabilities and converter), listed once in
+`zspa_jax.families`. Loading reads the family name from the checkpoint and looks the
+record up; forward, generate, the pipeline and sharding only call the record and the
+model protocol (models.protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Protocol
+
+import numpy as np
+
+from zspa_jax.validation import check_binary_mask, is_traced
+
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
+
+
+class HostBatch(NamedTuple):
+    """A validated batch as the jitted programs take it (what an adapter's `prepare` returns)."""
+
+    input_ids: Any  # int [B, L] (numpy, or the caller's arrays where the family allows tracing)
+    attention_mask: Any  # int [B, L] or None (all real)
+    pixel_values: np.ndarray | None
+    aux: Any  # the family's pytree for `multimodal_inputs` (None when it needs none)
+    num_visual: int  # visual slots per row N (the pruned span), 0 without images
+    min_visual: int  # fewest real visual tokens in a row (what a prune ratio applies to)
+    prompt_tokens: np.ndarray | None  # int [B]: real prompt tokens per row before any padding (None if traced)
+    visual_per_row: np.ndarray | None = None  # int [B]: real visual tokens per row (None: num_visual each)
+    visual_grid: np.ndarray | None = None  # int [B, 2]: each row's token grid (rows, cols), when a grid
+    rows: int | None = None  # the caller's rows when the batch was padded for a mesh (None: not padded)
+
+
+class HostAdapter(Protocol):
+    """A family's host side: checks, layouts and the processor (numpy, before any compile)."""
+
+    def prepare(self, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length: int,
+                bucket: bool, prompt_bucket: int | None) -> HostBatch: ...
+
+    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
+        """(images, pixel_values rows) of the batch's last row (mesh padding repeats it)."""
+
+    def encode(self, vlm, prompts, images, chat_template) -> dict[str, np.ndarray]: ...
+
+    def load_processor(self, path: Path) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring)."""
+
+    name: str  # recorded in the checkpoint
+    display_name: str
+    config_cls: type
+    model_cls: type  # implements models.protocol; carries SHARDING_RULES
+    adapter: HostAdapter
+    converter: str  # the module run as `python -m <converter> SRC OUT`
+    has_cls: bool  # the tower has a [CLS] token (the tower-stage methods need it)
+    variable_tokens: bool  # rows carry different numbers of visual tokens (a valid mask)
+    tokens_per_image: Callable[[Any], int | None] = lambda cfg: None  # fixed N per image, or None
+    estimate: Any = None  # the family's estimate hooks (zspa_jax.estimate)
+
+    @property
+    def sharding_rules(self):
+        return self.model_cls.SHARDING_RULES
+
+    def check_method(self, prune) -> None:
+        """Refuse, by name, a method whose needs this family does not meet (before any compile)."""
+        if prune is None:
+            return
+        method = prune.record
+        if method.needs_cls_attention and not self.has_cls:
+            raise ValueError(
+                f"method {method.name!r} needs the vision tower's [CLS] attention; {self.display_name}'s tower has "
+                "no [CLS] token"
+            )
+        if self.variable_tokens and not method.accepts_mask:
+            raise ValueError(
+                f"method {method.name!r} is not implemented for {self.display_name} (variable-size images): it "
+                "takes no mask over each row's real visual tokens"
+            )
+
+
+def round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def left_pad(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad [B, L] ids (pad_id) and mask (0) to a multiple of `multiple` (fewer compiles)."""
+    extra = round_up(ids.shape[1], multiple) - ids.shape[1]
+    if not extra:
+        return ids, mask
+    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
+
+
+def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Host ids int [B, L] and a 0/1, left-padded mask (all ones when None)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, length], got shape {ids.shape} ({ids.dtype})")
+    if attention_mask is None:
+        return ids, np.ones(ids.shape, np.int32)
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+    check_binary_mask("attention_mask", mask)
+    check_left_padded(mask)
+    return ids, mask.astype(np.int32)
+
+
+def check_left_padded(mask) -> None:
+    if (np.asarray(mask)[:, -1] == 0).any():
+        raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
+
+
+__all__ = [
+    "Family", "HostAdapter", "HostBatch", "PROMPT_BUCKET", "check_ids_and_mask", "check_left_padded", "is_traced",
+    "left_pad", "round_up",
+]

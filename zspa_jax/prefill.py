@@ -1,0 +1,159 @@
+"""The prefill programs: the decoder over the (pruned) prompt, optionally filling a KV cache.
+
+Two strategies behind one result type, chosen by the method record's stage:
+  * `prefill` runs every layer on the decoder inputs as given (no pruning, or pruning
+    before layer 0);
+  * `prefill_pruned_at_layer` runs an "llm"-stage method (FastV, DART): layers < K see
+    every token, the method chooses the kept visual tokens from what layer K sees
+    (`LayerInputs`), and layers >= K and their cache hold only the L - N + K remaining
+    tokens at their original positions.
+The cache has one length per layer; `Prefilled.kv_valid` / `prompt_lengths` say which
+slots hold prompt tokens and where each layer's first new token goes, which is all the
+decode loop needs to know.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from models.llama import KVCache, LlamaModel
+from zspa_jax.methods.base import LayerInputs, Method
+
+__all__ = ["Prefilled", "check_layer", "pruned_gather_index", "prefill", "prefill_pruned_at_layer", "run_prefill"]
+
+
+class Prefilled(NamedTuple):
+    hidden: jax.Array  # [B, L', D] final-normed hidden states of the (pruned) prompt
+    mask: jax.Array  # int32 [B, L']: 0 on padding
+    kept: jax.Array | None  # int32 [B, K] kept visual tokens chosen inside the LLM, else None
+    cache: KVCache | None  # per-layer k/v [B, S_i, Hkv, Dh] (None without a cache)
+    kv_valid: tuple[jax.Array, ...] | None  # per layer bool [B, S_i]: slots holding a prompt token
+    prompt_lengths: jax.Array | None  # int32 [layers]: each layer's first free slot
+
+
+def check_layer(num_layers: int, layer: int, method: str) -> None:
+    """An LLM-stage method's K must leave layers before it (to choose) and after it (to prune)."""
+    if not 1 <= layer < num_layers:
+        raise ValueError(
+            f"method {method!r}: layer K={layer} is outside the decoder: K must be in [1, {num_layers - 1}] for this "
+            f"{num_layers}-layer decoder (layers before K choose the tokens, layers K.. run without them)"
+        )
+
+
+def pruned_gather_index(start: jax.Array, kept: jax.Array, num_visual: int, length: int) -> jax.Array:
+    """int32 [B, L - N + K]: for each position of the pruned sequence, its source position.
+
+    start: int [B], each row's first visual slot (one contiguous span of N); the pruned row
+    is tokens [0, s_b), then the kept visual tokens s_b + kept, then [s_b + N, L). `kept`
+    may be unsorted (merged tokens' slots, in sequence order).
+    """
+    keep = kept.shape[1]
+    start = start[:, None]
+    j = jnp.arange(length - num_visual + keep)[None, :]
+    in_span = (j >= start) & (j < start + keep)
+    visual_src = start + jnp.take_along_axis(kept, jnp.clip(j - start, 0, keep - 1), axis=1)
+    text_src = jnp.where(j < start, j, j + num_visual - keep)
+    return jnp.where(in_span, visual_src, text_src).astype(jnp.int32)
+
+
+def _causal(mask: jax.Array, slots: int | None) -> jax.Array:
+    """bool [B, L, S]: query i sees slot j <= i holding a real token (S = L without a cache)."""
+    length = mask.shape[1]
+    slots = length if slots is None else slots
+    valid = jnp.pad(mask.astype(bool), ((0, 0), (0, slots - length)))
+    return (jnp.arange(slots)[None, None, :] <= jnp.arange(length)[None, :, None]) & valid[:, None, :]
+
+
+def _empty_kv(decoder: LlamaModel, b: int, slots: int, dtype) -> tuple[jax.Array, jax.Array]:
+    cfg = decoder.config
+    shape = (b, slots, cfg.num_key_value_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _run_layers(decoder, layers, x, positions, mask, cache_length, query_row_at=None):
+    """Layers `layers` on x [B, L, D]; with `cache_length` each fills a fresh cache of that
+    many slots. Returns (x, k list, v list, last-query attention row of `query_row_at`)."""
+    causal = _causal(mask, cache_length)
+    ks, vs, row = [], [], None
+    for i in layers:
+        kv = None if cache_length is None else _empty_kv(decoder, x.shape[0], cache_length, x.dtype)
+        x, kv, *extra = decoder.layers[i](x, positions, causal, kv, None if kv is None else 0, i == query_row_at)
+        row = extra[0] if extra else row
+        if kv is not None:
+            ks.append(kv[0])
+            vs.append(kv[1])
+    return x, ks, vs, row
+
+
+def _valid_slots(mask: jax.Array, slots: int) -> jax.Array:
+    return jnp.pad(mask.astype(bool), ((0, 0), (0, slots - mask.shape[1])))
+
+
+def prefill(decoder: LlamaModel, embeds: jax.Array, positions: jax.Array, mask: jax.Array,
+            cache_length: int | None = None) -> Prefilled:
+    """Every layer on embeds [B, L, D] (positions [B, L] or [3, B, L]; mask [B, L]); with
+    `cache_length` S >= L, also a KV cache of S slots per layer."""
+    x = embeds.astype(decoder.embed_tokens.embedding.dtype)
+    layers = range(len(decoder.layers))
+    x, ks, vs, _ = _run_layers(decoder, layers, x, positions, mask, cache_length)
+    if cache_length is None:
+        return Prefilled(decoder.norm(x), mask, None, None, None, None)
+    valid = _valid_slots(mask, cache_length)
+    lengths = jnp.full((len(layers),), mask.shape[1], jnp.int32)
+    return Prefilled(decoder.norm(x), mask, None, KVCache(tuple(ks), tuple(vs)), (valid,) * len(layers), lengths)
+
+
+def prefill_pruned_at_layer(
+    decoder: LlamaModel,
+    embeds: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    *,
+    method: Method,
+    layer: int,
+    keep: int,
+    visual_start: jax.Array,
+    visual_valid: jax.Array | None,
+    text_mask: jax.Array,
+    num_visual: int,
+    cache_length: int | None = None,
+) -> Prefilled:
+    """An "llm"-stage method on the unpruned prompt (module docstring). With `cache_length`
+    S, layers < K cache S slots and layers >= K cache S - N + K."""
+    num_layers = len(decoder.layers)
+    check_layer(num_layers, layer, method.name)
+    if not 1 <= keep <= num_visual:
+        raise ValueError(f"method {method.name!r}: keep={keep} must be in [1, N={num_visual}]")
+    length = mask.shape[1]
+    x = embeds.astype(decoder.embed_tokens.embedding.dtype)
+    x, ks, vs, row = _run_layers(decoder, range(layer), x, positions, mask, cache_length, query_row_at=layer - 1)
+    inputs = LayerInputs(x, row[:, :length], visual_start.astype(jnp.int32), visual_valid, text_mask, num_visual)
+    kept = method.select(inputs, keep=keep)
+    src = pruned_gather_index(inputs.visual_start, kept, num_visual, length)
+    x = jnp.take_along_axis(x, src[..., None], axis=1)
+    positions = jnp.take_along_axis(positions, jnp.broadcast_to(src, positions.shape[:-1] + src.shape[-1:]), axis=-1)
+    late_mask = jnp.take_along_axis(mask, src, axis=1)
+    late_slots = None if cache_length is None else cache_length - num_visual + keep
+    x, late_ks, late_vs, _ = _run_layers(decoder, range(layer, num_layers), x, positions, late_mask, late_slots)
+    if cache_length is None:
+        return Prefilled(decoder.norm(x), late_mask, kept, None, None, None)
+    late_length = length - num_visual + keep
+    valid = (_valid_slots(mask, cache_length),) * layer + (_valid_slots(late_mask, late_slots),) * (num_layers - layer)
+    lengths = jnp.asarray([length] * layer + [late_length] * (num_layers - layer), jnp.int32)
+    cache = KVCache(tuple(ks + late_ks), tuple(vs + late_vs))
+    return Prefilled(decoder.norm(x), late_mask, kept, cache, valid, lengths)
+
+
+def run_prefill(decoder: LlamaModel, inputs, prune, cache_length: int | None = None) -> Prefilled:
+    """The strategy the method's record asks for, on `zspa_jax.pipeline.DecoderInputs`."""
+    if prune is None or inputs.visual_start is None or not prune.record.llm_layer:
+        return prefill(decoder, inputs.embeds, inputs.positions, inputs.mask, cache_length)
+    n = inputs.visual_valid.shape[1]
+    return prefill_pruned_at_layer(
+        decoder, inputs.embeds, inputs.positions, inputs.mask, method=prune.record, layer=prune.layer,
+        keep=prune.num_keep(n), visual_start=inputs.visual_start, visual_valid=inputs.visual_valid,
+        text_mask=inputs.prompt_mask, num_visual=n, cache_length=cache_length,
+    )
