@@ -233,7 +233,8 @@ class LlamaAttention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, L, D]; positions: [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
 
-        `query_row`: also return `last_query_attention` (f32 [B, S]) as a third element.
+        `query_row`: also return `last_query_attention` (f32 [B, S]) and this call's keys after
+        RoPE ([B, L, Hkv, Dh], what in-LLM pruning methods read) as third and fourth elements.
 
         Without `kv`, S == L (attend within x). With `kv` = (k, v) each [B, S, Hkv, Dh],
         the new keys/values are written at slots [cache_index, cache_index + L) and the
@@ -247,6 +248,7 @@ class LlamaAttention(nnx.Module):
             self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq, self.mrope_section
         )
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        new_keys = k
         if kv is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
@@ -254,7 +256,7 @@ class LlamaAttention(nnx.Module):
             kv = (k, v)
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         if query_row:
-            return self.o_proj(out.reshape(b, l, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask)
+            return self.o_proj(out.reshape(b, l, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask), new_keys
         return self.o_proj(out.reshape(b, l, -1)), kv
 
 
@@ -287,7 +289,7 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, mask, kv=None, cache_index=None, query_row: bool = False):
-        """-> (x, kv), or (x, kv, last-query attention row f32 [B, S]) with `query_row`."""
+        """-> (x, kv), or (x, kv, last-query attention row f32 [B, S], keys [B, L, Hkv, Dh]) with `query_row`."""
         attn, kv, *row = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index, query_row)
         x = x + attn
         return (x + self.mlp(self.post_attention_layernorm(x)), kv, *row)

@@ -7,7 +7,6 @@ any read of it would show up as a changed or invalid selection.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +20,13 @@ from zspa_jax.methods.dart import dart_flops, dart_select
 D, HEADS, DH = 32, 2, 8
 
 
-def make_batch(seed: int, n: int, rows: list[tuple[int, int]], length: int, holes: list[list[int]] | None = None):
+def make_batch(
+    seed: int,
+    n: int,
+    rows: list[tuple[int, int]],
+    length: int,
+    holes: list[list[int]] | None = None,
+):
     """rows: (tokens before the span, text tokens after it) per row, left-padded to `length`.
     holes: span slots per row that are padding (visual_valid False). Returns numpy arrays."""
     rng = np.random.default_rng(seed)
@@ -95,8 +100,15 @@ def check_well_formed(idx: np.ndarray, n: int, keep: int, valid: np.ndarray | No
         assert np.take_along_axis(valid, idx, axis=1).all(), "a padding slot was chosen"
 
 
-ROWS = [(3, 9), (5, 4), (2, 12)]  # (before span, text after): three different span starts
-N, LENGTH = 16, 36  # the shape most tests share (one compiled program per keep / pivots)
+ROWS = [
+    (3, 9),
+    (5, 4),
+    (2, 12),
+]  # (before span, text after): three different span starts
+N, LENGTH = (
+    16,
+    36,
+)  # the shape most tests share (one compiled program per keep / pivots)
 KEEPS = {16: (1, 5, 16), 40: (1, 28, 40), 64: (7, 64)}
 
 
@@ -125,7 +137,15 @@ def test_none_paths():
     )
 
 
-def _official(last_layer_state, any_states, image_token_start_index, image_token_length, pivot_image_token, pivot_text_token, TOKEN_TOPK):
+def _official(
+    last_layer_state,
+    any_states,
+    image_token_start_index,
+    image_token_length,
+    pivot_image_token,
+    pivot_text_token,
+    TOKEN_TOPK,
+):
     """The official `get_retained_image_token` body (LLaVA, modeling_llama_self.py) for one
     example, its `for item in list(indices_set)` iterated in ascending order."""
     k_states_image_token = any_states[image_token_start_index : image_token_start_index + image_token_length, :]
@@ -137,7 +157,9 @@ def _official(last_layer_state, any_states, image_token_start_index, image_token
         k_states_query_token_L1_norm.topk(pivot_text_token).indices + image_token_start_index + image_token_length
     ).tolist()
     indices_set = set(image_indices + query_indices)
-    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(image_indices)
+    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(
+        image_indices
+    )
     valid_indices_list = sorted(valid_indices)
     for item in sorted(indices_set):
         valid_vectors = last_layer_state[valid_indices_list, :]
@@ -177,7 +199,10 @@ def test_visual_valid_and_row_equals_itself_alone():
             hidden, keys, start, text, valid, weight = make_batch(seed, N, ROWS, LENGTH, holes)
             got = run_jax(hidden, keys, start, text, valid, weight, num_visual=N, keep=keep)
             check_well_formed(got, N, keep, valid)
-            np.testing.assert_array_equal(got, run_torch(hidden, keys, start, text, valid, weight, num_visual=N, keep=keep))
+            np.testing.assert_array_equal(
+                got,
+                run_torch(hidden, keys, start, text, valid, weight, num_visual=N, keep=keep),
+            )
             if keep != 5:
                 continue
             for b in range(len(ROWS)):
@@ -229,14 +254,30 @@ def test_ties_go_to_the_lower_index():
 def test_keep_equals_n_is_arange():
     hidden, keys, start, text, _, weight = make_batch(5, N, ROWS, LENGTH)
     for pivots in ((4, 4), (20, 0)):
-        got = run_jax(hidden, keys, start, text, weight=weight, num_visual=N, keep=N,
-                      num_image_pivots=pivots[0], num_text_pivots=pivots[1])
+        got = run_jax(
+            hidden,
+            keys,
+            start,
+            text,
+            weight=weight,
+            num_visual=N,
+            keep=N,
+            num_image_pivots=pivots[0],
+            num_text_pivots=pivots[1],
+        )
         np.testing.assert_array_equal(got, np.broadcast_to(np.arange(N), got.shape))
 
 
 # (keep, (num_image_pivots, num_text_pivots)): other pivot counts, more text pivots than text
 # tokens, more pivots than keep; shared by the next two tests (one program each).
-CONFIGS = [(1, (4, 4)), (5, (4, 4)), (5, (0, 2)), (9, (1, 0)), (3, (2, 8)), (5, (6, 12))]
+CONFIGS = [
+    (1, (4, 4)),
+    (5, (4, 4)),
+    (5, (0, 2)),
+    (9, (1, 0)),
+    (3, (2, 8)),
+    (5, (6, 12)),
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS[2:])
@@ -246,7 +287,12 @@ def test_pivot_counts_and_rows_without_text(config):
     keep, pivots = config
     rows = [(3, 0), (5, 2), (2, 12)]
     hidden, keys, start, text, _, weight = make_batch(11, N, rows, LENGTH)
-    kw = dict(num_visual=N, keep=keep, num_image_pivots=pivots[0], num_text_pivots=pivots[1])
+    kw = {
+        "num_visual": N,
+        "keep": keep,
+        "num_image_pivots": pivots[0],
+        "num_text_pivots": pivots[1],
+    }
     got = run_jax(hidden, keys, start, text, weight=weight, **kw)
     check_well_formed(got, N, keep)
     np.testing.assert_array_equal(got, run_torch(hidden, keys, start, text, weight=weight, **kw))
@@ -257,7 +303,17 @@ def test_map_equals_vmap_and_compiles_once_per_shape():
     hidden, keys, start, text, _, weight = make_batch(0, N, ROWS, LENGTH)
     vmap = run_jax(hidden, keys, start, text, weight=weight, num_visual=N, keep=keep)
     np.testing.assert_array_equal(
-        vmap, run_jax(hidden, keys, start, text, weight=weight, num_visual=N, keep=keep, batching="map")
+        vmap,
+        run_jax(
+            hidden,
+            keys,
+            start,
+            text,
+            weight=weight,
+            num_visual=N,
+            keep=keep,
+            batching="map",
+        ),
     )
     before = dart_select._cache_size()
     for seed in (1, 2, 3):
@@ -287,9 +343,18 @@ def test_property_matches_reference(seed, config, text_counts, holes):
     """Random text lengths (0 included), padding slots and pivot counts: same indices as the
     reference, well formed, padding never chosen."""
     keep, pivots = config
-    rows = [(2, text_counts[0]), (4, text_counts[1]), (LENGTH - N - text_counts[2], text_counts[2])]
+    rows = [
+        (2, text_counts[0]),
+        (4, text_counts[1]),
+        (LENGTH - N - text_counts[2], text_counts[2]),
+    ]
     hidden, keys, start, text, valid, weight = make_batch(seed, N, rows, LENGTH, [sorted(h) for h in holes])
-    kw = dict(num_visual=N, keep=keep, num_image_pivots=pivots[0], num_text_pivots=pivots[1])
+    kw = {
+        "num_visual": N,
+        "keep": keep,
+        "num_image_pivots": pivots[0],
+        "num_text_pivots": pivots[1],
+    }
     got = run_jax(hidden, keys, start, text, valid, weight, **kw)
     check_well_formed(got, N, keep, valid)
     np.testing.assert_array_equal(got, run_torch(hidden, keys, start, text, valid, weight, **kw))

@@ -382,3 +382,111 @@ def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
         one, one_kept = zspa_jax.forward(vlm, r[None], px[i : i + 1], prune=prune, return_kept=True)
         np.testing.assert_array_equal(kept[i], one_kept[0])
         np.testing.assert_allclose(logits[i, -one.shape[1] :], one[0], atol=2e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- pool
+
+
+@pytest.mark.parametrize("keep_positions", [False, True])
+def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(tiny, vlm, keep_positions, parity_record):
+    """The pooled tokens (torch's adaptive_avg_pool2d over the projected token grid) at their
+    window-centre slots: logits equal transformers fed those embeddings at those positions."""
+    from tests.torch_reference_pool import pool_reference
+
+    ids = _prompt(tiny, 3, 6, seed=21)[None]
+    px = _pixels(tiny, 1, seed=21)
+    side = tiny.image_size // tiny.options["patch_size"]
+    for keep in (4, 6):  # 2 x 2 and 2 x 3 windows of the side x side grid
+        logits, slots = zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=keep, method="pool"),
+                                         keep_positions=keep_positions, return_kept=True)
+        with torch.no_grad():
+            projected = tiny.hf.model.get_image_features(pixel_values=torch.as_tensor(px)).pooler_output
+            projected = projected[0] if isinstance(projected, (list, tuple)) else projected
+            projected = projected.reshape(1, -1, projected.shape[-1])
+        tokens, ref_slots = pool_reference(projected, [(side, side)], keep)
+        np.testing.assert_array_equal(slots, ref_slots.numpy())
+        positions = None
+        if keep_positions:
+            start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
+            n = tiny.tokens_per_image
+            positions = np.concatenate([np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])])
+        hf = _hf_logits_with_visual(tiny, ids[0], tokens[0], positions)
+        assert logits.shape == hf.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        d = parity_record("pool prefill logits", f"keep={keep} keep_pos={keep_positions}", np.abs(logits - hf).max(), 1e-4)
+        assert d <= 1e-4
+
+
+def test_pool_refuses_a_keep_no_grid_shape_fits(tiny, vlm):
+    ids = _prompt(tiny, 1, 3, seed=22)[None]
+    px = _pixels(tiny, 1, seed=22)
+    side = tiny.image_size // tiny.options["patch_size"]
+    prime = next(p for p in range(side + 1, side * side) if all(p % q for q in range(2, p)))
+    with pytest.raises(ValueError, match=f"keep={prime}"):
+        zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=prime, method="pool"))
+
+
+# --------------------------------------------------------------------------- DART
+
+
+def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
+    """The reference choice on transformers' own internals: layer K-1's keys after RoPE and
+    its output hidden states (`output_hidden_states`), through the eager torch DART."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tests.torch_reference_dart import dart_select_reference
+
+    lm = tiny.hf.model.language_model
+    with torch.no_grad():
+        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_hidden_states=True)
+        attn = lm.layers[layer - 1].self_attn
+        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
+        b, length = ids.shape
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        keys = k.transpose(1, 2).reshape(b, length, -1)
+        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
+        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
+        text = after & torch.as_tensor(ids != tiny.pad_token_id) & torch.as_tensor(ids != tiny.bos_token_id)
+        kept = dart_select_reference(
+            out.hidden_states[layer], keys, start, text, num_visual=tiny.tokens_per_image, keep=keep,
+            norm_weight=lm.norm.weight,
+        )
+    return kept.numpy()
+
+
+def test_dart_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, parity_record):
+    ids = _prompt(tiny, 5, 9, seed=23)[None]
+    px = _pixels(tiny, 1, seed=23)
+    for layer, keep in [(1, 5), (FASTV_LAYER, KEEP), (FASTV_LAYER, tiny.tokens_per_image)]:
+        prune = PruneConfig(keep=keep, method="dart", layer=layer)
+        logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
+        np.testing.assert_array_equal(kept, _hf_dart_kept(tiny, ids, px, layer, keep))
+        hooks = DropAtLayer(tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1])
+        try:
+            with torch.no_grad():
+                ref = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px)).logits.numpy()
+        finally:
+            hooks.remove()
+        assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        d = parity_record("dart pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
+        assert d <= 1e-4
+
+
+def test_dart_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm):
+    ids = _prompt(tiny, 4, 8, seed=24)[None]
+    px = _pixels(tiny, 1, seed=24)
+    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=PruneConfig(keep=KEEP, method="dart"),
+                             max_new_tokens=12, eos_token_id=[])
+    np.testing.assert_array_equal(ours.kept_indices, _hf_dart_kept(tiny, ids, px, FASTV_LAYER, KEEP))
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tiny.pad_token_id)
+    hooks = DropAtLayer(tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1])
+    try:
+        with torch.no_grad():
+            ref = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
+    finally:
+        hooks.remove()
+    np.testing.assert_array_equal(ours.sequences, ref[:, ids.shape[1]:])
+    with torch.no_grad():  # the hooks matter: without them transformers answers differently
+        plain = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
+    assert not np.array_equal(plain[:, ids.shape[1]:], ref[:, ids.shape[1]:])

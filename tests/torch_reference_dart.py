@@ -102,7 +102,15 @@ def dart_select_reference(
         text_positions = [int(p) for p in torch.nonzero(text_mask[b]).flatten()]
         valid = [True] * num_visual if visual_valid is None else [bool(v) for v in visual_valid[b]]
         kept = get_retained_image_token_reference(
-            state, k, start, num_visual, text_positions, valid, keep, num_image_pivots, num_text_pivots
+            state,
+            k,
+            start,
+            num_visual,
+            text_positions,
+            valid,
+            keep,
+            num_image_pivots,
+            num_text_pivots,
         )
         rows.append(torch.tensor([p - start for p in kept], dtype=torch.int64))
     return torch.stack(rows)

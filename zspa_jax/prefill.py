@@ -75,13 +75,13 @@ def _empty_kv(decoder: LlamaModel, b: int, slots: int, dtype) -> tuple[jax.Array
 
 def _run_layers(decoder, layers, x, positions, mask, cache_length, query_row_at=None):
     """Layers `layers` on x [B, L, D]; with `cache_length` each fills a fresh cache of that
-    many slots. Returns (x, k list, v list, last-query attention row of `query_row_at`)."""
+    many slots. Returns (x, k list, v list, (last-query attention row, keys) of `query_row_at`)."""
     causal = _causal(mask, cache_length)
     ks, vs, row = [], [], None
     for i in layers:
         kv = None if cache_length is None else _empty_kv(decoder, x.shape[0], cache_length, x.dtype)
         x, kv, *extra = decoder.layers[i](x, positions, causal, kv, None if kv is None else 0, i == query_row_at)
-        row = extra[0] if extra else row
+        row = extra if extra else row
         if kv is not None:
             ks.append(kv[0])
             vs.append(kv[1])
@@ -130,7 +130,9 @@ def prefill_pruned_at_layer(
     length = mask.shape[1]
     x = embeds.astype(decoder.embed_tokens.embedding.dtype)
     x, ks, vs, row = _run_layers(decoder, range(layer), x, positions, mask, cache_length, query_row_at=layer - 1)
-    inputs = LayerInputs(x, row[:, :length], visual_start.astype(jnp.int32), visual_valid, text_mask, num_visual)
+    attention_row, keys = row
+    inputs = LayerInputs(x, attention_row[:, :length], keys, decoder.norm.scale[...], visual_start.astype(jnp.int32),
+                         visual_valid, text_mask, num_visual)
     kept = method.select(inputs, keep=keep)
     src = pruned_gather_index(inputs.visual_start, kept, num_visual, length)
     x = jnp.take_along_axis(x, src[..., None], axis=1)

@@ -21,6 +21,7 @@ import numpy as np
 
 from zspa_jax.methods import METHODS, MethodInputs, get_method
 from zspa_jax.methods import auto_core
+from zspa_jax.methods._common import default_batching
 from zspa_jax.methods.zspaprune import AUTO, core_size
 from zspa_jax.sharding import fetch
 from zspa_jax.validation import check_rng, is_traced
@@ -300,10 +301,3 @@ def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
     for name, ok in checks:
         if not ok.all():
             raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")
-
-
-def default_batching() -> str:
-    """How the kernels map over the batch. Measured (benchmarks/pruning.py): on CPU a
-    sequential lax.map keeps one example's [N, D] tokens cache-resident across the K fill
-    steps and beats vmap; accelerators want the parallel batched form."""
-    return "map" if jax.default_backend() == "cpu" else "vmap"

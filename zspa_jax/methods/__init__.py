@@ -7,7 +7,7 @@ select_tokens, the families' support checks, the pipeline, estimate) reads the r
 
 from __future__ import annotations
 
-from zspa_jax.methods import baselines, cdpruner, fastv, pool, vispruner, visionzip, zspaprune
+from zspa_jax.methods import baselines, cdpruner, dart, fastv, pool, vispruner, visionzip, zspaprune
 from zspa_jax.methods.base import ClsTower, LayerInputs, Method, MethodInputs, Selection
 
 _RECORDS = (
@@ -20,6 +20,7 @@ _RECORDS = (
     vispruner.METHOD,
     visionzip.METHOD,
     fastv.METHOD,
+    dart.METHOD,
     pool.METHOD,
 )
 METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}

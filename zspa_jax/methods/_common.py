@@ -29,6 +29,13 @@ def prompt_relevance(vn: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
     return jnp.where(s == 0.0, 0.0, s)
 
 
+def default_batching() -> str:
+    """How the kernels map over the batch. Measured (benchmarks/pruning.py): on CPU a
+    sequential lax.map keeps one example's [N, D] tokens cache-resident across the K fill
+    steps and beats vmap; accelerators want the parallel batched form."""
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
 def batched(fn, args: tuple, batching: str):
     """Run a per-example `fn(*args_b)` over the leading axis with vmap or a sequential lax.map.
 

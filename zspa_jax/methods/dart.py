@@ -85,9 +85,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zspa_jax.methods._common import HIGHEST, batched, unit
+from zspa_jax.methods._common import HIGHEST, batched, default_batching, unit
+from zspa_jax.methods.base import LayerInputs, Method
 
-__all__ = ["DEFAULT_LAYER", "DEFAULT_IMAGE_PIVOTS", "DEFAULT_TEXT_PIVOTS", "dart_select", "dart_flops"]
+__all__ = [
+    "DEFAULT_IMAGE_PIVOTS",
+    "DEFAULT_LAYER",
+    "DEFAULT_TEXT_PIVOTS",
+    "dart_flops",
+    "dart_select",
+]
 
 DEFAULT_LAYER = 2  # official `--pruned_layer 2` (LLaVA-1.5/1.6, Qwen2-VL, Qwen2.5-VL scripts)
 DEFAULT_IMAGE_PIVOTS = 4  # official `--pivot_image_token 4`
@@ -167,7 +174,14 @@ def _dart_one(
 
 
 @partial(
-    jax.jit, static_argnames=("num_visual", "keep", "num_image_pivots", "num_text_pivots", "batching")
+    jax.jit,
+    static_argnames=(
+        "num_visual",
+        "keep",
+        "num_image_pivots",
+        "num_text_pivots",
+        "batching",
+    ),
 )
 def dart_select(
     hidden: jax.Array,
@@ -237,3 +251,24 @@ def dart_flops(
     kd = d if key_dim is None else key_dim
     pivots = min(num_image_pivots, keep, n) + min(num_text_pivots, text_tokens)
     return (n + text_tokens) * kd + 2 * (n + pivots) * d + 2 * n * d * pivots
+
+
+def _select(inputs: LayerInputs, *, keep: int) -> jax.Array:
+    b, length = inputs.hidden.shape[:2]
+    return dart_select(
+        inputs.hidden, inputs.keys.reshape(b, length, -1), inputs.visual_start, inputs.text_mask,
+        num_visual=inputs.num_visual, keep=keep, visual_valid=inputs.visual_valid, norm_weight=inputs.norm_weight,
+        batching=default_batching(),
+    )
+
+
+METHOD = Method(
+    name="dart",
+    stage="llm",
+    select=_select,
+    flops=dart_flops,
+    summary="pivot tokens (largest key L1 norm, image and question) at LLM layer K, then per pivot the visual "
+    "tokens least similar to it; later layers never hold the others",
+    citation="arXiv:2502.11494 (EMNLP 2025), github.com/ZichenWen1/DART",
+    keeps_positions=True,
+)
