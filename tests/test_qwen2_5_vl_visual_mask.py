@@ -41,6 +41,27 @@ def test_rows_equal_reference_on_real_tokens(method, r):
         assert valid[row, got[row]].all()
 
 
+def test_auto_core_rows_equal_reference_on_real_tokens():
+    """core_ratio="auto" on ragged rows: the median/MAD and every pick read a row's real tokens only."""
+    from tests.torch_reference_pruning import select_auto_reference
+
+    rng = np.random.default_rng(5)
+    b, n, d, t, keep = 4, 23, 16, 7, 6
+    counts = [23, 9, 6, 15]
+    visual = rng.standard_normal((b, n, d)).astype(np.float32)
+    visual[:, :3] += 4.0 * rng.standard_normal((1, 1, d)).astype(np.float32)  # a few relevance outliers
+    prompt = rng.standard_normal((b, t, d)).astype(np.float32)
+    pmask = rng.random((b, t)) < 0.7
+    valid = np.arange(n)[None, :] < np.asarray(counts)[:, None]
+    garbage = np.where(valid[..., None], visual, np.nan).astype(np.float32)
+    got = np.asarray(select_tokens(jnp.asarray(garbage), jnp.asarray(prompt), jnp.asarray(pmask), keep=keep,
+                                   core_ratio="auto", visual_mask=jnp.asarray(valid)))
+    for row, c in enumerate(counts):
+        ref, _ = select_auto_reference(torch.tensor(visual[row:row + 1, :c]), torch.tensor(prompt[row:row + 1]),
+                                       torch.tensor(pmask[row:row + 1]), keep=keep)
+        np.testing.assert_array_equal(got[row], ref.numpy()[0], err_msg=f"row {row} ({c} real tokens)")
+
+
 def test_scattered_padding_maps_back_to_positions():
     rng = np.random.default_rng(4)
     n, d, keep = 12, 8, 4

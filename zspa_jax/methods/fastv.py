@@ -43,4 +43,5 @@ METHOD = Method(
     summary="the visual tokens the last prompt token attends to most at LLM layer K; later layers never hold the others",
     citation="arXiv:2403.06764, github.com/pkunlp-icler/FastV",
     keeps_positions=True,
+    accepts_mask=False,  # its kernel masks padding slots; rows of different sizes are not checked end to end yet
 )
