@@ -6,13 +6,17 @@ Test-split questions of `zspa_jax.demo.scenes` (types balanced), one-word answer
 by greedy argmax at the answer position, for every pruning method x budget K x prompt
 scope. Methods: ZSPAPrune at core ratios 0.2 / 0.4 / 0.6 / 0.8 and "auto", relevance-only
 top-K (r = 1), DivPrune (r = 0), CDPruner, random, uniform, and the model-internal
-methods VisPruner, VisionZip and FastV (K = 1: the demo decoder has 2 layers), which run
-through `zspa_jax.forward(prune=...)` (for VisionZip the "kept" tokens of the recall
-column are the slots its tokens take: the dominant patches and the contextual targets).
-Prompt scopes: "question" (the text after
-the image span: the question and "assistant :") and "all_text" (also the system line and
-"user :"); special tokens never count. Scope does not change prompt-agnostic methods, so
-they are run once and listed under both.
+methods VisPruner, VisionZip, pool (adaptive average pooling of the 24 x 24 token grid to
+h' x w' = K), FastV and DART (both inside the LLM at layer K = 1: the demo decoder has 2
+layers), which run through `zspa_jax.forward(prune=PruneConfig(..., prompt_scope=scope))`.
+For the merging methods (VisionZip, pool) the "kept" tokens of the recall column are the
+slots their tokens take (VisionZip: the dominant patches and the contextual targets; pool:
+each window's centre patch). Prompt scopes: "question" (the text after the image span:
+the question and "assistant :") and "all_text" (also the system line and "user :");
+special tokens never count. Scope does not change prompt-agnostic methods, so they are
+run once and listed under both. DART is prompt-aware: its text pivots are the prompt
+tokens of the scope (the library passes the scope's prompt mask to in-LLM methods), so it
+runs in both scopes; FastV reads the last position's attention and is agnostic.
 
 Besides accuracy, "target recall" is reported for object questions: the fraction whose
 kept tokens include at least one patch at least half covered by the object the answer
@@ -28,11 +32,14 @@ Cost per method (scope "question", the benchmark's batch of 50, median of severa
 calls after a warm-up compile, `jax.block_until_ready`): the method's own selection time,
 i.e. `select_tokens` under `jax.jit` (which skips its host-side finiteness check) for the
 embedding-level methods and, for VisPruner and VisionZip, their kernels on the tower's
-feature-layer hidden states and [CLS] attention (computed once, not timed). FastV's
-selection cannot be separated from the LLM, so its row is the LLM prefill with FastV
-(layers < K on all 576 visual tokens, the rest on K), next to the plain LLM prefill on a
-prompt holding K visual tokens and on the unpruned one. FLOPs come from
-`zspa_jax.estimate` (`method_flops`, `llm_prefill_flops`, `fastv_prefill_flops`).
+feature-layer hidden states and [CLS] attention (computed once, not timed), and for pool
+its kernel `zspa_jax.methods.pool.pool_tokens` on the projected tokens. The selection of
+FastV and DART cannot be separated from the LLM, so their rows are the LLM prefill with
+the method (layers < K on all 576 visual tokens, the rest on K; DART's GFLOPs add its
+selection, `method_flops("dart", ...)`, FastV's is free), next to the plain LLM prefill
+on a prompt holding K visual tokens and on the unpruned one. FLOPs come from
+`zspa_jax.estimate` (`method_flops`, `llm_prefill_flops`, `fastv_prefill_flops`). The
+machine's load average is recorded at the start, after the cost section and at the end.
 
 Writes benchmarks/results/accuracy.{md,json,png}.
 """
@@ -64,6 +71,7 @@ from zspa_jax import estimate as est  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
 from zspa_jax.methods import get_method  # noqa: E402
 from models.llava import cls_feature_state  # noqa: E402
+from zspa_jax.methods.pool import pool_tokens  # noqa: E402
 from zspa_jax.methods.visionzip import visionzip_merge  # noqa: E402
 from zspa_jax.methods.vispruner import vispruner_select  # noqa: E402
 from zspa_jax.prefill import prefill_pruned_at_layer, pruned_gather_index  # noqa: E402
@@ -73,13 +81,18 @@ from zspa_jax.demo import DEMO_MODEL_DIR as ASSET_DIR  # noqa: E402
 from zspa_jax.demo.data import patch_coverage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+METHODS = (  # table order
+    "zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "zspaprune r=auto", "relevance",
+    "cdpruner", "divprune", "random", "uniform", "vispruner", "visionzip", "pool", "fastv K=1", "dart K=1",
+)
 PROMPT_AWARE = (
     "zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "zspaprune r=auto", "relevance",
-    "cdpruner",
+    "cdpruner", "dart K=1",
 )
-MODEL_LABELS = ("vispruner", "visionzip", "fastv K=1")  # need model internals: run through forward()
-AGNOSTIC = ("divprune", "random", "uniform") + MODEL_LABELS
-METHODS = PROMPT_AWARE + AGNOSTIC
+# Need model internals (a tower layer, merged tokens, the LLM's attention): run through forward().
+MODEL_LABELS = ("vispruner", "visionzip", "pool", "fastv K=1", "dart K=1")
+LLM_LABELS = ("fastv K=1", "dart K=1")  # select inside the LLM: their cost is a prefill row
+AGNOSTIC = tuple(m for m in METHODS if m not in PROMPT_AWARE)
 SCOPES = ("question", "all_text")
 
 
@@ -87,8 +100,8 @@ def method_args(label: str) -> dict:
     if label.startswith("zspaprune"):
         r = label.split("=")[1]
         return {"method": "zspaprune", "core_ratio": r if r == "auto" else float(r)}
-    if label.startswith("fastv"):
-        return {"method": "fastv", "fastv_layer": int(label.split("=")[1])}
+    if label.startswith(("fastv", "dart")):  # "<method> K=<layer>"
+        return {"method": label.split()[0], "layer": int(label.split("=")[1])}
     return {"method": label}
 
 
@@ -145,12 +158,13 @@ class Evaluator:
         self.pixels = np.concatenate(pixels)
         return np.concatenate(out)
 
-    def model_method(self, label: str, keep: int) -> tuple[np.ndarray, list[str]]:
+    def model_method(self, label: str, keep: int, scope: str = "question") -> tuple[np.ndarray, list[str]]:
         """(kept indices or slots [n, K], answers) from `zspa_jax.forward(prune=...)`, batched
-        with left padding at one width so each (method, K) compiles once."""
+        with left padding at one width so each (method, K) compiles once. `scope` is the
+        config's prompt_scope (read by the prompt-aware ones, e.g. DART's text pivots)."""
         prompts = [self.enc.prompt_ids(e.qa.question) for e in self.exs]
         width = max(len(p) for p in prompts)
-        cfg = pruning.PruneConfig(keep=keep, **method_args(label))
+        cfg = pruning.PruneConfig(keep=keep, prompt_scope=scope, **method_args(label))
         kept_all, words = [], []
         for s in range(0, len(self.exs), self.batch):
             rows = prompts[s : s + self.batch]
@@ -268,7 +282,8 @@ def _median_ms(fn, *args, repeats: int) -> float:
 
 def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     """Selection time and FLOPs per method and K on the first batch (scope "question"),
-    plus the LLM prefill on the pruned prompt, on the unpruned one and with FastV."""
+    plus the LLM prefill on the pruned prompt, on the unpruned one and with each in-LLM
+    method (FastV, DART)."""
     b, n = ev.batch, ev.visual.shape[1]
     cfg = vlm.model.config
     text_cfg = cfg.text
@@ -284,12 +299,16 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     )
     states, cls = tower(vlm.graphdef, vlm.state, jnp.asarray(ev.pixels[:b]))
     hidden = states[index]
-    width, key_dim = hidden.shape[-1], cls.keys.shape[-1]
+    width = hidden.shape[-1]
     batching = pruning.default_batching()
     # LLM prefill programs: [head | visual | question] + the head's logits at the last position.
     t_text = len(ev.head) + ev.q_width
     q = jnp.asarray(ev.q_ids[:b])
     head = jnp.broadcast_to(jnp.asarray(ev.head), (b, len(ev.head)))
+    # Scope "question" for the in-LLM methods (DART's text pivots): the non-special tokens after the span.
+    q_text = ~np.isin(ev.q_ids[:b], np.asarray(sorted(ev.specials), np.int32))
+    text_mask = jnp.asarray(np.concatenate([np.zeros((b, len(ev.head) + n), bool), q_text], axis=1))
+    key_dim = text_cfg.num_key_value_heads * text_cfg.head_dim  # DART's keys: layer K-1's KV heads, concatenated
 
     def embeds_of(model, kept):
         lm = model.language_model
@@ -304,30 +323,33 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
         hid, _ = model.language_model.model(embeds, positions, causal)
         return model.language_model.logits(hid[:, -1])
 
-    def with_fastv(g, s, kept, keep, layer):
+    def with_llm_method(g, s, kept, name, keep, layer):
         model = nnx.merge(g, s)
         embeds = embeds_of(model, kept)
         length = embeds.shape[1]
-        ids = jnp.concatenate([head, jnp.full((b, n), cfg.image_token_index, jnp.int32), q], axis=1)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         out = prefill_pruned_at_layer(
             model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32),
-            method=get_method("fastv"), layer=layer, keep=keep, visual_start=jnp.full((b,), head.shape[0], jnp.int32),
-            visual_valid=None, text_mask=ids != cfg.image_token_index, num_visual=n,
+            method=get_method(name), layer=layer, keep=keep, visual_start=jnp.full((b,), head.shape[0], jnp.int32),
+            visual_valid=None, text_mask=text_mask, num_visual=n,
         )
         return model.language_model.logits(out.hidden[:, -1])
 
     plain_jit = jax.jit(plain, static_argnums=0)
-    fastv_jit = jax.jit(with_fastv, static_argnums=(0, 3, 4))
+    llm_method_jit = jax.jit(with_llm_method, static_argnums=(0, 3, 4, 5))
     g, st = vlm.graphdef, vlm.state
-    cost: dict = {"batch": b, "repeats": repeats, "selection": {}, "llm_prefill": {}, "fastv_prefill": {}}
+    grid = jnp.full((b, 2), int(round(n**0.5)), jnp.int32)  # the demo's square token grid (pool)
+    cost: dict = {
+        "batch": b, "repeats": repeats, "selection": {}, "llm_prefill": {}, "llm_method_prefill": {},
+        "load_average": {"start": list(os.getloadavg())},
+    }
     for keep in tqdm([k for k in keeps if k != n], desc="cost", leave=False):
         zero_share = ev.auto_ratios("question", keep)["zero"]
         for label in METHODS:
             args = method_args(label)
             method = args["method"]
-            if method == "fastv":
-                continue  # its cost is the FastV prefill below
+            if label in LLM_LABELS:
+                continue  # its cost is its LLM prefill below
             if method == "vispruner":
                 ms = _median_ms(
                     lambda f, a: vispruner_select(f, a, keep=keep, batching=batching),
@@ -339,7 +361,11 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
                     lambda h, a, k: visionzip_merge(h, a, k, keep=keep, batching=batching),
                     hidden, cls.probs, cls.keys, repeats=repeats,
                 )
-                flops = est.method_flops(method, n, width, keep, 0, key_dim=key_dim)
+                flops = est.method_flops(method, n, width, keep, 0, key_dim=cls.keys.shape[-1])
+            elif method == "pool":
+                pool = jax.jit(lambda v, gr: pool_tokens(v, gr, keep=keep))  # traced grid: no host check
+                ms = _median_ms(pool, visual, grid, repeats=repeats)
+                flops = est.method_flops(method, n, visual.shape[-1], keep, t_prompt)
             else:
                 select = jax.jit(lambda v, p, m, r: pruning.select_tokens(v, p, m, keep=keep, rng=r, **args))
                 ms = _median_ms(select, visual, prompt, mask, rng, repeats=repeats)
@@ -352,16 +378,22 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
             "ms": _median_ms(plain_jit, g, st, kept, repeats=repeats),
             "gflops": b * est.llm_prefill_flops(text_cfg, t_text + keep) / 1e9,
         }
-        layer = method_args(MODEL_LABELS[-1])["fastv_layer"]
-        cost["fastv_prefill"][str(keep)] = {
-            "ms": _median_ms(lambda g_, s_, v_: fastv_jit(g_, s_, v_, keep, layer), g, st, visual, repeats=repeats),
-            "gflops": b * est.fastv_prefill_flops(text_cfg, t_text, n, keep, layer) / 1e9,
-        }
+        for label in LLM_LABELS:
+            name, layer = method_args(label)["method"], method_args(label)["layer"]
+            select_flops = est.method_flops(name, n, text_cfg.hidden_size, keep, t_text, key_dim=key_dim)
+            cost["llm_method_prefill"].setdefault(label, {})[str(keep)] = {
+                "ms": _median_ms(
+                    lambda g_, s_, v_: llm_method_jit(g_, s_, v_, name, keep, layer), g, st, visual, repeats=repeats
+                ),
+                "gflops": b * (est.fastv_prefill_flops(text_cfg, t_text, n, keep, layer) + select_flops) / 1e9,
+                "selection_gflops": b * select_flops / 1e9,
+            }
     cost["llm_prefill"][str(n)] = {
         "ms": _median_ms(plain_jit, g, st, visual, repeats=repeats),
         "gflops": b * est.llm_prefill_flops(text_cfg, t_text + n) / 1e9,
     }
     cost["text_tokens"] = t_text
+    cost["load_average"]["end"] = list(os.getloadavg())
     return cost
 
 
@@ -420,7 +452,7 @@ def markdown(res: dict) -> str:
         f"Model: `{res['model']}` ({res['parameters']:,} parameters, {n_vis} visual tokens per image). "
         f"{res['n']} test questions (`zspa_jax.demo.scenes`, split \"test\", types balanced), greedy one-word "
         f"answers. Positions of kept tokens: {res.get('positions', 'contiguous (default)')}. Machine: {res['machine']}. "
-        f"Run time {res['seconds']:.0f} s.",
+        f"Run time {res['seconds']:.0f} s.{load_note(res)}",
         "",
         f"Unpruned accuracy (K = {n_vis}): **{res['unpruned']['overall']:.3f}**; per type: "
         + ", ".join(f"{t} {v:.2f}" for t, v in res["unpruned"]["per_type"].items()),
@@ -468,6 +500,19 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def load_note(res: dict) -> str:
+    """" Load average ..." sentence from res["load_average"] (absent in older results: "")."""
+    load = res.get("load_average")
+    if not load:
+        return ""
+    fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    return (
+        f" Load average (1/5/15 min) at start {fmt(load['start'])}, after the cost section {fmt(load['after_cost'])}, "
+        f"at end {fmt(load['end'])}, on {os.cpu_count()} cores: the machine was shared with other work, so run "
+        "time and the timing columns are noisier than on a quiet machine (accuracy is deterministic)."
+    )
+
+
 def cost_markdown(res: dict) -> list[str]:
     c = res["cost"]
     n_vis = res["visual_tokens"]
@@ -479,9 +524,11 @@ def cost_markdown(res: dict) -> list[str]:
         f"Time: median of {c['repeats']} calls after a warm-up compile, `jax.block_until_ready`, on {res['machine']} "
         "(shared with other work, so expect some noise). GFLOPs: `zspa_jax.estimate` (matrix products, 2 x MACs). "
         "Selection rows: the method's own selection only (`select_tokens` under `jax.jit`; VisPruner and "
-        "VisionZip: their kernels on the tower's hidden states and [CLS] attention). FastV selects inside the "
-        "LLM, so it has its own prefill row instead. The last rows are what the selection saves: "
-        f"the LLM prefill ({res['cost']['text_tokens']} text tokens + K visual, LM head on the last position).",
+        "VisionZip: their kernels on the tower's hidden states and [CLS] attention; pool: `pool_tokens` on the "
+        "projected tokens). FastV and DART select inside the LLM, so each has its own prefill row instead "
+        "(DART's GFLOPs include its selection, FastV's is free). The last rows are what the selection saves: "
+        f"the LLM prefill ({res['cost']['text_tokens']} text tokens + K visual, LM head on the last position)."
+        + cost_load_note(c),
         "",
         "| method | " + " | ".join(f"K={k}" for k in keeps) + " |",
         "|---" * (len(keeps) + 1) + "|",
@@ -490,12 +537,24 @@ def cost_markdown(res: dict) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |")
     full = c["llm_prefill"][str(n_vis)]
     lines.append("| LLM prefill, K visual tokens | " + " | ".join(cell(c["llm_prefill"][str(k)]) for k in keeps) + " |")
-    fastv_label = MODEL_LABELS[-1]
-    lines.append(
-        f"| LLM prefill with {fastv_label} | " + " | ".join(cell(c["fastv_prefill"][str(k)]) for k in keeps) + " |"
-    )
-    lines += ["", f"Unpruned LLM prefill (K = {n_vis}): {cell(full)}.", ""]
+    for label, row in c["llm_method_prefill"].items():
+        lines.append(f"| LLM prefill with {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |")
+    lines += ["", f"Unpruned LLM prefill (K = {n_vis}): {cell(full)}."]
+    for label, row in c["llm_method_prefill"].items():
+        if any(v.get("selection_gflops") for v in row.values()):
+            lines[-1] += f" {label} selection, within its prefill row: " + ", ".join(
+                f"K={k} {row[str(k)]['selection_gflops']:.3f}" for k in keeps
+            ) + " GFLOPs."
+    lines.append("")
     return lines
+
+
+def cost_load_note(c: dict) -> str:
+    load = c.get("load_average")
+    if not load:
+        return ""
+    fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    return f" Load average (1/5/15 min) while timing: {fmt(load['start'])} at the start, {fmt(load['end'])} at the end."
 
 
 PALETTE = {
@@ -511,7 +570,9 @@ PALETTE = {
     "cdpruner": (0, 170, 170),
     "vispruner": (150, 100, 40),
     "visionzip": (110, 60, 200),
+    "pool": (100, 200, 0),
     "fastv K=1": (0, 0, 0),
+    "dart K=1": (230, 120, 200),
 }
 
 
@@ -583,12 +644,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    load = {"start": list(os.getloadavg())}
     vlm = zspa_jax.load(args.model)
     exs = scenes.examples("test", args.n)
     keeps = sorted({int(k) for k in args.keeps.split(",")}, reverse=True)
     ev = Evaluator(vlm, exs, args.batch, keep_positions=args.keep_positions)
     n_vis = ev.visual.shape[1]
     cost = method_costs(vlm, ev, keeps, args.cost_repeats)  # first, before the long accuracy loop
+    load["after_cost"] = list(os.getloadavg())
     print("cost per method measured")
     res: dict = {
         "model": str(Path(args.model).relative_to(ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model),
@@ -611,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     auto_r = {}
     for scope, label, keep in tqdm(jobs, desc="pruned runs"):
         if label in MODEL_LABELS:
-            idx, answers = ev.model_method(label, keep)
+            idx, answers = ev.model_method(label, keep, scope)
         else:
             idx = ev.select(label, scope, keep, seed=args.seed)
             answers = ev.answers(idx)
@@ -637,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         res["spot_check_n"] = min(20, len(exs))
         res["forward_spot_check"] = spot_check_forward(vlm, ev, res, n=res["spot_check_n"])
     res["seconds"] = time.perf_counter() - start
+    load["end"] = list(os.getloadavg())
+    res["load_average"] = load
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     answers = res.pop("answers")

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import zspa_jax  # noqa: E402
 from models.llama import KVCache  # noqa: E402
 from zspa_jax import generation  # noqa: E402
+from zspa_jax.families.base import round_up  # noqa: E402
 
 RESULTS = HERE / "results"
 CONTEXTS = (109, 621)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_s": step_seconds(vlm, ids, repeats=7),
             # decode attends over the whole preallocated cache (shapes only: nothing allocated)
             "cache_bytes": jax.eval_shape(
-                lambda n=generation._round_up(context + NEW_TOKENS, 64): KVCache.zeros(vlm.config.text, 1, n)
+                lambda n=round_up(context + NEW_TOKENS, 64): KVCache.zeros(vlm.config.text, 1, n)
             ).nbytes,
         }
         report["contexts"].append(row)

@@ -17,7 +17,7 @@ JAX uses). Stages are timed separately in each framework:
             KVCache of generate's size (round_up(L' + new, 64)); torch:
             hf(inputs_embeds=..., use_cache=True, logits_to_keep=1).
   decode    tokens/s of greedy decoding of `--new-tokens` tokens, EOS disabled.
-            JAX: zspa_jax.generation._decode_fn (the library's lax.while_loop program, on the
+            JAX: zspa_jax.decode.decode_program (the library's lax.while_loop program, on the
             state from its _prefill_fn): N steps = N decoder forwards, tokens/s = N / time.
             torch: hf.generate(inputs_embeds=..., max_new_tokens=n, min_new_tokens=n,
             do_sample=False) timed for n = N and n = 1; the difference is N - 1 decoder
@@ -109,7 +109,7 @@ from flax import nnx  # noqa: E402
 
 import zspa_jax  # noqa: E402
 from models.llama import KVCache  # noqa: E402
-from zspa_jax import generation  # noqa: E402
+from zspa_jax import decode, generation  # noqa: E402
 from zspa_jax.estimate import estimate  # noqa: E402
 from zspa_jax.loading import token_ids  # noqa: E402
 from zspa_jax.pipeline import prompt_token_mask  # noqa: E402
@@ -511,7 +511,7 @@ def jax_assemble(text_embeds, visual, start: int, n: int, kept):
 
 class CaptureLibraryCalls:
     """Record the arguments `zspa_jax.generate` passes to its jitted prefill and decode
-    programs (generation._prefill_fn / _decode_fn), so the benchmark replays exactly the
+    programs (decode.prefill_program / decode_program), so the benchmark replays exactly the
     library's programs (same padded inputs, same static settings, no extra compile) without
     re-deriving its private bookkeeping."""
 
@@ -542,13 +542,13 @@ class CaptureLibraryCalls:
     def decode(self, state):
         """Run the captured decode program on `state` (which it donates)."""
         args, kwargs = self.calls["_decode_fn"]
-        args = tuple(state if isinstance(a, generation.DecodeState) else a for a in args)
-        kwargs = {k: state if isinstance(v, generation.DecodeState) else v for k, v in kwargs.items()}
+        args = tuple(state if isinstance(a, decode.DecodeState) else a for a in args)
+        kwargs = {k: state if isinstance(v, decode.DecodeState) else v for k, v in kwargs.items()}
         return self.originals["_decode_fn"](*args, **kwargs)
 
     def static_settings(self):
         args, kwargs = self.calls["_prefill_fn"]
-        return next(a for a in (*args, *kwargs.values()) if isinstance(a, generation.StaticSettings))
+        return next(a for a in (*args, *kwargs.values()) if isinstance(a, decode.StaticSettings))
 
     def padded_length(self) -> int:
         args, kwargs = self.calls["_prefill_fn"]
@@ -608,7 +608,7 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
             continue
         prune = None if keep == n else PruneConfig(keep=keep, core_ratio=CORE_RATIO)
         length = t_text + keep
-        cache_length = round_up(length + n_new, generation.CACHE_BUCKET)
+        cache_length = round_up(length + n_new, decode.CACHE_BUCKET)
         est = estimate(vlm.config, t_text, keep=keep, new_tokens=n_new)
         log(f"-- keep {keep}: sequence {length} tokens")
 

@@ -15,7 +15,7 @@ import torch
 import zspa_jax
 from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
 from tests.torch_reference_pruning import select_tokens_reference
-from zspa_jax import generation
+from zspa_jax import decode, generation
 from zspa_jax.pipeline import prompt_token_mask
 
 BOUND = 1e-4
@@ -331,8 +331,8 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
         args = (vlm.state, ids, pixels, mask, aux, jax.random.key(0))
         del towers[:]
         # A fresh partial: traced anew, never served from jit's trace cache.
-        jax.make_jaxpr(functools.partial(generation._jit_prefill, vlm.graphdef, st=st))(*args)
+        jax.make_jaxpr(functools.partial(decode._jit_prefill, vlm.graphdef, st=st))(*args)
         assert len(towers) == 1, (keep, len(towers))
-        cost = generation._prefill_fn.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
+        cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
         flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert 0 < flops[8] < flops[None], flops

@@ -1,4 +1,5 @@
-"""`generate`: pruned prefill + KV-cache decoding in one `lax.while_loop`.
+"""The host API of generation: `generate` and `generate_tokens` over the decode engine
+(`zspa_jax.decode`: one jitted prefill, one `lax.while_loop` decode).
 
 Two entry points share one implementation:
   * `generate(vlm, prompts, images, ...)` — strings + PIL images (or arrays) in, a
@@ -11,58 +12,31 @@ changing it inside one cache bucket does not recompile.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from models.llama import KVCache
 from zspa_jax.batch import device_arrays, encode, prepare_arrays, reject_video, resolve_prune
 from zspa_jax.families import HostBatch
 from zspa_jax.families.base import PROMPT_BUCKET, round_up
+from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter tests and benchmarks read)
+    CACHE_BUCKET,
+    TRACE_COUNTS,
+    StaticSettings,
+    decode_program,
+    prefill_program,
+    step_program,
+)
 from zspa_jax.loading import VLM, check_prune, check_vlm
-from zspa_jax.pipeline import decoder_inputs
-from zspa_jax.prefill import run_prefill
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
-from zspa_jax.sharding import constrain_cache, fetch, mesh_context, place_key
+from zspa_jax.sharding import fetch, mesh_context, place_key
 from zspa_jax.validation import check_bool, check_int, check_rng, check_token_ids, is_traced
 
-CACHE_BUCKET = 64  # the KV cache holds a multiple of this many tokens
-
-# Incremented at trace time: a compile counter for tests and benchmarks.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-@dataclasses.dataclass(frozen=True)
-class StaticSettings:
-    """Everything that fixes the compiled program (a jit static argument)."""
-
-    sampling: Sampling
-    prune: PruneConfig | None
-    cache_length: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    special_ids: tuple[int, ...]
-    keep_positions: bool = False
-
-
-class DecodeState(NamedTuple):
-    step: jax.Array  # int32 scalar: tokens generated so far
-    tokens: jax.Array  # int32 [B, T]: generated ids, pad after a row stops
-    lengths: jax.Array  # int32 [B]
-    done: jax.Array  # bool [B]
-    logits: jax.Array  # f32 [B, V]: next-token logits
-    cache: KVCache  # per layer [B, S_i, Hkv, Dh]: layers may hold different lengths
-    kv_valid: tuple[jax.Array, ...]  # per layer bool [B, S_i]: slots that hold a real token
-    prompt_lengths: jax.Array  # int32 [layers]: each layer's cache slot of step 0
-    next_position: jax.Array  # int32 [B]: RoPE position of the next token (same on all M-RoPE rows)
-    rng: jax.Array
+__all__ = ["GenerateOutput", "GenerateResult", "TRACE_COUNTS", "generate", "generate_tokens"]
 
 
 class GenerateOutput(NamedTuple):
@@ -89,84 +63,6 @@ class GenerateResult:
     sequences: np.ndarray  # int32 [B, n]: generated ids, pad after a row stops
     kept_indices: np.ndarray | None  # int32 [B, K] into the N visual tokens, ascending
     stats: dict[str, Any]
-
-
-def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: StaticSettings):
-    """Run the (pruned) prompt through the decoder, filling each layer's cache slots."""
-    rng, prune_rng = jax.random.split(rng)
-    inputs = decoder_inputs(
-        model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
-    )
-    lm = model.language_model
-    out = run_prefill(lm.model, inputs, st.prune, st.cache_length)
-    b, length = inputs.mask.shape
-    state = DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        tokens=jnp.full((b, st.cache_length - length), st.pad_id, jnp.int32),
-        lengths=jnp.zeros((b,), jnp.int32),
-        done=jnp.zeros((b,), bool),
-        logits=lm.logits(out.hidden[:, -1]),  # left padding: the last position is real in every row
-        cache=constrain_cache(out.cache),
-        kv_valid=out.kv_valid,
-        prompt_lengths=out.prompt_lengths,
-        next_position=inputs.next_position,
-        rng=rng,
-    )
-    return state, inputs.kept_indices if out.kept is None else out.kept
-
-
-def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
-    """Sample one token per row, append it to every layer's cache, compute the next logits."""
-    rng, sample_rng = jax.random.split(s.rng)
-    token = jnp.where(s.done, st.pad_id, st.sampling(s.logits, sample_rng))
-    tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
-    lengths = s.lengths + (~s.done).astype(jnp.int32)
-    done = s.done | jnp.isin(token, jnp.asarray(st.eos_ids or (-1,), jnp.int32))
-    slots = s.prompt_lengths + s.step  # [layers]
-    kv_valid = tuple(v | (jnp.arange(v.shape[1])[None, :] == slots[i]) for i, v in enumerate(s.kv_valid))
-    lm = model.language_model
-    hidden, cache = lm.model(
-        lm.embed(token[:, None]), s.next_position[:, None], tuple(v[:, None, :] for v in kv_valid), s.cache,
-        tuple(slots[i] for i in range(len(kv_valid))),
-    )
-    return s._replace(
-        step=s.step + 1,
-        tokens=tokens,
-        lengths=lengths,
-        done=done,
-        logits=lm.logits(hidden[:, 0]),
-        cache=constrain_cache(cache),
-        kv_valid=kv_valid,
-        next_position=s.next_position + 1,
-        rng=rng,
-    )
-
-
-def _decode_loop(model, s: DecodeState, max_new_tokens, st: StaticSettings) -> DecodeState:
-    limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), s.tokens.shape[1])
-    cond = lambda s: (s.step < limit) & ~jnp.all(s.done)
-    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, st), s)
-
-
-# --- jitted programs over (graphdef, state): plain jax.jit is cheaper per call than nnx.jit.
-def _jit_prefill(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng, st):
-    TRACE_COUNTS["prefill"] += 1
-    return _prefill(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, aux, rng, st)
-
-
-def _jit_decode(graphdef, params, s, max_new_tokens, st):
-    TRACE_COUNTS["decode"] += 1
-    return _decode_loop(nnx.merge(graphdef, params), s, max_new_tokens, st)
-
-
-def _jit_step(graphdef, params, s, st):
-    TRACE_COUNTS["step"] += 1
-    return _decode_step(nnx.merge(graphdef, params), s, st)
-
-
-_prefill_fn = jax.jit(_jit_prefill, static_argnames=("graphdef", "st"))
-_decode_fn = jax.jit(_jit_decode, static_argnames=("graphdef", "st"), donate_argnames=("s",))
-_step_fn = jax.jit(_jit_step, static_argnames=("graphdef", "st"), donate_argnames=("s",))
 
 
 def _eos_ids(vlm: VLM, eos_token_id) -> tuple[int, ...]:
@@ -262,8 +158,8 @@ def generate_tokens(
     if not is_traced(rng):
         rng = place_key(rng, vlm.mesh)
     with mesh_context(vlm.mesh):
-        s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
-        s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+        s, kept = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        s = decode_program(vlm.graphdef, vlm.state, s, max_new_tokens, st)
     if batch.rows is not None:  # mesh padding dropped
         return GenerateOutput(s.tokens[: batch.rows], s.lengths[: batch.rows], None if kept is None else kept[: batch.rows])
     return GenerateOutput(s.tokens, s.lengths, kept)
@@ -364,10 +260,10 @@ def generate(
 
     t0 = time.perf_counter()
     with mesh_context(vlm.mesh):
-        s, kept = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        s, kept = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
         jax.block_until_ready(s.logits)
         t1 = time.perf_counter()
-        s = _decode_fn(vlm.graphdef, vlm.state, s, max_new_tokens, st)
+        s = decode_program(vlm.graphdef, vlm.state, s, max_new_tokens, st)
         lengths = fetch(s.lengths)[rows]
     t2 = time.perf_counter()
     n = int(lengths.max()) if lengths.size else 0
@@ -415,10 +311,10 @@ def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids)
 
 def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows: slice) -> Iterator[np.ndarray]:
     with mesh_context(vlm.mesh):
-        s, _ = _prefill_fn(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        s, _ = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
     for step in range(max_new_tokens):
         if fetch(s.done)[rows].all():
             return
         with mesh_context(vlm.mesh):
-            s = _step_fn(vlm.graphdef, vlm.state, s, st)
+            s = step_program(vlm.graphdef, vlm.state, s, st)
         yield fetch(s.tokens[:, step])[rows]  # one column to the host, not the whole buffer
