@@ -84,8 +84,9 @@ def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
     assert res.texts == texts
 
 
-def _hf_pruned_row_logits(tiny, batch, row, kept):
-    """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions."""
+def _hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
+    """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions
+    (`tokens` [K, D]: merged tokens written at the kept slots first)."""
     hf = tiny.hf
     ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
     with torch.no_grad():
@@ -98,6 +99,8 @@ def _hf_pruned_row_logits(tiny, batch, row, kept):
         )
         span = torch.nonzero(image[row])[:, 0]
         s, n = int(span[0]), len(span)
+        if tokens is not None:
+            embeds[row, s + torch.as_tensor(np.array(kept))] = tokens
         src = torch.cat([torch.arange(s), s + torch.as_tensor(np.array(kept)), torch.arange(s + n, ids.shape[1])])
         logits = hf(
             inputs_embeds=embeds[row, src][None],
@@ -147,6 +150,35 @@ def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parit
         np.testing.assert_array_equal(kept[row], expect)
         got = logits[row][out_mask[row].astype(bool)]
         d = parity_record("qwen pruned logits (3-D positions)", f"{'/'.join(map(str, sizes))} row {row}",
+                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        assert d <= BOUND
+
+
+def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_record):
+    """`pool` over each row's own merged-token grid (images of different sizes in one batch):
+    tokens and centre slots equal adaptive_avg_pool2d on transformers' merger output, and the
+    logits equal transformers fed those tokens at those slots' 3-D positions."""
+    from tests.torch_reference_pool import pool_reference
+
+    keep = 2
+    images = [random_image(40, 56, seed=30), random_image(24, 32, seed=31)]
+    batch = hf_inputs(tiny.processor, [("what is on the left", 1), ("describe it", 1)], images)
+    a = _np(batch)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"], zspa_jax.PruneConfig(keep=keep, method="pool"),
+        image_grid_thw=a["image_grid_thw"], return_kept=True, return_mask=True,
+    )
+    merge = tiny.hf.config.vision_config.spatial_merge_size
+    grids = [(int(g[1]) // merge, int(g[2]) // merge) for g in a["image_grid_thw"]]
+    assert grids[0] != grids[1]
+    with torch.no_grad():
+        feats = tiny.hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    for row in range(2):
+        tokens, slots = pool_reference(feats[row][None], [grids[row]], keep)
+        np.testing.assert_array_equal(kept[row], slots.numpy()[0])
+        ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, row, kept[row], tokens=tokens[0])
+        got = logits[row][out_mask[row].astype(bool)]
+        d = parity_record("qwen pool logits (3-D positions)", f"row {row} grid {grids[row]}",
                           float(np.abs(got - ref[ref_mask]).max()), BOUND)
         assert d <= BOUND
 
