@@ -266,7 +266,7 @@ METHOD = Method(
     name="dart",
     stage="llm",
     select=_select,
-    flops=dart_flops,
+    flops=lambda n, d, keep, text_tokens, **kw: 0 if keep >= n else dart_flops(n, d, keep, text_tokens, **kw),
     summary="pivot tokens (largest key L1 norm, image and question) at LLM layer K, then per pivot the visual "
     "tokens least similar to it; later layers never hold the others",
     citation="arXiv:2502.11494 (EMNLP 2025), github.com/ZichenWen1/DART",
