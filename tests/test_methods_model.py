@@ -202,7 +202,7 @@ def test_tower_methods_refuse_a_tower_without_cls(tiny, vlm, monkeypatch):
             zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=KEEP, method=method))
 
 
-# --------------------------------------------------------------------------- FastV
+# --------------------------------------------------------------------------- inside the LLM: FastV, DART
 
 
 def _hf_attention_row(tiny, ids, px, layer):
@@ -217,6 +217,33 @@ def _hf_fastv_kept(tiny, ids, px, layer, keep) -> np.ndarray:
     start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
     scores = row[0, start : start + tiny.tokens_per_image]
     return np.sort(torch.sort(scores, descending=True, stable=True).indices[:keep].numpy())[None]
+
+
+def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
+    """The reference choice on transformers' own internals: layer K-1's keys after RoPE and
+    its output hidden states (`output_hidden_states`), through the eager torch DART."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tests.torch_reference_dart import dart_select_reference
+
+    lm = tiny.hf.model.language_model
+    with torch.no_grad():
+        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_hidden_states=True)
+        attn = lm.layers[layer - 1].self_attn
+        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
+        b, length = ids.shape
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        keys = k.transpose(1, 2).reshape(b, length, -1)
+        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
+        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
+        text = after & torch.as_tensor(ids != tiny.pad_token_id) & torch.as_tensor(ids != tiny.bos_token_id)
+        kept = dart_select_reference(
+            out.hidden_states[layer], keys, start, text, num_visual=tiny.tokens_per_image, keep=keep,
+            norm_weight=lm.norm.weight,
+        )
+    return kept.numpy()
 
 
 class DropAtLayer:
@@ -255,15 +282,27 @@ def _src(tiny, ids, kept) -> np.ndarray:
     return np.concatenate([np.arange(start), start + kept[0], np.arange(start + n, ids.shape[1])])
 
 
-def test_fastv_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, parity_record):
-    ids = _prompt(tiny, 6, 9, seed=9)[None]
-    px = _pixels(tiny, 1, seed=9)
-    # (K = 2, keep = 6 is checked token by token in the generation test below.)
-    for layer, keep in [(1, 1), (FASTV_LAYER, tiny.tokens_per_image)]:
-        prune = PruneConfig(keep=keep, method="fastv", fastv_layer=layer)
+# (method, seed, [(layer K, keep)]) for the prefill check; the greedy check uses K = 2, keep = KEEP.
+IN_LLM_PREFILL = {"fastv": (9, [(1, 1), (FASTV_LAYER, None)]), "dart": (23, [(1, 5), (FASTV_LAYER, KEEP), (FASTV_LAYER, None)])}
+IN_LLM_GREEDY_SEED = {"fastv": 10, "dart": 24}
+
+
+def _in_llm_kept(method):
+    return {"fastv": _hf_fastv_kept, "dart": _hf_dart_kept}[method]
+
+
+@pytest.mark.parametrize("method", sorted(IN_LLM_PREFILL))
+def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, method, parity_record):
+    """Methods that prune inside the LLM: kept tokens equal the eager reference on transformers'
+    own layer K-1 outputs, and the logits equal transformers with those tokens dropped at layer K."""
+    seed, cases = IN_LLM_PREFILL[method]
+    ids = _prompt(tiny, 6 if method == "fastv" else 5, 9, seed=seed)[None]
+    px = _pixels(tiny, 1, seed=seed)
+    for layer, keep in cases:
+        keep = tiny.tokens_per_image if keep is None else keep
+        prune = PruneConfig(keep=keep, method=method, layer=layer)
         logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
-        ref_kept = _hf_fastv_kept(tiny, ids, px, layer, keep)
-        np.testing.assert_array_equal(kept, ref_kept)
+        np.testing.assert_array_equal(kept, _in_llm_kept(method)(tiny, ids, px, layer, keep))
         hooks = DropAtLayer(tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1])
         try:
             with torch.no_grad():
@@ -271,39 +310,29 @@ def test_fastv_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, 
         finally:
             hooks.remove()
         assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
-        d = parity_record("fastv pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
+        d = parity_record(f"{method} pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
         assert d <= 1e-4
 
 
-def test_fastv_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm):
-    ids = _prompt(tiny, 3, 10, seed=10)[None]
-    px = _pixels(tiny, 1, seed=10)
-    prune = PruneConfig(keep=KEEP, method="fastv")
+@pytest.mark.parametrize("method", sorted(IN_LLM_GREEDY_SEED))
+def test_in_llm_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm, method):
+    seed = IN_LLM_GREEDY_SEED[method]
+    ids = _prompt(tiny, 3 if method == "fastv" else 4, 10 if method == "fastv" else 8, seed=seed)[None]
+    px = _pixels(tiny, 1, seed=seed)
+    prune = PruneConfig(keep=KEEP, method=method)
     ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=12, eos_token_id=[])
-    unpruned = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=12, eos_token_id=[])
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tiny.pad_token_id)
     hooks = DropAtLayer(tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1])
     try:
         with torch.no_grad():
-            ref = tiny.hf.generate(
-                input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), max_new_tokens=12, min_new_tokens=12,
-                do_sample=False, pad_token_id=tiny.pad_token_id,
-            ).numpy()[:, ids.shape[1] :]
+            ref = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
     finally:
         hooks.remove()
-    np.testing.assert_array_equal(ours.sequences, ref)
+    np.testing.assert_array_equal(ours.sequences, ref[:, ids.shape[1]:])
     with torch.no_grad():  # the hooks matter: without them transformers answers differently
-        plain = tiny.hf.generate(
-            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), max_new_tokens=12, min_new_tokens=12,
-            do_sample=False, pad_token_id=tiny.pad_token_id,
-        ).numpy()[:, ids.shape[1] :]
-    assert not np.array_equal(plain, ref)
-    np.testing.assert_array_equal(ours.kept_indices, _hf_fastv_kept(tiny, ids, px, FASTV_LAYER, KEEP))
-    # The layers after K cache N - keep fewer tokens.
-    cfg = vlm.config.text
-    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
-    dropped_layers = cfg.num_hidden_layers - FASTV_LAYER
-    saved = (tiny.tokens_per_image - KEEP) * per_token * dropped_layers
-    assert unpruned.stats["kv_cache_bytes"] - ours.stats["kv_cache_bytes"] == saved
+        plain = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
+    assert not np.array_equal(plain[:, ids.shape[1]:], ref[:, ids.shape[1]:])
+    np.testing.assert_array_equal(ours.kept_indices, _in_llm_kept(method)(tiny, ids, px, FASTV_LAYER, KEEP))
 
 
 def test_fastv_bad_input(tiny, vlm):
@@ -423,70 +452,3 @@ def test_pool_refuses_a_keep_no_grid_shape_fits(tiny, vlm):
     prime = next(p for p in range(side + 1, side * side) if all(p % q for q in range(2, p)))
     with pytest.raises(ValueError, match=f"keep={prime}"):
         zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=prime, method="pool"))
-
-
-# --------------------------------------------------------------------------- DART
-
-
-def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
-    """The reference choice on transformers' own internals: layer K-1's keys after RoPE and
-    its output hidden states (`output_hidden_states`), through the eager torch DART."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from tests.torch_reference_dart import dart_select_reference
-
-    lm = tiny.hf.model.language_model
-    with torch.no_grad():
-        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_hidden_states=True)
-        attn = lm.layers[layer - 1].self_attn
-        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
-        b, length = ids.shape
-        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        keys = k.transpose(1, 2).reshape(b, length, -1)
-        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
-        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
-        text = after & torch.as_tensor(ids != tiny.pad_token_id) & torch.as_tensor(ids != tiny.bos_token_id)
-        kept = dart_select_reference(
-            out.hidden_states[layer], keys, start, text, num_visual=tiny.tokens_per_image, keep=keep,
-            norm_weight=lm.norm.weight,
-        )
-    return kept.numpy()
-
-
-def test_dart_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, parity_record):
-    ids = _prompt(tiny, 5, 9, seed=23)[None]
-    px = _pixels(tiny, 1, seed=23)
-    for layer, keep in [(1, 5), (FASTV_LAYER, KEEP), (FASTV_LAYER, tiny.tokens_per_image)]:
-        prune = PruneConfig(keep=keep, method="dart", layer=layer)
-        logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
-        np.testing.assert_array_equal(kept, _hf_dart_kept(tiny, ids, px, layer, keep))
-        hooks = DropAtLayer(tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1])
-        try:
-            with torch.no_grad():
-                ref = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px)).logits.numpy()
-        finally:
-            hooks.remove()
-        assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
-        d = parity_record("dart pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
-        assert d <= 1e-4
-
-
-def test_dart_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm):
-    ids = _prompt(tiny, 4, 8, seed=24)[None]
-    px = _pixels(tiny, 1, seed=24)
-    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=PruneConfig(keep=KEEP, method="dart"),
-                             max_new_tokens=12, eos_token_id=[])
-    np.testing.assert_array_equal(ours.kept_indices, _hf_dart_kept(tiny, ids, px, FASTV_LAYER, KEEP))
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tiny.pad_token_id)
-    hooks = DropAtLayer(tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1])
-    try:
-        with torch.no_grad():
-            ref = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
-    finally:
-        hooks.remove()
-    np.testing.assert_array_equal(ours.sequences, ref[:, ids.shape[1]:])
-    with torch.no_grad():  # the hooks matter: without them transformers answers differently
-        plain = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
-    assert not np.array_equal(plain[:, ids.shape[1]:], ref[:, ids.shape[1]:])

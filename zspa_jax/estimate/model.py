@@ -1,0 +1,171 @@
+"""The whole-model estimate: the family's image side (its `Family.estimate` hooks) + the
+shared LLM side (flops.py, memory.py). `estimate` (LLaVA) and `estimate_qwen2_5_vl` are
+the same call with the family's arguments."""
+
+from __future__ import annotations
+
+from zspa_jax.estimate.flops import language_model_flops
+from zspa_jax.estimate.hooks import EstimateHooks
+from zspa_jax.estimate.memory import _kv_bytes, _numel_llm, decode_weight_bytes, dtype_bytes, kv_cache_bytes
+from zspa_jax.methods import get_method
+
+__all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of"]
+
+
+def hooks_of(cfg) -> EstimateHooks:
+    """The estimate hooks of `cfg`'s family (`Family.estimate`)."""
+    from zspa_jax.families import family_of  # the family records import this package's hooks
+
+    family = family_of(cfg)
+    if family.estimate is None:
+        raise TypeError(f"the {family.display_name} family has no estimate hooks (Family.estimate)")
+    return family.estimate
+
+
+def estimate_model(
+    cfg,
+    text_tokens: int,
+    image_hw: tuple[int, int] | None = None,
+    keep: int | None = None,
+    new_tokens: int = 0,
+    batch: int = 1,
+    kv_dtype_bytes: int | None = None,
+    core_ratio: float | str = 0.6,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
+) -> dict:
+    """FLOPs per stage and bytes for one call of any family's model (flops.py's convention).
+
+    Args:
+      cfg: a family config (LlavaConfig, Qwen2_5_VLConfig, ...).
+      text_tokens: T, text tokens of the prompt (everything but the image placeholders).
+      image_hw: (height, width) pixels of the image, for families whose visual token count
+        follows the image (ignored by fixed-size families such as LLaVA).
+      keep: K visual tokens kept (None = all N, no pruning).
+      new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
+      batch: B prompts (one image each).
+      kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
+      core_ratio: ZSPAPrune's r or "auto" (only the pruning cost depends on it).
+      method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
+        and KV cache instead (layers < fastv_layer keep all N tokens). Methods that read the
+        tower's [CLS] token are refused for towers without one.
+    Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
+    """
+    hooks = hooks_of(cfg)
+    record = get_method(method)
+    dims = hooks.tower_dims(cfg)
+    if record.needs_cls_attention and dims is None:
+        from zspa_jax.families import family_of
+
+        raise ValueError(
+            f"method {method!r} needs a [CLS] token, which the {family_of(cfg).display_name} tower does not have"
+        )
+    plan = hooks.image(cfg, image_hw if hooks.image_sized else None)
+    n = plan.visual_tokens
+    keep = n if keep is None else int(keep)
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep must be in [1, {n}] ({plan.label}), got {keep}")
+    if text_tokens < 0 or new_tokens < 0 or batch < 1:
+        raise ValueError(f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}")
+    t = cfg.text
+    weight_bytes_per = dtype_bytes(t.dtype)
+    kv_bytes_per = weight_bytes_per if kv_dtype_bytes is None else int(kv_dtype_bytes)
+    length = text_tokens + keep
+    length_full = text_tokens + n
+
+    vision = batch * hooks.vision_flops(cfg, plan)
+    # A method merging in tower space hands the projector only its K tokens.
+    projector = batch * hooks.projector_flops(cfg, keep if record.stage == "tower" and record.merges else n)
+    pruning, prefill, prefill_full, decode_total, decode_per_token = language_model_flops(
+        t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer, tower_dims=dims,
+    )
+
+    w_vision = hooks.vision_weight_bytes(cfg)
+    w_projector = hooks.projector_weight_bytes(cfg)
+    w_llm = _numel_llm(t) * weight_bytes_per
+    kv = _kv_bytes(t, batch, length + new_tokens, kv_bytes_per, record.llm_layer, n - keep, fastv_layer)
+
+    out = {
+        "batch": batch,
+        **(plan.report or {}),
+        "visual_tokens": n,
+        "kept_tokens": keep,
+        "text_tokens": text_tokens,
+        "new_tokens": new_tokens,
+        "sequence_length": length,
+        "sequence_length_unpruned": length_full,
+        "vision_tokens_in_tower": plan.tower_tokens,
+        **hooks.tower_report(cfg),
+        "vision_flops": vision,
+        "projector_flops": projector,
+        "pruning_flops": pruning,
+        "llm_prefill_flops": prefill,
+        "llm_prefill_flops_unpruned": prefill_full,
+        "prefill_reduction": prefill_full / prefill,
+        "prefill_flops_total": vision + projector + pruning + prefill,
+        "prefill_flops_total_unpruned": vision + projector + prefill_full,
+        "decode_flops_per_token": decode_per_token,
+        "decode_flops_total": decode_total,
+        "kv_cache_bytes": kv,
+        "kv_cache_bytes_unpruned": kv_cache_bytes(t, batch, length_full + new_tokens, kv_bytes_per),
+        "kv_cache_bytes_per_token": kv_cache_bytes(t, 1, 1, kv_bytes_per),
+        "weight_bytes": w_vision + w_projector + w_llm,
+        "weight_bytes_vision": w_vision,
+        "weight_bytes_projector": w_projector,
+        "weight_bytes_llm": w_llm,
+    }
+    if hooks.reports_decode_weights:
+        out["decode_weight_bytes_per_token"] = decode_weight_bytes(t, weight_bytes_per)
+    return out
+
+
+def estimate(
+    cfg,
+    text_tokens: int,
+    keep: int | None = None,
+    new_tokens: int = 0,
+    batch: int = 1,
+    kv_dtype_bytes: int | None = None,
+    core_ratio: float | str = 0.6,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
+) -> dict:
+    """FLOPs per stage and bytes for one LLaVA call (`estimate_model` without an image size;
+    flops.py's docstring has the convention).
+
+    Args:
+      cfg: a `models.llava.LlavaConfig`.
+      text_tokens: T, text tokens of the prompt (everything but the image placeholders).
+      keep: K visual tokens kept (None = all N, no pruning).
+      new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
+      batch: B prompts (one image each).
+      kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
+      core_ratio: ZSPAPrune's r or "auto" (only the pruning cost depends on it).
+      method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
+        and KV cache instead (layers < fastv_layer keep all N tokens).
+    Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
+    """
+    return estimate_model(cfg, text_tokens, None, keep=keep, new_tokens=new_tokens, batch=batch,
+                          kv_dtype_bytes=kv_dtype_bytes, core_ratio=core_ratio, method=method,
+                          fastv_layer=fastv_layer)
+
+
+def estimate_qwen2_5_vl(
+    cfg,
+    text_tokens: int,
+    image_hw: tuple[int, int],
+    keep: int | None = None,
+    new_tokens: int = 0,
+    batch: int = 1,
+    kv_dtype_bytes: int | None = None,
+    core_ratio: float | str = 0.6,
+    method: str = "zspaprune",
+    fastv_layer: int = 2,
+) -> dict:
+    """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
+    width) pixels (`estimate_model`; zspa_jax.estimate.qwen2_5_vl's docstring). Same keys as
+    `estimate` (bar decode_weight_bytes_per_token and vision_layers_run), plus the image
+    size and grid. Methods that need the tower's [CLS] token are refused: this tower has none."""
+    return estimate_model(cfg, text_tokens, image_hw, keep=keep, new_tokens=new_tokens, batch=batch,
+                          kv_dtype_bytes=kv_dtype_bytes, core_ratio=core_ratio, method=method,
+                          fastv_layer=fastv_layer)
