@@ -368,3 +368,25 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
         cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
         flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert 0 < flops[8] < flops[None], flops
+
+
+def test_vision_markers_never_count_as_prompt_without_tokenizer_files(tiny, vlm, tmp_path):
+    """A checkpoint with no tokenizer files (array-only use) still treats the config's vision
+    start/end and video ids as special: the prompt vector never averages them."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(vlm.path, bare, ignore=shutil.ignore_patterns("tokenizer*", "*token*map*", "vocab*", "merges*",
+                                                                   "chat_template*", "*processor*"))
+    arrays_only = zspa_jax.load(bare)
+    assert arrays_only.processor is None
+    cfg = arrays_only.config
+    markers = {cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id}
+    assert markers <= set(arrays_only.special_token_ids)
+    assert cfg.image_token_id not in arrays_only.special_token_ids
+    a = _np(hf_inputs(tiny.processor, [("what is this", 1)], [random_image(40, 56, seed=40)]))
+    ids, mask = a["input_ids"], a["attention_mask"]
+    assert np.isin(ids, list(markers)).any()  # the prompt holds a marker after the image
+    for scope in ("question", "all_text"):
+        counted = np.asarray(prompt_token_mask(ids, mask, cfg.image_token_id, arrays_only.special_token_ids, scope))
+        assert not counted[np.isin(ids, list(markers))].any()

@@ -116,6 +116,15 @@ def token_ids(path: Path, processor) -> dict:
     }
 
 
+def config_token_ids(cfg) -> set[int]:
+    """Every token id the family config names (fields `*_token_id` / `*_token_index`)."""
+    return {
+        int(getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if f.name.endswith(("_token_id", "_token_index")) and isinstance(getattr(cfg, f.name), int)
+    }
+
+
 def _check_dtype(dtype) -> None:
     if dtype is not None and not isinstance(dtype, str):
         raise TypeError(f"dtype must be None (as stored) or a string, one of {sorted(DTYPES)}; got {type(dtype).__name__}")
@@ -160,8 +169,10 @@ def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | No
     load_proc = family.adapter.load_processor
     proc = load_proc(path) if processor else None
     ids = token_ids(path, proc if proc is not None else load_proc(path))
-    # The image placeholder is embedded as visual tokens, never as prompt text.
-    ids["special_token_ids"] = tuple(i for i in ids["special_token_ids"] if i != cfg.image_token_id)
+    # The model's own marker tokens (vision start/end, video, ...) are never prompt text, even
+    # without tokenizer files; the image placeholder is embedded as visual tokens instead.
+    markers = config_token_ids(cfg)
+    ids["special_token_ids"] = tuple(sorted(i for i in set(ids["special_token_ids"]) | markers if i != cfg.image_token_id))
     return VLM(config=cfg, model=model, processor=proc, path=path, mesh=mesh, **ids)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from models.checkpoint import RECONVERT, CheckpointError
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
+from zspa_jax.estimate.llava import HOOKS as ESTIMATE_HOOKS
 from zspa_jax.families.base import Family, HostBatch, left_pad
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.validation import (
@@ -294,4 +295,5 @@ FAMILY = Family(
     has_cls=True,
     variable_tokens=False,
     tokens_per_image=lambda cfg: cfg.image_seq_length,
+    estimate=ESTIMATE_HOOKS,
 )

@@ -19,6 +19,7 @@ import numpy as np
 
 from models import qwen2_5_vl as qwen
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from zspa_jax.estimate.qwen2_5_vl import HOOKS as ESTIMATE_HOOKS
 from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up
 from zspa_jax.validation import check_finite, check_ids_in_range
 
@@ -209,4 +210,5 @@ FAMILY = Family(
     converter="convert.qwen2_5_vl",
     has_cls=False,
     variable_tokens=True,
+    estimate=ESTIMATE_HOOKS,
 )

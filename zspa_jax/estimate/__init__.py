@@ -1,0 +1,103 @@
+"""FLOPs and memory estimator for LLaVA and Qwen2.5-VL models with ZSPAPrune pruning.
+
+    python -m zspa_jax.estimate [--text-tokens 60] [--new-tokens 0] [--json]
+    python -m zspa_jax.estimate --model qwen2.5-vl-7b --image 1344x1008 [--keep 1230 256 128 64]
+    python -m zspa_jax.estimate --model M --mesh data=D,model=M [--batch B] [--json]
+
+prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stage at
+keep in {576, 192, 128, 64}; or for Qwen2.5-VL-7B at one image size (its visual token
+count follows the image: `estimate_qwen2_5_vl`); or the per-device bytes on a mesh.
+
+One job per module:
+
+    flops.py        the counting convention (its docstring) and the generic counts: decoder
+                    layer, LLM prefill/decode, FastV's split, each method's selection
+    hooks.py        EstimateHooks / ImagePlan: what a family answers about its image side
+    llava.py        LLaVA's hooks: CLIP tower, MLP projector (`Family.estimate` of llava)
+    qwen2_5_vl.py   Qwen2.5-VL's hooks: image grid (smart_resize), windowed ViT + merger
+    memory.py       KV-cache and weight bytes, per-device bytes on a mesh (`mesh_bytes`)
+    model.py        the whole-model estimate: `estimate_model` reads the family's hooks
+                    (`family_of(cfg).estimate`); `estimate` (LLaVA) and
+                    `estimate_qwen2_5_vl` are that call with each family's arguments
+    presets.py      named real configs (LLaVA-1.5-7B/13B, Qwen2.5-VL-7B/72B), `MODELS`
+    cli.py          `main`: argument parsing and the tables
+
+Convention (every count in FLOPs = multiply-accumulates x 2, matrix products only,
+attention over the full n x n square): zspa_jax.estimate.flops's docstring; the towers'
+formulas: zspa_jax.estimate.llava and zspa_jax.estimate.qwen2_5_vl.
+"""
+
+from __future__ import annotations
+
+from zspa_jax.estimate.flops import (
+    _language_model_flops,
+    decode_flops,
+    decoder_layer_macs,
+    fastv_prefill_flops,
+    language_model_flops,
+    llm_prefill_flops,
+    method_flops,
+    pruning_flops,
+)
+from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
+from zspa_jax.estimate.llava import (
+    _numel_projector,
+    _numel_vision,
+    clip_layer_macs,
+    projector_flops,
+    vision_flops,
+    vision_layers_run,
+)
+from zspa_jax.estimate.memory import (
+    _kv_bytes,
+    _numel_decoder_layer,
+    _numel_llm,
+    decode_weight_bytes,
+    kv_cache_bytes,
+    mesh_bytes,
+)
+from zspa_jax.estimate.model import estimate, estimate_model, estimate_qwen2_5_vl, hooks_of
+from zspa_jax.estimate.presets import (
+    LLAVA_1_5_7B,
+    MODELS,
+    llava_1_5_7b_config,
+    llava_1_5_13b_config,
+    qwen2_5_vl_7b_config,
+    qwen2_5_vl_72b_config,
+)
+from zspa_jax.estimate.qwen2_5_vl import _numel_qwen_vision, _qwen_window_sizes, qwen_image_grid, qwen_vision_flops
+from zspa_jax.estimate.cli import _mesh_main, _mesh_table, _table, main
+
+__all__ = [
+    "clip_layer_macs",
+    "decoder_layer_macs",
+    "estimate",
+    "llava_1_5_7b_config",
+    "LLAVA_1_5_7B",
+    "pruning_flops",
+    "method_flops",
+    "fastv_prefill_flops",
+    "estimate_qwen2_5_vl",
+    "qwen2_5_vl_7b_config",
+    "qwen_image_grid",
+    # public attributes of the old module, now listed too
+    "MODELS",
+    "decode_flops",
+    "kv_cache_bytes",
+    "llava_1_5_13b_config",
+    "llm_prefill_flops",
+    "main",
+    "mesh_bytes",
+    "projector_flops",
+    "qwen2_5_vl_72b_config",
+    "qwen_vision_flops",
+    "vision_flops",
+    "vision_layers_run",
+    # new with the package: the family hooks and the generic estimate
+    "EstimateHooks",
+    "ImagePlan",
+    "decode_weight_bytes",
+    "estimate_model",
+    "hooks_of",
+    "language_model_flops",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from zspa_jax.estimate.cli import main
+
+sys.exit(main())
