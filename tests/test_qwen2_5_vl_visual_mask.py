@@ -83,3 +83,6 @@ def test_visual_mask_errors():
         select_tokens(v, p, keep=2, visual_mask=jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match="keep=3 exceeds the 2 real visual tokens of row 1"):
         select_tokens(v, p, keep=3, visual_mask=jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool))
+    for bad in ([[1, 1, 1, 1, 1], [1, 2, 1, 0, 0]], [[1, 1, 1, 1, 1], [1, np.nan, 1, 0, 0]]):
+        with pytest.raises(ValueError, match="visual_mask row 1 holds values other than 0 and 1"):
+            select_tokens(v, p, keep=2, visual_mask=jnp.asarray(bad, jnp.float32))

@@ -24,7 +24,7 @@ from zspa_jax.methods import auto_core
 from zspa_jax.methods._common import default_batching
 from zspa_jax.methods.zspaprune import AUTO, core_size
 from zspa_jax.sharding import fetch
-from zspa_jax.validation import check_rng, is_traced
+from zspa_jax.validation import check_binary_mask, check_rng, is_traced
 
 __all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "core_size", "default_batching", "gather_tokens", "select_tokens"]
 
@@ -218,6 +218,7 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
     if shape != (b, n):
         raise ValueError(f"visual_mask must have shape [B, N] = {(b, n)}, got {shape}")
     if not is_traced(visual_mask):
+        check_binary_mask("visual_mask", fetch(jnp.asarray(visual_mask)))
         counts = fetch(jnp.asarray(visual_mask) != 0).sum(axis=1)
         if (counts < keep).any():
             row = int(np.argmax(counts < keep))
