@@ -18,6 +18,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from models.checkpoint import CheckpointError
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -33,10 +35,6 @@ _DTYPES = {
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or malformed."""
 
 
 class SafetensorsFile:

@@ -73,7 +73,8 @@ RECONVERT = "re-run the converter (python -m convert.<family> SRC OUT --force)"
 
 
 class CheckpointError(ValueError):
-    """A converted checkpoint is damaged or incomplete; the message names the file."""
+    """A checkpoint file (a converted one, or a source safetensors file) is missing, truncated
+    or malformed; the message names the file."""
 
 
 def read_payload(directory: Path) -> tuple[str, dict]:
