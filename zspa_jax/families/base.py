@@ -122,3 +122,26 @@ __all__ = [
     "Family", "HostAdapter", "HostBatch", "PROMPT_BUCKET", "check_ids_and_mask", "check_left_padded", "is_traced",
     "left_pad", "round_up",
 ]
+
+
+def to_rgb(image: Any, name: str) -> Any:
+    """A PIL image as 8-bit RGB for a processor; arrays pass through unchanged.
+
+    16-bit greyscale ("I;16", "I;16B", "I;16L") is scaled to 8 bits (value / 257, rounded):
+    PIL's own convert("RGB") would clip it at 255 and turn almost every pixel white. 32-bit
+    integer ("I") and float ("F") images have no agreed range, so they are refused by name.
+    """
+    if not hasattr(image, "convert"):
+        return image
+    mode = getattr(image, "mode", "RGB")
+    if mode.startswith("I;16"):
+        from PIL import Image
+
+        scaled = np.rint(np.asarray(image, np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode in ("I", "F"):
+        raise ValueError(
+            f"{name} is a PIL image of mode {mode!r} (32-bit {'integer' if mode == 'I' else 'float'} pixels) with no "
+            "known range; convert it to 8-bit ('L' or 'RGB') first"
+        )
+    return image.convert("RGB")

@@ -17,7 +17,7 @@ import numpy as np
 from models.checkpoint import RECONVERT, CheckpointError
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax.estimate.llava import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, left_pad
+from zspa_jax.families.base import Family, HostBatch, left_pad, to_rgb
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.validation import (
     as_array,
@@ -228,7 +228,7 @@ def encode(
         prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
     tokenizer.padding_side = "left"
     if images is not None:
-        rgb = [img.convert("RGB") if hasattr(img, "convert") else img for img in images]
+        rgb = [to_rgb(img, f"images[{i}]") for i, img in enumerate(images)]
         batch = processor(text=prompts, images=rgb, return_tensors="np", padding=True)
     else:
         batch = tokenizer(prompts, return_tensors="np", padding=True)

@@ -20,7 +20,7 @@ import numpy as np
 from models import qwen2_5_vl as qwen
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from zspa_jax.estimate.qwen2_5_vl import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up
+from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up, to_rgb
 from zspa_jax.validation import check_finite, check_ids_in_range
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
@@ -166,8 +166,8 @@ class QwenProcessor:
         if images is not None:
             if self.image_processor is None:
                 raise ValueError("this checkpoint has no image processor (preprocessor_config.json missing)")
+            rgb = [to_rgb(im, f"images[{i}]") if hasattr(im, "convert") else np.asarray(im) for i, im in enumerate(images)]
             try:
-                rgb = [im.convert("RGB") if hasattr(im, "convert") else np.asarray(im) for im in images]
                 pix = self.image_processor(images=rgb, return_tensors="np")
             except ValueError as e:  # e.g. an aspect ratio the processor refuses
                 raise ValueError(f"the image processor refused an image: {e}") from None
