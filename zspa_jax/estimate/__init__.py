@@ -29,7 +29,8 @@ formulas: zspa_jax.estimate.llava and zspa_jax.estimate.qwen2_5_vl.
 
 from __future__ import annotations
 
-from zspa_jax.estimate.flops import (
+from zspa_jax.estimate.cli import _mesh_main, _mesh_table, _table, main  # noqa: F401
+from zspa_jax.estimate.flops import (  # noqa: F401 (the private names: re-exported for tests)
     _language_model_flops,
     decode_flops,
     decoder_layer_macs,
@@ -40,7 +41,7 @@ from zspa_jax.estimate.flops import (
     pruning_flops,
 )
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
-from zspa_jax.estimate.llava import (
+from zspa_jax.estimate.llava import (  # noqa: F401
     _numel_projector,
     _numel_vision,
     clip_layer_macs,
@@ -48,7 +49,7 @@ from zspa_jax.estimate.llava import (
     vision_flops,
     vision_layers_run,
 )
-from zspa_jax.estimate.memory import (
+from zspa_jax.estimate.memory import (  # noqa: F401
     _kv_bytes,
     _numel_decoder_layer,
     _numel_llm,
@@ -56,7 +57,12 @@ from zspa_jax.estimate.memory import (
     kv_cache_bytes,
     mesh_bytes,
 )
-from zspa_jax.estimate.model import estimate, estimate_model, estimate_qwen2_5_vl, hooks_of
+from zspa_jax.estimate.model import (
+    estimate,
+    estimate_model,
+    estimate_qwen2_5_vl,
+    hooks_of,
+)
 from zspa_jax.estimate.presets import (
     LLAVA_1_5_7B,
     MODELS,
@@ -65,8 +71,12 @@ from zspa_jax.estimate.presets import (
     qwen2_5_vl_7b_config,
     qwen2_5_vl_72b_config,
 )
-from zspa_jax.estimate.qwen2_5_vl import _numel_qwen_vision, _qwen_window_sizes, qwen_image_grid, qwen_vision_flops
-from zspa_jax.estimate.cli import _mesh_main, _mesh_table, _table, main
+from zspa_jax.estimate.qwen2_5_vl import (  # noqa: F401
+    _numel_qwen_vision,
+    _qwen_window_sizes,
+    qwen_image_grid,
+    qwen_vision_flops,
+)
 
 __all__ = [
     "clip_layer_macs",

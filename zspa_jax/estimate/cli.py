@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from zspa_jax.estimate.memory import mesh_bytes
 from zspa_jax.estimate.model import estimate_model, hooks_of
@@ -67,7 +68,7 @@ def _mesh_table(name: str, cfg, axis_sizes, batch: int, text_tokens: int, new_to
         rows.append({"model": name, "batch": batch, "kept_tokens": keep, "visual_tokens": visual_tokens, **r})
     gib = 2**30
     mesh = f"data={axis_sizes['data']},model={axis_sizes['model']}"
-    head = f"| model | mesh | batch | keep | params / device GiB | KV cache / device GiB | total / device GiB |"
+    head = "| model | mesh | batch | keep | params / device GiB | KV cache / device GiB | total / device GiB |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         lines.append(

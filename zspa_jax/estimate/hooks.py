@@ -10,7 +10,8 @@ weight bytes, and the tower widths the tower-stage methods read.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 __all__ = ["EstimateHooks", "ImagePlan"]
 

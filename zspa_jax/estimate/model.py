@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from zspa_jax.estimate.flops import language_model_flops
 from zspa_jax.estimate.hooks import EstimateHooks
-from zspa_jax.estimate.memory import _kv_bytes, _numel_llm, decode_weight_bytes, dtype_bytes, kv_cache_bytes
+from zspa_jax.estimate.memory import (
+    _kv_bytes,
+    _numel_llm,
+    decode_weight_bytes,
+    dtype_bytes,
+    kv_cache_bytes,
+)
 from zspa_jax.methods import get_method
 
 __all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of"]
@@ -14,7 +20,8 @@ __all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of"]
 
 def hooks_of(cfg) -> EstimateHooks:
     """The estimate hooks of `cfg`'s family (`Family.estimate`)."""
-    from zspa_jax.families import family_of  # the family records import this package's hooks
+    # imported here: the family records import this package's hooks
+    from zspa_jax.families import family_of
 
     family = family_of(cfg)
     if family.estimate is None:
