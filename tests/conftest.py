@@ -578,6 +578,44 @@ def describe_failure(proc: subprocess.CompletedProcess) -> str:
     return f"command {proc.args} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
 
+def skips_slow_tests(config) -> bool:
+    """True when this run deselects the `slow` tier (`pytest -m "not slow"`: the fast tier)."""
+    return re.search(r"\bnot\s+slow\b", config.getoption("markexpr", "") or "") is not None
+
+
+def run_converter_in_process(module: str, src, out, *extra_args: str) -> subprocess.CompletedProcess:
+    """`python -m convert.<module> SRC OUT --quiet *extra_args` without the subprocess: the
+    CLI's own `main(argv)` run in this process, its stdout/stderr captured. Same code and
+    same files as the CLI; only the interpreter start-up and imports are saved. The fast
+    tier converts this way; the converter-CLI tests (marked slow) run the real subprocess."""
+    import contextlib
+    import importlib
+    import io
+
+    argv = [str(src), str(out), "--quiet", *extra_args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returncode = importlib.import_module(f"convert.{module}").main(argv)
+    proc = subprocess.CompletedProcess(
+        [sys.executable, "-m", f"convert.{module}", *argv], returncode, stdout.getvalue(), stderr.getvalue()
+    )
+    proc.seconds = time.perf_counter() - t0
+    proc.cpu_seconds = None
+    proc.max_rss_mb = None
+    proc.out = Path(out)
+    return proc
+
+
+def pytest_configure(config):
+    if skips_slow_tests(config):
+        # The Qwen2.5-VL tests' conversions (tests/qwen2_5_vl_helpers.converted) in process
+        # too; its CLI tests are marked slow.
+        from tests import qwen2_5_vl_helpers
+
+        qwen2_5_vl_helpers.convert_cli = functools.partial(run_converter_in_process, "qwen2_5_vl")
+
+
 class _ConvertCLI:
     """Session runner behind the `convert_cli` and `converted` fixtures."""
 
@@ -585,6 +623,7 @@ class _ConvertCLI:
         self.tmp_path_factory = tmp_path_factory
         self.jobs: dict[tuple, ConvertJob] = {}
         self.outs: dict[tuple, Path] = {}
+        self.in_process: dict[tuple, subprocess.CompletedProcess] = {}  # the fast tier's conversions
 
     def start(self, src, out, *extra_args: str) -> ConvertJob:
         key = (str(src), str(out), tuple(extra_args))
@@ -627,34 +666,56 @@ def convert_cli(_convert_runner):
 
 
 @pytest.fixture(scope="session")
-def converted(_convert_runner):
+def converted(_convert_runner, pytestconfig):
     """`converted(src, *extra_args) -> Path`: the CLI's output for (src, args) in a session
     temp dir (converted once), failing the test with the CLI's output if it does not exit 0.
 
     `converted.prefetch(src, *extra_args)` starts that conversion in the background and
     returns at once, so several tiny conversions (each mostly interpreter start-up and
     imports) overlap with each other and with the tests.
+
+    In the fast tier (`-m "not slow"`) the CLI's `main` runs in this process instead
+    (`run_converter_in_process`: same code, same files); `prefetch` then does nothing and
+    `process` still runs the real CLI.
     """
+    in_process = skips_slow_tests(pytestconfig)
 
     class Converted:
         def __call__(self, src, *extra_args: str) -> Path:
             out = _convert_runner.default_out(src, *extra_args)
-            proc = _convert_runner.start(src, out, *extra_args).result()
+            if in_process:
+                key = (str(src), str(out), tuple(extra_args))
+                proc = _convert_runner.in_process.get(key)
+                if proc is None:
+                    proc = run_converter_in_process("llava", src, out, *extra_args)
+                    if proc.returncode == 0:
+                        _convert_runner.in_process[key] = proc
+            else:
+                proc = _convert_runner.start(src, out, *extra_args).result()
             if proc.returncode != 0:
                 pytest.fail(describe_failure(proc))
             return out
 
         def prefetch(self, src, *extra_args: str) -> None:
-            _convert_runner.start(src, _convert_runner.default_out(src, *extra_args), *extra_args)
+            if not in_process:
+                _convert_runner.start(src, _convert_runner.default_out(src, *extra_args), *extra_args)
 
         def discard(self, src, *extra_args: str) -> None:
             """Delete the output of (src, args) and forget it (a later call converts again)."""
             out = _convert_runner.default_out(src, *extra_args)
             _convert_runner.jobs.pop((str(src), str(out), tuple(extra_args)), None)
+            _convert_runner.in_process.pop((str(src), str(out), tuple(extra_args)), None)
             shutil.rmtree(out, ignore_errors=True)
 
         def process(self, src, *extra_args: str) -> subprocess.CompletedProcess:
-            """The finished CLI run behind `self(src, *extra_args)` (timings, RSS, output)."""
+            """The finished CLI run behind `self(src, *extra_args)` (timings, RSS, output).
+            In the fast tier: a real CLI run of its own, into a separate directory."""
+            if in_process:
+                out = _convert_runner.default_out(src, *extra_args, "cli")
+                proc = _convert_runner.start(src, out, *extra_args).result()
+                if proc.returncode != 0:
+                    pytest.fail(describe_failure(proc))
+                return proc
             self(src, *extra_args)
             return _convert_runner.start(src, _convert_runner.default_out(src, *extra_args), *extra_args).result()
 

@@ -42,7 +42,7 @@ def test_parameter_count_matches_transformers():
 
 @pytest.mark.parametrize("grid", [(32, 32), (82, 60), (6, 10), (2, 30)])
 def test_windows_cover_every_patch_once(grid):
-    from models.qwen2_5_vl import num_windows
+    from zspa_jax.families.qwen2_5_vl.layout import num_windows
 
     v = est.qwen2_5_vl_7b_config().vision
     sizes = est._qwen_window_sizes(*grid, v)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from zspa_jax.families import restore_model
 from models import qwen2_5_vl
-from models.qwen2_5_vl import rope_index, vision_layout, window_slots
+from models.qwen2_5_vl import window_slots
+from zspa_jax.families.qwen2_5_vl.layout import rope_index, vision_layout
 from tests.qwen2_5_vl_helpers import FACTOR, converted, hf_inputs, random_image, tiny_model
 
 BOUND = 1e-4

@@ -2,7 +2,7 @@
 (models/qwen2_5_vl.py, convert/qwen2_5_vl.py).
 
 Host side: grids, window layouts and 3-D positions computed from `image_grid_thw`
-(`models.qwen2_5_vl.prepare_batch`); the tower's window count and, when pruning, each
+(`layout.prepare_batch`); the tower's window count and, when pruning, each
 image span padded to buckets so images of different sizes share compiled programs; rows
 carry different numbers of visual tokens (a valid mask). Strings + images go through the
 saved tokenizer, chat template and Qwen2-VL image processor.
@@ -10,17 +10,15 @@ saved tokenizer, chat template and Qwen2-VL image processor.
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from models import qwen2_5_vl as qwen
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from zspa_jax.estimate.qwen2_5_vl import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up, to_rgb
+from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up
+from zspa_jax.families.qwen2_5_vl import layout
+from zspa_jax.families.qwen2_5_vl.processor import QwenProcessor
 from zspa_jax.validation import check_finite, check_ids_in_range
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
@@ -53,12 +51,12 @@ class QwenAdapter:
         grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
         span_slots = windows = None
         if bucket and pixel_values is not None and grid is not None and grid.ndim == 2 and grid.shape[-1] == 3:
-            qwen.check_grid(grid, cfg.vision)
-            needed = qwen.num_windows(grid, cfg.vision)
+            layout.check_grid(grid, cfg.vision)
+            needed = layout.num_windows(grid, cfg.vision)
             windows = max(WINDOW_BUCKET_MIN, 1 << max(needed - 1, 0).bit_length())
             if pruning:
                 span_slots = round_up(int(np.prod(grid, axis=-1).max()) // cfg.vision.merge_unit, SPAN_BUCKET)
-        batch = qwen.prepare_batch(
+        batch = layout.prepare_batch(
             cfg,
             ids,
             mask,
@@ -109,96 +107,6 @@ class QwenAdapter:
 
     def load_processor(self, path: Path):
         return QwenProcessor.load(path)
-
-
-@dataclasses.dataclass
-class QwenProcessor:
-    """Tokenizer + Qwen2-VL image processor, doing what transformers' Qwen2_5_VLProcessor
-    does for images: each `<|image_pad|>` becomes t*h*w / merge^2 copies. Built from the
-    saved files directly, so it works where transformers cannot construct the full
-    processor (its video processor needs torchvision)."""
-
-    tokenizer: Any
-    image_processor: Any
-    image_token: str = "<|image_pad|>"
-
-    @classmethod
-    def load(cls, path: Path) -> "QwenProcessor | None":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        path = Path(path)
-        if not any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-            return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").exists() else None
-        return cls(tokenizer, image_processor)
-
-    @property
-    def chat_template(self):
-        return getattr(self.tokenizer, "chat_template", None)
-
-    def encode(self, prompts, images, chat_template: bool | None = None) -> dict[str, np.ndarray]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if images is not None:
-            for i, img in enumerate(images):
-                if _looks_like_video(img):
-                    raise ValueError(f"images[{i}] looks like a video (a list of frames): video input is not supported")
-            if len(images) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompt(s) but {len(images)} image(s); give one image per prompt")
-        use_template = self.chat_template is not None if chat_template is None else chat_template
-        if use_template:
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": ([{"type": "image"}] if images is not None else [])
-                      + [{"type": "text", "text": p}]}],
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                for p in prompts
-            ]
-        else:
-            texts = prompts
-        out: dict[str, np.ndarray] = {}
-        if images is not None:
-            if self.image_processor is None:
-                raise ValueError("this checkpoint has no image processor (preprocessor_config.json missing)")
-            rgb = [to_rgb(im, f"images[{i}]") if hasattr(im, "convert") else np.asarray(im) for i, im in enumerate(images)]
-            try:
-                pix = self.image_processor(images=rgb, return_tensors="np")
-            except ValueError as e:  # e.g. an aspect ratio the processor refuses
-                raise ValueError(f"the image processor refused an image: {e}") from None
-            out["pixel_values"] = np.asarray(pix["pixel_values"], np.float32)
-            out["image_grid_thw"] = np.asarray(pix["image_grid_thw"], np.int64)
-            merge = self.image_processor.merge_size**2
-            counts = iter((np.prod(out["image_grid_thw"], axis=-1) // merge).tolist())
-            expanded = []
-            for i, text in enumerate(texts):
-                if text.count(self.image_token) != 1:
-                    raise ValueError(
-                        f"prompts[{i}] must contain the image token {self.image_token!r} exactly once "
-                        f"(found {text.count(self.image_token)})"
-                    )
-                expanded.append(text.replace(self.image_token, self.image_token * next(counts)))
-            texts = expanded
-        self.tokenizer.padding_side = "left"
-        enc = self.tokenizer(texts, return_tensors="np", padding=True)
-        out["input_ids"] = np.asarray(enc["input_ids"], np.int32)
-        out["attention_mask"] = np.asarray(enc["attention_mask"], np.int32)
-        return out
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-
-def _looks_like_video(x) -> bool:
-    if isinstance(x, (list, tuple)):
-        return True
-    shape = getattr(x, "shape", None)
-    return shape is not None and len(shape) == 4
 
 
 FAMILY = Family(
