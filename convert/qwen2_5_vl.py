@@ -97,8 +97,11 @@ def qwen2_5_vl_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Qwe
     if hf.get("model_type") != "qwen2_5_vl":
         raise UnsupportedConfigError(f"config.model_type={hf.get('model_type')!r}; expected 'qwen2_5_vl'")
     errors: list[str] = []
-    vision = hf.get("vision_config") or {}
-    text = hf.get("text_config") or {}
+    missing = [key for key in ("text_config", "vision_config") if not hf.get(key)]
+    if missing:  # every field below lives in one of them: nothing else can be checked
+        raise UnsupportedConfigError(f"config has no {' and no '.join(missing)} (a Qwen2.5-VL config has both)")
+    vision = hf["vision_config"]
+    text = hf["text_config"]
     _unknown("vision_config", vision, set(_VISION_MAPPED) | _VISION_IGNORED, errors)
     _unknown("text_config", text, set(_TEXT_MAPPED) | _TEXT_IGNORED, errors)
     _unknown("config", hf, set(_TOP_MAPPED) | _TOP_IGNORED, errors)

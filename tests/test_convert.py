@@ -100,6 +100,7 @@ def test_missing_shard_of_an_index(src, tmp_path):
         (lambda c: c.update(vision_feature_select_strategy="pooled"), "vision_feature_select_strategy"),
     ],
 )
+@pytest.mark.slow
 def test_unsupported_config_field_is_refused_by_name(src, tmp_path, edit, field):
     bad = _copy(src, tmp_path)
     cfg = json.loads((bad / "config.json").read_text())
@@ -163,6 +164,7 @@ def test_bad_dtype_and_hub_id_offline(src, tmp_path, monkeypatch):
     _fail(str(tmp_path / "nowhere" / "x" / "y"), tmp_path / "out", "neither an existing directory nor a hub id")
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_without_a_traceback(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -264,6 +266,7 @@ def test_out_problems_are_one_line_errors_and_leave_nothing(src, tmp_path, monke
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_cli_out_problem_is_one_line(src, tmp_path):
     parent_file = tmp_path / "a_file"
     parent_file.write_text("x")
@@ -277,6 +280,7 @@ def test_cli_out_problem_is_one_line(src, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_conversion_prints_no_orbax_warnings(src, converted):
     proc = converted.process(src)
     assert "absl" not in proc.stderr and "TypeHandlerRegistry" not in proc.stderr, proc.stderr[-2000:]

@@ -305,6 +305,7 @@ def test_shipped_model_is_small_and_complete():
     assert sum(p.stat().st_size for p in files) < 8 * 2**20
 
 
+@pytest.mark.slow
 def test_shipped_model_reproduces_its_recorded_test_accuracy(shipped):
     """`zspa_jax.forward` on the shipped checkpoint answers the test questions exactly as
     the training run's own evaluation did (accuracy per type recorded in demo_info.json),

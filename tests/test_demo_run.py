@@ -44,6 +44,7 @@ def demo(tmp_path_factory):
     return buf.getvalue(), out
 
 
+@pytest.mark.slow
 def test_demo_explains_the_sequence_and_the_scores(demo):
     stdout, _ = demo
     flat = " ".join(stdout.split())  # the long lines are wrapped
@@ -119,6 +120,7 @@ def test_demo_picture_shows_kept_tokens_and_an_unpruned_reference(tmp_path):
     assert min(y for _, y in corners) > 3 * run.TITLE_SIZE
 
 
+@pytest.mark.slow
 def test_demo_writes_its_picture(demo):
     stdout, out = demo
     assert f"kept tokens per question: {out}" in stdout

@@ -421,6 +421,7 @@ def test_bad_generation_arguments_are_errors(vlm, tiny):
         zspa_jax.generate(vlm, max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_cli_generate_prints_the_answer_and_a_summary(vlm, tiny, tmp_path):
     import os
     import subprocess

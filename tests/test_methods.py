@@ -122,6 +122,7 @@ def test_cdpruner_batch_equals_per_example_and_inside_jit():
 # --------------------------------------------------------------------------- core_ratio="auto"
 
 
+@pytest.mark.slow
 def test_auto_matches_reference():
     seen = set()
     for seed in range(10):

@@ -315,6 +315,7 @@ def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm,
 
 
 @pytest.mark.parametrize("method", sorted(IN_LLM_GREEDY_SEED))
+@pytest.mark.slow
 def test_in_llm_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm, method):
     seed = IN_LLM_GREEDY_SEED[method]
     ids = _prompt(tiny, 3 if method == "fastv" else 4, 10 if method == "fastv" else 8, seed=seed)[None]
@@ -397,6 +398,7 @@ def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
     np.testing.assert_array_equal(out.sequences, ref)
 
 
+@pytest.mark.slow
 def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
     rows = [_prompt(tiny, 2, 5, seed=14), _prompt(tiny, 8, 11, seed=15)]
     width = max(map(len, rows))

@@ -44,6 +44,7 @@ def _params(out):
     return {k: np.asarray(v) for k, v in flatten(restore_params(out, param_template(cfg))).items()}
 
 
+@pytest.mark.slow
 def test_both_layouts_give_identical_params(tiny, tmp_path):
     saved = _params(converted(tiny))
     assert any(k.startswith("visual.") for k in saved) and "language_model.lm_head.kernel" in saved
@@ -68,6 +69,7 @@ def test_key_table():
     assert map_key("visual.something_new.weight") is None
 
 
+@pytest.mark.slow
 def test_tied_head_has_no_lm_head(tmp_path):
     tiny = tiny_model(tie_word_embeddings=True, seed=1)
     params = _params(converted(tiny))

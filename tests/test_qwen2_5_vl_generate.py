@@ -309,6 +309,7 @@ def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle)
     assert dict(generation.TRACE_COUNTS) == before
 
 
+@pytest.mark.slow
 def test_lmms_eval_runner_serves_qwen(vlm):
     """The lmms-eval model's runner is family-agnostic: its answers and scores on Qwen2.5-VL
     equal `generate` and `forward`, with images of different sizes in one batch."""

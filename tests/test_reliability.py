@@ -233,6 +233,7 @@ def _bad_load_call(data, tmp_root: Path):
 
 @settings(max_examples=240, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
+@pytest.mark.slow
 def test_fuzzed_malformed_calls_fail_clearly(data, demo, demo_batch, tmp_path_factory):
     image, batch = demo_batch
     vocab = demo.config.text.vocab_size
@@ -343,6 +344,7 @@ def test_damaged_checkpoint_names_the_file_and_the_fix(damage, file, tmp_path):
     assert "re-run the converter" in message
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_spills_nothing_on_stderr(tmp_path):
     """A failed restore leaves reads in flight; their late callbacks must not print tracebacks."""
     copy = tmp_path / "model"
@@ -384,6 +386,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> 
         assert needle in errors[0], errors[0]
 
 
+@pytest.mark.slow
 def test_cli_generate_bad_image_paths(tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
@@ -393,6 +396,7 @@ def test_cli_generate_bad_image_paths(tmp_path):
     _assert_one_line_error(_cli("generate", "--model", model, "--image", str(tmp_path / "none.png"), "--prompt", "hi"), "does not exist")
 
 
+@pytest.mark.slow
 def test_cli_demo_refuses_an_unwritable_out_before_working(tmp_path):
     for out, needle in [
         (tmp_path, "is a directory"),
@@ -469,6 +473,7 @@ def test_stats_name_rows_and_batch_totals(demo):
     assert s["decode_tokens_per_second_total"] == pytest.approx(s["new_tokens_total"] / s["decode_seconds"])
 
 
+@pytest.mark.slow
 def test_cli_generate_mesh(tmp_path):
     """--mesh splits the model (here 2 host devices) and answers like one device; a bad
     or too large mesh is one error line."""

@@ -93,6 +93,7 @@ DRAWS = 40_000
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.slow
 def test_sampled_frequencies_match_the_distribution(config):
     """DRAWS independent draws (one jitted vmap over DRAWS keys) through `Sampling.__call__`:
     every token outside the support is never drawn, and each token's count lies within

@@ -142,6 +142,7 @@ FAMILIES = ("llava", "qwen2_5_vl")
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_logits_equal_single_device_and_transformers(mesh_runs, family, mesh, parity_record):
     run = mesh_runs[family]
     ours, single = run.out[f"logits_{mesh}"], run.out["logits_single"]
@@ -155,6 +156,7 @@ def test_logits_equal_single_device_and_transformers(mesh_runs, family, mesh, pa
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_greedy_tokens_equal_single_device_and_transformers(mesh_runs, family, mesh):
     run = mesh_runs[family]
     assert run.out[f"tokens_{mesh}"].shape == (ROWS, NEW_TOKENS)
@@ -164,6 +166,7 @@ def test_greedy_tokens_equal_single_device_and_transformers(mesh_runs, family, m
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_pruned_generation_equals_single_device(mesh_runs, family, mesh):
     run = mesh_runs[family]
     np.testing.assert_array_equal(run.out[f"kept_{mesh}"], run.out["kept_single"])
@@ -174,6 +177,7 @@ def test_pruned_generation_equals_single_device(mesh_runs, family, mesh):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_array_api_and_select_tokens_on_a_mesh(mesh_runs, family, mesh):
     """generate_tokens on the sharded model, select_tokens on arrays split over "data"."""
     run = mesh_runs[family]
@@ -183,6 +187,7 @@ def test_array_api_and_select_tokens_on_a_mesh(mesh_runs, family, mesh):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", ["2x4", "8x1"])
+@pytest.mark.slow
 def test_batch_that_does_not_divide_data_is_padded_and_dropped(mesh_runs, family, mesh):
     """5 rows on data=2 and data=8: padded, then the padding dropped; each row's tokens
     are those it gets in the batch of 8 (one device and transformers)."""
@@ -194,12 +199,14 @@ def test_batch_that_does_not_divide_data_is_padded_and_dropped(mesh_runs, family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_repeated_calls_do_not_recompile(mesh_runs, family):
     assert mesh_runs[family].report["compiles"] == {"single": 0, **{m: 0 for m in MESHES}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_parameters_are_really_split(mesh_runs, family, mesh, parity_note):
     b = mesh_runs[family].report["bytes"][mesh]
     model = int(mesh.split("x")[1])
@@ -220,6 +227,7 @@ def test_parameters_are_really_split(mesh_runs, family, mesh, parity_note):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_estimate_predicts_the_measured_parameter_bytes(mesh_runs, family, mesh):
     """`estimate.mesh_bytes` (the --mesh planner) equals what each device really holds."""
     from zspa_jax.families import read_config
@@ -249,12 +257,14 @@ def test_estimate_cli_mesh(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_streaming_on_a_mesh_yields_the_same_tokens(mesh_runs, family):
     run = mesh_runs[family]
     np.testing.assert_array_equal(run.out["stream_2x4"], run.out["tokens_single"])
     np.testing.assert_array_equal(run.out["stream_single"], run.out["tokens_single"])
 
 
+@pytest.mark.slow
 def test_explicit_and_auto_meshes_both_ran(mesh_runs):
     assert mesh_runs["llava"].report["mesh_types"] == {"1x8": "Explicit", "2x4": "Explicit", "8x1": "Auto"}
 
@@ -270,12 +280,14 @@ def test_explicit_and_auto_meshes_both_ran(mesh_runs):
         ("traced_odd_batch", ["3 rows", "axis 'data' (2)", "traced"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_meshes_are_refused_by_name(mesh_runs, case, needles):
     message = mesh_runs["llava"].report["errors"][case]
     for needle in needles:
         assert needle in message, message
 
 
+@pytest.mark.slow
 def test_shard_places_a_loaded_model(mesh_runs):
     assert mesh_runs["llava"].report["errors"]["one_device_shard_ok"] == "no error"
 
@@ -287,6 +299,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_two_processes_give_the_same_tokens(mesh_runs, family, tmp_path):
     model, inputs = mesh_runs["_paths"][family]
     port, out = _free_port(), tmp_path / "multi.npz"

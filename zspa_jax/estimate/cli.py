@@ -16,8 +16,12 @@ from zspa_jax.estimate.presets import MODELS
 __all__ = ["FLOPS_TABLES", "main"]
 
 
-def _image_hw(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.lower().split("x"))
+def _image_hw(text: str, parser) -> tuple[int, int]:
+    """HxW in pixels, both positive; anything else is one `error:` line (exit 2)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+        parser.error(f"--image must be HxW with positive integer pixel sizes (e.g. 1344x1008), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _default_keeps(n: int) -> list[int]:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = FLOPS_TABLES[args.model]
     cfg = MODELS[args.model]()
     hooks = hooks_of(cfg)
-    hw = _image_hw(args.image) if hooks.image_sized else None
+    hw = _image_hw(args.image, parser) if hooks.image_sized else None
     n = hooks.image(cfg, hw).visual_tokens
     keeps = args.keep or (list(spec.keeps) if spec.keeps is not None else _default_keeps(n))
     table, rows = _table(cfg, args.text_tokens, args.new_tokens, keeps, kv_dtype_bytes=2, image_hw=hw)
@@ -143,7 +147,7 @@ def _mesh_main(args, parser) -> int:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     cfg = MODELS[args.model]()
     hooks = hooks_of(cfg)
-    hw = _image_hw(args.image) if hooks.image_sized else None
+    hw = _image_hw(args.image, parser) if hooks.image_sized else None
     n = hooks.image(cfg, hw).visual_tokens
     keeps = args.keep or _default_keeps(n)
     table, rows = _mesh_table(args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps)

@@ -10,7 +10,7 @@ bad value is a `ValueError` that names the argument:
     prompt_scope=S        question | all_text (default question)
     keep_positions=B      kept tokens keep their original RoPE positions (default false)
     batch_size=B          requests per zspa_jax.generate / forward call (default 1)
-    dtype=D               bfloat16 | float32: the parameters' and compute dtype (default: as stored)
+    dtype=D               bfloat16 | float16 | float32: the parameters' and compute dtype (default: as stored)
     mesh=DxM              split the model over D ("data") x M ("model") devices (zspa_jax.load(mesh=);
                           default one device)
     max_new_tokens=T      when a task does not set it (default 32)
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import zspa_jax
+from models.layers import DTYPES as LIBRARY_DTYPES
 
-DTYPES = ("bfloat16", "float32")
+DTYPES = tuple(LIBRARY_DTYPES)  # what zspa_jax.load(dtype=) takes
 # Passed by lmms-eval's evaluator to every model; accepted and not used (JAX picks the device).
 IGNORED = ("device", "max_batch_size")
 

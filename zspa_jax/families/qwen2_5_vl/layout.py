@@ -25,10 +25,14 @@ __all__ = [
 def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
     """int64 [n, 3] with every row a valid image grid, else ValueError naming `name`."""
     grid = np.asarray(grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer):
+    if grid.ndim != 2 or grid.shape[1] != 3:
         raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got shape {grid.shape}")
+    if not np.issubdtype(grid.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got dtype {grid.dtype}")
     m = cfg.spatial_merge_size
     for i, (t, h, w) in enumerate(grid.tolist()):
+        if t < 1:
+            raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}): t must be >= 1 (frames in temporal patches)")
         if t != 1:
             raise ValueError(f"{name}[{i}] has t={t}; images have t=1 (video input is not supported)")
         if h < m or w < m or h % m or w % m:
