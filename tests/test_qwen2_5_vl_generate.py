@@ -295,7 +295,7 @@ def test_bad_images_through_the_processor(vlm):
         (zspa_jax.PruneConfig(keep=4, method="vispruner"), "has no \\[CLS\\] token"),
         (zspa_jax.PruneConfig(keep=4, method="visionzip"), "has no \\[CLS\\] token"),
         (zspa_jax.PruneConfig(keep=4, method="fastv"), "'fastv' is not implemented for Qwen2.5-VL"),
-        (zspa_jax.PruneConfig(keep=4, method="cdpruner"), "'cdpruner' is not implemented for Qwen2.5-VL"),
+        (zspa_jax.PruneConfig(keep=4, method="dart"), "'dart' is not implemented for Qwen2.5-VL"),
     ],
 )
 def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle):

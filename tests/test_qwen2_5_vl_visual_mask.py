@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.torch_reference_pruning import cdpruner_reference, select_tokens_reference
 from zspa_jax.pruning import select_tokens
 
-CASES = [("zspaprune", 0.6), ("relevance", 1.0), ("divprune", 0.0), ("zspaprune", 0.25), ("uniform", 0.6)]
+CASES = [("zspaprune", 0.6), ("relevance", 1.0), ("divprune", 0.0), ("zspaprune", 0.25), ("uniform", 0.6),
+         ("cdpruner", 0.6)]
 
 
 @pytest.mark.parametrize("method,r", CASES)
@@ -33,10 +34,11 @@ def test_rows_equal_reference_on_real_tokens(method, r):
                       core_ratio=r, visual_mask=jnp.asarray(valid))
     )
     for row, c in enumerate(counts):
-        ref = select_tokens_reference(
-            torch.tensor(visual[row:row + 1, :c]), torch.tensor(prompt[row:row + 1]), torch.tensor(pmask[row:row + 1]),
-            keep=keep, method=method, core_ratio=r,
-        ).numpy()[0]
+        args = torch.tensor(visual[row:row + 1, :c]), torch.tensor(prompt[row:row + 1]), torch.tensor(pmask[row:row + 1])
+        if method == "cdpruner":
+            ref = cdpruner_reference(*args, keep=keep).numpy()[0]
+        else:
+            ref = select_tokens_reference(*args, keep=keep, method=method, core_ratio=r).numpy()[0]
         np.testing.assert_array_equal(got[row], ref, err_msg=f"row {row} ({c} real tokens)")
         assert valid[row, got[row]].all()
 

@@ -43,24 +43,34 @@ from zspa_jax.methods.base import Method, Selection
 __all__ = ["METHOD", "cdpruner_select", "normalized_relevance"]
 
 
-def normalized_relevance(s: jax.Array, theta: float | None = None) -> jax.Array:
-    """Relevance weights w [N] from cosine scores s [N] (steps 3-4 of the module docstring)."""
-    lo, hi = jnp.min(s), jnp.max(s)
+def normalized_relevance(s: jax.Array, theta: float | None = None, valid: jax.Array | None = None) -> jax.Array:
+    """Relevance weights w [N] from cosine scores s [N] (steps 3-4 of the module docstring);
+    with `valid` [N] the min-max range is that of the real tokens."""
+    if valid is None:
+        lo, hi = jnp.min(s), jnp.max(s)
+    else:
+        lo, hi = jnp.min(jnp.where(valid, s, jnp.inf)), jnp.max(jnp.where(valid, s, -jnp.inf))
     w = jnp.where(hi > lo, (s - lo + 1e-6) / jnp.where(hi > lo, hi - lo, 1.0), 1.0)
     if theta is not None:
         w = jnp.exp(theta / (2.0 * (1.0 - theta)) * w)
     return w
 
 
-def _cdpruner_one(v: jax.Array, t: jax.Array, m: jax.Array, *, keep: int, theta: float | None) -> jax.Array:
-    """One example: v [N, D], t [T, D] f32, m bool [T] -> sorted int32 [keep]."""
+def _cdpruner_one(v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None = None, *, keep: int,
+                  theta: float | None) -> jax.Array:
+    """One example: v [N, D], t [T, D] f32, m bool [T], valid bool [N] | None -> sorted int32 [keep].
+    Masked tokens get unit vector 0 and gain -inf: never picked, and their kernel rows are 0."""
     n = v.shape[0]
     vn = unit(v)
-    w = normalized_relevance(prompt_relevance(vn, t, m), theta)
+    if valid is not None:
+        vn = jnp.where(valid[:, None], vn, 0.0)
+    w = normalized_relevance(prompt_relevance(vn, t, m), theta, valid)
     # diag(L) = w^2 S_jj with S_jj = |v^_j|^2: exactly 1 unless |v_j| < 1e-6 (floored norm),
     # so equal weights tie exactly instead of by the rounding of a dot product.
     norm = jnp.sqrt(jnp.sum(v * v, axis=-1))
     d = w * w * jnp.where(norm >= EPS, 1.0, jnp.square(norm / EPS))
+    if valid is not None:
+        d = jnp.where(valid, d, -jnp.inf)
     cis = jnp.zeros((keep, n), jnp.float32)
     picks = jnp.zeros((keep,), jnp.int32)
 
@@ -83,12 +93,14 @@ def cdpruner_select(
     visual: jax.Array,
     prompt: jax.Array,
     prompt_mask: jax.Array | None,
+    valid: jax.Array | None = None,
     *,
     keep: int,
     theta: float | None = None,
     batching: str = "vmap",
 ) -> jax.Array:
-    """CDPruner indices: visual [B, N, D], prompt [B, T, D], prompt_mask [B, T] | None -> int32 [B, keep].
+    """CDPruner indices: visual [B, N, D], prompt [B, T, D], prompt_mask [B, T] | None, valid
+    [B, N] | None -> int32 [B, keep].
 
     Ascending per row; deterministic (ties -> lower index); float32 inside. `theta` in
     (0, 1) enables the paper's exp(alpha * w) relevance weighting (None: official default).
@@ -97,7 +109,11 @@ def cdpruner_select(
     v = visual.astype(jnp.float32)
     t = prompt.astype(jnp.float32)
     m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
-    return batched(partial(_cdpruner_one, keep=keep, theta=theta), (v, t, m), batching)
+    one = partial(_cdpruner_one, keep=keep, theta=theta)
+    if valid is None:
+        return batched(one, (v, t, m), batching)
+    v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN: keep it out of every sum
+    return batched(one, (v, t, m, valid), batching)
 
 
 def cdpruner_flops(n: int, d: int, keep: int, text_tokens: int, **_) -> int:
@@ -112,11 +128,10 @@ METHOD = Method(
     name="cdpruner",
     stage="embedding",
     select=lambda inputs, *, keep, batching, **_: Selection(
-        cdpruner_select(inputs.visual, inputs.prompt, inputs.prompt_mask, keep=keep, batching=batching)
+        cdpruner_select(inputs.visual, inputs.prompt, inputs.prompt_mask, inputs.valid, keep=keep, batching=batching)
     ),
     flops=cdpruner_flops,
     summary="greedy MAP of a conditional DPP: cosine similarity weighted by prompt relevance",
     citation="arXiv:2506.10967, github.com/Theia-4869/CDPruner",
     needs_prompt=True,
-    accepts_mask=False,
 )
