@@ -338,7 +338,7 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     plain_jit = jax.jit(plain, static_argnums=0)
     llm_method_jit = jax.jit(with_llm_method, static_argnums=(0, 3, 4, 5))
     g, st = vlm.graphdef, vlm.state
-    grid = jnp.full((b, 2), int(round(n**0.5)), jnp.int32)  # the demo's square token grid (pool)
+    grid = jnp.full((b, 2), round(n**0.5), jnp.int32)  # the demo's square token grid (pool)
     cost: dict = {
         "batch": b, "repeats": repeats, "selection": {}, "llm_prefill": {}, "llm_method_prefill": {},
         "load_average": {"start": list(os.getloadavg())},
