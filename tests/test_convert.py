@@ -46,6 +46,7 @@ def test_missing_config(src, tmp_path):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_unreadable_config(src, tmp_path):
     bad = _copy(src, tmp_path)
     (bad / "config.json").write_text('{"model_type": "llava", ')  # truncated JSON
@@ -54,6 +55,7 @@ def test_unreadable_config(src, tmp_path):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_missing_weights(src, tmp_path):
     bad = _copy(src, tmp_path)
     (bad / "model.safetensors").unlink()
@@ -62,6 +64,7 @@ def test_missing_weights(src, tmp_path):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_truncated_safetensors(src, tmp_path):
     bad = _copy(src, tmp_path)
     weights = bad / "model.safetensors"
@@ -72,6 +75,7 @@ def test_truncated_safetensors(src, tmp_path):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_missing_shard_of_an_index(src, tmp_path):
     bad = _copy(src, tmp_path)
     (bad / "model.safetensors").rename(bad / "model-00001-of-00002.safetensors")
@@ -113,6 +117,7 @@ def test_unsupported_config_field_is_refused_by_name(src, tmp_path, edit, field)
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_all_mapping_errors_are_reported_together(src, tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -135,6 +140,7 @@ def test_all_mapping_errors_are_reported_together(src, tmp_path):
     _assert_nothing_written(out)
 
 
+@pytest.mark.slow
 def test_existing_out_needs_force_and_force_replaces_only_a_checkpoint(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -245,6 +251,7 @@ def test_load_places_parameters_on_the_device_once(tiny_hf_llava, converted):
     assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
 
 
+@pytest.mark.slow
 def test_out_problems_are_one_line_errors_and_leave_nothing(src, tmp_path, monkeypatch):
     parent_file = tmp_path / "a_file"
     parent_file.write_text("not a directory")
@@ -298,6 +305,7 @@ def _expected_layout(key: str, tensor: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_every_converted_parameter_equals_its_hf_tensor(src, tmp_path, dtype):
     """Each parameter of the converted checkpoint equals its HF tensor in our layout, exactly
     (after the cast). Square linears (the vision tower's q/k/v/out, the decoder's q/o) are

@@ -113,6 +113,7 @@ KEEPS = {16: (1, 5, 16), 40: (1, 28, 40), 64: (7, 64)}
 
 
 @pytest.mark.parametrize("n", sorted(KEEPS))
+@pytest.mark.slow
 def test_matches_reference(n):
     for keep in KEEPS[n]:
         for seed in range(3):
@@ -339,6 +340,7 @@ def test_flops():
     text_counts=st.tuples(st.integers(0, 6), st.integers(1, 6), st.integers(0, 14)),
     holes=st.lists(st.sets(st.integers(0, N - 1), max_size=5), min_size=3, max_size=3),
 )
+@pytest.mark.slow
 def test_property_matches_reference(seed, config, text_counts, holes):
     """Random text lengths (0 included), padding slots and pivot counts: same indices as the
     reference, well formed, padding never chosen."""

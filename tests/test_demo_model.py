@@ -111,6 +111,7 @@ def test_fast_encoder_matches_the_hf_processor(tokenizer):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.slow
 def test_a_few_training_steps_reduce_the_loss(tokenizer, stage):
     """Each stage's objective falls over a few steps on one fixed batch; stage 1 leaves the LLM untouched."""
     import jax
@@ -175,6 +176,7 @@ def test_symbolic_tokens_describe_the_scene(tokenizer):
         assert w[centre, 7] == 1.0 and cov[centre, k] > 0
 
 
+@pytest.mark.slow
 def test_text_area_decoder_equals_the_full_forward(tokenizer):
     """The training shortcut (last layer on text positions only) is exact."""
     import jax
@@ -268,6 +270,7 @@ def test_shipped_model_matches_transformers(shipped, tmp_path):
     assert our_answers == hf_answers
 
 
+@pytest.mark.slow
 def test_symbolic_answers_are_the_decoder_fed_symbolic_patches(shipped):
     """`answer_batch(symbolic_tokens=576)`, the perfect-tower ceiling the training log
     reports, answers what the full decoder answers when every image slot of the prompt

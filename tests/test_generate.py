@@ -73,6 +73,7 @@ def test_unpruned_greedy_matches_transformers_single(tiny, vlm):
     np.testing.assert_array_equal(ours.sequences, ref)
 
 
+@pytest.mark.slow
 def test_unpruned_greedy_left_padded_batch_matches_per_example(tiny, vlm):
     rows = [_prompt(tiny, 3, 4, seed=2), _prompt(tiny, 11, 12, seed=3), _prompt(tiny, 0, 7, seed=4)]
     ids, mask = _left_pad(rows, tiny.pad_token_id)
@@ -85,6 +86,7 @@ def test_unpruned_greedy_left_padded_batch_matches_per_example(tiny, vlm):
         np.testing.assert_array_equal(ours.sequences[i : i + 1], ref, err_msg=f"row {i}")
 
 
+@pytest.mark.slow
 def test_eos_stops_rows_like_transformers(tiny, vlm):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
     px = _pixels(tiny, 1, seed=1)
@@ -155,6 +157,7 @@ def _hf_generate_until(tiny, row: np.ndarray, px: np.ndarray, eos: list[int]) ->
     return out.numpy()[0, len(row) :]
 
 
+@pytest.mark.slow
 def test_batched_rows_stop_at_different_steps_like_transformers_per_row(tiny, vlm):
     """A left-padded batch whose rows hit EOS at different steps (two EOS ids, each the one
     that stops some row; one row may never stop): each row's tokens up to and including its
@@ -237,6 +240,7 @@ def _pruned_hf_inputs(tiny, ids, mask, feats, embeds, kept):
 
 
 @pytest.mark.parametrize("scope", ["question", "all_text"])
+@pytest.mark.slow
 def test_pruned_generation_matches_transformers_on_pruned_embeds(tiny, vlm, scope):
     rows = [_prompt(tiny, 4, 10, seed=6), _prompt(tiny, 9, 6, seed=7)]
     ids, mask = _left_pad(rows, tiny.pad_token_id)
@@ -288,6 +292,7 @@ def test_pruned_prefill_logits_match_transformers(tiny, vlm, keep_positions, par
     assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_for_a_seed(vlm, tiny):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
     px = _pixels(tiny, 1, seed=1)
@@ -301,6 +306,7 @@ def test_sampling_is_reproducible_for_a_seed(vlm, tiny):
     assert not np.array_equal(a, greedy)
 
 
+@pytest.mark.slow
 def test_top_k_one_is_greedy(vlm, tiny):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
     px = _pixels(tiny, 1, seed=1)
@@ -309,6 +315,7 @@ def test_top_k_one_is_greedy(vlm, tiny):
     np.testing.assert_array_equal(sampled, zspa_jax.generate(vlm, **kw).sequences)
 
 
+@pytest.mark.slow
 def test_same_bucket_does_not_recompile(vlm, tiny):
     px = _pixels(tiny, 1, seed=10)
     prune = PruneConfig(keep=4)
@@ -322,6 +329,7 @@ def test_same_bucket_does_not_recompile(vlm, tiny):
     assert dict(generation.TRACE_COUNTS) == before
 
 
+@pytest.mark.slow
 def test_stream_yields_the_same_tokens(vlm, tiny):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
     px = _pixels(tiny, 1, seed=1)
@@ -331,6 +339,7 @@ def test_stream_yields_the_same_tokens(vlm, tiny):
     np.testing.assert_array_equal(np.stack(chunks, axis=1), zspa_jax.generate(vlm, **kw).sequences)
 
 
+@pytest.mark.slow
 def test_generate_tokens_runs_inside_a_user_jit(vlm, tiny):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
     px = _pixels(tiny, 1, seed=1)

@@ -78,6 +78,7 @@ def benchmark_answers(vlm, exs):
 
 
 @pytest.mark.parametrize("model_args", ["", PRUNED])
+@pytest.mark.slow
 def test_answers_equal_generate_and_batch_size_does_not_change_them(vlm, exs, model_args):
     prune_args = parse_model_args({"pretrained": str(DEMO), **dict(a.split("=", 1) for a in model_args.split(",") if a)})
     reference = zspa_jax.generate(
@@ -90,6 +91,7 @@ def test_answers_equal_generate_and_batch_size_does_not_change_them(vlm, exs, mo
         assert runner(vlm, model_args, batch_size=1).generate_until(requests(exs, max_new_tokens=4)) == reference
 
 
+@pytest.mark.slow
 def test_until_stop_strings_cut_the_answer(vlm, exs):
     prompt = scenes.chat_prompt(scenes.CAPTION_QUESTION)  # multi-word answers: a caption
     images = [e.image() for e in exs[:4]]
@@ -109,6 +111,7 @@ def test_cut_at_stops_takes_the_earliest_stop():
     assert cut_at_stops("abc", ["", "x"]) == "abc"
 
 
+@pytest.mark.slow
 def test_loglikelihood_is_the_sum_of_continuation_log_probs_from_forward(vlm, exs):
     r = runner(vlm, PRUNED, batch_size=4)
     e = exs[0]
@@ -128,6 +131,7 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs_from_forward(vlm, ex
                                            keep_positions=r.args.keep_positions, max_new_tokens=1).texts[0] == exs[0].qa.answer)
 
 
+@pytest.mark.slow
 def test_mesh_arg_loads_the_model_onto_a_mesh(vlm):
     r = Runner(parse_model_args({"pretrained": str(DEMO), "mesh": "1x1"}))
     assert dict(r.vlm.mesh.shape) == {"data": 1, "model": 1}
@@ -136,6 +140,7 @@ def test_mesh_arg_loads_the_model_onto_a_mesh(vlm):
     assert r.generate_until([request]) == runner(vlm).generate_until([request])
 
 
+@pytest.mark.slow
 def test_dtype_bfloat16_casts_the_parameters(vlm):
     import jax
     from flax import nnx
@@ -187,6 +192,7 @@ def test_registered_through_the_lmms_eval_models_entry_point():
     assert models.get_model("zspa_jax") is ZSPAJax
 
 
+@pytest.mark.slow
 def test_bad_model_args_fail_before_any_task_is_loaded(task_root, tmp_path):
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager

@@ -102,6 +102,7 @@ def test_cls_attention_option_equals_output_attentions(tiny, vlm, parity_record)
         tower.hidden_states(px, cls_attention_layer=tiny.options["vision_layers"])
 
 
+@pytest.mark.slow
 def test_decoder_attention_row_equals_output_attentions(tiny, vlm, parity_record):
     rows = [_prompt(tiny, 3, 9, seed=2), _prompt(tiny, 0, 5, seed=3)]
     width = max(map(len, rows))
@@ -132,6 +133,7 @@ def test_decoder_attention_row_equals_output_attentions(tiny, vlm, parity_record
 # --------------------------------------------------------------------------- tower methods through the pipeline
 
 
+@pytest.mark.slow
 def test_vispruner_in_forward_matches_reference_and_transformers(tiny, vlm, parity_record):
     ids = _prompt(tiny, 4, 8, seed=4)[None]
     px = _pixels(tiny, 1, seed=4)
@@ -148,6 +150,7 @@ def test_vispruner_in_forward_matches_reference_and_transformers(tiny, vlm, pari
 
 
 @pytest.mark.parametrize("keep_positions", [False, True])
+@pytest.mark.slow
 def test_visionzip_in_forward_matches_reference_and_transformers(tiny, vlm, keep_positions, parity_record):
     ids = _prompt(tiny, 5, 7, seed=5)[None]
     px = _pixels(tiny, 1, seed=5)
@@ -171,6 +174,7 @@ def test_visionzip_in_forward_matches_reference_and_transformers(tiny, vlm, keep
         assert d <= 1e-4
 
 
+@pytest.mark.slow
 def test_prompt_methods_in_forward_match_references(tiny, vlm):
     rows = [_prompt(tiny, 4, 10, seed=6), _prompt(tiny, 2, 12, seed=7)]
     ids = np.stack(rows)
@@ -292,6 +296,7 @@ def _in_llm_kept(method):
 
 
 @pytest.mark.parametrize("method", sorted(IN_LLM_PREFILL))
+@pytest.mark.slow
 def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, method, parity_record):
     """Methods that prune inside the LLM: kept tokens equal the eager reference on transformers'
     own layer K-1 outputs, and the logits equal transformers with those tokens dropped at layer K."""
@@ -365,6 +370,7 @@ def test_cls_methods_need_one_feature_layer_produced_by_attention(tiny, vlm):
                 cls_feature_state(cfg, vlm.model.vision_tower, method)
 
 
+@pytest.mark.slow
 def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
     # Merged tokens land in each row's own span (different starts under left padding).
     rows = [_prompt(tiny, 2, 6, seed=12), _prompt(tiny, 7, 9, seed=13)]
@@ -419,6 +425,7 @@ def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
 
 
 @pytest.mark.parametrize("keep_positions", [False, True])
+@pytest.mark.slow
 def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(tiny, vlm, keep_positions, parity_record):
     """The pooled tokens (torch's adaptive_avg_pool2d over the projected token grid) at their
     window-centre slots: logits equal transformers fed those embeddings at those positions."""

@@ -28,6 +28,8 @@ from flax import nnx
 
 from tests.conftest import LAYOUTS, REAL_TEXT, detect_layout, safetensors_keys, smollm2_cached_path
 
+pytestmark = pytest.mark.slow  # converter CLI subprocesses (3 tiny configs, bf16) and the SmolLM2 build
+
 TOL = 1e-4
 SEQ_LEN = 40  # one length for every tiny-config batch
 LONG_LEN = 600  # > 512: RoPE bugs hide near position 0
@@ -429,7 +431,6 @@ def _real_compare(name, ours, ref, parity_record, parity_note):
     assert top1.all(), f"top-1 differs at positions {np.nonzero(~top1.reshape(-1))[0].tolist()}"
 
 
-@pytest.mark.slow
 def test_smollm2_decoder_real_text(smollm2, parity_record, parity_note):
     """(a) our LLaMA decoder on the real SmolLM2 weights vs transformers, >= 300 real-text positions."""
     hf_llava, vlm = smollm2
@@ -444,7 +445,6 @@ def test_smollm2_decoder_real_text(smollm2, parity_record, parity_note):
     _real_compare(f"decoder, {ids.shape[1]} text tokens", ours, ref, parity_record, parity_note)
 
 
-@pytest.mark.slow
 def test_smollm2_llava_end_to_end(smollm2, parity_record, parity_note):
     """(b) the SmolLM2-LLaVA converted by the CLI, with an image, end to end."""
     import zspa_jax
@@ -462,7 +462,6 @@ def test_smollm2_llava_end_to_end(smollm2, parity_record, parity_note):
     _real_compare(f"llava+image, {ids.shape[1]} tokens", ours, ref, parity_record, parity_note)
 
 
-@pytest.mark.slow
 def test_smollm2_llava_greedy_generation_matches_transformers(smollm2):
     """Real weights, through the saved processor and chat template: 32 greedy tokens, unpruned and pruned."""
     from PIL import Image

@@ -70,6 +70,7 @@ NON_SQUARE = [(14, 22), (10, 6), (22, 14), (3, 50), (11, 28), (7, 7), (1, 40)]
         (77, {(14, 22): (7, 11), (22, 14): (11, 7), (11, 28): (7, 11), (1, 40): None}),
     ],
 )
+@pytest.mark.slow
 def test_non_square_grids_match_torch(keep, shapes):
     """A batch of different non-square grids per K (windows overlap where h' does not divide rows)."""
     grids = [g for g in NON_SQUARE if any(h <= g[0] and w <= g[1] for h, w in factor_pairs(keep))]
@@ -105,6 +106,7 @@ def test_aspect_choice_k12():
 
 
 @pytest.mark.parametrize("keep", [8, 12, 36])
+@pytest.mark.slow
 def test_choice_matches_reference_on_all_small_grids(keep):
     """The kernel's bracketing rule equals the brute-force exact rule on every grid up to 12 x 12."""
     grids = [(r, c) for r in range(1, 13) for c in range(1, 13) if any(h <= r and w <= c for h, w in factor_pairs(keep))]
@@ -115,6 +117,7 @@ def test_choice_matches_reference_on_all_small_grids(keep):
     np.testing.assert_array_equal(np.asarray(slots), ref_slots.numpy())
 
 
+@pytest.mark.slow
 def test_batch_of_different_grids_with_nan_padding():
     grid = np.array([[24, 24], [14, 22], [10, 6], [5, 7]])
     n, d, keep = 576, 24, 12

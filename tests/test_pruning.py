@@ -114,6 +114,7 @@ def test_matches_torch_reference(method, r):
         (2, 12, 5, 3, 6, 0.0),  # tiny D: many near-collinear tokens
     ],
 )
+@pytest.mark.slow
 def test_matches_torch_reference_special_shapes(b, n, t, d, keep, r):
     for seed in range(4):
         kind = "clustered" if seed % 2 else "gauss"
@@ -239,6 +240,7 @@ def test_batch_equals_per_example():
         assert np.array_equal(one[0], batched[b])
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_batching_strategies_agree():
     v, p, m = make_data(14, 1, 16, 3, 8, kind="clustered")  # B = 1: eager mode is slow per op
     args = (jnp.asarray(v), jnp.asarray(p), jnp.asarray(m))

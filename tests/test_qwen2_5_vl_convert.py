@@ -125,6 +125,7 @@ def test_refuses_unsupported_config(hf_config_dict, case):
     assert needle in str(err.value)
 
 
+@pytest.mark.slow
 def test_refusal_leaves_out_untouched(tiny, tmp_path):
     """Through the converter (transformers reads the edited config.json): nothing at OUT."""
     src = _with_config(tiny, tmp_path, REFUSALS["sliding_window"][0])
@@ -134,6 +135,7 @@ def test_refusal_leaves_out_untouched(tiny, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.slow
 def test_reports_every_mapping_problem(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -153,6 +155,7 @@ def test_reports_every_mapping_problem(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path, hf_config_dict):
     """Hub configs written by transformers 4.x keep the text fields at the top level with
     rope_scaling {"type": "mrope"} and legacy names (in_chans, spatial_patch_size,

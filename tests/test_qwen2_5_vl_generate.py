@@ -67,6 +67,7 @@ def test_greedy_generation_matches_hf(tiny, vlm):
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, : res.sequences.shape[1]], res.sequences)
 
 
+@pytest.mark.slow
 def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
     prompts = ["what is shown in this image", "how many cats are there"]
     images = [random_image(40, 24, seed=11), random_image(32, 56, seed=12)]
@@ -125,6 +126,7 @@ def _question_mask(tiny, vlm, ids, mask):
 
 
 @pytest.mark.parametrize("sizes", [[(40, 56), (40, 56)], [(40, 56), (24, 32)]], ids=["same_size", "different_sizes"])
+@pytest.mark.slow
 def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parity_record):
     keep = 5
     prompts = [("what color is the cat on the left", 1), ("describe the small dog", 1)]
@@ -154,6 +156,7 @@ def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parit
         assert d <= BOUND
 
 
+@pytest.mark.slow
 def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_record):
     """`pool` over each row's own merged-token grid (images of different sizes in one batch):
     tokens and centre slots equal adaptive_avg_pool2d on transformers' merger output, and the
@@ -183,6 +186,7 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
         assert d <= BOUND
 
 
+@pytest.mark.slow
 def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
     """Greedy pruned generation equals HF generating from the pruned inputs_embeds with
     the kept tokens' original positions and decode positions max + 1, max + 2, ..."""
@@ -217,6 +221,7 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
     assert res.sequences[0, : len(tokens)].tolist() == tokens
 
 
+@pytest.mark.slow
 def test_one_program_across_image_sizes(tiny, vlm):
     """Three image sizes (grids 10x14, 10x16, 12x16 patches: 12 windows each, one window
     bucket; 35, 40, 48 merged tokens: one span bucket) with pruning compile one prefill and
@@ -327,6 +332,7 @@ def test_lmms_eval_runner_serves_qwen(vlm):
     assert np.isfinite(score) and score < 0
 
 
+@pytest.mark.slow
 def test_stats_count_each_rows_own_visual_tokens(vlm):
     images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
     res = zspa_jax.generate(vlm, ["what is this", "what is this"], images, prune=zspa_jax.PruneConfig(keep=8), max_new_tokens=2)

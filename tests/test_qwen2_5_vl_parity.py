@@ -61,6 +61,7 @@ GRID_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(GRID_CASES))
+@pytest.mark.slow
 def test_tower_blocks_and_merger(tiny, model, case, parity_record, monkeypatch):
     sizes = GRID_CASES[case]
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
@@ -192,6 +193,7 @@ def _hf_logits(tiny, batch):
         return tiny.hf(**batch).logits.numpy()
 
 
+@pytest.mark.slow
 def test_logits_two_images_and_left_padded_batch(tiny, model, parity_record):
     prompts = [("what is shown in this picture", 2), ("describe the image", 1), ("how many", 1)]
     images = [random_image(40, 56, 0), random_image(24, 32, 1), random_image(16, 48, 2), random_image(32, 32, 3)]
@@ -212,6 +214,7 @@ def test_logits_two_images_and_left_padded_batch(tiny, model, parity_record):
         assert _maxdiff(ours[r, -n:], alone) <= BOUND, r
 
 
+@pytest.mark.slow
 def test_long_prompt_logits(tiny, model, parity_record):
     """>= 512 tokens: RoPE bugs hide near position 0."""
     words = "the small red cat is sitting on a blue table and".split()
@@ -223,6 +226,7 @@ def test_long_prompt_logits(tiny, model, parity_record):
     assert d <= BOUND
 
 
+@pytest.mark.slow
 def test_tied_head_logits(parity_record):
     tiny = tiny_model(tie_word_embeddings=True, seed=1)
     model = restore_model(converted(tiny))

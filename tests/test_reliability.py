@@ -427,6 +427,7 @@ def test_image_token_is_optional_and_never_counted_twice(demo):
     assert "takes one image" in str(assert_clear_error(lambda: zspa_jax.generate(demo, "<image> <image> x", image)))
 
 
+@pytest.mark.slow
 def test_image_token_with_a_chat_template(tiny_hf_llava, converted):
     tiny = tiny_hf_llava("gen")
     vlm = zspa_jax.load(converted(tiny.path))
@@ -442,6 +443,7 @@ def test_image_token_with_a_chat_template(tiny_hf_llava, converted):
     assert zspa_jax.generate(vlm, "<image>\nWhat is shown?", image, max_new_tokens=3).sequences.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_encode_returns_what_the_array_api_takes(demo, demo_batch):
     image, batch = demo_batch
     prompts = [scenes.chat_prompt("what colour is the cross ?"), scenes.chat_prompt("how many shapes are there ?")]
@@ -456,6 +458,7 @@ def test_encode_returns_what_the_array_api_takes(demo, demo_batch):
     assert logits.shape[:2] == batch["input_ids"].shape
 
 
+@pytest.mark.slow
 def test_stats_name_rows_and_batch_totals(demo):
     image = scenes.render(scenes.make_scene("test", 2))
     prompts = [scenes.chat_prompt("what shape is the red object ?"), scenes.chat_prompt("is there a green cross ?")]

@@ -383,6 +383,7 @@ def test_parse_mesh_shape_refuses_bad_text(text):
         sharding.parse_mesh_shape(text)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_works_in_process(converted, tiny_hf_llava):
     """A 1x1 mesh (the only one this process has) gives the same logits as no mesh."""
     tiny = tiny_hf_llava("mesh")
