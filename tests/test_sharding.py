@@ -139,6 +139,19 @@ def mesh_runs(tiny_hf_llava, converted, tmp_path_factory):
 
 FAMILIES = ("llava", "qwen2_5_vl")
 
+# Mesh vs one device differ only in the order of float32 reductions (each device sums its
+# shard, then an all-reduce adds the partial sums), which moves every dot product by a few
+# units in the last place of its magnitude, compounded through the layers. The bound is a
+# budget of REORDER_ULPS float32 ulps of the largest logit: 64 * 1.19e-7 * ~5 = 3.7e-5 here.
+# Measured: up to 15 ulps (8.8e-6) on one AMD EPYC machine and 23 (1.32e-5) on another, so ~3x
+# headroom; a real sharding bug (a wrong split, a dropped all-reduce) moves logits by O(1),
+# i.e. millions of ulps.
+REORDER_ULPS = 64
+
+
+def reorder_bound(logits: np.ndarray) -> float:
+    return REORDER_ULPS * float(np.finfo(np.float32).eps) * float(np.abs(logits).max())
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mesh", MESHES)
@@ -148,8 +161,10 @@ def test_logits_equal_single_device_and_transformers(mesh_runs, family, mesh, pa
     ours, single = run.out[f"logits_{mesh}"], run.out["logits_single"]
     real = run.mask
     scale = float(np.abs(single[real]).max())
+    bound = reorder_bound(single[real])
+    assert bound < 1e-3 * scale  # still far below any real sharding bug
     assert parity_record(f"{family} logits, mesh vs 1 device", f"mesh {mesh}, B={ROWS}",
-                         np.abs(ours - single)[real].max(), 1e-5, scale=scale) <= 1e-5
+                         np.abs(ours - single)[real].max(), bound, scale=scale) <= bound
     assert parity_record(f"{family} logits, mesh vs transformers", f"mesh {mesh}, B={ROWS}",
                          np.abs(ours - run.hf_logits)[real].max(), 1e-4, scale=scale) <= 1e-4
 
@@ -316,7 +331,8 @@ def test_two_processes_give_the_same_tokens(mesh_runs, family, tmp_path):
     for key in ("tokens", "pruned_tokens", "kept"):
         np.testing.assert_array_equal(multi[f"{key}_2x4"], single[f"{key}_single"])
     np.testing.assert_array_equal(multi["tokens5_2x4"], single["tokens_single"][:5])
-    assert np.abs(multi["logits_2x4"] - single["logits_single"])[mesh_runs[family].mask].max() <= 1e-5
+    real = mesh_runs[family].mask
+    assert np.abs(multi["logits_2x4"] - single["logits_single"])[real].max() <= reorder_bound(single["logits_single"][real])
 
 
 # ------------------------------------------------------------- no devices needed
