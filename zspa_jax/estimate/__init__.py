@@ -29,9 +29,8 @@ formulas: zspa_jax.estimate.llava and zspa_jax.estimate.qwen2_5_vl.
 
 from __future__ import annotations
 
-from zspa_jax.estimate.cli import _mesh_main, _mesh_table, _table, main  # noqa: F401
-from zspa_jax.estimate.flops import (  # noqa: F401 (the private names: re-exported for tests)
-    _language_model_flops,
+from zspa_jax.estimate.cli import main
+from zspa_jax.estimate.flops import (
     decode_flops,
     decoder_layer_macs,
     fastv_prefill_flops,
@@ -41,17 +40,13 @@ from zspa_jax.estimate.flops import (  # noqa: F401 (the private names: re-expor
     pruning_flops,
 )
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
-from zspa_jax.estimate.llava import (  # noqa: F401
-    _numel_projector,
-    _numel_vision,
+from zspa_jax.estimate.llava import (
     clip_layer_macs,
     projector_flops,
     vision_flops,
     vision_layers_run,
 )
-from zspa_jax.estimate.memory import (  # noqa: F401
-    _kv_bytes,
-    _numel_decoder_layer,
+from zspa_jax.estimate.memory import (  # noqa: F401 (_numel_llm: read by tests)
     _numel_llm,
     decode_weight_bytes,
     kv_cache_bytes,
