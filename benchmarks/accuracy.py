@@ -74,6 +74,7 @@ from models.llava import cls_feature_state  # noqa: E402
 from zspa_jax.methods.pool import pool_tokens  # noqa: E402
 from zspa_jax.methods.visionzip import visionzip_merge  # noqa: E402
 from zspa_jax.methods.vispruner import vispruner_select  # noqa: E402
+from models.layers import placeholder_slots  # noqa: E402
 from zspa_jax.prefill import prefill_pruned_at_layer, pruned_gather_index  # noqa: E402
 from zspa_jax.demo import scenes  # noqa: E402
 from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
@@ -260,8 +261,8 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
         full_ids = jnp.concatenate(
             [jnp.broadcast_to(head, (b, head.shape[0])), jnp.full((b, n_visual), image_id, jnp.int32), q_ids], axis=1
         )
-        start = jnp.argmax(full_ids == image_id, axis=1)
-        positions = pruned_gather_index(start, kept_positions, n_visual, full_ids.shape[1])
+        slots = placeholder_slots(full_ids, image_id, n_visual)
+        positions, _ = pruned_gather_index(slots, jnp.take_along_axis(slots, kept_positions, axis=1), full_ids.shape[1])
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     hidden, _ = lm.model(embeds, positions, mask)
     at = head.shape[0] + kept.shape[1] + last
@@ -330,8 +331,9 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         out = prefill_pruned_at_layer(
             model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32),
-            method=get_method(name), layer=layer, keep=keep, visual_start=jnp.full((b,), head.shape[0], jnp.int32),
-            visual_valid=None, text_mask=text_mask, num_visual=n,
+            method=get_method(name), layer=layer, keep=keep,
+            visual_index=jnp.broadcast_to(head.shape[0] + jnp.arange(n, dtype=jnp.int32), (b, n)),
+            visual_valid=None, text_mask=text_mask,
         )
         return model.language_model.logits(out.hidden[:, -1])
 

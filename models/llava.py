@@ -21,6 +21,7 @@ from models.layers import (
     dtype_of,
     merge_image_features,
     padding_causal_mask,
+    placeholder_slots,
     positions_from_mask,
     prefixed_rules,
 )
@@ -154,20 +155,30 @@ class LlavaForConditionalGeneration(nnx.Module):
         self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux=None
     ) -> MultimodalInputs:
         """The family protocol (models.protocol): 1-D positions from the mask; with images,
-        pixel_values [M, C, H, W] give M rows of N visual tokens (M == B when pruning)."""
+        pixel_values [M, C, H, W]. When M = B * I, the visual layout is rows of I images of
+        P tokens each (the host adapter lays pruned batches out so: a row with fewer images
+        gets blank images whose placeholders are masked)."""
         text = self.embed_tokens(input_ids)
         positions = positions_from_mask(attention_mask)
         if pixel_values is None:
             return MultimodalInputs(text, text, positions, None, None, None)
-        visual = self.image_features(pixel_values)
-        merged = merge_image_features(input_ids, text, visual, self.config.image_token_index)
+        features = self.image_features(pixel_values)  # [M, P, D]
+        merged = merge_image_features(input_ids, text, features, self.config.image_token_index)
+        (m, p, d), b = features.shape, input_ids.shape[0]
+        if m % b:
+            return MultimodalInputs(merged, text, positions, None, None, None)
+        images = m // b
+        slots = placeholder_slots(input_ids, self.config.image_token_index, images * p)
+        valid = jnp.take_along_axis(attention_mask, slots, axis=1) != 0
+        image_index = jnp.broadcast_to(jnp.arange(images * p, dtype=jnp.int32).reshape(images, p), (b, images, p))
         grid = self.config.token_grid
-        grid = None if grid is None else jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (visual.shape[0], 2))
-        return MultimodalInputs(merged, text, positions, None, visual, None, grid)
+        grid = None if grid is None else jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (b, images, 2))
+        return MultimodalInputs(merged, text, positions, None, features.reshape(b, images * p, d), valid,
+                                image_index, grid)
 
     def cls_tower(self, pixel_values: jax.Array, method: str) -> TowerFeatures:
         """The tower at the feature layer with its [CLS] attention row (models.protocol), for
-        the tower-stage methods; pixel_values [B, C, H, W], one image per row."""
+        the tower-stage methods; pixel_values [M, C, H, W], one row of features per image."""
         index = cls_feature_state(self.config, self.vision_tower, method)
         states, cls = self.vision_tower.hidden_states(pixel_values, num_layers=index, cls_attention_layer=index - 1)
         hidden = states[index]  # [B, 1 + P, Dv], [CLS] at 0

@@ -30,9 +30,14 @@ class MultimodalInputs(NamedTuple):
     text_embeds: jax.Array  # [B, L, D]: raw input-embedding rows (what the prompt vector averages)
     positions: jax.Array  # int32 [B, L] (1-D RoPE) or [3, B, L] (M-RoPE, kept as is when pruning)
     next_position: jax.Array | None  # int32 [B]: first decode position; None = max(positions) + 1
-    visual: jax.Array | None  # [B, N, D]: each row's visual tokens (one image per row), for pruning
+    # The visual layout, for pruning (None where the batch is not laid out for it). Every
+    # row has the same number N of placeholder slots (a row with fewer real visual tokens
+    # carries masked slots after its last real one); slot i is the row's i-th placeholder
+    # in sequence order, so the row's images follow each other in reading order.
+    visual: jax.Array | None  # [B, N, D]: each row's visual tokens, slot by slot
     visual_valid: jax.Array | None  # bool [B, N]: real tokens of `visual` (None: all real)
-    visual_grid: jax.Array | None = None  # int32 [B, 2]: (rows, cols) of each row's token grid, row-major from slot 0
+    image_index: jax.Array | None = None  # int32 [B, I, n]: each image's slots in [0, N), -1 padding
+    image_grid: jax.Array | None = None  # int32 [B, I, 2]: each image's token grid (rows, cols), row-major
 
 
 class ClsTower(NamedTuple):

@@ -174,9 +174,11 @@ class QwenAux(NamedTuple):
     positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
     next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
     feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image token, -1 elsewhere
-    visual_index: np.ndarray | None  # int32 [B, N]: each row's image span as merged-token indices
-    visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to pad a span to N
-    visual_grid: np.ndarray | None = None  # int32 [B, 2]: each row's merged-token grid (h, w) / merge
+    # The visual layout when pruning (models.protocol), else None:
+    visual_index: np.ndarray | None  # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
+    visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to give every row N
+    image_index: np.ndarray | None = None  # int32 [B, I, n]: each image's slots in [0, N), -1 padding
+    image_grid: np.ndarray | None = None  # int32 [B, I, 2]: each image's merged-token grid (h, w) / merge
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -355,8 +357,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux: QwenAux
     ) -> MultimodalInputs:
         """The family protocol (models.protocol), with `aux` from `prepare_batch`: 3-D
-        positions, visual tokens written at `aux.feature_index`, and with one image per
-        row the per-row visual tokens [B, N, D] for pruning."""
+        positions, visual tokens written at `aux.feature_index`, and when pruning the
+        visual layout (each row's visual tokens [B, N, D], its images' slots and grids)."""
         text = self.embed_tokens(input_ids)
         if pixel_values is None:
             return MultimodalInputs(text, text, aux.positions, aux.next_position, None, None)
@@ -365,7 +367,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         merged = jnp.where((index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text)
         visual = None if aux.visual_index is None else features[aux.visual_index]
         return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid,
-                                aux.visual_grid)
+                                aux.image_index, aux.image_grid)
 
     def __call__(
         self,

@@ -285,8 +285,7 @@ def test_fastv_prefill_flops_match_xla(decoder):
         positions = jnp.arange(length)[None]
         out = prefill_pruned_at_layer(
             lm.model, embeds, positions, jnp.ones((1, length), jnp.int32), method=METHODS["fastv"], layer=layer,
-            keep=keep, visual_start=jnp.asarray([10]), visual_valid=None, text_mask=jnp.asarray(ids != image_id),
-            num_visual=n,
+            keep=keep, visual_index=10 + jnp.arange(n)[None], visual_valid=None, text_mask=jnp.asarray(ids != image_id),
         )
         return lm.logits(out.hidden[:, -1])
 

@@ -391,9 +391,14 @@ def test_image_token_count_mismatch_is_an_error(vlm, tiny):
     ids = _prompt(tiny, 2, 3, seed=0)[None]
     with pytest.raises(ValueError, match="image tokens"):
         zspa_jax.generate(vlm, input_ids=ids, pixel_values=_pixels(tiny, 2, seed=0), max_new_tokens=2)
-    with pytest.raises(ValueError, match="one image per prompt"):
+    n = tiny.tokens_per_image
+    ragged = np.stack([_prompt(tiny, 2, 3, seed=0), _prompt(tiny, 2, 3, seed=0)])
+    ragged[0, -3:] = tiny.image_token_index  # 2 images' placeholders, split n + 3 / n - 3
+    ragged[1, n:3 + n] = 5
+    assert (ragged == tiny.image_token_index).sum() == 2 * n
+    with pytest.raises(ValueError, match=f"row 0: pruning needs each prompt's images as whole spans of {n}"):
         zspa_jax.generate(
-            vlm, input_ids=ids, pixel_values=_pixels(tiny, 2, seed=0), prune=PruneConfig(keep=2), max_new_tokens=2
+            vlm, input_ids=ragged, pixel_values=_pixels(tiny, 2, seed=0), prune=PruneConfig(keep=2), max_new_tokens=2
         )
     with pytest.raises(ValueError, match=r"got 1 prompt\(s\) but 2 image\(s\)"):
         image = Image.new("RGB", (28, 28))

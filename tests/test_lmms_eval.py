@@ -91,6 +91,22 @@ def test_answers_equal_generate_and_batch_size_does_not_change_them(vlm, exs, mo
         assert runner(vlm, model_args, batch_size=1).generate_until(requests(exs, max_new_tokens=4)) == reference
 
 
+@pytest.mark.parametrize("budget", ["row", "image"])
+@pytest.mark.slow
+def test_documents_with_several_images_equal_generate(vlm, exs, budget):
+    """A document with two images goes through `generate` with the image list; prompts of
+    different image counts are batched apart (budget="image" needs one count per batch)."""
+    two = scenes.chat_prompt(exs[0].qa.question).replace(scenes.IMAGE_TOKEN, scenes.IMAGE_TOKEN * 2)
+    reqs = [GenRequest(two, (exs[0].image(), exs[1].image()), {"max_new_tokens": 3})] + requests(exs[2:5], max_new_tokens=3)
+    r = runner(vlm, f"{PRUNED},budget={budget}", batch_size=4)
+    got = r.generate_until(reqs)
+    prune = r.args.prune
+    assert prune.budget == budget
+    expect = [zspa_jax.generate(vlm, [req.context], [list(req.images)], prune=prune, keep_positions=True,
+                                max_new_tokens=3).texts[0] for req in reqs]
+    assert got == expect
+
+
 @pytest.mark.slow
 def test_until_stop_strings_cut_the_answer(vlm, exs):
     prompt = scenes.chat_prompt(scenes.CAPTION_QUESTION)  # multi-word answers: a caption
@@ -166,6 +182,7 @@ def test_dtype_bfloat16_casts_the_parameters(vlm):
         ({"dtype": "float8"}, "dtype must be one of float32, bfloat16, float16"),
         ({"ratio": 1.5}, "ratio must be a number in (0, 1]"),
         ({"keep": 64, "prompt_scope": "everything"}, "prompt_scope"),
+        ({"keep": 64, "budget": "images"}, "budget must be one of ('row', 'image'), got 'images'"),
         ({"method": "divprune"}, "method configure pruning, which needs keep or ratio"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"kep": 64}, "unknown argument(s) kep"),

@@ -87,7 +87,8 @@ def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
 
 def _hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
     """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions
-    (`tokens` [K, D]: merged tokens written at the kept slots first)."""
+    (`kept` index the row's placeholders in reading order; `tokens` [K, D]: merged tokens
+    written at the kept slots first)."""
     hf = tiny.hf
     ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
     with torch.no_grad():
@@ -98,11 +99,12 @@ def _hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
         positions, _ = hf.model.get_rope_index(
             ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask
         )
-        span = torch.nonzero(image[row])[:, 0]
-        s, n = int(span[0]), len(span)
+        slots = torch.nonzero(image[row])[:, 0]  # the row's placeholders, its images in reading order
+        kept_slots = slots[torch.as_tensor(np.array(kept))]
         if tokens is not None:
-            embeds[row, s + torch.as_tensor(np.array(kept))] = tokens
-        src = torch.cat([torch.arange(s), s + torch.as_tensor(np.array(kept)), torch.arange(s + n, ids.shape[1])])
+            embeds[row, kept_slots] = tokens
+        others = torch.nonzero(~image[row])[:, 0]
+        src = torch.sort(torch.cat([others, kept_slots])).values
         logits = hf(
             inputs_embeds=embeds[row, src][None],
             position_ids=positions[:, row, src][:, None],
@@ -184,6 +186,138 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
         d = parity_record("qwen pool logits (3-D positions)", f"row {row} grid {grids[row]}",
                           float(np.abs(got - ref[ref_mask]).max()), BOUND)
         assert d <= BOUND
+
+
+SEVERAL = {  # budget -> (prompts with their image counts, image sizes in reading order)
+    "row": ([("compare the two pictures", 2), ("describe the small dog", 1)], [(40, 56), (24, 32), (32, 40)]),
+    "image": ([("compare the two pictures", 2), ("which one is brighter", 2)], [(40, 56), (24, 32), (32, 40), (16, 48)]),
+}
+
+
+@pytest.mark.parametrize("method", ["zspaprune", "cdpruner"])
+@pytest.mark.parametrize("budget", sorted(SEVERAL))
+@pytest.mark.slow
+def test_several_images_per_row_match_references(tiny, vlm, budget, method, parity_record):
+    """Rows of several images of different sizes (and rows of different image counts): kept
+    indices index each row's placeholders in reading order and equal the eager torch
+    reference over the row's tokens together (budget="row") or over each image ("image");
+    logits equal transformers fed the kept tokens at their original 3-D positions."""
+    from tests.torch_reference_pruning import cdpruner_reference
+
+    keep = 5
+    prompts, sizes = SEVERAL[budget]
+    images = [random_image(h, w, seed=60 + i) for i, (h, w) in enumerate(sizes)]
+    batch = hf_inputs(tiny.processor, prompts, images)
+    a = _np(batch)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
+        zspa_jax.PruneConfig(keep=keep, method=method, budget=budget), image_grid_thw=a["image_grid_thw"],
+        return_kept=True, return_mask=True,
+    )
+    counts = [n for _, n in prompts]
+    assert kept.shape == (2, keep * max(counts) if budget == "image" else keep)
+    ids, mask = a["input_ids"], a["attention_mask"]
+    qmask = _question_mask(tiny, vlm, ids, mask)
+    tokens_per_image = np.prod(a["image_grid_thw"], axis=-1) // tiny.hf.config.vision_config.spatial_merge_size**2
+    groups = np.split(tokens_per_image, np.cumsum(counts)[:-1])
+    for row in range(2):
+        ref, ref_mask, _, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
+        slots = torch.nonzero(batch["input_ids"][row] == tiny.image_token_id)[:, 0]
+        visual, prompt = embeds[row, slots], torch.tensor(qmask[row])[None]
+
+        def choose(v):
+            if method == "cdpruner":
+                return cdpruner_reference(v[None], embeds[row][None], prompt, keep=keep).numpy()[0]
+            return select_tokens_reference(v[None], embeds[row][None], prompt, keep=keep, core_ratio=0.6).numpy()[0]
+
+        if budget == "row":
+            expect = choose(visual)
+        else:
+            starts = np.cumsum([0, *groups[row][:-1]])
+            expect = np.concatenate([choose(visual[s:s + n]) + s for s, n in zip(starts, groups[row])])
+        np.testing.assert_array_equal(kept[row], expect, err_msg=f"row {row}")
+        got = logits[row][out_mask[row].astype(bool)]
+        d = parity_record("qwen several images, pruned logits", f"{method} budget={budget} row {row}",
+                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        assert d <= BOUND
+
+
+def test_strings_with_several_images_match_the_processor(tiny, vlm):
+    images = [random_image(40, 24, seed=90), random_image(32, 56, seed=91), random_image(24, 24, seed=92)]
+    prompts = [("compare these", 2), ("and this one", 1)]
+    batch = hf_inputs(tiny.processor, prompts, images)
+    ours = vlm.processor.encode([p for p, _ in prompts], [images[:2], images[2]])
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        np.testing.assert_array_equal(ours[key], batch[key].numpy(), err_msg=key)
+    with pytest.raises(ValueError, match=r"got 1 prompt\(s\) but 2 image\(s\)"):
+        vlm.processor.encode(["compare these"], images[:2])
+
+
+@pytest.mark.slow
+def test_several_images_greedy_generation_matches_transformers(tiny, vlm):
+    """Pruned greedy tokens of a row with two images equal transformers generating from the
+    pruned inputs_embeds at the kept tokens' 3-D positions, decoding after the unpruned max."""
+    keep = 6
+    prompt, images = "compare the two pictures", [random_image(40, 56, seed=70), random_image(24, 32, seed=71)]
+    batch = hf_inputs(tiny.processor, [(prompt, 2)], images)
+    res = zspa_jax.generate(vlm, [prompt], [images], max_new_tokens=6, prune=zspa_jax.PruneConfig(keep=keep))
+    kept = res.kept_indices[0]
+    assert kept.max() >= 35  # tokens of the second image are among the kept (35 = the first image's)
+    _, _, _, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
+    ids = batch["input_ids"]
+    positions, _ = tiny.hf.model.get_rope_index(
+        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    image = ids[0] == tiny.image_token_id
+    src = torch.sort(torch.cat([torch.nonzero(~image)[:, 0], torch.nonzero(image)[:, 0][torch.as_tensor(kept)]])).values
+    x, pos, next_pos = embeds[0, src][None], positions[:, 0, src][:, None], int(positions.max()) + 1
+    tokens = []
+    with torch.no_grad():
+        for _ in range(6):
+            tok = int(torch.argmax(tiny.hf(inputs_embeds=x, position_ids=pos).logits[0, -1]))
+            tokens.append(tok)
+            if tok in vlm.eos_token_ids:
+                break
+            x = torch.cat([x, tiny.hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
+            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
+            next_pos += 1
+    assert res.sequences[0, : len(tokens)].tolist() == tokens
+
+
+@pytest.mark.slow
+def test_pool_per_image_on_several_images(tiny, vlm, parity_record):
+    """`pool` with budget="image" pools each image's own grid: tokens and centre slots equal
+    adaptive_avg_pool2d per image, and the logits equal transformers fed them."""
+    from tests.torch_reference_pool import pool_reference
+
+    keep = 2
+    images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
+    batch = hf_inputs(tiny.processor, [("what is on the left", 2)], images)
+    a = _np(batch)
+    with pytest.raises(ValueError, match="method 'pool' reads one image's token grid.*budget='image'"):
+        zspa_jax.forward(vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
+                         zspa_jax.PruneConfig(keep=keep, method="pool"), image_grid_thw=a["image_grid_thw"])
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
+        zspa_jax.PruneConfig(keep=keep, method="pool", budget="image"), image_grid_thw=a["image_grid_thw"],
+        return_kept=True, return_mask=True,
+    )
+    merge = tiny.hf.config.vision_config.spatial_merge_size
+    grids = [(int(g[1]) // merge, int(g[2]) // merge) for g in a["image_grid_thw"]]
+    with torch.no_grad():
+        feats = tiny.hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    tokens, slots, offset = [], [], 0
+    for f, grid in zip(feats, grids):
+        t, sl = pool_reference(f[None], [grid], keep)
+        tokens.append(t[0])
+        slots.append(sl.numpy()[0] + offset)
+        offset += grid[0] * grid[1]
+    np.testing.assert_array_equal(kept[0], np.concatenate(slots))
+    ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, 0, kept[0], tokens=torch.cat(tokens))
+    d = parity_record("qwen pool per image (3-D positions)", f"grids {grids}",
+                      float(np.abs(logits[0][out_mask[0].astype(bool)] - ref[ref_mask]).max()), BOUND)
+    assert d <= BOUND
 
 
 @pytest.mark.slow
@@ -287,8 +421,8 @@ def test_span_that_does_not_match_its_grid(tiny, vlm):
 def test_bad_images_through_the_processor(vlm):
     with pytest.raises(ValueError, match="aspect ratio"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(8, 2000, seed=0)], max_new_tokens=2)
-    with pytest.raises(ValueError, match="video"):
-        zspa_jax.generate(vlm, ["what is this"], [[random_image(16, 16, seed=0)] * 2], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"images\[0\] looks like a video \(\[frames, height, width, channels\]\)"):
+        zspa_jax.generate(vlm, ["what is this"], [np.zeros((4, 16, 16, 3), np.uint8)], max_new_tokens=2)
     with pytest.raises(ValueError, match="keep=200 exceeds"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(16, 16, seed=0)], max_new_tokens=2,
                           prune=zspa_jax.PruneConfig(keep=200))
@@ -299,8 +433,6 @@ def test_bad_images_through_the_processor(vlm):
     [
         (zspa_jax.PruneConfig(keep=4, method="vispruner"), "has no \\[CLS\\] token"),
         (zspa_jax.PruneConfig(keep=4, method="visionzip"), "has no \\[CLS\\] token"),
-        (zspa_jax.PruneConfig(keep=4, method="fastv"), "'fastv' is not implemented for Qwen2.5-VL"),
-        (zspa_jax.PruneConfig(keep=4, method="dart"), "'dart' is not implemented for Qwen2.5-VL"),
     ],
 )
 def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle):
@@ -312,6 +444,22 @@ def test_methods_qwen_cannot_serve_are_refused_by_name(tiny, vlm, prune, needle)
     with pytest.raises(ValueError, match=needle):
         zspa_jax.forward(vlm, prune=prune, **a)
     assert dict(generation.TRACE_COUNTS) == before
+
+
+def test_only_the_cls_methods_are_refused(vlm):
+    """Every method but the [CLS]-attention ones passes Qwen2.5-VL's support check (FastV and
+    DART included: tests/test_qwen2_5_vl_llm_methods.py checks them against transformers)."""
+    from zspa_jax.families import family_of
+    from zspa_jax.methods import METHODS
+
+    refused = set()
+    for name in METHODS:
+        try:
+            family_of(vlm).check_method(zspa_jax.PruneConfig(keep=4, method=name))
+        except ValueError as e:
+            assert "[CLS]" in str(e), (name, str(e))
+            refused.add(name)
+    assert refused == {"vispruner", "visionzip"}
 
 
 @pytest.mark.slow

@@ -424,7 +424,7 @@ def test_image_token_is_optional_and_never_counted_twice(demo):
     assert first_image > 1  # the system text stays before the image, where the prompt put it
     error = assert_clear_error(lambda: zspa_jax.encode(demo, "<image> <image> two?", image))
     assert "2 times" in str(error)
-    assert "takes one image" in str(assert_clear_error(lambda: zspa_jax.generate(demo, "<image> <image> x", image)))
+    assert "for 1 image(s)" in str(assert_clear_error(lambda: zspa_jax.generate(demo, "<image> <image> x", image)))
 
 
 @pytest.mark.slow

@@ -22,16 +22,22 @@ from zspa_jax.pruning import PruneConfig
 from zspa_jax.sharding import data_size, padded_rows, place, place_tree
 from zspa_jax.validation import is_traced
 
-__all__ = ["device_arrays", "encode", "prepare_arrays", "reject_video", "resolve_prune"]
+__all__ = ["device_arrays", "encode", "kept_per_row", "prepare_arrays", "reject_video", "resolve_prune"]
 
 
 def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | None:
-    """A keep-count PruneConfig for this batch (ratio applied to the fewest real tokens), or
-    None when there is nothing to prune."""
+    """A keep-count PruneConfig for this batch (a ratio applies to the fewest real tokens of
+    a row, or of an image under budget="image"), or None when there is nothing to prune."""
     if prune is None or batch.pixel_values is None:
         return None
-    keep = prune.num_keep(batch.min_visual)  # raises when keep exceeds a row's tokens
+    keep = prune.keep_for(batch.min_visual, batch.min_image_visual or batch.min_visual)  # raises when too many
     return dataclasses.replace(prune, keep=keep, ratio=None)
+
+
+def kept_per_row(prune: PruneConfig, batch: HostBatch) -> int:
+    """Visual tokens each row keeps under a resolved `prune` (I * K for I images per image)."""
+    images = 1 if batch.images_per_row is None else int(np.max(batch.images_per_row))
+    return prune.keep * images if prune.budget == "image" else prune.keep
 
 
 def check_prune_for(vlm, prune: PruneConfig | None) -> None:
@@ -84,17 +90,38 @@ def prepare_arrays(
 
 
 def _check_layout(prune: PruneConfig | None, batch: HostBatch) -> None:
-    """A method that reads the token grid checks each row's grid on the host (e.g. that
-    pooling to K tokens fits it)."""
-    if prune is None or batch.pixel_values is None or not prune.record.needs_grid:
+    """What the budget and the method need of the images in each row: the same number of
+    images per row under budget="image"; one image per row where the method reads one
+    image's tower or grid under budget="row"; and the method's own check of each grid
+    (e.g. that pooling to K tokens fits it)."""
+    if prune is None or batch.pixel_values is None:
         return
-    if batch.visual_grid is None:
+    images = None if batch.images_per_row is None else np.asarray(batch.images_per_row)
+    method = prune.record
+    per_image = method.stage == "tower" or method.needs_grid
+    if prune.budget == "image":
+        if images is not None and images.min() != images.max():
+            raise ValueError(
+                f"budget='image' needs the same number of images in every prompt of a batch, got {images.tolist()} "
+                "images per prompt: batch prompts by image count, or use budget='row'"
+            )
+    elif per_image and images is not None and images.max() > 1:
+        what = "the vision tower's [CLS] attention of one image" if method.stage == "tower" else "one image's token grid"
         raise ValueError(
-            f"method {prune.method!r} needs each row's visual tokens as a 2-D grid; this model's visual tokens are "
+            f"method {prune.method!r} reads {what}, and a prompt holds {int(images.max())} images: use "
+            "PruneConfig(budget='image') to prune each image on its own"
+        )
+    if not method.needs_grid:
+        return
+    if batch.image_grid is None:
+        raise ValueError(
+            f"method {prune.method!r} needs each image's visual tokens as a 2-D grid; this model's visual tokens are "
             "not one (e.g. a [CLS] token among them)"
         )
-    if prune.record.check_layout is not None:
-        prune.record.check_layout(np.asarray(batch.visual_grid), prune.num_keep(batch.min_visual))
+    if method.check_layout is not None:
+        grids = np.asarray(batch.image_grid).reshape(-1, 2)
+        keep = prune.keep_for(batch.min_visual, batch.min_image_visual or batch.min_visual)
+        method.check_layout(grids[(grids > 0).all(axis=1)], keep)
 
 
 def _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, extra: int):

@@ -50,14 +50,16 @@ def forward(
       pixel_values: the processor's pixel_values (LLaVA float [M, C, H, W]; Qwen2.5-VL the
         flattened patches [sum t*h*w, C*T*p*p]), images in reading order, or None.
       attention_mask: [B, L], 0 on left padding.
-      prune: a PruneConfig (one image per row); the kept tokens replace the placeholders
-        (methods inside the LLM: from layer `prune.layer` on; earlier layers see all tokens).
+      prune: a PruneConfig (one or several images per row; `budget` says whether K is per
+        row or per image); the kept tokens replace the placeholders (methods inside the
+        LLM: from layer `prune.layer` on; earlier layers see all tokens).
       image_grid_thw: int [num_images, 3], required with Qwen2.5-VL pixel_values.
       pixel_values_videos, video_grid_thw: refused (video input is not supported).
       seed: rng seed for method="random".
-      return_kept: also return the kept indices int32 [B, K] (None without pruning).
-      return_mask: also return the attention mask of the returned positions (Qwen2.5-VL
-        pads rows whose image has fewer tokens than the largest; those slots are 0).
+      return_kept: also return the kept indices int32 [B, K] into each row's visual tokens
+        in reading order (None without pruning).
+      return_mask: also return the attention mask of the returned positions (when pruning,
+        a row with fewer visual tokens than the largest carries masked slots: those are 0).
     Returns:
       f32 numpy [B, L', vocab] with L' = L - N + K when pruning (else L).
     """

@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from zspa_jax.batch import device_arrays, encode, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.batch import device_arrays, encode, kept_per_row, prepare_arrays, reject_video, resolve_prune
 from zspa_jax.families import HostBatch
 from zspa_jax.families.base import PROMPT_BUCKET, round_up
 from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter tests and benchmarks read)
@@ -52,7 +52,8 @@ class GenerateResult:
     `stats` keys; "_per_row" values are lists with one entry per batch row, "_total" and
     the timings cover the whole batch:
       batch_size; visual_tokens_per_image (N; the smallest image's when sizes differ),
-      visual_tokens_kept_per_image (K) and visual_tokens_per_row;
+      visual_tokens_kept_per_image (the method's K: per image under budget="image", per
+      row otherwise), visual_tokens_per_row and visual_tokens_kept_per_row;
       prompt_tokens_per_row (real tokens, before pruning) and prompt_tokens_per_row_pruned;
       new_tokens_per_row (EOS included) and new_tokens_total; prefill_seconds and
       decode_seconds; decode_tokens_per_second_total (new_tokens_total / decode_seconds);
@@ -78,7 +79,7 @@ def _settings(
     prune = resolve_prune(prune, batch)  # None without images: nothing to prune
     prompt_length = int(np.shape(batch.input_ids)[1])
     if prune is not None and not prune.record.llm_layer:  # inside the LLM, early layers cache the whole prompt
-        prompt_length = prompt_length - batch.num_visual + prune.num_keep(batch.num_visual)
+        prompt_length = prompt_length - batch.num_visual + kept_per_row(prune, batch)
     return StaticSettings(
         sampling=sampling,
         prune=prune,
@@ -268,19 +269,21 @@ def generate(
     t2 = time.perf_counter()
     n = int(lengths.max()) if lengths.size else 0
     sequences = fetch(s.tokens)[rows, :n]
-    n_visual = host.min_visual if pixels is not None else 0  # per image (the smallest when sizes differ)
-    kept_count = n_visual if st.prune is None else st.prune.num_keep(n_visual)
+    n_visual = host.min_visual if pixels is not None else 0
+    n_image = (host.min_image_visual or n_visual) if pixels is not None else 0
+    kept_row = n_visual if st.prune is None else kept_per_row(st.prune, host)
     visual_per_row = (
         np.full(len(lengths), n_visual) if host.visual_per_row is None else np.asarray(host.visual_per_row)[rows]
     )
     stats = {
         "batch_size": int(len(lengths)),
-        "visual_tokens_per_image": n_visual,
-        "visual_tokens_kept_per_image": kept_count,
+        "visual_tokens_per_image": n_image,
+        "visual_tokens_kept_per_image": n_image if st.prune is None else st.prune.keep,
         "visual_tokens_per_row": visual_per_row.astype(int).tolist(),
+        "visual_tokens_kept_per_row": kept_row,
         "prompt_tokens_per_row": prompt_tokens.tolist(),
         "prompt_tokens_per_row_pruned": (
-            prompt_tokens if st.prune is None else prompt_tokens - visual_per_row + kept_count
+            prompt_tokens if st.prune is None else prompt_tokens - visual_per_row + kept_row
         ).astype(int).tolist(),
         "new_tokens_per_row": lengths.astype(int).tolist(),
         "new_tokens_total": int(lengths.sum()),

@@ -43,20 +43,29 @@ def check_layer(num_layers: int, layer: int, method: str) -> None:
         )
 
 
-def pruned_gather_index(start: jax.Array, kept: jax.Array, num_visual: int, length: int) -> jax.Array:
-    """int32 [B, L - N + K]: for each position of the pruned sequence, its source position.
+def pruned_gather_index(
+    slots: jax.Array, kept_slots: jax.Array, length: int, anchors: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Where each position of the pruned sequence comes from.
 
-    start: int [B], each row's first visual slot (one contiguous span of N); the pruned row
-    is tokens [0, s_b), then the kept visual tokens s_b + kept, then [s_b + N, L). `kept`
-    may be unsorted (merged tokens' slots, in sequence order).
+    slots: int32 [B, N], each row's placeholder positions (models.protocol's visual layout);
+    kept_slots: int32 [B, K], the position whose RoPE position (and, unless merged, whose
+    embedding) each kept entry takes; anchors: int32 [B, K], where each kept entry sits in
+    the sequence (None: at its slot; merged tokens sit at their image's first slot, entries
+    with equal anchors in the order given). The pruned row is the L - N non-placeholder
+    tokens in order with the K kept entries at their anchors.
+    Returns (src int32 [B, L - N + K], a sequence position; entry int32 [B, L - N + K], the
+    kept entry there or -1).
     """
-    keep = kept.shape[1]
-    start = start[:, None]
-    j = jnp.arange(length - num_visual + keep)[None, :]
-    in_span = (j >= start) & (j < start + keep)
-    visual_src = start + jnp.take_along_axis(kept, jnp.clip(j - start, 0, keep - 1), axis=1)
-    text_src = jnp.where(j < start, j, j + num_visual - keep)
-    return jnp.where(in_span, visual_src, text_src).astype(jnp.int32)
+    b, n = slots.shape
+    keep = kept_slots.shape[1]
+    anchors = kept_slots if anchors is None else anchors
+    is_visual = jnp.zeros((b, length), jnp.bool_).at[jnp.arange(b)[:, None], slots].set(True)
+    keys = jnp.concatenate([jnp.where(is_visual, 2 * length, jnp.arange(length)), anchors], axis=1)
+    order = jnp.argsort(keys, axis=1, stable=True)[:, : length - n + keep]
+    entry = jnp.where(order >= length, order - length, -1)
+    src = jnp.where(entry >= 0, jnp.take_along_axis(kept_slots, jnp.maximum(entry, 0), axis=1), order)
+    return src.astype(jnp.int32), entry.astype(jnp.int32)
 
 
 def _causal(mask: jax.Array, slots: int | None) -> jax.Array:
@@ -115,15 +124,16 @@ def prefill_pruned_at_layer(
     method: Method,
     layer: int,
     keep: int,
-    visual_start: jax.Array,
+    visual_index: jax.Array,
     visual_valid: jax.Array | None,
     text_mask: jax.Array,
-    num_visual: int,
     cache_length: int | None = None,
 ) -> Prefilled:
-    """An "llm"-stage method on the unpruned prompt (module docstring). With `cache_length`
-    S, layers < K cache S slots and layers >= K cache S - N + K."""
+    """An "llm"-stage method on the unpruned prompt (module docstring). visual_index: int32
+    [B, N], each row's placeholder positions. With `cache_length` S, layers < K cache S
+    slots and layers >= K cache S - N + K."""
     num_layers = len(decoder.layers)
+    num_visual = visual_index.shape[1]
     check_layer(num_layers, layer, method.name)
     if not 1 <= keep <= num_visual:
         raise ValueError(f"method {method.name!r}: keep={keep} must be in [1, N={num_visual}]")
@@ -131,10 +141,11 @@ def prefill_pruned_at_layer(
     x = embeds.astype(decoder.embed_tokens.embedding.dtype)
     x, ks, vs, row = _run_layers(decoder, range(layer), x, positions, mask, cache_length, query_row_at=layer - 1)
     attention_row, keys = row
-    inputs = LayerInputs(x, attention_row[:, :length], keys, decoder.norm.scale[...], visual_start.astype(jnp.int32),
-                         visual_valid, text_mask, num_visual)
+    visual_index = visual_index.astype(jnp.int32)
+    inputs = LayerInputs(x, attention_row[:, :length], keys, decoder.norm.scale[...], visual_index, visual_valid,
+                         text_mask, num_visual)
     kept = method.select(inputs, keep=keep)
-    src = pruned_gather_index(inputs.visual_start, kept, num_visual, length)
+    src, _ = pruned_gather_index(visual_index, jnp.take_along_axis(visual_index, kept, axis=1), length)
     x = jnp.take_along_axis(x, src[..., None], axis=1)
     positions = jnp.take_along_axis(positions, jnp.broadcast_to(src, positions.shape[:-1] + src.shape[-1:]), axis=-1)
     late_mask = jnp.take_along_axis(mask, src, axis=1)
@@ -151,11 +162,10 @@ def prefill_pruned_at_layer(
 
 def run_prefill(decoder: LlamaModel, inputs, prune, cache_length: int | None = None) -> Prefilled:
     """The strategy the method's record asks for, on `zspa_jax.pipeline.DecoderInputs`."""
-    if prune is None or inputs.visual_start is None or not prune.record.llm_layer:
+    if prune is None or inputs.visual_index is None or not prune.record.llm_layer:
         return prefill(decoder, inputs.embeds, inputs.positions, inputs.mask, cache_length)
-    n = inputs.visual_valid.shape[1]
     return prefill_pruned_at_layer(
         decoder, inputs.embeds, inputs.positions, inputs.mask, method=prune.record, layer=prune.layer,
-        keep=prune.num_keep(n), visual_start=inputs.visual_start, visual_valid=inputs.visual_valid,
-        text_mask=inputs.prompt_mask, num_visual=n, cache_length=cache_length,
+        keep=prune.num_keep(inputs.visual_index.shape[1]), visual_index=inputs.visual_index,
+        visual_valid=inputs.visual_valid, text_mask=inputs.prompt_mask, cache_length=cache_length,
     )

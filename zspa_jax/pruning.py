@@ -30,6 +30,7 @@ __all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "core_size", "defa
 
 PRUNE_METHODS: tuple[str, ...] = tuple(METHODS)
 PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
+BUDGETS: tuple[str, ...] = ("row", "image")
 
 
 # --------------------------------------------------------------------------- config
@@ -45,8 +46,11 @@ class PruneConfig:
     `zspa_jax.methods.auto_core`). `layer`: for methods that prune inside the LLM
     ("fastv"), the decoder layer K whose input loses the dropped tokens (1 <= K < number
     of decoder layers; the choice reads layer K-1's output). `fastv_layer` is the same
-    field under its earlier name (given, it sets `layer`). Frozen and hashable, so it can
-    be a static argument of `jax.jit`.
+    field under its earlier name (given, it sets `layer`). `budget`: "row" (default) applies
+    keep/ratio to all of a row's visual tokens together, whatever images they come from;
+    "image" applies it to each image (every image keeps K; a row of I images keeps I * K),
+    for methods that choose before the LLM. Frozen and hashable, so it can be a static
+    argument of `jax.jit`.
     """
 
     keep: int | None = None
@@ -56,6 +60,7 @@ class PruneConfig:
     prompt_scope: str = "question"
     layer: int = 2
     fastv_layer: dataclasses.InitVar[int | None] = None
+    budget: str = "row"
 
     def __post_init__(self, fastv_layer: int | None = None) -> None:
         if (self.keep is None) == (self.ratio is None):
@@ -81,6 +86,13 @@ class PruneConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise ValueError(f"PruneConfig.{name} must be an int, got {value!r}")
         object.__setattr__(self, "layer", int(self.layer if fastv_layer is None else fastv_layer))
+        if self.budget not in BUDGETS:
+            raise ValueError(f"PruneConfig.budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.budget == "image" and self.record.llm_layer:
+            raise ValueError(
+                f"PruneConfig.budget='image' is for methods that choose before the LLM; method {self.method!r} "
+                "chooses inside it, over the row's visual tokens together: use budget='row'"
+            )
         if self.prompt_scope not in PROMPT_SCOPES:
             raise ValueError(
                 f"PruneConfig.prompt_scope must be one of {PROMPT_SCOPES}, got {self.prompt_scope!r}"
@@ -105,6 +117,17 @@ class PruneConfig:
             return self.keep
         assert self.ratio is not None
         return max(1, math.floor(self.ratio * n_visual + 0.5))
+
+
+    def keep_for(self, min_visual: int, min_image: int) -> int:
+        """The K a method runs with: of the fewest tokens in a row ("row" budget) or in one
+        image ("image" budget)."""
+        return self.num_keep(min_image if self.budget == "image" else min_visual)
+
+    def row_keep(self, min_visual: int, min_image: int, images: int) -> int:
+        """Visual tokens each row keeps: K, or I * K for rows of I images under budget="image"."""
+        keep = self.keep_for(min_visual, min_image)
+        return keep * images if self.budget == "image" else keep
 
 
 def _is_real(x: Any) -> bool:

@@ -8,6 +8,7 @@ bad value is a `ValueError` that names the argument:
     method=M              one of zspa_jax.PRUNE_METHODS (default zspaprune)
     core_ratio=r          share of the budget chosen by prompt relevance (default 0.6)
     prompt_scope=S        question | all_text (default question)
+    budget=G              row | image: keep/ratio over a prompt's visual tokens together, or per image (default row)
     keep_positions=B      kept tokens keep their original RoPE positions (default false)
     batch_size=B          requests per zspa_jax.generate / forward call (default 1)
     dtype=D               bfloat16 | float16 | float32: the parameters' and compute dtype (default: as stored)
@@ -120,7 +121,7 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
     Unknown names are an error (a typo would otherwise silently evaluate something else).
     """
     known = {f.name for f in dataclasses.fields(ModelArgs)} - {"prune"}
-    known |= {"keep", "ratio", "method", "core_ratio", "prompt_scope", *IGNORED}
+    known |= {"keep", "ratio", "method", "core_ratio", "prompt_scope", "budget", *IGNORED}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"zspa_jax model_args: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -132,9 +133,12 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
     scope = kwargs.get("prompt_scope", "question")
     if not isinstance(scope, str):
         raise _fail("prompt_scope", "a string such as question or all_text", scope)
+    budget = kwargs.get("budget", "row")
+    if not isinstance(budget, str):
+        raise _fail("budget", "row or image", budget)
     prune = None
     if keep is None and ratio is None:
-        given = [n for n in ("method", "core_ratio", "prompt_scope") if n in kwargs]
+        given = [n for n in ("method", "core_ratio", "prompt_scope", "budget") if n in kwargs]
         if given:
             raise ValueError(
                 f"zspa_jax model_args: {', '.join(given)} configure pruning, which needs keep or ratio "
@@ -144,7 +148,9 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
         keep = None if keep is None else _int("keep", keep, 1)
         ratio = None if ratio is None else _float("ratio", ratio, 0.0, 1.0, lo_open=True)
         try:
-            prune = zspa_jax.PruneConfig(keep=keep, ratio=ratio, method=method, core_ratio=core_ratio, prompt_scope=scope)
+            prune = zspa_jax.PruneConfig(
+                keep=keep, ratio=ratio, method=method, core_ratio=core_ratio, prompt_scope=scope, budget=budget
+            )
         except ValueError as e:  # e.g. an unknown prompt_scope: the library's message names the field
             raise ValueError(f"zspa_jax model_args: {e}") from None
     dtype = kwargs.get("dtype")

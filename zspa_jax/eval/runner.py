@@ -167,14 +167,13 @@ class Runner:
 
     def _check_images(self, images: Sequence[Any], where: str) -> tuple:
         images = tuple(images or ())
-        if len(images) > 1:
-            raise ValueError(f"{where}: zspa_jax takes one image per prompt, got {len(images)}")
-        if images and not (hasattr(images[0], "convert") and hasattr(images[0], "size")):
-            raise ValueError(f"{where}: expected a PIL image, got {type(images[0]).__name__} (videos are not supported)")
+        for image in images:
+            if not (hasattr(image, "convert") and hasattr(image, "size")):
+                raise ValueError(f"{where}: expected PIL images, got {type(image).__name__} (videos are not supported)")
         return images
 
     def _encode(self, context: str, images: tuple) -> dict[str, np.ndarray]:
-        return zspa_jax.encode(self.vlm, [context], list(images) if images else None)
+        return zspa_jax.encode(self.vlm, [context], [list(images)] if images else None)
 
     def _progress(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -189,18 +188,18 @@ class Runner:
         images = [self._check_images(r.images, f"request {i}") for i, r in enumerate(requests)]
         # The exact encoded length (chat template and image expansion included) picks the bucket.
         lengths = [self._encode(r.context, im)["input_ids"].shape[1] for r, im in zip(requests, images)]
-        keys = [(s, bool(im)) for s, im in zip(settings, images)]
+        keys = [(s, len(im)) for s, im in zip(settings, images)]  # a batch's prompts hold as many images
         out: list[str | None] = [None] * len(requests)
         plan = batches(keys, lengths, self.args.batch_size)
         with self._progress(len(requests), "zspa_jax generate") as bar:
             for idx in plan:
-                st, has_image = keys[idx[0]]
+                st, image_count = keys[idx[0]]
                 rows = _fill(idx, self.args.batch_size)
                 res = zspa_jax.generate(
                     self.vlm,
                     [requests[i].context for i in rows],
-                    [images[i][0] for i in rows] if has_image else None,
-                    prune=self.args.prune if has_image else None,
+                    [list(images[i]) for i in rows] if image_count else None,
+                    prune=self.args.prune if image_count else None,
                     max_new_tokens=st.max_new_tokens,
                     temperature=st.temperature,
                     top_k=st.top_k,

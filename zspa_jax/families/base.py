@@ -28,12 +28,14 @@ class HostBatch(NamedTuple):
     attention_mask: Any  # int [B, L] or None (all real)
     pixel_values: np.ndarray | None
     aux: Any  # the family's pytree for `multimodal_inputs` (None when it needs none)
-    num_visual: int  # visual slots per row N (the pruned span), 0 without images
+    num_visual: int  # placeholder slots per row N (the visual layout), 0 without images
     min_visual: int  # fewest real visual tokens in a row (what a prune ratio applies to)
     prompt_tokens: np.ndarray | None  # int [B]: real prompt tokens per row before any padding (None if traced)
     visual_per_row: np.ndarray | None = None  # int [B]: real visual tokens per row (None: num_visual each)
-    visual_grid: np.ndarray | None = None  # int [B, 2]: each row's token grid (rows, cols), when a grid
+    image_grid: np.ndarray | None = None  # int [B, I, 2]: each image's token grid (rows, cols), when grids
     rows: int | None = None  # the caller's rows when the batch was padded for a mesh (None: not padded)
+    images_per_row: np.ndarray | None = None  # int [B]: images in each row (None: unknown, e.g. traced)
+    min_image_visual: int = 0  # fewest real visual tokens of one image (what a per-image ratio applies to)
 
 
 class HostAdapter(Protocol):
@@ -98,6 +100,43 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int) -> t
     return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
 
 
+def pad_visual_slots(
+    input_ids: np.ndarray, attention_mask: np.ndarray, token_id: int, slots: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Give every row exactly `slots` placeholders (the visual layout of models.protocol).
+
+    The added slots (`token_id` with mask 0, right after the row's last real placeholder)
+    are masked out of attention and skipped by positions; rows are re-left-padded to one
+    length. Returns (input_ids, attention_mask) int32 [B, L'].
+    """
+    rows_ids, rows_mask = [], []
+    for ids, mask in zip(input_ids, attention_mask):
+        real = np.flatnonzero((ids == token_id) & (mask != 0))
+        at = real[-1] + 1 if real.size else ids.size
+        extra = slots - real.size
+        rows_ids.append(np.concatenate([ids[:at], np.full(extra, token_id), ids[at:]]))
+        rows_mask.append(np.concatenate([mask[:at], np.zeros(extra, mask.dtype), mask[at:]]))
+    length = max(r.size for r in rows_ids)
+    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
+    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+
+def image_slot_index(tokens_per_image: list[list[int]], width: int | None = None) -> np.ndarray:
+    """int32 [B, I, n]: for row b's image i, the slots [start, start + count) it holds among
+    the row's placeholders (images follow each other in reading order); -1 pads images to
+    n = max(count, width) and rows to I = the most images in a row."""
+    images = max(len(r) for r in tokens_per_image)
+    n = max([c for r in tokens_per_image for c in r] + [width or 0, 1])
+    index = np.full((len(tokens_per_image), images, n), -1, np.int32)
+    for b, counts in enumerate(tokens_per_image):
+        start = 0
+        for i, count in enumerate(counts):
+            index[b, i, :count] = np.arange(start, start + count)
+            start += count
+    return index
+
+
 def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     """Host ids int [B, L] and a 0/1, left-padded mask (all ones when None)."""
     ids = np.asarray(input_ids)
@@ -120,8 +159,34 @@ def check_left_padded(mask) -> None:
 
 __all__ = [
     "Family", "HostAdapter", "HostBatch", "PROMPT_BUCKET", "check_ids_and_mask", "check_left_padded", "is_traced",
-    "left_pad", "round_up",
+    "image_slot_index", "images_per_prompt", "left_pad", "pad_visual_slots", "round_up",
 ]
+
+
+def images_per_prompt(images: Any, count: int, check: Callable[[Any, str], None]) -> list[list[Any]] | None:
+    """`images` for `count` prompts as one list of images per prompt (reading order).
+
+    Accepted: None; one image (one prompt); a list with one entry per prompt, each an image
+    or a list of that prompt's images. `check(image, name)` validates each one.
+    """
+    if images is None:
+        return None
+    entries = list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(entries) != count:
+        raise ValueError(
+            f"got {count} prompt(s) but {len(entries)} image(s); give one entry per prompt: an image, or a list of "
+            "that prompt's images"
+        )
+    groups = []
+    for i, entry in enumerate(entries):
+        several = isinstance(entry, (list, tuple))
+        group = list(entry) if several else [entry]
+        if not group:
+            raise ValueError(f"images[{i}] is an empty list; give each prompt at least one image, or images=None")
+        for j, image in enumerate(group):
+            check(image, f"images[{i}][{j}]" if several else f"images[{i}]")
+        groups.append(group)
+    return groups
 
 
 def to_rgb(image: Any, name: str) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 from models.checkpoint import RECONVERT, CheckpointError
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax.estimate.llava import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, left_pad, to_rgb
+from zspa_jax.families.base import Family, HostBatch, images_per_prompt, left_pad, pad_visual_slots, to_rgb
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.validation import (
     as_array,
@@ -66,23 +66,8 @@ def check_arrays(
         pixels = as_array("pixel_values", pixel_values, "floating", 4, layout)
         if tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixel_values must be {layout}, got shape {tuple(pixels.shape)}")
-        if prune is not None and pixels.shape[0] != shape[0]:
-            raise ValueError(
-                f"pruning needs exactly one image per prompt: pixel_values holds {pixels.shape[0]} image(s) "
-                f"for {shape[0]} prompt(s)"
-            )
-    length = shape[1]
-    if prune is not None and pixels is not None:
-        keep = prune.num_keep(n)  # raises if keep > N
-        if not prune.record.llm_layer:  # inside the LLM kept tokens keep their positions: decoding continues at L
-            length = length - n + keep
-    max_pos = vlm.config.text.max_position_embeddings
-    if length + extra_length > max_pos:
-        raise ValueError(
-            f"the prompt ({length} tokens after pruning) plus max_new_tokens ({extra_length}) needs "
-            f"{length + extra_length} positions; the model allows at most {max_pos}"
-        )
     if is_traced(ids, mask, pixels):
+        _check_length(vlm, prune, ids, mask, pixels, extra_length)
         return CheckedArrays(ids, pixels, mask)
 
     check_ids_in_range("input_ids", ids, vlm.config.text.vocab_size, allowed=(vlm.config.image_token_index,))
@@ -95,6 +80,7 @@ def check_arrays(
     if pixels is None:
         if is_image.any():
             raise ValueError("input_ids holds image tokens but pixel_values is None")
+        _check_length(vlm, prune, ids, mask, pixels, extra_length)
         return CheckedArrays(ids, pixels, mask)
     check_finite("pixel_values", pixels, what="image")
     found, expected_count = int(is_image.sum()), pixels.shape[0] * n
@@ -104,50 +90,102 @@ def check_arrays(
             f"{pixels.shape[0]} image(s) x {n} visual tokens = {expected_count}; each image needs "
             f"exactly {n} placeholders"
         )
-    if prune is not None:
-        for row, flags in enumerate(is_image):
-            idx = np.flatnonzero(flags)
-            if len(idx) != n or idx[-1] - idx[0] != n - 1:
-                raise ValueError(
-                    f"input_ids row {row}: pruning needs one contiguous span of {n} image tokens, "
-                    f"found {len(idx)} image tokens" + ("" if len(idx) != n else " that are not contiguous")
-                )
+    _check_length(vlm, prune, ids, mask, pixels, extra_length)
     return CheckedArrays(ids, pixels, mask)
+
+
+def _check_length(vlm, prune, ids, mask, pixels, extra_length: int) -> None:
+    """The (pruned) prompt plus the new tokens must fit the model's positions."""
+    length = ids.shape[1]
+    if prune is not None and pixels is not None:
+        length -= _pruned_away(vlm, prune, ids, mask, pixels)
+    max_pos = vlm.config.text.max_position_embeddings
+    if length + extra_length > max_pos:
+        raise ValueError(
+            f"the prompt ({length} tokens after pruning) plus max_new_tokens ({extra_length}) needs "
+            f"{length + extra_length} positions; the model allows at most {max_pos}"
+        )
+
+
+def images_per_row(vlm, ids, mask, pixels) -> np.ndarray:
+    """int [B]: images in each row when pruning. Traced arrays need the same count in every
+    row (pixel_values [B * I, ...]); concrete rows need whole spans of N placeholders each."""
+    n = vlm.tokens_per_image
+    rows = ids.shape[0]
+    if is_traced(ids, mask, pixels):
+        images, rest = divmod(pixels.shape[0], rows)
+        if rest or not images:
+            raise ValueError(
+                f"pruning traced arrays needs the same number of images in every prompt: pixel_values holds "
+                f"{pixels.shape[0]} image(s) for {rows} prompt(s); pass concrete arrays to mix image counts"
+            )
+        return np.full(rows, images)
+    per_row = (np.asarray(ids) == vlm.config.image_token_index).sum(axis=1)
+    for row, count in enumerate(per_row.tolist()):
+        if count == 0 or count % n:
+            raise ValueError(
+                f"input_ids row {row}: pruning needs each prompt's images as whole spans of {n} placeholders, "
+                f"found {count} image tokens"
+            )
+    return per_row // n
+
+
+def _pad_images(pixels: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """[sum(images), C, H, W] -> [B * max(images), C, H, W]: each row's images, then blank
+    ones (their placeholders are masked; no method can keep them)."""
+    most = int(images.max())
+    out = np.zeros((len(images) * most,) + pixels.shape[1:], pixels.dtype)
+    starts = np.cumsum(np.concatenate([[0], images[:-1]]))
+    for row, (start, count) in enumerate(zip(starts.tolist(), images.tolist())):
+        out[row * most: row * most + count] = pixels[start: start + count]
+    return out
+
+
+def _pruned_away(vlm, prune: PruneConfig, ids, mask, pixels) -> int:
+    """Prompt tokens pruning removes from the longest row's positions (0 inside the LLM:
+    kept tokens keep their positions and decoding continues after the whole prompt)."""
+    n = vlm.tokens_per_image
+    images = images_per_row(vlm, ids, mask, pixels)
+    keep = prune.row_keep(int(images.min()) * n, n, int(images.max()))  # raises if keep > a row's tokens
+    return 0 if prune.record.llm_layer else int(images.min()) * n - keep
 
 
 # --------------------------------------------------------------------------- strings + images
 
 
-def _image_parts(prompt: str, image_token: str) -> list[dict]:
-    """Typed chat content: the text around the user's image token, the image where it stood
-    (first when the prompt has none)."""
+def _image_parts(prompt: str, images: int, image_token: str) -> list[dict]:
+    """Typed chat content: the text around the user's image tokens, each image where its token
+    stood (all first when the prompt has none)."""
     if image_token not in prompt:
-        return [{"type": "image"}, {"type": "text", "text": prompt}]
-    before, after = prompt.split(image_token, 1)
-    parts = [{"type": "text", "text": before.rstrip()}] if before.strip() else []
-    parts.append({"type": "image"})
-    if after.strip():
-        parts.append({"type": "text", "text": after.lstrip()})
+        return [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+    pieces = prompt.split(image_token)
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        text = piece.strip() if 0 < i < len(pieces) - 1 else (piece.rstrip() if i == 0 else piece.lstrip())
+        if text:
+            parts.append({"type": "text", "text": text})
+        if i < len(pieces) - 1:
+            parts.append({"type": "image"})
     return parts
 
 
-def _apply_chat_template(processor, prompt: str, with_image: bool, image_token: str) -> str:
-    """One user turn through the chat template, the image where the prompt put its image token
-    (or first).
+def _apply_chat_template(processor, prompt: str, images: int, image_token: str) -> str:
+    """One user turn through the chat template, each image where the prompt put its image
+    token (or all first).
 
     Multimodal templates take typed content parts; text-only templates (a LLaVA built on
-    a text LLM's tokenizer) take a string, so the image token is put in the text.
+    a text LLM's tokenizer) take a string, so the image tokens are put in the text.
     """
     import jinja2
 
-    parts = _image_parts(prompt, image_token) if with_image else [{"type": "text", "text": prompt}]
+    parts = _image_parts(prompt, images, image_token) if images else [{"type": "text", "text": prompt}]
     try:
         text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
-        if not with_image or text.count(image_token) == 1:
+        if text.count(image_token) == images:
             return text
     except (TypeError, jinja2.TemplateError):
         pass
-    content = (prompt if image_token in prompt else f"{image_token}\n{prompt}") if with_image else prompt
+    content = prompt if image_token in prompt or not images else f"{image_token}\n" * images + prompt
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -164,25 +202,18 @@ def _check_prompts(prompts: Any) -> list[str]:
     return list(prompts)
 
 
-def _check_images(images: Any, count: int) -> list | None:
-    if images is None:
-        return None
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
-    if len(images) != count:
-        raise ValueError(f"got {count} prompt(s) but {len(images)} image(s); give one image per prompt")
-    for i, img in enumerate(images):
-        if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
-            continue
-        if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[-1] in (1, 3, 4) and img.size:
-            if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
-                raise ValueError(f"images[{i}] holds NaN or Inf values; every value must be finite")
-            continue
-        hint = " (open files with PIL.Image.open(path))" if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__") else ""
-        raise TypeError(
-            f"images[{i}] must be a PIL.Image.Image or an [height, width, channels] array, got "
-            f"{type_name(img)}{' of shape ' + str(img.shape) if isinstance(img, np.ndarray) else ''}{hint}"
-        )
-    return images
+def _check_image(img: Any, name: str) -> None:
+    if hasattr(img, "convert") and hasattr(img, "size"):  # a PIL image
+        return
+    if isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[-1] in (1, 3, 4) and img.size:
+        if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+            raise ValueError(f"{name} holds NaN or Inf values; every value must be finite")
+        return
+    hint = " (open files with PIL.Image.open(path))" if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__") else ""
+    raise TypeError(
+        f"{name} must be a PIL.Image.Image or an [height, width, channels] array, got "
+        f"{type_name(img)}{' of shape ' + str(img.shape) if isinstance(img, np.ndarray) else ''}{hint}"
+    )
 
 
 def encode(
@@ -195,10 +226,11 @@ def encode(
         out = zspa_jax.generate_tokens(vlm, **batch, max_new_tokens=16)
 
     Returns a dict of NumPy arrays: input_ids int32 [B, L] and attention_mask int32 [B, L]
-    (left-padded), plus pixel_values f32 [B, C, H, W] when images are given.
+    (left-padded), plus pixel_values f32 [M, C, H, W] (all images, in reading order) when
+    images are given: one entry per prompt, an image or a list of the prompt's images.
 
-    The image token (e.g. "<image>") is optional in a prompt: where it appears, the image
-    goes there; otherwise the image goes first. It is never counted twice. With
+    The image token (e.g. "<image>") is optional in a prompt: where it appears, an image
+    goes there (one token per image); otherwise the images go first. With
     `chat_template` None the processor's chat template is applied when it has one.
     """
     check_bool("chat_template", chat_template, allow_none=True)
@@ -208,27 +240,28 @@ def encode(
             "(convert a checkpoint that includes tokenizer and processor files)"
         )
     prompts = _check_prompts(prompts)
-    images = _check_images(images, len(prompts))
+    images = images_per_prompt(images, len(prompts), _check_image)
     processor = vlm.processor
     tokenizer = getattr(processor, "tokenizer", processor)
     image_token = getattr(processor, "image_token", None) or "<image>"
-    for i, p in enumerate(prompts):
-        if p.count(image_token) > (1 if images is not None else 0):
+    counts = [0] * len(prompts) if images is None else [len(group) for group in images]
+    for i, (p, count) in enumerate(zip(prompts, counts)):
+        if p.count(image_token) not in (0, count):
             raise ValueError(
-                f"prompts[{i}] contains the image token {image_token!r} {p.count(image_token)} times; "
-                + ("each prompt takes one image" if images is not None else "give an image or remove the token")
+                f"prompts[{i}] contains the image token {image_token!r} {p.count(image_token)} times for {count} "
+                "image(s); put one token where each image goes, or none (images first)"
             )
     has_template = getattr(processor, "chat_template", None) is not None
     if chat_template and not has_template:
         raise ValueError(f"chat_template=True, but the processor saved at {vlm.path} has no chat template")
     use_template = has_template if chat_template is None else chat_template
     if use_template:
-        prompts = [_apply_chat_template(processor, p, images is not None, image_token) for p in prompts]
+        prompts = [_apply_chat_template(processor, p, count, image_token) for p, count in zip(prompts, counts)]
     elif images is not None:
-        prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
+        prompts = [p if image_token in p else f"{image_token}\n" * count + p for p, count in zip(prompts, counts)]
     tokenizer.padding_side = "left"
     if images is not None:
-        rgb = [to_rgb(img, f"images[{i}]") for i, img in enumerate(images)]
+        rgb = [to_rgb(img, f"images[{i}][{j}]") for i, group in enumerate(images) for j, img in enumerate(group)]
         batch = processor(text=prompts, images=rgb, return_tensors="np", padding=True)
     else:
         batch = tokenizer(prompts, return_tensors="np", padding=True)
@@ -248,18 +281,34 @@ class LlavaAdapter:
             raise ValueError(f"image_grid_thw is not used by {FAMILY.display_name} models (a fixed image size)")
         arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=extra_length)
         input_ids, pixel_values, attention_mask = arrays.input_ids, arrays.pixel_values, arrays.attention_mask
-        n = vlm.config.image_seq_length if pixel_values is not None else 0
+        if pixel_values is None:
+            n_row = images = None
+        else:
+            n = vlm.tokens_per_image
+            images = images_per_row(vlm, input_ids, attention_mask, pixel_values) if prune is not None else None
+            n_row = n * (int(images.max()) if images is not None else 1)
         prompt_tokens = None
         if not is_traced(input_ids, attention_mask):
             ids = np.asarray(input_ids, np.int32)
             mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
             prompt_tokens = mask.sum(axis=1)
+            if images is not None and images.min() != images.max():  # the visual layout: I images in every row
+                pixel_values = _pad_images(np.asarray(pixel_values), images)
+                ids, mask = pad_visual_slots(ids, mask, vlm.config.image_token_index, n_row, vlm.pad_token_id)
+                input_ids, attention_mask = ids, mask
             if prompt_bucket:
                 input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id)
-        grid = vlm.config.token_grid
+        if pixel_values is None:
+            return HostBatch(input_ids, attention_mask, None, None, 0, 0, prompt_tokens)
         rows = int(np.shape(input_ids)[0])
-        grid = None if grid is None or pixel_values is None else np.tile(np.asarray(grid, np.int32), (rows, 1))
-        return HostBatch(input_ids, attention_mask, pixel_values, None, n, n, prompt_tokens, visual_grid=grid)
+        grid = vlm.config.token_grid
+        per_image = int(images.max()) if images is not None else 1
+        grid = None if grid is None else np.tile(np.asarray(grid, np.int32), (rows, per_image, 1))
+        per_row = None if images is None else images * n
+        return HostBatch(
+            input_ids, attention_mask, pixel_values, None, n_row, n if per_row is None else int(per_row.min()),
+            prompt_tokens, per_row, image_grid=grid, images_per_row=images, min_image_visual=n,
+        )
 
     def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
         images = int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length

@@ -30,9 +30,9 @@ whole prompt (batch size 1):
     top-k, never exactly a requested K.
 
 What `dart_select` implements (per row; rows are independent):
-  1. s = the row's visual span [visual_start, visual_start + N). Image pivots: the
+  1. s = the row's N visual slots (one contiguous span, or each image's in order). Image pivots: the
      p_i = min(num_image_pivots, keep, real visual tokens) real visual tokens with the largest
-     key L1 norm sum_c |keys[s + j, c]| (ties -> lower index). Text pivots: the
+     key L1 norm sum_c |keys[s_j, c]| (ties -> lower index). Text pivots: the
      p_t = min(num_text_pivots, sum(text_mask)) positions of `text_mask` with the largest key
      L1 norm (ties -> lower position).
   2. Cosine vectors: `hidden` [L, D] times `norm_weight` (when given). The official final
@@ -68,7 +68,7 @@ Deviations from the official code, and why:
     never a pivot or a pick and never enters a norm or a cosine (masked with `where`, so it
     may hold anything, NaN included). The official code is batch-size-1 only;
   * float32 throughout, dot products at Precision.HIGHEST.
-Precondition (checked by the callers, not here): visual_start + N <= L and every row has at
+Precondition (checked by the callers, not here): the visual slots lie in [0, L) and every row has at
 least `keep` real visual tokens; if a row has fewer, its surplus slots are the
 lowest-index unpicked ones (padding included).
 
@@ -104,7 +104,7 @@ DEFAULT_TEXT_PIVOTS = 4  # official `--pivot_text_token 4`
 def _dart_one(
     h: jax.Array,
     k: jax.Array,
-    start: jax.Array,
+    index: jax.Array,
     tm: jax.Array,
     valid: jax.Array,
     w: jax.Array | None,
@@ -114,13 +114,14 @@ def _dart_one(
     num_image_pivots: int,
     num_text_pivots: int,
 ) -> jax.Array:
-    """One row: h [L, D], k [L, Dk] f32, start int32 [], tm bool [L], valid bool [N],
-    w [D] | None -> ascending int32 [keep] indices into the span."""
+    """One row: h [L, D], k [L, Dk] f32, index int32 [N] (the visual tokens' positions,
+    ascending), tm bool [L], valid bool [N], w [D] | None -> ascending int32 [keep] indices
+    into the N visual tokens."""
     n, length = num_visual, h.shape[0]
     if w is not None:
         h = h * w
-    vis_h = lax.dynamic_slice_in_dim(h, start, n, axis=0)  # [N, D]
-    vis_k = lax.dynamic_slice_in_dim(k, start, n, axis=0)  # [N, Dk]
+    vis_h = jnp.take(h, index, axis=0)  # [N, D]
+    vis_k = jnp.take(k, index, axis=0)  # [N, Dk]
 
     # Step 1: pivots by key L1 norm (|x| sums are >= +0.0: no signed zero reaches top_k).
     img_l1 = jnp.where(valid, jnp.sum(jnp.abs(vis_k), axis=-1), -jnp.inf)
@@ -138,11 +139,11 @@ def _dart_one(
     if cap_t > 0:
         slot_t = jnp.arange(cap_t)
         txt_piv = jnp.sort(jnp.where(slot_t < p_t, lax.top_k(txt_l1, cap_t)[1], length))
-        positions = jnp.concatenate([start + img_piv, txt_piv])  # sequence positions
+        positions = jnp.concatenate([jnp.take(index, img_piv, mode="clip"), txt_piv])  # sequence positions
         active = jnp.concatenate([slot_i < p_i, slot_t < p_t])
         rank = jnp.concatenate([slot_i, p_i + slot_t])  # order among the active pivots
     else:
-        positions, active, rank = start + img_piv, slot_i < p_i, slot_i
+        positions, active, rank = jnp.take(index, img_piv, mode="clip"), slot_i < p_i, slot_i
 
     # Step 4's quotas: R picks spread over the P pivots, the remainder to the first ones.
     total = p_i + p_t
@@ -203,7 +204,8 @@ def dart_select(
       whole left-padded sequence; the cosines read them (times `norm_weight`).
     keys: [B, L, H, Dh] or [B, L, H * Dh] layer K-1's attention keys after RoPE (KV heads,
       un-repeated or repeated alike); the pivots are the largest L1 norms of these.
-    visual_start: int32 [B] first slot of each row's span of `num_visual` visual slots.
+    visual_start: int32 [B] first slot of each row's contiguous span of `num_visual` visual
+      slots, or int32 [B, N] the position of each visual slot (ascending; several images).
     text_mask: bool [B, L] the real text tokens that may be text pivots (official: every token
       after the span).
     visual_valid: bool [B, N] | None real slots of the span (padding: never chosen, never read).
@@ -214,7 +216,8 @@ def dart_select(
     b, length = hidden.shape[:2]
     h = hidden.astype(jnp.float32)
     k = keys.reshape(b, length, -1).astype(jnp.float32)
-    start = jnp.asarray(visual_start, jnp.int32).reshape(b)
+    start = jnp.asarray(visual_start, jnp.int32)
+    index = start.reshape(b, -1) if start.ndim == 2 else start.reshape(b, 1) + jnp.arange(num_visual)[None, :]
     tm = jnp.asarray(text_mask) != 0
     valid = jnp.ones((b, num_visual), jnp.bool_) if visual_valid is None else jnp.asarray(visual_valid) != 0
     w = None if norm_weight is None else jnp.asarray(norm_weight, jnp.float32)
@@ -226,7 +229,7 @@ def dart_select(
         num_image_pivots=num_image_pivots,
         num_text_pivots=num_text_pivots,
     )
-    return batched(one, (h, k, start, tm, valid), batching)
+    return batched(one, (h, k, index, tm, valid), batching)
 
 
 def dart_flops(
@@ -256,7 +259,7 @@ def dart_flops(
 def _select(inputs: LayerInputs, *, keep: int) -> jax.Array:
     b, length = inputs.hidden.shape[:2]
     return dart_select(
-        inputs.hidden, inputs.keys.reshape(b, length, -1), inputs.visual_start, inputs.text_mask,
+        inputs.hidden, inputs.keys.reshape(b, length, -1), inputs.visual_index, inputs.text_mask,
         num_visual=inputs.num_visual, keep=keep, visual_valid=inputs.visual_valid, norm_weight=inputs.norm_weight,
         batching=default_batching(),
     )
@@ -271,5 +274,4 @@ METHOD = Method(
     "tokens least similar to it; later layers never hold the others",
     citation="arXiv:2502.11494 (EMNLP 2025), github.com/ZichenWen1/DART",
     keeps_positions=True,
-    accepts_mask=False,  # its kernel masks padding slots; rows of different sizes are not checked end to end yet
 )

@@ -26,10 +26,8 @@ __all__ = ["METHOD", "fastv_select"]
 
 
 def fastv_select(inputs: LayerInputs, *, keep: int) -> jax.Array:
-    """int32 [B, keep], ascending: the span's tokens with the largest last-query attention."""
-    n = inputs.num_visual
-    span = inputs.visual_start[:, None] + jnp.arange(n)[None, :]
-    scores = jnp.take_along_axis(inputs.attention_row, span, axis=1)
+    """int32 [B, keep], ascending: the visual tokens with the largest last-query attention."""
+    scores = jnp.take_along_axis(inputs.attention_row, inputs.visual_index, axis=1)
     if inputs.visual_valid is not None:
         scores = jnp.where(inputs.visual_valid, scores, -jnp.inf)  # padding slots: never kept
     return jnp.sort(lax.top_k(scores, keep)[1], axis=1).astype(jnp.int32)  # ties -> lower index
@@ -43,5 +41,4 @@ METHOD = Method(
     summary="the visual tokens the last prompt token attends to most at LLM layer K; later layers never hold the others",
     citation="arXiv:2403.06764, github.com/pkunlp-icler/FastV",
     keeps_positions=True,
-    accepts_mask=False,  # its kernel masks padding slots; rows of different sizes are not checked end to end yet
 )

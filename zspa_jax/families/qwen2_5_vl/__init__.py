@@ -24,7 +24,7 @@ from zspa_jax.validation import check_finite, check_ids_in_range
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
 
 WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
-SPAN_BUCKET = 64  # pruning: each image span is padded to a multiple of this many slots
+SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and image widths) padded to a multiple of this
 
 
 class QwenAdapter:
@@ -49,32 +49,34 @@ class QwenAdapter:
                 check_finite("pixel_values", pixels, what="patch row")
         pruning = prune is not None and pixel_values is not None
         grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
-        span_slots = windows = None
+        windows = None
         if bucket and pixel_values is not None and grid is not None and grid.ndim == 2 and grid.shape[-1] == 3:
             layout.check_grid(grid, cfg.vision)
             needed = layout.num_windows(grid, cfg.vision)
             windows = max(WINDOW_BUCKET_MIN, 1 << max(needed - 1, 0).bit_length())
-            if pruning:
-                span_slots = round_up(int(np.prod(grid, axis=-1).max()) // cfg.vision.merge_unit, SPAN_BUCKET)
         batch = layout.prepare_batch(
             cfg,
             ids,
             mask,
             pixel_values,
             grid,
-            one_image_per_row=pruning,
-            span_slots=span_slots,
+            visual_layout=pruning,
+            slot_multiple=SPAN_BUCKET if bucket and pruning else None,
             windows=windows,
             pad_id=vlm.pad_token_id,
             prompt_multiple=prompt_bucket,
         )
-        n = 0 if batch.aux.visual_index is None else batch.aux.visual_index.shape[1]
-        per_row = (batch.aux.feature_index >= 0).sum(axis=1)  # real visual tokens per row
-        min_visual = int(per_row.min()) if batch.pixel_values is not None else 0
+        aux = batch.aux
+        n = 0 if aux.visual_index is None else aux.visual_index.shape[1]
+        per_row = (aux.feature_index >= 0).sum(axis=1)  # real visual tokens per row
+        images = batch.pixel_values is not None
+        min_visual = int(per_row.min()) if images else 0
+        min_image = int(layout.image_token_counts(grid, cfg.vision).min()) if images else 0
+        dropped = 0
         if pruning:
-            prune.num_keep(min_visual)  # keep > the smallest image's tokens: a clear error now
-        batch_max = int(batch.aux.next_position.max()) if batch.aux.next_position.size else 0
-        dropped = n - prune.num_keep(min_visual) if pruning and not prune.record.llm_layer else 0
+            keep = prune.row_keep(min_visual, min_image, int(batch.images_per_row.max()))  # too large: a clear error
+            dropped = 0 if prune.record.llm_layer else n - keep
+        batch_max = int(aux.next_position.max()) if aux.next_position.size else 0
         length = batch.input_ids.shape[1] - dropped
         max_pos = cfg.text.max_position_embeddings
         if max(batch_max, length) + extra_length > max_pos:
@@ -83,8 +85,9 @@ class QwenAdapter:
                 f"{max(batch_max, length) + extra_length} positions; the model allows at most {max_pos}"
             )
         return HostBatch(
-            batch.input_ids, batch.attention_mask, batch.pixel_values, batch.aux, n, min_visual, mask.sum(1),
-            per_row if batch.pixel_values is not None else None, visual_grid=batch.aux.visual_grid,
+            batch.input_ids, batch.attention_mask, batch.pixel_values, aux, n, min_visual, mask.sum(1),
+            per_row if images else None, image_grid=aux.image_grid, images_per_row=batch.images_per_row,
+            min_image_visual=min_image,
         )
 
     def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:

@@ -14,11 +14,11 @@ from typing import NamedTuple
 import numpy as np
 
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, QwenAux, VisionLayout, window_slots
-from zspa_jax.families.base import left_pad
+from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
 
 __all__ = [
     "PreparedBatch", "check_grid", "image_spans", "image_token_counts", "num_patches", "num_windows",
-    "pad_image_spans", "prepare_batch", "rope_index", "vision_layout",
+    "prepare_batch", "rope_index", "vision_layout",
 ]
 
 
@@ -186,27 +186,8 @@ class PreparedBatch(NamedTuple):
     attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
     pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the patches, then zero rows up to the layout's P slots
     aux: QwenAux | None
-    visual_counts: np.ndarray | None  # int [B]: real visual tokens per row (one image per row), else None
-
-
-def pad_image_spans(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int, slots: int, pad_id: int):
-    """Give every row's single image span exactly `slots` positions.
-
-    The added slots (image ids with mask 0, right after the real span) are masked out
-    of attention and excluded from positions; rows are re-left-padded to one length.
-    Returns (input_ids, attention_mask) int32 [B, L'].
-    """
-    rows_ids, rows_mask = [], []
-    for ids, mask in zip(input_ids, attention_mask):
-        real = np.flatnonzero((ids == image_token_id) & (mask != 0))
-        extra = slots - real.size
-        at = real[-1] + 1
-        rows_ids.append(np.concatenate([ids[:at], np.full(extra, image_token_id), ids[at:]]))
-        rows_mask.append(np.concatenate([mask[:at], np.zeros(extra, mask.dtype), mask[at:]]))
-    length = max(r.size for r in rows_ids)
-    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
-    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
-    return ids.astype(np.int32), mask.astype(np.int32)
+    visual_counts: np.ndarray | None  # int [B]: real visual tokens per row when laid out for pruning, else None
+    images_per_row: np.ndarray | None  # int [B]: images of each row when laid out for pruning, else None
 
 
 def prepare_batch(
@@ -216,8 +197,8 @@ def prepare_batch(
     pixel_values,
     image_grid_thw,
     *,
-    one_image_per_row: bool = False,
-    span_slots: int | None = None,
+    visual_layout: bool = False,
+    slot_multiple: int | None = None,
     windows: int | None = None,
     pad_id: int = 0,
     prompt_multiple: int | None = None,
@@ -226,9 +207,10 @@ def prepare_batch(
 
     input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the
     processor's flattened patches of all images; image_grid_thw: [n, 3]. With
-    `one_image_per_row` (pruning), each row holds exactly one image and `aux` carries its
-    span as merged-token indices; `span_slots` then pads every span to that many slots
-    (>= the largest image), so images of different sizes give one shape. `windows` pads
+    `visual_layout` (pruning), `aux` carries the visual layout of models.protocol: each
+    row's placeholders as merged-token indices, padded with masked slots to the row with
+    the most, and each image's slots and grid; `slot_multiple` rounds the slot count and
+    the image width up to a multiple of it, so images of different sizes give one shape. `windows` pads
     the tower to that many windows (a bucket); `prompt_multiple` left-pads the prompt
     to a multiple of it. Raises ValueError naming the argument.
     """
@@ -247,7 +229,7 @@ def prepare_batch(
             ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
         positions, next_pos = rope_index(ids, mask, None, cfg)
         aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
-        return PreparedBatch(ids.astype(np.int32), mask, None, aux, None)
+        return PreparedBatch(ids.astype(np.int32), mask, None, aux, None, None)
     if image_grid_thw is None:
         raise ValueError(
             "image_grid_thw is required with pixel_values for Qwen2.5-VL: the processor returns it "
@@ -273,38 +255,44 @@ def prepare_batch(
             f"input_ids holds {found} image tokens (id {cfg.image_token_id}) but image_grid_thw gives "
             f"{counts.tolist()} = {int(counts.sum())} merged tokens"
         )
-    spans = image_spans(ids, mask, cfg.image_token_id)
-    visual_counts = None
-    if one_image_per_row:
-        per_row = [len(s) for s in spans]
-        if per_row != [1] * len(spans) or len(grid) != ids.shape[0]:
+    visual_counts = images_per_row = image_index = None
+    if visual_layout:
+        per_row = [len(row) for row in image_spans(ids, mask, cfg.image_token_id)]
+        if sum(per_row) != len(grid):
             raise ValueError(
-                f"pruning needs exactly one image per prompt: image spans per row {per_row}, "
-                f"{len(grid)} image(s) for {ids.shape[0]} prompt(s)"
+                f"input_ids holds {sum(per_row)} image-token spans (per row {per_row}) but image_grid_thw has "
+                f"{len(grid)} images"
             )
-        visual_counts = counts.copy()
-        slots = int(counts.max()) if span_slots is None else int(span_slots)
-        if slots < counts.max():
-            raise ValueError(f"span_slots={slots} is smaller than the largest image ({int(counts.max())} tokens)")
-        if slots > counts.min() or (span_slots is not None):
-            ids, mask = pad_image_spans(ids, mask, cfg.image_token_id, slots, pad_id)
+        starts = np.cumsum([0] + per_row)
+        tokens = [counts[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+        if not all(tokens):
+            raise ValueError(f"pruning needs at least one image in every prompt: image spans per row {per_row}")
+        images_per_row = np.asarray(per_row)
+        visual_counts = np.asarray([sum(t) for t in tokens])
+        slots, width = int(visual_counts.max()), None
+        if slot_multiple:
+            slots, width = round_up(slots, slot_multiple), round_up(int(counts.max()), slot_multiple)
+        if slots > visual_counts.min():
+            ids, mask = pad_visual_slots(ids, mask, cfg.image_token_id, slots, pad_id)
+        image_index = image_slot_index(tokens, width)
     if prompt_multiple:
         ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
     positions, next_pos = rope_index(ids, mask, grid, cfg)  # also checks each span against its grid
     real_image = (ids == cfg.image_token_id) & (mask != 0)
     feature_index = np.full(ids.shape, -1, np.int64)
     feature_index[real_image] = np.arange(int(real_image.sum()))  # reading order = merged-token order
-    visual_index = visual_valid = None
-    if one_image_per_row:
+    visual_index = visual_valid = image_grid = None
+    if visual_layout:
         slots_mask = ids == cfg.image_token_id
         visual_index = feature_index[slots_mask].reshape(ids.shape[0], -1)
         visual_valid = visual_index >= 0
         visual_index = np.maximum(visual_index, 0).astype(np.int32)
+        if (grid[:, 0] == 1).all():  # one frame each: every image is an (h, w) grid, row-major
+            image_grid = np.zeros(image_index.shape[:2] + (2,), np.int32)
+            image_grid[image_index[:, :, 0] >= 0] = grid[:, 1:] // vc.spatial_merge_size
     layout = vision_layout(grid, vc, windows=None if windows is None else max(int(windows), num_windows(grid, vc)))
-    visual_grid = None
-    if one_image_per_row and (grid[:, 0] == 1).all():  # one frame: the span is an (h, w) grid, row-major
-        visual_grid = (grid[:, 1:] // vc.spatial_merge_size).astype(np.int32)
-    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, visual_grid)
+    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, image_index,
+                  image_grid)
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
     pixels = np.pad(pixels.astype(np.float32), ((0, layout.order.size - pixels.shape[0]), (0, 0)))
-    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts)
+    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row)

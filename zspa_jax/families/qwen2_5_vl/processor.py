@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from zspa_jax.families.base import to_rgb
+from zspa_jax.families.base import images_per_prompt, to_rgb
 
 __all__ = ["QwenProcessor"]
 
@@ -45,32 +45,28 @@ class QwenProcessor:
 
     def encode(self, prompts, images, chat_template: bool | None = None) -> dict[str, np.ndarray]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if images is not None:
-            for i, img in enumerate(images):
-                if _looks_like_video(img):
-                    raise ValueError(f"images[{i}] looks like a video (a list of frames): video input is not supported")
-            if len(images) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompt(s) but {len(images)} image(s); give one image per prompt")
+        groups = images_per_prompt(images, len(prompts), _check_image)
+        counts = [0] * len(prompts) if groups is None else [len(g) for g in groups]
         use_template = self.chat_template is not None if chat_template is None else chat_template
         if use_template:
             texts = [
                 self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": ([{"type": "image"}] if images is not None else [])
-                      + [{"type": "text", "text": p}]}],
+                    [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": p}]}],
                     add_generation_prompt=True,
                     tokenize=False,
                 )
-                for p in prompts
+                for p, count in zip(prompts, counts)
             ]
         else:
             texts = prompts
         out: dict[str, np.ndarray] = {}
-        if images is not None:
+        if groups is not None:
             if self.image_processor is None:
                 raise ValueError("this checkpoint has no image processor (preprocessor_config.json missing)")
-            rgb = [to_rgb(im, f"images[{i}]") if hasattr(im, "convert") else np.asarray(im) for i, im in enumerate(images)]
+            rgb = [
+                to_rgb(im, f"images[{i}]") if hasattr(im, "convert") else np.asarray(im)
+                for i, group in enumerate(groups) for im in group
+            ]
             try:
                 pix = self.image_processor(images=rgb, return_tensors="np")
             except ValueError as e:  # e.g. an aspect ratio the processor refuses
@@ -78,15 +74,16 @@ class QwenProcessor:
             out["pixel_values"] = np.asarray(pix["pixel_values"], np.float32)
             out["image_grid_thw"] = np.asarray(pix["image_grid_thw"], np.int64)
             merge = self.image_processor.merge_size**2
-            counts = iter((np.prod(out["image_grid_thw"], axis=-1) // merge).tolist())
+            tokens = iter((np.prod(out["image_grid_thw"], axis=-1) // merge).tolist())
             expanded = []
-            for i, text in enumerate(texts):
-                if text.count(self.image_token) != 1:
+            for i, (text, count) in enumerate(zip(texts, counts)):
+                if text.count(self.image_token) != count:
                     raise ValueError(
-                        f"prompts[{i}] must contain the image token {self.image_token!r} exactly once "
-                        f"(found {text.count(self.image_token)})"
+                        f"prompts[{i}] must contain the image token {self.image_token!r} once per image ({count}), "
+                        f"found {text.count(self.image_token)}"
                     )
-                expanded.append(text.replace(self.image_token, self.image_token * next(counts)))
+                pieces = text.split(self.image_token)
+                expanded.append(pieces[0] + "".join(self.image_token * next(tokens) + rest for rest in pieces[1:]))
             texts = expanded
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="np", padding=True)
@@ -98,8 +95,7 @@ class QwenProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def _looks_like_video(x) -> bool:
-    if isinstance(x, (list, tuple)):
-        return True
-    shape = getattr(x, "shape", None)
-    return shape is not None and len(shape) == 4
+def _check_image(image, name: str) -> None:
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 4:
+        raise ValueError(f"{name} looks like a video ([frames, height, width, channels]): video input is not supported")
