@@ -108,10 +108,11 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask == 1, positions, 1).astype(jnp.int32)
 
 
-def placeholder_slots(input_ids: jax.Array, token_id: int, n: int) -> jax.Array:
-    """int32 [B, n]: the sequence positions of each row's first `n` `token_id` placeholders,
-    ascending (every row holds at least n of them)."""
-    others = (input_ids != token_id).astype(jnp.int8)
+def placeholder_slots(input_ids: jax.Array, token_ids: int | tuple[int, ...], n: int) -> jax.Array:
+    """int32 [B, n]: the sequence positions of each row's first `n` placeholders (any id of
+    `token_ids`), ascending (every row holds at least n of them)."""
+    ids = (token_ids,) if isinstance(token_ids, int) else tuple(token_ids)
+    others = (~jnp.isin(input_ids, jnp.asarray(ids, input_ids.dtype))).astype(jnp.int8)
     return jnp.argsort(others, axis=1, stable=True)[:, :n].astype(jnp.int32)
 
 

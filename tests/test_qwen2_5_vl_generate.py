@@ -510,7 +510,7 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
     flops = {}
     for keep in (None, 8):
         prune = None if keep is None else zspa_jax.PruneConfig(keep=keep)
-        host = prepare_arrays(vlm, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], enc["image_grid_thw"],
+        host = prepare_arrays(vlm, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], {"image_grid_thw": enc["image_grid_thw"]},
                               prune, extra_length=4, bucket=True, prompt_bucket=generation.PROMPT_BUCKET)
         st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
                                   keep_positions=False)

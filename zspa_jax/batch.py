@@ -22,7 +22,29 @@ from zspa_jax.pruning import PruneConfig
 from zspa_jax.sharding import data_size, padded_rows, place, place_tree
 from zspa_jax.validation import is_traced
 
-__all__ = ["device_arrays", "encode", "kept_per_row", "prepare_arrays", "reject_video", "resolve_prune"]
+__all__ = ["VISUAL_ARGS", "device_arrays", "encode", "kept_per_row", "prepare_arrays", "resolve_prune", "visual_args"]
+
+# The families' visual arrays besides pixel_values, by transformers' names (each family's
+# record says which it takes).
+VISUAL_ARGS = ("image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def visual_args(vlm, **given) -> dict[str, Any]:
+    """The given (not None) visual arrays of VISUAL_ARGS; one the family does not take is a
+    ValueError naming it."""
+    family = family_of(vlm)
+    extras = {name: value for name, value in given.items() if value is not None}
+    for name in extras:
+        if name not in VISUAL_ARGS:
+            raise TypeError(f"unknown visual argument {name!r}; known: {', '.join(VISUAL_ARGS)}")
+        if name in family.visual_args:
+            continue
+        if name in VIDEO_ARGS:
+            raise ValueError(f"{name} was given: video input is not supported by {family.display_name} models (images only)")
+        takes = f"; it takes {', '.join(family.visual_args)}" if family.visual_args else " (a fixed image size)"
+        raise ValueError(f"{name} is not used by {family.display_name} models{takes}")
+    return extras
 
 
 def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | None:
@@ -54,7 +76,7 @@ def prepare_arrays(
     input_ids,
     pixel_values=None,
     attention_mask=None,
-    image_grid_thw=None,
+    extras: dict[str, Any] | None = None,
     prune=None,
     extra_length=0,
     bucket=False,
@@ -62,30 +84,30 @@ def prepare_arrays(
 ) -> HostBatch:
     """Validate arrays (before any compile) and build the family's host batch.
 
-    `bucket`: pad the family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower
+    `extras`: the family's other visual arrays by name (`visual_args`). `bucket`: pad the family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower
     windows and pruned image spans), so images of different sizes share compiled
     programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
     """
     adapter = family_of(vlm).adapter
     if pixel_values is not None:
         check_prune_for(vlm, prune)
-    batch = adapter.prepare(
-        vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket, prompt_bucket
-    )
+    extras = dict(extras or {})
+    batch = adapter.prepare(vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
+                            prompt_bucket)
     _check_layout(prune, batch)
     rows = int(np.shape(batch.input_ids)[0])
     target = padded_rows(rows, vlm.mesh)
     if target == rows:
         return batch
-    if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw):
+    if is_traced(input_ids, pixel_values, attention_mask, *extras.values()):
         raise ValueError(
             f"a batch of {rows} rows does not divide the mesh axis 'data' ({data_size(vlm.mesh)}) and traced "
             "arrays cannot be padded: pass a multiple of it, or concrete arrays"
         )
     # Validated above: pad with copies of the last row (and its images), run again.
-    ids, pixels, mask, grid = _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, image_grid_thw,
-                                               target - rows)
-    batch = adapter.prepare(vlm, ids, pixels, mask, grid, prune, extra_length, bucket, prompt_bucket)
+    ids, pixels, mask, extras = _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, extras,
+                                                 target - rows)
+    batch = adapter.prepare(vlm, ids, pixels, mask, extras, prune, extra_length, bucket, prompt_bucket)
     return batch._replace(rows=rows)
 
 
@@ -124,17 +146,17 @@ def _check_layout(prune: PruneConfig | None, batch: HostBatch) -> None:
         method.check_layout(grids[(grids > 0).all(axis=1)], keep)
 
 
-def _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, extra: int):
-    """The batch with its last row (and that row's images) appended `extra` more times."""
+def _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, extras: dict, extra: int):
+    """The batch with its last row (and that row's visual arrays) appended `extra` more times."""
     ids = np.asarray(input_ids)
     mask = None if attention_mask is None else np.asarray(attention_mask)
-    images, pixel_rows = adapter.last_row_images(vlm, ids, image_grid_thw)
+    tails = adapter.last_row_arrays(vlm, ids, extras)  # {name: the last row's trailing entries}
     repeat = lambda x, n: np.concatenate([x] + [x[len(x) - n:]] * extra) if n else x  # noqa: E731
     ids = repeat(ids, 1)
     mask = None if mask is None else repeat(mask, 1)
-    pixels = None if pixel_values is None else repeat(np.asarray(pixel_values), pixel_rows)
-    grid = None if image_grid_thw is None else repeat(np.asarray(image_grid_thw), images)
-    return ids, pixels, mask, grid
+    pixels = None if pixel_values is None else repeat(np.asarray(pixel_values), tails.get("pixel_values", 0))
+    extras = {name: repeat(np.asarray(value), tails.get(name, 0)) for name, value in extras.items()}
+    return ids, pixels, mask, extras
 
 
 def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
@@ -156,19 +178,12 @@ def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
     )
 
 
-def reject_video(**kwargs) -> None:
-    """Video arguments (transformers' names) are not supported by any family here."""
-    for name, value in kwargs.items():
-        if value is not None:
-            raise ValueError(f"{name} was given: video input is not supported (images only)")
-
-
 def encode(
     vlm, prompts: str | Sequence[str], images=None, *, chat_template: bool | None = None
 ) -> dict[str, np.ndarray]:
     """Strings + images -> exactly the arrays the array API takes (transformers' names:
-    input_ids, attention_mask, pixel_values, and the family's extras such as Qwen2.5-VL's
-    image_grid_thw), through the checkpoint's saved processor.
+    input_ids, attention_mask, pixel_values, and the family's VISUAL_ARGS such as
+    Qwen2.5-VL's image_grid_thw), through the checkpoint's saved processor.
 
         batch = zspa_jax.encode(vlm, ["What is on the table?"], [image])
         logits = zspa_jax.forward(vlm, **batch)

@@ -1,4 +1,4 @@
-"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None, *, image_grid_thw=None) -> logits`."""
+"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None, *, image_grid_thw=None, ...) -> logits`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import jax
 from flax import nnx
 
-from zspa_jax.batch import device_arrays, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.batch import device_arrays, prepare_arrays, resolve_prune, visual_args
 from zspa_jax.loading import VLM, check_prune, check_vlm
 from zspa_jax.pipeline import decoder_inputs
 from zspa_jax.prefill import run_prefill
@@ -35,8 +35,10 @@ def forward(
     prune: PruneConfig | None = None,
     *,
     image_grid_thw=None,
+    image_sizes=None,
     pixel_values_videos=None,
     video_grid_thw=None,
+    second_per_grid_ts=None,
     seed: int = 0,
     keep_positions: bool = False,
     return_kept: bool = False,
@@ -53,8 +55,9 @@ def forward(
       prune: a PruneConfig (one or several images per row; `budget` says whether K is per
         row or per image); the kept tokens replace the placeholders (methods inside the
         LLM: from layer `prune.layer` on; earlier layers see all tokens).
-      image_grid_thw: int [num_images, 3], required with Qwen2.5-VL pixel_values.
-      pixel_values_videos, video_grid_thw: refused (video input is not supported).
+      image_grid_thw, image_sizes, pixel_values_videos, video_grid_thw, second_per_grid_ts:
+        the family's other visual arrays, by transformers' names (Qwen2.5-VL: image_grid_thw
+        int [num_images, 3]); one the family does not take is a ValueError.
       seed: rng seed for method="random".
       return_kept: also return the kept indices int32 [B, K] into each row's visual tokens
         in reading order (None without pruning).
@@ -65,11 +68,14 @@ def forward(
     """
     check_vlm(vlm)
     check_prune(prune)
-    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    extras = visual_args(
+        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+    )
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     for name, value in (("keep_positions", keep_positions), ("return_kept", return_kept), ("return_mask", return_mask)):
         check_bool(name, value)
-    batch = prepare_arrays(vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune)
+    batch = prepare_arrays(vlm, input_ids, pixel_values, attention_mask, extras, prune)
     prune = resolve_prune(prune, batch)
     ids, mask, pixels, aux = device_arrays(batch, vlm.mesh)
     with mesh_context(vlm.mesh):

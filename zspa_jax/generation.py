@@ -19,7 +19,9 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from zspa_jax.batch import device_arrays, encode, kept_per_row, prepare_arrays, reject_video, resolve_prune
+from zspa_jax.batch import (
+    VISUAL_ARGS, device_arrays, encode, kept_per_row, prepare_arrays, resolve_prune, visual_args,
+)
 from zspa_jax.families import HostBatch
 from zspa_jax.families.base import PROMPT_BUCKET, round_up
 from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter tests and benchmarks read)
@@ -111,15 +113,18 @@ def generate_tokens(
     eos_token_id: int | Sequence[int] | None = None,
     keep_positions: bool = False,
     image_grid_thw=None,
+    image_sizes=None,
     pixel_values_videos=None,
     video_grid_thw=None,
+    second_per_grid_ts=None,
 ) -> GenerateOutput:
     """Array-in, array-out generation; traceable inside a caller's `jax.jit` (LLaVA; a
     Qwen2.5-VL batch needs concrete arrays, whose grid layouts are built on the host).
 
     input_ids: int [B, L], left-padded; pixel_values: the processor's pixel_values or
-    None; attention_mask: [B, L]; image_grid_thw: int [n, 3] with Qwen2.5-VL images
-    (video arguments are refused). `max_new_tokens` may be traced, in which case
+    None; attention_mask: [B, L]; image_grid_thw ... second_per_grid_ts: the family's other
+    visual arrays (transformers' names; Qwen2.5-VL: image_grid_thw int [n, 3]).
+    `max_new_tokens` may be traced, in which case
     `max_new_tokens_bound` (a Python int) sizes the KV cache and bounds it. Returns
     tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
     kept_indices int32 [B, K] or None.
@@ -136,10 +141,12 @@ def generate_tokens(
                 f"max_new_tokens ({int(max_new_tokens)}) exceeds max_new_tokens_bound ({max_new_tokens_bound})"
             )
     check_prune(prune)
-    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    extras = visual_args(
+        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+    )
     batch = prepare_arrays(
-        vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length=max_new_tokens_bound,
-        bucket=True,
+        vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length=max_new_tokens_bound, bucket=True
     )
     if rng is not None:
         check_rng("rng", rng)
@@ -175,8 +182,10 @@ def generate(
     pixel_values=None,
     attention_mask=None,
     image_grid_thw=None,
+    image_sizes=None,
     pixel_values_videos=None,
     video_grid_thw=None,
+    second_per_grid_ts=None,
     prune: PruneConfig | None = None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -190,12 +199,13 @@ def generate(
 ) -> GenerateResult | Iterator[np.ndarray]:
     """Generate answers for prompts about images, optionally pruning visual tokens first.
 
-    Give either `prompts` (+ `images`, PIL, one per prompt) — encoded with the saved HF
-    processor, chat template included when the model has one — or `input_ids`
-    (+ `pixel_values`, `attention_mask`, and `image_grid_thw` for Qwen2.5-VL) arrays, with
-    transformers' names. Prompts are left-padded to a multiple of PROMPT_BUCKET tokens;
-    Qwen2.5-VL's tower windows and pruned image spans are padded to buckets too, so images
-    of different sizes share compiled programs. Video input is refused.
+    Give either `prompts` (+ `images`: one entry per prompt, a PIL image or a list of the
+    prompt's images) — encoded with the saved HF processor, chat template included when the
+    model has one — or `input_ids` (+ `pixel_values`, `attention_mask`, and the family's
+    other visual arrays such as Qwen2.5-VL's `image_grid_thw`), with transformers' names.
+    Prompts are left-padded to a multiple of PROMPT_BUCKET tokens; Qwen2.5-VL's tower
+    windows and pruned image spans are padded to buckets too, so images of different sizes
+    share compiled programs.
 
     Args:
       prune: a PruneConfig; None keeps all visual tokens.
@@ -214,16 +224,20 @@ def generate(
     max_new_tokens = _check_max_new_tokens(max_new_tokens)
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     check_bool("stream", stream)
-    reject_video(pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+    extras = visual_args(
+        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+    )
     if (prompts is None) == (input_ids is None):
         raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
     if prompts is not None:
-        if pixel_values is not None or attention_mask is not None or image_grid_thw is not None:
-            raise ValueError("pixel_values/attention_mask/image_grid_thw go with input_ids; with prompts, pass images")
+        if pixel_values is not None or attention_mask is not None or extras:
+            given = ", ".join(["pixel_values"] * (pixel_values is not None) + ["attention_mask"] * (attention_mask is not None)
+                              + list(extras))
+            raise ValueError(f"{given} go with input_ids; with prompts, pass images")
         encoded = encode(vlm, prompts, images, chat_template=chat_template)
-        input_ids, pixel_values, attention_mask, image_grid_thw = (
-            encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw")
-        )
+        input_ids, pixel_values, attention_mask = (encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask"))
+        extras = {k: v for k, v in encoded.items() if k in VISUAL_ARGS}
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
@@ -237,7 +251,7 @@ def generate(
         input_ids,
         pixel_values,
         attention_mask,
-        image_grid_thw,
+        extras,
         prune,
         extra_length=max_new_tokens,
         bucket=True,

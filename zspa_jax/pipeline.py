@@ -37,15 +37,28 @@ class DecoderInputs(NamedTuple):
     prompt_mask: jax.Array | None = None  # bool [B, L]: "the prompt" (unpruned inputs with images)
 
 
+def visual_token_ids(config) -> tuple[int, ...]:
+    """The placeholder ids of a family's config: its image token, and its video token where
+    it has one (`visual_token_ids` overrides both)."""
+    ids = getattr(config, "visual_token_ids", None)
+    if ids is not None:
+        return tuple(ids)
+    video = getattr(config, "video_token_id", None)
+    return (config.image_token_id,) + (() if video is None else (video,))
+
+
 def prompt_token_mask(
-    input_ids: jax.Array, attention_mask: jax.Array, image_token_id: int, special_ids: tuple[int, ...], scope: str
+    input_ids: jax.Array, attention_mask: jax.Array, image_token_id: int | tuple[int, ...],
+    special_ids: tuple[int, ...], scope: str,
 ) -> jax.Array:
     """bool [B, L]: which tokens form "the prompt" for relevance scoring.
 
-    "all_text": every real non-image token; "question": those after the image span.
-    Special tokens (BOS, EOS, pad, ...) never count.
+    "all_text": every real non-placeholder token; "question": those after the last
+    placeholder (`image_token_id`: one id or several, e.g. image and video). Special tokens
+    (BOS, EOS, pad, ...) never count.
     """
-    is_image = input_ids == image_token_id
+    ids = (image_token_id,) if isinstance(image_token_id, int) else tuple(image_token_id)
+    is_image = jnp.isin(input_ids, jnp.asarray(ids, input_ids.dtype))
     mask = attention_mask.astype(bool) & ~is_image
     for special in special_ids:
         mask &= input_ids != special
@@ -140,7 +153,7 @@ def decoder_inputs(
             nxt.astype(jnp.int32), **span,
         )
 
-    image_id = model.config.image_token_id
+    image_id = visual_token_ids(model.config)
     pruning = prune is not None and pixel_values is not None
     tower_stage = pruning and prune.record.stage == "tower"
     # Tower-stage methods run the tower themselves ([CLS] attention).

@@ -41,11 +41,13 @@ class HostBatch(NamedTuple):
 class HostAdapter(Protocol):
     """A family's host side: checks, layouts and the processor (numpy, before any compile)."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length: int,
-                bucket: bool, prompt_bucket: int | None) -> HostBatch: ...
+    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras: dict, prune, extra_length: int,
+                bucket: bool, prompt_bucket: int | None) -> HostBatch:
+        """`extras`: the family's other visual arrays by name (those in `Family.visual_args`)."""
 
-    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
-        """(images, pixel_values rows) of the batch's last row (mesh padding repeats it)."""
+    def last_row_arrays(self, vlm, ids: np.ndarray, extras: dict) -> dict[str, int]:
+        """How many trailing entries of pixel_values and of each extra belong to the batch's
+        last row (mesh padding repeats them)."""
 
     def encode(self, vlm, prompts, images, chat_template) -> dict[str, np.ndarray]: ...
 
@@ -65,6 +67,7 @@ class Family:
     has_cls: bool  # the tower has a [CLS] token (the tower-stage methods need it)
     variable_tokens: bool  # rows carry different numbers of visual tokens (a valid mask)
     tokens_per_image: Callable[[Any], int | None] = lambda cfg: None  # fixed N per image, or None
+    visual_args: tuple[str, ...] = ()  # the visual arrays besides pixel_values it takes (transformers' names)
     estimate: Any = None  # the family's estimate hooks (zspa_jax.estimate)
 
     @property

@@ -275,10 +275,8 @@ def encode(
 class LlavaAdapter:
     """Fixed N per image, NCHW pixels, no aux; traced arrays pass through untouched."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket,
+    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
                 prompt_bucket=None) -> HostBatch:
-        if image_grid_thw is not None:
-            raise ValueError(f"image_grid_thw is not used by {FAMILY.display_name} models (a fixed image size)")
         arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=extra_length)
         input_ids, pixel_values, attention_mask = arrays.input_ids, arrays.pixel_values, arrays.attention_mask
         if pixel_values is None:
@@ -310,9 +308,8 @@ class LlavaAdapter:
             prompt_tokens, per_row, image_grid=grid, images_per_row=images, min_image_visual=n,
         )
 
-    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
-        images = int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length
-        return images, images
+    def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
+        return {"pixel_values": int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length}
 
     def encode(self, vlm, prompts, images, chat_template):
         return encode(vlm, prompts, images, chat_template=chat_template)

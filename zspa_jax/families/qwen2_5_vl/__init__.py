@@ -31,8 +31,9 @@ class QwenAdapter:
     """Qwen2.5-VL: grids, window layouts and 3-D positions computed here from
     `image_grid_thw`; tower patches and pruned spans padded to buckets when `bucket`."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, image_grid_thw, prune, extra_length, bucket,
+    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
                 prompt_bucket=None):
+        image_grid_thw = extras.get("image_grid_thw")
         if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw):
             raise ValueError(
                 "Qwen2.5-VL inputs must be concrete arrays: window layouts and 3-D positions are computed "
@@ -90,10 +91,11 @@ class QwenAdapter:
             min_image_visual=min_image,
         )
 
-    def last_row_images(self, vlm, ids: np.ndarray, image_grid_thw) -> tuple[int, int]:
-        """(images, patch rows) of the batch's last row: its placeholders, matched against
-        the last images' t*h*w / merge^2 tokens."""
+    def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
+        """The last row's images and patch rows: its placeholders, matched against the last
+        images' t*h*w / merge^2 tokens."""
         tokens = int((ids[-1] == vlm.config.image_token_id).sum())
+        image_grid_thw = extras.get("image_grid_thw")
         grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
         images = patches = 0
         while tokens > 0 and images < len(grid):
@@ -101,7 +103,7 @@ class QwenAdapter:
             size = int(np.prod(grid[-images]))
             patches += size
             tokens -= size // vlm.config.vision.merge_unit
-        return images, patches
+        return {"pixel_values": patches, "image_grid_thw": images}
 
     def encode(self, vlm, prompts, images, chat_template):
         if vlm.processor is None:
@@ -121,5 +123,6 @@ FAMILY = Family(
     converter="convert.qwen2_5_vl",
     has_cls=False,
     variable_tokens=True,
+    visual_args=("image_grid_thw",),
     estimate=ESTIMATE_HOOKS,
 )

@@ -1,0 +1,556 @@
+"""LLaVA-NeXT (LLaVA-1.6, "anyres"): CLIP tower -> MLP projector -> LLaMA decoder, in Flax NNX.
+
+The tower, projector and decoder are LLaVA-1.5's (models/llava.py); what is new is how an
+image becomes visual tokens. The processor resizes the image into the best-fitting
+resolution of `image_grid_pinpoints`, cuts it into crops of the tower's input size and
+prepends a resized base view: pixel_values [num_images, num_patches, C, S, S] (zero crops
+pad the batch), with image_sizes [num_images, 2] the original (height, width). Every crop
+goes through the tower and the projector; transformers' `pack_image_features` then lays
+the crop features out as one feature map, cuts away the rows or columns that only cover
+the letterbox padding (back to the original aspect ratio), appends `image_newline` after
+every row and puts the base view's tokens first.
+
+How many tokens that gives depends on the image sizes, which are host values. So the
+geometry is computed on the host in numpy (`anyres_layout`: per image, for every output
+slot, the index of the tower token it takes, -1 for a newline slot, plus a validity mask
+for the padding that gives all images one static length), and the jitted part
+(`packed_features`) is one gather over static-shaped arrays: images of different sizes
+share one compiled function.
+
+Reference: transformers' models/llava_next (modeling, processing, image processing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import clip, llama
+from models.clip import CLIPVisionConfig, CLIPVisionModel
+from models.layers import (
+    ACTIVATIONS,
+    check_choice,
+    dtype_of,
+    padding_causal_mask,
+    positions_from_mask,
+    prefixed_rules,
+)
+from models.llama import LlamaConfig, LlamaForCausalLM
+from models.llava import LlavaMultiModalProjector
+from models.protocol import MultimodalInputs
+
+# transformers' LlavaNextConfig default (llava-v1.6 at 336 px)
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# Only "default" (drop [CLS]): under "full", transformers cannot lay a CLIP tower's
+# 1 + P tokens per crop out as the crop grid (pack_image_features raises).
+SELECT_STRATEGIES = ("default",)
+NEWLINE = -1  # layout index of an image_newline slot (and of padding slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaNextConfig:
+    vision: CLIPVisionConfig
+    text: LlamaConfig
+    image_token_index: int = 32000
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS  # (height, width) in pixels
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in self.vision_feature_layer))
+            if not self.vision_feature_layer:
+                raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
+        n_states = self.vision.num_hidden_layers + 1
+        for layer in self.feature_layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(
+                    f"{name}.vision_feature_layer {layer} is out of range for a tower with "
+                    f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
+                )
+        if self.vision_feature_select_strategy == "full":
+            raise ValueError(
+                f"{name}.vision_feature_select_strategy='full' is not supported for LLaVA-NeXT: the CLIP tower's "
+                "[CLS] token cannot be laid out in the crop grid (transformers' pack_image_features fails too); "
+                "expected 'default'"
+            )
+        check_choice(name, "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
+        check_choice(name, "projector_hidden_act", self.projector_hidden_act, ACTIVATIONS)
+        if not 0 <= self.image_token_index:
+            raise ValueError(f"{name}.image_token_index must be >= 0, got {self.image_token_index}")
+        object.__setattr__(self, "image_grid_pinpoints", _check_pinpoints(name, self.image_grid_pinpoints, self.vision))
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder id, under the name every family uses."""
+        return self.image_token_index
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return layer if isinstance(layer, tuple) else (layer,)
+
+    @property
+    def crop_size(self) -> int:
+        """Side of one crop (and of the base view) in pixels: the tower's input size S."""
+        return self.vision.image_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Visual tokens along one side of a crop: S / patch_size."""
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Visual tokens of one crop (and of the base view) after dropping [CLS]: P."""
+        return self.vision.num_patches
+
+    @property
+    def max_patches(self) -> int:
+        """Most crops an image can need (base view included): pixel_values' second axis at most."""
+        return 1 + max(h * w for h, w in self.image_grid_pinpoints) // self.crop_size**2
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        layer = self.vision_feature_layer
+        out["vision_feature_layer"] = list(layer) if isinstance(layer, tuple) else layer
+        out["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlavaNextConfig:
+        d = dict(d)
+        return cls(vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+
+
+def _check_pinpoints(owner: str, pinpoints: Any, vision: CLIPVisionConfig) -> tuple[tuple[int, int], ...]:
+    """(height, width) pairs, each a positive multiple of the tower's input size."""
+    try:
+        pairs = tuple((int(h), int(w)) for h, w in pinpoints)
+        exact = all(float(h) == hh and float(w) == ww for (h, w), (hh, ww) in zip(pinpoints, pairs))
+    except (TypeError, ValueError):
+        exact, pairs = False, ()
+    if not pairs or not exact:
+        raise ValueError(
+            f"{owner}.image_grid_pinpoints must be a non-empty list of [height, width] ints, got {pinpoints!r}"
+        )
+    side = vision.image_size
+    bad = [list(p) for p in pairs if min(p) < 1 or p[0] % side or p[1] % side]
+    if bad:
+        raise ValueError(
+            f"{owner}.image_grid_pinpoints {bad} are not positive multiples of the vision tower's image_size ({side}); "
+            "every resolution must split into whole crops"
+        )
+    return pairs
+
+
+# ----------------------------------------------------------------------------- anyres geometry (host, numpy)
+
+
+def _image_size(image_size: Any, name: str = "image_size") -> tuple[int, int]:
+    """(height, width) as positive Python ints (a list, tuple or numpy / torch row)."""
+    values = np.asarray(image_size).reshape(-1)
+    if values.shape != (2,) or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{name} must be an image's (height, width), got {image_size!r}")
+    if np.issubdtype(values.dtype, np.floating) and not np.all(values == np.round(values)):
+        raise ValueError(f"{name} must hold whole pixel counts, got {image_size!r}")
+    h, w = (int(v) for v in values)
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be positive (height, width), got ({h}, {w})")
+    return h, w
+
+
+def select_best_resolution(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint (height, width) an image of `image_size` (height, width) is resized into:
+    the most of the image's own pixels kept, then the least padding (transformers'
+    `image_processing_utils.select_best_resolution`, ties to the first)."""
+    height, width = _image_size(image_size)
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (int(h), int(w)), effective, wasted
+    if best is None:
+        raise ValueError(f"no pinpoint fits image_size {image_size!r} (pinpoints {list(pinpoints)!r})")
+    return best
+
+
+def anyres_grid_shape(
+    image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], patch_size: int
+) -> tuple[int, int]:
+    """(rows, cols) of crops for an image of `image_size` (height, width). `patch_size` is
+    the crop side in pixels, i.e. the tower's image_size (transformers'
+    `get_anyres_image_grid_shape` names it so)."""
+    h, w = select_best_resolution(image_size, pinpoints)
+    return h // patch_size, w // patch_size
+
+
+class Unpadded(NamedTuple):
+    """The part of an image's [rows * side, cols * side] crop-feature map that covers the
+    image (not the letterbox padding): `rows` x `cols` tokens from (`top`, `left`)."""
+
+    rows: int
+    cols: int
+    top: int
+    left: int
+
+
+def unpadded_features_shape(image_size: Sequence[int], grid_shape: Sequence[int], tokens_per_side: int) -> Unpadded:
+    """What transformers' `unpad_image` keeps of the crop-feature map of an image of
+    `image_size` (height, width) cut into `grid_shape` (rows, cols) crops of
+    `tokens_per_side`^2 tokens (same float arithmetic, so the same rounding)."""
+    height, width = _image_size(image_size)
+    current_height, current_width = grid_shape[0] * tokens_per_side, grid_shape[1] * tokens_per_side
+    if width / height > current_width / current_height:
+        new_height = int(round(height * (current_width / width), 7))
+        padding = (current_height - new_height) // 2
+        return Unpadded(current_height - 2 * padding, current_width, padding, 0)
+    new_width = int(round(width * (current_height / height), 7))
+    padding = (current_width - new_width) // 2
+    return Unpadded(current_height, current_width - 2 * padding, 0, padding)
+
+
+def image_num_patches(image_size: Sequence[int], cfg: LlavaNextConfig) -> int:
+    """Crops the processor makes for an image, base view included (pixel_values rows it uses)."""
+    rows, cols = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.crop_size)
+    return 1 + rows * cols
+
+
+def image_token_count(image_size: Sequence[int], cfg: LlavaNextConfig) -> int:
+    """Placeholders an image of `image_size` (height, width) takes in input_ids: the base
+    view's P tokens, then the unpadded crop grid with one newline per row (what
+    transformers' LlavaNextProcessor writes and `get_image_features` returns)."""
+    grid = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.crop_size)
+    kept = unpadded_features_shape(image_size, grid, cfg.tokens_per_side)
+    return cfg.tokens_per_crop + kept.rows * (kept.cols + 1)
+
+
+class AnyresLayout(NamedTuple):
+    """Where each image's packed visual tokens come from (host-computed; a pytree of arrays).
+
+    Slot s of image m takes tower token `index[m, s]` of that image (crop * P + token, crop
+    0 the base view), or `image_newline` where index is NEWLINE (-1) and the slot is valid.
+    Slots past an image's token count are padding (`valid` False) so images of different
+    sizes share one static length S; their features are zero.
+
+    With input_ids (`anyres_layout(..., input_ids=)`), also the batch's visual layout
+    (models.protocol): row b's N placeholder slots in sequence order, and its images.
+    """
+
+    index: np.ndarray  # int32 [M, S]
+    valid: np.ndarray  # bool [M, S]
+    row_index: np.ndarray | None = None  # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
+    image_index: np.ndarray | None = None  # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
+
+
+def _image_index(image_size: tuple[int, int], cfg: LlavaNextConfig) -> np.ndarray:
+    """int32 [n]: tower-token index (crop * P + token) of each packed slot, NEWLINE for newlines."""
+    side, tokens = cfg.tokens_per_side, cfg.tokens_per_crop
+    rows, cols = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.crop_size)
+    kept = unpadded_features_shape(image_size, (rows, cols), side)
+    r = np.arange(kept.top, kept.top + kept.rows)[:, None]  # rows of the [rows * side, cols * side] map
+    c = np.arange(kept.left, kept.left + kept.cols)[None, :]
+    crop = 1 + (r // side) * cols + (c // side)  # crop 0 is the base view
+    grid = crop * tokens + (r % side) * side + (c % side)
+    grid = np.concatenate([grid, np.full((kept.rows, 1), NEWLINE)], axis=1)  # a newline ends every row
+    return np.concatenate([np.arange(tokens), grid.reshape(-1)]).astype(np.int32)
+
+
+def check_image_sizes(image_sizes: Any) -> np.ndarray:
+    """int64 [num_images, 2] of positive (height, width); ValueError naming image_sizes."""
+    sizes = np.asarray(image_sizes)
+    if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.number):
+        raise ValueError(
+            f"image_sizes must be an int array [num_images, 2] of (height, width), got shape {sizes.shape}"
+        )
+    for i, row in enumerate(sizes):
+        _image_size(row, f"image_sizes[{i}]")
+    return sizes.astype(np.int64)
+
+
+def anyres_layout(
+    image_sizes: Any,
+    cfg: LlavaNextConfig,
+    num_slots: int | None = None,
+    input_ids: Any | None = None,
+    attention_mask: Any | None = None,
+) -> AnyresLayout:
+    """The packed-token layout of images of `image_sizes` [M, 2] (height, width): one row
+    per image, `num_slots` slots each (default: the most any of them needs; pass a bucket
+    to share compiled shapes across batches).
+
+    With `input_ids` [B, L] (and its left-padding `attention_mask`), also the visual layout
+    of models.protocol: the images fill the real placeholders (attention_mask != 0) in
+    reading order, each image within one row; a ValueError naming input_ids otherwise.
+    """
+    sizes = check_image_sizes(image_sizes)
+    rows = [_image_index((int(h), int(w)), cfg) for h, w in sizes]
+    need = max((len(r) for r in rows), default=0)
+    if num_slots is None:
+        num_slots = need
+    elif int(num_slots) < need:
+        raise ValueError(f"num_slots={num_slots} is too small: image_sizes need {need} visual tokens for one image")
+    slots = int(num_slots)
+    index = np.full((len(rows), slots), NEWLINE, np.int32)
+    valid = np.zeros((len(rows), slots), bool)
+    for i, r in enumerate(rows):
+        index[i, : len(r)] = r
+        valid[i, : len(r)] = True
+    if input_ids is None:
+        return AnyresLayout(index, valid)
+    row_index, image_index = _row_layout(input_ids, attention_mask, [len(r) for r in rows], slots, cfg)
+    return AnyresLayout(index, valid, row_index, image_index)
+
+
+def _row_layout(input_ids, attention_mask, counts: list[int], slots: int, cfg: LlavaNextConfig):
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be an int array [batch, length], got shape {ids.shape}")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask) != 0
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+    token = cfg.image_token_index
+    placeholders = [np.flatnonzero(row == token) for row in ids]  # every placeholder, masked ones too
+    real = [np.flatnonzero(mask[b, p]) for b, p in enumerate(placeholders)]  # row slots of the real ones
+    found, expected = sum(len(r) for r in real), sum(counts)
+    if found != expected:
+        raise ValueError(
+            f"input_ids holds {found} image tokens (id {token}) but the {len(counts)} image(s) of image_sizes need "
+            f"{expected} (image_token_count per image)"
+        )
+    width = max((len(p) for p in placeholders), default=0)
+    row_index = np.full((len(ids), width), -1, np.int32)
+    per_row: list[list[np.ndarray]] = []
+    image = 0
+    for b, row_slots in enumerate(real):
+        taken, images = 0, []
+        while taken < len(row_slots):
+            count = counts[image]
+            if taken + count > len(row_slots):
+                raise ValueError(
+                    f"input_ids row {b}: image {image} needs {count} image tokens but the row has only "
+                    f"{len(row_slots) - taken} left; each image's tokens must lie in one row"
+                )
+            mine = row_slots[taken : taken + count]
+            row_index[b, mine] = image * slots + np.arange(count)
+            images.append(mine)
+            taken += count
+            image += 1
+        per_row.append(images)
+    image_index = np.full((len(ids), max([len(r) for r in per_row] + [1]), slots), -1, np.int32)
+    for b, images in enumerate(per_row):
+        for i, mine in enumerate(images):
+            image_index[b, i, : len(mine)] = mine
+    return row_index, image_index
+
+
+def check_inputs(
+    cfg: LlavaNextConfig, pixel_values: Any, image_sizes: Any, input_ids: Any | None = None
+) -> np.ndarray:
+    """Host checks of one batch; every message names the argument. Returns image_sizes as
+    int64 [num_images, 2].
+
+    pixel_values [num_images, num_patches, C, S, S] must hold at least the crops each
+    image needs; with input_ids, the placeholder count must equal the images' tokens.
+    """
+    vc = cfg.vision
+    crop = (vc.num_channels, vc.image_size, vc.image_size)
+    shape = tuple(np.shape(pixel_values))
+    if len(shape) != 5 or shape[2:] != crop:
+        raise ValueError(
+            f"pixel_values must be a float array [num_images, num_patches, {', '.join(map(str, crop))}] "
+            f"(the LLaVA-NeXT processor's crops), got shape {shape}"
+        )
+    sizes = check_image_sizes(image_sizes)
+    if sizes.shape[0] != shape[0]:
+        raise ValueError(
+            f"image_sizes holds {sizes.shape[0]} image size(s) but pixel_values holds {shape[0]} image(s); "
+            "give one (height, width) per image"
+        )
+    for i, size in enumerate(sizes):
+        needed = image_num_patches(size, cfg)
+        if needed > shape[1]:
+            raise ValueError(
+                f"image_sizes[{i}] = {tuple(int(v) for v in size)} needs {needed} crops (base view included) but "
+                f"pixel_values has {shape[1]} per image; image_sizes does not match pixel_values"
+            )
+    if input_ids is not None:
+        counts = [image_token_count(size, cfg) for size in sizes]
+        _row_layout(input_ids, None, counts, max(counts, default=1), cfg)
+    return sizes
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LlavaNextForConditionalGeneration(nnx.Module):
+    # LLaVA-1.5's table (tower, projector split like an MLP, decoder); image_newline [D]
+    # is replicated.
+    SHARDING_RULES = (
+        prefixed_rules("vision_tower", clip.SHARDING_RULES)
+        + (
+            (r"multi_modal_projector\.linear_1\.kernel", (None, "model")),
+            (r"multi_modal_projector\.linear_1\.bias", ("model",)),
+            (r"multi_modal_projector\.linear_2\.kernel", ("model", None)),
+            (r"image_newline", (None,)),
+        )
+        + prefixed_rules("language_model", llama.SHARDING_RULES)
+    )
+
+    def __init__(self, cfg: LlavaNextConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dt = dtype_of(cfg.text.dtype)
+        self.vision_tower = CLIPVisionModel(cfg.vision, rngs=rngs)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg, rngs=rngs)
+        std = cfg.text.hidden_size**-0.5  # transformers' init (overwritten by a checkpoint)
+        self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (cfg.text.hidden_size,), dt) * std)
+        self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
+
+    # -- vision -------------------------------------------------------------------------
+
+    def selected_vision_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Crops [B, C, S, S] -> tower features at the feature layer(s), [CLS] dropped: [B, P, Dv * n_layers]."""
+        n_states = self.config.vision.num_hidden_layers + 1
+        wanted = [layer % n_states for layer in self.config.feature_layers]
+        states = self.vision_tower.hidden_states(pixel_values, num_layers=max(wanted))
+        picked = [states[i][:, 1:] for i in wanted]
+        return jnp.concatenate(picked, axis=-1) if len(picked) > 1 else picked[0]
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Crops [B, C, S, S] -> projected tokens [B, P, D] (one crop per row, before packing)."""
+        return self.multi_modal_projector(self.selected_vision_features(pixel_values))
+
+    def packed_features(self, pixel_values: jax.Array, layout: AnyresLayout) -> jax.Array:
+        """pixel_values [num_images, num_patches, C, S, S] -> each image's packed visual
+        tokens [num_images, num_slots, D] (base view, then the unpadded crop grid with a
+        newline after each row; padding slots zero), as `layout` (`anyres_layout`) says.
+
+        Every crop row goes through the tower, the zero crops that pad a batch too: their
+        tokens are never gathered. Shapes are static, so this jits once per
+        (num_images, num_patches, num_slots)."""
+        vc = self.config.vision
+        crop = (vc.num_channels, vc.image_size, vc.image_size)
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != crop:
+            raise ValueError(
+                f"pixel_values must be [num_images, num_patches, {', '.join(map(str, crop))}], got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        n, k = pixel_values.shape[:2]
+        index, valid = layout.index, layout.valid
+        if tuple(index.shape) != tuple(valid.shape) or index.ndim != 2 or index.shape[0] != n:
+            raise ValueError(
+                f"layout (index {tuple(index.shape)}, valid {tuple(valid.shape)}) must have one row per image of "
+                f"pixel_values ({n})"
+            )
+        if isinstance(index, np.ndarray) and index.size and int(index.max()) >= k * self.config.tokens_per_crop:
+            raise ValueError(
+                f"layout reads crop {int(index.max()) // self.config.tokens_per_crop} but pixel_values has {k} crops "
+                "per image; image_sizes does not match pixel_values"
+            )
+        tokens = self.image_features(pixel_values.reshape(n * k, *crop))  # [n * k, P, D]
+        tokens = tokens.reshape(n, -1, tokens.shape[-1])  # [n, k * P, D]
+        index = jnp.asarray(index, jnp.int32)
+        valid = jnp.asarray(valid, bool)
+        gathered = jnp.take_along_axis(tokens, jnp.maximum(index, 0)[..., None], axis=1)
+        newline = self.image_newline[...].astype(tokens.dtype)
+        out = jnp.where((index == NEWLINE)[..., None], newline, gathered)
+        return jnp.where(valid[..., None], out, jnp.zeros((), tokens.dtype))
+
+    # -- text + merge --------------------------------------------------------------------
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """Text embeddings [B, L, D]; placeholder ids (possibly >= vocab) embed as token 0."""
+        safe_ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
+        return self.language_model.embed(safe_ids)
+
+    def merge_packed(
+        self, input_ids: jax.Array, embeds: jax.Array, packed: jax.Array, valid: jax.Array, attention_mask=None
+    ) -> jax.Array:
+        """Write the images' valid packed tokens, image after image, into the real
+        placeholder positions (attention_mask != 0) in reading order across the batch
+        (transformers' masked_scatter order); masked placeholders keep their embedding.
+
+        packed [M, S, D] with valid [M, S] a prefix of each row (as `anyres_layout` makes
+        it); the real placeholder count must equal valid.sum() (checked on the host by
+        `check_inputs` / `anyres_layout(..., input_ids=)`)."""
+        is_image = input_ids == self.config.image_token_index
+        if attention_mask is not None:
+            is_image &= attention_mask != 0
+        lengths = jnp.sum(jnp.asarray(valid, jnp.int32), axis=1)  # [M]
+        ends = jnp.cumsum(lengths)
+        order = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)  # placeholder ordinal
+        image = jnp.clip(jnp.searchsorted(ends, order, side="right"), 0, packed.shape[0] - 1)
+        slot = jnp.clip(order - (ends - lengths)[image], 0, packed.shape[1] - 1)
+        features = packed[image, slot].astype(embeds.dtype)
+        return jnp.where(is_image[..., None], features, embeds)
+
+    def inputs_embeds(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: AnyresLayout | None
+    ) -> jax.Array:
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        if layout is None:
+            raise ValueError("aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
+                             "pixel_values is given")
+        return self.merge_packed(input_ids, embeds, self.packed_features(pixel_values, layout), layout.valid)
+
+    def multimodal_inputs(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None, aux=None
+    ) -> MultimodalInputs:
+        """The family protocol (models.protocol): 1-D positions from the mask; with images,
+        `aux` is their AnyresLayout. When it carries the batch's visual layout
+        (`anyres_layout(..., input_ids=)`), `visual` [B, N, D] holds each row's placeholder
+        tokens in sequence order, `visual_valid` its real ones and `image_index` each image's
+        slots; otherwise those are None. An image's tokens are no single grid (base view,
+        then an unpadded grid with newlines), so `image_grid` is None."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        text = self.embed_tokens(input_ids)
+        positions = positions_from_mask(attention_mask)
+        if pixel_values is None:
+            return MultimodalInputs(text, text, positions, None, None, None)
+        if aux is None:
+            raise ValueError("aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
+                             "pixel_values is given")
+        packed = self.packed_features(pixel_values, aux)  # [M, S, D]
+        merged = self.merge_packed(input_ids, text, packed, aux.valid, attention_mask)
+        visual = valid = image_index = None
+        if aux.row_index is not None:
+            row_index = jnp.asarray(aux.row_index, jnp.int32)
+            valid = row_index >= 0
+            visual = packed.reshape(-1, packed.shape[-1])[jnp.maximum(row_index, 0)]
+            visual = jnp.where(valid[..., None], visual, jnp.zeros((), visual.dtype))
+            image_index = jnp.asarray(aux.image_index, jnp.int32)
+        return MultimodalInputs(
+            embeds=merged, text_embeds=text, positions=positions, next_position=None, visual=visual,
+            visual_valid=valid, image_index=image_index,
+        )
+
+    def project_tower_features(self, x: jax.Array) -> jax.Array:
+        """Tower features [..., Dv] -> the LLM embedding space [..., D]."""
+        return self.multi_modal_projector(x)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array | None = None,
+        aux: AnyresLayout | None = None,
+    ) -> jax.Array:
+        """Full forward (no cache): f32 logits [B, L, V]. Positions follow the mask (left padding)."""
+        inputs = self.multimodal_inputs(input_ids, pixel_values, attention_mask, aux)
+        mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+        hidden, _ = self.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(mask))
+        return self.language_model.logits(hidden)
