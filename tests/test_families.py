@@ -136,7 +136,45 @@ class QwenCase:
     keep_positions = False  # 3-D positions are always the original ones
 
 
-CASES = {c.family: c for c in (LlavaCase, QwenCase)}
+class LlavaNextCase:
+    family = "llava_next"
+
+    def __init__(self, tiny_hf_llava, converted):
+        from tests.llava_next_helpers import tiny_llava_next
+
+        self.tiny = tiny_llava_next()
+        self.vlm = zspa_jax.load(self.tiny.out)
+
+    def batch(self) -> dict:
+        from tests.llava_next_helpers import rows
+
+        return rows(self.tiny, [(3, [(40, 70)], 6), (1, [(64, 30)], 4)], seed=13)
+
+    def row(self, batch: dict, i: int) -> dict:
+        real = batch["attention_mask"][i] == 1
+        return {"input_ids": batch["input_ids"][i:i + 1, real], "attention_mask": batch["attention_mask"][i:i + 1, real],
+                "pixel_values": batch["pixel_values"][i:i + 1], "image_sizes": batch["image_sizes"][i:i + 1]}
+
+    def hf_logits(self, batch) -> np.ndarray:
+        from tests.llava_next_helpers import hf_row_logits, hf_pieces
+
+        merged, _ = hf_pieces(self.tiny, batch)
+        out = np.zeros(batch["input_ids"].shape + (self.tiny.hf.config.text_config.vocab_size,), np.float32)
+        for row in range(2):
+            out[row, batch["attention_mask"][row] == 1] = hf_row_logits(self.tiny, merged, batch, row, None)
+        return out
+
+    def hf_pruned_row(self, batch, row: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from tests.llava_next_helpers import hf_row_logits, hf_pieces
+
+        merged, _ = hf_pieces(self.tiny, batch)
+        logits = hf_row_logits(self.tiny, merged, batch, row, kept, keep_positions=True)
+        return logits, np.ones(len(logits), bool)
+
+    keep_positions = True
+
+
+CASES = {c.family: c for c in (LlavaCase, QwenCase, LlavaNextCase)}
 
 
 def test_every_registered_family_has_a_case():
@@ -189,7 +227,7 @@ def _served(case):
 def test_each_served_method_gives_a_row_what_it_gives_the_row_alone(case):
     batch = case.batch()
     served = list(_served(case))
-    assert "zspaprune" in served and "pool" in served
+    assert "zspaprune" in served and "fastv" in served
     for name in served:
         prune = zspa_jax.PruneConfig(keep=KEEP, method=name, layer=1)
         logits, kept, mask = zspa_jax.forward(case.vlm, **batch, prune=prune, return_kept=True, return_mask=True)

@@ -57,7 +57,11 @@ def test_select_tokens_serves_exactly_the_array_methods(name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_family_support_follows_capabilities(family, name):
     f, m = FAMILIES[family], METHODS[name]
-    refused = (m.needs_cls_attention and not f.has_cls) or (f.variable_tokens and not m.accepts_mask)
+    refused = (
+        (m.needs_cls_attention and not f.has_cls)
+        or (m.needs_grid and not f.grid_tokens)
+        or (f.variable_tokens and not m.accepts_mask)
+    )
     if refused:
         with pytest.raises(ValueError, match=f"method '{name}'.*{f.display_name}"):
             f.check_method(PruneConfig(keep=4, method=name))

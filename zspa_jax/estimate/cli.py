@@ -51,6 +51,16 @@ def _qwen_7b_header(args, hw, n: int, rows: list[dict]) -> str:
     )
 
 
+def _llava_next_7b_header(args, hw, n: int, rows: list[dict]) -> str:
+    w = rows[0]
+    return (
+        f"LLaVA-NeXT-7B (anyres CLIP ViT-L/14-336 -> 2-layer MLP -> Vicuna-7B), B=1, a {hw[0]}x{hw[1]} image -> "
+        f"{w['crops']} crops (base view included), {n} visual tokens (row newlines included), {args.text_tokens} "
+        f"text tokens, {args.new_tokens} new tokens (vision GFLOPs include the projector of every crop); weights "
+        f"(f16): vision {w['weight_bytes_vision'] / 2**30:.2f} GiB, LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB"
+    )
+
+
 class FlopsTable(NamedTuple):
     """A model the FLOPs table covers (the others go with --mesh)."""
 
@@ -60,6 +70,7 @@ class FlopsTable(NamedTuple):
 
 FLOPS_TABLES = {
     "llava-1.5-7b": FlopsTable(_llava_7b_header, keeps=(576, 192, 128, 64)),
+    "llava-v1.6-7b": FlopsTable(_llava_next_7b_header),
     "qwen2.5-vl-7b": FlopsTable(_qwen_7b_header),
 }
 
@@ -112,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)")
     parser.add_argument("--keep", type=int, nargs="+", default=None, help="kept visual tokens (default: all, 192/256, 128, 64)")
     parser.add_argument("--model", choices=tuple(MODELS), default="llava-1.5-7b")
-    parser.add_argument("--image", default="448x448", help="Qwen2.5-VL image size HxW in pixels (default 448x448)")
+    parser.add_argument("--image", default="448x448", help="image size HxW in pixels for models whose tokens follow "
+                        "it (Qwen2.5-VL, LLaVA-NeXT; default 448x448)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--mesh", default=None, help="data=D,model=M: per-device parameter and KV-cache bytes")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)")

@@ -7,6 +7,7 @@ import dataclasses
 from models.clip import CLIPVisionConfig
 from models.llama import LlamaConfig
 from models.llava import LlavaConfig
+from models.llava_next import LlavaNextConfig
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "MODELS",
     "llava_1_5_7b_config",
     "llava_1_5_13b_config",
+    "llava_v1_6_7b_config",
     "qwen2_5_vl_7b_config",
     "qwen2_5_vl_72b_config",
 ]
@@ -99,10 +101,27 @@ def qwen2_5_vl_72b_config(dtype: str = "bfloat16") -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(vision=vision, text=text)
 
 
+def llava_v1_6_7b_config(dtype: str = "float16") -> LlavaNextConfig:
+    """LLaVA-NeXT-7B (llava-hf/llava-v1.6-vicuna-7b-hf): LLaVA-1.5-7B's tower, projector and
+    decoder, with anyres crops of 336 pixels on the pinpoints 336x672, 672x336, 672x672,
+    1008x336 and 336x1008 (a base view plus up to four crops, 576 tokens each)."""
+    base = llava_1_5_7b_config(dtype)
+    return LlavaNextConfig(
+        vision=base.vision,
+        text=base.text,
+        image_token_index=32000,
+        image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
 # The CLI's `--model` table: name -> config factory (no arguments).
 MODELS = {
     "llava-1.5-7b": llava_1_5_7b_config,
     "llava-1.5-13b": llava_1_5_13b_config,
+    "llava-v1.6-7b": llava_v1_6_7b_config,
     "qwen2.5-vl-7b": qwen2_5_vl_7b_config,
     "qwen2.5-vl-72b": qwen2_5_vl_72b_config,
 }

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from models import checkpoint
 from models.checkpoint import CONFIG_NAME, RECONVERT, CheckpointError, read_payload
-from zspa_jax.families import llava, qwen2_5_vl
+from zspa_jax.families import llava, llava_next, qwen2_5_vl
 from zspa_jax.families.base import Family, HostBatch
 
-_RECORDS = (llava.FAMILY, qwen2_5_vl.FAMILY)
+_RECORDS = (llava.FAMILY, qwen2_5_vl.FAMILY, llava_next.FAMILY)
 FAMILIES: dict[str, Family] = {f.name: f for f in _RECORDS}
 
 __all__ = ["FAMILIES", "Family", "HostBatch", "family_of", "get_family", "param_template", "read_config", "restore_model"]

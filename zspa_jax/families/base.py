@@ -66,6 +66,7 @@ class Family:
     converter: str  # the module run as `python -m <converter> SRC OUT`
     has_cls: bool  # the tower has a [CLS] token (the tower-stage methods need it)
     variable_tokens: bool  # rows carry different numbers of visual tokens (a valid mask)
+    grid_tokens: bool = True  # an image's visual tokens form a 2-D grid (what the grid-reading methods need)
     tokens_per_image: Callable[[Any], int | None] = lambda cfg: None  # fixed N per image, or None
     visual_args: tuple[str, ...] = ()  # the visual arrays besides pixel_values it takes (transformers' names)
     estimate: Any = None  # the family's estimate hooks (zspa_jax.estimate)
@@ -83,6 +84,11 @@ class Family:
             raise ValueError(
                 f"method {method.name!r} needs the vision tower's [CLS] attention; {self.display_name}'s tower has "
                 "no [CLS] token"
+            )
+        if method.needs_grid and not self.grid_tokens:
+            raise ValueError(
+                f"method {method.name!r} reads each image's visual tokens as a 2-D grid; {self.display_name}'s are not "
+                "one (e.g. a base view followed by a crop grid with row newlines)"
             )
         if self.variable_tokens and not method.accepts_mask:
             raise ValueError(

@@ -268,6 +268,8 @@ def encode(
     out = {"input_ids": np.asarray(batch["input_ids"], np.int32)}
     if images is not None:
         out["pixel_values"] = np.asarray(batch["pixel_values"], np.float32)
+        if "image_sizes" in batch:  # anyres processors (LLaVA-NeXT)
+            out["image_sizes"] = np.asarray(batch["image_sizes"], np.int64)
     out["attention_mask"] = np.asarray(batch["attention_mask"], np.int32)
     return out
 
@@ -311,7 +313,9 @@ class LlavaAdapter:
     def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
         return {"pixel_values": int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length}
 
-    def encode(self, vlm, prompts, images, chat_template):
+    def encode(self, vlm, prompts, images, chat_template, videos=None):
+        if videos is not None:
+            raise ValueError("videos were given: video input is not supported by LLaVA models (images only)")
         return encode(vlm, prompts, images, chat_template=chat_template)
 
     def load_processor(self, path: Path):

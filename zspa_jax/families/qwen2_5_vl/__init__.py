@@ -1,11 +1,14 @@
 """The Qwen2.5-VL family: native-resolution windowed ViT -> patch merger -> Qwen2 with M-RoPE
 (models/qwen2_5_vl.py, convert/qwen2_5_vl.py).
 
-Host side: grids, window layouts and 3-D positions computed from `image_grid_thw`
-(`layout.prepare_batch`); the tower's window count and, when pruning, each
-image span padded to buckets so images of different sizes share compiled programs; rows
-carry different numbers of visual tokens (a valid mask). Strings + images go through the
-saved tokenizer, chat template and Qwen2-VL image processor.
+Host side: grids, window layouts and 3-D positions computed from `image_grid_thw` and
+`video_grid_thw` (`layout.prepare_batch`); images and videos (transformers' arrays:
+pixel_values_videos, video_grid_thw, second_per_grid_ts) go through the tower as one
+patch array in reading order; the tower's window count, each video's temporal patches and,
+when pruning, each item span padded to buckets so items of different sizes and clips of
+different lengths share compiled programs; rows carry different numbers of visual tokens
+(a valid mask). Strings + images + frames go through the saved tokenizer, chat template,
+Qwen2-VL image processor and the video processor's settings (`processor`, `video`).
 """
 
 from __future__ import annotations
@@ -16,63 +19,75 @@ import numpy as np
 
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from zspa_jax.estimate.qwen2_5_vl import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced, round_up
+from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced
 from zspa_jax.families.qwen2_5_vl import layout
 from zspa_jax.families.qwen2_5_vl.processor import QwenProcessor
 from zspa_jax.validation import check_finite, check_ids_in_range
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
 
-WINDOW_BUCKET_MIN = 4  # the tower's window count is padded to a power of two >= this
-SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and image widths) padded to a multiple of this
+WINDOW_BUCKET_MIN = layout.WINDOW_BUCKET_MIN  # the tower's window count is padded to a power of two >= this
+SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and item widths) padded to a multiple of this
+VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class QwenAdapter:
     """Qwen2.5-VL: grids, window layouts and 3-D positions computed here from
-    `image_grid_thw`; tower patches and pruned spans padded to buckets when `bucket`."""
+    `image_grid_thw` / `video_grid_thw`; images and videos go through the tower as one
+    patch array in reading order; tower patches, pruned spans and video lengths padded to
+    buckets when `bucket`."""
 
     def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
                 prompt_bucket=None):
         image_grid_thw = extras.get("image_grid_thw")
-        if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw):
+        videos = {name: extras.get(name) for name in VIDEO_ARGS}
+        if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw, *videos.values()):
             raise ValueError(
                 "Qwen2.5-VL inputs must be concrete arrays: window layouts and 3-D positions are computed "
-                "on the host from image_grid_thw"
+                "on the host from image_grid_thw and video_grid_thw"
             )
         ids, mask = check_ids_and_mask(input_ids, attention_mask)
         cfg = vlm.config
         check_ids_in_range("input_ids", ids, cfg.text.vocab_size)
-        if pixel_values is not None:
-            pixels = np.asarray(pixel_values)
+        for name, value in (("pixel_values", pixel_values), ("pixel_values_videos", videos["pixel_values_videos"])):
+            if value is None:
+                continue
+            pixels = np.asarray(value)
             if not np.issubdtype(pixels.dtype, np.floating):
-                raise TypeError(f"pixel_values must be a float array of flattened patches, got dtype {pixels.dtype}")
+                raise TypeError(f"{name} must be a float array of flattened patches, got dtype {pixels.dtype}")
             if pixels.size:
-                check_finite("pixel_values", pixels, what="patch row")
-        pruning = prune is not None and pixel_values is not None
-        grid = None if image_grid_thw is None else np.asarray(image_grid_thw)
-        windows = None
-        if bucket and pixel_values is not None and grid is not None and grid.ndim == 2 and grid.shape[-1] == 3:
-            layout.check_grid(grid, cfg.vision)
-            needed = layout.num_windows(grid, cfg.vision)
-            windows = max(WINDOW_BUCKET_MIN, 1 << max(needed - 1, 0).bit_length())
+                check_finite(name, pixels, what="patch row")
+        visual = pixel_values is not None or videos["pixel_values_videos"] is not None
+        pruning = prune is not None and visual
+        if pruning and prune.record.needs_grid and videos["video_grid_thw"] is not None:
+            frames = np.asarray(videos["video_grid_thw"]).reshape(-1, 3)[:, 0] if np.size(videos["video_grid_thw"]) else []
+            if any(int(t) > 1 for t in frames):
+                raise ValueError(
+                    f"method {prune.method!r} pools one image's 2-D token grid; a video of more than one temporal "
+                    "patch (video_grid_thw t > 1) has a 3-D grid, and 3-D pooling is not implemented: use another "
+                    "method (e.g. zspaprune) for videos"
+                )
         batch = layout.prepare_batch(
             cfg,
             ids,
             mask,
             pixel_values,
-            grid,
+            image_grid_thw,
+            pixel_values_videos=videos["pixel_values_videos"],
+            video_grid_thw=videos["video_grid_thw"],
+            second_per_grid_ts=videos["second_per_grid_ts"],
             visual_layout=pruning,
             slot_multiple=SPAN_BUCKET if bucket and pruning else None,
-            windows=windows,
+            bucket=bool(bucket),
             pad_id=vlm.pad_token_id,
             prompt_multiple=prompt_bucket,
         )
         aux = batch.aux
         n = 0 if aux.visual_index is None else aux.visual_index.shape[1]
         per_row = (aux.feature_index >= 0).sum(axis=1)  # real visual tokens per row
-        images = batch.pixel_values is not None
-        min_visual = int(per_row.min()) if images else 0
-        min_image = int(layout.image_token_counts(grid, cfg.vision).min()) if images else 0
+        has_visual = batch.pixel_values is not None
+        min_visual = int(per_row.min()) if has_visual else 0
+        min_image = int(batch.item_tokens.min()) if has_visual else 0
         dropped = 0
         if pruning:
             keep = prune.row_keep(min_visual, min_image, int(batch.images_per_row.max()))  # too large: a clear error
@@ -87,28 +102,35 @@ class QwenAdapter:
             )
         return HostBatch(
             batch.input_ids, batch.attention_mask, batch.pixel_values, aux, n, min_visual, mask.sum(1),
-            per_row if images else None, image_grid=aux.image_grid, images_per_row=batch.images_per_row,
+            per_row if has_visual else None, image_grid=aux.image_grid, images_per_row=batch.images_per_row,
             min_image_visual=min_image,
         )
 
     def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
-        """The last row's images and patch rows: its placeholders, matched against the last
-        images' t*h*w / merge^2 tokens."""
-        tokens = int((ids[-1] == vlm.config.image_token_id).sum())
-        image_grid_thw = extras.get("image_grid_thw")
-        grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
-        images = patches = 0
-        while tokens > 0 and images < len(grid):
-            images += 1
-            size = int(np.prod(grid[-images]))
-            patches += size
-            tokens -= size // vlm.config.vision.merge_unit
-        return {"pixel_values": patches, "image_grid_thw": images}
+        """The last row's trailing images and videos: its placeholders of each kind, matched
+        against the last grids' t*h*w / merge^2 tokens (patch rows, grids, and one
+        second_per_grid_ts entry per video)."""
+        cfg = vlm.config
+        out = {}
+        for token, pixels_name, grid_name in ((cfg.image_token_id, "pixel_values", "image_grid_thw"),
+                                              (cfg.video_token_id, "pixel_values_videos", "video_grid_thw")):
+            tokens = int((ids[-1] == token).sum())
+            given = extras.get(grid_name)
+            grid = np.zeros((0, 3), np.int64) if given is None else np.asarray(given).reshape(-1, 3)
+            items = patches = 0
+            while tokens > 0 and items < len(grid):
+                items += 1
+                size = int(np.prod(grid[-items]))
+                patches += size
+                tokens -= size // cfg.vision.merge_unit
+            out[pixels_name], out[grid_name] = patches, items
+        out["second_per_grid_ts"] = out["video_grid_thw"]
+        return out
 
-    def encode(self, vlm, prompts, images, chat_template):
+    def encode(self, vlm, prompts, images, chat_template, videos=None):
         if vlm.processor is None:
             raise ValueError(f"{vlm.path} has no saved tokenizer/image processor, so give input_ids and pixel_values")
-        return vlm.processor.encode(prompts, images, chat_template)
+        return vlm.processor.encode(prompts, images, chat_template, videos=videos)
 
     def load_processor(self, path: Path):
         return QwenProcessor.load(path)
@@ -123,6 +145,6 @@ FAMILY = Family(
     converter="convert.qwen2_5_vl",
     has_cls=False,
     variable_tokens=True,
-    visual_args=("image_grid_thw",),
+    visual_args=("image_grid_thw",) + VIDEO_ARGS,
     estimate=ESTIMATE_HOOKS,
 )

@@ -1,9 +1,15 @@
-"""Qwen2.5-VL's host-side layout: everything that depends on `image_grid_thw`, in numpy.
+"""Qwen2.5-VL's host-side layout: everything that depends on the grids, in numpy.
 
 Window order and its inverse, the tower's 2-D rotary positions and attention segments
 (`vision_layout`), the LLM's 3-D M-RoPE positions as transformers' `get_rope_index`
 (`rope_index`), and the whole checked batch (`prepare_batch`), so that the jitted
 programs only see arrays of static shape (`models.qwen2_5_vl.VisionLayout`, `QwenAux`).
+
+Images and videos go through the same tower: a batch's visual *items* are its images
+(`pixel_values`, `image_grid_thw`) and videos (`pixel_values_videos`, `video_grid_thw`)
+in reading order (row by row, span by span), their patches concatenated into one patch
+array and one `VisionLayout`, so every placeholder, image or video, reads its merged token
+from one feature array (`QwenAux.feature_index`).
 """
 
 from __future__ import annotations
@@ -14,31 +20,35 @@ from typing import NamedTuple
 import numpy as np
 
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, QwenAux, VisionLayout, window_slots
-from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
+from zspa_jax.families.base import image_slot_index, left_pad, round_up
 
 __all__ = [
-    "PreparedBatch", "check_grid", "image_spans", "image_token_counts", "num_patches", "num_windows",
-    "prepare_batch", "rope_index", "vision_layout",
+    "IMAGE", "VIDEO", "PreparedBatch", "WINDOW_BUCKET_MIN", "check_grid", "image_spans", "image_token_counts",
+    "num_patches", "num_windows", "prepare_batch", "rope_index", "temporal_bucket", "vision_layout", "visual_spans",
 ]
+
+IMAGE, VIDEO = 1, 2  # transformers' mm_token_type_ids values (0 = text)
+KIND = {IMAGE: ("image", "pixel_values", "image_grid_thw"), VIDEO: ("video", "pixel_values_videos", "video_grid_thw")}
+WINDOW_BUCKET_MIN = 4  # with `bucket`, the tower's window count is padded to a power of two >= this
 
 
 def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
-    """int64 [n, 3] with every row a valid image grid, else ValueError naming `name`."""
+    """int64 [n, 3] with every row a valid (t, h, w) grid, else ValueError naming `name`.
+    t counts temporal patches (1 for an image; frames / temporal_patch_size for a video)."""
     grid = np.asarray(grid_thw)
+    what = "videos" if name.startswith("video") else "images"
     if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got shape {grid.shape}")
+        raise ValueError(f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got shape {grid.shape}")
     if not np.issubdtype(grid.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array [num_images, 3] of (t, h, w), got dtype {grid.dtype}")
+        raise ValueError(f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got dtype {grid.dtype}")
     m = cfg.spatial_merge_size
     for i, (t, h, w) in enumerate(grid.tolist()):
         if t < 1:
-            raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}): t must be >= 1 (frames in temporal patches)")
-        if t != 1:
-            raise ValueError(f"{name}[{i}] has t={t}; images have t=1 (video input is not supported)")
+            raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}): t must be >= 1 (temporal patches)")
         if h < m or w < m or h % m or w % m:
             raise ValueError(
                 f"{name}[{i}] = ({t}, {h}, {w}): h and w must be positive multiples of spatial_merge_size={m} "
-                "(the image is too small for one merged token, or not from the Qwen2-VL image processor)"
+                f"(the {what[:-1]} is too small for one merged token, or not from the Qwen2-VL processor)"
             )
     return grid.astype(np.int64)
 
@@ -48,30 +58,39 @@ def num_patches(grid_thw: np.ndarray) -> int:
 
 
 def num_windows(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> int:
-    """Non-empty windows of all images (what the tower's slot count is made of)."""
+    """Non-empty windows of all items, every temporal patch its own windows (what the
+    tower's slot count is made of)."""
     win, m = cfg.window_merged, cfg.spatial_merge_size
     return int(sum(t * -(-(h // m) // win) * -(-(w // m) // win) for t, h, w in np.asarray(grid_thw).tolist()))
 
 
+def temporal_bucket(t: int) -> int:
+    """The temporal patch count a video of `t` is padded to in shapes: the next power of two."""
+    return 1 << max(int(t) - 1, 0).bit_length()
+
+
 def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None) -> VisionLayout:
-    """Window order, rotary positions and attention segments for the images of `grid_thw`.
+    """Window order, rotary positions and attention segments for the items of `grid_thw`.
 
     Mirrors transformers' `get_vision_window_index`, `get_vision_position_ids` and
-    `get_vision_cu_seqlens`: merged tokens are grouped into windows of `window_merged`
-    per side (edge windows smaller), concatenated window by window, image by image.
-    Here every window gets `window_slots` slots (padding after its real patches), so
-    windowed attention is one batched [W, S, S] attention; full-attention blocks attend
-    within an image (one frame). `windows` (>= the real count) adds all-padding windows:
-    a bucket, so images of different sizes share one compiled tower.
+    `get_vision_cu_seqlens` (vision_utils.py): merged tokens are grouped into windows of
+    `window_merged` per side (edge windows smaller), every temporal patch of an item on its
+    own (its windows, then the next temporal patch's), concatenated window by window, item
+    by item; the 2-D rotary positions repeat for every temporal patch; full-attention blocks
+    attend within one temporal patch of one item (transformers' cu_seqlens: h*w per frame,
+    t segments per item). Here every window gets `window_slots` slots (padding after its real
+    patches), so windowed attention is one batched [W, S, S] attention. `windows` (>= the
+    real count) adds all-padding windows: a bucket, so items of different sizes share one
+    compiled tower.
     """
-    grid = check_grid(grid_thw, cfg)
+    grid = check_grid(grid_thw, cfg, "grid_thw")
     m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
     slots = window_slots(cfg)
     real = num_patches(grid)
     needed = num_windows(grid, cfg)
     windows = needed if windows is None else int(windows)
     if windows < needed:
-        raise ValueError(f"layout windows {windows} must be >= the {needed} windows of image_grid_thw")
+        raise ValueError(f"layout windows {windows} must be >= the {needed} windows of the grids")
     order = np.full((windows, slots), real, np.int64)  # `real` indexes the zero row appended to the patches
     positions = np.zeros((windows, slots, 2), np.int64)
     segment = np.full((windows, slots), -1, np.int64)
@@ -93,7 +112,7 @@ def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = N
                 tokens = tile[tile >= 0]  # merged tokens of this window, in window order
                 if not tokens.size:
                     continue
-                rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the image
+                rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the item
                 n = rows.size
                 order[w_i, :n] = rows + offset
                 positions[w_i, :n] = hw[rows % (gh * gw * unit)]
@@ -116,8 +135,31 @@ def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = N
 
 
 def image_token_counts(grid_thw: np.ndarray, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
-    """Merged (LLM) tokens per image: t * h * w / merge_unit."""
+    """Merged (LLM) tokens per image or video: t * h * w / merge_unit."""
     return (np.prod(np.asarray(grid_thw), axis=-1) // cfg.merge_unit).astype(np.int64)
+
+
+def _token_types(ids: np.ndarray, cfg: Qwen2_5_VLConfig) -> np.ndarray:
+    """transformers' mm_token_type_ids: 1 on image tokens, 2 on video tokens, 0 elsewhere."""
+    return np.where(ids == cfg.image_token_id, IMAGE, np.where(ids == cfg.video_token_id, VIDEO, 0)).astype(np.int8)
+
+
+def visual_spans(input_ids, attention_mask, cfg: Qwen2_5_VLConfig) -> list[list[tuple[int, int, int]]]:
+    """Per row, the (kind, start, stop) runs of consecutive image (kind 1) or video (kind 2)
+    tokens among the real tokens, in reading order."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    types = _token_types(ids, cfg) * mask
+    spans = []
+    for row in types:
+        out, start = [], 0
+        for kind, group in itertools.groupby(row.tolist()):
+            n = len(list(group))
+            if kind:
+                out.append((int(kind), start, start + n))
+            start += n
+        spans.append(out)
+    return spans
 
 
 def image_spans(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int) -> list[list[tuple[int, int]]]:
@@ -132,27 +174,72 @@ def image_spans(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_
     return spans
 
 
-def rope_index(
-    input_ids, attention_mask, grid_thw, cfg: Qwen2_5_VLConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """3-D M-RoPE positions, transformers' `get_rope_index` for images.
+def _temporal_positions(t: int, tokens_per_second: int, seconds) -> np.ndarray:
+    """transformers' `get_vision_position_ids` temporal index of a video's t patches before
+    the offset: `(arange(t) * time_interval).long()`, time_interval = tokens_per_second *
+    second_per_grid_ts. `seconds` None (transformers' default, one second per temporal patch)
+    or an integer gives exact integers; a float is a float32 tensor element in transformers
+    (what its processor returns), so the product is rounded to float32 and truncated, as
+    torch does."""
+    if seconds is None or isinstance(seconds, (int, np.integer)):
+        return np.arange(t, dtype=np.int64) * tokens_per_second * (1 if seconds is None else int(seconds))
+    interval = np.float32(np.float32(tokens_per_second) * np.float32(seconds))
+    return (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
 
-    input_ids, attention_mask: [B, L] (left padding allowed); grid_thw: [n, 3], images
-    in reading order across the batch (may be None for text only). Text tokens count on
-    from the previous position; an image of grid (t, h, w) at start s gets t/h/w
-    positions s + (t, h / m, w / m) indices and the text after it continues at
-    s + max(h, w) / m. Padding gets 0.
-    Returns (positions int32 [3, B, L], next position int32 [B] = max + 1 per row).
+
+def _seconds_list(second_per_grid_ts, videos: int) -> list | None:
+    """second_per_grid_ts as one entry per video (ints stay ints, floats become float32), or None."""
+    if second_per_grid_ts is None:
+        return None
+    s = np.asarray(second_per_grid_ts)
+    if s.ndim != 1 or s.shape[0] != videos:
+        raise ValueError(
+            f"second_per_grid_ts must hold one entry per video of video_grid_thw ({videos}), got shape {s.shape}"
+        )
+    if np.issubdtype(s.dtype, np.integer):
+        if (s < 0).any():
+            raise ValueError(f"second_per_grid_ts must be >= 0 (seconds per temporal patch), got {s.tolist()}")
+        return [int(v) for v in s]
+    if not np.issubdtype(s.dtype, np.floating):
+        raise ValueError(f"second_per_grid_ts must be a numeric array [num_videos], got dtype {s.dtype}")
+    s = s.astype(np.float32)
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError(f"second_per_grid_ts must be finite and >= 0 (seconds per temporal patch), got {s.tolist()}")
+    return [np.float32(v) for v in s]
+
+
+def rope_index(
+    input_ids, attention_mask, grid_thw, cfg: Qwen2_5_VLConfig, video_grid_thw=None, second_per_grid_ts=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """3-D M-RoPE positions, exactly transformers' `get_rope_index` (modeling_qwen2_5_vl.py).
+
+    input_ids, attention_mask: [B, L] (left padding allowed); grid_thw: the images' grids
+    [n, 3] in reading order across the batch (None: no images); video_grid_thw: the videos'
+    [v, 3] (None: no videos); second_per_grid_ts: [v] seconds per temporal patch of each
+    video (None: transformers' default, 1 second). Text tokens count on from the previous
+    position; an item of grid (t, h, w) starting at s gets h/w positions s + (h / m, w / m)
+    indices and temporal positions s + trunc(i * tokens_per_second * second_per_grid_ts)
+    for a video (s + i for an image), and the text after it continues at s + max(h, w) / m
+    (not at the item's largest position + 1: a video's temporal positions may run past
+    it). Padding gets 0. Returns (positions int32 [3, B, L], next position int32 [B] = the
+    row's largest position + 1, where transformers' rope_deltas continue decoding).
     """
     ids = np.asarray(input_ids)
     b, length = ids.shape
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     m = cfg.vision.spatial_merge_size
-    grids = iter([] if grid_thw is None else np.asarray(grid_thw).tolist())
+    tps = cfg.vision.tokens_per_second
+    grids = {
+        IMAGE: iter([] if grid_thw is None else np.asarray(grid_thw).tolist()),
+        VIDEO: iter([] if video_grid_thw is None else np.asarray(video_grid_thw).tolist()),
+    }
+    n_videos = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw))
+    seconds = iter(_seconds_list(second_per_grid_ts, n_videos) or [None] * n_videos)
+    types_all = _token_types(ids, cfg)
     out = np.zeros((3, b, length), np.int64)
     next_pos = np.zeros((b,), np.int64)
     for r in range(b):
-        types = (ids[r][mask[r]] == cfg.image_token_id).astype(np.int8)
+        types = types_all[r][mask[r]]
         pieces, pos = [], 0
         for kind, group in itertools.groupby(types.tolist()):
             n = len(list(group))
@@ -160,34 +247,85 @@ def rope_index(
                 pieces.append(np.broadcast_to(np.arange(n) + pos, (3, n)))
                 pos += n
                 continue
+            what, _, name = KIND[kind]
             try:
-                t, h, w = next(grids)
+                t, h, w = next(grids[kind])
             except StopIteration:
-                raise ValueError("input_ids holds more image-token spans than image_grid_thw has images") from None
+                raise ValueError(f"input_ids holds more {what}-token spans than {name} has {what}s") from None
             gt, gh, gw = t, h // m, w // m
             if n != gt * gh * gw:
                 raise ValueError(
-                    f"input_ids row {r}: an image-token span of {n} tokens does not match its grid "
-                    f"({t}, {h}, {w}), which gives {gt * gh * gw} tokens"
+                    f"input_ids row {r}: {'an' if what == 'image' else 'a'} {what}-token span of {n} tokens does not "
+                    f"match its grid ({t}, {h}, {w}) in {name}, which gives {gt * gh * gw} tokens"
                 )
-            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+            temporal = np.arange(gt) if kind == IMAGE else _temporal_positions(gt, tps, next(seconds))
+            tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")
             pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos)
             pos += max(h, w) // m
         row = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
         out[:, r, mask[r]] = row
         next_pos[r] = (row.max() + 1) if row.size else 0
-    if next(grids, None) is not None:
-        raise ValueError("image_grid_thw has more images than input_ids has image-token spans")
+    for kind, (what, _, name) in KIND.items():
+        if next(grids[kind], None) is not None:
+            raise ValueError(f"{name} has more {what}s than input_ids has {what}-token spans")
     return out.astype(np.int32), next_pos.astype(np.int32)
 
 
 class PreparedBatch(NamedTuple):
     input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
     attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
-    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the patches, then zero rows up to the layout's P slots
+    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the items' patches, then zero rows up to the layout's P slots
     aux: QwenAux | None
     visual_counts: np.ndarray | None  # int [B]: real visual tokens per row when laid out for pruning, else None
-    images_per_row: np.ndarray | None  # int [B]: images of each row when laid out for pruning, else None
+    images_per_row: np.ndarray | None  # int [B]: items (images and videos) of each row when laid out for pruning
+    item_tokens: np.ndarray | None = None  # int [n]: merged tokens of each item (images and videos), reading order
+
+
+def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfig):
+    """(patches f32 [P, D], grid int64 [n, 3]) of one kind, checked against each other, or None."""
+    what, pixels_name, grid_name = KIND[kind]
+    if pixel_values is None:
+        if grid_thw is not None:
+            raise ValueError(f"{grid_name} was given without {pixels_name}")
+        return None
+    if grid_thw is None:
+        extra = "the processor returns it " if kind == IMAGE else "the video processor returns it "
+        raise ValueError(
+            f"{grid_name} is required with {pixels_name} for Qwen2.5-VL: {extra}(int [num_{what}s, 3] of t, h, w patches)"
+        )
+    grid = check_grid(grid_thw, vc, grid_name)
+    pixels = np.asarray(pixel_values)
+    if pixels.ndim != 2 or pixels.shape[1] != vc.patch_dim:
+        raise ValueError(
+            f"{pixels_name} must be the processor's flattened patches [num_patches, {vc.patch_dim}] "
+            f"(C*T*p*p = {vc.in_channels}*{vc.temporal_patch_size}*{vc.patch_size}*{vc.patch_size}), "
+            f"got shape {pixels.shape}"
+        )
+    if pixels.shape[0] != num_patches(grid):
+        raise ValueError(
+            f"{pixels_name} holds {pixels.shape[0]} patch rows but {grid_name} {grid.tolist()} "
+            f"needs sum(t*h*w) = {num_patches(grid)}"
+        )
+    return pixels, grid
+
+
+def _pad_visual_slots(ids: np.ndarray, mask: np.ndarray, token_ids: tuple[int, ...], slots: int, pad_id: int):
+    """Give every row exactly `slots` placeholders (models.protocol's visual layout): the
+    added slots (the id of the row's last real placeholder, mask 0) go right after it, so
+    each row's real placeholders come first, items in reading order; rows are re-left-padded
+    to one length."""
+    rows_ids, rows_mask = [], []
+    for row, valid in zip(ids, mask):
+        real = np.flatnonzero(np.isin(row, token_ids) & (valid != 0))
+        at = real[-1] + 1 if real.size else row.size
+        fill = row[real[-1]] if real.size else token_ids[0]
+        extra = slots - real.size
+        rows_ids.append(np.concatenate([row[:at], np.full(extra, fill), row[at:]]))
+        rows_mask.append(np.concatenate([valid[:at], np.zeros(extra, valid.dtype), valid[at:]]))
+    length = max(r.size for r in rows_ids)
+    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
+    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
+    return ids.astype(np.int32), mask.astype(np.int32)
 
 
 def prepare_batch(
@@ -197,102 +335,141 @@ def prepare_batch(
     pixel_values,
     image_grid_thw,
     *,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
     visual_layout: bool = False,
     slot_multiple: int | None = None,
-    windows: int | None = None,
+    bucket: bool = False,
     pad_id: int = 0,
     prompt_multiple: int | None = None,
 ) -> PreparedBatch:
     """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
 
-    input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the
-    processor's flattened patches of all images; image_grid_thw: [n, 3]. With
+    input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the image
+    processor's flattened patches of all images, image_grid_thw: [n, 3];
+    pixel_values_videos / video_grid_thw: the same for videos (t = frames /
+    temporal_patch_size); second_per_grid_ts: [v] seconds per temporal patch (None:
+    transformers' default of 1). A row may hold images and videos, in any order. With
     `visual_layout` (pruning), `aux` carries the visual layout of models.protocol: each
-    row's placeholders as merged-token indices, padded with masked slots to the row with
-    the most, and each image's slots and grid; `slot_multiple` rounds the slot count and
-    the image width up to a multiple of it, so images of different sizes give one shape. `windows` pads
-    the tower to that many windows (a bucket); `prompt_multiple` left-pads the prompt
-    to a multiple of it. Raises ValueError naming the argument.
+    row's placeholders (image and video tokens) as merged-token indices, padded with masked
+    slots to the row with the most, and each item's slots (one entry per image or video)
+    and, when every item is a single frame (t = 1), its (h, w) grid; `slot_multiple`
+    rounds the slot count and the item width up to a multiple of it. `bucket`: the tower's
+    windows padded to a power of two (>= WINDOW_BUCKET_MIN) and every video's temporal
+    patches counted as `temporal_bucket(t)` in every shape (windows, span slots, prompt
+    length), so clips of different lengths in one bucket share compiled programs;
+    `prompt_multiple` left-pads the prompt to a multiple of it. Raises ValueError naming
+    the argument.
     """
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
     vc = cfg.vision
-    image = ids == cfg.image_token_id
-    if (ids == cfg.video_token_id).any():
-        raise ValueError("input_ids holds video tokens: video input is not supported for Qwen2.5-VL (images only)")
-    if pixel_values is None:
-        if image_grid_thw is not None:
-            raise ValueError("image_grid_thw was given without pixel_values")
-        if (image & (mask != 0)).any():
-            raise ValueError("input_ids holds image tokens but pixel_values is None")
+    real = mask != 0
+    visual = {IMAGE: _checked_visual(IMAGE, pixel_values, image_grid_thw, vc),
+              VIDEO: _checked_visual(VIDEO, pixel_values_videos, video_grid_thw, vc)}
+    if second_per_grid_ts is not None and visual[VIDEO] is None:
+        raise ValueError("second_per_grid_ts was given without pixel_values_videos")
+    token_ids = (cfg.image_token_id, cfg.video_token_id)
+    for kind, token in zip((IMAGE, VIDEO), token_ids):
+        what, pixels_name, grid_name = KIND[kind]
+        found = int(((ids == token) & real).sum())
+        if visual[kind] is None:
+            if found:
+                raise ValueError(f"input_ids holds {what} tokens (id {token}) but {pixels_name} is None")
+            continue
+        counts = image_token_counts(visual[kind][1], vc)
+        if found != counts.sum():
+            raise ValueError(
+                f"input_ids holds {found} {what} tokens (id {token}) but {grid_name} gives "
+                f"{counts.tolist()} = {int(counts.sum())} merged tokens"
+            )
+    image_grid = None if visual[IMAGE] is None else visual[IMAGE][1]
+    video_grid = None if visual[VIDEO] is None else visual[VIDEO][1]
+    seconds = None if video_grid is None else _seconds_list(second_per_grid_ts, len(video_grid))
+    if image_grid is None and video_grid is None:
         if prompt_multiple:
             ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
         positions, next_pos = rope_index(ids, mask, None, cfg)
         aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
         return PreparedBatch(ids.astype(np.int32), mask, None, aux, None, None)
-    if image_grid_thw is None:
-        raise ValueError(
-            "image_grid_thw is required with pixel_values for Qwen2.5-VL: the processor returns it "
-            "(int [num_images, 3] of t, h, w patches)"
-        )
-    grid = check_grid(image_grid_thw, vc)
-    pixels = np.asarray(pixel_values)
-    if pixels.ndim != 2 or pixels.shape[1] != vc.patch_dim:
-        raise ValueError(
-            f"pixel_values must be the processor's flattened patches [num_patches, {vc.patch_dim}] "
-            f"(C*T*p*p = {vc.in_channels}*{vc.temporal_patch_size}*{vc.patch_size}*{vc.patch_size}), "
-            f"got shape {pixels.shape}"
-        )
-    if pixels.shape[0] != num_patches(grid):
-        raise ValueError(
-            f"pixel_values holds {pixels.shape[0]} patch rows but image_grid_thw {grid.tolist()} "
-            f"needs sum(t*h*w) = {num_patches(grid)}"
-        )
-    counts = image_token_counts(grid, vc)
-    found = int((image & (mask != 0)).sum())
-    if found != counts.sum():
-        raise ValueError(
-            f"input_ids holds {found} image tokens (id {cfg.image_token_id}) but image_grid_thw gives "
-            f"{counts.tolist()} = {int(counts.sum())} merged tokens"
-        )
+
+    # The items (images and videos) in reading order, each kind taking its grids in order.
+    spans = visual_spans(ids, mask, cfg)
+    for kind, grid in ((IMAGE, image_grid), (VIDEO, video_grid)):
+        what, _, grid_name = KIND[kind]
+        per_row = [sum(k == kind for k, _, _ in row) for row in spans]
+        have = 0 if grid is None else len(grid)
+        if sum(per_row) != have:
+            raise ValueError(
+                f"input_ids holds {sum(per_row)} {what}-token spans (per row {per_row}) but {grid_name} has "
+                f"{have} {what}s"
+            )
+    offsets = {kind: np.cumsum([0] + [int(np.prod(g)) for g in v[1]]) for kind, v in visual.items() if v is not None}
+    taken = {IMAGE: 0, VIDEO: 0}
+    items = []  # (kind, index within its kind), reading order over the batch
+    row_items = []
+    for row in spans:
+        row_items.append(len(row))
+        for kind, _, _ in row:
+            items.append((kind, taken[kind]))
+            taken[kind] += 1
+    item_grid = np.stack([visual[k][1][i] for k, i in items]).astype(np.int64)
+    item_pixels = np.concatenate(
+        [visual[k][0][offsets[k][i]:offsets[k][i + 1]] for k, i in items]
+    ).astype(np.float32)
+    is_video = np.array([k == VIDEO for k, _ in items])
+    counts = image_token_counts(item_grid, vc)
+    shaped_grid = item_grid.copy()  # the grids the shapes follow (temporal buckets for videos)
+    if bucket:
+        shaped_grid[is_video, 0] = [temporal_bucket(t) for t in item_grid[is_video, 0]]
+    shaped_counts = image_token_counts(shaped_grid, vc)
+    starts = np.cumsum([0] + row_items)
     visual_counts = images_per_row = image_index = None
     if visual_layout:
-        per_row = [len(row) for row in image_spans(ids, mask, cfg.image_token_id)]
-        if sum(per_row) != len(grid):
-            raise ValueError(
-                f"input_ids holds {sum(per_row)} image-token spans (per row {per_row}) but image_grid_thw has "
-                f"{len(grid)} images"
-            )
-        starts = np.cumsum([0] + per_row)
         tokens = [counts[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
         if not all(tokens):
-            raise ValueError(f"pruning needs at least one image in every prompt: image spans per row {per_row}")
-        images_per_row = np.asarray(per_row)
+            raise ValueError(f"pruning needs at least one image or video in every prompt: items per row {row_items}")
+        images_per_row = np.asarray(row_items)
         visual_counts = np.asarray([sum(t) for t in tokens])
-        slots, width = int(visual_counts.max()), None
+        slots = int(max(shaped_counts[a:b].sum() for a, b in zip(starts[:-1], starts[1:])))
+        width = None
         if slot_multiple:
-            slots, width = round_up(slots, slot_multiple), round_up(int(counts.max()), slot_multiple)
+            slots, width = round_up(slots, slot_multiple), round_up(int(shaped_counts.max()), slot_multiple)
         if slots > visual_counts.min():
-            ids, mask = pad_visual_slots(ids, mask, cfg.image_token_id, slots, pad_id)
+            ids, mask = _pad_visual_slots(ids, mask, token_ids, slots, pad_id)
         image_index = image_slot_index(tokens, width)
+    elif bucket and is_video.any():
+        # Unpruned: left padding for the tokens the shorter clips lack, so the prompt
+        # length follows the temporal bucket only.
+        extra = shaped_counts - counts
+        target = max(int(mask[r].sum()) + int(extra[a:b].sum()) for r, (a, b) in enumerate(zip(starts[:-1], starts[1:])))
+        if target > ids.shape[1]:
+            more = target - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (more, 0)), constant_values=pad_id)
+            mask = np.pad(mask, ((0, 0), (more, 0)))
     if prompt_multiple:
         ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
-    positions, next_pos = rope_index(ids, mask, grid, cfg)  # also checks each span against its grid
-    real_image = (ids == cfg.image_token_id) & (mask != 0)
+    # also checks each span against its grid
+    positions, next_pos = rope_index(ids, mask, image_grid, cfg, video_grid, seconds)
+    placeholder = np.isin(ids, token_ids)
+    real_visual = placeholder & (mask != 0)
     feature_index = np.full(ids.shape, -1, np.int64)
-    feature_index[real_image] = np.arange(int(real_image.sum()))  # reading order = merged-token order
-    visual_index = visual_valid = image_grid = None
+    feature_index[real_visual] = np.arange(int(real_visual.sum()))  # reading order = item order = merged-token order
+    visual_index = visual_valid = grid_hw = None
     if visual_layout:
-        slots_mask = ids == cfg.image_token_id
-        visual_index = feature_index[slots_mask].reshape(ids.shape[0], -1)
+        visual_index = feature_index[placeholder].reshape(ids.shape[0], -1)
         visual_valid = visual_index >= 0
         visual_index = np.maximum(visual_index, 0).astype(np.int32)
-        if (grid[:, 0] == 1).all():  # one frame each: every image is an (h, w) grid, row-major
-            image_grid = np.zeros(image_index.shape[:2] + (2,), np.int32)
-            image_grid[image_index[:, :, 0] >= 0] = grid[:, 1:] // vc.spatial_merge_size
-    layout = vision_layout(grid, vc, windows=None if windows is None else max(int(windows), num_windows(grid, vc)))
+        if (item_grid[:, 0] == 1).all():  # one frame each: every item is an (h, w) grid, row-major
+            grid_hw = np.zeros(image_index.shape[:2] + (2,), np.int32)
+            grid_hw[image_index[:, :, 0] >= 0] = item_grid[:, 1:] // vc.spatial_merge_size
+    windows = None
+    if bucket:
+        windows = max(WINDOW_BUCKET_MIN, 1 << max(num_windows(shaped_grid, vc) - 1, 0).bit_length())
+    layout = vision_layout(item_grid, vc, windows=windows)
     aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, image_index,
-                  image_grid)
+                  grid_hw)
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
-    pixels = np.pad(pixels.astype(np.float32), ((0, layout.order.size - pixels.shape[0]), (0, 0)))
-    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row)
+    pixels = np.pad(item_pixels, ((0, layout.order.size - item_pixels.shape[0]), (0, 0)))
+    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row, counts)

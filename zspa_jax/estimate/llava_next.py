@@ -1,0 +1,37 @@
+"""LLaVA-NeXT's estimate hooks: an image becomes a base view plus an anyres crop grid, each
+crop one CLIP pass and one projector pass; the visual tokens follow the image size
+(`models.llava_next.image_token_count`, newlines included)."""
+
+from __future__ import annotations
+
+from models.llava_next import LlavaNextConfig, image_num_patches, image_token_count
+from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
+from zspa_jax.estimate.llava import _numel_projector, _numel_vision, projector_flops, vision_flops
+from zspa_jax.estimate.memory import dtype_bytes
+
+__all__ = ["HOOKS"]
+
+
+def _image(cfg: LlavaNextConfig, image_hw) -> ImagePlan:
+    if image_hw is None:
+        raise ValueError("LLaVA-NeXT's visual tokens follow the image: give its size (--image HxW)")
+    crops = image_num_patches(image_hw, cfg)
+    return ImagePlan(
+        visual_tokens=image_token_count(image_hw, cfg),
+        tower_tokens=crops * (cfg.tokens_per_crop + 1),
+        label=f"visual tokens of a {tuple(image_hw)} image",
+        report={"image_hw": list(image_hw), "crops": crops},
+    )
+
+
+HOOKS = EstimateHooks(
+    image=_image,
+    # Every crop runs the tower and the projector; unpadding drops tokens only after them.
+    vision_flops=lambda cfg, plan: plan.report["crops"] * (vision_flops(cfg) + projector_flops(cfg, cfg.tokens_per_crop)),
+    projector_flops=lambda cfg, rows: 0,  # counted per crop in vision_flops
+    tower_dims=lambda cfg: None,  # no [CLS] tower path: the tower-stage methods are refused
+    vision_weight_bytes=lambda cfg: _numel_vision(cfg.vision) * dtype_bytes(cfg.vision.dtype),
+    projector_weight_bytes=lambda cfg: (_numel_projector(cfg) + cfg.text.hidden_size) * dtype_bytes(cfg.text.dtype),
+    image_sized=True,
+    reports_decode_weights=True,
+)
