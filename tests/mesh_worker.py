@@ -165,8 +165,10 @@ def _first_rows(batch: dict, rows: int) -> dict:
         grid = batch["image_grid_thw"][:rows]
         out["image_grid_thw"] = grid
         out["pixel_values"] = batch["pixel_values"][: int(np.prod(grid, axis=1).sum())]
-    else:
+    else:  # one image per row (and its size, for LLaVA-NeXT)
         out["pixel_values"] = batch["pixel_values"][:rows]
+        if "image_sizes" in batch:
+            out["image_sizes"] = batch["image_sizes"][:rows]
     return out
 
 

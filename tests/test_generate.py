@@ -475,3 +475,26 @@ def test_text_only_prompt_ignores_pruning_and_keeps_its_cache(vlm, tiny):
             pad_token_id=tiny.pad_token_id,
         ).numpy()[:, ids.shape[1] :]
     np.testing.assert_array_equal(plain.sequences, ref)
+
+
+@pytest.mark.parametrize("budget, images", [("row", 1), ("image", 2)])
+def test_pruned_generate_sizes_its_cache_from_the_pruned_prompt(vlm, tiny, budget, images):
+    """The KV cache holds the pruned prompt plus the new tokens (rounded up to the cache
+    bucket), not the unpruned prompt: with N visual tokens and keep K, a prompt of one bucket
+    whose unpruned length + new tokens crosses the next bucket stays within one."""
+    n, keep = tiny.tokens_per_image, 2
+    bucket = generation.CACHE_BUCKET
+    ids = _prompt(tiny, 2, 3, seed=30)
+    for _ in range(images - 1):
+        ids = np.concatenate([ids[:-3], np.full(n, tiny.image_token_index), ids[-3:]])
+    length = generation.PROMPT_BUCKET  # generate left-pads the prompt to this
+    kept_row = keep * images
+    new = bucket - (length - images * n + kept_row)  # the pruned prompt + new tokens fill one bucket exactly
+    assert 0 < new and length + new > bucket
+    kw = dict(input_ids=ids[None], pixel_values=_pixels(tiny, images, seed=30), max_new_tokens=new, eos_token_id=[])
+    full = zspa_jax.generate(vlm, **kw)
+    pruned = zspa_jax.generate(vlm, **kw, prune=PruneConfig(keep=keep, budget=budget))
+    assert full.stats["cache_length"] == 2 * bucket
+    assert pruned.stats["cache_length"] == bucket
+    assert pruned.stats["visual_tokens_kept_per_row"] == kept_row
+    assert pruned.stats["kv_cache_bytes"] * 2 == full.stats["kv_cache_bytes"]

@@ -110,25 +110,60 @@ def _qwen_batch(tiny) -> dict:
     return {k: v.numpy() for k, v in qwen_helpers.hf_inputs(tiny.processor, prompts, images).items()}
 
 
+def _llava_next_batch(tiny) -> dict:
+    """8 rows, one image each of four sizes (different crop grids: 52, 56, 36 and 34 tokens)."""
+    from tests.llava_next_helpers import rows
+
+    sizes = [(40, 70), (64, 30), (32, 32), (20, 60)] * 2
+    return rows(tiny, [(1 + i % 3, [size], 2 + i) for i, size in enumerate(sizes)], seed=21)
+
+
+def _hf_llava_next(tiny, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """transformers on each row alone: prompt logits (at the row's real positions) and cached greedy tokens."""
+    from tests.llava_next_helpers import hf_pieces, hf_row_logits
+
+    merged, _ = hf_pieces(tiny, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = np.zeros(ids.shape + (tiny.hf.config.text_config.vocab_size,), np.float32)
+    tokens = []
+    for row in range(len(ids)):
+        real = mask[row] == 1
+        logits[row, real] = hf_row_logits(tiny, merged, batch, row, None)
+        with torch.no_grad():
+            out = tiny.hf.generate(
+                input_ids=torch.as_tensor(ids[row:row + 1, real]), pixel_values=torch.as_tensor(batch["pixel_values"][row:row + 1]),
+                image_sizes=torch.as_tensor(batch["image_sizes"][row:row + 1]), max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tiny.pad_token,
+            )
+        tokens.append(out[0, real.sum():].numpy())
+    return logits, np.stack(tokens)
+
+
 @pytest.fixture(scope="session")
 def mesh_runs(tiny_hf_llava, converted, tmp_path_factory):
-    """{"llava": Run, "qwen2_5_vl": Run}: each family's worker on the three meshes."""
+    """{family: Run}: each family's worker on the three meshes."""
     tmp = tmp_path_factory.mktemp("mesh")
     llava = tiny_hf_llava("mesh")
     llava_arrays = _llava_inputs(llava)
     qwen = qwen_helpers.tiny_model()
     qwen_batch = _qwen_batch(qwen)
     qwen_arrays = {k: qwen_batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    from tests.llava_next_helpers import tiny_llava_next
+
+    llava_next = tiny_llava_next()
+    llava_next_arrays = _llava_next_batch(llava_next)
     jobs = {}
     for family, model, arrays, keep in (
         ("llava", converted(llava.path), llava_arrays, 6),
         ("qwen2_5_vl", qwen_helpers.converted(qwen), qwen_arrays, 4),
+        ("llava_next", llava_next.out, llava_next_arrays, 5),
     ):
         np.savez(tmp / f"{family}_in.npz", keep=keep, **arrays)
         out = tmp / f"{family}_out.npz"
-        # Both families at once (compiling is mostly single-threaded), references meanwhile.
+        # The families at once (compiling is mostly single-threaded), references meanwhile.
         jobs[family] = (model, arrays, out, _worker(model, tmp / f"{family}_in.npz", out, "--new-tokens", str(NEW_TOKENS)))
-    references = {"llava": _hf_llava(llava, llava_arrays), "qwen2_5_vl": _hf_greedy(qwen.hf, qwen_batch, NEW_TOKENS)}
+    references = {"llava": _hf_llava(llava, llava_arrays), "qwen2_5_vl": _hf_greedy(qwen.hf, qwen_batch, NEW_TOKENS),
+                  "llava_next": _hf_llava_next(llava_next, llava_next_arrays)}
     runs = {}
     for family, (model, arrays, out, proc) in jobs.items():
         _wait(proc)
@@ -137,7 +172,7 @@ def mesh_runs(tiny_hf_llava, converted, tmp_path_factory):
     return runs
 
 
-FAMILIES = ("llava", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_next")
 
 # Mesh vs one device differ only in the order of float32 reductions (each device sums its
 # shard, then an all-reduce adds the partial sums), which moves every dot product by a few
