@@ -31,6 +31,28 @@ from models.protocol import ClsTower, MultimodalInputs, TowerFeatures
 SELECT_STRATEGIES = ("default", "full")
 
 
+def check_llava_fields(cfg) -> None:
+    """Validate (and normalise) the fields LLaVA-style configs share: vision_feature_layer
+    (int or list, within the tower), the select strategy, the projector activation and the
+    image token id. Messages name the config class and the field."""
+    name = type(cfg).__name__
+    if isinstance(cfg.vision_feature_layer, (list, tuple)):
+        object.__setattr__(cfg, "vision_feature_layer", tuple(int(i) for i in cfg.vision_feature_layer))
+        if not cfg.vision_feature_layer:
+            raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
+    n_states = cfg.vision.num_hidden_layers + 1
+    for layer in cfg.feature_layers:
+        if not -n_states <= layer < n_states:
+            raise ValueError(
+                f"{name}.vision_feature_layer {layer} is out of range for a tower with "
+                f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
+            )
+    check_choice(name, "vision_feature_select_strategy", cfg.vision_feature_select_strategy, SELECT_STRATEGIES)
+    check_choice(name, "projector_hidden_act", cfg.projector_hidden_act, ACTIVATIONS)
+    if not 0 <= cfg.image_token_index:
+        raise ValueError(f"{name}.image_token_index must be >= 0, got {cfg.image_token_index}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     vision: CLIPVisionConfig
@@ -42,22 +64,7 @@ class LlavaConfig:
     multimodal_projector_bias: bool = True
 
     def __post_init__(self):
-        name = type(self).__name__
-        if isinstance(self.vision_feature_layer, (list, tuple)):
-            object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in self.vision_feature_layer))
-            if not self.vision_feature_layer:
-                raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
-        n_states = self.vision.num_hidden_layers + 1
-        for layer in self.feature_layers:
-            if not -n_states <= layer < n_states:
-                raise ValueError(
-                    f"{name}.vision_feature_layer {layer} is out of range for a tower with "
-                    f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
-                )
-        check_choice(name, "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
-        check_choice(name, "projector_hidden_act", self.projector_hidden_act, ACTIVATIONS)
-        if not 0 <= self.image_token_index:
-            raise ValueError(f"{name}.image_token_index must be >= 0, got {self.image_token_index}")
+        check_llava_fields(self)
 
     @property
     def image_token_id(self) -> int:

@@ -34,15 +34,13 @@ from flax import nnx
 from models import clip, llama
 from models.clip import CLIPVisionConfig, CLIPVisionModel
 from models.layers import (
-    ACTIVATIONS,
-    check_choice,
     dtype_of,
     padding_causal_mask,
     positions_from_mask,
     prefixed_rules,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
-from models.llava import LlavaMultiModalProjector
+from models.llava import LlavaMultiModalProjector, check_llava_fields
 from models.protocol import MultimodalInputs
 
 # transformers' LlavaNextConfig default (llava-v1.6 at 336 px)
@@ -66,27 +64,13 @@ class LlavaNextConfig:
 
     def __post_init__(self):
         name = type(self).__name__
-        if isinstance(self.vision_feature_layer, (list, tuple)):
-            object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in self.vision_feature_layer))
-            if not self.vision_feature_layer:
-                raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
-        n_states = self.vision.num_hidden_layers + 1
-        for layer in self.feature_layers:
-            if not -n_states <= layer < n_states:
-                raise ValueError(
-                    f"{name}.vision_feature_layer {layer} is out of range for a tower with "
-                    f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
-                )
         if self.vision_feature_select_strategy == "full":
             raise ValueError(
                 f"{name}.vision_feature_select_strategy='full' is not supported for LLaVA-NeXT: the CLIP tower's "
                 "[CLS] token cannot be laid out in the crop grid (transformers' pack_image_features fails too); "
                 "expected 'default'"
             )
-        check_choice(name, "vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
-        check_choice(name, "projector_hidden_act", self.projector_hidden_act, ACTIVATIONS)
-        if not 0 <= self.image_token_index:
-            raise ValueError(f"{name}.image_token_index must be >= 0, got {self.image_token_index}")
+        check_llava_fields(self)
         object.__setattr__(self, "image_grid_pinpoints", _check_pinpoints(name, self.image_grid_pinpoints, self.vision))
 
     @property
