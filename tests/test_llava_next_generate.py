@@ -177,3 +177,20 @@ def test_bad_input_names_the_argument(tiny, vlm):
             zspa_jax.forward(vlm, ids, pixels, mask, zspa_jax.PruneConfig(keep=4, method=method), image_sizes=sizes)
     with pytest.raises(ValueError, match="method 'pool' reads each image's visual tokens as a 2-D grid; LLaVA-NeXT's"):
         zspa_jax.forward(vlm, ids, pixels, mask, zspa_jax.PruneConfig(keep=4, method="pool"), image_sizes=sizes)
+
+
+@pytest.mark.slow
+def test_lmms_eval_runner_answers_as_generate(tiny, vlm):
+    """The lmms-eval model (`--model zspa_jax`) serves LLaVA-NeXT checkpoints: its answers are
+    `generate`'s on the same prompts and images (image sizes through the saved processor)."""
+    from zspa_jax.eval.args import parse_model_args
+    from zspa_jax.eval.runner import GenRequest, Runner
+
+    rng = np.random.default_rng(14)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    requests = [GenRequest(f"<image>\nQuestion {i}?", (im,), {"max_new_tokens": 3}) for i, im in enumerate(images)]
+    runner = Runner(parse_model_args({"pretrained": str(tiny.out), "keep": "5", "batch_size": "2"}), vlm)
+    got = runner.generate_until(requests)
+    expect = [zspa_jax.generate(vlm, [r.context], [list(r.images)], prune=zspa_jax.PruneConfig(keep=5),
+                                max_new_tokens=3).texts[0] for r in requests]
+    assert got == expect and len(set(got)) > 1
