@@ -479,22 +479,53 @@ def test_text_only_prompt_ignores_pruning_and_keeps_its_cache(vlm, tiny):
 
 @pytest.mark.parametrize("budget, images", [("row", 1), ("image", 2)])
 def test_pruned_generate_sizes_its_cache_from_the_pruned_prompt(vlm, tiny, budget, images):
-    """The KV cache holds the pruned prompt plus the new tokens (rounded up to the cache
-    bucket), not the unpruned prompt: with N visual tokens and keep K, a prompt of one bucket
-    whose unpruned length + new tokens crosses the next bucket stays within one."""
+    """The KV cache holds the pruned prompt (padded to its own bucket) plus the new tokens,
+    rounded up to the cache bucket, not the unpruned prompt: here the pruned prompt plus the
+    new tokens fill whole buckets, so one slot more (the N - K dropped tokens) would not fit."""
     n, keep = tiny.tokens_per_image, 2
-    bucket = generation.CACHE_BUCKET
-    ids = _prompt(tiny, 2, 3, seed=30)
+    ids = _prompt(tiny, 30, 23, seed=30)  # 70 real tokens with one image
     for _ in range(images - 1):
         ids = np.concatenate([ids[:-3], np.full(n, tiny.image_token_index), ids[-3:]])
-    length = generation.PROMPT_BUCKET  # generate left-pads the prompt to this
-    kept_row = keep * images
-    new = bucket - (length - images * n + kept_row)  # the pruned prompt + new tokens fill one bucket exactly
-    assert 0 < new and length + new > bucket
+    bucket, cache_bucket = generation.PROMPT_BUCKET, generation.CACHE_BUCKET
+    dropped = images * (n - keep)
+    pruned_length = -(-(len(ids) - dropped) // bucket) * bucket  # 64: its own bucket
+    new = cache_bucket
     kw = dict(input_ids=ids[None], pixel_values=_pixels(tiny, images, seed=30), max_new_tokens=new, eos_token_id=[])
     full = zspa_jax.generate(vlm, **kw)
     pruned = zspa_jax.generate(vlm, **kw, prune=PruneConfig(keep=keep, budget=budget))
-    assert full.stats["cache_length"] == 2 * bucket
-    assert pruned.stats["cache_length"] == bucket
-    assert pruned.stats["visual_tokens_kept_per_row"] == kept_row
-    assert pruned.stats["kv_cache_bytes"] * 2 == full.stats["kv_cache_bytes"]
+    assert full.stats["cache_length"] == -(-len(ids) // bucket) * bucket + new == 2 * bucket + new
+    assert pruned.stats["cache_length"] == pruned_length + new == bucket + new
+    assert pruned.stats["visual_tokens_kept_per_row"] == images * keep
+    assert pruned.stats["prompt_tokens_per_row_pruned"] == [len(ids) - dropped]
+    assert pruned.stats["kv_cache_bytes"] * 3 == full.stats["kv_cache_bytes"] * 2
+
+
+@pytest.mark.slow
+def test_a_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_keep(vlm, tiny):
+    """generate pads a pruned prompt so that its pruned length L - N + K is a multiple of the
+    prompt bucket (the padding of its own length, not of the unpruned prompt's), and XLA counts
+    fewer prefill flops than unpruned at every keep: the prompt has one real token more than a
+    bucket, so dropping any visual token saves a whole bucket (padded like the unpruned prompt,
+    the pruned one kept the unpruned length and cost more: the selection on top)."""
+    from zspa_jax import decode
+    from zspa_jax.batch import device_arrays, prepare_arrays
+    from zspa_jax.sampling import Sampling
+
+    n, bucket = tiny.tokens_per_image, generation.PROMPT_BUCKET
+    ids = _prompt(tiny, 30, 18, seed=31)[None]  # 1 + 30 + N + 18 = 65 real tokens
+    px = _pixels(tiny, 1, seed=31)
+    flops, lengths = {}, {}
+    for keep in (None, 1, n // 2, n - 1, n):
+        prune = None if keep is None else PruneConfig(keep=keep)
+        host = prepare_arrays(vlm, ids, px, None, {}, prune, extra_length=4, bucket=True, prompt_bucket=bucket)
+        st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
+                                  keep_positions=False)
+        d_ids, d_mask, d_pixels, aux = device_arrays(host, vlm.mesh)
+        args = (vlm.state, d_ids, d_pixels, d_mask, aux, jax.random.key(0))
+        lengths[keep] = host.input_ids.shape[1] - (0 if keep is None else n - keep)
+        assert lengths[keep] == -(-(ids.shape[1] - (0 if keep is None else n - keep)) // bucket) * bucket, keep
+        cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
+        flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    for keep in (1, n // 2, n - 1):
+        assert 0 < flops[keep] < flops[None], (keep, flops)
+    assert ids.shape[1] == bucket + 1 and lengths[None] == 2 * bucket and lengths[n - 1] == bucket

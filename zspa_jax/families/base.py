@@ -101,9 +101,13 @@ def round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def left_pad(ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad [B, L] ids (pad_id) and mask (0) to a multiple of `multiple` (fewer compiles)."""
-    extra = round_up(ids.shape[1], multiple) - ids.shape[1]
+def left_pad(
+    ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int, dropped: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad [B, L] ids (pad_id) and mask (0) so that L - `dropped` is a multiple of
+    `multiple` (fewer compiles). `dropped`: the placeholders pruning removes before the LLM
+    (N - K), so a pruned prompt is padded to its own length's bucket, not the unpruned one's."""
+    extra = round_up(ids.shape[1] - dropped, multiple) - (ids.shape[1] - dropped)
     if not extra:
         return ids, mask
     return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))

@@ -297,7 +297,10 @@ class LlavaAdapter:
                 ids, mask = pad_visual_slots(ids, mask, vlm.config.image_token_index, n_row, vlm.pad_token_id)
                 input_ids, attention_mask = ids, mask
             if prompt_bucket:
-                input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id)
+                dropped = 0
+                if images is not None and not prune.record.llm_layer:
+                    dropped = n_row - prune.row_keep(int(images.min()) * n, n, int(images.max()))
+                input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id, dropped)
         if pixel_values is None:
             return HostBatch(input_ids, attention_mask, None, None, 0, 0, prompt_tokens)
         rows = int(np.shape(input_ids)[0])

@@ -76,16 +76,18 @@ class LlavaNextAdapter(LlavaAdapter):
         if pruning:  # the visual layout: every row gets N placeholders (masked after its real ones)
             n = round_up(int(per_row.max()), SLOT_BUCKET) if bucket else int(per_row.max())
             ids, mask = pad_visual_slots(ids, mask, cfg.image_token_index, n, vlm.pad_token_id)
-        if prompt_bucket:
-            ids, mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id)
-        layout = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids if pruning else None, attention_mask=mask)
-        images_per_row = None
-        dropped = 0
+        images_per_row, keep, dropped = None, 0, 0
         if pruning:
-            images_per_row = (layout.image_index[:, :, 0] >= 0).sum(1)
+            unpadded = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids, attention_mask=mask)
+            images_per_row = (unpadded.image_index[:, :, 0] >= 0).sum(1)
             keep = prune.row_keep(int(per_row.min()), min(counts), int(images_per_row.max()))  # too many: an error
-            dropped = 0 if prune.record.llm_layer else int(per_row.min()) - keep
-        self._check_length(cfg, int(prompt_tokens.max()) - dropped, extra_length)
+            if not prune.record.llm_layer:  # the pruned prompt is padded to its own bucket
+                dropped = int((ids == cfg.image_token_index).sum(1).max()) - keep
+        if prompt_bucket:
+            ids, mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id, dropped)
+        layout = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids if pruning else None, attention_mask=mask)
+        saved = int(per_row.min()) - keep if pruning and not prune.record.llm_layer else 0
+        self._check_length(cfg, int(prompt_tokens.max()) - saved, extra_length)
         n = layout.row_index.shape[1] if pruning else 0
         return HostBatch(
             ids, mask, pixels, layout, n, int(per_row.min()), prompt_tokens, per_row, image_grid=None,
