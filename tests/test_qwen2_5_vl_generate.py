@@ -189,7 +189,10 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
 
 
 SEVERAL = {  # budget -> (prompts with their image counts, image sizes in reading order)
-    "row": ([("compare the two pictures", 2), ("describe the small dog", 1)], [(40, 56), (24, 32), (32, 40)]),
+    # The one-image row is the longer one: no left padding could stand in for its missing slots.
+    "row": ([("compare the two pictures", 2), ("describe the small dog on the left of the red sofa by the window "
+                                               "in the afternoon light and say what it holds", 1)],
+            [(40, 56), (24, 32), (32, 40)]),
     "image": ([("compare the two pictures", 2), ("which one is brighter", 2)], [(40, 56), (24, 32), (32, 40), (16, 48)]),
 }
 
@@ -387,8 +390,12 @@ BAD_INPUTS = {
         "input_ids holds 12 image tokens",
     ),
     "too_small": (lambda a: a.update(image_grid_thw=np.array([[1, 1, 48]])), "too small for one merged token"),
-    "video_frames": (lambda a: a.update(image_grid_thw=np.array([[2, 6, 4]])), "video input is not supported"),
-    "video_tensor": (lambda a: a.update(pixel_values_videos=a["pixel_values"]), "video input is not supported"),
+    # a clip of 2 temporal patches whose placeholders the prompt lacks
+    "video_frames": (lambda a: a.update(pixel_values_videos=np.concatenate([a["pixel_values"]] * 2),
+                                        video_grid_thw=np.array([[2, 6, 8]])),
+                     r"input_ids holds 0 video tokens .* but video_grid_thw gives \[24\]"),
+    "video_tensor": (lambda a: a.update(pixel_values_videos=a["pixel_values"]),
+                     "video_grid_thw is required with pixel_values_videos"),
     "pixels_shape": (lambda a: a.update(pixel_values=a["pixel_values"].reshape(-1, 3, 32)), "flattened patches"),
 }
 
@@ -421,7 +428,8 @@ def test_span_that_does_not_match_its_grid(tiny, vlm):
 def test_bad_images_through_the_processor(vlm):
     with pytest.raises(ValueError, match="aspect ratio"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(8, 2000, seed=0)], max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"images\[0\] looks like a video \(\[frames, height, width, channels\]\)"):
+    with pytest.raises(ValueError, match=r"images\[0\] looks like a video \(\[frames, height, width, channels\]\): "
+                                         r"pass videos with videos="):
         zspa_jax.generate(vlm, ["what is this"], [np.zeros((4, 16, 16, 3), np.uint8)], max_new_tokens=2)
     with pytest.raises(ValueError, match="keep=200 exceeds"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(16, 16, seed=0)], max_new_tokens=2,
