@@ -2,6 +2,7 @@
 
     python benchmarks/generate_qwen.py            # -> benchmarks/results/generate_qwen.{md,json}
     python benchmarks/generate_qwen.py --quick    # 448x448 only, one repeat; prints only
+    python benchmarks/generate_qwen.py --quick --no-images --video 16x112x112   # a small clip only (a smoke run)
 
 Model: Qwen2.5-VL-3B-shaped with random f32 weights and FEWER LAYERS so it runs on a
 2-core CPU: the real vision widths (d 1280, m 3420, 16 heads, patch 14, window 112) with
@@ -17,6 +18,17 @@ Per image and keep K in {all, 256, 128, 64} (those <= N), B = 1, 8 new tokens, E
   torch      vision: hf.model.get_image_features; LLM prefill on the (pruned) prompt:
              hf(inputs_embeds=..., position_ids=<kept tokens' original 3-D positions>,
              logits_to_keep=1); unpruned only: hf.generate(max_new_tokens=8) end to end.
+A video row (--video FRAMESxHxW, default 16x448x448: 8 temporal patches of 32x32 patches,
+2048 visual tokens; the clip at 2 fps) at keep {all, N/8, N/16} over the clip's tokens:
+  zspa_jax   generate(input_ids, pixel_values_videos, video_grid_thw, second_per_grid_ts,
+             prune=K): prefill seconds (tower + merger + pruning + LLM prefill and the first
+             token, one program), decode tok/s and the KV cache it allocates (cache slots:
+             the bucketed prompt + new tokens);
+  torch      vision: get_video_features; first token: the LLM prefill on the (pruned) prompt
+             at the kept tokens' original 3-D positions (get_rope_index with the clip's
+             second_per_grid_ts) and its argmax; KV cache: the bytes of that prefill's cache.
+The clip's arrays come from zspa_jax.encode (transformers' video processor needs torchvision;
+tests/test_qwen2_5_vl_video.py checks the two agree).
 Timings are medians over --repeats, the frameworks' calls interleaved.
 """
 
@@ -49,6 +61,15 @@ from zspa_jax import generation  # noqa: E402
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 NEW_TOKENS = 8
 IMAGES = ((448, 448), (1344, 1008))
+VIDEO_FPS = 2.0
+# transformers' Qwen2VLVideoProcessor defaults (class attributes), saved as video_preprocessor_config.json
+VIDEO_PROCESSOR = {
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_sample_frames": False,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "max_frames": 768, "min_frames": 4, "merge_size": 2, "patch_size": 14, "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 28 * 28 * 768, "shortest_edge": 128 * 28 * 28},
+    "temporal_patch_size": 2, "video_processor_type": "Qwen2VLVideoProcessor",
+}
 
 
 def build_model(directory: Path):
@@ -85,6 +106,7 @@ def build_model(directory: Path):
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
+        (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2) + "\n")
         check = ProcessorMixin.check_argument_for_proper_class  # no torchvision: see tests/qwen2_5_vl_helpers
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: type(arg)
         try:
@@ -105,14 +127,103 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def torch_cache_bytes(cache) -> int:
+    """Bytes of the keys and values a transformers cache holds."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return int(sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None))
+    return int(sum(t.nbytes for t in list(cache.key_cache) + list(cache.value_cache)))
+
+
+def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
+    """The clip at keep all, N/8, N/16: zspa_jax's generate against transformers' tower and
+    LLM prefill on the (pruned) prompt at the kept tokens' 3-D positions."""
+    from tests.qwen2_5_vl_helpers import random_clip as clip
+
+    frames, height, width = size
+    video = zspa_jax.Video(clip(frames, height, width, seed=1), fps=VIDEO_FPS)
+    a = zspa_jax.encode(vlm, ["describe the clip in detail"], videos=[video])
+    cfg = hf.config
+    ids = torch.as_tensor(a["input_ids"]).long()
+    mm = torch.where(ids == cfg.video_token_id, 2, torch.where(ids == cfg.image_token_id, 1, 0))
+    grid = torch.as_tensor(a["video_grid_thw"])
+    n = int((ids == cfg.video_token_id).sum())
+    with torch.no_grad():
+        t_vision, feats = timed(lambda: hf.model.get_video_features(torch.as_tensor(a["pixel_values_videos"]), grid)
+                                .pooler_output, repeats)
+        embeds = hf.model.get_input_embeddings()(ids)
+        video_slots = ids == cfg.video_token_id
+        embeds[video_slots] = torch.cat(feats)
+        positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=mm, video_grid_thw=grid,
+                                               second_per_grid_ts=torch.as_tensor(a["second_per_grid_ts"]))
+    rows = []
+    for keep in dict.fromkeys((n, max(1, n // 8), max(1, n // 16))):
+        prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
+        call = lambda: zspa_jax.generate(vlm, input_ids=a["input_ids"], attention_mask=a["attention_mask"],  # noqa: E731
+                                         pixel_values_videos=a["pixel_values_videos"],
+                                         video_grid_thw=a["video_grid_thw"],
+                                         second_per_grid_ts=a["second_per_grid_ts"], prune=prune,
+                                         max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        t0 = time.perf_counter()
+        call()
+        first_seconds = time.perf_counter() - t0
+        before = dict(generation.TRACE_COUNTS)
+        results = [call() for _ in range(repeats)]
+        assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
+        prefill = statistics.median(r.stats["prefill_seconds"] for r in results)
+        decode = statistics.median(r.stats["decode_tokens_per_second_total"] for r in results)
+        kept = results[-1].kept_indices
+        span = torch.nonzero(video_slots[0])[:, 0]
+        src = torch.arange(ids.shape[1]) if prune is None else torch.sort(torch.cat(
+            [torch.nonzero(~video_slots[0])[:, 0], span[torch.as_tensor(np.array(kept[0]))]])).values
+        with torch.no_grad():
+            t_prefill, out = timed(lambda: hf(inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
+                                              logits_to_keep=1, use_cache=True), repeats)
+        row = {
+            "video": f"{frames}x{height}x{width}", "fps": VIDEO_FPS, "grid": a["video_grid_thw"][0].tolist(),
+            "visual_tokens": n, "keep": keep, "sequence_length": int(ids.shape[1] - n + keep),
+            "jax_first_call_seconds": first_seconds, "jax_prefill_seconds": prefill,
+            "jax_decode_tokens_per_second": decode, "jax_kv_cache_bytes": results[-1].stats["kv_cache_bytes"],
+            "jax_cache_length": results[-1].stats["cache_length"],
+            "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
+            "torch_first_token_seconds": t_vision + t_prefill,
+            "torch_kv_cache_bytes": torch_cache_bytes(out.past_key_values),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def video_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "| video | grid (t x h x w) | N | keep | L' | zspa_jax prefill + first token s | torch vision s + LLM prefill s "
+        "| ratio torch/jax | zspa_jax KV MiB (slots) | torch KV MiB (prompt) | zspa_jax decode tok/s | zspa_jax first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, h, w = r["grid"]
+        lines.append(
+            f"| {r['video']} @ {r['fps']:g} fps | {t}x{h}x{w} | {r['visual_tokens']} | {r['keep']} | {r['sequence_length']} "
+            f"| {r['jax_prefill_seconds']:.2f} | {r['torch_vision_seconds']:.2f} + {r['torch_llm_prefill_seconds']:.2f} "
+            f"| {r['torch_first_token_seconds'] / r['jax_prefill_seconds']:.2f}x "
+            f"| {r['jax_kv_cache_bytes'] / 2**20:.1f} ({r['jax_cache_length']}) | {r['torch_kv_cache_bytes'] / 2**20:.1f} "
+            f"| {r['jax_decode_tokens_per_second']:.1f} | {r['jax_first_call_seconds']:.1f} |"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "generate_qwen"))
+    parser.add_argument("--video", default="16x448x448", help="the clip FRAMESxHxW of the video row ('none': no row)")
+    parser.add_argument("--no-images", action="store_true", help="only the video row")
     args = parser.parse_args(argv)
     torch.set_num_threads(CORES)
-    images = IMAGES[:1] if args.quick else IMAGES
+    images = () if args.no_images else (IMAGES[:1] if args.quick else IMAGES)
+    video = None if args.video == "none" else tuple(int(v) for v in args.video.lower().split("x"))
     repeats = 1 if args.quick else args.repeats
     from tests.qwen2_5_vl_helpers import hf_inputs, random_image
 
@@ -170,6 +281,7 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    clips = [] if video is None else video_rows(hf, vlm, video, repeats)
     machine = f"{platform.machine()} CPU x{CORES}, jax {jax.__version__}, torch {torch.__version__}"
     lines = [
         f"Qwen2.5-VL-3B-shaped, 4/32 vision blocks, 2/36 LLM layers, random f32 weights; {machine}; "
@@ -187,12 +299,15 @@ def main(argv=None) -> int:
             f"| {r['torch_prefill_seconds'] / r['jax_prefill_seconds']:.2f}x | {r['jax_decode_tokens_per_second']:.1f} "
             f"| {gen} | {r['jax_first_call_seconds']:.1f} |"
         )
+    if clips:
+        lines += video_table(clips)
     print("\n".join(lines))
     if not args.quick:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows, "video_rows": clips},
+                                                       indent=2) + "\n")
     return 0
 
 

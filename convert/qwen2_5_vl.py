@@ -56,11 +56,11 @@ map_key = table_mapper(LAYOUTS, RULES)
 _VISION_MAPPED = (
     "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
     "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size", "hidden_act",
+    "tokens_per_second",  # spaces video temporal positions (M-RoPE)
 )
-# tokens_per_second spaces video frames' temporal positions only (images have t = 1).
 # in_chans / spatial_patch_size: legacy hub names transformers keeps but never reads
 # (it uses in_channels / patch_size), so they cannot change the forward pass.
-_VISION_IGNORED = {"tokens_per_second", "rope_parameters", "in_chans", "spatial_patch_size"}
+_VISION_IGNORED = {"rope_parameters", "in_chans", "spatial_patch_size"}
 _TEXT_MAPPED = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "hidden_act",

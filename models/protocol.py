@@ -36,7 +36,7 @@ class MultimodalInputs(NamedTuple):
     # in sequence order, so the row's images follow each other in reading order.
     visual: jax.Array | None  # [B, N, D]: each row's visual tokens, slot by slot
     visual_valid: jax.Array | None  # bool [B, N]: real tokens of `visual` (None: all real)
-    image_index: jax.Array | None = None  # int32 [B, I, n]: each image's slots in [0, N), -1 padding
+    image_index: jax.Array | None = None  # int32 [B, I, n]: each image's (or video's) slots in [0, N), -1 padding
     image_grid: jax.Array | None = None  # int32 [B, I, 2]: each image's token grid (rows, cols), row-major
 
 

@@ -1,11 +1,12 @@
 """Qwen2.5-VL in Flax NNX: windowed ViT -> patch merger -> Qwen2 decoder with M-RoPE.
 
-Follows transformers' `modeling_qwen2_5_vl.py`. The tower works on the processor's
-flattened patches `[P, C * T * p * p]` (all images of a batch concatenated) and
-`image_grid_thw [n, 3]`. Everything that depends on the grid values (window order,
-rotary positions, attention segments, 3-D LLM positions) is computed on the host in
-numpy (`vision_layout`, `rope_index`), so the jitted programs only see arrays of
-static shape (that host code lives with the family's adapter,
+Follows transformers' `modeling_qwen2_5_vl.py`. The tower works on the processors'
+flattened patches `[P, C * T * p * p]` (all images and videos of a batch concatenated in
+reading order: one Conv3d patch embedding over temporal_patch_size frames per row) and
+their grids `[n, 3]` of (t, h, w), t temporal patches (1 for an image). Everything that
+depends on the grid values (window order, rotary positions, attention segments, 3-D LLM
+positions) is computed on the host in numpy (`vision_layout`, `rope_index`), so the
+jitted programs only see arrays of static shape (that host code lives with the family's adapter,
 `zspa_jax.families.qwen2_5_vl.layout`; this module holds the types it fills and the NNX
 modules). The tower runs on fixed-size window blocks (padding slots fill partial
 windows), so windowed attention is one batched [windows, S, S] attention; padding the
@@ -33,7 +34,6 @@ from models.layers import (
     check_positive,
     dot_product_attention,
     dtype_of,
-    merge_image_features,
     padding_causal_mask,
     prefixed_rules,
 )
@@ -59,6 +59,7 @@ class Qwen2_5_VLVisionConfig:
     out_hidden_size: int = 3584
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
+    tokens_per_second: int = 4  # video temporal positions per second (transformers' default 4; the 7B uses 2)
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -75,6 +76,9 @@ class Qwen2_5_VLVisionConfig:
             spatial_merge_size=self.spatial_merge_size,
             out_hidden_size=self.out_hidden_size,
         )
+        tps = self.tokens_per_second
+        if not isinstance(tps, int) or isinstance(tps, bool) or tps < 0:
+            raise ValueError(f"{name}.tokens_per_second must be an integer >= 0, got {self.tokens_per_second!r}")
         object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
@@ -158,8 +162,12 @@ class VisionLayout(NamedTuple):
     order: np.ndarray  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
     positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
     valid: np.ndarray  # bool [P]: the slot holds a real patch
-    image_segment: np.ndarray  # int32 [P]: full-attention segment (image frame) of each slot, -1 padding
+    image_segment: np.ndarray  # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
     inverse: np.ndarray  # int32 [U]: merged slot of each merged token in input order, padding slots last
+    # Full attention reads, for each chunk of P / C queries, only the keys [start, start + span)
+    # that hold their segments (None: every key):
+    chunk_keys: np.ndarray | None = None  # int32 [C]: first key slot of each query chunk
+    key_offsets: np.ndarray | None = None  # int32 [span]: 0, 1, ..., span - 1
 
 
 def window_slots(cfg: Qwen2_5_VLVisionConfig) -> int:
@@ -173,18 +181,18 @@ class QwenAux(NamedTuple):
     layout: VisionLayout
     positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
     next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
-    feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image token, -1 elsewhere
+    feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image or video token, -1 elsewhere
     # The visual layout when pruning (models.protocol), else None:
     visual_index: np.ndarray | None  # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
     visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to give every row N
-    image_index: np.ndarray | None = None  # int32 [B, I, n]: each image's slots in [0, N), -1 padding
-    image_grid: np.ndarray | None = None  # int32 [B, I, 2]: each image's merged-token grid (h, w) / merge
+    image_index: np.ndarray | None = None  # int32 [B, I, n]: each image's or video's slots in [0, N), -1 padding
+    image_grid: np.ndarray | None = None  # int32 [B, I, 2]: each item's merged-token grid (h, w) / merge (single frames only)
 
 
 # ----------------------------------------------------------------------------- vision tower
 
 
-QUERY_CHUNK = 1024  # full-attention blocks score this many queries at a time (memory ~ H * chunk * P)
+QUERY_CHUNK = 256  # full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
 
 
 def _windowed_attention(q, k, v, valid, slots: int) -> jax.Array:
@@ -197,21 +205,33 @@ def _windowed_attention(q, k, v, valid, slots: int) -> jax.Array:
     return dot_product_attention(q, k, v, mask).reshape(p, h, dh)
 
 
-def _segment_attention(q, k, v, segment) -> jax.Array:
-    """Full attention within segments (images): q, k, v [P, H, Dh]; segment int [P], -1 =
-    padding (never a key). Queries go in chunks so scores stay [H, chunk, P]."""
+def _segment_attention(q, k, v, segment, chunk_keys=None, key_offsets=None) -> jax.Array:
+    """Full attention within segments (one temporal patch of one image or video): q, k, v
+    [P, H, Dh]; segment int [P], -1 = padding (never a key). Queries go in chunks; with
+    `chunk_keys` [C] and `key_offsets` [span] (the layout's), chunk i scores only the keys
+    chunk_keys[i] + key_offsets, which hold every key of its queries' segments, so a clip
+    costs P x span instead of P x P; scores stay [H, P / C, span]."""
     p, h, dh = q.shape
-    chunk = math.gcd(p, QUERY_CHUNK)
-    keys_ok = segment >= 0
+    if chunk_keys is None:
+        chunks, span = p // math.gcd(p, QUERY_CHUNK), p
+        chunk_keys, key_offsets = jnp.zeros((chunks,), jnp.int32), jnp.arange(p, dtype=jnp.int32)
+    chunks, span = chunk_keys.shape[0], key_offsets.shape[0]
+    chunk_keys, segment = jnp.asarray(chunk_keys), jnp.asarray(segment)
+    chunk = p // chunks
 
     def one(args):
-        qc, seg = args  # [chunk, H, Dh], [chunk]
-        mask = (seg[:, None] == segment[None, :]) & keys_ok[None, :]
-        return dot_product_attention(qc[None], k[None], v[None], mask[None])[0]
+        qc, seg, start = args  # [chunk, H, Dh], [chunk], []
+        if span == p:
+            kc, vc, kseg = k, v, segment
+        else:
+            index = start + jnp.asarray(key_offsets)
+            kc, vc, kseg = k[index], v[index], segment[index]
+        mask = (seg[:, None] == kseg[None, :]) & (kseg >= 0)[None, :]
+        return dot_product_attention(qc[None], kc[None], vc[None], mask[None])[0]
 
-    if chunk == p:
-        return one((q, segment))
-    out = jax.lax.map(one, (q.reshape(p // chunk, chunk, h, dh), segment.reshape(p // chunk, chunk)))
+    if chunks == 1:
+        return one((q, segment, chunk_keys[0]))
+    out = jax.lax.map(one, (q.reshape(chunks, chunk, h, dh), segment.reshape(chunks, chunk), chunk_keys))
     return out.reshape(p, h, dh)
 
 
@@ -230,7 +250,7 @@ class VisionAttention(nnx.Module):
         q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         if full:
-            out = _segment_attention(q, k, v, layout.image_segment)
+            out = _segment_attention(q, k, v, layout.image_segment, layout.chunk_keys, layout.key_offsets)
         else:
             out = _windowed_attention(q, k, v, layout.valid, slots)
         return self.proj(out.reshape(p, d))
@@ -347,11 +367,15 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         return self.language_model.embed(input_ids)
 
     def inputs_embeds(self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: VisionLayout | None) -> jax.Array:
+        """Text embeddings with the merged tokens written at the image and video placeholders,
+        in reading order (the items of `layout`, images and videos, in that order)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        features = self.image_features(pixel_values, layout)[None]
-        return merge_image_features(input_ids, embeds, features, self.config.image_token_id)
+        features = self.image_features(pixel_values, layout)
+        visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        order = jnp.clip(jnp.cumsum(visual.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(visual.shape)
+        return jnp.where(visual[..., None], features[order].astype(embeds.dtype), embeds)
 
     def multimodal_inputs(
         self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux: QwenAux

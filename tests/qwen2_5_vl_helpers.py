@@ -37,6 +37,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -74,14 +75,32 @@ def build_tokenizer():
     return tok
 
 
+def video_processor_config(min_pixels: int = 16 * 16, max_pixels: int = 64 * 64) -> dict:
+    """What transformers' `Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+    size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained` writes
+    (video_preprocessor_config.json), written by hand: the class needs torchvision."""
+    return {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_sample_frames": False,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "max_frames": 768, "max_video_tokens": 128000, "merge_size": MERGE, "min_frames": 4, "patch_size": PATCH,
+        "resample": 3, "rescale_factor": 0.00392156862745098, "return_metadata": False,
+        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels}, "temporal_patch_size": 2,
+        "video_processor_type": "Qwen2VLVideoProcessor",
+    }
+
+
 def build_processor(directory: Path, min_pixels: int = 16 * 16, max_pixels: int = 64 * 64):
     """A Qwen2_5_VLProcessor (word-level tokenizer + PIL Qwen2VLImageProcessor) whose
-    tokenizer (chat template included) and image processor files are saved to `directory`.
+    tokenizer (chat template included), image processor and video processor files are saved
+    to `directory`.
 
     Without torchvision, transformers cannot resolve the video-processor base class and
-    refuses to construct the processor; its class check is relaxed here (the video
-    processor is never used: video input is not supported).
+    refuses to construct the processor; its class check is relaxed here (its video
+    processor is None: transformers' video path needs torchvision; the video processor's
+    config is saved for zspa_jax's own frame processing).
     """
+    import json
+
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
@@ -98,6 +117,8 @@ def build_processor(directory: Path, min_pixels: int = 16 * 16, max_pixels: int 
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
+        (Path(directory) / "video_preprocessor_config.json").write_text(
+            json.dumps(video_processor_config(min_pixels, max_pixels), indent=2) + "\n")
         check = ProcessorMixin.check_argument_for_proper_class
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: type(arg)
         try:
@@ -244,6 +265,17 @@ def random_image(height: int, width: int, seed: int):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def random_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: a moving pattern plus noise (every frame differs)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = []
+    for f in range(frames):
+        base = np.stack([127 + 100 * np.sin((yy + 3 * f) / 5.0 + c + xx / 7.0) for c in range(3)], -1)
+        out.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255))
+    return np.asarray(out, np.uint8)
 
 
 def hf_inputs(processor, prompts, images):

@@ -16,6 +16,7 @@ from zspa_jax.generation import GenerateOutput, GenerateResult, generate, genera
 from zspa_jax.batch import encode
 from zspa_jax.loading import VLM, load, shard
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, auto_core_ratio, gather_tokens, select_tokens
+from zspa_jax.video import Video
 
 __all__ = [
     "PRUNE_METHODS",
@@ -23,6 +24,7 @@ __all__ = [
     "GenerateResult",
     "PruneConfig",
     "VLM",
+    "Video",
     "encode",
     "auto_core_ratio",
     "forward",

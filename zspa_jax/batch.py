@@ -89,9 +89,9 @@ def prepare_arrays(
     programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
     """
     adapter = family_of(vlm).adapter
-    if pixel_values is not None:
-        check_prune_for(vlm, prune)
     extras = dict(extras or {})
+    if pixel_values is not None or extras.get("pixel_values_videos") is not None:
+        check_prune_for(vlm, prune)
     batch = adapter.prepare(vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
                             prompt_bucket)
     _check_layout(prune, batch)
@@ -179,14 +179,24 @@ def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
 
 
 def encode(
-    vlm, prompts: str | Sequence[str], images=None, *, chat_template: bool | None = None
+    vlm, prompts: str | Sequence[str], images=None, *, chat_template: bool | None = None, videos=None
 ) -> dict[str, np.ndarray]:
-    """Strings + images -> exactly the arrays the array API takes (transformers' names:
-    input_ids, attention_mask, pixel_values, and the family's VISUAL_ARGS such as
-    Qwen2.5-VL's image_grid_thw), through the checkpoint's saved processor.
+    """Strings + images (+ videos) -> exactly the arrays the array API takes (transformers'
+    names: input_ids, attention_mask, pixel_values, and the family's VISUAL_ARGS such as
+    Qwen2.5-VL's image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts),
+    through the checkpoint's saved processor.
 
         batch = zspa_jax.encode(vlm, ["What is on the table?"], [image])
         logits = zspa_jax.forward(vlm, **batch)
+
+    `videos` (families that take video, e.g. Qwen2.5-VL): one entry per prompt, None, a
+    video (a list of PIL frames, an array [T, H, W, C], or a `zspa_jax.Video` with its frame
+    rate and sampling) or a list of that prompt's videos.
     """
     check_vlm(vlm)
-    return family_of(vlm).adapter.encode(vlm, prompts, images, chat_template)
+    family = family_of(vlm)
+    if videos is None:
+        return family.adapter.encode(vlm, prompts, images, chat_template)
+    if "pixel_values_videos" not in family.visual_args:
+        raise ValueError(f"videos were given: video input is not supported by {family.display_name} models (images only)")
+    return family.adapter.encode(vlm, prompts, images, chat_template, videos=videos)

@@ -123,7 +123,8 @@ def generate_tokens(
 
     input_ids: int [B, L], left-padded; pixel_values: the processor's pixel_values or
     None; attention_mask: [B, L]; image_grid_thw ... second_per_grid_ts: the family's other
-    visual arrays (transformers' names; Qwen2.5-VL: image_grid_thw int [n, 3]).
+    visual arrays (transformers' names; Qwen2.5-VL: image_grid_thw int [n, 3], and for
+    videos pixel_values_videos, video_grid_thw int [v, 3], second_per_grid_ts [v]).
     `max_new_tokens` may be traced, in which case
     `max_new_tokens_bound` (a Python int) sizes the KV cache and bounds it. Returns
     tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
@@ -178,6 +179,7 @@ def generate(
     prompts: str | Sequence[str] | None = None,
     images: Any | Sequence[Any] | None = None,
     *,
+    videos: Any | Sequence[Any] | None = None,
     input_ids=None,
     pixel_values=None,
     attention_mask=None,
@@ -200,9 +202,13 @@ def generate(
     """Generate answers for prompts about images, optionally pruning visual tokens first.
 
     Give either `prompts` (+ `images`: one entry per prompt, a PIL image or a list of the
-    prompt's images) — encoded with the saved HF processor, chat template included when the
-    model has one — or `input_ids` (+ `pixel_values`, `attention_mask`, and the family's
-    other visual arrays such as Qwen2.5-VL's `image_grid_thw`), with transformers' names.
+    prompt's images; + `videos` for families that take video (Qwen2.5-VL): one entry per
+    prompt, None, a video — a list of PIL frames, an array [T, H, W, C] or a
+    `zspa_jax.Video` with its frame rate and sampling — or a list of the prompt's videos) —
+    encoded with the saved HF processor, chat template included when the model has one — or
+    `input_ids` (+ `pixel_values`, `attention_mask`, and the family's other visual arrays
+    such as Qwen2.5-VL's `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
+    `second_per_grid_ts`), with transformers' names.
     Prompts are left-padded to a multiple of PROMPT_BUCKET tokens; Qwen2.5-VL's tower
     windows and pruned image spans are padded to buckets too, so images of different sizes
     share compiled programs.
@@ -234,13 +240,15 @@ def generate(
         if pixel_values is not None or attention_mask is not None or extras:
             given = ", ".join(["pixel_values"] * (pixel_values is not None) + ["attention_mask"] * (attention_mask is not None)
                               + list(extras))
-            raise ValueError(f"{given} go with input_ids; with prompts, pass images")
-        encoded = encode(vlm, prompts, images, chat_template=chat_template)
+            raise ValueError(f"{given} go with input_ids; with prompts, pass images (and videos)")
+        encoded = encode(vlm, prompts, images, chat_template=chat_template, videos=videos)
         input_ids, pixel_values, attention_mask = (encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask"))
         extras = {k: v for k, v in encoded.items() if k in VISUAL_ARGS}
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
+        if videos is not None:
+            raise ValueError("videos go with prompts; with input_ids, pass pixel_values_videos and video_grid_thw")
         if chat_template is not None:
             raise ValueError("chat_template applies to prompts (strings); input_ids are used as given")
         if hasattr(input_ids, "shape") and len(input_ids.shape) == 1:  # one unbatched prompt

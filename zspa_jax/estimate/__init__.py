@@ -2,6 +2,7 @@
 
     python -m zspa_jax.estimate [--text-tokens 60] [--new-tokens 0] [--json]
     python -m zspa_jax.estimate --model qwen2.5-vl-7b --image 1344x1008 [--keep 1230 256 128 64]
+    python -m zspa_jax.estimate --model qwen2.5-vl-7b --video 16x448x448 [--fps 2]
     python -m zspa_jax.estimate --model M --mesh data=D,model=M [--batch B] [--json]
 
 prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stage at
@@ -70,6 +71,7 @@ from zspa_jax.estimate.qwen2_5_vl import (  # noqa: F401
     _numel_qwen_vision,
     _qwen_window_sizes,
     qwen_image_grid,
+    qwen_video_grid,
     qwen_vision_flops,
 )
 
@@ -85,6 +87,7 @@ __all__ = [
     "estimate_qwen2_5_vl",
     "qwen2_5_vl_7b_config",
     "qwen_image_grid",
+    "qwen_video_grid",
     # public attributes of the old module, now listed too
     "MODELS",
     "decode_flops",

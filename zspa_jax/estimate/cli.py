@@ -24,6 +24,35 @@ def _image_hw(text: str, parser) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _video_fhw(text: str, parser) -> tuple[int, int, int]:
+    """FRAMESxHxW, all positive; anything else is one `error:` line (exit 2)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+        parser.error(f"--video must be FRAMESxHxW with positive integers (e.g. 16x448x448), got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def _visual_plan(args, parser, cfg, hooks):
+    """(image_hw, video, plan) of the command line: --video when given, else --image."""
+    if args.fps is not None and args.video is None:
+        parser.error("--fps is the frame rate of --video; give --video FRAMESxHxW")
+    if args.video is None:
+        hw = _image_hw(args.image, parser) if hooks.image_sized else None
+        return hw, None, hooks.image(cfg, hw)
+    if hooks.video is None:
+        parser.error(f"--video: {args.model} takes no video")
+    video = _video_fhw(args.video, parser)
+    try:
+        return None, video, hooks.video(cfg, video, args.fps)
+    except ValueError as e:
+        parser.error(f"--video: {e}")
+
+
+def _video_keeps(n: int) -> list[int]:
+    """All of a clip's tokens, then 1/4, 1/8 and 1/16 of them."""
+    return list(dict.fromkeys(max(1, round(n / d)) for d in (1, 4, 8, 16)))
+
+
 def _default_keeps(n: int) -> list[int]:
     return list(dict.fromkeys(k for k in (n, 256, 128, 64) if k <= n))
 
@@ -43,6 +72,17 @@ def _llava_7b_header(args, hw, n: int, rows: list[dict]) -> str:
 
 def _qwen_7b_header(args, hw, n: int, rows: list[dict]) -> str:
     w = rows[0]
+    if "grid_thw" in w:  # a video
+        f, vh, vw = w["video_frames_hw"]
+        t, gh, gw = w["grid_thw"]
+        return (
+            f"Qwen2.5-VL-7B, B=1, a video of {f} frames of {vh}x{vw} at {w['fps']:g} fps -> {t} temporal patches of "
+            f"{gh}x{gw} patches, {n} visual tokens (K counts over the whole clip), {args.text_tokens} text tokens, "
+            f"{args.new_tokens} new tokens (vision GFLOPs: the tower and merger on every temporal patch); "
+            f"second_per_grid_ts {w['second_per_grid_ts']:.4g} s, temporal positions span "
+            f"{w['temporal_position_span']}; weights (bf16): vision {w['weight_bytes_vision'] / 2**30:.2f} GiB, "
+            f"LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB"
+        )
     return (
         f"Qwen2.5-VL-7B, B=1, a {hw[0]}x{hw[1]} image -> grid {w['grid_hw'][0]}x{w['grid_hw'][1]} patches, "
         f"{n} visual tokens, {args.text_tokens} text tokens, {args.new_tokens} new tokens (vision GFLOPs include "
@@ -94,10 +134,11 @@ def _mesh_table(name: str, cfg, axis_sizes, batch: int, text_tokens: int, new_to
 
 
 def _table(
-    cfg, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int, image_hw=None
+    cfg, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int, image_hw=None, video=None, fps=None
 ) -> tuple[str, list[dict]]:
     rows = [
-        estimate_model(cfg, text_tokens, image_hw, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes)
+        estimate_model(cfg, text_tokens, image_hw, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes,
+                       video=video, fps=fps)
         for k in keeps
     ]
     g, t = 1e9, 1e12
@@ -125,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=tuple(MODELS), default="llava-1.5-7b")
     parser.add_argument("--image", default="448x448", help="image size HxW in pixels for models whose tokens follow "
                         "it (Qwen2.5-VL, LLaVA-NeXT; default 448x448)")
+    parser.add_argument("--video", default=None, help="a clip FRAMESxHxW (frames of HxW pixels) instead of an image, "
+                        "for models that take video (Qwen2.5-VL); keeps count over the whole clip (default: all, "
+                        "1/4, 1/8, 1/16)")
+    parser.add_argument("--fps", type=float, default=None, help="the clip's frame rate (sets its temporal positions "
+                        "only; default 24, transformers' default)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--mesh", default=None, help="data=D,model=M: per-device parameter and KV-cache bytes")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)")
@@ -136,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = FLOPS_TABLES[args.model]
     cfg = MODELS[args.model]()
     hooks = hooks_of(cfg)
-    hw = _image_hw(args.image, parser) if hooks.image_sized else None
-    n = hooks.image(cfg, hw).visual_tokens
-    keeps = args.keep or (list(spec.keeps) if spec.keeps is not None else _default_keeps(n))
-    table, rows = _table(cfg, args.text_tokens, args.new_tokens, keeps, kv_dtype_bytes=2, image_hw=hw)
+    hw, video, plan = _visual_plan(args, parser, cfg, hooks)
+    n = plan.visual_tokens
+    if video is not None:
+        keeps = args.keep or _video_keeps(n)
+    else:
+        keeps = args.keep or (list(spec.keeps) if spec.keeps is not None else _default_keeps(n))
+    table, rows = _table(cfg, args.text_tokens, args.new_tokens, keeps, kv_dtype_bytes=2, image_hw=hw, video=video,
+                         fps=args.fps)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -159,9 +209,9 @@ def _mesh_main(args, parser) -> int:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     cfg = MODELS[args.model]()
     hooks = hooks_of(cfg)
-    hw = _image_hw(args.image, parser) if hooks.image_sized else None
-    n = hooks.image(cfg, hw).visual_tokens
-    keeps = args.keep or _default_keeps(n)
+    _, video, plan = _visual_plan(args, parser, cfg, hooks)
+    n = plan.visual_tokens
+    keeps = args.keep or (_video_keeps(n) if video is not None else _default_keeps(n))
     table, rows = _mesh_table(args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps)
     if args.json:
         print(json.dumps(rows, indent=2))

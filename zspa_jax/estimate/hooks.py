@@ -24,6 +24,7 @@ class ImagePlan(NamedTuple):
     label: str  # what N counts, for errors ("visual tokens", "visual tokens of a (448, 448) image")
     grid: tuple[int, int] | None = None  # the patch grid (rows, cols) when the image sets it
     report: dict[str, Any] | None = None  # entries the estimate reports right after "batch"
+    temporal_patches: int = 1  # a video's temporal patches (the tower runs each on the grid); 1 for an image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,8 @@ class EstimateHooks:
     vision_weight_bytes(cfg), projector_weight_bytes(cfg) -> int: parameter bytes.
     tower_report(cfg) -> dict: entries reported right after "vision_tokens_in_tower".
     reports_decode_weights: the estimate includes "decode_weight_bytes_per_token".
+    video(cfg, (frames, height, width), fps) -> ImagePlan: what one clip becomes (families
+      that take video; None: video is refused); vision_flops then counts the whole clip.
     """
 
     image: Callable[[Any, tuple[int, int] | None], ImagePlan]
@@ -52,3 +55,4 @@ class EstimateHooks:
     tower_report: Callable[[Any], dict[str, Any]] = lambda cfg: {}
     image_sized: bool = False
     reports_decode_weights: bool = False
+    video: Callable[[Any, tuple[int, int, int], float | None], ImagePlan] | None = None

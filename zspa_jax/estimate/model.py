@@ -40,6 +40,8 @@ def estimate_model(
     core_ratio: float | str = 0.6,
     method: str = "zspaprune",
     fastv_layer: int = 2,
+    video: tuple[int, int, int] | None = None,
+    fps: float | None = None,
 ) -> dict:
     """FLOPs per stage and bytes for one call of any family's model (flops.py's convention).
 
@@ -56,9 +58,19 @@ def estimate_model(
       method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
         and KV cache instead (layers < fastv_layer keep all N tokens). Methods that read the
         tower's [CLS] token are refused for towers without one.
+      video: (frames, height, width) of one clip per prompt instead of an image (families
+        that take video: Qwen2.5-VL); `keep` then counts over the clip's tokens together.
+      fps: the clip's frame rate (only its temporal positions depend on it).
     Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
     """
     hooks = hooks_of(cfg)
+    if video is not None:
+        from zspa_jax.families import family_of
+
+        if hooks.video is None:
+            raise ValueError(f"the {family_of(cfg).display_name} family takes no video")
+        if image_hw is not None:
+            raise ValueError("give image_hw or video, not both (one visual input per prompt)")
     record = get_method(method)
     dims = hooks.tower_dims(cfg)
     if record.needs_cls_attention and dims is None:
@@ -67,7 +79,7 @@ def estimate_model(
         raise ValueError(
             f"method {method!r} needs a [CLS] token, which the {family_of(cfg).display_name} tower does not have"
         )
-    plan = hooks.image(cfg, image_hw if hooks.image_sized else None)
+    plan = hooks.video(cfg, tuple(video), fps) if video is not None else hooks.image(cfg, image_hw if hooks.image_sized else None)
     n = plan.visual_tokens
     keep = n if keep is None else int(keep)
     if not 1 <= keep <= n:

@@ -79,7 +79,7 @@ def qwen2_5_vl_7b_config(dtype: str = "bfloat16", text_layers: int = 28, vision_
     vision = Qwen2_5_VLVisionConfig(
         depth=vision_depth, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
         spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=full,
-        out_hidden_size=3584, dtype=dtype,
+        out_hidden_size=3584, tokens_per_second=2, dtype=dtype,
     )
     text = LlamaConfig(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,

@@ -9,6 +9,13 @@ count, what transformers computes per window; our tower pads partial windows to 
 Patch embedding P*(3*2*p*p)*d; merger N*((4d)^2 + 4d*d_llm), counted in the vision FLOPs
 (no separate projector). The LLM is the shared decoder count with L' = T + K
 (zspa_jax.estimate.flops, same convention).
+
+A video of F frames of height x width pixels is resized like the Qwen2-VL video processor
+(smart_resize with its defaults, 128*28*28 to 768*28*28 pixels per frame), giving
+t = F / temporal_patch_size temporal patches of the same h x w grid: N = t*h*w/4 visual
+tokens and t times one frame's tower and merger FLOPs (windows and full attention are per
+temporal patch, as in transformers). The frame rate only sets the temporal positions
+(second_per_grid_ts = temporal_patch_size / fps; transformers' default 24 fps without one).
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
 from zspa_jax.estimate.memory import dtype_bytes
 
-__all__ = ["HOOKS", "qwen_image_grid", "qwen_vision_flops"]
+__all__ = ["HOOKS", "VIDEO_MAX_PIXELS", "VIDEO_MIN_PIXELS", "qwen_image_grid", "qwen_video_grid", "qwen_vision_flops"]
+
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # Qwen2VLVideoProcessor's size["shortest_edge"] default
+VIDEO_MAX_PIXELS = 768 * 28 * 28  # ... and size["longest_edge"]
+DEFAULT_FPS = 24  # transformers' frame rate for a clip given without one
 
 
 def qwen_image_grid(
@@ -86,12 +97,53 @@ def _image(cfg: Qwen2_5_VLConfig, image_hw) -> ImagePlan:
     )
 
 
+def qwen_video_grid(
+    frames: int, height: int, width: int, v: Qwen2_5_VLVisionConfig, min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+) -> tuple[int, int, int]:
+    """(t, h, w) in patches of a clip of `frames` frames of height x width pixels after the
+    Qwen2-VL video processor (its default min/max pixels per frame)."""
+    tps = v.temporal_patch_size
+    if frames < tps or frames % tps:
+        raise ValueError(
+            f"a video needs a positive multiple of temporal_patch_size={tps} frames (frames per temporal patch), "
+            f"got {frames}"
+        )
+    h, w = qwen_image_grid(height, width, v, min_pixels, max_pixels)
+    return frames // tps, h, w
+
+
+def _video(cfg: Qwen2_5_VLConfig, video, fps) -> ImagePlan:
+    frames, height, width = video
+    v = cfg.vision
+    t, gh, gw = qwen_video_grid(frames, height, width, v)
+    fps = DEFAULT_FPS if fps is None else float(fps)
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    seconds = v.temporal_patch_size / fps
+    interval = float(v.tokens_per_second * seconds)
+    return ImagePlan(
+        visual_tokens=t * gh * gw // v.merge_unit,
+        tower_tokens=t * gh * gw,
+        label=f"visual tokens of a {frames}x{height}x{width} video",
+        grid=(gh, gw),
+        report={
+            "video_frames_hw": [frames, height, width], "fps": fps, "grid_thw": [t, gh, gw],
+            "second_per_grid_ts": seconds,
+            # the largest temporal M-RoPE offset within the clip: (t - 1) x tokens_per_second x seconds
+            "temporal_position_span": int((t - 1) * interval),
+        },
+        temporal_patches=t,
+    )
+
+
 HOOKS = EstimateHooks(
     image=_image,
-    vision_flops=lambda cfg, plan: qwen_vision_flops(cfg, *plan.grid),
+    vision_flops=lambda cfg, plan: plan.temporal_patches * qwen_vision_flops(cfg, *plan.grid),
     projector_flops=lambda cfg, rows: 0,  # the merger is counted in vision_flops
     tower_dims=lambda cfg: None,  # no [CLS] token
     vision_weight_bytes=lambda cfg: _numel_qwen_vision(cfg.vision) * dtype_bytes(cfg.vision.dtype),
     projector_weight_bytes=lambda cfg: 0,
     image_sized=True,
+    video=_video,
 )

@@ -49,7 +49,8 @@ class HostAdapter(Protocol):
         """How many trailing entries of pixel_values and of each extra belong to the batch's
         last row (mesh padding repeats them)."""
 
-    def encode(self, vlm, prompts, images, chat_template) -> dict[str, np.ndarray]: ...
+    def encode(self, vlm, prompts, images, chat_template, videos=None) -> dict[str, np.ndarray]:
+        """Strings + images (+ videos where the family takes them) -> the array API's arrays."""
 
     def load_processor(self, path: Path) -> Any: ...
 
@@ -114,20 +115,24 @@ def left_pad(
 
 
 def pad_visual_slots(
-    input_ids: np.ndarray, attention_mask: np.ndarray, token_id: int, slots: int, pad_id: int
+    input_ids: np.ndarray, attention_mask: np.ndarray, token_id: int | tuple[int, ...], slots: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Give every row exactly `slots` placeholders (the visual layout of models.protocol).
 
-    The added slots (`token_id` with mask 0, right after the row's last real placeholder)
-    are masked out of attention and skipped by positions; rows are re-left-padded to one
-    length. Returns (input_ids, attention_mask) int32 [B, L'].
+    `token_id`: the placeholder id, or several (image and video). The added slots (the id of
+    the row's last real placeholder, mask 0) go right after it, so each row's real
+    placeholders come first, in reading order; they are masked out of attention and skipped
+    by positions. Rows are re-left-padded to one length. Returns (input_ids,
+    attention_mask) int32 [B, L'].
     """
+    ids_of = (token_id,) if isinstance(token_id, (int, np.integer)) else tuple(token_id)
     rows_ids, rows_mask = [], []
     for ids, mask in zip(input_ids, attention_mask):
-        real = np.flatnonzero((ids == token_id) & (mask != 0))
+        real = np.flatnonzero(np.isin(ids, ids_of) & (mask != 0))
         at = real[-1] + 1 if real.size else ids.size
+        fill = ids[real[-1]] if real.size else ids_of[0]
         extra = slots - real.size
-        rows_ids.append(np.concatenate([ids[:at], np.full(extra, token_id), ids[at:]]))
+        rows_ids.append(np.concatenate([ids[:at], np.full(extra, fill), ids[at:]]))
         rows_mask.append(np.concatenate([mask[:at], np.zeros(extra, mask.dtype), mask[at:]]))
     length = max(r.size for r in rows_ids)
     ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])

@@ -15,16 +15,19 @@ from one feature array (`QwenAux.feature_index`).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import numpy as np
 
+from models import qwen2_5_vl as qwen_model
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, QwenAux, VisionLayout, window_slots
-from zspa_jax.families.base import image_slot_index, left_pad, round_up
+from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
 
 __all__ = [
     "IMAGE", "VIDEO", "PreparedBatch", "WINDOW_BUCKET_MIN", "check_grid", "image_spans", "image_token_counts",
     "num_patches", "num_windows", "prepare_batch", "rope_index", "temporal_bucket", "vision_layout", "visual_spans",
+    "windows_per_frame",
 ]
 
 IMAGE, VIDEO = 1, 2  # transformers' mm_token_type_ids values (0 = text)
@@ -64,12 +67,20 @@ def num_windows(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> int:
     return int(sum(t * -(-(h // m) // win) * -(-(w // m) // win) for t, h, w in np.asarray(grid_thw).tolist()))
 
 
+def windows_per_frame(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
+    """int [n]: windows of one temporal patch of each item (a full-attention segment's windows)."""
+    win, m = cfg.window_merged, cfg.spatial_merge_size
+    return np.array([-(-(h // m) // win) * -(-(w // m) // win) for _, h, w in np.asarray(grid_thw).tolist()], np.int64)
+
+
 def temporal_bucket(t: int) -> int:
     """The temporal patch count a video of `t` is padded to in shapes: the next power of two."""
     return 1 << max(int(t) - 1, 0).bit_length()
 
 
-def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None) -> VisionLayout:
+def vision_layout(
+    grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None, segment_windows: int | None = None
+) -> VisionLayout:
     """Window order, rotary positions and attention segments for the items of `grid_thw`.
 
     Mirrors transformers' `get_vision_window_index`, `get_vision_position_ids` and
@@ -81,7 +92,11 @@ def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = N
     t segments per item). Here every window gets `window_slots` slots (padding after its real
     patches), so windowed attention is one batched [W, S, S] attention. `windows` (>= the
     real count) adds all-padding windows: a bucket, so items of different sizes share one
-    compiled tower.
+    compiled tower. Full attention scores queries in chunks of `QUERY_CHUNK`, each against
+    the key slots that hold its queries' segments only (`chunk_keys`, `key_offsets`): the
+    span is chunk + 2 * (the largest segment's slots - 1), capped at all slots, with the
+    largest segment counted as `segment_windows` windows when given (a bucket, >= the real
+    count), so the span too follows buckets only.
     """
     grid = check_grid(grid_thw, cfg, "grid_thw")
     m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
@@ -125,13 +140,46 @@ def vision_layout(grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = N
     used = np.zeros(total_merged, bool)
     used[merged_slot] = True
     inverse = np.concatenate([merged_slot, np.flatnonzero(~used)])
+    chunk_keys, key_offsets = _key_ranges(segment.ravel(), grid, cfg, segment_windows)
     return VisionLayout(
         order=order.ravel().astype(np.int32),
         positions=positions.reshape(-1, 2).astype(np.int32),
         valid=(order.ravel() < real),
         image_segment=segment.ravel().astype(np.int32),
         inverse=inverse.astype(np.int32),
+        chunk_keys=chunk_keys,
+        key_offsets=key_offsets,
     )
+
+
+def _key_ranges(segment: np.ndarray, grid: np.ndarray, cfg: Qwen2_5_VLVisionConfig, segment_windows: int | None):
+    """(chunk_keys int32 [C], key_offsets int32 [span]): per chunk of full-attention queries,
+    the first of `span` consecutive key slots covering every segment its queries belong to.
+    A segment is one temporal patch of one item, its windows consecutive."""
+    p = segment.size
+    chunk = math.gcd(p, qwen_model.QUERY_CHUNK)
+    largest = int(windows_per_frame(grid, cfg).max()) if len(grid) else 1
+    if segment_windows is not None:
+        if segment_windows < largest:
+            raise ValueError(f"segment_windows {segment_windows} must be >= the largest segment's {largest} windows")
+        largest = int(segment_windows)
+    span = min(p, chunk + 2 * (largest * window_slots(cfg) - 1))
+    real = segment >= 0
+    slot = np.arange(p)
+    count = int(segment.max()) + 1 if real.any() else 0
+    first = np.full(count, p, np.int64)
+    last = np.zeros(count, np.int64)
+    np.minimum.at(first, segment[real], slot[real])
+    np.maximum.at(last, segment[real], slot[real] + 1)
+    starts = []
+    for c in range(p // chunk):
+        segs = segment[c * chunk:(c + 1) * chunk]
+        segs = segs[segs >= 0]
+        lo, hi = (first[segs.min()], last[segs.max()]) if segs.size else (c * chunk, c * chunk)
+        if hi - lo > span:  # cannot happen: segments are consecutive and at most `largest` windows long
+            raise AssertionError(f"chunk {c} needs keys [{lo}, {hi}) beyond the span {span}")
+        starts.append(min(lo, p - span))
+    return np.asarray(starts, np.int32), np.arange(span, dtype=np.int32)
 
 
 def image_token_counts(grid_thw: np.ndarray, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
@@ -309,25 +357,6 @@ def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfi
     return pixels, grid
 
 
-def _pad_visual_slots(ids: np.ndarray, mask: np.ndarray, token_ids: tuple[int, ...], slots: int, pad_id: int):
-    """Give every row exactly `slots` placeholders (models.protocol's visual layout): the
-    added slots (the id of the row's last real placeholder, mask 0) go right after it, so
-    each row's real placeholders come first, items in reading order; rows are re-left-padded
-    to one length."""
-    rows_ids, rows_mask = [], []
-    for row, valid in zip(ids, mask):
-        real = np.flatnonzero(np.isin(row, token_ids) & (valid != 0))
-        at = real[-1] + 1 if real.size else row.size
-        fill = row[real[-1]] if real.size else token_ids[0]
-        extra = slots - real.size
-        rows_ids.append(np.concatenate([row[:at], np.full(extra, fill), row[at:]]))
-        rows_mask.append(np.concatenate([valid[:at], np.zeros(extra, valid.dtype), valid[at:]]))
-    length = max(r.size for r in rows_ids)
-    ids = np.stack([np.pad(r, (length - r.size, 0), constant_values=pad_id) for r in rows_ids])
-    mask = np.stack([np.pad(r, (length - r.size, 0)) for r in rows_mask])
-    return ids.astype(np.int32), mask.astype(np.int32)
-
-
 def prepare_batch(
     cfg: "Qwen2_5_VLConfig",
     input_ids,
@@ -437,7 +466,7 @@ def prepare_batch(
         if slot_multiple:
             slots, width = round_up(slots, slot_multiple), round_up(int(shaped_counts.max()), slot_multiple)
         if slots > visual_counts.min():
-            ids, mask = _pad_visual_slots(ids, mask, token_ids, slots, pad_id)
+            ids, mask = pad_visual_slots(ids, mask, token_ids, slots, pad_id)
         image_index = image_slot_index(tokens, width)
     elif bucket and is_video.any():
         # Unpruned: left padding for the tokens the shorter clips lack, so the prompt
@@ -464,10 +493,11 @@ def prepare_batch(
         if (item_grid[:, 0] == 1).all():  # one frame each: every item is an (h, w) grid, row-major
             grid_hw = np.zeros(image_index.shape[:2] + (2,), np.int32)
             grid_hw[image_index[:, :, 0] >= 0] = item_grid[:, 1:] // vc.spatial_merge_size
-    windows = None
+    windows = segment_windows = None
     if bucket:
         windows = max(WINDOW_BUCKET_MIN, 1 << max(num_windows(shaped_grid, vc) - 1, 0).bit_length())
-    layout = vision_layout(item_grid, vc, windows=windows)
+        segment_windows = 1 << max(int(windows_per_frame(item_grid, vc).max()) - 1, 0).bit_length()
+    layout = vision_layout(item_grid, vc, windows=windows, segment_windows=segment_windows)
     aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, image_index,
                   grid_hw)
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
