@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -48,6 +49,17 @@ if str(REPO_ROOT) not in sys.path:
 CACHE_ROOT = Path(tempfile.gettempdir()) / "zspa_jax_test_cache"
 # Bump when the cached SmolLM2-LLaVA recipe changes (vision tower, projector, tokenizer).
 SMOLLM2_CACHE_VERSION = "smollm2-llava-v2"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jit's compiled programs after each test module. Each compiled CPU executable
+    holds ~20 memory mappings; the whole suite compiles thousands, and past the kernel's
+    vm.max_map_count (65530 by default) LLVM's next mmap fails inside XLA's compiler, which
+    ends the process with a segfault. Programs a later module needs are compiled again."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 # --------------------------------------------------------------------------------------
