@@ -294,6 +294,28 @@ def hf_inputs(processor, prompts, images):
     return batch
 
 
+def hf_greedy_from_pruned(hf, embeds, positions, slots_mask, kept, eos_ids, steps: int) -> list[int]:
+    """transformers' greedy tokens for one row given as pruned inputs_embeds: the row's
+    non-placeholder tokens and its kept placeholders (`kept` indexes the placeholders of
+    `slots_mask` [L] in order) at their original M-RoPE positions (`positions` [3, 1, L]
+    from get_rope_index), decoding at the unpruned maximum + 1, + 2, ...; no KV cache (the
+    whole sequence each step, positions written explicitly). embeds: [1, L, D]."""
+    src = torch.sort(torch.cat([torch.nonzero(~slots_mask)[:, 0],
+                                torch.nonzero(slots_mask)[:, 0][torch.as_tensor(np.asarray(kept))]])).values
+    x, pos, next_pos = embeds[0, src][None], positions[:, 0, src][:, None], int(positions.max()) + 1
+    tokens = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tok = int(torch.argmax(hf(inputs_embeds=x, position_ids=pos).logits[0, -1]))
+            tokens.append(tok)
+            if tok in eos_ids:
+                break
+            x = torch.cat([x, hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
+            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
+            next_pos += 1
+    return tokens
+
+
 # ----------------------------------------------------------------------------- session caches
 # Plain caches (not fixtures) so every Qwen test module shares one build per option set.
 

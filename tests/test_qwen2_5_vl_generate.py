@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
+from tests.qwen2_5_vl_helpers import converted, hf_greedy_from_pruned, hf_inputs, random_image, tiny_model
 from tests.torch_reference_pruning import select_tokens_reference
 from zspa_jax import decode, generation
 from zspa_jax.pipeline import prompt_token_mask
@@ -271,19 +271,7 @@ def test_several_images_greedy_generation_matches_transformers(tiny, vlm):
         ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    image = ids[0] == tiny.image_token_id
-    src = torch.sort(torch.cat([torch.nonzero(~image)[:, 0], torch.nonzero(image)[:, 0][torch.as_tensor(kept)]])).values
-    x, pos, next_pos = embeds[0, src][None], positions[:, 0, src][:, None], int(positions.max()) + 1
-    tokens = []
-    with torch.no_grad():
-        for _ in range(6):
-            tok = int(torch.argmax(tiny.hf(inputs_embeds=x, position_ids=pos).logits[0, -1]))
-            tokens.append(tok)
-            if tok in vlm.eos_token_ids:
-                break
-            x = torch.cat([x, tiny.hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
-            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
-            next_pos += 1
+    tokens = hf_greedy_from_pruned(tiny.hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6)
     assert res.sequences[0, : len(tokens)].tolist() == tokens
 
 
@@ -334,26 +322,11 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
     hf = tiny.hf
     _, _, feats, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
     ids = batch["input_ids"]
-    positions, deltas = hf.model.get_rope_index(
+    positions, _ = hf.model.get_rope_index(
         ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    span = torch.nonzero(ids[0] == tiny.image_token_id)[:, 0]
-    s, n = int(span[0]), len(span)
-    src = torch.cat([torch.arange(s), s + torch.as_tensor(np.array(kept)), torch.arange(s + n, ids.shape[1])])
-    x, pos = embeds[0, src][None], positions[:, 0, src][:, None]
-    next_pos = int(positions.max()) + 1
-    tokens = []
-    with torch.no_grad():
-        for _ in range(6):  # no cache: the whole sequence each step, positions written explicitly
-            logits = hf(inputs_embeds=x, position_ids=pos).logits[0, -1]
-            tok = int(torch.argmax(logits))
-            tokens.append(tok)
-            if tok in vlm.eos_token_ids:
-                break
-            x = torch.cat([x, hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
-            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
-            next_pos += 1
+    tokens = hf_greedy_from_pruned(hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6)
     assert res.sequences[0, : len(tokens)].tolist() == tokens
 
 

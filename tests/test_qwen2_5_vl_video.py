@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, random_image, tiny_model, video_processor_config
+from tests.qwen2_5_vl_helpers import converted, hf_greedy_from_pruned, random_image, tiny_model, video_processor_config
 from tests.qwen2_5_vl_helpers import random_clip as clip
 from tests.torch_reference_pruning import cdpruner_reference, select_tokens_reference
 from zspa_jax import Video, generation
@@ -619,19 +619,8 @@ def test_greedy_generation_matches_transformers(tiny, vlm):
     positions, _ = tiny.hf.model.get_rope_index(
         ids, mm_token_type_ids=t["mm_token_type_ids"], video_grid_thw=t["video_grid_thw"],
         second_per_grid_ts=t["second_per_grid_ts"], attention_mask=t["attention_mask"])
-    video = ids[0] == tiny.config.video_token_id
-    src = torch.sort(torch.cat([torch.nonzero(~video)[:, 0], torch.nonzero(video)[:, 0][torch.as_tensor(kept)]])).values
-    x, pos, next_pos = embeds[0, src][None], positions[:, 0, src][:, None], int(positions.max()) + 1
-    tokens = []
-    with torch.no_grad():
-        for _ in range(6):
-            tok = int(torch.argmax(tiny.hf(inputs_embeds=x, position_ids=pos).logits[0, -1]))
-            tokens.append(tok)
-            if tok in vlm.eos_token_ids:
-                break
-            x = torch.cat([x, tiny.hf.model.get_input_embeddings()(torch.tensor([[tok]]))], dim=1)
-            pos = torch.cat([pos, torch.full((3, 1, 1), next_pos)], dim=2)
-            next_pos += 1
+    tokens = hf_greedy_from_pruned(tiny.hf, embeds, positions, ids[0] == tiny.config.video_token_id, kept,
+                                   vlm.eos_token_ids, 6)
     assert pruned.sequences[0, : len(tokens)].tolist() == tokens
 
 

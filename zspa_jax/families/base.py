@@ -181,11 +181,14 @@ __all__ = [
 ]
 
 
-def images_per_prompt(images: Any, count: int, check: Callable[[Any, str], None]) -> list[list[Any]] | None:
+def images_per_prompt(
+    images: Any, count: int, check: Callable[[Any, str], None], optional: bool = False
+) -> list[list[Any]] | None:
     """`images` for `count` prompts as one list of images per prompt (reading order).
 
     Accepted: None; one image (one prompt); a list with one entry per prompt, each an image
-    or a list of that prompt's images. `check(image, name)` validates each one.
+    or a list of that prompt's images (with `optional`, also None or [] for a prompt without
+    images, e.g. when videos are given). `check(image, name)` validates each one.
     """
     if images is None:
         return None
@@ -193,13 +196,13 @@ def images_per_prompt(images: Any, count: int, check: Callable[[Any, str], None]
     if len(entries) != count:
         raise ValueError(
             f"got {count} prompt(s) but {len(entries)} image(s); give one entry per prompt: an image, or a list of "
-            "that prompt's images"
+            "that prompt's images" + (", or None" if optional else "")
         )
     groups = []
     for i, entry in enumerate(entries):
         several = isinstance(entry, (list, tuple))
-        group = list(entry) if several else [entry]
-        if not group:
+        group = [] if entry is None and optional else (list(entry) if several else [entry])
+        if not group and not optional:
             raise ValueError(f"images[{i}] is an empty list; give each prompt at least one image, or images=None")
         for j, image in enumerate(group):
             check(image, f"images[{i}][{j}]" if several else f"images[{i}]")

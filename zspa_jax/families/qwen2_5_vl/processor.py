@@ -56,7 +56,7 @@ class QwenProcessor:
             groups = images_per_prompt(images, len(prompts), _check_image)
             video_groups = None
         else:
-            groups = _optional_groups(images, len(prompts), "images", _check_image)
+            groups = images_per_prompt(images, len(prompts), _check_image, optional=True)
             video_groups, video_names = videos_per_prompt(videos, len(prompts))
         counts = [0] * len(prompts) if groups is None else [len(g) for g in groups]
         video_counts = [0] * len(prompts) if video_groups is None else [len(g) for g in video_groups]
@@ -124,27 +124,6 @@ def _check_image(image, name: str) -> None:
         raise ValueError(
             f"{name} looks like a video ([frames, height, width, channels]): pass videos with videos=, not images="
         )
-
-
-def _optional_groups(entries: Any, count: int, name: str, check) -> list[list[Any]] | None:
-    """Like `images_per_prompt`, but a prompt may have none (None or [] entries): used when
-    videos are given too."""
-    if entries is None:
-        return None
-    items = list(entries) if isinstance(entries, (list, tuple)) else [entries]
-    if len(items) != count:
-        raise ValueError(
-            f"got {count} prompt(s) but {len(items)} {name} entries; give one entry per prompt: an image, a list of "
-            "that prompt's images, or None"
-        )
-    groups = []
-    for i, entry in enumerate(items):
-        several = isinstance(entry, (list, tuple))
-        group = [] if entry is None else (list(entry) if several else [entry])
-        for j, item in enumerate(group):
-            check(item, f"{name}[{i}][{j}]" if several else f"{name}[{i}]")
-        groups.append(group)
-    return groups
 
 
 def _is_frame(x: Any) -> bool:
