@@ -1,8 +1,9 @@
 """Qwen2.5-VL video against transformers (f32, tiny random checkpoints converted by the CLI).
 
 Frames -> arrays: zspa_jax's numpy video processing equals a torch reference written from
-transformers' Qwen2VLVideoProcessor code (always) and transformers' own processors (where
-torchvision loads; skipped here, see the README). The tower's window layout and the 3-D
+transformers' Qwen2VLVideoProcessor code (its own class needs torchvision, which the
+install removes), and the string path equals transformers' tokenizer, chat template and
+image processor around it. The tower's window layout and the 3-D
 M-RoPE positions for clips (temporal positions scaled by tokens_per_second x
 second_per_grid_ts) equal transformers'. Logits unpruned (a clip, a row with an image and a
 video, a left-padded batch of two clips of different lengths) and pruned (transformers fed
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, hf_greedy_from_pruned, random_image, tiny_model, video_processor_config
+from tests.qwen2_5_vl_helpers import MERGE, converted, hf_greedy_from_pruned, random_image, tiny_model, video_processor_config
 from tests.qwen2_5_vl_helpers import random_clip as clip
 from tests.torch_reference_pruning import cdpruner_reference, select_tokens_reference
 from zspa_jax import Video, generation
@@ -162,47 +163,41 @@ def test_frames_equal_a_reference_of_transformers_video_processor(shape, options
     assert second.dtype == np.float32 and second == ref_second
 
 
-def _transformers_video_processor():
-    try:
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    except Exception as e:  # torchvision missing or broken (see README: Qwen2.5-VL, video)
-        pytest.skip(f"transformers' Qwen2VLVideoProcessor cannot load here: {type(e).__name__}: {str(e)[:80]}")
-    cfg = {k: v for k, v in video_processor_config().items() if k != "video_processor_type"}
-    return Qwen2VLVideoProcessor(**cfg, cap_pixels_per_frame=False)
-
-
-def test_strings_images_and_frames_equal_transformers_processor(tiny, vlm):
-    """zspa_jax.encode with an image and a clip equals transformers' Qwen2_5_VLProcessor with
-    its Qwen2VLVideoProcessor (needs torchvision: skipped where it cannot load), with and
+def test_strings_images_and_frames_equal_transformers_pieces(tiny, vlm):
+    """zspa_jax.encode with an image and a clip equals what transformers' Qwen2_5_VLProcessor
+    builds from its pieces: the chat template and tokenizer, each <|video_pad|> expanded to the
+    clip's t*h*w / merge^2 tokens, the image processor's arrays, and the video arrays of the
+    torch re-typing of its Qwen2VLVideoProcessor (`_reference_video_processor`), with and
     without sampling and frame rates."""
-    from transformers import Qwen2_5_VLProcessor
-
-    video_processor = _transformers_video_processor()
-    # zspa_jax's own image processor (AutoImageProcessor: the torchvision class where torchvision loads)
-    processor = Qwen2_5_VLProcessor(image_processor=vlm.processor.image_processor, tokenizer=tiny.processor.tokenizer,
-                                    video_processor=video_processor, chat_template=tiny.processor.chat_template)
     from PIL import Image
 
+    tok = tiny.processor.tokenizer
+    cfg = video_processor_config()
     frames = [Image.fromarray(f) for f in clip(10, 40, 56, seed=3)]
     image = random_image(24, 32, seed=4)
-    text = processor.apply_chat_template(
+    text = tok.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "what is shown"}]}],
         add_generation_prompt=True, tokenize=False)
-    processor.tokenizer.padding_side = "left"
+    pix = vlm.processor.image_processor(images=[image], return_tensors="np")
+    image_tokens = int(np.prod(pix["image_grid_thw"][0])) // MERGE**2
     cases = [
-        ({}, Video(frames[:8])),
-        ({"video_metadata": [{"total_num_frames": 8, "fps": 3.0}]}, Video(frames[:8], fps=3.0)),
-        ({"video_metadata": [{"total_num_frames": 10, "fps": 5.0}], "do_sample_frames": True, "num_frames": 4},
-         Video(frames, fps=5.0, num_frames=4)),
-        ({"video_metadata": [{"total_num_frames": 10, "fps": 5.0}], "do_sample_frames": True, "fps": 2.0},
-         Video(frames, fps=5.0, sample_fps=2.0)),
+        (Video(frames[:8]), dict(frames=frames[:8])),
+        (Video(frames[:8], fps=3.0), dict(frames=frames[:8], metadata={"fps": 3.0})),
+        (Video(frames, fps=5.0, num_frames=4), dict(frames=frames, metadata={"fps": 5.0}, num_frames=4)),
+        (Video(frames, fps=5.0, sample_fps=2.0), dict(frames=frames, metadata={"fps": 5.0}, fps=2.0)),
     ]
-    for kwargs, video in cases:
-        ref = processor(text=[text], images=[image], videos=[video.frames], return_tensors="pt", **kwargs)
+    for video, ref_kw in cases:
+        ref_pixels, ref_grid, ref_second = _reference_video_processor(ref_kw.pop("frames"), cfg, **ref_kw)
+        video_tokens = int(np.prod(ref_grid)) // MERGE**2
+        expanded = text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens).replace(
+            "<|video_pad|>", "<|video_pad|>" * video_tokens)
         ours = zspa_jax.encode(vlm, ["what is shown"], [image], videos=[video])
-        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                    "video_grid_thw", "second_per_grid_ts"):
-            np.testing.assert_array_equal(ours[key], ref[key].numpy(), err_msg=f"{key} {kwargs}")
+        np.testing.assert_array_equal(ours["input_ids"][0], tok(expanded)["input_ids"], err_msg=str(ref_kw))
+        np.testing.assert_array_equal(ours["pixel_values"], pix["pixel_values"])
+        np.testing.assert_array_equal(ours["image_grid_thw"], pix["image_grid_thw"])
+        np.testing.assert_array_equal(ours["pixel_values_videos"], ref_pixels, err_msg=str(ref_kw))
+        np.testing.assert_array_equal(ours["video_grid_thw"][0], np.asarray(ref_grid).reshape(-1), err_msg=str(ref_kw))
+        np.testing.assert_array_equal(ours["second_per_grid_ts"], np.atleast_1d(ref_second), err_msg=str(ref_kw))
 
 
 # ----------------------------------------------------------------------------- layout and positions
