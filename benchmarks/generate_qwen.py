@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+from typing import Any
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,20 @@ VIDEO_PROCESSOR = {
     "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 28 * 28 * 768, "shortest_edge": 128 * 28 * 28},
     "temporal_patch_size": 2, "video_processor_type": "Qwen2VLVideoProcessor",
 }
+
+
+def _time_generate(call, repeats: int) -> tuple[float, float, float, Any]:
+    """(first call s, median prefill s, median decode tok/s, the last GenerateResult) of a zspa_jax
+    generate call: one compiling call, then `repeats` that must not recompile."""
+    t0 = time.perf_counter()
+    call()
+    first_seconds = time.perf_counter() - t0
+    before = dict(generation.TRACE_COUNTS)
+    results = [call() for _ in range(repeats)]
+    assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
+    prefill = statistics.median(r.stats["prefill_seconds"] for r in results)
+    decode = statistics.median(r.stats["decode_tokens_per_second_total"] for r in results)
+    return first_seconds, prefill, decode, results[-1]
 
 
 def build_model(directory: Path):
@@ -164,15 +179,8 @@ def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
                                          video_grid_thw=a["video_grid_thw"],
                                          second_per_grid_ts=a["second_per_grid_ts"], prune=prune,
                                          max_new_tokens=NEW_TOKENS, eos_token_id=[])
-        t0 = time.perf_counter()
-        call()
-        first_seconds = time.perf_counter() - t0
-        before = dict(generation.TRACE_COUNTS)
-        results = [call() for _ in range(repeats)]
-        assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
-        prefill = statistics.median(r.stats["prefill_seconds"] for r in results)
-        decode = statistics.median(r.stats["decode_tokens_per_second_total"] for r in results)
-        kept = results[-1].kept_indices
+        first_seconds, prefill, decode, last = _time_generate(call, repeats)
+        kept = last.kept_indices
         span = torch.nonzero(video_slots[0])[:, 0]
         src = torch.arange(ids.shape[1]) if prune is None else torch.sort(torch.cat(
             [torch.nonzero(~video_slots[0])[:, 0], span[torch.as_tensor(np.array(kept[0]))]])).values
@@ -183,8 +191,8 @@ def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
             "video": f"{frames}x{height}x{width}", "fps": VIDEO_FPS, "grid": a["video_grid_thw"][0].tolist(),
             "visual_tokens": n, "keep": keep, "sequence_length": int(ids.shape[1] - n + keep),
             "jax_first_call_seconds": first_seconds, "jax_prefill_seconds": prefill,
-            "jax_decode_tokens_per_second": decode, "jax_kv_cache_bytes": results[-1].stats["kv_cache_bytes"],
-            "jax_cache_length": results[-1].stats["cache_length"],
+            "jax_decode_tokens_per_second": decode, "jax_kv_cache_bytes": last.stats["kv_cache_bytes"],
+            "jax_cache_length": last.stats["cache_length"],
             "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
             "torch_first_token_seconds": t_vision + t_prefill,
             "torch_kv_cache_bytes": torch_cache_bytes(out.past_key_values),
@@ -254,15 +262,8 @@ def main(argv=None) -> int:
             call = lambda: zspa_jax.generate(vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"],  # noqa: E731
                                              image_grid_thw=a["image_grid_thw"], prune=prune,
                                              max_new_tokens=NEW_TOKENS, eos_token_id=[])  # [] never stops early
-            t0 = time.perf_counter()
-            first = call()
-            first_seconds = time.perf_counter() - t0
-            before = dict(generation.TRACE_COUNTS)
-            results = [call() for _ in range(repeats)]
-            assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
-            prefill = statistics.median(r.stats["prefill_seconds"] for r in results)
-            decode = statistics.median(r.stats["decode_tokens_per_second_total"] for r in results)
-            kept = results[-1].kept_indices
+            first_seconds, prefill, decode, last = _time_generate(call, repeats)
+            kept = last.kept_indices
             span = torch.nonzero(image[0])[:, 0]
             s0 = int(span[0])
             src = torch.arange(batch["input_ids"].shape[1]) if prune is None else torch.cat(

@@ -53,18 +53,9 @@ def check_llava_fields(cfg) -> None:
         raise ValueError(f"{name}.image_token_index must be >= 0, got {cfg.image_token_index}")
 
 
-@dataclasses.dataclass(frozen=True)
-class LlavaConfig:
-    vision: CLIPVisionConfig
-    text: LlamaConfig
-    image_token_index: int = 32000
-    vision_feature_layer: int | tuple[int, ...] = -2
-    vision_feature_select_strategy: str = "default"
-    projector_hidden_act: str = "gelu"
-    multimodal_projector_bias: bool = True
-
-    def __post_init__(self):
-        check_llava_fields(self)
+class LlavaFields:
+    """What LLaVA-style configs derive from their shared fields (image_token_index,
+    vision_feature_layer)."""
 
     @property
     def image_token_id(self) -> int:
@@ -75,6 +66,20 @@ class LlavaConfig:
     def feature_layers(self) -> tuple[int, ...]:
         layer = self.vision_feature_layer
         return layer if isinstance(layer, tuple) else (layer,)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig(LlavaFields):
+    vision: CLIPVisionConfig
+    text: LlamaConfig
+    image_token_index: int = 32000
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+
+    def __post_init__(self):
+        check_llava_fields(self)
 
     @property
     def token_grid(self) -> tuple[int, int] | None:

@@ -40,7 +40,7 @@ from models.layers import (
     prefixed_rules,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
-from models.llava import LlavaMultiModalProjector, check_llava_fields
+from models.llava import LlavaFields, LlavaMultiModalProjector, check_llava_fields
 from models.protocol import MultimodalInputs
 
 # transformers' LlavaNextConfig default (llava-v1.6 at 336 px)
@@ -52,7 +52,7 @@ NEWLINE = -1  # layout index of an image_newline slot (and of padding slots)
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaNextConfig:
+class LlavaNextConfig(LlavaFields):
     vision: CLIPVisionConfig
     text: LlamaConfig
     image_token_index: int = 32000
@@ -72,16 +72,6 @@ class LlavaNextConfig:
             )
         check_llava_fields(self)
         object.__setattr__(self, "image_grid_pinpoints", _check_pinpoints(name, self.image_grid_pinpoints, self.vision))
-
-    @property
-    def image_token_id(self) -> int:
-        """The placeholder id, under the name every family uses."""
-        return self.image_token_index
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layer = self.vision_feature_layer
-        return layer if isinstance(layer, tuple) else (layer,)
 
     @property
     def crop_size(self) -> int:
