@@ -298,3 +298,25 @@ def test_fastv_prefill_flops_match_xla(decoder):
     assert e["llm_prefill_flops"] == est.fastv_prefill_flops(TEXT, text_tokens, LLAVA.image_seq_length, keep, layer)
     assert e["pruning_flops"] == 0
     assert e["kv_cache_bytes"] > est.estimate(LLAVA, text_tokens, keep=keep, new_tokens=4)["kv_cache_bytes"]
+
+
+def test_qwen2_5_vl_3b_preset_counts_transformers_parameters():
+    """The 3B preset's parameter count equals transformers' model built from the published
+    Qwen2.5-VL-3B-Instruct config (on the meta device: no memory)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hf_cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(hf_cfg)
+    expected = sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values())
+    cfg = est.qwen2_5_vl_3b_config()
+    assert cfg.vision.fullatt_block_indexes == (7, 15, 23, 31)
+    assert est._numel_qwen_vision(cfg.vision) + est._numel_llm(cfg.text) == expected

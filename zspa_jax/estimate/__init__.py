@@ -64,6 +64,7 @@ from zspa_jax.estimate.presets import (
     MODELS,
     llava_1_5_7b_config,
     llava_1_5_13b_config,
+    qwen2_5_vl_3b_config,
     qwen2_5_vl_7b_config,
     qwen2_5_vl_72b_config,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "method_flops",
     "fastv_prefill_flops",
     "estimate_qwen2_5_vl",
+    "qwen2_5_vl_3b_config",
     "qwen2_5_vl_7b_config",
     "qwen_image_grid",
     "qwen_video_grid",

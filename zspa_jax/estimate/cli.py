@@ -70,13 +70,18 @@ def _llava_7b_header(args, hw, n: int, rows: list[dict]) -> str:
     )
 
 
-def _qwen_7b_header(args, hw, n: int, rows: list[dict]) -> str:
+def _qwen_name(model: str) -> str:
+    """'qwen2.5-vl-3b' -> 'Qwen2.5-VL-3B'."""
+    return "Qwen2.5-VL-" + model.rsplit("-", 1)[1].upper()
+
+
+def _qwen_header(args, hw, n: int, rows: list[dict]) -> str:
     w = rows[0]
     if "grid_thw" in w:  # a video
         f, vh, vw = w["video_frames_hw"]
         t, gh, gw = w["grid_thw"]
         return (
-            f"Qwen2.5-VL-7B, B=1, a video of {f} frames of {vh}x{vw} at {w['fps']:g} fps -> {t} temporal patches of "
+            f"{_qwen_name(args.model)}, B=1, a video of {f} frames of {vh}x{vw} at {w['fps']:g} fps -> {t} temporal patches of "
             f"{gh}x{gw} patches, {n} visual tokens (K counts over the whole clip), {args.text_tokens} text tokens, "
             f"{args.new_tokens} new tokens (vision GFLOPs: the tower and merger on every temporal patch); "
             f"second_per_grid_ts {w['second_per_grid_ts']:.4g} s, temporal positions span "
@@ -84,7 +89,7 @@ def _qwen_7b_header(args, hw, n: int, rows: list[dict]) -> str:
             f"LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB"
         )
     return (
-        f"Qwen2.5-VL-7B, B=1, a {hw[0]}x{hw[1]} image -> grid {w['grid_hw'][0]}x{w['grid_hw'][1]} patches, "
+        f"{_qwen_name(args.model)}, B=1, a {hw[0]}x{hw[1]} image -> grid {w['grid_hw'][0]}x{w['grid_hw'][1]} patches, "
         f"{n} visual tokens, {args.text_tokens} text tokens, {args.new_tokens} new tokens (vision GFLOPs include "
         f"the merger); weights (bf16): vision "
         f"{w['weight_bytes_vision'] / 2**30:.2f} GiB, LLM {w['weight_bytes_llm'] / 2**30:.2f} GiB"
@@ -111,7 +116,8 @@ class FlopsTable(NamedTuple):
 FLOPS_TABLES = {
     "llava-1.5-7b": FlopsTable(_llava_7b_header, keeps=(576, 192, 128, 64)),
     "llava-v1.6-7b": FlopsTable(_llava_next_7b_header),
-    "qwen2.5-vl-7b": FlopsTable(_qwen_7b_header),
+    "qwen2.5-vl-3b": FlopsTable(_qwen_header),
+    "qwen2.5-vl-7b": FlopsTable(_qwen_header),
 }
 
 

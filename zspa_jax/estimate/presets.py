@@ -16,6 +16,7 @@ __all__ = [
     "llava_1_5_7b_config",
     "llava_1_5_13b_config",
     "llava_v1_6_7b_config",
+    "qwen2_5_vl_3b_config",
     "qwen2_5_vl_7b_config",
     "qwen2_5_vl_72b_config",
 ]
@@ -89,6 +90,19 @@ def qwen2_5_vl_7b_config(dtype: str = "bfloat16", text_layers: int = 28, vision_
     return Qwen2_5_VLConfig(vision=vision, text=text)
 
 
+def qwen2_5_vl_3b_config(dtype: str = "bfloat16", text_layers: int = 36, vision_depth: int = 32) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B-Instruct: the 7B's ViT with merger output 2048 -> Qwen2.5-3B (36 layers,
+    d 2048, m 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings). Fewer layers on
+    request, as for the 7B."""
+    cfg = qwen2_5_vl_7b_config(dtype, vision_depth=vision_depth)
+    vision = dataclasses.replace(cfg.vision, out_hidden_size=2048)
+    text = dataclasses.replace(
+        cfg.text, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=text_layers,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=None, tie_word_embeddings=True,
+    )
+    return Qwen2_5_VLConfig(vision=vision, text=text)
+
+
 def qwen2_5_vl_72b_config(dtype: str = "bfloat16") -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-72B-Instruct: the 7B's ViT with MLP width 3456 and merger output 8192 ->
     Qwen2-72B (80 layers, d 8192, m 29568, 64 heads / 8 KV heads, vocab 152064)."""
@@ -122,6 +136,7 @@ MODELS = {
     "llava-1.5-7b": llava_1_5_7b_config,
     "llava-1.5-13b": llava_1_5_13b_config,
     "llava-v1.6-7b": llava_v1_6_7b_config,
+    "qwen2.5-vl-3b": qwen2_5_vl_3b_config,
     "qwen2.5-vl-7b": qwen2_5_vl_7b_config,
     "qwen2.5-vl-72b": qwen2_5_vl_72b_config,
 }
