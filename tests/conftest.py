@@ -104,6 +104,21 @@ def parity_note():
     return record_note
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Under pytest-xdist each worker hands its rows to the controller, which prints them."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["zspa_parity"] = json.dumps({"rows": PARITY_ROWS, "lines": EXTRA_LINES})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist controller: collect a finished worker's parity rows and notes."""
+    payload = json.loads(getattr(node, "workeroutput", {}).get("zspa_parity", "{}") or "{}")
+    PARITY_ROWS.extend(payload.get("rows", []))
+    EXTRA_LINES.extend(payload.get("lines", []))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not PARITY_ROWS and not EXTRA_LINES:
         return
