@@ -188,9 +188,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         return MultimodalInputs(merged, text, positions, None, features.reshape(b, images * p, d), valid,
                                 image_index, grid)
 
-    def cls_tower(self, pixel_values: jax.Array, method: str) -> TowerFeatures:
+    def cls_tower(self, pixel_values: jax.Array, method: str, aux=None) -> TowerFeatures:
         """The tower at the feature layer with its [CLS] attention row (models.protocol), for
-        the tower-stage methods; pixel_values [M, C, H, W], one row of features per image."""
+        the tower-stage methods; pixel_values [M, C, H, W], one row of features per image
+        (the trivial layout: `aux` is unused)."""
         index = cls_feature_state(self.config, self.vision_tower, method)
         states, cls = self.vision_tower.hidden_states(pixel_values, num_layers=index, cls_attention_layer=index - 1)
         hidden = states[index]  # [B, 1 + P, Dv], [CLS] at 0

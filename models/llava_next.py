@@ -40,8 +40,13 @@ from models.layers import (
     prefixed_rules,
 )
 from models.llama import LlamaConfig, LlamaForCausalLM
-from models.llava import LlavaFields, LlavaMultiModalProjector, check_llava_fields
-from models.protocol import MultimodalInputs
+from models.llava import (
+    LlavaFields,
+    LlavaMultiModalProjector,
+    check_llava_fields,
+    cls_feature_state,
+)
+from models.protocol import ClsTower, MultimodalInputs, TowerFeatures, TowerLayout
 
 # transformers' LlavaNextConfig default (llava-v1.6 at 336 px)
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -226,6 +231,11 @@ class AnyresLayout(NamedTuple):
     valid: np.ndarray  # bool [M, S]
     row_index: np.ndarray | None = None  # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
     image_index: np.ndarray | None = None  # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
+    # The tower layout of models.protocol for the tower-stage methods (with input_ids): per
+    # image, crop (base view first, max_patches of them) and tower token
+    tower_slot: np.ndarray | None = None  # int32 [M, C, P]: the row slot whose position the token takes, -1: no crop
+    tower_order: np.ndarray | None = None  # int32 [M, C, P]: raster index in the crop grid's full (padded) map
+    tower_start: np.ndarray | None = None  # int32 [M, C]: row slot of the base view's / the crop grid's first token
 
 
 def _image_index(image_size: tuple[int, int], cfg: LlavaNextConfig) -> np.ndarray:
@@ -284,7 +294,41 @@ def anyres_layout(
     if input_ids is None:
         return AnyresLayout(index, valid)
     row_index, image_index = _row_layout(input_ids, attention_mask, [len(r) for r in rows], slots, cfg)
-    return AnyresLayout(index, valid, row_index, image_index)
+    first = image_index[:, :, 0].reshape(-1)
+    first = first[first >= 0]  # each image's first row slot, images in reading order
+    tower = [_tower_layout((int(h), int(w)), int(n0), cfg) for (h, w), n0 in zip(sizes, first)]
+    tower_slot, tower_order, tower_start = (
+        np.stack([t[i] for t in tower]) if tower else np.zeros((0, cfg.max_patches) + shape, np.int32)
+        for i, shape in enumerate(((cfg.tokens_per_crop,), (cfg.tokens_per_crop,), ()))
+    )
+    return AnyresLayout(index, valid, row_index, image_index, tower_slot, tower_order, tower_start)
+
+
+def _tower_layout(image_size: tuple[int, int], n0: int, cfg: LlavaNextConfig):
+    """One image's tower layout (whose first placeholder is row slot `n0`): per crop (base view
+    first, `cfg.max_patches` of them) and tower token, the row slot whose position it takes
+    and its raster index in the crop grid's full map, plus each crop's map start. A crop
+    token that unpadding cuts away takes the slot of the nearest token kept (its row and
+    column clamped into the unpadded window); crops the image does not use get -1.
+    Returns (slot int32 [C, P], order int32 [C, P], start int32 [C])."""
+    side, tokens = cfg.tokens_per_side, cfg.tokens_per_crop
+    rows, cols = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.crop_size)
+    kept = unpadded_features_shape(image_size, (rows, cols), side)
+    slot = np.full((cfg.max_patches, tokens), -1, np.int32)
+    order = np.zeros((cfg.max_patches, tokens), np.int32)
+    start = np.full((cfg.max_patches,), -1, np.int32)
+    slot[0], order[0], start[0] = n0 + np.arange(tokens), np.arange(tokens), n0
+    crop = np.arange(rows * cols)
+    t = np.arange(tokens)
+    r = (crop // cols)[:, None] * side + (t // side)[None]  # [crops, P]: row and column in the full map
+    c = (crop % cols)[:, None] * side + (t % side)[None]
+    rr = np.clip(r, kept.top, kept.top + kept.rows - 1) - kept.top
+    cc = np.clip(c, kept.left, kept.left + kept.cols - 1) - kept.left
+    grid0 = n0 + tokens  # the crop grid's first slot; each of its rows ends in a newline slot
+    slot[1 : 1 + rows * cols] = grid0 + rr * (kept.cols + 1) + cc
+    order[1 : 1 + rows * cols] = r * (cols * side) + c
+    start[1 : 1 + rows * cols] = grid0
+    return slot, order, start
 
 
 def _row_layout(input_ids, attention_mask, counts: list[int], slots: int, cfg: LlavaNextConfig):
@@ -511,6 +555,49 @@ class LlavaNextForConditionalGeneration(nnx.Module):
             embeds=merged, text_embeds=text, positions=positions, next_position=None, visual=visual,
             visual_valid=valid, image_index=image_index,
         )
+
+    def cls_tower(self, pixel_values: jax.Array, method: str, aux: AnyresLayout | None = None) -> TowerFeatures:
+        """The tower at the feature layer with its [CLS] attention row (models.protocol), for
+        the tower-stage methods: one tower row per crop, pixel_values [M, C, ...] -> M * C
+        rows of P tokens (base view, then the crop grid, per image), and their layout from
+        `aux` (`anyres_layout(..., input_ids=)`).
+
+        The layout is the official LLaVA-NeXT code's (VisPruner's and VisionZip's anyres
+        paths): each crop keeps K of its own tokens by its own [CLS] attention; the base
+        view's kept tokens come first, in the method's order; then the crop grid's kept
+        tokens in raster order over the whole crop grid, with neither unpadding nor newline
+        tokens (a kept token that unpadding would cut away stays, at its nearest kept
+        token's position), then the crops' new tokens (VisionZip: [CLS] of each crop, then
+        each crop's contextual tokens)."""
+        vc = self.config.vision
+        crop = (vc.num_channels, vc.image_size, vc.image_size)
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != crop:
+            raise ValueError(
+                f"pixel_values must be [num_images, num_patches, {', '.join(map(str, crop))}], got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        if aux is None or aux.tower_slot is None:
+            raise ValueError(f"method {method!r} needs aux: the AnyresLayout of the batch "
+                             "(anyres_layout(image_sizes, config, input_ids=...))")
+        index = cls_feature_state(self.config, self.vision_tower, method)
+        n, k = pixel_values.shape[:2]
+        states, cls = self.vision_tower.hidden_states(
+            pixel_values.reshape(n * k, *crop), num_layers=index, cls_attention_layer=index - 1
+        )
+        hidden = states[index]  # [n * k, 1 + P, Dv], [CLS] at 0
+        slot, order, start = (jnp.asarray(x, jnp.int32) for x in (aux.tower_slot, aux.tower_order, aux.tower_start))
+        have = slot.shape[1]
+        if k > have:  # more crops than any pinpoint needs: the extra ones hold nothing
+            slot = jnp.pad(slot, ((0, 0), (0, k - have), (0, 0)), constant_values=-1)
+            order = jnp.pad(order, ((0, 0), (0, k - have), (0, 0)))
+            start = jnp.pad(start, ((0, 0), (0, k - have)), constant_values=-1)
+        slot, order, start = slot[:, :k], order[:, :k], start[:, :k]
+        interleave = jnp.broadcast_to(jnp.arange(k) >= 1, (n, k))  # the crop grid is one map; the base view its own
+        layout = TowerLayout(
+            slot.reshape(n * k, -1), order.reshape(n * k, -1), start.reshape(-1), interleave.reshape(-1),
+            int(aux.row_index.shape[1]),
+        )
+        return TowerFeatures(hidden[:, 1:], cls.probs[:, 1:], ClsTower(hidden, cls.probs, cls.keys, False), layout)
 
     def project_tower_features(self, x: jax.Array) -> jax.Array:
         """Tower features [..., Dv] -> the LLM embedding space [..., D]."""

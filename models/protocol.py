@@ -14,8 +14,13 @@ adapter in `zspa_jax.families`.
 A family whose tower has a [CLS] token also exposes, for the tower-stage methods
 (VisPruner, VisionZip),
 
-    cls_tower(pixel_values, method) -> TowerFeatures    # raises when it cannot serve `method`
-    project_tower_features(x [B, K, Dv]) -> [B, K, D]   # the projector
+    cls_tower(pixel_values, method, aux) -> TowerFeatures    # raises when it cannot serve `method`
+    project_tower_features(x [B, K, Dv]) -> [B, K, D]        # the projector
+
+A tower-stage method runs on each tower row (one tower input: an image, or one crop of an
+image) and keeps K of its P tokens. `TowerFeatures.layout` says where the kept tokens go in
+the batch rows; None means the trivial layout: a row's tower rows are its I images in
+reading order, tower token j of its i-th image is placeholder slot i * P + j.
 """
 
 from __future__ import annotations
@@ -49,7 +54,28 @@ class ClsTower(NamedTuple):
     cls_in_placeholders: bool  # True when the N placeholders hold [CLS] + P
 
 
+class TowerLayout(NamedTuple):
+    """Where the kept tokens of M tower rows go, B batch rows of R = M / B tower rows each
+    (batch row b's are tower rows b * R .. b * R + R - 1).
+
+    Tower rows that form one map (e.g. an image's crop grid) share a `start`; the kept
+    tokens of a map sit together at that slot, maps in ascending `start`. Within a map,
+    entries keep the method's order (a map of one tower row, `interleave` False), or
+    (`interleave` True) the kept tower tokens of all its tower rows are read in `order`, and
+    the new tokens of merging methods follow them, by kind, then tower row, then the
+    method's order. Kept tokens of a tower row whose `slot` is -1 (a padding row) are
+    never real: their entries are masked out.
+    """
+
+    slot: jax.Array  # int32 [M, P]: the placeholder slot in [0, N) whose position each tower token takes; -1: padding row
+    order: jax.Array  # int32 [M, P]: reading order of the tokens within their map (interleaved maps)
+    start: jax.Array  # int32 [M]: the slot where the tower row's map begins (its entries sit there)
+    interleave: jax.Array  # bool [M]: the tower row's map is read in `order` across its tower rows
+    num_slots: int  # N: placeholder slots per batch row (static)
+
+
 class TowerFeatures(NamedTuple):
-    features: jax.Array  # [B, N, Dv] the tower features of the N placeholders (before the projector)
-    cls_attention: jax.Array  # [B, N] the [CLS] query's attention to each of them
+    features: jax.Array  # [M, P, Dv] the tower features of each tower row's P tokens (before the projector)
+    cls_attention: jax.Array  # [M, P] the [CLS] query's attention to each of them
     layer: ClsTower  # the whole feature layer
+    layout: TowerLayout | None = None  # None: tower rows are images, P placeholder slots each, in order

@@ -320,3 +320,22 @@ def test_qwen2_5_vl_3b_preset_counts_transformers_parameters():
     cfg = est.qwen2_5_vl_3b_config()
     assert cfg.vision.fullatt_block_indexes == (7, 15, 23, 31)
     assert est._numel_qwen_vision(cfg.vision) + est._numel_llm(cfg.text) == expected
+
+
+@pytest.mark.parametrize("hw", [(672, 672), (336, 1008), (500, 300)])
+def test_llava_next_cls_methods_keep_k_of_every_crop(hw):
+    """On LLaVA-NeXT the [CLS]-attention methods keep K of every crop (base view included):
+    the crop count is transformers' own, the LLM sees crops * K tokens, and the selection
+    cost is one method call per crop."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = est.llava_v1_6_7b_config()
+    crops = image_size_to_num_patches(hw, [list(p) for p in cfg.image_grid_pinpoints], cfg.vision.image_size)
+    width, head = cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads
+    for method in ("visionzip", "vispruner"):
+        r = est.estimate_model(cfg, 60, hw, keep=64, method=method)
+        assert r["kept_tokens"] == crops * 64 and r["sequence_length"] == 60 + crops * 64
+        assert r["pruning_flops"] == crops * est.method_flops(method, 576, width, 64, 60, 0.6, key_dim=head)
+    with pytest.raises(ValueError, match="one crop"):
+        est.estimate_model(cfg, 60, hw, keep=577, method="visionzip")
+    assert est.estimate_model(cfg, 60, hw, keep=64)["kept_tokens"] == 64  # other methods: K of the image

@@ -57,7 +57,10 @@ def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | 
 
 
 def kept_per_row(prune: PruneConfig, batch: HostBatch) -> int:
-    """Visual tokens each row keeps under a resolved `prune` (I * K for I images per image)."""
+    """Visual tokens each row keeps under a resolved `prune` (I * K for I images per image;
+    R * K entries for a tower-stage method on R tower rows per row, masked ones included)."""
+    if batch.tower_rows_per_row and prune.record.needs_cls_attention:
+        return prune.keep * batch.tower_rows_per_row
     images = 1 if batch.images_per_row is None else int(np.max(batch.images_per_row))
     return prune.keep * images if prune.budget == "image" else prune.keep
 

@@ -160,14 +160,18 @@ def language_model_flops(
     method: str = "zspaprune",
     fastv_layer: int = 2,
     tower_dims: tuple[int, int] | None = None,
+    tower_rows: tuple[int, int] | None = None,
 ):
     """(pruning, LLM prefill, unpruned LLM prefill, decode total, decode per token) FLOPs for
     a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens.
-    tower_dims: (tower width, head width) read by the [CLS]-attention methods."""
+    tower_dims: (tower width, head width) read by the [CLS]-attention methods; tower_rows:
+    (R, P) when such a method chooses keep / R of each of R tower rows of P tokens."""
     length = text_tokens + keep
     record = get_method(method)
     width, key_dim = tower_dims if record.stage == "tower" else (t.hidden_size, None)
-    pruning = batch * method_flops(method, n, width, keep, text_tokens, core_ratio, key_dim=key_dim)
+    rows, chosen_from = tower_rows if record.stage == "tower" and tower_rows else (1, n)
+    pruning = batch * rows * method_flops(method, chosen_from, width, keep // rows, text_tokens, core_ratio,
+                                          key_dim=key_dim)
     fastv = record.llm_layer and keep < n  # early layers keep all N tokens
     if fastv:
         prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, fastv_layer)

@@ -50,7 +50,8 @@ def estimate_model(
       text_tokens: T, text tokens of the prompt (everything but the image placeholders).
       image_hw: (height, width) pixels of the image, for families whose visual token count
         follows the image (ignored by fixed-size families such as LLaVA).
-      keep: K visual tokens kept (None = all N, no pruning).
+      keep: K visual tokens kept (None = all N, no pruning); for a [CLS]-attention method on
+        a family whose tower rows are crops (LLaVA-NeXT), K of each crop.
       new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
       batch: B prompts (one image each).
       kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
@@ -81,8 +82,15 @@ def estimate_model(
         )
     plan = hooks.video(cfg, tuple(video), fps) if video is not None else hooks.image(cfg, image_hw if hooks.image_sized else None)
     n = plan.visual_tokens
+    per_row = record.stage == "tower" and plan.tower_rows is not None and keep is not None
+    if per_row:  # K of each tower row (a crop): the LLM sees R * K tokens
+        rows, row_tokens = plan.tower_rows
+        if not 1 <= int(keep) <= row_tokens:
+            raise ValueError(f"keep must be in [1, {row_tokens}] (the tokens of one crop; {method!r} keeps K of "
+                             f"each of the image's {rows} crops), got {keep}")
+        keep = rows * int(keep)
     keep = n if keep is None else int(keep)
-    if not 1 <= keep <= n:
+    if not per_row and not 1 <= keep <= n:
         raise ValueError(f"keep must be in [1, {n}] ({plan.label}), got {keep}")
     if text_tokens < 0 or new_tokens < 0 or batch < 1:
         raise ValueError(f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}")
@@ -97,6 +105,7 @@ def estimate_model(
     projector = batch * hooks.projector_flops(cfg, keep if record.stage == "tower" and record.merges else n)
     pruning, prefill, prefill_full, decode_total, decode_per_token = language_model_flops(
         t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer, tower_dims=dims,
+        tower_rows=plan.tower_rows if per_row else None,
     )
 
     w_vision = hooks.vision_weight_bytes(cfg)

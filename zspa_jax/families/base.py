@@ -36,6 +36,9 @@ class HostBatch(NamedTuple):
     rows: int | None = None  # the caller's rows when the batch was padded for a mesh (None: not padded)
     images_per_row: np.ndarray | None = None  # int [B]: images in each row (None: unknown, e.g. traced)
     min_image_visual: int = 0  # fewest real visual tokens of one image (what a per-image ratio applies to)
+    # Tower-stage methods on a family whose tower rows are not its images (LLaVA-NeXT's crops):
+    # the tower rows of each row, each keeping K (0: K per image, or per row)
+    tower_rows_per_row: int = 0
 
 
 class HostAdapter(Protocol):
@@ -91,7 +94,8 @@ class Family:
                 f"method {method.name!r} reads each image's visual tokens as a 2-D grid; {self.display_name}'s are not "
                 "one (e.g. a base view followed by a crop grid with row newlines)"
             )
-        if self.variable_tokens and not method.accepts_mask:
+        if self.variable_tokens and not method.accepts_mask and not (method.needs_cls_attention and self.has_cls):
+            # (tower-stage methods run on whole tower rows, which need no mask)
             raise ValueError(
                 f"method {method.name!r} is not implemented for {self.display_name} (variable-size images): it "
                 "takes no mask over each row's real visual tokens"

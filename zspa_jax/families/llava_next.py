@@ -8,6 +8,9 @@ from the processor), so inputs must be concrete; the anyres layout
 with `bucket` they are padded to the config's most crops and each image's slots to a
 multiple of SLOT_BUCKET, so batches of different image sizes share compiled programs.
 Strings + images go through the saved `LlavaNextProcessor` exactly as for LLaVA-1.5.
+The tower-stage methods (VisPruner, VisionZip) keep K tokens of every crop, base view
+included, by that crop's own [CLS] attention (their official LLaVA-NeXT code; the layout is
+`LlavaNextForConditionalGeneration.cls_tower`'s).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from models.llava_next import (
     image_token_count,
 )
 from zspa_jax.estimate.llava_next import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, left_pad, pad_visual_slots, round_up
+from zspa_jax.families.base import (
+    Family,
+    HostBatch,
+    check_ids_and_mask,
+    left_pad,
+    pad_visual_slots,
+    round_up,
+)
 from zspa_jax.families.llava import LlavaAdapter
 from zspa_jax.validation import check_finite, check_ids_in_range, is_traced
 
@@ -76,11 +86,17 @@ class LlavaNextAdapter(LlavaAdapter):
         if pruning:  # the visual layout: every row gets N placeholders (masked after its real ones)
             n = round_up(int(per_row.max()), SLOT_BUCKET) if bucket else int(per_row.max())
             ids, mask = pad_visual_slots(ids, mask, cfg.image_token_index, n, vlm.pad_token_id)
-        images_per_row, keep, dropped = None, 0, 0
+        images_per_row, keep, dropped, tower_rows = None, 0, 0, 0
+        min_visual, min_image = int(per_row.min()), min(counts)
         if pruning:
             unpadded = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids, attention_mask=mask)
             images_per_row = (unpadded.image_index[:, :, 0] >= 0).sum(1)
-            keep = prune.row_keep(int(per_row.min()), min(counts), int(images_per_row.max()))  # too many: an error
+            if prune.record.needs_cls_attention:  # K of each crop (base view included), as the official code
+                tower_rows = self._tower_rows(prune, images_per_row, pixels.shape[1], cfg.tokens_per_crop)
+                min_visual = min_image = cfg.tokens_per_crop  # what keep is bounded by and a ratio applies to
+                keep = prune.keep_for(min_visual, min_image) * tower_rows
+            else:
+                keep = prune.row_keep(min_visual, min_image, int(images_per_row.max()))  # too many: an error
             if not prune.record.llm_layer:  # the pruned prompt is padded to its own bucket
                 dropped = int((ids == cfg.image_token_index).sum(1).max()) - keep
         if prompt_bucket:
@@ -90,9 +106,25 @@ class LlavaNextAdapter(LlavaAdapter):
         self._check_length(cfg, int(prompt_tokens.max()) - saved, extra_length)
         n = layout.row_index.shape[1] if pruning else 0
         return HostBatch(
-            ids, mask, pixels, layout, n, int(per_row.min()), prompt_tokens, per_row, image_grid=None,
-            images_per_row=images_per_row, min_image_visual=min(counts),
+            ids, mask, pixels, layout, n, min_visual, prompt_tokens, per_row, image_grid=None,
+            images_per_row=images_per_row, min_image_visual=min_image, tower_rows_per_row=tower_rows,
         )
+
+    @staticmethod
+    def _tower_rows(prune, images_per_row: np.ndarray, crops: int, tokens_per_crop: int) -> int:
+        """Tower rows (crops, base views included) per row for a tower-stage method, which keeps
+        K of each; a ValueError naming the argument when the batch cannot be served so."""
+        if images_per_row.min() != images_per_row.max():
+            raise ValueError(
+                f"method {prune.method!r} prunes each crop of each image, so every prompt of a batch must hold the "
+                f"same number of images, got {images_per_row.tolist()} per prompt: batch prompts by image count"
+            )
+        if prune.keep is not None and prune.keep > tokens_per_crop:
+            raise ValueError(
+                f"PruneConfig.keep={prune.keep} exceeds the {tokens_per_crop} tokens of one crop: on LLaVA-NeXT, method "
+                f"{prune.method!r} keeps K tokens of every crop (the base view and each anyres crop)"
+            )
+        return int(images_per_row.max()) * crops
 
     @staticmethod
     def _check_length(cfg, length: int, extra_length: int) -> None:
@@ -125,7 +157,7 @@ FAMILY = Family(
     model_cls=LlavaNextForConditionalGeneration,
     adapter=LlavaNextAdapter(),
     converter="convert.llava_next",
-    has_cls=False,
+    has_cls=True,  # each crop's own [CLS]: the tower-stage methods keep K per crop
     variable_tokens=True,
     grid_tokens=False,
     visual_args=("image_sizes",),

@@ -57,6 +57,9 @@ class LayerInputs(NamedTuple):
 class Selection(NamedTuple):
     kept: jax.Array  # int32 [B, K]: kept indices into the N tokens, or the slots merged tokens take
     tokens: jax.Array | None = None  # [B, K, D] replacement tokens when the method merges
+    # int32 [B, K] (merging methods): 0 for a token that is an input token at its own slot,
+    # 1, 2, ... for each class of new token (VisionZip: 1 = [CLS], 2 = contextual); None: all 0
+    kind: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)

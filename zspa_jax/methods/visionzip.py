@@ -24,6 +24,11 @@ Merged tokens are new tokens, so the method returns K replacement tokens plus th
 own slot, [CLS] takes slot 0 (the image's first position) and a contextual token takes
 its target's slot. Slots matter only with `keep_positions=True`; by default the K tokens
 get contiguous positions in the order above, exactly as the official LLaVA integration.
+On LLaVA-NeXT (anyres) it runs on every crop, base view included, with the same K, as
+the official LLaVA-NeXT path; the crops' kept tokens are laid out by the family's tower
+layout (`models.llava_next.LlavaNextForConditionalGeneration.cls_tower`), which reads each
+entry's `Selection.kind` ([CLS] 1, contextual 2, a dominant patch 0) to put the crops' new
+tokens after the crop grid's patches, as the official `restore_image_features_sorted`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from zspa_jax.methods.base import Method, MethodInputs, Selection
 __all__ = ["CONTEXTUAL_SHARE", "split_counts", "visionzip_merge"]
 
 CONTEXTUAL_SHARE = 10 / 64
+KIND_CLS, KIND_CONTEXTUAL = 1, 2  # Selection.kind of the new tokens (a dominant patch is its own token: 0)
 
 
 def split_counts(keep: int) -> tuple[int, int]:
@@ -107,7 +113,9 @@ def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection
     tokens, slots = visionzip_merge(
         tower.hidden, tower.probs, tower.keys, keep=keep, cls_in_placeholders=tower.cls_in_placeholders, batching=batching
     )
-    return Selection(slots, tokens)
+    dominant, contextual = split_counts(keep)
+    kind = jnp.asarray([KIND_CLS] + [0] * (dominant - 1) + [KIND_CONTEXTUAL] * contextual, jnp.int32)
+    return Selection(slots, tokens, jnp.broadcast_to(kind, slots.shape))
 
 
 def visionzip_flops(n: int, d: int, keep: int, text_tokens: int, *, key_dim: int | None = None, **_) -> int:

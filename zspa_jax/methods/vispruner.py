@@ -22,6 +22,9 @@ token j at that layer, averaged over heads:
 The number of rounds and each round's list length depend only on (N, K), so the loop is a
 `lax.fori_loop` over a fixed-size buffer with a precomputed schedule; similarities come
 from one N x N cosine matrix.
+On LLaVA-NeXT (anyres) it runs on every crop, base view included, with the same K, as
+the official LLaVA-NeXT path; the crops' kept tokens are laid out by the family's tower
+layout (`models.llava_next.LlavaNextForConditionalGeneration.cls_tower`).
 """
 
 from __future__ import annotations
