@@ -15,6 +15,11 @@ prefill and dispatch cancel. Then, each on its own program:
     jitted sum), which is what a GEMV's weight stream can at best use.
 The step time beyond the isolated weight streaming is attention over the cache plus per-op
 overhead (norms, RoPE, residual adds, cache update, sampling, the while loop).
+
+Against transformers: the same model's `generate(input_ids, max_new_tokens=n,
+min_new_tokens=n, do_sample=False)` (f32, torch threads = cores, as benchmarks/generate.py
+sets them), per step the same (32 - 1) / 31 difference, timed round-robin with the JAX
+calls so load from other jobs hits both alike; the ratio is transformers' step over ours.
 """
 
 from __future__ import annotations
@@ -66,14 +71,40 @@ def median_seconds(fn, repeats: int) -> float:
     return generate_bench.median([generate_bench.timed(fn)[0] for _ in range(repeats)])
 
 
-def step_seconds(vlm, ids, repeats: int = 5) -> float:
-    """Seconds per decode step: (32 tokens - 1 token) / 31 of the real generate program."""
+def step_seconds(vlm, hf, ids, repeats: int = 5) -> dict:
+    """Seconds per decode step, (32 tokens - 1 token) / 31, of the real generate program and
+    (when `hf` is given) of transformers' generate, timed round-robin; plus whether the 32
+    greedy tokens agree."""
+    import torch
 
     def run(n: int):
         return generation.generate_tokens(vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[]).tokens
 
-    jax.block_until_ready((run(1), run(NEW_TOKENS)))  # compile (max_new_tokens is traced: one program for both)
-    return (median_seconds(lambda: run(NEW_TOKENS), repeats) - median_seconds(lambda: run(1), repeats)) / (NEW_TOKENS - 1)
+    ids_t = torch.as_tensor(np.array(ids), dtype=torch.long)
+
+    def run_torch(n: int):
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    fns = {("jax", NEW_TOKENS): lambda: run(NEW_TOKENS), ("jax", 1): lambda: run(1)}
+    if hf is not None:
+        fns.update({("torch", NEW_TOKENS): lambda: run_torch(NEW_TOKENS), ("torch", 1): lambda: run_torch(1)})
+    outs = {key: fn() for key, fn in fns.items()}  # warm-up (JAX: compile; max_new_tokens is traced: one program)
+    jax.block_until_ready(outs[("jax", NEW_TOKENS)])
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            times[key].append(generate_bench.timed(fn)[0])
+    step = {fw: (generate_bench.median(times[(fw, NEW_TOKENS)]) - generate_bench.median(times[(fw, 1)])) / (NEW_TOKENS - 1)
+            for fw in {fw for fw, _ in fns}}
+    row = {"step_s": step["jax"]}
+    if hf is not None:
+        ours = np.asarray(outs[("jax", NEW_TOKENS)])[:, :NEW_TOKENS]
+        theirs = outs[("torch", NEW_TOKENS)].numpy()[:, ids.shape[1]:]
+        row.update(torch_step_s=step["torch"], speedup_vs_torch=step["torch"] / step["jax"],
+                   tokens_equal=bool(np.array_equal(ours, theirs)))
+    return row
 
 
 def gemv_seconds(vlm) -> dict:
@@ -118,22 +149,28 @@ def markdown(report: dict) -> str:
         "# Decode step profile (zspa_jax, XLA CPU)",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}. jax {m['jax']}.",
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in report.get('load_average_end', []))} "
+        f"(a load above {m['cores']} means other jobs shared the {m['cores']} cores: absolute times are inflated, "
+        "the ratio to transformers comes from round-robin timing). jax "
+        f"{m['jax']}, torch {m.get('torch', '?')}.",
         f"Model: {report['model']}; decoder weights read per step {report['weight_bytes'] / 2**20:.0f} MiB "
         f"(30 layers {g['layer_bytes'] / 2**20:.0f} MiB + tied head {g['head_bytes'] / 2**20:.0f} MiB); "
         f"copy bandwidth reference {bw:.1f} GB/s (read + write); read-only bandwidth (jitted sum over 512 MiB) "
         f"{report['read_bandwidth_gbs']:.1f} GB/s.",
         "",
         "| context | step ms | tok/s | weights + cache GB/s (utilisation) | weight streaming ms (isolated GEMVs + head) "
-        "| everything else ms |",
-        "|---|---|---|---|---|---|",
+        "| everything else ms | transformers step ms | x vs transformers (target >= 2) | greedy tokens equal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     floor = g["layer_s"] + g["head_s"]
     for r in report["contexts"]:
         rate = (report["weight_bytes"] + r["cache_bytes"]) / r["step_s"] / 1e9
         lines.append(
             f"| {r['context']} | {1e3 * r['step_s']:.1f} | {1 / r['step_s']:.1f} | {rate:.1f} ({100 * rate / bw:.0f}%) "
-            f"| {1e3 * floor:.1f} ({100 * floor / r['step_s']:.0f}% of the step) | {1e3 * (r['step_s'] - floor):.1f} |"
+            f"| {1e3 * floor:.1f} ({100 * floor / r['step_s']:.0f}% of the step) | {1e3 * (r['step_s'] - floor):.1f} "
+            + (f"| {1e3 * r['torch_step_s']:.1f} | {r['speedup_vs_torch']:.2f}x | {r['tokens_equal']} |"
+               if "torch_step_s" in r else "| - | - | - |")
         )
     lines += [
         "",
@@ -163,12 +200,14 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args(argv)
     machine = generate_bench.machine_info()
     bm = generate_bench.bench_models.get_model("smollm2-clip-l")
     if bm is None:
         raise SystemExit("the SmolLM2 benchmark model is not available (see benchmarks/models.py)")
     vlm = zspa_jax.load(bm.zspa_dir, processor=False)
+    hf = None if args.no_torch else generate_bench.load_torch(bm)
     bandwidth = generate_bench.memory_bandwidth()["reference_gbs"]
     read_bandwidth = read_bandwidth_gbs()
     gemv = gemv_seconds(vlm)
@@ -186,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         ids = jnp.asarray(rng.integers(10, 40000, size=(1, context)), jnp.int32)
         row = {
             "context": context,
-            "step_s": step_seconds(vlm, ids, repeats=7),
+            **step_seconds(vlm, hf, ids, repeats=7),
             # decode attends over the whole preallocated cache (shapes only: nothing allocated)
             "cache_bytes": jax.eval_shape(
                 lambda n=round_up(context + NEW_TOKENS, 64): KVCache.zeros(vlm.config.text, 1, n)
             ).nbytes,
         }
         report["contexts"].append(row)
-        print(f"context {context}: step {1e3 * row['step_s']:.1f} ms", flush=True)
+        print(f"context {context}: step {1e3 * row['step_s']:.1f} ms"
+              + (f", transformers {1e3 * row['torch_step_s']:.1f} ms ({row['speedup_vs_torch']:.2f}x)" if hf else ""),
+              flush=True)
+    report["load_average_end"] = list(os.getloadavg())
     md = markdown(report)
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)

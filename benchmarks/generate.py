@@ -18,7 +18,7 @@ JAX uses). Stages are timed separately in each framework:
             hf(inputs_embeds=..., use_cache=True, logits_to_keep=1).
   decode    tokens/s of greedy decoding of `--new-tokens` tokens, EOS disabled.
             JAX: zspa_jax.decode.decode_program (the library's lax.while_loop program, on the
-            state from its _prefill_fn): N steps = N decoder forwards, tokens/s = N / time.
+            state from its prefill_program): N steps = N decoder forwards, tokens/s = N / time.
             torch: hf.generate(inputs_embeds=..., max_new_tokens=n, min_new_tokens=n,
             do_sample=False) timed for n = N and n = 1; the difference is N - 1 decoder
             forwards (+ their sampling), tokens/s = (N - 1) / (t_N - t_1): generate's own
@@ -515,7 +515,7 @@ class CaptureLibraryCalls:
     library's programs (same padded inputs, same static settings, no extra compile) without
     re-deriving its private bookkeeping."""
 
-    NAMES = ("_prefill_fn", "_decode_fn")
+    NAMES = ("prefill_program", "decode_program")
 
     def __init__(self):
         self.calls: dict[str, tuple[tuple, dict]] = {}
@@ -536,22 +536,22 @@ class CaptureLibraryCalls:
 
     def prefill(self):
         """Run the captured prefill again: (DecodeState, kept indices)."""
-        args, kwargs = self.calls["_prefill_fn"]
-        return self.originals["_prefill_fn"](*args, **kwargs)
+        args, kwargs = self.calls["prefill_program"]
+        return self.originals["prefill_program"](*args, **kwargs)
 
     def decode(self, state):
         """Run the captured decode program on `state` (which it donates)."""
-        args, kwargs = self.calls["_decode_fn"]
+        args, kwargs = self.calls["decode_program"]
         args = tuple(state if isinstance(a, decode.DecodeState) else a for a in args)
         kwargs = {k: state if isinstance(v, decode.DecodeState) else v for k, v in kwargs.items()}
-        return self.originals["_decode_fn"](*args, **kwargs)
+        return self.originals["decode_program"](*args, **kwargs)
 
     def static_settings(self):
-        args, kwargs = self.calls["_prefill_fn"]
+        args, kwargs = self.calls["prefill_program"]
         return next(a for a in (*args, *kwargs.values()) if isinstance(a, decode.StaticSettings))
 
     def padded_length(self) -> int:
-        args, kwargs = self.calls["_prefill_fn"]
+        args, kwargs = self.calls["prefill_program"]
         return max(a.shape[1] for a in (*args, *kwargs.values()) if isinstance(a, jax.Array) and a.ndim == 2)
 
 
@@ -636,7 +636,7 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         st = library.static_settings()
         padded_length = library.padded_length()
         state0, _ = sync(library.prefill())
-        copy_state = lambda: jax.tree.map(jnp.copy, state0)  # _decode_fn donates its state
+        copy_state = lambda: jax.tree.map(jnp.copy, state0)  # decode_program donates its state
         dec = sync(library.decode(copy_state()))
         jax_tokens = np.asarray(dec.tokens)[0, :n_new]
         jax_cache_bytes = int(dec.cache.nbytes)
@@ -709,7 +709,7 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
                 "decode_ms_per_token": 1e3 / jax_decode_tps,
                 "e2e_s": med["jax_e2e"],
                 "generate_stats_prefill_s": median([s["prefill_seconds"] for s in gen_stats]),
-                "generate_stats_decode_tokens_per_s": median([s["decode_tokens_per_second"] for s in gen_stats]),
+                "generate_stats_decode_tokens_per_s": median([s["decode_tokens_per_second_total"] for s in gen_stats]),
                 "first_generate_call_s": first_gen_s,
                 "compile_s_estimate": first_gen_s - med["jax_e2e"],
                 "first_stage_prefill_call_s": first_prefill_s,
@@ -972,7 +972,7 @@ def markdown(report: dict) -> str:
         "",
         "Notes: JAX vision/prefill/decode are separately jitted stages on exact-length inputs; `e2e` is the public "
         "`zspa_jax.generate` (prompt left-padded to 64-token buckets, KV cache preallocated to a 64-multiple). "
-        "torch decode tokens/s = (N - 1) / (t(generate N) - t(generate 1)); JAX decode tokens/s = N / t(_decode_fn). "
+        "torch decode tokens/s = (N - 1) / (t(generate N) - t(generate 1)); JAX decode tokens/s = N / t(decode_program). "
         "Peak RSS: separate process per framework, one model loaded, HWM reset per keep; 'first' includes JAX "
         "compilation. KV cache: JAX = its preallocated cache; torch = the DynamicCache at the end of generation.",
         "",

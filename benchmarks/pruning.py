@@ -4,7 +4,11 @@
     python benchmarks/pruning.py --quick    # small subset, prints only (unless --out)
 
 Grid: N in {576, 2880}, D in {1024, 4096}, K in {64, 128, 192}, B in {1, 8}, T = 32,
-method zspaprune with r = 0.6. Columns:
+method zspaprune with r = 0.6, Gaussian tokens; then, at B = 8, D = 4096, K = 64 and
+N in {576, 2880}: clustered tokens (5 tight clusters per example, where the greedy fill
+leaves its prefix early: see zspa_jax/methods/zspaprune.py) and ragged rows (a visual
+mask: rows of N/2 ... N real tokens; the torch columns run each row on its real tokens).
+Columns:
   jax          zspa_jax.select_tokens, median of repeats (block_until_ready)
   torch ref    tests/torch_reference_pruning.select_tokens_reference: the readable oracle
                (per example, full N x N cosine matrix, Python greedy loop)
@@ -177,39 +181,56 @@ def cost(b: int, n: int, d: int, keep: int, k: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------- benchmark
 
 
-def make_inputs(b: int, n: int, d: int, seed: int = 0):
+def make_inputs(b: int, n: int, d: int, seed: int = 0, kind: str = "gauss"):
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal((b, n, d), np.float32)
+    if kind == "clustered":  # 5 clusters per example, within-cluster cosine ~0.99
+        centers = rng.standard_normal((b, 5, d), np.float32) * 3.0
+        assign = rng.integers(0, 5, (b, n))
+        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal((b, n, d), np.float32)
+    else:
+        v = rng.standard_normal((b, n, d), np.float32)
     t = rng.standard_normal((b, T_PROMPT, d), np.float32)
     m = np.ones((b, T_PROMPT), bool)
-    return v, t, m
+    return v.astype(np.float32), t, m
 
 
-def bench_config(b, n, d, keep, repeats) -> dict[str, Any]:
-    v, t, m = make_inputs(b, n, d)
+def ragged_counts(b: int, n: int) -> np.ndarray:
+    """Real tokens per row for the ragged rows: evenly from N/2 up to N."""
+    return np.linspace(n // 2, n, b).round().astype(int)
+
+
+def bench_config(b, n, d, keep, repeats, kind: str = "gauss") -> dict[str, Any]:
+    """kind: "gauss", "clustered" (make_inputs) or "ragged" (Gaussian, ragged_counts real tokens per row)."""
+    v, t, m = make_inputs(b, n, d, kind=kind)
     vj, tj, mj = jnp.asarray(v), jnp.asarray(t), jnp.asarray(m)
     vt, tt, mt = torch.from_numpy(v), torch.from_numpy(t), torch.from_numpy(m)
     k = pruning.core_size(keep, CORE_RATIO)
 
-    jfn = lambda: pruning.select_tokens(vj, tj, mj, keep=keep, core_ratio=CORE_RATIO)  # noqa: E731
+    if kind == "ragged":
+        counts = ragged_counts(b, n)
+        valid = jnp.asarray(np.arange(n)[None, :] < counts[:, None])
+        jfn = lambda: pruning.select_tokens(vj, tj, mj, keep=keep, core_ratio=CORE_RATIO, visual_mask=valid)  # noqa: E731
+
+        def per_row(fn):  # the torch implementations take no mask: each row on its real tokens
+            return lambda: torch.cat([fn(vt[i : i + 1, :c], tt[i : i + 1], mt[i : i + 1], keep=keep,
+                                         core_ratio=CORE_RATIO) for i, c in enumerate(counts)])
+
+        ref_fn, vec_fn = per_row(select_tokens_reference), per_row(select_tokens_vectorised)
+    else:
+        jfn = lambda: pruning.select_tokens(vj, tj, mj, keep=keep, core_ratio=CORE_RATIO)  # noqa: E731
+        ref_fn = lambda: select_tokens_reference(vt, tt, mt, keep=keep, core_ratio=CORE_RATIO)  # noqa: E731
+        vec_fn = lambda: select_tokens_vectorised(vt, tt, mt, keep=keep, core_ratio=CORE_RATIO)  # noqa: E731
     t0 = time.perf_counter()
     block(jfn())
     first = time.perf_counter() - t0  # trace + compile + one run
-    med, outs, reps = interleaved(
-        {
-            "jax": jfn,
-            "ref": lambda: select_tokens_reference(vt, tt, mt, keep=keep, core_ratio=CORE_RATIO),
-            "vec": lambda: select_tokens_vectorised(vt, tt, mt, keep=keep, core_ratio=CORE_RATIO),
-        },
-        repeats,
-    )
+    med, outs, reps = interleaved({"jax": jfn, "ref": ref_fn, "vec": vec_fn}, repeats)
     t_jax, t_ref, t_vec = med["jax"], med["ref"], med["vec"]
     idx_jax, idx_ref, idx_vec = outs["jax"], outs["ref"], outs["vec"]
     n_ref, n_vec = reps["ref"], reps["vec"]
     idx_jax = np.asarray(idx_jax)
     flops, nbytes = cost(b, n, d, keep, k)
     return {
-        "B": b, "N": n, "D": d, "K": keep, "core_k": k,
+        "B": b, "N": n, "D": d, "K": keep, "core_k": k, "data": kind,
         "jax_s": t_jax, "compile_s": max(first - t_jax, 0.0),
         "torch_ref_s": t_ref, "torch_ref_repeats": n_ref,
         "torch_vec_s": t_vec, "torch_vec_repeats": n_vec,
@@ -296,16 +317,17 @@ def markdown(res: dict[str, Any]) -> str:
         "torch ref = the readable oracle from tests/ (per example, full N x N cosine matrix, Python greedy "
         "loop); torch vec = batched torch with the same running-max algorithm as JAX. Times are medians "
         "in ms; compile = first call minus median. Roofline = max(FLOPs / matmul rate, bytes / re-stream "
-        "bandwidth), bytes = (K - k + 4) passes over [N, D] f32 per example (each greedy pick re-reads "
-        "the example's unit tokens). `=` means indices identical to the JAX result.",
+        "bandwidth), bytes = (K - k + 4) passes over [N, D] f32 per example: the plain algorithm, where "
+        "each greedy pick re-reads the example's unit tokens (the fill's prefix reads fewer rows while "
+        "it decides the picks, so jax/roof can fall below 1). `=` means indices identical to the JAX result.",
         "",
-        "| B | N | D | K | k | jax ms | jax min | compile s | torch ref ms | torch vec ms | x vs ref | x vs vec "
+        "| data | B | N | D | K | k | jax ms | jax min | compile s | torch ref ms | torch vec ms | x vs ref | x vs vec "
         "| GFLOP | GB | BW GB/s | roofline ms | jax/roof (med, min) | ref = | vec = |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
-            f"| {r['B']} | {r['N']} | {r['D']} | {r['K']} | {r['core_k']} | {fmt_ms(r['jax_s'])} | "
+            f"| {r.get('data', 'gauss')} | {r['B']} | {r['N']} | {r['D']} | {r['K']} | {r['core_k']} | {fmt_ms(r['jax_s'])} | "
             f"{fmt_ms(r['jax_min_s'])} | "
             f"{r['compile_s']:.2f} | {fmt_ms(r['torch_ref_s'])}{'' if r['torch_ref_repeats'] > 1 else '*'} | "
             f"{fmt_ms(r['torch_vec_s'])} | {r['speedup_vs_ref']:.1f} | {r['speedup_vs_vec']:.1f} | "
@@ -326,11 +348,17 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"- speed-up vs eager torch reference: {tg['speedup_vs_ref']:.1f}x (target >= 4x); "
         f"vs vectorised torch: {tg['speedup_vs_vec']:.1f}x",
+        *[f"- {r['data']} tokens, N = {r['N']}: {r['speedup_vs_ref']:.1f}x vs the torch reference, "
+          f"{r['speedup_vs_vec']:.1f}x vs vectorised torch (jax {fmt_ms(r['jax_s'])} ms)" for r in res["target_rows"]],
+        f"- torch reference at B = 8 / B = 1 (same N, D, K): {res['ref_b8_over_b1']:.1f} "
+        "(about 8 on a quiet machine; anything else means other jobs inflated the torch times, and the "
+        "ratios above with them: multi-threaded torch suffers more from a busy machine than single-threaded JAX)",
         f"- jax / roofline: {tg['roofline_ratio']:.2f} median, {tg['roofline_ratio_min']:.2f} best "
         f"(target <= 2); roofline terms: compute "
         f"{fmt_ms(tg['roofline_compute_s'])} ms, memory {fmt_ms(tg['roofline_memory_s'])} ms",
         f"- phases: normalise+relevance+top-k {fmt_ms(ph['prefix_s'])} ms, core similarity matmul "
-        f"{fmt_ms(ph['core_matmul_s'])} ms, {ph['picks']} greedy picks x {ph['per_pick_s'] * 1e3:.2f} ms "
+        f"(+ the fill's prefix: sort, gather) {fmt_ms(ph['core_matmul_s'])} ms, {ph['picks']} greedy picks x "
+        f"{ph['per_pick_s'] * 1e3:.2f} ms "
         f"(total {fmt_ms(ph['full_s'])} ms)",
     ]
     return "\n".join(lines) + "\n"
@@ -346,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "pruning")
 
     if args.quick:
-        grid = [(1, 576, 1024, 64), (8, 576, 4096, 64)]
+        grid = [(1, 576, 4096, 64), (8, 576, 4096, 64)]
         batching_grid = [(8, 576, 4096, 64)]
     else:
         grid = [(b, n, d, k) for n in (576, 2880) for d in (1024, 4096) for b in (1, 8) for k in (64, 128, 192)]
@@ -365,16 +393,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"probes: {flops_rate / 1e9:.0f} GFLOP/s, copy {copy_bw / 1e9:.1f} GB/s", flush=True)
 
     res["rows"] = []
-    for b, n, d, k in grid:
-        row = bench_config(b, n, d, k, repeats)
+    tb, tn, td, tk = TARGET["b"], TARGET["n"], TARGET["d"], TARGET["keep"]
+    extra = [(tb, n, td, tk, kind) for n in ((tn,) if args.quick else (tn, 2880)) for kind in ("clustered", "ragged")]
+    for b, n, d, k, kind in [(*cfg, "gauss") for cfg in grid] + extra:
+        row = bench_config(b, n, d, k, repeats, kind)
         res["rows"].append(row)
         print(
-            f"B={b} N={n} D={d} K={k}: jax {fmt_ms(row['jax_s'])} ms, ref {fmt_ms(row['torch_ref_s'])} ms, "
+            f"{kind} B={b} N={n} D={d} K={k}: jax {fmt_ms(row['jax_s'])} ms, ref {fmt_ms(row['torch_ref_s'])} ms, "
             f"vec {fmt_ms(row['torch_vec_s'])} ms",
             flush=True,
         )
     res["batching"] = [bench_batching(*cfg, repeats) for cfg in batching_grid]
-    tb, tn, td, tk = TARGET["b"], TARGET["n"], TARGET["d"], TARGET["keep"]
     res["phases"] = bench_phases(tb, tn, td, tk, repeats)
     f2, c2, s2 = probes()
     flops_rate, copy_bw = max(flops_rate, f2), max(copy_bw, c2)
@@ -386,7 +415,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for row in res["rows"]:
         add_roofline(row, flops_rate, stream[(row["N"], row["D"])])
-    res["target"] = next(r for r in res["rows"] if (r["B"], r["N"], r["D"], r["K"]) == (tb, tn, td, tk))
+    res["target"] = next(r for r in res["rows"] if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (tb, tn, td, tk, "gauss"))
+    res["target_rows"] = [r for r in res["rows"] if (r["B"], r["D"], r["K"]) == (tb, td, tk) and r is not res["target"]]
+    one = next((r for r in res["rows"] if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (1, tn, td, tk, "gauss")), None)
+    res["ref_b8_over_b1"] = float("nan") if one is None else res["target"]["torch_ref_s"] / one["torch_ref_s"]
     res["total_s"] = time.perf_counter() - t_start
     res["loadavg_end"] = _loadavg()
 

@@ -13,6 +13,7 @@ transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
 import jax
@@ -207,6 +208,24 @@ def last_query_attention(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`dot_product_attention` for one query per row (a decode step), reading the cache in place.
+
+    q: [B, 1, H, Dh]; k, v: [B, S, Hkv, Dh]; mask: bool [B, 1, S] -> [B, 1, H, Dh] in q's dtype.
+    The products are reduced over Dh and then S directly instead of through two dots, for
+    which XLA would first transpose k and v into [B, Hkv, ., .] copies: per step, per layer,
+    a write and a read of the whole cache. Sums in f32, softmax in f32 as in the prefill path.
+    """
+    b, _, h, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, 1, hkv, h // hkv, dh).astype(jnp.float32)  # broadcasts over S
+    scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (1.0 / math.sqrt(dh))  # [B, S, Hkv, G]
+    scores = jnp.where(mask[:, 0, :, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, Hkv, G, Dh]
+    return out.reshape(b, 1, h, dh).astype(q.dtype)
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
@@ -254,7 +273,10 @@ class LlamaAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        if kv is not None and l == 1 and not query_row:  # a decode step
+            out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        else:
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         if query_row:
             return self.o_proj(out.reshape(b, l, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask), new_keys
         return self.o_proj(out.reshape(b, l, -1)), kv

@@ -193,8 +193,13 @@ def lowered_flops(fn, *args) -> float:
 
 @pytest.fixture
 def unrolled(monkeypatch):
+    from zspa_jax.methods import zspaprune
+
     jax.clear_caches()  # kernels traced with the real fori_loop must not be reused
     monkeypatch.setattr(jax.lax, "fori_loop", _unrolled_fori_loop)
+    # The greedy fill as counted: every pick one [N, D] matvec. The prefix fill (a
+    # data-dependent number of picks on fewer rows, then this loop) has no static count.
+    monkeypatch.setattr(zspaprune, "prefix_size", lambda n, picks: None)
     yield
     jax.clear_caches()
 

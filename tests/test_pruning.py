@@ -124,6 +124,49 @@ def test_matches_torch_reference_special_shapes(b, n, t, d, keep, r):
         assert_same(got, torch_select(v, p, m, keep=keep, core_ratio=r), f"seed {seed} {kind}")
 
 
+def _prefix_picks_made(v, p, m, keep: int, r: float) -> tuple[int, int]:
+    """(picks the fill's prefix decided, fill picks) for one example, as `_select_one` runs it."""
+    from zspa_jax.methods._common import prompt_relevance, unit
+    from zspa_jax.methods.zspaprune import _prefix_phase, prefix_size
+
+    vn = unit(jnp.asarray(v))
+    k = pruning.core_size(keep, r)
+    core = jax.lax.top_k(prompt_relevance(vn, jnp.asarray(p), jnp.asarray(m)), k)[1].astype(jnp.int32)
+    c = jnp.max(vn @ vn[core].T, axis=1)
+    blocked = jnp.zeros(v.shape[0], bool).at[core].set(True)
+    picks = jnp.zeros(keep, jnp.int32).at[:k].set(core)
+    size = prefix_size(v.shape[0], keep - k)
+    assert size is not None
+    t, _ = _prefix_phase(vn, c, blocked, picks, k, keep, size)
+    return int(t), keep - k
+
+
+@pytest.mark.parametrize("kind", ["gauss", "clustered"])
+def test_prefix_fill_matches_reference_when_it_decides_and_when_it_falls_back(kind):
+    # N large enough for the fill's prefix (zspaprune.prefix_size: 56 of 160 rows here).
+    # Unstructured tokens stay inside it for every pick; clusters leave it after a few picks
+    # and the plain loop finishes. Both must give the oracle's indices, ragged rows too.
+    b, n, t, d, keep, r = 3, 160, 5, 24, 24, 0.5
+    v, p, m = make_data(40 if kind == "gauss" else 41, b, n, t, d, kind=kind)
+    made = [_prefix_picks_made(v[i], p[i], m[i], keep, r) for i in range(b)]
+    if kind == "gauss":
+        assert all(t == count for t, count in made), made
+    else:
+        assert all(t < count for t, count in made), made
+    got = jax_select(v, p, m, keep=keep, core_ratio=r)
+    assert_same(got, torch_select(v, p, m, keep=keep, core_ratio=r), kind)
+    plain = np.asarray(select_fixed_core(jnp.asarray(v), jnp.asarray(p), jnp.asarray(m), keep=keep,
+                                         n_core=pruning.core_size(keep, r), batching="vmap"))  # no prefix under vmap
+    assert np.array_equal(got, plain)
+    counts = [160, 120, 90]  # ragged rows: padding at the end holds NaN
+    valid = np.arange(n)[None, :] < np.array(counts)[:, None]
+    garbage = np.where(valid[..., None], v, np.nan).astype(np.float32)
+    got = jax_select(garbage, p, m, keep=keep, core_ratio=r, visual_mask=jnp.asarray(valid))
+    for i, count in enumerate(counts):
+        want = torch_select(v[i : i + 1, :count], p[i : i + 1], m[i : i + 1], keep=keep, core_ratio=r)
+        assert_same(got[i : i + 1], want, f"{kind} row {i} ({count} real tokens)")
+
+
 def test_exact_ties_go_to_lower_index():
     # Axis-aligned tokens with duplicates: every cosine is exactly 0 or 1 under any
     # summation order, so all ties are exact and must resolve to the lower index.
@@ -143,6 +186,34 @@ def test_exact_ties_go_to_lower_index():
         assert_same(
             jax_select(v, p, None, keep=keep, method=method), torch_select(v, p, None, keep=keep, method=method), method
         )
+
+
+def test_prefix_fill_ties_at_its_boundary_and_inside_it():
+    # Axis-aligned tokens: every cosine is exactly 0 or 1, so ties are exact. K = 8, r = 0.5:
+    # core {0, 1, 2, 3} (prompt along axis 0), 4 fill picks, a prefix of 24 tokens.
+    n, d, keep = 64, 4, 8
+    p = np.eye(d)[[0]].astype(np.float32)[None]
+
+    def tokens(axes):
+        return np.eye(d)[axes].astype(np.float32)[None]
+
+    # Tokens 0-39 on axis 0, 40-63 on axes 1, 2, 3 in turn: the prefix is tokens 40-63
+    # (c = 0); the fill takes 40, 41, 42, after which every c is 1, inside the prefix and
+    # at the smallest bound outside it (token 4). The next pick is token 4, the lowest index
+    # overall, which the prefix cannot see: it must hand over to the plain loop.
+    v = tokens(np.r_[np.zeros(40, int), 1 + np.arange(24) % 3])
+    got = jax_select(v, p, None, keep=keep, core_ratio=0.5)
+    assert got.tolist() == [[0, 1, 2, 3, 4, 40, 41, 42]]
+    assert_same(got, torch_select(v, p, None, keep=keep, core_ratio=0.5), "boundary tie")
+
+    # Only 28 real tokens (0-11 on axis 0, 12-27 on axes 1-3): all 24 unselected ones sit in
+    # the prefix, ordered by bound (12-27 first, then 4-11). After 12, 13, 14 every c is 1:
+    # the tie goes to the lowest token index (4), not to the first prefix position (15).
+    axes = np.r_[np.zeros(12, int), 1 + np.arange(16) % 3, np.zeros(n - 28, int)]
+    valid = np.arange(n)[None, :] < 28
+    got = jax_select(tokens(axes), p, None, keep=keep, core_ratio=0.5, visual_mask=jnp.asarray(valid))
+    assert got.tolist() == [[0, 1, 2, 3, 4, 12, 13, 14]]
+    assert_same(got, torch_select(tokens(axes)[:, :28], p, None, keep=keep, core_ratio=0.5), "tie inside")
 
 
 def test_signed_zero_scores_tie_by_index():

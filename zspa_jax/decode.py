@@ -88,7 +88,10 @@ def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: Stati
 
 def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
     """Sample one token per row, append it to every layer's cache, compute the next logits."""
-    rng, sample_rng = jax.random.split(s.rng)
+    if st.sampling.greedy:  # argmax reads no key: no split (a small loop of its own each step)
+        rng, sample_rng = s.rng, None
+    else:
+        rng, sample_rng = jax.random.split(s.rng)
     token = jnp.where(s.done, st.pad_id, st.sampling(s.logits, sample_rng))
     tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
     lengths = s.lengths + (~s.done).astype(jnp.int32)

@@ -3,8 +3,17 @@
 The six steps are README.md's "ZSPAPrune, exactly": a prompt-relevance core of
 k = round(K r) tokens (top-k cosine to the mean prompt embedding), then a greedy max-min
 diversity fill. The fill keeps a running c_j = max over kept i of cos(v_j, v_i): one
-[N, D] matrix-vector product per pick, no N x N matrix except for DivPrune's first pick.
+matrix-vector product per pick, no N x N matrix except for DivPrune's first pick.
 `core_ratio="auto"` picks k per example (`zspa_jax.methods.auto_core`).
+
+The fill first works on a prefix (`_prefix_fill`): c_j only grows, so the value c_j has
+before the fill is a lower bound on it at every later pick. The P tokens with the lowest
+bound are gathered once; a pick found among them whose c is strictly below the smallest
+bound outside is the exact argmin over all N (ties go to the lower index, as in the plain
+argmin), and each pick then updates only those P tokens. Picks run there while that holds;
+the first time it does not, the remaining picks run the plain [N, D] loop from exactly
+that point. Same kept indices; on data where the fill stays among the least-covered tokens
+(e.g. unstructured features) each pick reads P rows instead of N.
 
 DivPrune: S. Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large
 Multimodal Models", CVPR 2025, arXiv:2503.02175; official code github.com/vbdi/divprune.
@@ -34,17 +43,19 @@ def core_size(keep: int, core_ratio: float) -> int:
 
 
 def _select_one(
-    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int
+    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int, prefix: bool
 ) -> jax.Array:
     """One example: v [N, D], t [T, D] f32, m [T] bool, valid [N] bool | None -> sorted int32 [keep].
 
     Masked tokens (valid False) get unit vector 0, relevance -inf and a running c of
-    +inf, so they are never picked and never change another token's score.
+    +inf, so they are never picked and never change another token's score. `prefix`: run
+    the fill through `_prefix_fill` (sequential batching; under vmap its data-dependent
+    exit and fallback would run for every example).
     """
     n = v.shape[0]
-    vn = unit(v)
     if valid is not None:
-        vn = jnp.where(valid[:, None], vn, 0.0)
+        v = jnp.where(valid[:, None], v, 0.0)  # padding may hold NaN: keep it out of every sum
+    vn = unit(v)  # a masked token's unit vector is 0
     picks = jnp.zeros((keep,), jnp.int32)
     selected = jnp.zeros((n,), jnp.bool_)
     if n_core > 0:
@@ -75,6 +86,22 @@ def _select_one(
 
     # Step 5: greedy max-min fill with a running c_j = max_{i selected} cos(v_j, v_i).
     blocked = selected if valid is None else selected | ~valid
+    size = prefix_size(n, keep - start) if prefix else None
+    if size is None:
+        return jnp.sort(_plain_fill(vn, c, blocked, picks, start, keep))
+    return jnp.sort(_prefix_fill(vn, c, blocked, picks, start, keep, size))
+
+
+def prefix_size(n: int, picks: int) -> int | None:
+    """P, the tokens `_prefix_fill` works on for `picks` greedy picks out of n; None when
+    P would not be smaller than n. Unstructured data (the hardest case for a prefix: every
+    c_j close to the others) needs about 2-3 rows per pick plus a share growing with N."""
+    size = -(-(4 * picks + n // 32) // 8) * 8
+    return size if size < n else None
+
+
+def _plain_fill(vn, c, blocked, picks, start, keep):
+    """Picks start..keep-1: argmin of c over unblocked tokens, then one [N, D] matvec."""
 
     def fill(i, state):
         c, blocked, picks = state
@@ -82,8 +109,59 @@ def _select_one(
         c = jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[j], precision=HIGHEST))
         return c, blocked.at[j].set(True), picks.at[i].set(j)
 
-    _, _, picks = lax.fori_loop(start, keep, fill, (c, blocked, picks))
-    return jnp.sort(picks)
+    return lax.fori_loop(start, keep, fill, (c, blocked, picks))[2]
+
+
+def _prefix_phase(vn, c, blocked, picks, start, keep, size: int):
+    """The picks the `size` least-covered tokens decide: -> (t, picks with start..start+t-1 set).
+
+    vn [N, D] unit tokens, c [N] running max to the selected set, blocked [N] (selected or
+    masked), picks int32 [keep] (first `start` set).
+    """
+    n = vn.shape[0]
+    count = keep - start
+    bound = jnp.where(blocked, jnp.inf, c)  # c never decreases: a lower bound for every later pick
+    order = jnp.argsort(bound, stable=True).astype(jnp.int32)
+    idx = order[:size]
+    rows = vn.at[idx].get(mode="promise_in_bounds", unique_indices=True)  # [P, D], cache-resident
+    outside = bound[order[size]]  # the smallest bound of any token left out
+
+    def cond(state):
+        t, _, _, ok = state
+        return ok & (t < count)
+
+    def body(state):
+        t, cp, picks, _ = state
+        m = jnp.min(cp)
+        pos = jnp.argmin(jnp.where(cp == m, idx, n)).astype(jnp.int32)  # ties -> lower token index
+        ok = m < outside  # strictly: an outside token could only tie or lose
+        cp_next = jnp.maximum(cp, jnp.einsum("pd,d->p", rows, rows[pos], precision=HIGHEST)).at[pos].set(jnp.inf)
+        cp = jnp.where(ok, cp_next, cp)
+        picks = jnp.where(ok, picks.at[start + t].set(idx[pos]), picks)
+        return t + ok.astype(jnp.int32), cp, picks, ok
+
+    t, _, picks, _ = lax.while_loop(cond, body, (jnp.int32(0), bound[idx], picks, jnp.bool_(True)))
+    return t, picks
+
+
+def _prefix_fill(vn, c, blocked, picks, start, keep, size: int):
+    """`_plain_fill`'s picks, exactly: `_prefix_phase`, then the plain loop for what it left."""
+    n = vn.shape[0]
+    count = keep - start
+    t, picks = _prefix_phase(vn, c, blocked, picks, start, keep, size)
+
+    def rest(args):
+        # The prefix could not decide pick t: bring every token's c up to date with the t
+        # prefix picks (one matvec each) and finish with the plain loop.
+        t, picks = args
+        made = jnp.where(jnp.arange(count) < t, picks[start:], n)
+        done = blocked.at[made].set(True, mode="drop")
+        caught = lax.fori_loop(
+            0, t, lambda s, c: jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[picks[start + s]], precision=HIGHEST)), c
+        )
+        return _plain_fill(vn, caught, done, picks, start + t, keep)
+
+    return lax.cond(t < count, rest, lambda args: args[1], (t, picks))
 
 
 @partial(jax.jit, static_argnames=("keep", "n_core", "batching"))
@@ -106,12 +184,12 @@ def select_fixed_core(
         prompt = jnp.zeros((v.shape[0], 1, v.shape[2]), jnp.float32)
     t = prompt.astype(jnp.float32)
     m = jnp.ones(t.shape[:2], jnp.bool_) if prompt_mask is None else prompt_mask != 0
+    prefix = batching == "map"
     if valid is None:
-        one = lambda v, t, m: _select_one(v, t, m, None, keep=keep, n_core=n_core)  # noqa: E731
+        one = lambda v, t, m: _select_one(v, t, m, None, keep=keep, n_core=n_core, prefix=prefix)  # noqa: E731
         args = (v, t, m)
-    else:
-        v = jnp.where(valid[..., None], v, 0.0)  # padding may hold NaN: keep it out of every sum
-        one = partial(_select_one, keep=keep, n_core=n_core)
+    else:  # masking happens per example inside _select_one (no masked copy of the whole batch)
+        one = partial(_select_one, keep=keep, n_core=n_core, prefix=prefix)
         args = (v, t, m, valid)
     return batched(one, args, batching)
 
@@ -130,7 +208,10 @@ def _select(inputs: MethodInputs, *, keep: int, core_ratio, batching: str, fixed
 
 def zspaprune_flops(n: int, d: int, keep: int, text_tokens: int, *, core_ratio=0.6, auto_zero_share: float = 1.0,
                     **_) -> int:
-    """FLOPs of one example (zspa_jax.estimate's convention; 0 when keep == n)."""
+    """FLOPs of one example (zspa_jax.estimate's convention; 0 when keep == n). The greedy
+    fill is counted as the plain loop, one [N, D] matvec per pick. The prefix fill does
+    less while its prefix decides the picks, and at most (K - k) x P x D more when it hands
+    over late."""
     if keep >= n:
         return 0
     if core_ratio == AUTO:
