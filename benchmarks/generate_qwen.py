@@ -3,18 +3,23 @@
     python benchmarks/generate_qwen.py            # -> benchmarks/results/generate_qwen.{md,json}
     python benchmarks/generate_qwen.py --quick    # 448x448 only, one repeat; prints only
     python benchmarks/generate_qwen.py --quick --no-images --video 16x112x112   # a small clip only (a smoke run)
+    python benchmarks/generate_qwen.py --sizes 448x448,896x672,1344x1008 --keeps all,64 --video none
 
-Model: Qwen2.5-VL-3B-shaped with random f32 weights and FEWER LAYERS so it runs on a
-2-core CPU: the real vision widths (d 1280, m 3420, 16 heads, patch 14, window 112) with
-4 of 32 blocks (full attention at blocks 1 and 3), the real merger, and the real Qwen2
+Model: Qwen2.5-VL-3B-shaped with random f32 weights at the REAL PROPORTIONS of the 3B
+model, a quarter of its depth so it runs on a 2-core CPU: the real vision widths (d 1280,
+m 3420, 16 heads, patch 14, window 112) with 8 of 32 blocks (full attention at block 7:
+one block in eight, as in the real 3B's 7/15/23/31), the real merger, and the real Qwen2
 widths of the 3B model (d 2048, m 11008, 16 heads / 2 KV heads, vocab 151936, tied head,
-M-RoPE [16, 24, 24]) with 2 of 36 layers. Real Qwen2-VL image processor defaults. Images:
-448x448 (256 visual tokens) and 1344x1008 (resized by the processor to 1148x840: 1230).
+M-RoPE [16, 24, 24]) with 9 of 36 layers. Tower and LLM therefore keep the real model's
+share of the prefill, and `zspa_jax.estimate` on this config predicts the same FLOP
+ratios as on the real 3B. Real Qwen2-VL image processor defaults. Images: 448x448 (256
+visual tokens), 896x672 (912) and 1344x1008 (resized by the processor to 1148x840: 1230).
 
 Per image and keep K in {all, 256, 128, 64} (those <= N), B = 1, 8 new tokens, EOS off:
   zspa_jax   generate(input_ids, pixel_values, image_grid_thw, prune=K): prefill seconds
              (tower + merger + pruning + LLM prefill, one jitted program) and decode tok/s
              from its stats, after a warm-up call (compile time reported separately).
+  zspa_jax   tower: the tower + merger alone, jitted on generate's bucketed layout (its patch slots);
   torch      vision: hf.model.get_image_features; LLM prefill on the (pruned) prompt:
              hf(inputs_embeds=..., position_ids=<kept tokens' original 3-D positions>,
              logits_to_keep=1); unpruned only: hf.generate(max_new_tokens=8) end to end.
@@ -58,10 +63,12 @@ import torch  # noqa: E402
 
 import zspa_jax  # noqa: E402
 from zspa_jax import generation  # noqa: E402
+from zspa_jax.estimate import estimate_model  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 NEW_TOKENS = 8
-IMAGES = ((448, 448), (1344, 1008))
+IMAGES = ((448, 448), (896, 672), (1344, 1008))
+VISION_DEPTH, FULL_ATTENTION, LLM_LAYERS = 8, (7,), 9  # a quarter of the 3B's 32 / (7, 15, 23, 31) / 36
 VIDEO_FPS = 2.0
 # transformers' Qwen2VLVideoProcessor defaults (class attributes), saved as video_preprocessor_config.json
 VIDEO_PROCESSOR = {
@@ -87,6 +94,22 @@ def _time_generate(call, repeats: int) -> tuple[float, float, float, Any]:
     return first_seconds, prefill, decode, results[-1]
 
 
+def jax_tower_seconds(vlm, a: dict, repeats: int) -> tuple[float, int]:
+    """(median s, patch slots) of zspa_jax's tower + merger alone: one jitted program on the
+    bucketed layout generate lays out for these arrays."""
+    from flax import nnx
+
+    from zspa_jax.batch import prepare_arrays
+
+    host = prepare_arrays(vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
+                          {"image_grid_thw": a["image_grid_thw"]}, None, extra_length=NEW_TOKENS, bucket=True,
+                          prompt_bucket=generation.PROMPT_BUCKET)
+    tower = jax.jit(lambda state, pixels, layout: nnx.merge(vlm.graphdef, state).image_features(pixels, layout))
+    run = lambda: jax.block_until_ready(tower(vlm.state, host.pixel_values, host.aux.layout))  # noqa: E731
+    run()
+    return timed(run, repeats)[0], int(host.aux.layout.order.size)
+
+
 def build_model(directory: Path):
     """Save the Qwen2.5-VL-3B-shaped random model + a word-level tokenizer + the default
     Qwen2-VL image processor to `directory`; return (hf model, processor)."""
@@ -99,10 +122,10 @@ def build_model(directory: Path):
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1, 3]),
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=2,
+        vision_config=dict(depth=VISION_DEPTH, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=list(FULL_ATTENTION)),
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=LLM_LAYERS,
                          num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
                          max_position_embeddings=32768, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
@@ -221,6 +244,34 @@ def video_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def image_table(rows: list[dict]) -> list[str]:
+    """One line per image and keep: both frameworks' prefill, their ratio, and each pruned
+    prefill's speed-up over its unpruned one next to the FLOP ratio `estimate` predicts."""
+    lines = [
+        "| image | grid | N | keep | L' | zspa_jax prefill s (tower+prune+LLM) | torch vision s + LLM prefill s "
+        "| prefill ratio torch/jax | tower s jax / torch (jax slots) | pruning speed-up zspa_jax / torch "
+        "| estimate FLOP ratio | zspa_jax decode tok/s | torch generate s (unpruned) | zspa_jax first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    unpruned = {r["image"]: r for r in rows if r["keep"] == r["visual_tokens"]}
+    for r in rows:
+        base = unpruned[r["image"]]
+        jax_speedup = base["jax_prefill_seconds"] / r["jax_prefill_seconds"]
+        torch_speedup = base["torch_prefill_seconds"] / r["torch_prefill_seconds"]
+        predicted = r["estimate_prefill_flops_unpruned"] / r["estimate_prefill_flops"]
+        off = " (>15% off)" if abs(jax_speedup / predicted - 1) > 0.15 else ""
+        gen = f"{r['torch_generate_seconds_unpruned']:.2f}" if r["torch_generate_seconds_unpruned"] else "-"
+        lines.append(
+            f"| {r['image']} | {r['grid'][1]}x{r['grid'][2]} | {r['visual_tokens']} | {r['keep']} | {r['sequence_length']} "
+            f"| {r['jax_prefill_seconds']:.2f} | {r['torch_vision_seconds']:.2f} + {r['torch_llm_prefill_seconds']:.2f} "
+            f"| {r['torch_prefill_seconds'] / r['jax_prefill_seconds']:.2f}x "
+            f"| {r['jax_tower_seconds']:.2f} / {r['torch_vision_seconds']:.2f} ({r['jax_tower_slots']}) "
+            f"| {jax_speedup:.2f}x / {torch_speedup:.2f}x "
+            f"| {predicted:.2f}x{off} | {r['jax_decode_tokens_per_second']:.1f} | {gen} | {r['jax_first_call_seconds']:.1f} |"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -228,9 +279,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "generate_qwen"))
     parser.add_argument("--video", default="16x448x448", help="the clip FRAMESxHxW of the video row ('none': no row)")
     parser.add_argument("--no-images", action="store_true", help="only the video row")
+    parser.add_argument("--sizes", default=None, help="images HxW,HxW,... (default: 448x448,896x672,1344x1008)")
+    parser.add_argument("--keeps", default="all,256,128,64", help="keeps to time ('all': unpruned)")
     args = parser.parse_args(argv)
+    sizes = IMAGES if args.sizes is None else tuple(tuple(int(v) for v in s.split("x")) for s in args.sizes.split(","))
+    keeps = [None if k == "all" else int(k) for k in args.keeps.split(",")]
     torch.set_num_threads(CORES)
-    images = () if args.no_images else (IMAGES[:1] if args.quick else IMAGES)
+    images = () if args.no_images else (sizes[:1] if args.quick else sizes)
     video = None if args.video == "none" else tuple(int(v) for v in args.video.lower().split("x"))
     repeats = 1 if args.quick else args.repeats
     from tests.qwen2_5_vl_helpers import hf_inputs, random_image
@@ -257,7 +312,9 @@ def main(argv=None) -> int:
                                                    image_grid_thw=batch["image_grid_thw"])
             t_generate, _ = timed(lambda: hf.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                       do_sample=False), repeats)
-        for keep in dict.fromkeys(k for k in (n, 256, 128, 64) if k <= n):
+        text_tokens = int(batch["input_ids"].shape[1]) - n
+        t_tower, tower_slots = jax_tower_seconds(vlm, a, repeats)
+        for keep in dict.fromkeys(n if k is None else k for k in keeps if k is None or k <= n):
             prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
             call = lambda: zspa_jax.generate(vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"],  # noqa: E731
                                              image_grid_thw=a["image_grid_thw"], prune=prune,
@@ -271,11 +328,15 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 t_prefill, _ = timed(lambda: hf(inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
                                                 logits_to_keep=1), repeats)
+            flops = estimate_model(vlm.config, text_tokens, hw, keep=keep)
             row = {
                 "image": f"{hw[0]}x{hw[1]}", "grid": grid, "visual_tokens": n, "keep": keep,
+                "estimate_prefill_flops": flops["prefill_flops_total"],
+                "estimate_prefill_flops_unpruned": flops["prefill_flops_total_unpruned"],
                 "sequence_length": int(batch["input_ids"].shape[1] - n + keep),
                 "jax_first_call_seconds": first_seconds, "jax_prefill_seconds": prefill,
                 "jax_decode_tokens_per_second": decode,
+                "jax_tower_seconds": t_tower, "jax_tower_slots": tower_slots,
                 "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
                 "torch_prefill_seconds": t_vision + t_prefill,
                 "torch_generate_seconds_unpruned": t_generate if prune is None else None,
@@ -285,21 +346,12 @@ def main(argv=None) -> int:
     clips = [] if video is None else video_rows(hf, vlm, video, repeats)
     machine = f"{platform.machine()} CPU x{CORES}, jax {jax.__version__}, torch {torch.__version__}"
     lines = [
-        f"Qwen2.5-VL-3B-shaped, 4/32 vision blocks, 2/36 LLM layers, random f32 weights; {machine}; "
+        f"Qwen2.5-VL-3B-shaped at the 3B's proportions: {VISION_DEPTH}/32 vision blocks (full attention at "
+        f"{', '.join(map(str, FULL_ATTENTION))}), {LLM_LAYERS}/36 LLM layers, random f32 weights; {machine}; "
         f"B=1, {NEW_TOKENS} new tokens; conversion {convert_seconds:.1f} s.",
         "",
-        "| image | grid | N | keep | L' | zspa_jax prefill s (tower+prune+LLM) | torch vision s + LLM prefill s "
-        "| prefill ratio torch/jax | zspa_jax decode tok/s | torch generate s (unpruned) | zspa_jax first call s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *image_table(rows),
     ]
-    for r in rows:
-        gen = f"{r['torch_generate_seconds_unpruned']:.2f}" if r["torch_generate_seconds_unpruned"] else "-"
-        lines.append(
-            f"| {r['image']} | {r['grid'][1]}x{r['grid'][2]} | {r['visual_tokens']} | {r['keep']} | {r['sequence_length']} "
-            f"| {r['jax_prefill_seconds']:.2f} | {r['torch_vision_seconds']:.2f} + {r['torch_llm_prefill_seconds']:.2f} "
-            f"| {r['torch_prefill_seconds'] / r['jax_prefill_seconds']:.2f}x | {r['jax_decode_tokens_per_second']:.1f} "
-            f"| {gen} | {r['jax_first_call_seconds']:.1f} |"
-        )
     if clips:
         lines += video_table(clips)
     print("\n".join(lines))

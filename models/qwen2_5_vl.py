@@ -8,10 +8,13 @@ depends on the grid values (window order, rotary positions, attention segments, 
 positions) is computed on the host in numpy (`vision_layout`, `rope_index`), so the
 jitted programs only see arrays of static shape (that host code lives with the family's adapter,
 `zspa_jax.families.qwen2_5_vl.layout`; this module holds the types it fills and the NNX
-modules). The tower runs on fixed-size window blocks (padding slots fill partial
-windows), so windowed attention is one batched [windows, S, S] attention; padding the
-window count to a bucket (`vision_layout(..., windows=)`) lets images of different
-sizes share one compiled tower.
+modules). The tower runs on P patch slots: the real patches packed densely in
+transformers' window order, then padding slots up to a bucket (`vision_layout(...,
+slots=)`), so images of different sizes share one compiled tower while every block
+(linear layers, windowed and full attention) pays only for the real patches plus the
+bucket's padding. Attention of both kinds scores queries in chunks, each against only
+the key slots that can hold its queries' window (windowed blocks) or segment (full
+attention).
 
 The language model is `models.llama.LlamaForCausalLM` with q/k/v biases and
 `mrope_section`: the same decoder and KV cache as LLaVA's.
@@ -30,6 +33,7 @@ from flax import nnx
 
 from models.layers import (
     ACTIVATIONS,
+    MASK_VALUE,
     check_choice,
     check_positive,
     dot_product_attention,
@@ -153,26 +157,36 @@ class Qwen2_5_VLConfig:
 class VisionLayout(NamedTuple):
     """Grid-dependent index arrays for the tower (see `vision_layout`).
 
-    The tower runs on P = W * S slots: W windows of S = window_slots patch rows each, in
-    transformers' window order. A window holding fewer patches (at an image's right or
-    bottom edge) and the windows added to reach a bucket are filled with padding slots.
-    U = P / merge_unit merged slots.
+    The tower runs on P slots: the real patches packed densely in transformers' window
+    order (window after window, item after item), then padding slots up to the bucket.
+    U = P / merge_unit merged slots. Attention of both kinds scores queries in chunks of
+    ceil(P / C) slots (the last chunk's missing slots are added inside the model as
+    padding); chunk i reads only the keys [start_i, start_i + span) of the padded slots,
+    which hold every key of its queries' windows (windowed blocks) or segments (full).
     """
 
     order: np.ndarray  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
     positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
-    valid: np.ndarray  # bool [P]: the slot holds a real patch
+    valid: np.ndarray  # bool [P]: the slot holds a real patch (the first num_patches slots)
     image_segment: np.ndarray  # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
     inverse: np.ndarray  # int32 [U]: merged slot of each merged token in input order, padding slots last
-    # Full attention reads, for each chunk of P / C queries, only the keys [start, start + span)
-    # that hold their segments (None: every key):
-    chunk_keys: np.ndarray | None = None  # int32 [C]: first key slot of each query chunk
-    key_offsets: np.ndarray | None = None  # int32 [span]: 0, 1, ..., span - 1
+    window_segment: np.ndarray  # int32 [P]: window of each slot (windowed attention's segment), -1 padding
+    # Full attention: for each of C query chunks, the first key slot of its key span.
+    chunk_keys: np.ndarray  # int32 [C]
+    key_offsets: np.ndarray  # int32 [span]: 0, 1, ..., span - 1
+    # Windowed attention: the same for Cw chunks of at most one window's slots each.
+    window_keys: np.ndarray  # int32 [Cw]
+    window_offsets: np.ndarray  # int32 [span_w]
 
 
 def window_slots(cfg: Qwen2_5_VLVisionConfig) -> int:
-    """Patch rows per window slot block: window_merged^2 merged tokens of merge_unit patches."""
+    """Patch rows of one full window: window_merged^2 merged tokens of merge_unit patches."""
     return cfg.window_merged**2 * cfg.merge_unit
+
+
+def chunk_size(slots: int, chunks: int) -> int:
+    """Query slots per chunk when `slots` are scored in `chunks` chunks (the last padded)."""
+    return -(-slots // chunks)
 
 
 class QwenAux(NamedTuple):
@@ -195,44 +209,56 @@ class QwenAux(NamedTuple):
 QUERY_CHUNK = 256  # full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
 
 
-def _windowed_attention(q, k, v, valid, slots: int) -> jax.Array:
-    """q, k, v: [P, H, Dh] in window order, P = W * slots; valid: bool [P]. Each window
-    attends within itself (padding slots are never keys). Returns [P, H, Dh]."""
+def _segment_attention(q, k, v, segment, chunk_keys, key_offsets, sequential: bool) -> jax.Array:
+    """Attention within segments (a window, or one temporal patch of one item): q, k, v
+    [P, H, Dh]; segment int [P], -1 = padding (never a key). Queries go in C =
+    len(chunk_keys) chunks of ceil(P / C) slots (P padded to C chunks here); chunk i scores
+    only the keys chunk_keys[i] + key_offsets of the padded slots, which hold every key of
+    its queries' segments, so the cost is P x span, not P x P. `sequential`: one head of
+    one chunk at a time (scores [chunk, span] live at once and stay in cache: full
+    attention's long spans) instead of all chunks and heads together (windowed attention's
+    short spans). Returns [P, H, Dh]."""
     p, h, dh = q.shape
-    w = p // slots
-    q, k, v = (a.reshape(w, slots, h, dh) for a in (q, k, v))
-    mask = jnp.broadcast_to(valid.reshape(w, 1, slots), (w, slots, slots))
-    return dot_product_attention(q, k, v, mask).reshape(p, h, dh)
-
-
-def _segment_attention(q, k, v, segment, chunk_keys=None, key_offsets=None) -> jax.Array:
-    """Full attention within segments (one temporal patch of one image or video): q, k, v
-    [P, H, Dh]; segment int [P], -1 = padding (never a key). Queries go in chunks; with
-    `chunk_keys` [C] and `key_offsets` [span] (the layout's), chunk i scores only the keys
-    chunk_keys[i] + key_offsets, which hold every key of its queries' segments, so a clip
-    costs P x span instead of P x P; scores stay [H, P / C, span]."""
-    p, h, dh = q.shape
-    if chunk_keys is None:
-        chunks, span = p // math.gcd(p, QUERY_CHUNK), p
-        chunk_keys, key_offsets = jnp.zeros((chunks,), jnp.int32), jnp.arange(p, dtype=jnp.int32)
     chunks, span = chunk_keys.shape[0], key_offsets.shape[0]
-    chunk_keys, segment = jnp.asarray(chunk_keys), jnp.asarray(segment)
-    chunk = p // chunks
+    chunk = chunk_size(p, chunks)
+    extra = chunks * chunk - p
+    segment = jnp.asarray(segment)
+    if extra:
+        q, k, v = (jnp.pad(a, ((0, extra), (0, 0), (0, 0))) for a in (q, k, v))
+        segment = jnp.pad(segment, (0, extra), constant_values=-1)
+    chunk_keys, key_offsets = jnp.asarray(chunk_keys), jnp.asarray(key_offsets)
+    segs = segment.reshape(chunks, chunk)
+
+    def mask_of(seg, kseg):  # [..., chunk], [..., span] -> [..., chunk, span]
+        return (seg[..., :, None] == kseg[..., None, :]) & (kseg >= 0)[..., None, :]
+
+    if not sequential:
+        if span == chunks * chunk:  # small P: each chunk reads all slots, no gather
+            kc, vc, kseg = (jnp.broadcast_to(a[None], (chunks,) + a.shape) for a in (k, v, segment))
+        else:
+            index = chunk_keys[:, None] + key_offsets  # [C, span]
+            kc, vc, kseg = k[index], v[index], segment[index]
+        out = dot_product_attention(q.reshape(chunks, chunk, h, dh), kc, vc, mask_of(segs, kseg))
+        return out.reshape(chunks * chunk, h, dh)[:p]
+
+    # Head-major, so a (head, chunk) step reads contiguous [span, Dh] keys and values.
+    qh, kh, vh = (jnp.moveaxis(a, 1, 0) for a in (q, k, v))  # [H, P', Dh]
+    scale = 1.0 / math.sqrt(dh)
 
     def one(args):
-        qc, seg, start = args  # [chunk, H, Dh], [chunk], []
-        if span == p:
-            kc, vc, kseg = k, v, segment
-        else:
-            index = start + jnp.asarray(key_offsets)
-            kc, vc, kseg = k[index], v[index], segment[index]
-        mask = (seg[:, None] == kseg[None, :]) & (kseg >= 0)[None, :]
-        return dot_product_attention(qc[None], kc[None], vc[None], mask[None])[0]
+        qc, seg, start, head = args  # [chunk, Dh], [chunk], [], []
+        kc, vc = (jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(a, head, keepdims=False), start, span)
+                  for a in (kh, vh))
+        kseg = jax.lax.dynamic_slice_in_dim(segment, start, span)
+        # dot_product_attention's math on 2-D operands (its grouped 5-D einsum with unit
+        # batch and head axes compiles to a ~3x slower CPU program)
+        scores = jnp.einsum("ld,sd->ls", qc, kc).astype(jnp.float32) * scale
+        scores = jnp.where(mask_of(seg, kseg), scores, MASK_VALUE)
+        return jnp.einsum("ls,sd->ld", jax.nn.softmax(scores, axis=-1).astype(vc.dtype), vc)
 
-    if chunks == 1:
-        return one((q, segment, chunk_keys[0]))
-    out = jax.lax.map(one, (q.reshape(chunks, chunk, h, dh), segment.reshape(chunks, chunk), chunk_keys))
-    return out.reshape(p, h, dh)
+    heads = jnp.repeat(jnp.arange(h, dtype=jnp.int32), chunks)
+    out = jax.lax.map(one, (qh.reshape(h * chunks, chunk, dh), jnp.tile(segs, (h, 1)), jnp.tile(chunk_keys, h), heads))
+    return jnp.moveaxis(out.reshape(h, chunks * chunk, dh), 0, 1)[:p]
 
 
 class VisionAttention(nnx.Module):
@@ -242,17 +268,17 @@ class VisionAttention(nnx.Module):
         self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
         self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool, slots: int):
-        """x: [P, D]; cos, sin: f32 [P, Dh / 2]. Windowed attention, or per image when `full`."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool):
+        """x: [P, D]; cos, sin: f32 [P, Dh / 2]. Windowed attention, or per segment when `full`."""
         p, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
         # transformers rotates in f32 and casts back
         q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         if full:
-            out = _segment_attention(q, k, v, layout.image_segment, layout.chunk_keys, layout.key_offsets)
+            out = _segment_attention(q, k, v, layout.image_segment, layout.chunk_keys, layout.key_offsets, True)
         else:
-            out = _windowed_attention(q, k, v, layout.valid, slots)
+            out = _segment_attention(q, k, v, layout.window_segment, layout.window_keys, layout.window_offsets, False)
         return self.proj(out.reshape(p, d))
 
 
@@ -271,8 +297,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS, dt)
         self.mlp = VisionMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, layout, full: bool, slots: int):
-        x = x + self.attn(self.norm1(x), cos, sin, layout, full, slots)
+    def __call__(self, x, cos, sin, layout, full: bool):
+        x = x + self.attn(self.norm1(x), cos, sin, layout, full)
         return x + self.mlp(self.norm2(x))
 
 
@@ -287,7 +313,7 @@ class PatchMerger(nnx.Module):
         self.fc2 = nnx.Linear(self.width, cfg.out_hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[P, D] (window order) -> [P / merge_unit, out_hidden_size]."""
+        """[P, D] (window order, merge_unit consecutive slots per merged token) -> [P / merge_unit, out_hidden_size]."""
         return self.fc2(jax.nn.gelu(self.fc1(self.ln_q(x).reshape(-1, self.width)), approximate=False))
 
 
@@ -316,10 +342,9 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         pixels = jnp.concatenate([pixel_values.astype(dt), jnp.zeros((1, pixel_values.shape[1]), dt)])
         x = self.patch_embed(jnp.take(pixels, layout.order, axis=0))
         cos, sin = self._angles(layout.positions)
-        slots = window_slots(cfg)
         states = []
         for i, block in enumerate(self.blocks[: cfg.depth if num_blocks is None else num_blocks]):
-            x = block(x, cos, sin, layout, i in cfg.fullatt_block_indexes, slots)
+            x = block(x, cos, sin, layout, i in cfg.fullatt_block_indexes)
             states.append(x)
         return states
 

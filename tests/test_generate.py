@@ -292,6 +292,32 @@ def test_pruned_prefill_logits_match_transformers(tiny, vlm, keep_positions, par
     assert diff <= 1e-4
 
 
+def test_decode_step_logits_match_transformers(tiny, vlm, parity_record):
+    # Each decode step's next-token logits (one query over the cache: models.llama's
+    # decode_attention) against transformers' full forward over the prompt + tokens so far.
+    from zspa_jax.batch import device_arrays, prepare_arrays
+    from zspa_jax.decode import prefill_program, step_program
+    from zspa_jax.sampling import Sampling
+
+    ids = _prompt(tiny, 5, 9, seed=7)[None]
+    px = _pixels(tiny, 1, seed=7)
+    steps = 6
+    host = prepare_arrays(vlm, ids, px, None, {}, None, extra_length=steps, bucket=True)
+    st = generation._settings(vlm, host, steps, prune=None, sampling=Sampling(), eos_token_id=[], keep_positions=False)
+    input_ids, mask, pixels, aux = device_arrays(host, vlm.mesh)
+    s, _ = prefill_program(vlm.graphdef, vlm.state, input_ids, pixels, mask, aux, jax.random.key(0), st)
+    worst = 0.0
+    for t in range(1, steps + 1):
+        s = step_program(vlm.graphdef, vlm.state, s, st)
+        tokens = np.asarray(s.tokens[:, :t])
+        with torch.no_grad():
+            ref = tiny.hf(input_ids=torch.as_tensor(np.concatenate([ids, tokens], 1)),
+                          pixel_values=torch.as_tensor(px)).logits[:, -1].numpy()
+        worst = max(worst, float(np.abs(np.asarray(s.logits) - ref).max()))
+    diff = parity_record("decode step logits", f"{steps} steps, cache {st.cache_length}", worst, 1e-4)
+    assert diff <= 1e-4
+
+
 @pytest.mark.slow
 def test_sampling_is_reproducible_for_a_seed(vlm, tiny):
     ids = _prompt(tiny, 5, 9, seed=1)[None]
@@ -529,3 +555,52 @@ def test_a_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_kee
     for keep in (1, n - 1):
         assert 0 < flops[keep] < flops[None], (keep, flops)
     assert ids.shape[1] == bucket + 1 and lengths[None] == 2 * bucket and lengths[n - 1] == bucket
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_px", [64, 16])  # 8 x 8 = 64 merged tokens (one span bucket); 2 x 2 = 4 (60 masked slots)
+def test_qwen_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_keep(image_px):
+    """Qwen2.5-VL, as LLaVA above: generate pads a pruned prompt so that its pruned length
+    L - N + K is a multiple of the prompt bucket (N: the row's placeholder slots, the span
+    padded to its bucket), and XLA counts fewer prefill flops than unpruned at the smallest
+    and the largest keep: the prompt has one real token more than a bucket, so dropping any
+    visual token saves a whole bucket. For the small image the span's masked slots would
+    otherwise push the prompt into the next bucket."""
+    from tests.qwen2_5_vl_helpers import converted as qwen_converted, random_image, tiny_model
+    from zspa_jax import decode
+    from zspa_jax.batch import device_arrays, prepare_arrays
+    from zspa_jax.sampling import Sampling
+
+    vlm = zspa_jax.load(qwen_converted(tiny_model()))
+    bucket = generation.PROMPT_BUCKET
+    image = random_image(image_px, image_px, seed=32)
+    encode = lambda words: vlm.processor.encode([" ".join(["cat"] * words)], [image])  # noqa: E731
+    shortest = encode(1)["input_ids"].shape[1]
+    target = -(-(shortest + 1) // bucket) * bucket + 1  # one real token more than a bucket
+    enc = encode(1 + target - shortest)
+    ids, grid = enc["input_ids"], enc["image_grid_thw"]
+    n = int((ids == vlm.config.image_token_id).sum())
+    assert ids.shape[1] == target and n == (image_px // 8) ** 2
+    flops, lengths = {}, {}
+    for keep in (None, 1, n - 1):
+        prune = None if keep is None else PruneConfig(keep=keep)
+        host = prepare_arrays(vlm, ids, enc["pixel_values"], enc["attention_mask"], {"image_grid_thw": grid}, prune,
+                              extra_length=4, bucket=True, prompt_bucket=bucket)
+        st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
+                                  keep_positions=False)
+        d_ids, d_mask, d_pixels, aux = device_arrays(host, vlm.mesh)
+        args = (vlm.state, d_ids, d_pixels, d_mask, aux, jax.random.key(0))
+        lengths[keep] = host.input_ids.shape[1] - (0 if keep is None else host.num_visual - keep)
+        real = target - (0 if keep is None else n - keep)
+        assert lengths[keep] == -(-real // bucket) * bucket, (keep, lengths)  # its own bucket
+        cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
+        flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    for keep in (1, n - 1):
+        assert 0 < flops[keep] < flops[None], (keep, flops)
+    assert lengths[None] == target - 1 + bucket and lengths[1] == lengths[n - 1] == target - 1
+    res = zspa_jax.generate(vlm, input_ids=ids, pixel_values=enc["pixel_values"], image_grid_thw=grid,
+                            attention_mask=enc["attention_mask"], prune=PruneConfig(keep=1), max_new_tokens=2)
+    assert res.stats["prompt_tokens_per_row_pruned"] == [target - n + 1]

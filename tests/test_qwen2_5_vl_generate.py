@@ -332,9 +332,9 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
 
 @pytest.mark.slow
 def test_one_program_across_image_sizes(tiny, vlm):
-    """Three image sizes (grids 10x14, 10x16, 12x16 patches: 12 windows each, one window
-    bucket; 35, 40, 48 merged tokens: one span bucket) with pruning compile one prefill and
-    one decode program."""
+    """Three image sizes (grids 10x14, 10x16, 12x16 patches: 35, 40, 48 merged tokens, one
+    tower slot bucket of 64 merged tokens and one span bucket) with pruning compile one
+    prefill and one decode program."""
     prune = zspa_jax.PruneConfig(keep=8)
     sizes = [(40, 56), (40, 64), (48, 64)]
     zspa_jax.generate(vlm, ["what is this"], [random_image(*sizes[0], seed=40)], max_new_tokens=4, prune=prune)

@@ -5,7 +5,8 @@ patch*merge, pixels within min/max), giving a grid of P = h*w patches and N = P/
 tokens. Vision block on P patches of width d, SwiGLU width m: 4*P*d^2 (qkv, proj) +
 3*P*d*m (MLP) + attention 2*sum(s^2)*d over its segments s (each window of up to 64
 patches for windowed blocks, the whole image for the `fullatt_block_indexes`) — the ideal
-count, what transformers computes per window; our tower pads partial windows to 64 slots.
+count, what transformers computes per window; our tower adds its slot bucket's padding
+(< 10% of the patches from 256 patches on) and scores windows in chunks against 190 slots.
 Patch embedding P*(3*2*p*p)*d; merger N*((4d)^2 + 4d*d_llm), counted in the vision FLOPs
 (no separate projector). The LLM is the shared decoder count with L' = T + K
 (zspa_jax.estimate.flops, same convention).

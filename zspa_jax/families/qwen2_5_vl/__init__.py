@@ -4,9 +4,10 @@
 Host side: grids, window layouts and 3-D positions computed from `image_grid_thw` and
 `video_grid_thw` (`layout.prepare_batch`); images and videos (transformers' arrays:
 pixel_values_videos, video_grid_thw, second_per_grid_ts) go through the tower as one
-patch array in reading order; the tower's window count, each video's temporal patches and,
-when pruning, each item span padded to buckets so items of different sizes and clips of
-different lengths share compiled programs; rows carry different numbers of visual tokens
+patch array in reading order; the tower's patch slots (a ladder of buckets <= 10% apart
+from 256 patches), each video's temporal patches and, when pruning, each item span padded
+to buckets so items of different sizes and clips of different lengths share compiled
+programs; a pruned prompt is left-padded to its own (pruned) length's bucket; rows carry different numbers of visual tokens
 (a valid mask). Strings + images + frames go through the saved tokenizer, chat template,
 Qwen2-VL image processor and the video processor's settings (`processor`, `video`).
 """
@@ -26,7 +27,6 @@ from zspa_jax.validation import check_finite, check_ids_in_range
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
 
-WINDOW_BUCKET_MIN = layout.WINDOW_BUCKET_MIN  # the tower's window count is padded to a power of two >= this
 SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and item widths) padded to a multiple of this
 VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -67,6 +67,12 @@ class QwenAdapter:
                     "patch (video_grid_thw t > 1) has a 3-D grid, and 3-D pooling is not implemented: use another "
                     "method (e.g. zspaprune) for videos"
                 )
+        def dropped_before_llm(visual_counts, item_tokens, items_per_row, slots: int) -> int:
+            """The placeholders pruning removes before the LLM (N - K; none for in-LLM methods)."""
+            if prune.record.llm_layer:
+                return 0
+            return slots - prune.row_keep(int(visual_counts.min()), int(item_tokens.min()), int(items_per_row.max()))
+
         batch = layout.prepare_batch(
             cfg,
             ids,
@@ -81,6 +87,7 @@ class QwenAdapter:
             bucket=bool(bucket),
             pad_id=vlm.pad_token_id,
             prompt_multiple=prompt_bucket,
+            prompt_dropped=dropped_before_llm if pruning else None,
         )
         aux = batch.aux
         n = 0 if aux.visual_index is None else aux.visual_index.shape[1]

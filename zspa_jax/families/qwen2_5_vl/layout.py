@@ -15,8 +15,7 @@ from one feature array (`QwenAux.feature_index`).
 from __future__ import annotations
 
 import itertools
-import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -25,14 +24,22 @@ from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, QwenAux,
 from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
 
 __all__ = [
-    "IMAGE", "VIDEO", "PreparedBatch", "WINDOW_BUCKET_MIN", "check_grid", "image_spans", "image_token_counts",
-    "num_patches", "num_windows", "prepare_batch", "rope_index", "temporal_bucket", "vision_layout", "visual_spans",
-    "windows_per_frame",
+    "IMAGE", "VIDEO", "PreparedBatch", "SLOT_LADDER_START", "SLOT_MANTISSAS", "SLOT_RATIO", "check_grid", "image_spans",
+    "image_token_counts", "num_patches", "num_windows", "prepare_batch", "rope_index", "slot_bucket", "temporal_bucket",
+    "token_bucket", "vision_layout", "visual_spans", "windows_per_frame",
 ]
 
 IMAGE, VIDEO = 1, 2  # transformers' mm_token_type_ids values (0 = text)
 KIND = {IMAGE: ("image", "pixel_values", "image_grid_thw"), VIDEO: ("video", "pixel_values_videos", "video_grid_thw")}
-WINDOW_BUCKET_MIN = 4  # with `bucket`, the tower's window count is padded to a power of two >= this
+# With `bucket`, the tower's slots follow a ladder in merged tokens: powers of two up to
+# SLOT_LADDER_START (64 merged tokens = 256 patches, a 224 x 224 image), then in each octave
+# [2^k, 2^(k+1)] the rungs 2^k * m / 32 for m in SLOT_MANTISSAS, each at most SLOT_RATIO
+# times the one before: an image of >= 256 patches is padded by less than 10% of its
+# patches. Powers of two (224^2, 448^2, 896^2 images) and 1.25 * 2^k (1280 merged tokens,
+# the default processor's largest image) are rungs.
+SLOT_LADDER_START = 64
+SLOT_RATIO = 1.1
+SLOT_MANTISSAS = (32, 35, 38, 40, 44, 48, 52, 56, 60)
 
 
 def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_thw") -> np.ndarray:
@@ -78,8 +85,26 @@ def temporal_bucket(t: int) -> int:
     return 1 << max(int(t) - 1, 0).bit_length()
 
 
+def token_bucket(n: int) -> int:
+    """The count `n` merged tokens are padded to in the tower: the next power of two up to
+    SLOT_LADDER_START, then the next rung of the ladder (consecutive rungs at most
+    SLOT_RATIO apart, so the padding is < (SLOT_RATIO - 1) * n there)."""
+    n = max(int(n), 1)
+    if n <= SLOT_LADDER_START:
+        return 1 << (n - 1).bit_length()
+    octave = 1 << (n.bit_length() - 1)  # 2^k <= n < 2^(k+1)
+    step = octave // 32
+    return next((m * step for m in SLOT_MANTISSAS if m * step >= n), 2 * octave)
+
+
+def slot_bucket(patches: int, cfg: Qwen2_5_VLVisionConfig) -> int:
+    """The tower's slot count for `patches` real patches (a multiple of merge_unit):
+    merge_unit * token_bucket(patches / merge_unit)."""
+    return cfg.merge_unit * token_bucket(-(-int(patches) // cfg.merge_unit))
+
+
 def vision_layout(
-    grid_thw, cfg: Qwen2_5_VLVisionConfig, windows: int | None = None, segment_windows: int | None = None
+    grid_thw, cfg: Qwen2_5_VLVisionConfig, slots: int | None = None, segment_slots: int | None = None
 ) -> VisionLayout:
     """Window order, rotary positions and attention segments for the items of `grid_thw`.
 
@@ -89,28 +114,29 @@ def vision_layout(
     own (its windows, then the next temporal patch's), concatenated window by window, item
     by item; the 2-D rotary positions repeat for every temporal patch; full-attention blocks
     attend within one temporal patch of one item (transformers' cu_seqlens: h*w per frame,
-    t segments per item). Here every window gets `window_slots` slots (padding after its real
-    patches), so windowed attention is one batched [W, S, S] attention. `windows` (>= the
-    real count) adds all-padding windows: a bucket, so items of different sizes share one
-    compiled tower. Full attention scores queries in chunks of `QUERY_CHUNK`, each against
-    the key slots that hold its queries' segments only (`chunk_keys`, `key_offsets`): the
-    span is chunk + 2 * (the largest segment's slots - 1), capped at all slots, with the
-    largest segment counted as `segment_windows` windows when given (a bucket, >= the real
-    count), so the span too follows buckets only.
+    t segments per item). The real patches fill the first slots densely in that order, as
+    transformers concatenates them; `slots` (>= the real count, a multiple of merge_unit)
+    adds padding slots after them: a bucket, so items of different sizes share one
+    compiled tower. Both attentions score queries in chunks, each against the key slots
+    that hold its queries' segments only (`window_keys` / `window_offsets` for windows:
+    chunks of at most one full window, span chunk + 2 * (window slots - 1); `chunk_keys` /
+    `key_offsets` for full attention: chunks of at most `QUERY_CHUNK`, span chunk + 2 *
+    (the largest segment's patches - 1), the largest counted as `segment_slots` when given,
+    a bucket >= the real count, so the span too follows buckets only); spans are capped at
+    all slots.
     """
     grid = check_grid(grid_thw, cfg, "grid_thw")
     m, unit, win = cfg.spatial_merge_size, cfg.merge_unit, cfg.window_merged
-    slots = window_slots(cfg)
     real = num_patches(grid)
-    needed = num_windows(grid, cfg)
-    windows = needed if windows is None else int(windows)
-    if windows < needed:
-        raise ValueError(f"layout windows {windows} must be >= the {needed} windows of the grids")
-    order = np.full((windows, slots), real, np.int64)  # `real` indexes the zero row appended to the patches
-    positions = np.zeros((windows, slots, 2), np.int64)
-    segment = np.full((windows, slots), -1, np.int64)
+    slots = real if slots is None else int(slots)
+    if slots < real or slots % unit:
+        raise ValueError(f"layout slots {slots} must be a multiple of merge_unit={unit} and >= the {real} patches of the grids")
+    order = np.full(slots, real, np.int64)  # `real` indexes the zero row appended to the patches
+    positions = np.zeros((slots, 2), np.int64)
+    segment = np.full(slots, -1, np.int64)
+    window = np.full(slots, -1, np.int64)
     merged_slot = np.zeros(real // unit, np.int64)  # merged token (input order) -> merged slot
-    w_i = offset = frame = 0
+    w_i = offset = frame = at = 0
     for t, h, w in grid.tolist():
         gh, gw = h // m, w // m
         # (h, w) of every patch, merge-block major: transformers' get_vision_position_ids.
@@ -129,56 +155,64 @@ def vision_layout(
                     continue
                 rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the item
                 n = rows.size
-                order[w_i, :n] = rows + offset
-                positions[w_i, :n] = hw[rows % (gh * gw * unit)]
-                segment[w_i, :n] = frame + f
-                merged_slot[offset // unit + tokens] = w_i * (slots // unit) + np.arange(tokens.size)
+                order[at:at + n] = rows + offset
+                positions[at:at + n] = hw[rows % (gh * gw * unit)]
+                segment[at:at + n] = frame + f
+                window[at:at + n] = w_i
+                merged_slot[offset // unit + tokens] = at // unit + np.arange(tokens.size)
+                at += n
                 w_i += 1
         offset += t * gh * gw * unit
         frame += t
-    total_merged = windows * slots // unit
-    used = np.zeros(total_merged, bool)
-    used[merged_slot] = True
-    inverse = np.concatenate([merged_slot, np.flatnonzero(~used)])
-    chunk_keys, key_offsets = _key_ranges(segment.ravel(), grid, cfg, segment_windows)
+    # every merged slot below real // unit holds a real token; the padding's follow
+    inverse = np.concatenate([merged_slot, np.arange(real // unit, slots // unit)])
+    largest = int(max(h * w for _, h, w in grid.tolist())) if len(grid) else 1
+    if segment_slots is not None:
+        if segment_slots < largest:
+            raise ValueError(f"segment_slots {segment_slots} must be >= the largest segment's {largest} patches")
+        largest = int(segment_slots)
+    chunk_keys, key_offsets = _key_ranges(segment, qwen_model.QUERY_CHUNK, largest)
+    window_keys, window_offsets = _key_ranges(window, window_slots(cfg), window_slots(cfg))
     return VisionLayout(
-        order=order.ravel().astype(np.int32),
-        positions=positions.reshape(-1, 2).astype(np.int32),
-        valid=(order.ravel() < real),
-        image_segment=segment.ravel().astype(np.int32),
+        order=order.astype(np.int32),
+        positions=positions.astype(np.int32),
+        valid=order < real,
+        image_segment=segment.astype(np.int32),
         inverse=inverse.astype(np.int32),
+        window_segment=window.astype(np.int32),
         chunk_keys=chunk_keys,
         key_offsets=key_offsets,
+        window_keys=window_keys,
+        window_offsets=window_offsets,
     )
 
 
-def _key_ranges(segment: np.ndarray, grid: np.ndarray, cfg: Qwen2_5_VLVisionConfig, segment_windows: int | None):
-    """(chunk_keys int32 [C], key_offsets int32 [span]): per chunk of full-attention queries,
-    the first of `span` consecutive key slots covering every segment its queries belong to.
-    A segment is one temporal patch of one item, its windows consecutive."""
+def _key_ranges(segment: np.ndarray, max_chunk: int, largest: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys int32 [C], offsets int32 [span]): the P slots scored in C = ceil(P / max_chunk)
+    query chunks of ceil(P / C) slots (the model pads P to C chunks), and for each chunk the
+    first of `span` consecutive key slots covering every segment its queries belong to.
+    Segments are runs of consecutive slots of at most `largest` slots."""
     p = segment.size
-    chunk = math.gcd(p, qwen_model.QUERY_CHUNK)
-    largest = int(windows_per_frame(grid, cfg).max()) if len(grid) else 1
-    if segment_windows is not None:
-        if segment_windows < largest:
-            raise ValueError(f"segment_windows {segment_windows} must be >= the largest segment's {largest} windows")
-        largest = int(segment_windows)
-    span = min(p, chunk + 2 * (largest * window_slots(cfg) - 1))
+    chunks = -(-p // max_chunk)
+    chunk = qwen_model.chunk_size(p, chunks)
+    padded = chunks * chunk
+    span = min(padded, chunk + 2 * (largest - 1))
+    segment = np.pad(segment, (0, padded - p), constant_values=-1)
     real = segment >= 0
-    slot = np.arange(p)
+    slot = np.arange(padded)
     count = int(segment.max()) + 1 if real.any() else 0
-    first = np.full(count, p, np.int64)
+    first = np.full(count, padded, np.int64)
     last = np.zeros(count, np.int64)
     np.minimum.at(first, segment[real], slot[real])
     np.maximum.at(last, segment[real], slot[real] + 1)
     starts = []
-    for c in range(p // chunk):
+    for c in range(chunks):
         segs = segment[c * chunk:(c + 1) * chunk]
         segs = segs[segs >= 0]
         lo, hi = (first[segs.min()], last[segs.max()]) if segs.size else (c * chunk, c * chunk)
-        if hi - lo > span:  # cannot happen: segments are consecutive and at most `largest` windows long
+        if hi - lo > span:  # cannot happen: segments are consecutive and at most `largest` slots long
             raise AssertionError(f"chunk {c} needs keys [{lo}, {hi}) beyond the span {span}")
-        starts.append(min(lo, p - span))
+        starts.append(min(lo, padded - span))
     return np.asarray(starts, np.int32), np.arange(span, dtype=np.int32)
 
 
@@ -372,6 +406,7 @@ def prepare_batch(
     bucket: bool = False,
     pad_id: int = 0,
     prompt_multiple: int | None = None,
+    prompt_dropped: Callable[[np.ndarray, np.ndarray, np.ndarray, int], int] | None = None,
 ) -> PreparedBatch:
     """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
 
@@ -385,11 +420,14 @@ def prepare_batch(
     slots to the row with the most, and each item's slots (one entry per image or video)
     and, when every item is a single frame (t = 1), its (h, w) grid; `slot_multiple`
     rounds the slot count and the item width up to a multiple of it. `bucket`: the tower's
-    windows padded to a power of two (>= WINDOW_BUCKET_MIN) and every video's temporal
-    patches counted as `temporal_bucket(t)` in every shape (windows, span slots, prompt
-    length), so clips of different lengths in one bucket share compiled programs;
-    `prompt_multiple` left-pads the prompt to a multiple of it. Raises ValueError naming
-    the argument.
+    patch slots padded to `slot_bucket` (and the largest full-attention segment to the same
+    ladder) and every video's temporal patches counted as `temporal_bucket(t)` in every
+    shape (tower slots, span slots, prompt length), so items of different sizes and clips
+    of different lengths in one bucket share compiled programs; `prompt_multiple` left-pads
+    the prompt so that its length minus `prompt_dropped` is a multiple of it, where
+    `prompt_dropped(visual_counts, item_tokens, items_per_row, slots)` (pruning only) gives
+    the placeholders pruning removes before the LLM, so a pruned prompt is padded to its own
+    length's bucket. Raises ValueError naming the argument.
     """
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
@@ -478,7 +516,10 @@ def prepare_batch(
             ids = np.pad(ids, ((0, 0), (more, 0)), constant_values=pad_id)
             mask = np.pad(mask, ((0, 0), (more, 0)))
     if prompt_multiple:
-        ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
+        dropped = 0
+        if visual_layout and prompt_dropped is not None:
+            dropped = int(prompt_dropped(visual_counts, counts, images_per_row, int(np.isin(ids, token_ids).sum(1).max())))
+        ids, mask = left_pad(ids, mask, prompt_multiple, pad_id, dropped)
     # also checks each span against its grid
     positions, next_pos = rope_index(ids, mask, image_grid, cfg, video_grid, seconds)
     placeholder = np.isin(ids, token_ids)
@@ -493,11 +534,11 @@ def prepare_batch(
         if (item_grid[:, 0] == 1).all():  # one frame each: every item is an (h, w) grid, row-major
             grid_hw = np.zeros(image_index.shape[:2] + (2,), np.int32)
             grid_hw[image_index[:, :, 0] >= 0] = item_grid[:, 1:] // vc.spatial_merge_size
-    windows = segment_windows = None
+    slots = segment_slots = None
     if bucket:
-        windows = max(WINDOW_BUCKET_MIN, 1 << max(num_windows(shaped_grid, vc) - 1, 0).bit_length())
-        segment_windows = 1 << max(int(windows_per_frame(item_grid, vc).max()) - 1, 0).bit_length()
-    layout = vision_layout(item_grid, vc, windows=windows, segment_windows=segment_windows)
+        slots = slot_bucket(num_patches(shaped_grid), vc)
+        segment_slots = min(slots, slot_bucket(int((item_grid[:, 1] * item_grid[:, 2]).max()), vc))
+    layout = vision_layout(item_grid, vc, slots=slots, segment_slots=segment_slots)
     aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, image_index,
                   grid_hw)
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
