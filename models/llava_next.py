@@ -449,6 +449,18 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         """Crops [B, C, S, S] -> projected tokens [B, P, D] (one crop per row, before packing)."""
         return self.multi_modal_projector(self.selected_vision_features(pixel_values))
 
+    def _check_crops(self, pixel_values: jax.Array) -> tuple[int, int, int]:
+        """One crop's shape (C, S, S), after checking that pixel_values is [num_images,
+        num_patches, C, S, S] crops of the tower's size."""
+        vc = self.config.vision
+        crop = (vc.num_channels, vc.image_size, vc.image_size)
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != crop:
+            raise ValueError(
+                f"pixel_values must be [num_images, num_patches, {', '.join(map(str, crop))}], got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        return crop
+
     def packed_features(self, pixel_values: jax.Array, layout: AnyresLayout) -> jax.Array:
         """pixel_values [num_images, num_patches, C, S, S] -> each image's packed visual
         tokens [num_images, num_slots, D] (base view, then the unpadded crop grid with a
@@ -457,13 +469,7 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         Every crop row goes through the tower, the zero crops that pad a batch too: their
         tokens are never gathered. Shapes are static, so this jits once per
         (num_images, num_patches, num_slots)."""
-        vc = self.config.vision
-        crop = (vc.num_channels, vc.image_size, vc.image_size)
-        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != crop:
-            raise ValueError(
-                f"pixel_values must be [num_images, num_patches, {', '.join(map(str, crop))}], got "
-                f"{tuple(pixel_values.shape)}"
-            )
+        crop = self._check_crops(pixel_values)
         n, k = pixel_values.shape[:2]
         index, valid = layout.index, layout.valid
         if tuple(index.shape) != tuple(valid.shape) or index.ndim != 2 or index.shape[0] != n:
@@ -569,13 +575,7 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         tokens (a kept token that unpadding would cut away stays, at its nearest kept
         token's position), then the crops' new tokens (VisionZip: [CLS] of each crop, then
         each crop's contextual tokens)."""
-        vc = self.config.vision
-        crop = (vc.num_channels, vc.image_size, vc.image_size)
-        if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != crop:
-            raise ValueError(
-                f"pixel_values must be [num_images, num_patches, {', '.join(map(str, crop))}], got "
-                f"{tuple(pixel_values.shape)}"
-            )
+        crop = self._check_crops(pixel_values)
         if aux is None or aux.tower_slot is None:
             raise ValueError(f"method {method!r} needs aux: the AnyresLayout of the batch "
                              "(anyres_layout(image_sizes, config, input_ids=...))")

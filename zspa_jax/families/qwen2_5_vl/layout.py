@@ -15,7 +15,8 @@ from one feature array (`QwenAux.feature_index`).
 from __future__ import annotations
 
 import itertools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
