@@ -23,6 +23,8 @@ Per image and keep K in {all, 256, 128, 64} (those <= N), B = 1, 8 new tokens, E
   torch      vision: hf.model.get_image_features; LLM prefill on the (pruned) prompt:
              hf(inputs_embeds=..., position_ids=<kept tokens' original 3-D positions>,
              logits_to_keep=1); unpruned only: hf.generate(max_new_tokens=8) end to end.
+             transformers' default attention ("sdpa": PyTorch's fused CPU kernels) in every
+             column; the unpruned rows also time vision + LLM prefill with "eager" attention.
 A video row (--video FRAMESxHxW, default 16x448x448: 8 temporal patches of 32x32 patches,
 2048 visual tokens; the clip at 2 fps) at keep {all, N/8, N/16} over the clip's tokens:
   zspa_jax   generate(input_ids, pixel_values_videos, video_grid_thw, second_per_grid_ts,
@@ -152,8 +154,17 @@ def build_model(directory: Path):
                                             video_processor=None, chat_template=CHAT_TEMPLATE)
         finally:
             ProcessorMixin.check_argument_for_proper_class = check
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa")  # transformers' default
     return model, processor
+
+
+def matmul_gflops() -> float:
+    """The machine's f32 matmul rate (jax, 1024 x 1024 x 1024, median of 20): the ceiling
+    both frameworks' matmul-bound work runs against."""
+    a = jax.numpy.ones((1024, 1024), jax.numpy.float32)
+    square = jax.jit(lambda a: a @ a)
+    seconds, _ = timed(lambda: jax.block_until_ready(square(a)), 21)
+    return 2 * 1024**3 / seconds / 1e9
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -250,8 +261,9 @@ def image_table(rows: list[dict]) -> list[str]:
     lines = [
         "| image | grid | N | keep | L' | zspa_jax prefill s (tower+prune+LLM) | torch vision s + LLM prefill s "
         "| prefill ratio torch/jax | tower s jax / torch (jax slots) | pruning speed-up zspa_jax / torch "
-        "| estimate FLOP ratio | zspa_jax decode tok/s | torch generate s (unpruned) | zspa_jax first call s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimate FLOP ratio | zspa_jax decode tok/s | torch generate s (unpruned) | torch eager vision + LLM s (ratio) "
+        "| zspa_jax first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     unpruned = {r["image"]: r for r in rows if r["keep"] == r["visual_tokens"]}
     for r in rows:
@@ -261,13 +273,16 @@ def image_table(rows: list[dict]) -> list[str]:
         predicted = r["estimate_prefill_flops_unpruned"] / r["estimate_prefill_flops"]
         off = " (>15% off)" if abs(jax_speedup / predicted - 1) > 0.15 else ""
         gen = f"{r['torch_generate_seconds_unpruned']:.2f}" if r["torch_generate_seconds_unpruned"] else "-"
+        eager = r.get("torch_eager_prefill_seconds_unpruned")
+        eager = f"{eager:.2f} ({eager / r['jax_prefill_seconds']:.2f}x)" if eager else "-"
         lines.append(
             f"| {r['image']} | {r['grid'][1]}x{r['grid'][2]} | {r['visual_tokens']} | {r['keep']} | {r['sequence_length']} "
             f"| {r['jax_prefill_seconds']:.2f} | {r['torch_vision_seconds']:.2f} + {r['torch_llm_prefill_seconds']:.2f} "
             f"| {r['torch_prefill_seconds'] / r['jax_prefill_seconds']:.2f}x "
             f"| {r['jax_tower_seconds']:.2f} / {r['torch_vision_seconds']:.2f} ({r['jax_tower_slots']}) "
             f"| {jax_speedup:.2f}x / {torch_speedup:.2f}x "
-            f"| {predicted:.2f}x{off} | {r['jax_decode_tokens_per_second']:.1f} | {gen} | {r['jax_first_call_seconds']:.1f} |"
+            f"| {predicted:.2f}x{off} | {r['jax_decode_tokens_per_second']:.1f} | {gen} | {eager} "
+            f"| {r['jax_first_call_seconds']:.1f} |"
         )
     return lines
 
@@ -312,6 +327,10 @@ def main(argv=None) -> int:
                                                    image_grid_thw=batch["image_grid_thw"])
             t_generate, _ = timed(lambda: hf.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                                       do_sample=False), repeats)
+            hf.set_attn_implementation("eager")
+            t_vision_eager, _ = timed(lambda: hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]), repeats)
+            t_prefill_eager, _ = timed(lambda: hf(inputs_embeds=embeds, position_ids=positions, logits_to_keep=1), repeats)
+            hf.set_attn_implementation("sdpa")
         text_tokens = int(batch["input_ids"].shape[1]) - n
         t_tower, tower_slots = jax_tower_seconds(vlm, a, repeats)
         for keep in dict.fromkeys(n if k is None else k for k in keeps if k is None or k <= n):
@@ -340,11 +359,13 @@ def main(argv=None) -> int:
                 "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
                 "torch_prefill_seconds": t_vision + t_prefill,
                 "torch_generate_seconds_unpruned": t_generate if prune is None else None,
+                "torch_eager_prefill_seconds_unpruned": t_vision_eager + t_prefill_eager if prune is None else None,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     clips = [] if video is None else video_rows(hf, vlm, video, repeats)
-    machine = f"{platform.machine()} CPU x{CORES}, jax {jax.__version__}, torch {torch.__version__}"
+    machine = (f"{platform.machine()} CPU x{CORES} (f32 matmul {matmul_gflops():.0f} GFLOP/s), jax {jax.__version__}, "
+               f"torch {torch.__version__}")
     lines = [
         f"Qwen2.5-VL-3B-shaped at the 3B's proportions: {VISION_DEPTH}/32 vision blocks (full attention at "
         f"{', '.join(map(str, FULL_ATTENTION))}), {LLM_LAYERS}/36 LLM layers, random f32 weights; {machine}; "

@@ -86,6 +86,33 @@ def dot_product_attention(
     return out.reshape(b, l, h, dh)
 
 
+PROMPT_BLOCK = 128  # query rows per block of `causal_prompt_attention`
+
+
+def causal_prompt_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = PROMPT_BLOCK
+) -> jax.Array:
+    """`dot_product_attention` of a prompt over its own keys under a causal mask, by query blocks.
+
+    q: [B, L, H, Dh]; k, v: [B, L, Hkv, Dh]; mask: bool [B, L, L], causal (query i sees no
+    key after i) and padding. Block i's queries see no key past the block's end, so it
+    scores only keys [0, end): about half the products of the full [L, L] score matrix,
+    and each block's scores stay in cache instead of streaming an [H, L, L] array through
+    memory several times. Every row with a visible key gets `dot_product_attention`'s result
+    (up to summation order: the masked keys it skips weigh exactly 0 there); a row that
+    sees no key (a left-padding query, which nothing reads) averages the values of a
+    shorter span. Returns [B, L, H, Dh].
+    """
+    length = q.shape[1]
+    if length <= block:
+        return dot_product_attention(q, k, v, mask)
+    outs = []
+    for start in range(0, length, block):  # static: each block its own shapes
+        end = min(length, start + block)
+        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def padding_causal_mask(attention_mask: jax.Array) -> jax.Array:
     """bool [B, L, L]: query i sees key j iff j <= i and key j is not padding.
 

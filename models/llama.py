@@ -27,6 +27,7 @@ from models.layers import (
     activation,
     check_choice,
     check_positive,
+    causal_prompt_attention,
     dot_product_attention,
     dtype_of,
     padding_causal_mask,
@@ -249,11 +250,17 @@ class LlamaAttention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
         query_row: bool = False,
+        last_only: bool = False,
+        causal_prompt: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [B, L, D]; positions: [B, L] or [3, B, L] (M-RoPE); mask: bool [B, L, S].
 
         `query_row`: also return `last_query_attention` (f32 [B, S]) and this call's keys after
         RoPE ([B, L, Hkv, Dh], what in-LLM pruning methods read) as third and fourth elements.
+        `last_only`: keys and values for every position, but only the last position queries:
+        the output is [B, 1, D] (a prefill's last layer, whose other outputs nobody reads).
+        `causal_prompt`: x is a whole prompt written at slot 0 of an empty cache and `mask`
+        is causal, so the queries attend over x's own keys by blocks (`causal_prompt_attention`).
 
         Without `kv`, S == L (attend within x). With `kv` = (k, v) each [B, S, Hkv, Dh],
         the new keys/values are written at slots [cache_index, cache_index + L) and the
@@ -262,7 +269,10 @@ class LlamaAttention(nnx.Module):
         """
         b, l, _ = x.shape
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta)
-        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq, self.mrope_section)
+        queries, query_positions = (x[:, -1:], positions[..., -1:]) if last_only else (x, positions)
+        lq = queries.shape[1]
+        q = apply_rope(self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim), query_positions, inv_freq,
+                       self.mrope_section)
         k = apply_rope(
             self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq, self.mrope_section
         )
@@ -273,13 +283,17 @@ class LlamaAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        if kv is not None and l == 1 and not query_row:  # a decode step
+        if last_only:
+            mask = mask[:, -1:]
+        if kv is not None and lq == 1 and not query_row:  # one query per row: a decode step, or `last_only`
             out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        elif causal_prompt:  # the cache's slots past the prompt are empty: only its own keys count
+            out = causal_prompt_attention(q, k[:, :l].astype(q.dtype), v[:, :l].astype(q.dtype), mask[:, :, :l])
         else:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         if query_row:
-            return self.o_proj(out.reshape(b, l, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask), new_keys
-        return self.o_proj(out.reshape(b, l, -1)), kv
+            return self.o_proj(out.reshape(b, lq, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask), new_keys
+        return self.o_proj(out.reshape(b, lq, -1)), kv
 
 
 class GatedMLP(nnx.Module):
@@ -310,10 +324,13 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None, query_row: bool = False):
-        """-> (x, kv), or (x, kv, last-query attention row f32 [B, S], keys [B, L, Hkv, Dh]) with `query_row`."""
-        attn, kv, *row = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index, query_row)
-        x = x + attn
+    def __call__(self, x, positions, mask, kv=None, cache_index=None, query_row: bool = False, last_only: bool = False,
+                 causal_prompt: bool = False):
+        """-> (x, kv), or (x, kv, last-query attention row f32 [B, S], keys [B, L, Hkv, Dh]) with `query_row`.
+        `last_only`: x comes back as its last position only, [B, 1, D]; `causal_prompt`: see LlamaAttention."""
+        attn, kv, *row = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index, query_row, last_only,
+                                        causal_prompt)
+        x = (x[:, -1:] if last_only else x) + attn
         return (x + self.mlp(self.post_attention_layernorm(x)), kv, *row)
 
 

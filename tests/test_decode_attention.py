@@ -1,13 +1,15 @@
-"""models.llama.decode_attention (one query over a KV cache, the decode step's attention)
-against models.layers.dot_product_attention, which the prefill path uses."""
+"""The attention kernels against models.layers.dot_product_attention: models.llama.
+decode_attention (one query over a KV cache, the decode step's attention) and models.layers.
+causal_prompt_attention (a prompt over its own keys by query blocks, the prefill's)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import dot_product_attention
+from models.layers import causal_prompt_attention, dot_product_attention, padding_causal_mask
 from models.llama import decode_attention
 
 
@@ -37,3 +39,20 @@ def test_decode_attention_keeps_the_query_dtype():
     want = dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("length,block", [(37, 8), (5, 8)])  # several blocks, the last ragged; one block
+def test_causal_prompt_attention_equals_dot_product_attention_on_rows_that_see_a_key(length, block):
+    rng = np.random.default_rng(length)
+    b, heads, kv_heads, dh = 2, 6, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, length, heads, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, length, kv_heads, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, length, kv_heads, dh)), jnp.float32)
+    attention_mask = np.ones((b, length), np.int32)
+    attention_mask[1, : length // 2] = 0  # left padding: those query rows see no key
+    mask = padding_causal_mask(jnp.asarray(attention_mask))
+    got = np.asarray(jax.jit(causal_prompt_attention, static_argnames="block")(q, k, v, mask, block=block))
+    want = np.asarray(jax.jit(dot_product_attention)(q, k, v, mask))
+    real = attention_mask.astype(bool)
+    assert got.shape == want.shape == (b, length, heads, dh)
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-6)

@@ -69,7 +69,7 @@ def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: Stati
         model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
     )
     lm = model.language_model
-    out = run_prefill(lm.model, inputs, st.prune, st.cache_length)
+    out = run_prefill(lm.model, inputs, st.prune, st.cache_length, last_only=True)  # only the last position's logits
     b, length = inputs.mask.shape
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),

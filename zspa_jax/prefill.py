@@ -26,7 +26,7 @@ __all__ = ["Prefilled", "check_layer", "pruned_gather_index", "prefill", "prefil
 
 
 class Prefilled(NamedTuple):
-    hidden: jax.Array  # [B, L', D] final-normed hidden states of the (pruned) prompt
+    hidden: jax.Array  # [B, L', D] final-normed hidden states of the (pruned) prompt ([B, 1, D]: `last_only`)
     mask: jax.Array  # int32 [B, L']: 0 on padding
     kept: jax.Array | None  # int32 [B, K] kept visual tokens chosen inside the LLM, else None
     cache: KVCache | None  # per-layer k/v [B, S_i, Hkv, Dh] (None without a cache)
@@ -82,14 +82,19 @@ def _empty_kv(decoder: LlamaModel, b: int, slots: int, dtype) -> tuple[jax.Array
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-def _run_layers(decoder, layers, x, positions, mask, cache_length, query_row_at=None):
+def _run_layers(decoder, layers, x, positions, mask, cache_length, query_row_at=None, last_only=False):
     """Layers `layers` on x [B, L, D]; with `cache_length` each fills a fresh cache of that
-    many slots. Returns (x, k list, v list, (last-query attention row, keys) of `query_row_at`)."""
+    many slots (the prompt attends over its own keys by query blocks: models.layers.
+    causal_prompt_attention). Returns (x, k list, v list, (last-query attention row, keys)
+    of `query_row_at`). `last_only`: the decoder's last layer computes only the last
+    position's output (its keys and values still cover every position), so x comes back [B, 1, D]."""
     causal = _causal(mask, cache_length)
     ks, vs, row = [], [], None
+    final = len(decoder.layers) - 1
     for i in layers:
         kv = None if cache_length is None else _empty_kv(decoder, x.shape[0], cache_length, x.dtype)
-        x, kv, *extra = decoder.layers[i](x, positions, causal, kv, None if kv is None else 0, i == query_row_at)
+        x, kv, *extra = decoder.layers[i](x, positions, causal, kv, None if kv is None else 0, i == query_row_at,
+                                          last_only and i == final, kv is not None)
         row = extra if extra else row
         if kv is not None:
             ks.append(kv[0])
@@ -102,12 +107,14 @@ def _valid_slots(mask: jax.Array, slots: int) -> jax.Array:
 
 
 def prefill(decoder: LlamaModel, embeds: jax.Array, positions: jax.Array, mask: jax.Array,
-            cache_length: int | None = None) -> Prefilled:
+            cache_length: int | None = None, last_only: bool = False) -> Prefilled:
     """Every layer on embeds [B, L, D] (positions [B, L] or [3, B, L]; mask [B, L]); with
-    `cache_length` S >= L, also a KV cache of S slots per layer."""
+    `cache_length` S >= L, also a KV cache of S slots per layer. `last_only`: the hidden
+    state of the last position only (what generation reads), [B, 1, D]: the last layer
+    then skips the other positions' queries, attention output and MLP."""
     x = embeds.astype(decoder.embed_tokens.embedding.dtype)
     layers = range(len(decoder.layers))
-    x, ks, vs, _ = _run_layers(decoder, layers, x, positions, mask, cache_length)
+    x, ks, vs, _ = _run_layers(decoder, layers, x, positions, mask, cache_length, last_only=last_only)
     if cache_length is None:
         return Prefilled(decoder.norm(x), mask, None, None, None, None)
     valid = _valid_slots(mask, cache_length)
@@ -128,10 +135,11 @@ def prefill_pruned_at_layer(
     visual_valid: jax.Array | None,
     text_mask: jax.Array,
     cache_length: int | None = None,
+    last_only: bool = False,
 ) -> Prefilled:
     """An "llm"-stage method on the unpruned prompt (module docstring). visual_index: int32
     [B, N], each row's placeholder positions. With `cache_length` S, layers < K cache S
-    slots and layers >= K cache S - N + K."""
+    slots and layers >= K cache S - N + K. `last_only`: as in `prefill`."""
     num_layers = len(decoder.layers)
     num_visual = visual_index.shape[1]
     check_layer(num_layers, layer, method.name)
@@ -150,7 +158,8 @@ def prefill_pruned_at_layer(
     positions = jnp.take_along_axis(positions, jnp.broadcast_to(src, positions.shape[:-1] + src.shape[-1:]), axis=-1)
     late_mask = jnp.take_along_axis(mask, src, axis=1)
     late_slots = None if cache_length is None else cache_length - num_visual + keep
-    x, late_ks, late_vs, _ = _run_layers(decoder, range(layer, num_layers), x, positions, late_mask, late_slots)
+    x, late_ks, late_vs, _ = _run_layers(decoder, range(layer, num_layers), x, positions, late_mask, late_slots,
+                                         last_only=last_only)
     if cache_length is None:
         return Prefilled(decoder.norm(x), late_mask, kept, None, None, None)
     late_length = length - num_visual + keep
@@ -160,12 +169,14 @@ def prefill_pruned_at_layer(
     return Prefilled(decoder.norm(x), late_mask, kept, cache, valid, lengths)
 
 
-def run_prefill(decoder: LlamaModel, inputs, prune, cache_length: int | None = None) -> Prefilled:
+def run_prefill(decoder: LlamaModel, inputs, prune, cache_length: int | None = None,
+                last_only: bool = False) -> Prefilled:
     """The strategy the method's record asks for, on `zspa_jax.pipeline.DecoderInputs`."""
     if prune is None or inputs.visual_index is None or not prune.record.llm_layer:
-        return prefill(decoder, inputs.embeds, inputs.positions, inputs.mask, cache_length)
+        return prefill(decoder, inputs.embeds, inputs.positions, inputs.mask, cache_length, last_only)
     return prefill_pruned_at_layer(
         decoder, inputs.embeds, inputs.positions, inputs.mask, method=prune.record, layer=prune.layer,
         keep=prune.num_keep(inputs.visual_index.shape[1]), visual_index=inputs.visual_index,
         visual_valid=inputs.visual_valid, text_mask=inputs.prompt_mask, cache_length=cache_length,
+        last_only=last_only,
     )
