@@ -269,7 +269,10 @@ class LlamaAttention(nnx.Module):
         """
         b, l, _ = x.shape
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta)
-        queries, query_positions = (x[:, -1:], positions[..., -1:]) if last_only else (x, positions)
+        if last_only:  # keys and values from every position, queries from the last
+            queries, query_positions, mask = x[:, -1:], positions[..., -1:], mask[:, -1:]
+        else:
+            queries, query_positions = x, positions
         lq = queries.shape[1]
         q = apply_rope(self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim), query_positions, inv_freq,
                        self.mrope_section)
@@ -283,8 +286,6 @@ class LlamaAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        if last_only:
-            mask = mask[:, -1:]
         if kv is not None and lq == 1 and not query_row:  # one query per row: a decode step, or `last_only`
             out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         elif causal_prompt:  # the cache's slots past the prompt are empty: only its own keys count

@@ -12,6 +12,7 @@ from flax import nnx
 
 from models.llama import LlamaConfig, LlamaModel
 from zspa_jax.prefill import prefill, prefill_pruned_at_layer
+from tests.test_estimate import xla_flops
 from zspa_jax.pruning import PruneConfig
 
 B, L, S, N_VISUAL = 2, 24, 32, 10  # S: cache slots (prompt + new tokens)
@@ -48,10 +49,8 @@ def _run(decoder, strategy, last_only):
                                        visual_index=visual, visual_valid=None, text_mask=text, cache_length=S,
                                        last_only=last_only)
 
-    jitted = jax.jit(program)
     args = (state, embeds, positions, mask)
-    cost = jitted.lower(*args).compile().cost_analysis()
-    return jitted(*args), (cost[0] if isinstance(cost, list) else cost)["flops"]
+    return jax.jit(program)(*args), xla_flops(program, *args)
 
 
 @pytest.mark.parametrize("strategy", ["all layers", "pruned at layer 1"])
