@@ -105,7 +105,7 @@ def jax_tower_seconds(vlm, a: dict, repeats: int) -> tuple[float, int]:
 
     host = prepare_arrays(vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
                           {"image_grid_thw": a["image_grid_thw"]}, None, extra_length=NEW_TOKENS, bucket=True,
-                          prompt_bucket=generation.PROMPT_BUCKET)
+                          prompt_bucket=generation.prompt_bucket)
     tower = jax.jit(lambda state, pixels, layout: nnx.merge(vlm.graphdef, state).image_features(pixels, layout))
     run = lambda: jax.block_until_ready(tower(vlm.state, host.pixel_values, host.aux.layout))  # noqa: E731
     run()

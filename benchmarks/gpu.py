@@ -89,7 +89,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import zspa_jax  # noqa: E402
-from zspa_jax.generation import PROMPT_BUCKET  # noqa: E402
+from zspa_jax.generation import prompt_bucket  # noqa: E402
 
 REFERENCE = HERE / "gpu_reference.npz"
 GPU_RESULTS = HERE / "results" / "gpu.md"
@@ -273,9 +273,9 @@ class QwenSpec:
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids and attention mask, left-padded to a multiple of generate's prompt bucket, so
-    `generate` and `generate_tokens` share compiled programs."""
-    length = -(-max(map(len, rows)) // PROMPT_BUCKET) * PROMPT_BUCKET
+    """ids and attention mask, left-padded to generate's prompt bucket, so `generate` and
+    `generate_tokens` share compiled programs."""
+    length = prompt_bucket(max(map(len, rows)))
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):

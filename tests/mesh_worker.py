@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         if pads:
             out[f"tokens5_{tag}"] = zspa_jax.generate(vlm, input_ids=first5["input_ids"], **_rest(first5), **gen).sequences
         # The array API, prompt pre-padded to generate's bucket so the programs are shared.
-        extra = -batch["input_ids"].shape[1] % generation.PROMPT_BUCKET
+        extra = generation.prompt_bucket(batch["input_ids"].shape[1]) - batch["input_ids"].shape[1]
         ids = np.pad(batch["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
         mask = np.pad(batch["attention_mask"], ((0, 0), (extra, 0)))
         arrays = {k: v for k, v in _rest(batch).items() if k != "attention_mask"}

@@ -12,6 +12,7 @@ from PIL import Image
 
 import zspa_jax
 from zspa_jax import generation
+from zspa_jax.families.base import round_up
 from zspa_jax.pruning import PruneConfig
 from tests.torch_reference_pruning import select_tokens_reference
 
@@ -186,13 +187,12 @@ def test_batched_rows_stop_at_different_steps_like_transformers_per_row(tiny, vl
     assert ours.texts is not None and len(ours.texts) == len(rows)
 
     # generate_tokens: the same tokens, exact per-row lengths, pad to the end of its buffer.
-    # (Left-padded to generate's 64-token bucket, so it reuses generate's compiled programs.)
-    extra = generation.PROMPT_BUCKET - ids.shape[1]
-    assert extra >= 0
-    ids64 = np.pad(ids, ((0, 0), (extra, 0)), constant_values=tiny.pad_token_id)
-    mask64 = np.pad(mask, ((0, 0), (extra, 0)))
+    # (Left-padded to generate's prompt bucket, so it reuses generate's compiled programs.)
+    extra = generation.prompt_bucket(ids.shape[1]) - ids.shape[1]
+    padded_ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=tiny.pad_token_id)
+    padded_mask = np.pad(mask, ((0, 0), (extra, 0)))
     out = zspa_jax.generate_tokens(
-        vlm, jnp.asarray(ids64, jnp.int32), jnp.asarray(px), jnp.asarray(mask64, jnp.int32), max_new_tokens=NEW_TOKENS,
+        vlm, jnp.asarray(padded_ids, jnp.int32), jnp.asarray(px), jnp.asarray(padded_mask, jnp.int32), max_new_tokens=NEW_TOKENS,
         eos_token_id=eos,
     )
     np.testing.assert_array_equal(np.asarray(out.lengths), ref_lengths)
@@ -348,11 +348,26 @@ def test_same_bucket_does_not_recompile(vlm, tiny):
     call = lambda ids, n: zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=n, eos_token_id=[])
     first = call(_prompt(tiny, 2, 5, seed=11)[None], 5)
     before = dict(generation.TRACE_COUNTS)
-    # Another prompt length in the same 64-token prompt bucket, another max_new_tokens in the same cache bucket.
+    # Another prompt length in the same prompt bucket, another max_new_tokens in the same cache bucket.
     out = call(_prompt(tiny, 7, 3, seed=12)[None], 11)
     assert out.sequences.shape == (1, 11)
     assert out.stats["cache_length"] == first.stats["cache_length"]
     assert dict(generation.TRACE_COUNTS) == before
+
+
+def test_prompt_bucket_ladder():
+    """Prompt lengths pad to a ladder: at most 15 slots up to 256 tokens, under 1/8 of the
+    prompt beyond, never more than 64-token steps; idempotent and monotone; 48 buckets up
+    to 2048 tokens."""
+    lengths = np.arange(1, 4097)
+    padded = np.array([generation.prompt_bucket(n) for n in lengths])
+    assert (padded >= lengths).all() and (np.diff(padded) >= 0).all()
+    assert all(generation.prompt_bucket(p) == p for p in padded)
+    assert (padded <= 64 * np.ceil(lengths / 64)).all()  # never above the 64-token step
+    assert (padded[:256] - lengths[:256] <= 15).all()
+    assert ((padded - lengths)[128:] < lengths[128:] / 8).all()
+    assert len(set(padded[:2048].tolist())) == 48
+    assert [generation.prompt_bucket(n) for n in (64, 65, 76, 257, 268, 513, 1268)] == [64, 80, 80, 288, 288, 576, 1280]
 
 
 @pytest.mark.slow
@@ -512,15 +527,15 @@ def test_pruned_generate_sizes_its_cache_from_the_pruned_prompt(vlm, tiny, budge
     ids = _prompt(tiny, 30, 23, seed=30)  # 70 real tokens with one image
     for _ in range(images - 1):
         ids = np.concatenate([ids[:-3], np.full(n, tiny.image_token_index), ids[-3:]])
-    bucket, cache_bucket = generation.PROMPT_BUCKET, generation.CACHE_BUCKET
+    bucket, cache_bucket = generation.prompt_bucket, generation.CACHE_BUCKET
     dropped = images * (n - keep)
-    pruned_length = -(-(len(ids) - dropped) // bucket) * bucket  # 64: its own bucket
+    pruned_length = bucket(len(ids) - dropped)  # its own bucket
     new = cache_bucket
     kw = dict(input_ids=ids[None], pixel_values=_pixels(tiny, images, seed=30), max_new_tokens=new, eos_token_id=[])
     full = zspa_jax.generate(vlm, **kw)
     pruned = zspa_jax.generate(vlm, **kw, prune=PruneConfig(keep=keep, budget=budget))
-    assert full.stats["cache_length"] == -(-len(ids) // bucket) * bucket + new == 2 * bucket + new
-    assert pruned.stats["cache_length"] == pruned_length + new == bucket + new
+    assert full.stats["cache_length"] == round_up(bucket(len(ids)) + new, cache_bucket) == 3 * cache_bucket
+    assert pruned.stats["cache_length"] == pruned_length + new == 2 * cache_bucket
     assert pruned.stats["visual_tokens_kept_per_row"] == images * keep
     assert pruned.stats["prompt_tokens_per_row_pruned"] == [len(ids) - dropped]
     assert pruned.stats["kv_cache_bytes"] * 3 == full.stats["kv_cache_bytes"] * 2
@@ -528,16 +543,16 @@ def test_pruned_generate_sizes_its_cache_from_the_pruned_prompt(vlm, tiny, budge
 
 @pytest.mark.slow
 def test_a_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_keep(vlm, tiny):
-    """generate pads a pruned prompt so that its pruned length L - N + K is a multiple of the
-    prompt bucket (the padding of its own length, not of the unpruned prompt's), and XLA counts
-    fewer prefill flops than unpruned at the smallest and the largest keep: the prompt has one real token more than a
-    bucket, so dropping any visual token saves a whole bucket (padded like the unpruned prompt,
-    the pruned one kept the unpruned length and cost more: the selection on top)."""
+    """generate pads a pruned prompt so that its pruned length L - N + K is its own length's
+    prompt bucket (not the unpruned prompt's), and XLA counts fewer prefill flops than
+    unpruned at the smallest and the largest keep: the prompt has one real token more than
+    a bucket (64), so dropping any visual token saves a whole step (padded like the unpruned
+    prompt, the pruned one kept the unpruned length and cost more: the selection on top)."""
     from zspa_jax import decode
     from zspa_jax.batch import device_arrays, prepare_arrays
     from zspa_jax.sampling import Sampling
 
-    n, bucket = tiny.tokens_per_image, generation.PROMPT_BUCKET
+    n, bucket = tiny.tokens_per_image, generation.prompt_bucket
     ids = _prompt(tiny, 30, 18, seed=31)[None]  # 1 + 30 + N + 18 = 65 real tokens
     px = _pixels(tiny, 1, seed=31)
     flops, lengths = {}, {}
@@ -549,12 +564,12 @@ def test_a_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_kee
         d_ids, d_mask, d_pixels, aux = device_arrays(host, vlm.mesh)
         args = (vlm.state, d_ids, d_pixels, d_mask, aux, jax.random.key(0))
         lengths[keep] = host.input_ids.shape[1] - (0 if keep is None else n - keep)
-        assert lengths[keep] == -(-(ids.shape[1] - (0 if keep is None else n - keep)) // bucket) * bucket, keep
+        assert lengths[keep] == bucket(ids.shape[1] - (0 if keep is None else n - keep)), keep
         cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
         flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     for keep in (1, n - 1):
         assert 0 < flops[keep] < flops[None], (keep, flops)
-    assert ids.shape[1] == bucket + 1 and lengths[None] == 2 * bucket and lengths[n - 1] == bucket
+    assert ids.shape[1] == 65 and bucket(64) == 64 and lengths[None] == bucket(65) > 64 and lengths[n - 1] == 64
 
 
 # ----------------------------------------------------------------------------- Qwen2.5-VL
@@ -564,10 +579,10 @@ def test_a_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_kee
 @pytest.mark.parametrize("image_px", [64, 16])  # 8 x 8 = 64 merged tokens (one span bucket); 2 x 2 = 4 (60 masked slots)
 def test_qwen_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_keep(image_px):
     """Qwen2.5-VL, as LLaVA above: generate pads a pruned prompt so that its pruned length
-    L - N + K is a multiple of the prompt bucket (N: the row's placeholder slots, the span
+    L - N + K is its own length's prompt bucket (N: the row's placeholder slots, the span
     padded to its bucket), and XLA counts fewer prefill flops than unpruned at the smallest
     and the largest keep: the prompt has one real token more than a bucket, so dropping any
-    visual token saves a whole bucket. For the small image the span's masked slots would
+    visual token saves a whole step. For the small image the span's masked slots would
     otherwise push the prompt into the next bucket."""
     from tests.qwen2_5_vl_helpers import converted as qwen_converted, random_image, tiny_model
     from zspa_jax import decode
@@ -575,11 +590,11 @@ def test_qwen_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_
     from zspa_jax.sampling import Sampling
 
     vlm = zspa_jax.load(qwen_converted(tiny_model()))
-    bucket = generation.PROMPT_BUCKET
+    bucket = generation.prompt_bucket
     image = random_image(image_px, image_px, seed=32)
     encode = lambda words: vlm.processor.encode([" ".join(["cat"] * words)], [image])  # noqa: E731
     shortest = encode(1)["input_ids"].shape[1]
-    target = -(-(shortest + 1) // bucket) * bucket + 1  # one real token more than a bucket
+    target = bucket(shortest + 1) + 1  # one real token more than a bucket
     enc = encode(1 + target - shortest)
     ids, grid = enc["input_ids"], enc["image_grid_thw"]
     n = int((ids == vlm.config.image_token_id).sum())
@@ -595,12 +610,12 @@ def test_qwen_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_
         args = (vlm.state, d_ids, d_pixels, d_mask, aux, jax.random.key(0))
         lengths[keep] = host.input_ids.shape[1] - (0 if keep is None else host.num_visual - keep)
         real = target - (0 if keep is None else n - keep)
-        assert lengths[keep] == -(-real // bucket) * bucket, (keep, lengths)  # its own bucket
+        assert lengths[keep] == bucket(real), (keep, lengths)  # its own bucket
         cost = decode.prefill_program.lower(vlm.graphdef, *args, st=st).compile().cost_analysis()
         flops[keep] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     for keep in (1, n - 1):
         assert 0 < flops[keep] < flops[None], (keep, flops)
-    assert lengths[None] == target - 1 + bucket and lengths[1] == lengths[n - 1] == target - 1
+    assert lengths[None] == bucket(target) > target - 1 and lengths[n - 1] == target - 1
     res = zspa_jax.generate(vlm, input_ids=ids, pixel_values=enc["pixel_values"], image_grid_thw=grid,
                             attention_mask=enc["attention_mask"], prune=PruneConfig(keep=1), max_new_tokens=2)
     assert res.stats["prompt_tokens_per_row_pruned"] == [target - n + 1]

@@ -292,6 +292,26 @@ def test_masked_prompt_tokens_have_no_effect():
     assert np.array_equal(jax_select(v, p, m.astype(np.int32), keep=K, core_ratio=0.6), base)
 
 
+def test_non_finite_values_name_their_row_and_large_finite_ones_pass():
+    v, p, m = make_data(13, **SHAPE)
+    valid = np.ones(v.shape[:2], bool)
+    valid[2, -3:] = False
+    for name, bad in (("visual", 1), ("prompt", 3)):
+        for value in (np.nan, np.inf, -np.inf):
+            arrays = {"visual": v.copy(), "prompt": p.copy()}
+            arrays[name][bad, 1, 2] = value
+            with pytest.raises(ValueError, match=f"{name} row {bad} holds NaN or Inf"):
+                select_tokens(jnp.asarray(arrays["visual"]), jnp.asarray(arrays["prompt"]), jnp.asarray(m), keep=K)
+    # Values whose square overflows float32 are still finite; masked visual slots may hold anything.
+    huge, garbage = v.copy(), v.copy()
+    huge[0, 0, 0] = 3e38
+    garbage[2, -1, :] = np.inf
+    assert select_tokens(jnp.asarray(huge), jnp.asarray(p), jnp.asarray(m), keep=K).shape == (SHAPE["b"], K)
+    got = select_tokens(jnp.asarray(garbage), jnp.asarray(p), jnp.asarray(m), keep=K, visual_mask=jnp.asarray(valid))
+    assert np.array_equal(got, select_tokens(jnp.asarray(v), jnp.asarray(p), jnp.asarray(m), keep=K,
+                                             visual_mask=jnp.asarray(valid)))
+
+
 def test_all_masked_prompt_is_zero_prompt():
     v, p, _ = make_data(12, **SHAPE, kind="clustered")
     m = np.zeros(p.shape[:2], bool)

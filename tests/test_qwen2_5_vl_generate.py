@@ -58,7 +58,7 @@ def test_greedy_generation_matches_hf(tiny, vlm):
     assert res.sequences.shape[1] == ref.shape[1] or (ref[:, res.sequences.shape[1]:] == vlm.pad_token_id).all()
     # generate_tokens (array API) gives the same tokens (prompt pre-padded to generate's
     # bucket, so the compiled programs are shared).
-    extra = -a["input_ids"].shape[1] % generation.PROMPT_BUCKET
+    extra = generation.prompt_bucket(a["input_ids"].shape[1]) - a["input_ids"].shape[1]
     ids = np.pad(a["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
     mask = np.pad(a["attention_mask"], ((0, 0), (extra, 0)))
     out = zspa_jax.generate_tokens(
@@ -491,7 +491,7 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
     for keep in (None, 8):
         prune = None if keep is None else zspa_jax.PruneConfig(keep=keep)
         host = prepare_arrays(vlm, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], {"image_grid_thw": enc["image_grid_thw"]},
-                              prune, extra_length=4, bucket=True, prompt_bucket=generation.PROMPT_BUCKET)
+                              prune, extra_length=4, bucket=True, prompt_bucket=generation.prompt_bucket)
         st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
                                   keep_positions=False)
         ids, mask, pixels, aux = device_arrays(host, vlm.mesh)

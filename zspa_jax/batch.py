@@ -10,7 +10,7 @@ family or a method.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -83,13 +83,14 @@ def prepare_arrays(
     prune=None,
     extra_length=0,
     bucket=False,
-    prompt_bucket: int | None = None,
+    prompt_bucket: Callable[[int], int] | None = None,
 ) -> HostBatch:
     """Validate arrays (before any compile) and build the family's host batch.
 
-    `extras`: the family's other visual arrays by name (`visual_args`). `bucket`: pad the family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower
-    windows and pruned image spans), so images of different sizes share compiled
-    programs. `prompt_bucket`: left-pad the prompt to a multiple of this.
+    `extras`: the family's other visual arrays by name (`visual_args`). `bucket`: pad the
+    family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower windows and pruned
+    image spans), so images of different sizes share compiled programs. `prompt_bucket`:
+    left-pad the prompt to the length this gives (`zspa_jax.families.base.prompt_bucket`).
     """
     adapter = family_of(vlm).adapter
     extras = dict(extras or {})

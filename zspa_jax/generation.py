@@ -23,7 +23,7 @@ from zspa_jax.batch import (
     VISUAL_ARGS, device_arrays, encode, kept_per_row, prepare_arrays, resolve_prune, visual_args,
 )
 from zspa_jax.families import HostBatch
-from zspa_jax.families.base import PROMPT_BUCKET, round_up
+from zspa_jax.families.base import prompt_bucket, round_up
 from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter tests and benchmarks read)
     CACHE_BUCKET,
     TRACE_COUNTS,
@@ -209,7 +209,8 @@ def generate(
     `input_ids` (+ `pixel_values`, `attention_mask`, and the family's other visual arrays
     such as Qwen2.5-VL's `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
     `second_per_grid_ts`), with transformers' names.
-    Prompts are left-padded to a multiple of PROMPT_BUCKET tokens; Qwen2.5-VL's tower
+    Prompts are left-padded to `prompt_bucket(length)` tokens (a pruned prompt to its
+    pruned length's bucket); Qwen2.5-VL's tower
     windows and pruned image spans are padded to buckets too, so images of different sizes
     share compiled programs.
 
@@ -263,7 +264,7 @@ def generate(
         prune,
         extra_length=max_new_tokens,
         bucket=True,
-        prompt_bucket=PROMPT_BUCKET,
+        prompt_bucket=prompt_bucket,
     )
     rows = slice(host.rows)  # what the caller passed; mesh padding is dropped from every result
     prompt_tokens = np.asarray(host.prompt_tokens, int)[rows]

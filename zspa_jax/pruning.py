@@ -308,20 +308,27 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_at
     return record
 
 
+@jax.jit
+def _finite_rows(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """bool [B]: row b's unmasked vectors hold only finite values. x [B, L, D], mask [B, L] | None.
+
+    x * 0 is 0 for a finite value and NaN for NaN or Inf, so one fused sum over D reads
+    x once (an isfinite-and-all reduction runs at a third of the bandwidth on CPU).
+    """
+    ok = jnp.isfinite(jnp.sum(x.astype(jnp.float32) * 0.0, axis=-1))
+    if mask is not None:  # masked slots may hold anything
+        ok |= mask == 0
+    return jnp.all(ok, axis=-1)
+
+
 def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
     """NaN/Inf in a real visual token or in an unmasked prompt token: a ValueError naming
-    the row. One on-device reduction per array; skipped when traced (inside a caller's jit)."""
+    the row. One on-device pass per array; skipped when traced (inside a caller's jit)."""
     if is_traced(visual, prompt, prompt_mask, visual_mask):
         return
-    finite_v = jnp.isfinite(jnp.asarray(visual))
-    if visual_mask is not None:  # padding slots may hold anything
-        finite_v |= ~(jnp.asarray(visual_mask) != 0)[..., None]
-    checks = [("visual", fetch(jnp.all(finite_v, axis=(1, 2))))]
+    checks = [("visual", fetch(_finite_rows(jnp.asarray(visual), visual_mask)))]
     if prompt is not None:
-        finite = jnp.isfinite(jnp.asarray(prompt))
-        if prompt_mask is not None:
-            finite |= ~(jnp.asarray(prompt_mask) != 0)[..., None]
-        checks.append(("prompt", fetch(jnp.all(finite, axis=(1, 2)))))
+        checks.append(("prompt", fetch(_finite_rows(jnp.asarray(prompt), prompt_mask))))
     for name, ok in checks:
         if not ok.all():
             raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")

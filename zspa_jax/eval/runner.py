@@ -3,7 +3,7 @@
 `Runner` answers lists of requests the way lmms-eval asks them, without importing
 lmms-eval: `generate_until` through `zspa_jax.generate` and `loglikelihood` through
 `zspa_jax.forward`. Requests are grouped by generation settings, by whether they carry an
-image, and by the library's prompt-length bucket (`PROMPT_BUCKET` tokens), then batched
+image, and by the library's prompt-length bucket (`prompt_bucket`), then batched
 `batch_size` at a time, so a request is padded to the length it would have alone and
 every batch of a bucket reuses one compiled program.
 """
@@ -11,7 +11,6 @@ every batch of a bucket reuses one compiled program.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -19,12 +18,9 @@ import numpy as np
 
 import zspa_jax
 from zspa_jax.eval.args import ModelArgs
+from zspa_jax.families.base import prompt_bucket
 from zspa_jax.sharding import device_mesh
 
-try:  # the library's prompt bucket; 64 if a future version moves it
-    from zspa_jax.generation import PROMPT_BUCKET
-except ImportError:  # pragma: no cover
-    PROMPT_BUCKET = 64
 
 # Generation kwargs that tasks pass and that do not change greedy decoding here.
 _HARMLESS_GEN_KWARGS = ("image_aspect_ratio", "image_sizes", "use_cache")
@@ -121,7 +117,7 @@ def batches(keys: Sequence[Any], lengths: Sequence[int], batch_size: int) -> lis
     """
     groups: dict[tuple, list[int]] = {}
     for i, (key, n) in enumerate(zip(keys, lengths)):
-        groups.setdefault((key, math.ceil(n / PROMPT_BUCKET)), []).append(i)
+        groups.setdefault((key, prompt_bucket(n)), []).append(i)
     out = []
     for (_, bucket), idx in sorted(groups.items(), key=lambda kv: (-kv[0][1], repr(kv[0][0]))):
         idx.sort(key=lambda i: (-lengths[i], i))
@@ -238,7 +234,7 @@ class Runner:
         return out  # type: ignore[return-value]
 
     def _score(self, rows: list[tuple[np.ndarray, int, dict]]) -> list[tuple[float, bool]]:
-        width = math.ceil(max(len(ids) for ids, _, _ in rows) / PROMPT_BUCKET) * PROMPT_BUCKET
+        width = prompt_bucket(max(len(ids) for ids, _, _ in rows))
         input_ids = np.full((len(rows), width), self.vlm.pad_token_id, np.int32)
         mask = np.zeros((len(rows), width), np.int32)
         for r, (ids, _, _) in enumerate(rows):

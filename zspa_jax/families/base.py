@@ -18,8 +18,6 @@ import numpy as np
 
 from zspa_jax.validation import check_binary_mask, is_traced
 
-PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this
-
 
 class HostBatch(NamedTuple):
     """A validated batch as the jitted programs take it (what an adapter's `prepare` returns)."""
@@ -45,8 +43,9 @@ class HostAdapter(Protocol):
     """A family's host side: checks, layouts and the processor (numpy, before any compile)."""
 
     def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras: dict, prune, extra_length: int,
-                bucket: bool, prompt_bucket: int | None) -> HostBatch:
-        """`extras`: the family's other visual arrays by name (those in `Family.visual_args`)."""
+                bucket: bool, prompt_bucket: Callable[[int], int] | None) -> HostBatch:
+        """`extras`: the family's other visual arrays by name (those in `Family.visual_args`).
+        `prompt_bucket`: left-pad each prompt to the length it gives (`left_pad`)."""
 
     def last_row_arrays(self, vlm, ids: np.ndarray, extras: dict) -> dict[str, int]:
         """How many trailing entries of pixel_values and of each extra belong to the batch's
@@ -106,13 +105,24 @@ def round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
+def prompt_bucket(length: int) -> int:
+    """The length a prompt of `length` tokens is left-padded to, so that prompts of nearby
+    lengths share compiled programs: the next multiple of 16 up to 256 tokens, of 32 up to
+    512, of 64 beyond. A short (e.g. pruned) prompt pays at most 15 padding slots, a longer
+    one under 1/8 of its length, and never more than 64-token steps would add; 48 buckets
+    up to 2048 tokens."""
+    length = max(int(length), 1)
+    return round_up(length, 16 if length <= 256 else 32 if length <= 512 else 64)
+
+
 def left_pad(
-    ids: np.ndarray, mask: np.ndarray, multiple: int, pad_id: int, dropped: int = 0
+    ids: np.ndarray, mask: np.ndarray, bucket: Callable[[int], int], pad_id: int, dropped: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad [B, L] ids (pad_id) and mask (0) so that L - `dropped` is a multiple of
-    `multiple` (fewer compiles). `dropped`: the placeholders pruning removes before the LLM
-    (N - K), so a pruned prompt is padded to its own length's bucket, not the unpruned one's."""
-    extra = round_up(ids.shape[1] - dropped, multiple) - (ids.shape[1] - dropped)
+    """Left-pad [B, L] ids (pad_id) and mask (0) so that L - `dropped` becomes
+    `bucket(L - dropped)` (e.g. `prompt_bucket`: fewer compiles). `dropped`: the
+    placeholders pruning removes before the LLM (N - K), so a pruned prompt is padded to its
+    own length's bucket, not the unpruned one's."""
+    extra = bucket(ids.shape[1] - dropped) - (ids.shape[1] - dropped)
     if not extra:
         return ids, mask
     return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
@@ -180,8 +190,8 @@ def check_left_padded(mask) -> None:
 
 
 __all__ = [
-    "Family", "HostAdapter", "HostBatch", "PROMPT_BUCKET", "check_ids_and_mask", "check_left_padded", "is_traced",
-    "image_slot_index", "images_per_prompt", "left_pad", "pad_visual_slots", "round_up",
+    "Family", "HostAdapter", "HostBatch", "check_ids_and_mask", "check_left_padded", "is_traced",
+    "image_slot_index", "images_per_prompt", "left_pad", "pad_visual_slots", "prompt_bucket", "round_up",
 ]
 
 

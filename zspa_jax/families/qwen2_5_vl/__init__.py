@@ -86,7 +86,7 @@ class QwenAdapter:
             slot_multiple=SPAN_BUCKET if bucket and pruning else None,
             bucket=bool(bucket),
             pad_id=vlm.pad_token_id,
-            prompt_multiple=prompt_bucket,
+            prompt_bucket=prompt_bucket,
             prompt_dropped=dropped_before_llm if pruning else None,
         )
         aux = batch.aux

@@ -406,7 +406,7 @@ def prepare_batch(
     slot_multiple: int | None = None,
     bucket: bool = False,
     pad_id: int = 0,
-    prompt_multiple: int | None = None,
+    prompt_bucket: Callable[[int], int] | None = None,
     prompt_dropped: Callable[[np.ndarray, np.ndarray, np.ndarray, int], int] | None = None,
 ) -> PreparedBatch:
     """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
@@ -424,8 +424,8 @@ def prepare_batch(
     patch slots padded to `slot_bucket` (and the largest full-attention segment to the same
     ladder) and every video's temporal patches counted as `temporal_bucket(t)` in every
     shape (tower slots, span slots, prompt length), so items of different sizes and clips
-    of different lengths in one bucket share compiled programs; `prompt_multiple` left-pads
-    the prompt so that its length minus `prompt_dropped` is a multiple of it, where
+    of different lengths in one bucket share compiled programs; `prompt_bucket` left-pads
+    the prompt so that its length minus `prompt_dropped` is the length it gives, where
     `prompt_dropped(visual_counts, item_tokens, items_per_row, slots)` (pruning only) gives
     the placeholders pruning removes before the LLM, so a pruned prompt is padded to its own
     length's bucket. Raises ValueError naming the argument.
@@ -456,8 +456,8 @@ def prepare_batch(
     video_grid = None if visual[VIDEO] is None else visual[VIDEO][1]
     seconds = None if video_grid is None else _seconds_list(second_per_grid_ts, len(video_grid))
     if image_grid is None and video_grid is None:
-        if prompt_multiple:
-            ids, mask = left_pad(ids, mask, prompt_multiple, pad_id)
+        if prompt_bucket:
+            ids, mask = left_pad(ids, mask, prompt_bucket, pad_id)
         positions, next_pos = rope_index(ids, mask, None, cfg)
         aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
         return PreparedBatch(ids.astype(np.int32), mask, None, aux, None, None)
@@ -516,11 +516,11 @@ def prepare_batch(
             more = target - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (more, 0)), constant_values=pad_id)
             mask = np.pad(mask, ((0, 0), (more, 0)))
-    if prompt_multiple:
+    if prompt_bucket:
         dropped = 0
         if visual_layout and prompt_dropped is not None:
             dropped = int(prompt_dropped(visual_counts, counts, images_per_row, int(np.isin(ids, token_ids).sum(1).max())))
-        ids, mask = left_pad(ids, mask, prompt_multiple, pad_id, dropped)
+        ids, mask = left_pad(ids, mask, prompt_bucket, pad_id, dropped)
     # also checks each span against its grid
     positions, next_pos = rope_index(ids, mask, image_grid, cfg, video_grid, seconds)
     placeholder = np.isin(ids, token_ids)
