@@ -36,7 +36,9 @@ A video row (--video FRAMESxHxW, default 16x448x448: 8 temporal patches of 32x32
              second_per_grid_ts) and its argmax; KV cache: the bytes of that prefill's cache.
 The clip's arrays come from zspa_jax.encode (transformers' video processor needs torchvision;
 tests/test_qwen2_5_vl_video.py checks the two agree).
-Timings are medians over --repeats, the frameworks' calls interleaved.
+Timings are medians over --repeats after a warm-up call of each, every timed call of an
+image (or the clip) taken in turns, one of each per round, so a slower spell of a shared
+machine hits both frameworks' columns alike.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -82,23 +85,36 @@ VIDEO_PROCESSOR = {
 }
 
 
-def _time_generate(call, repeats: int) -> tuple[float, float, float, Any]:
-    """(first call s, median prefill s, median decode tok/s, the last GenerateResult) of a zspa_jax
-    generate call: one compiling call, then `repeats` that must not recompile."""
+def round_robin(calls: dict[str, Any], repeats: int) -> dict[str, tuple[list[float], list[Any]]]:
+    """name -> (wall seconds, outputs) of `repeats` calls of each function, taken in turns
+    (one call of each per round), so that a slower spell of this shared machine hits every
+    column alike. The calls are warm: compile before."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    outs: dict[str, list[Any]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            outs[name].append(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: (times[name], outs[name]) for name in calls}
+
+
+def first_call(call) -> tuple[float, Any]:
+    """(seconds, result) of a zspa_jax generate call that compiles."""
     t0 = time.perf_counter()
-    call()
-    first_seconds = time.perf_counter() - t0
-    before = dict(generation.TRACE_COUNTS)
-    results = [call() for _ in range(repeats)]
-    assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
-    prefill = statistics.median(r.stats["prefill_seconds"] for r in results)
-    decode = statistics.median(r.stats["decode_tokens_per_second_total"] for r in results)
-    return first_seconds, prefill, decode, results[-1]
+    result = call()
+    return time.perf_counter() - t0, result
 
 
-def jax_tower_seconds(vlm, a: dict, repeats: int) -> tuple[float, int]:
-    """(median s, patch slots) of zspa_jax's tower + merger alone: one jitted program on the
-    bucketed layout generate lays out for these arrays."""
+def generate_stats(results) -> tuple[float, float]:
+    """(median prefill s, median decode tok/s) from zspa_jax GenerateResults' own stats."""
+    return (statistics.median(r.stats["prefill_seconds"] for r in results),
+            statistics.median(r.stats["decode_tokens_per_second_total"] for r in results))
+
+
+def jax_tower(vlm, a: dict) -> tuple[Any, int]:
+    """(a warm call, patch slots) of zspa_jax's tower + merger alone: one jitted program on
+    the bucketed layout generate lays out for these arrays."""
     from flax import nnx
 
     from zspa_jax.batch import prepare_arrays
@@ -109,7 +125,7 @@ def jax_tower_seconds(vlm, a: dict, repeats: int) -> tuple[float, int]:
     tower = jax.jit(lambda state, pixels, layout: nnx.merge(vlm.graphdef, state).image_features(pixels, layout))
     run = lambda: jax.block_until_ready(tower(vlm.state, host.pixel_values, host.aux.layout))  # noqa: E731
     run()
-    return timed(run, repeats)[0], int(host.aux.layout.order.size)
+    return run, int(host.aux.layout.order.size)
 
 
 def build_model(directory: Path):
@@ -197,39 +213,49 @@ def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
     mm = torch.where(ids == cfg.video_token_id, 2, torch.where(ids == cfg.image_token_id, 1, 0))
     grid = torch.as_tensor(a["video_grid_thw"])
     n = int((ids == cfg.video_token_id).sum())
+    pixels = torch.as_tensor(a["pixel_values_videos"])
+    vision = lambda: hf.model.get_video_features(pixels, grid).pooler_output  # noqa: E731
     with torch.no_grad():
-        t_vision, feats = timed(lambda: hf.model.get_video_features(torch.as_tensor(a["pixel_values_videos"]), grid)
-                                .pooler_output, repeats)
+        feats = vision()
         embeds = hf.model.get_input_embeddings()(ids)
         video_slots = ids == cfg.video_token_id
         embeds[video_slots] = torch.cat(feats)
         positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=mm, video_grid_thw=grid,
                                                second_per_grid_ts=torch.as_tensor(a["second_per_grid_ts"]))
-    rows = []
-    for keep in dict.fromkeys((n, max(1, n // 8), max(1, n // 16))):
+    calls, firsts, keeps = {"torch vision": vision}, {}, list(dict.fromkeys((n, max(1, n // 8), max(1, n // 16))))
+    for keep in keeps:
         prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
-        call = lambda: zspa_jax.generate(vlm, input_ids=a["input_ids"], attention_mask=a["attention_mask"],  # noqa: E731
-                                         pixel_values_videos=a["pixel_values_videos"],
-                                         video_grid_thw=a["video_grid_thw"],
-                                         second_per_grid_ts=a["second_per_grid_ts"], prune=prune,
-                                         max_new_tokens=NEW_TOKENS, eos_token_id=[])
-        first_seconds, prefill, decode, last = _time_generate(call, repeats)
-        kept = last.kept_indices
+        call = partial(zspa_jax.generate, vlm, input_ids=a["input_ids"], attention_mask=a["attention_mask"],
+                       pixel_values_videos=a["pixel_values_videos"], video_grid_thw=a["video_grid_thw"],
+                       second_per_grid_ts=a["second_per_grid_ts"], prune=prune, max_new_tokens=NEW_TOKENS,
+                       eos_token_id=[])
+        firsts[keep] = first_call(call)
+        kept = firsts[keep][1].kept_indices
         span = torch.nonzero(video_slots[0])[:, 0]
         src = torch.arange(ids.shape[1]) if prune is None else torch.sort(torch.cat(
             [torch.nonzero(~video_slots[0])[:, 0], span[torch.as_tensor(np.array(kept[0]))]])).values
-        with torch.no_grad():
-            t_prefill, out = timed(lambda: hf(inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
-                                              logits_to_keep=1, use_cache=True), repeats)
+        calls[f"jax {keep}"] = call
+        calls[f"torch prefill {keep}"] = partial(hf, inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
+                                                 logits_to_keep=1, use_cache=True)
+    before = dict(generation.TRACE_COUNTS)
+    with torch.no_grad():
+        timing = round_robin(calls, repeats)
+    assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
+    t_vision = statistics.median(timing["torch vision"][0])
+    rows = []
+    for keep in keeps:
+        prefill, decode = generate_stats(timing[f"jax {keep}"][1])
+        last = timing[f"jax {keep}"][1][-1]
+        t_prefill = statistics.median(timing[f"torch prefill {keep}"][0])
         row = {
             "video": f"{frames}x{height}x{width}", "fps": VIDEO_FPS, "grid": a["video_grid_thw"][0].tolist(),
             "visual_tokens": n, "keep": keep, "sequence_length": int(ids.shape[1] - n + keep),
-            "jax_first_call_seconds": first_seconds, "jax_prefill_seconds": prefill,
+            "jax_first_call_seconds": firsts[keep][0], "jax_prefill_seconds": prefill,
             "jax_decode_tokens_per_second": decode, "jax_kv_cache_bytes": last.stats["kv_cache_bytes"],
             "jax_cache_length": last.stats["cache_length"],
             "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
             "torch_first_token_seconds": t_vision + t_prefill,
-            "torch_kv_cache_bytes": torch_cache_bytes(out.past_key_values),
+            "torch_kv_cache_bytes": torch_cache_bytes(timing[f"torch prefill {keep}"][1][-1].past_key_values),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -287,6 +313,87 @@ def image_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def image_rows(hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None], repeats: int) -> list[dict]:
+    """The image at each keep (None: unpruned): zspa_jax's generate and tower against
+    transformers' vision and LLM prefill (sdpa), generate and eager attention, all timed in
+    turns (`round_robin`) after every program has compiled."""
+    from tests.qwen2_5_vl_helpers import hf_inputs, random_image
+
+    batch = hf_inputs(processor, [("describe the picture in detail", 1)], [random_image(*hw, seed=1)])
+    a = {k: v.numpy() for k, v in batch.items()}
+    ids = batch["input_ids"]
+    n = int((a["input_ids"] == hf.config.image_token_id).sum())
+    vision = lambda: hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output  # noqa: E731
+    with torch.no_grad():
+        feats = vision()
+        embeds = hf.model.get_input_embeddings()(ids)
+        image = ids == hf.config.image_token_id
+        embeds[image] = torch.cat(feats)
+        positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
+                                               image_grid_thw=batch["image_grid_thw"])
+
+    def eager():  # transformers' eager attention: vision + LLM prefill
+        hf.set_attn_implementation("eager")
+        try:
+            vision()
+            return hf(inputs_embeds=embeds, position_ids=positions, logits_to_keep=1)
+        finally:
+            hf.set_attn_implementation("sdpa")
+
+    tower, tower_slots = jax_tower(vlm, a)
+    calls = {
+        "torch vision": vision,
+        "torch generate": partial(hf.generate, **batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False),
+        "torch eager": eager,
+        "jax tower": tower,
+    }
+    keeps = list(dict.fromkeys(n if k is None else k for k in keeps if k is None or k <= n))
+    firsts, span = {}, torch.nonzero(image[0])[:, 0]
+    for keep in keeps:
+        prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
+        call = partial(zspa_jax.generate, vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"],
+                       image_grid_thw=a["image_grid_thw"], prune=prune, max_new_tokens=NEW_TOKENS,
+                       eos_token_id=[])  # [] never stops early
+        firsts[keep] = first_call(call)
+        s0, length = int(span[0]), ids.shape[1]
+        src = torch.arange(length) if prune is None else torch.cat(
+            [torch.arange(s0), s0 + torch.as_tensor(np.array(firsts[keep][1].kept_indices[0])), torch.arange(s0 + n, length)])
+        calls[f"jax {keep}"] = call
+        calls[f"torch prefill {keep}"] = partial(hf, inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
+                                                 logits_to_keep=1)
+    with torch.no_grad():
+        for name in calls:  # warm-up (the tower, generate and vision have run once already)
+            if name.startswith("torch") and name != "torch vision":
+                calls[name]()
+        before = dict(generation.TRACE_COUNTS)
+        timing = round_robin(calls, repeats)
+    assert dict(generation.TRACE_COUNTS) == before, "repeated calls recompiled"
+    median = {name: statistics.median(t) for name, (t, _) in timing.items()}
+    text_tokens = int(ids.shape[1]) - n
+    rows = []
+    for keep in keeps:
+        prefill, decode = generate_stats(timing[f"jax {keep}"][1])
+        flops = estimate_model(vlm.config, text_tokens, hw, keep=keep)
+        unpruned = keep == n
+        row = {
+            "image": f"{hw[0]}x{hw[1]}", "grid": a["image_grid_thw"][0].tolist(), "visual_tokens": n, "keep": keep,
+            "estimate_prefill_flops": flops["prefill_flops_total"],
+            "estimate_prefill_flops_unpruned": flops["prefill_flops_total_unpruned"],
+            "sequence_length": int(ids.shape[1] - n + keep),
+            "jax_first_call_seconds": firsts[keep][0], "jax_prefill_seconds": prefill,
+            "jax_decode_tokens_per_second": decode,
+            "jax_tower_seconds": median["jax tower"], "jax_tower_slots": tower_slots,
+            "torch_vision_seconds": median["torch vision"], "torch_llm_prefill_seconds": median[f"torch prefill {keep}"],
+            "torch_prefill_seconds": median["torch vision"] + median[f"torch prefill {keep}"],
+            "torch_generate_seconds_unpruned": median["torch generate"] if unpruned else None,
+            "torch_eager_prefill_seconds_unpruned": median["torch eager"] if unpruned else None,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -303,8 +410,6 @@ def main(argv=None) -> int:
     images = () if args.no_images else (sizes[:1] if args.quick else sizes)
     video = None if args.video == "none" else tuple(int(v) for v in args.video.lower().split("x"))
     repeats = 1 if args.quick else args.repeats
-    from tests.qwen2_5_vl_helpers import hf_inputs, random_image
-
     work = Path(tempfile.mkdtemp(prefix="zspa_qwen_bench_"))
     hf, processor = build_model(work / "hf")
     t0 = time.perf_counter()
@@ -312,57 +417,7 @@ def main(argv=None) -> int:
                    cwd=ROOT, check=True)
     convert_seconds = time.perf_counter() - t0
     vlm = zspa_jax.load(work / "jax")
-    rows = []
-    for hw in images:
-        batch = hf_inputs(processor, [("describe the picture in detail", 1)], [random_image(*hw, seed=1)])
-        a = {k: v.numpy() for k, v in batch.items()}
-        n = int((a["input_ids"] == hf.config.image_token_id).sum())
-        grid = a["image_grid_thw"][0].tolist()
-        with torch.no_grad():
-            t_vision, feats = timed(lambda: hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output, repeats)
-            embeds = hf.model.get_input_embeddings()(batch["input_ids"])
-            image = batch["input_ids"] == hf.config.image_token_id
-            embeds[image] = torch.cat(feats)
-            positions, _ = hf.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                                   image_grid_thw=batch["image_grid_thw"])
-            t_generate, _ = timed(lambda: hf.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                                      do_sample=False), repeats)
-            hf.set_attn_implementation("eager")
-            t_vision_eager, _ = timed(lambda: hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]), repeats)
-            t_prefill_eager, _ = timed(lambda: hf(inputs_embeds=embeds, position_ids=positions, logits_to_keep=1), repeats)
-            hf.set_attn_implementation("sdpa")
-        text_tokens = int(batch["input_ids"].shape[1]) - n
-        t_tower, tower_slots = jax_tower_seconds(vlm, a, repeats)
-        for keep in dict.fromkeys(n if k is None else k for k in keeps if k is None or k <= n):
-            prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
-            call = lambda: zspa_jax.generate(vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"],  # noqa: E731
-                                             image_grid_thw=a["image_grid_thw"], prune=prune,
-                                             max_new_tokens=NEW_TOKENS, eos_token_id=[])  # [] never stops early
-            first_seconds, prefill, decode, last = _time_generate(call, repeats)
-            kept = last.kept_indices
-            span = torch.nonzero(image[0])[:, 0]
-            s0 = int(span[0])
-            src = torch.arange(batch["input_ids"].shape[1]) if prune is None else torch.cat(
-                [torch.arange(s0), s0 + torch.as_tensor(np.array(kept[0])), torch.arange(s0 + n, batch["input_ids"].shape[1])])
-            with torch.no_grad():
-                t_prefill, _ = timed(lambda: hf(inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
-                                                logits_to_keep=1), repeats)
-            flops = estimate_model(vlm.config, text_tokens, hw, keep=keep)
-            row = {
-                "image": f"{hw[0]}x{hw[1]}", "grid": grid, "visual_tokens": n, "keep": keep,
-                "estimate_prefill_flops": flops["prefill_flops_total"],
-                "estimate_prefill_flops_unpruned": flops["prefill_flops_total_unpruned"],
-                "sequence_length": int(batch["input_ids"].shape[1] - n + keep),
-                "jax_first_call_seconds": first_seconds, "jax_prefill_seconds": prefill,
-                "jax_decode_tokens_per_second": decode,
-                "jax_tower_seconds": t_tower, "jax_tower_slots": tower_slots,
-                "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
-                "torch_prefill_seconds": t_vision + t_prefill,
-                "torch_generate_seconds_unpruned": t_generate if prune is None else None,
-                "torch_eager_prefill_seconds_unpruned": t_vision_eager + t_prefill_eager if prune is None else None,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = [row for hw in images for row in image_rows(hf, processor, vlm, hw, keeps, repeats)]
     clips = [] if video is None else video_rows(hf, vlm, video, repeats)
     machine = (f"{platform.machine()} CPU x{CORES} (f32 matmul {matmul_gflops():.0f} GFLOP/s), jax {jax.__version__}, "
                f"torch {torch.__version__}")
