@@ -210,9 +210,8 @@ def generate(
     such as Qwen2.5-VL's `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
     `second_per_grid_ts`), with transformers' names.
     Prompts are left-padded to `prompt_bucket(length)` tokens (a pruned prompt to its
-    pruned length's bucket); Qwen2.5-VL's tower
-    windows and pruned image spans are padded to buckets too, so images of different sizes
-    share compiled programs.
+    pruned length's bucket); Qwen2.5-VL's tower windows and pruned image spans are padded
+    to buckets too, so images of different sizes share compiled programs.
 
     Args:
       prune: a PruneConfig; None keeps all visual tokens.

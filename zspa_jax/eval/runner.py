@@ -21,7 +21,6 @@ from zspa_jax.eval.args import ModelArgs
 from zspa_jax.families.base import prompt_bucket
 from zspa_jax.sharding import device_mesh
 
-
 # Generation kwargs that tasks pass and that do not change greedy decoding here.
 _HARMLESS_GEN_KWARGS = ("image_aspect_ratio", "image_sizes", "use_cache")
 _WARNED: set[str] = set()
