@@ -413,15 +413,16 @@ def main(argv=None) -> int:
     images = () if args.no_images else (sizes[:1] if args.quick else sizes)
     video = None if args.video == "none" else tuple(int(v) for v in args.video.lower().split("x"))
     repeats = 1 if args.quick else args.repeats
-    work = Path(tempfile.mkdtemp(prefix="zspa_qwen_bench_"))
-    hf, processor = build_model(work / "hf")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "convert.qwen2_5_vl", str(work / "hf"), str(work / "jax"), "--quiet"],
-                   cwd=ROOT, check=True)
-    convert_seconds = time.perf_counter() - t0
-    vlm = zspa_jax.load(work / "jax")
-    rows = [row for hw in images for row in image_rows(hf, processor, vlm, hw, keeps, repeats)]
-    clips = [] if video is None else video_rows(hf, vlm, video, repeats)
+    with tempfile.TemporaryDirectory(prefix="zspa_qwen_bench_") as tmp:  # 9 GB of checkpoints, removed after
+        work = Path(tmp)
+        hf, processor = build_model(work / "hf")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "convert.qwen2_5_vl", str(work / "hf"), str(work / "jax"), "--quiet"],
+                       cwd=ROOT, check=True)
+        convert_seconds = time.perf_counter() - t0
+        vlm = zspa_jax.load(work / "jax")
+        rows = [row for hw in images for row in image_rows(hf, processor, vlm, hw, keeps, repeats)]
+        clips = [] if video is None else video_rows(hf, vlm, video, repeats)
     machine = (f"{platform.machine()} CPU x{CORES} (f32 matmul {matmul_gflops():.0f} GFLOP/s), jax {jax.__version__}, "
                f"torch {torch.__version__}")
     lines = [
