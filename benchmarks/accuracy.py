@@ -67,28 +67,47 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import zspa_jax  # noqa: E402
+from models.layers import placeholder_slots  # noqa: E402
+from models.llava import cls_feature_state  # noqa: E402
 from zspa_jax import estimate as est  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
+from zspa_jax.demo import DEMO_MODEL_DIR as ASSET_DIR  # noqa: E402
+from zspa_jax.demo import scenes  # noqa: E402
+from zspa_jax.demo.data import patch_coverage  # noqa: E402
+from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
 from zspa_jax.methods import get_method  # noqa: E402
-from models.llava import cls_feature_state  # noqa: E402
 from zspa_jax.methods.pool import pool_tokens  # noqa: E402
 from zspa_jax.methods.visionzip import visionzip_merge  # noqa: E402
 from zspa_jax.methods.vispruner import vispruner_select  # noqa: E402
-from models.layers import placeholder_slots  # noqa: E402
 from zspa_jax.prefill import prefill_pruned_at_layer, pruned_gather_index  # noqa: E402
-from zspa_jax.demo import scenes  # noqa: E402
-from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder  # noqa: E402
-from zspa_jax.demo import DEMO_MODEL_DIR as ASSET_DIR  # noqa: E402
-from zspa_jax.demo.data import patch_coverage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = (  # table order
-    "zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "zspaprune r=auto", "relevance",
-    "cdpruner", "divprune", "random", "uniform", "vispruner", "visionzip", "pool", "fastv K=1", "dart K=1",
+    "zspaprune r=0.2",
+    "zspaprune r=0.4",
+    "zspaprune r=0.6",
+    "zspaprune r=0.8",
+    "zspaprune r=auto",
+    "relevance",
+    "cdpruner",
+    "divprune",
+    "random",
+    "uniform",
+    "vispruner",
+    "visionzip",
+    "pool",
+    "fastv K=1",
+    "dart K=1",
 )
 PROMPT_AWARE = (
-    "zspaprune r=0.2", "zspaprune r=0.4", "zspaprune r=0.6", "zspaprune r=0.8", "zspaprune r=auto", "relevance",
-    "cdpruner", "dart K=1",
+    "zspaprune r=0.2",
+    "zspaprune r=0.4",
+    "zspaprune r=0.6",
+    "zspaprune r=0.8",
+    "zspaprune r=auto",
+    "relevance",
+    "cdpruner",
+    "dart K=1",
 )
 # Need model internals (a tower layer, merged tokens, the LLM's attention): run through forward().
 MODEL_LABELS = ("vispruner", "visionzip", "pool", "fastv K=1", "dart K=1")
@@ -159,7 +178,9 @@ class Evaluator:
         self.pixels = np.concatenate(pixels)
         return np.concatenate(out)
 
-    def model_method(self, label: str, keep: int, scope: str = "question") -> tuple[np.ndarray, list[str]]:
+    def model_method(
+        self, label: str, keep: int, scope: str = "question"
+    ) -> tuple[np.ndarray, list[str]]:
         """(kept indices or slots [n, K], answers) from `zspa_jax.forward(prune=...)`, batched
         with left padding at one width so each (method, K) compiles once. `scope` is the
         config's prompt_scope (read by the prompt-aware ones, e.g. DART's text pivots)."""
@@ -178,7 +199,13 @@ class Evaluator:
             px = self.pixels[s : s + self.batch]
             px = np.concatenate([px, np.repeat(px[:1], self.batch - count, axis=0)])
             logits, kept = zspa_jax.forward(
-                self.vlm, ids, px, mask, prune=cfg, keep_positions=self.keep_positions, return_kept=True
+                self.vlm,
+                ids,
+                px,
+                mask,
+                prune=cfg,
+                keep_positions=self.keep_positions,
+                return_kept=True,
             )
             kept_all.append(kept[:count])
             words.extend(self.id_to_word[int(t)] for t in np.argmax(logits[:count, -1], axis=-1))
@@ -206,13 +233,19 @@ class Evaluator:
 
     def auto_ratios(self, scope: str, keep: int) -> dict:
         prompt, mask = self.prompt[scope]
-        r = np.concatenate([
-            np.asarray(pruning.auto_core_ratio(
-                jnp.asarray(self.visual[s : s + self.batch]), jnp.asarray(prompt[s : s + self.batch]),
-                jnp.asarray(mask[s : s + self.batch]), keep=keep,
-            ))
-            for s in range(0, len(self.exs), self.batch)
-        ])
+        r = np.concatenate(
+            [
+                np.asarray(
+                    pruning.auto_core_ratio(
+                        jnp.asarray(self.visual[s : s + self.batch]),
+                        jnp.asarray(prompt[s : s + self.batch]),
+                        jnp.asarray(mask[s : s + self.batch]),
+                        keep=keep,
+                    )
+                )
+                for s in range(0, len(self.exs), self.batch)
+            ]
+        )
         return {"mean": float(r.mean()), "zero": float((r == 0).mean()), "max": float(r.max())}
 
     def answers(self, indices: np.ndarray) -> list[str]:
@@ -230,8 +263,13 @@ class Evaluator:
                 qlen = np.concatenate([qlen, np.ones(pad, np.int32)])
             n_visual = self.visual.shape[1]
             pos = np.asarray(idx, np.int32) if self.keep_positions else None
-            pred = self._answer(self.vlm.graphdef, n_visual, self.vlm.state, self.head, kept, q, qlen - 1, pos)
-            words.extend(self.id_to_word[int(t)] for t in np.asarray(pred)[: min(self.batch, len(self.exs) - s)])
+            pred = self._answer(
+                self.vlm.graphdef, n_visual, self.vlm.state, self.head, kept, q, qlen - 1, pos
+            )
+            words.extend(
+                self.id_to_word[int(t)]
+                for t in np.asarray(pred)[: min(self.batch, len(self.exs) - s)]
+            )
         return words
 
     def target_recall(self, indices: np.ndarray) -> float | None:
@@ -251,7 +289,12 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
     b = kept.shape[0]
     lm = model.language_model
     embeds = jnp.concatenate(
-        [lm.embed(jnp.broadcast_to(head, (b, head.shape[0]))), kept.astype(jnp.float32), lm.embed(q_ids)], axis=1
+        [
+            lm.embed(jnp.broadcast_to(head, (b, head.shape[0]))),
+            kept.astype(jnp.float32),
+            lm.embed(q_ids),
+        ],
+        axis=1,
     )
     length = embeds.shape[1]
     if kept_positions is None:  # contiguous renumbering (the library default)
@@ -259,10 +302,17 @@ def _answer_fn(graphdef, n_visual, state, head, kept, q_ids, last, kept_position
     else:  # original RoPE positions (`keep_positions=True`): the library's own gather index
         image_id = model.config.image_token_index
         full_ids = jnp.concatenate(
-            [jnp.broadcast_to(head, (b, head.shape[0])), jnp.full((b, n_visual), image_id, jnp.int32), q_ids], axis=1
+            [
+                jnp.broadcast_to(head, (b, head.shape[0])),
+                jnp.full((b, n_visual), image_id, jnp.int32),
+                q_ids,
+            ],
+            axis=1,
         )
         slots = placeholder_slots(full_ids, image_id, n_visual)
-        positions, _ = pruned_gather_index(slots, jnp.take_along_axis(slots, kept_positions, axis=1), full_ids.shape[1])
+        positions, _ = pruned_gather_index(
+            slots, jnp.take_along_axis(slots, kept_positions, axis=1), full_ids.shape[1]
+        )
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (b, length, length))
     hidden, _ = lm.model(embeds, positions, mask)
     at = head.shape[0] + kept.shape[1] + last
@@ -295,7 +345,9 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     # Tower outputs for the [CLS]-attention methods, computed once (the tower runs anyway).
     index = cls_feature_state(vlm.model.config, vlm.model.vision_tower, "vispruner")
     tower = jax.jit(
-        lambda g, s, px: nnx.merge(g, s).vision_tower.hidden_states(px, num_layers=index, cls_attention_layer=index - 1),
+        lambda g, s, px: nnx.merge(g, s).vision_tower.hidden_states(
+            px, num_layers=index, cls_attention_layer=index - 1
+        ),
         static_argnums=0,
     )
     states, cls = tower(vlm.graphdef, vlm.state, jnp.asarray(ev.pixels[:b]))
@@ -309,7 +361,9 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     # Scope "question" for the in-LLM methods (DART's text pivots): the non-special tokens after the span.
     q_text = ~np.isin(ev.q_ids[:b], np.asarray(sorted(ev.specials), np.int32))
     text_mask = jnp.asarray(np.concatenate([np.zeros((b, len(ev.head) + n), bool), q_text], axis=1))
-    key_dim = text_cfg.num_key_value_heads * text_cfg.head_dim  # DART's keys: layer K-1's KV heads, concatenated
+    key_dim = (
+        text_cfg.num_key_value_heads * text_cfg.head_dim
+    )  # DART's keys: layer K-1's KV heads, concatenated
 
     def embeds_of(model, kept):
         lm = model.language_model
@@ -330,10 +384,16 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
         length = embeds.shape[1]
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         out = prefill_pruned_at_layer(
-            model.language_model.model, embeds, positions, jnp.ones((b, length), jnp.int32),
-            method=get_method(name), layer=layer, keep=keep,
+            model.language_model.model,
+            embeds,
+            positions,
+            jnp.ones((b, length), jnp.int32),
+            method=get_method(name),
+            layer=layer,
+            keep=keep,
             visual_index=jnp.broadcast_to(head.shape[0] + jnp.arange(n, dtype=jnp.int32), (b, n)),
-            visual_valid=None, text_mask=text_mask,
+            visual_valid=None,
+            text_mask=text_mask,
         )
         return model.language_model.logits(out.hidden[:, -1])
 
@@ -342,7 +402,11 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     g, st = vlm.graphdef, vlm.state
     grid = jnp.full((b, 2), round(n**0.5), jnp.int32)  # the demo's square token grid (pool)
     cost: dict = {
-        "batch": b, "repeats": repeats, "selection": {}, "llm_prefill": {}, "llm_method_prefill": {},
+        "batch": b,
+        "repeats": repeats,
+        "selection": {},
+        "llm_prefill": {},
+        "llm_method_prefill": {},
         "load_average": {"start": list(os.getloadavg())},
     }
     for keep in tqdm([k for k in keeps if k != n], desc="cost", leave=False):
@@ -355,26 +419,44 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
             if method == "vispruner":
                 ms = _median_ms(
                     lambda f, a: vispruner_select(f, a, keep=keep, batching=batching),
-                    hidden[:, 1:], cls.probs[:, 1:], repeats=repeats,
+                    hidden[:, 1:],
+                    cls.probs[:, 1:],
+                    repeats=repeats,
                 )
                 flops = est.method_flops(method, n, width, keep, 0)
             elif method == "visionzip":
                 ms = _median_ms(
                     lambda h, a, k: visionzip_merge(h, a, k, keep=keep, batching=batching),
-                    hidden, cls.probs, cls.keys, repeats=repeats,
+                    hidden,
+                    cls.probs,
+                    cls.keys,
+                    repeats=repeats,
                 )
                 flops = est.method_flops(method, n, width, keep, 0, key_dim=cls.keys.shape[-1])
             elif method == "pool":
-                pool = jax.jit(lambda v, gr: pool_tokens(v, gr, keep=keep))  # traced grid: no host check
+                pool = jax.jit(
+                    lambda v, gr: pool_tokens(v, gr, keep=keep)
+                )  # traced grid: no host check
                 ms = _median_ms(pool, visual, grid, repeats=repeats)
                 flops = est.method_flops(method, n, visual.shape[-1], keep, t_prompt)
             else:
-                select = jax.jit(lambda v, p, m, r: pruning.select_tokens(v, p, m, keep=keep, rng=r, **args))
+                select = jax.jit(
+                    lambda v, p, m, r: pruning.select_tokens(v, p, m, keep=keep, rng=r, **args)
+                )
                 ms = _median_ms(select, visual, prompt, mask, rng, repeats=repeats)
                 flops = est.method_flops(
-                    method, n, visual.shape[-1], keep, t_prompt, args.get("core_ratio", 0.6), auto_zero_share=zero_share
+                    method,
+                    n,
+                    visual.shape[-1],
+                    keep,
+                    t_prompt,
+                    args.get("core_ratio", 0.6),
+                    auto_zero_share=zero_share,
                 )
-            cost["selection"].setdefault(label, {})[str(keep)] = {"ms": ms, "gflops": b * flops / 1e9}
+            cost["selection"].setdefault(label, {})[str(keep)] = {
+                "ms": ms,
+                "gflops": b * flops / 1e9,
+            }
         kept = visual[:, :keep]
         cost["llm_prefill"][str(keep)] = {
             "ms": _median_ms(plain_jit, g, st, kept, repeats=repeats),
@@ -382,12 +464,20 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
         }
         for label in LLM_LABELS:
             name, layer = method_args(label)["method"], method_args(label)["layer"]
-            select_flops = est.method_flops(name, n, text_cfg.hidden_size, keep, t_text, key_dim=key_dim)
+            select_flops = est.method_flops(
+                name, n, text_cfg.hidden_size, keep, t_text, key_dim=key_dim
+            )
             cost["llm_method_prefill"].setdefault(label, {})[str(keep)] = {
                 "ms": _median_ms(
-                    lambda g_, s_, v_: llm_method_jit(g_, s_, v_, name, keep, layer), g, st, visual, repeats=repeats
+                    lambda g_, s_, v_: llm_method_jit(g_, s_, v_, name, keep, layer),
+                    g,
+                    st,
+                    visual,
+                    repeats=repeats,
                 ),
-                "gflops": b * (est.fastv_prefill_flops(text_cfg, t_text, n, keep, layer) + select_flops) / 1e9,
+                "gflops": b
+                * (est.fastv_prefill_flops(text_cfg, t_text, n, keep, layer) + select_flops)
+                / 1e9,
                 "selection_gflops": b * select_flops / 1e9,
             }
     cost["llm_prefill"][str(n)] = {
@@ -405,8 +495,15 @@ def score(exs, answers) -> dict:
     groups = np.array([scenes.TYPE_GROUPS[t] for t in types])
     return {
         "overall": float(correct.mean()),
-        "per_type": {t: float(correct[types == t].mean()) for t in scenes.QUESTION_TYPES if (types == t).any()},
-        "per_group": {g: float(correct[groups == g].mean()) for g in dict.fromkeys(scenes.TYPE_GROUPS.values())},
+        "per_type": {
+            t: float(correct[types == t].mean())
+            for t in scenes.QUESTION_TYPES
+            if (types == t).any()
+        },
+        "per_group": {
+            g: float(correct[groups == g].mean())
+            for g in dict.fromkeys(scenes.TYPE_GROUPS.values())
+        },
     }
 
 
@@ -426,19 +523,27 @@ def spot_check_forward(vlm, ev: Evaluator, results: dict, n: int = 20) -> dict |
     if not pruned:
         return None
     agree = {}
-    checks = (("zspaprune r=0.6", "question", 64), ("divprune", "question", 64), ("relevance", "all_text", 32))
+    checks = (
+        ("zspaprune r=0.6", "question", 64),
+        ("divprune", "question", 64),
+        ("relevance", "all_text", 32),
+    )
     for label, scope, preferred in checks:
-        keep = preferred if preferred in pruned else min(pruned)  # the grid given by --keeps may lack it
+        keep = (
+            preferred if preferred in pruned else min(pruned)
+        )  # the grid given by --keeps may lack it
         cfg = PruneConfig(keep=keep, prompt_scope=scope, **method_args(label))
         kwargs = {"keep_positions": True} if ev.keep_positions else {}
         mine = results["answers"][scope][label][str(keep)][:n]
         theirs = []
-        for i, e in enumerate(exs):
+        for e in exs:
             ids = np.asarray([ev.enc.prompt_ids(e.qa.question)], np.int32)
             px = ev.enc.pixels(e.image())[None]
             logits = zspa_jax.forward(vlm, ids, px, prune=cfg, **kwargs)
             theirs.append(ev.id_to_word[int(np.argmax(np.asarray(logits)[0, -1]))])
-        agree[f"{label} / {scope} / K={keep}"] = float(np.mean([a == b for a, b in zip(mine, theirs)]))
+        agree[f"{label} / {scope} / K={keep}"] = float(
+            np.mean([a == b for a, b in zip(mine, theirs)])
+        )
     return agree
 
 
@@ -452,7 +557,7 @@ def markdown(res: dict) -> str:
         "# Accuracy under visual-token pruning (demo model, shapes VQA)",
         "",
         f"Model: `{res['model']}` ({res['parameters']:,} parameters, {n_vis} visual tokens per image). "
-        f"{res['n']} test questions (`zspa_jax.demo.scenes`, split \"test\", types balanced), greedy one-word "
+        f'{res["n"]} test questions (`zspa_jax.demo.scenes`, split "test", types balanced), greedy one-word '
         f"answers. Positions of kept tokens: {res.get('positions', 'contiguous (default)')}. Machine: {res['machine']}. "
         f"Run time {res['seconds']:.0f} s.{load_note(res)}",
         "",
@@ -462,15 +567,24 @@ def markdown(res: dict) -> str:
     ]
     for scope in SCOPES:
         lines += [f"## Accuracy, prompt scope = `{scope}`", ""]
-        lines.append("| method | " + " | ".join(f"K={k} ({100 * (1 - k / n_vis):.0f}% pruned)" for k in keeps) + " |")
+        lines.append(
+            "| method | "
+            + " | ".join(f"K={k} ({100 * (1 - k / n_vis):.0f}% pruned)" for k in keeps)
+            + " |"
+        )
         lines.append("|---" * (len(keeps) + 1) + "|")
         for label in METHODS:
             row = [f"{res['accuracy'][scope][label][str(k)]['overall']:.3f}" for k in keeps]
             best = [
                 max(res["accuracy"][scope][m][str(k)]["overall"] for m in METHODS) for k in keeps
             ]
-            row = [f"**{r}**" if float(r) == b and k != n_vis else r for r, b, k in zip(row, best, keeps)]
-            lines.append(f"| {label}{' *' if label in AGNOSTIC else ''} | " + " | ".join(row) + " |")
+            row = [
+                f"**{r}**" if float(r) == b and k != n_vis else r
+                for r, b, k in zip(row, best, keeps)
+            ]
+            lines.append(
+                f"| {label}{' *' if label in AGNOSTIC else ''} | " + " | ".join(row) + " |"
+            )
         lines += ["", "\\* prompt-agnostic: identical in both scopes.", ""]
     for scope in SCOPES:
         lines += [f"## Target-object recall (object questions), scope = `{scope}`", ""]
@@ -485,7 +599,11 @@ def markdown(res: dict) -> str:
         types = list(res["unpruned"]["per_type"])
         lines.append("| method | " + " | ".join(types) + " |")
         lines.append("|---" * (len(types) + 1) + "|")
-        lines.append("| unpruned | " + " | ".join(f"{res['unpruned']['per_type'][t]:.2f}" for t in types) + " |")
+        lines.append(
+            "| unpruned | "
+            + " | ".join(f"{res['unpruned']['per_type'][t]:.2f}" for t in types)
+            + " |"
+        )
         for label in METHODS:
             pt = res["accuracy"]["question"][label][str(k)]["per_type"]
             lines.append(f"| {label} | " + " | ".join(f"{pt[t]:.2f}" for t in types) + " |")
@@ -495,7 +613,9 @@ def markdown(res: dict) -> str:
     if res.get("forward_spot_check"):
         lines += ["## Cross-check against `zspa_jax.forward(..., prune=...)`", ""]
         for k, v in res["forward_spot_check"].items():
-            lines.append(f"- {k}: answers agree on {100 * v:.0f}% of {res['spot_check_n']} questions")
+            lines.append(
+                f"- {k}: answers agree on {100 * v:.0f}% of {res['spot_check_n']} questions"
+            )
         lines.append("")
     if res.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
@@ -503,7 +623,7 @@ def markdown(res: dict) -> str:
 
 
 def load_note(res: dict) -> str:
-    """" Load average ..." sentence from res["load_average"] (absent in older results: "")."""
+    """ " Load average ..." sentence from res["load_average"] (absent in older results: "")."""
     load = res.get("load_average")
     if not load:
         return ""
@@ -538,15 +658,23 @@ def cost_markdown(res: dict) -> list[str]:
     for label, row in c["selection"].items():
         lines.append(f"| {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |")
     full = c["llm_prefill"][str(n_vis)]
-    lines.append("| LLM prefill, K visual tokens | " + " | ".join(cell(c["llm_prefill"][str(k)]) for k in keeps) + " |")
+    lines.append(
+        "| LLM prefill, K visual tokens | "
+        + " | ".join(cell(c["llm_prefill"][str(k)]) for k in keeps)
+        + " |"
+    )
     for label, row in c["llm_method_prefill"].items():
-        lines.append(f"| LLM prefill with {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |")
+        lines.append(
+            f"| LLM prefill with {label} | " + " | ".join(cell(row[str(k)]) for k in keeps) + " |"
+        )
     lines += ["", f"Unpruned LLM prefill (K = {n_vis}): {cell(full)}."]
     for label, row in c["llm_method_prefill"].items():
         if any(v.get("selection_gflops") for v in row.values()):
-            lines[-1] += f" {label} selection, within its prefill row: " + ", ".join(
-                f"K={k} {row[str(k)]['selection_gflops']:.3f}" for k in keeps
-            ) + " GFLOPs."
+            lines[-1] += (
+                f" {label} selection, within its prefill row: "
+                + ", ".join(f"K={k} {row[str(k)]['selection_gflops']:.3f}" for k in keeps)
+                + " GFLOPs."
+            )
     lines.append("")
     return lines
 
@@ -608,7 +736,12 @@ def plot(res: dict, path: Path) -> None:
             x = fx(k)
             d.line([x, top, x, bottom], fill=(235, 235, 235))
             d.text((x - 8, bottom + 6), str(k), fill="black", font=font)
-        d.text(((left + right) / 2 - 60, bottom + 22), "visual tokens kept (K, log)", fill="black", font=font)
+        d.text(
+            ((left + right) / 2 - 60, bottom + 22),
+            "visual tokens kept (K, log)",
+            fill="black",
+            font=font,
+        )
         d.text((ox + 6, top - 16), "accuracy", fill="black", font=font)
         for label in METHODS:
             pts = [(fx(k), fy(res["accuracy"][scope][label][str(k)]["overall"])) for k in keeps]
@@ -631,16 +764,21 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(ASSET_DIR), help="converted demo model (default: the shipped one)")
+    parser.add_argument(
+        "--model", default=str(ASSET_DIR), help="converted demo model (default: the shipped one)"
+    )
     parser.add_argument("--n", type=int, default=500, help="test questions (default 500)")
     parser.add_argument("--keeps", default="576,192,128,64,32,16")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-spot-check", action="store_true")
-    parser.add_argument("--cost-repeats", type=int, default=7, help="timed calls per method and K (median)")
     parser.add_argument(
-        "--keep-positions", action="store_true",
+        "--cost-repeats", type=int, default=7, help="timed calls per method and K (median)"
+    )
+    parser.add_argument(
+        "--keep-positions",
+        action="store_true",
         help="kept tokens keep their original RoPE positions (default: renumbered contiguously); "
         "results go to accuracy_keep_positions.{md,json,png}",
     )
@@ -656,14 +794,20 @@ def main(argv: list[str] | None = None) -> int:
     load["after_cost"] = list(os.getloadavg())
     print("cost per method measured")
     res: dict = {
-        "model": str(Path(args.model).relative_to(ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model),
+        "model": str(
+            Path(args.model).relative_to(ROOT)
+            if Path(args.model).resolve().is_relative_to(ROOT)
+            else args.model
+        ),
         "parameters": int(sum(np.size(x) for x in jax.tree.leaves(vlm.state))),
         "visual_tokens": n_vis,
         "n": len(exs),
         "keeps": keeps,
         "detail_keeps": [k for k in (64, 16) if k in keeps],
         "machine": f"{platform.machine()} CPU x{os.cpu_count()}, jax {jax.__version__} ({jax.default_backend()})",
-        "positions": "original (keep_positions=True)" if args.keep_positions else "contiguous (default)",
+        "positions": "original (keep_positions=True)"
+        if args.keep_positions
+        else "contiguous (default)",
         "accuracy": {s: {m: {} for m in METHODS} for s in SCOPES},
         "target_recall": {s: {m: {} for m in METHODS} for s in SCOPES},
         "answers": {s: {m: {} for m in METHODS} for s in SCOPES},
@@ -672,7 +816,14 @@ def main(argv: list[str] | None = None) -> int:
     full_answers = ev.answers(full)
     res["unpruned"] = score(exs, full_answers)
     print(f"unpruned accuracy {res['unpruned']['overall']:.3f}")
-    jobs = [(s, m, k) for k in keeps if k != n_vis for m in METHODS for s in SCOPES if s == "question" or m in PROMPT_AWARE]
+    jobs = [
+        (s, m, k)
+        for k in keeps
+        if k != n_vis
+        for m in METHODS
+        for s in SCOPES
+        if s == "question" or m in PROMPT_AWARE
+    ]
     auto_r = {}
     for scope, label, keep in tqdm(jobs, desc="pruned runs"):
         if label in MODEL_LABELS:

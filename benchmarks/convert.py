@@ -55,9 +55,21 @@ VERSION = "v1"
 
 _LLAVA = llava_1_5_7b_config()
 _V, _T = _LLAVA.vision, _LLAVA.text
-VISION = dict(hidden=_V.hidden_size, mlp=_V.intermediate_size, layers=_V.num_hidden_layers,
-              heads=_V.num_attention_heads, image=_V.image_size, patch=_V.patch_size, channels=_V.num_channels)
-TEXT = dict(hidden=_T.hidden_size, mlp=_T.intermediate_size, heads=_T.num_attention_heads, vocab=_T.vocab_size)
+VISION = dict(
+    hidden=_V.hidden_size,
+    mlp=_V.intermediate_size,
+    layers=_V.num_hidden_layers,
+    heads=_V.num_attention_heads,
+    image=_V.image_size,
+    patch=_V.patch_size,
+    channels=_V.num_channels,
+)
+TEXT = dict(
+    hidden=_T.hidden_size,
+    mlp=_T.intermediate_size,
+    heads=_T.num_attention_heads,
+    vocab=_T.vocab_size,
+)
 
 
 def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -77,7 +89,10 @@ def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     for i in range(v["layers"]):
         p = f"{vt}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs += [(p + f"self_attn.{proj}.weight", (d, d)), (p + f"self_attn.{proj}.bias", (d,))]
+            specs += [
+                (p + f"self_attn.{proj}.weight", (d, d)),
+                (p + f"self_attn.{proj}.bias", (d,)),
+            ]
         specs += [
             (p + "layer_norm1.weight", (d,)),
             (p + "layer_norm1.bias", (d,)),
@@ -99,7 +114,10 @@ def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     ]
     for i in range(layers):
         p = f"language_model.model.layers.{i}."
-        specs += [(p + f"self_attn.{proj}.weight", (h, h)) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        specs += [
+            (p + f"self_attn.{proj}.weight", (h, h))
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ]
         specs += [
             (p + "mlp.gate_proj.weight", (t["mlp"], h)),
             (p + "mlp.up_proj.weight", (t["mlp"], h)),
@@ -107,7 +125,10 @@ def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
-    specs += [("language_model.model.norm.weight", (h,)), ("language_model.lm_head.weight", (t["vocab"], h))]
+    specs += [
+        ("language_model.model.norm.weight", (h,)),
+        ("language_model.lm_head.weight", (t["vocab"], h)),
+    ]
     return specs
 
 
@@ -117,14 +138,28 @@ def hf_config(layers: int):
     v, t = VISION, TEXT
     return LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=v["hidden"], intermediate_size=v["mlp"], num_hidden_layers=v["layers"],
-            num_attention_heads=v["heads"], image_size=v["image"], patch_size=v["patch"], projection_dim=768,
-            hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            hidden_size=v["hidden"],
+            intermediate_size=v["mlp"],
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"],
+            image_size=v["image"],
+            patch_size=v["patch"],
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
         ),
         text_config=LlamaConfig(
-            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["mlp"], num_hidden_layers=layers,
-            num_attention_heads=t["heads"], num_key_value_heads=t["heads"], rms_norm_eps=1e-5,
-            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=32001,
+            vocab_size=t["vocab"],
+            hidden_size=t["hidden"],
+            intermediate_size=t["mlp"],
+            num_hidden_layers=layers,
+            num_attention_heads=t["heads"],
+            num_key_value_heads=t["heads"],
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=32001,
         ),
         image_token_index=32000,
         vision_feature_layer=-2,
@@ -136,11 +171,21 @@ def hf_config(layers: int):
     )
 
 
-def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], chunk: int = 1 << 24) -> np.ndarray:
+def random_tensor(
+    rng: np.random.Generator, name: str, shape: tuple[int, ...], chunk: int = 1 << 24
+) -> np.ndarray:
     """float16 values, filled in chunks of `chunk` elements (float32 scratch stays small)."""
     out = np.empty(shape, np.float16)
     flat = out.reshape(-1)
-    if name.endswith(("norm.weight", "layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight")):
+    if name.endswith(
+        (
+            "norm.weight",
+            "layernorm.weight",
+            "layer_norm1.weight",
+            "layer_norm2.weight",
+            "layrnorm.weight",
+        )
+    ):
         flat[:] = 1.0
         return out
     scale = 0.02
@@ -177,7 +222,9 @@ def build_source(directory: Path, layers: int, log=print) -> dict:
         total += shard_bytes
         weight_map.update({name: fname for name, _ in shard})
         del tensors
-        log(f"  shard {i + 1}/{len(shards)}: {shard_bytes / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"  shard {i + 1}/{len(shards)}: {shard_bytes / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)"
+        )
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
@@ -252,7 +299,12 @@ def run_measured(cmd: list[str], sample_s: float = 0.1) -> dict:
     stderr = tempfile.TemporaryFile(mode="w+")
     t0 = time.perf_counter()
     launcher = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(result_file), *cmd], cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True
+        [sys.executable, "-c", _LAUNCHER, str(result_file), *cmd],
+        cwd=ROOT,
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
     )
     timeline: list[tuple[float, dict]] = []
     done = threading.Event()
@@ -296,7 +348,9 @@ def run_measured(cmd: list[str], sample_s: float = 0.1) -> dict:
         "sampled_max_rss_mib": key("VmRSS"),
         "sampled_max_anon_mib": key("RssAnon"),
         "sampled_max_file_mib": key("RssFile"),
-        "timeline": [(round(t, 2), {k: round(v / 1024) for k, v in s.items()}) for t, s in timeline],
+        "timeline": [
+            (round(t, 2), {k: round(v / 1024) for k, v in s.items()}) for t, s in timeline
+        ],
         "stdout": outputs[0][-3000:],
         "stderr": outputs[1][-3000:],
     }
@@ -388,14 +442,17 @@ def profile_conversion(src: Path, dtype: str) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _PROFILER, str(src), str(out / "converted"), dtype],
-            cwd=ROOT, env=env, capture_output=True, text=True,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
         )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE ")), None)
     if line is None:
         return {"error": proc.stderr[-3000:]}
-    return json.loads(line[len("PROFILE "):])
+    return json.loads(line[len("PROFILE ") :])
 
 
 def machine_info() -> dict:
@@ -410,7 +467,9 @@ def machine_info() -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "load_average_start": list(os.getloadavg()),
@@ -428,7 +487,11 @@ def diagnose(profile: dict, conv: dict, baseline: dict) -> str:
     worst = max(groups, key=lambda g: g["anon_peak_during_save"])
     biggest = max(groups, key=lambda g: g["largest_tensor_mib"])
     save_extra = [g["anon_peak_during_save"] - g["anon_before"] for g in groups if g["pending_mib"]]
-    ratio = [(g["anon_peak_during_save"] - g["anon_before"]) / g["pending_mib"] for g in groups if g["pending_mib"]]
+    ratio = [
+        (g["anon_peak_during_save"] - g["anon_before"]) / g["pending_mib"]
+        for g in groups
+        if g["pending_mib"]
+    ]
     retained = [g["anon_after_gc"] - g["anon_after_malloc_trim"] for g in groups]
     transforms = profile.get("transforms", [])
     lines = [
@@ -446,7 +509,9 @@ def diagnose(profile: dict, conv: dict, baseline: dict) -> str:
         "arrays is switched off in ParamWriter).",
         (
             "* Transform + cast of the largest tensors (one copy each): "
-            + ", ".join(f"{t['key']} {t['mib']} MiB +{t['anon_extra_peak']} MiB" for t in transforms[:3])
+            + ", ".join(
+                f"{t['key']} {t['mib']} MiB +{t['anon_extra_peak']} MiB" for t in transforms[:3]
+            )
             + "."
             if transforms
             else "* (no tensor >= 64 MiB)"
@@ -483,7 +548,7 @@ def markdown(report: dict) -> str:
         "|---|---|",
         f"| conversion wall time | {conv['seconds']:.1f} s ({src['bytes'] / conv['seconds'] / 1e6:.0f} MB/s) |",
         f"| converter peak RSS | {conv['peak_rss_mib']:.0f} MiB |",
-        f"| baseline peak RSS (`python -c \"import convert.llava\"`) | {base['peak_rss_mib']:.0f} MiB ({base['seconds']:.1f} s) |",
+        f'| baseline peak RSS (`python -c "import convert.llava"`) | {base["peak_rss_mib"]:.0f} MiB ({base["seconds"]:.1f} s) |',
         f"| converter peak RSS above baseline | {delta:.0f} MiB |",
         f"| sampled max anonymous / file-backed RSS | {conv['sampled_max_anon_mib']:.0f} / {conv['sampled_max_file_mib']:.0f} MiB |",
         f"| output size | {report['output_bytes'] / 1e9:.2f} GB |",
@@ -494,7 +559,12 @@ def markdown(report: dict) -> str:
     ]
     profile = report.get("profile") or {}
     if profile.get("phases"):
-        lines += ["## Profile (in-process, same conversion)", "", "| phase | anonymous MiB | file-backed MiB |", "|---|---|---|"]
+        lines += [
+            "## Profile (in-process, same conversion)",
+            "",
+            "| phase | anonymous MiB | file-backed MiB |",
+            "|---|---|---|",
+        ]
         lines += [f"| {name} | {v['RssAnon']} | {v['RssFile']} |" for name, v in profile["phases"]]
         lines += [
             "",
@@ -514,24 +584,62 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers of the synthetic model (default 6: 3.6 GB)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="converter --dtype")
-    parser.add_argument("--rebuild", action="store_true", help="rewrite the cached synthetic source")
-    parser.add_argument("--delete-source", action="store_true", help="also delete the cached source afterwards")
-    parser.add_argument("--profile", action="store_true", help="always profile (default: only when the target is missed)")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results for the full run)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=6,
+        help="decoder layers of the synthetic model (default 6: 3.6 GB)",
+    )
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="converter --dtype"
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rewrite the cached synthetic source"
+    )
+    parser.add_argument(
+        "--delete-source", action="store_true", help="also delete the cached source afterwards"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="always profile (default: only when the target is missed)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default benchmarks/results for the full run)",
+    )
     args = parser.parse_args(argv)
 
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; load average {machine['load_average_start']}", flush=True)
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores; load average {machine['load_average_start']}",
+        flush=True,
+    )
     src_dir, source = source_checkpoint(args.layers, args.rebuild)
-    print(f"source: {src_dir} ({source['bytes'] / 1e9:.2f} GB, {source['shards']} shards)", flush=True)
+    print(
+        f"source: {src_dir} ({source['bytes'] / 1e9:.2f} GB, {source['shards']} shards)", flush=True
+    )
 
     baseline = run_measured([sys.executable, "-c", "import convert.llava"])
-    print(f"baseline (import convert.llava): peak RSS {baseline['peak_rss_mib']:.0f} MiB", flush=True)
+    print(
+        f"baseline (import convert.llava): peak RSS {baseline['peak_rss_mib']:.0f} MiB", flush=True
+    )
     out_dir = Path(tempfile.mkdtemp(prefix="convert_out_", dir=CACHE_ROOT)) / "converted"
     try:
-        conv = run_measured([sys.executable, "-m", "convert.llava", str(src_dir), str(out_dir), "--dtype", args.dtype, "--quiet"])
+        conv = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "convert.llava",
+                str(src_dir),
+                str(out_dir),
+                "--dtype",
+                args.dtype,
+                "--quiet",
+            ]
+        )
         if conv["returncode"] != 0:
             print(conv["stdout"], conv["stderr"], sep="\n")
             raise SystemExit(f"converter failed with exit code {conv['returncode']}")
@@ -544,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         "source": {**source, "path": str(src_dir)},
         "baseline": {k: v for k, v in baseline.items() if k != "timeline"},
         "convert": conv,
-        "converter_stdout": conv["stdout"].strip().splitlines()[-1:] if conv["stdout"].strip() else [],
+        "converter_stdout": conv["stdout"].strip().splitlines()[-1:]
+        if conv["stdout"].strip()
+        else [],
         "output_bytes": output_bytes,
         "peak_rss_above_baseline_mib": delta,
         "target_mib": TARGET_MIB,
@@ -558,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.profile or not report["target_pass"]:
-        print("profiling where the converter's memory goes (a second, instrumented conversion) ...", flush=True)
+        print(
+            "profiling where the converter's memory goes (a second, instrumented conversion) ...",
+            flush=True,
+        )
         report["profile"] = profile_conversion(src_dir, args.dtype)
         report["diagnosis"] = diagnose(report["profile"], conv, baseline)
     if args.delete_source:

@@ -49,8 +49,15 @@ from zspa_jax.families.base import round_up  # noqa: E402
 RESULTS = HERE / "results"
 CONTEXTS = (109, 621)
 NEW_TOKENS = 32
-PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+PROJECTIONS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
 
 
 def _load_generate_benchmark():
@@ -78,45 +85,76 @@ def step_seconds(vlm, hf, ids, repeats: int = 5) -> dict:
     import torch
 
     def run(n: int):
-        return generation.generate_tokens(vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[]).tokens
+        return generation.generate_tokens(
+            vlm, ids, max_new_tokens=n, max_new_tokens_bound=NEW_TOKENS, eos_token_id=[]
+        ).tokens
 
     ids_t = torch.as_tensor(np.array(ids), dtype=torch.long)
 
     def run_torch(n: int):
         with torch.inference_mode():
-            return hf.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n,
-                               min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return hf.generate(
+                input_ids=ids_t,
+                attention_mask=torch.ones_like(ids_t),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     fns = {("jax", NEW_TOKENS): lambda: run(NEW_TOKENS), ("jax", 1): lambda: run(1)}
     if hf is not None:
-        fns.update({("torch", NEW_TOKENS): lambda: run_torch(NEW_TOKENS), ("torch", 1): lambda: run_torch(1)})
-    outs = {key: fn() for key, fn in fns.items()}  # warm-up (JAX: compile; max_new_tokens is traced: one program)
+        fns.update(
+            {
+                ("torch", NEW_TOKENS): lambda: run_torch(NEW_TOKENS),
+                ("torch", 1): lambda: run_torch(1),
+            }
+        )
+    outs = {
+        key: fn() for key, fn in fns.items()
+    }  # warm-up (JAX: compile; max_new_tokens is traced: one program)
     jax.block_until_ready(outs[("jax", NEW_TOKENS)])
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             times[key].append(generate_bench.timed(fn)[0])
-    step = {fw: (generate_bench.median(times[(fw, NEW_TOKENS)]) - generate_bench.median(times[(fw, 1)])) / (NEW_TOKENS - 1)
-            for fw in {fw for fw, _ in fns}}
+    step = {
+        fw: (generate_bench.median(times[(fw, NEW_TOKENS)]) - generate_bench.median(times[(fw, 1)]))
+        / (NEW_TOKENS - 1)
+        for fw in {fw for fw, _ in fns}
+    }
     row = {"step_s": step["jax"]}
     if hf is not None:
         ours = np.asarray(outs[("jax", NEW_TOKENS)])[:, :NEW_TOKENS]
-        theirs = outs[("torch", NEW_TOKENS)].numpy()[:, ids.shape[1]:]
-        row.update(torch_step_s=step["torch"], speedup_vs_torch=step["torch"] / step["jax"],
-                   tokens_equal=bool(np.array_equal(ours, theirs)))
+        theirs = outs[("torch", NEW_TOKENS)].numpy()[:, ids.shape[1] :]
+        row.update(
+            torch_step_s=step["torch"],
+            speedup_vs_torch=step["torch"] / step["jax"],
+            tokens_equal=bool(np.array_equal(ours, theirs)),
+        )
     return row
 
 
 def gemv_seconds(vlm) -> dict:
     """The decoder's weight GEMVs chained in one program, and the tied head alone."""
     layers = vlm.model.language_model.model.layers
-    weights = [getattr(getattr(layer, block), name).kernel[...] for layer in layers for block, name in PROJECTIONS]
+    weights = [
+        getattr(getattr(layer, block), name).kernel[...]
+        for layer in layers
+        for block, name in PROJECTIONS
+    ]
     hidden = vlm.config.text.hidden_size
 
     def chain(x, ws):
         total = jnp.zeros((), jnp.float32)
-        for w in ws:  # every input is x (or x tiled): all GEMVs independent, as XLA sees a layer's q/k/v
-            xin = x if w.shape[0] == hidden else jnp.tile(x, (1, w.shape[0] // hidden + 1))[:, : w.shape[0]]
+        for w in (
+            ws
+        ):  # every input is x (or x tiled): all GEMVs independent, as XLA sees a layer's q/k/v
+            xin = (
+                x
+                if w.shape[0] == hidden
+                else jnp.tile(x, (1, w.shape[0] // hidden + 1))[:, : w.shape[0]]
+            )
             total = total + (xin @ w).sum()
         return total
 
@@ -129,8 +167,13 @@ def gemv_seconds(vlm) -> dict:
     head(x, table).block_until_ready()
     head_s = median_seconds(lambda: head(x, table), 20)
     layer_bytes = sum(w.nbytes for w in weights)
-    return {"layer_gemvs": len(weights), "layer_bytes": layer_bytes, "layer_s": layer_s,
-            "head_bytes": table.nbytes, "head_s": head_s}
+    return {
+        "layer_gemvs": len(weights),
+        "layer_bytes": layer_bytes,
+        "layer_s": layer_s,
+        "head_bytes": table.nbytes,
+        "head_s": head_s,
+    }
 
 
 def read_bandwidth_gbs(size_mib: int = 512) -> float:
@@ -169,8 +212,11 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['context']} | {1e3 * r['step_s']:.1f} | {1 / r['step_s']:.1f} | {rate:.1f} ({100 * rate / bw:.0f}%) "
             f"| {1e3 * floor:.1f} ({100 * floor / r['step_s']:.0f}% of the step) | {1e3 * (r['step_s'] - floor):.1f} "
-            + (f"| {1e3 * r['torch_step_s']:.1f} | {r['speedup_vs_torch']:.2f}x | {r['tokens_equal']} |"
-               if "torch_step_s" in r else "| - | - | - |")
+            + (
+                f"| {1e3 * r['torch_step_s']:.1f} | {r['speedup_vs_torch']:.2f}x | {r['tokens_equal']} |"
+                if "torch_step_s" in r
+                else "| - | - | - |"
+            )
         )
     lines += [
         "",
@@ -199,7 +245,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args(argv)
     machine = generate_bench.machine_info()
@@ -228,13 +276,19 @@ def main(argv: list[str] | None = None) -> int:
             **step_seconds(vlm, hf, ids, repeats=7),
             # decode attends over the whole preallocated cache (shapes only: nothing allocated)
             "cache_bytes": jax.eval_shape(
-                lambda n=round_up(context + NEW_TOKENS, 64): KVCache.zeros(vlm.config.text, 1, n)
+                lambda: KVCache.zeros(vlm.config.text, 1, round_up(context + NEW_TOKENS, 64))
             ).nbytes,
         }
         report["contexts"].append(row)
-        print(f"context {context}: step {1e3 * row['step_s']:.1f} ms"
-              + (f", transformers {1e3 * row['torch_step_s']:.1f} ms ({row['speedup_vs_torch']:.2f}x)" if hf else ""),
-              flush=True)
+        print(
+            f"context {context}: step {1e3 * row['step_s']:.1f} ms"
+            + (
+                f", transformers {1e3 * row['torch_step_s']:.1f} ms ({row['speedup_vs_torch']:.2f}x)"
+                if hf
+                else ""
+            ),
+            flush=True,
+        )
     report["load_average_end"] = list(os.getloadavg())
     md = markdown(report)
     print("\n" + md)

@@ -56,8 +56,12 @@ def readout(vlm, enc, split: str, n_scenes: int, batch: int = 16) -> dict:
         words += [patch_words(sc, enc.vocab) for sc in chunk]
     visual = np.concatenate(visual)
     patches = int(sum((w[:, 1] > 0.5).sum() for _, w in words))
-    return {"split": split, "scenes": n_scenes, "patches": patches,
-            **patch_readout_accuracy(visual, table, enc.vocab, words)}
+    return {
+        "split": split,
+        "scenes": n_scenes,
+        "patches": patches,
+        **patch_readout_accuracy(visual, table, enc.vocab, words),
+    }
 
 
 def symbolic_vs_pixels(vlm, enc, split: str, n: int, symbolic_tokens: int) -> dict:
@@ -66,7 +70,13 @@ def symbolic_vs_pixels(vlm, enc, split: str, n: int, symbolic_tokens: int) -> di
     symbolic = accuracy_report(
         exs, answer_batch(vlm.graphdef, vlm.state, enc, exs, symbolic_tokens=symbolic_tokens)
     )
-    return {"split": split, "questions": n, "symbolic_tokens": symbolic_tokens, "pixels": pixels, "symbolic": symbolic}
+    return {
+        "split": split,
+        "questions": n,
+        "symbolic_tokens": symbolic_tokens,
+        "pixels": pixels,
+        "symbolic": symbolic,
+    }
 
 
 def markdown(res: dict) -> str:
@@ -87,7 +97,9 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in res["readout"]:
-        lines.append(f"| {r['split']} | {r['scenes']} | {r['patches']} | {r['colour']:.3f} | {r['shape']:.3f} | {r['cell']:.3f} |")
+        lines.append(
+            f"| {r['split']} | {r['scenes']} | {r['patches']} | {r['colour']:.3f} | {r['shape']:.3f} | {r['cell']:.3f} |"
+        )
     types = list(scenes.QUESTION_TYPES)
     lines += [
         "",
@@ -103,27 +115,46 @@ def markdown(res: dict) -> str:
         for name in ("pixels", "symbolic"):
             a = r[name]
             per = " | ".join(f"{a['per_type'].get(t, float('nan')):.2f}" for t in types)
-            lines.append(f"| {r['split']} | {r['questions']} | {name} | {a['overall']:.3f} | {per} |")
+            lines.append(
+                f"| {r['split']} | {r['questions']} | {name} | {a['overall']:.3f} | {per} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--scenes", type=int, default=200, help="scenes per split for the readout")
-    ap.add_argument("--questions", type=int, default=700, help="questions per split for the accuracy comparison")
-    ap.add_argument("--symbolic-tokens", type=int, default=576,
-                    help="patches given symbolically (576: all; stage 0 trained on 112: those objects touch + random background)")
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "demo_readout")
+    ap.add_argument(
+        "--questions", type=int, default=700, help="questions per split for the accuracy comparison"
+    )
+    ap.add_argument(
+        "--symbolic-tokens",
+        type=int,
+        default=576,
+        help="patches given symbolically (576: all; stage 0 trained on 112: those objects touch + random background)",
+    )
+    ap.add_argument(
+        "--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "demo_readout"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     vlm = zspa_jax.load(MODEL, processor=False)
     enc = FastEncoder(build_tokenizer())
     res = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "jax_backend": jax.default_backend()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
+        },
         "parameters": int(sum(x.size for x in jax.tree.leaves(vlm.state))),
         "readout": [readout(vlm, enc, split, args.scenes) for split in ("val", "test")],
-        "accuracy": [symbolic_vs_pixels(vlm, enc, split, args.questions, args.symbolic_tokens) for split in ("val", "test")],
+        "accuracy": [
+            symbolic_vs_pixels(vlm, enc, split, args.questions, args.symbolic_tokens)
+            for split in ("val", "test")
+        ],
     }
     res["seconds"] = time.perf_counter() - t0
     md = markdown(res)

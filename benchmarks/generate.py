@@ -57,7 +57,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # benchmarks/models.py would shadow the repo's `models` package if this directory stayed first.
-sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [
+    p for p in sys.path if Path(p or ".").resolve() != HERE
+]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,7 +79,9 @@ def _omp_wait_policy() -> str:
         elif arg.startswith("--torch-omp-wait-policy="):
             policy = arg.split("=", 1)[1]
     if policy not in ("passive", "active", "default"):
-        raise SystemExit(f"--torch-omp-wait-policy must be passive, active or default, got {policy!r}")
+        raise SystemExit(
+            f"--torch-omp-wait-policy must be passive, active or default, got {policy!r}"
+        )
     if policy != "default":
         os.environ.setdefault("OMP_WAIT_POLICY", policy.upper())
     return policy
@@ -99,7 +103,8 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -156,7 +161,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def interleaved(fns: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]], repeats: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]], repeats: int
+) -> dict[str, list[float]]:
     """Round-robin timing of already warmed-up functions: {name: (setup, fn)}; setup() runs
     untimed before each call and its result is fn's argument."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -283,7 +290,9 @@ def memory_bandwidth(size_mib: int = 512, repeats: int = 5) -> dict:
     out["jax_add_one_gbs"] = 2 * holder[0].nbytes / best(add_one) / 1e9
     del holder
     if jax.default_backend() == "cpu":
-        out["reference_gbs"] = max(out["numpy_copy_1thread_gbs"], out["numpy_copy_threads_gbs"], out["jax_add_one_gbs"])
+        out["reference_gbs"] = max(
+            out["numpy_copy_1thread_gbs"], out["numpy_copy_threads_gbs"], out["jax_add_one_gbs"]
+        )
         out["reference"] = "best of the host copies (numpy 1 thread, numpy threads, jax x+1)"
     else:
         out["reference_gbs"] = out["jax_add_one_gbs"]
@@ -311,12 +320,18 @@ def build_inputs(bm, processor, question: str) -> dict:
     if getattr(processor, "chat_template", None):
         try:
             text = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": question}],
+                    }
+                ],
                 add_generation_prompt=True,
             )
         except TypeError:  # a text-only template (SmolLM2's) wants string content
             text = processor.apply_chat_template(
-                [{"role": "user", "content": f"{image_token}\n{question}"}], add_generation_prompt=True
+                [{"role": "user", "content": f"{image_token}\n{question}"}],
+                add_generation_prompt=True,
             )
     else:
         text = f"{image_token}\n{question}"
@@ -326,7 +341,9 @@ def build_inputs(bm, processor, question: str) -> dict:
     ids = np.asarray(batch["input_ids"], np.int32)
     n_image = int((ids == bm.image_token_index).sum())
     if n_image != bm.tokens_per_image:
-        raise RuntimeError(f"{bm.name}: prompt holds {n_image} image tokens, expected {bm.tokens_per_image}")
+        raise RuntimeError(
+            f"{bm.name}: prompt holds {n_image} image tokens, expected {bm.tokens_per_image}"
+        )
     return {
         "text": text,
         "input_ids": ids,
@@ -345,7 +362,11 @@ def special_ids(bm, processor) -> tuple[int, ...]:
 
 def question_mask(inputs: dict, bm, specials) -> np.ndarray:
     mask = prompt_token_mask(
-        jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]), bm.image_token_index, specials, "question"
+        jnp.asarray(inputs["input_ids"]),
+        jnp.asarray(inputs["attention_mask"]),
+        bm.image_token_index,
+        specials,
+        "question",
     )
     return np.asarray(mask)
 
@@ -407,7 +428,9 @@ class TorchPipeline:
         self.prompt_mask = torch.as_tensor(np.array(prompt_mask), device=TORCH_DEVICE)
         self.prune_impl = torch_prune_fn()
         cfg = hf.config
-        self.pad_id = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+        self.pad_id = (
+            cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+        )
         with torch.inference_mode():
             text_ids = torch.where(self.ids == bm.image_token_index, 0, self.ids)
             self.text_embeds = hf.get_input_embeddings()(text_ids)
@@ -419,11 +442,17 @@ class TorchPipeline:
 
     @torch.inference_mode()
     def prune(self, feats, keep: int):
-        return self.prune_impl(feats, self.text_embeds, self.prompt_mask, keep=keep, core_ratio=CORE_RATIO)
+        return self.prune_impl(
+            feats, self.text_embeds, self.prompt_mask, keep=keep, core_ratio=CORE_RATIO
+        )
 
     @torch.inference_mode()
     def embeds(self, feats, kept):
-        visual = feats if kept is None else feats[torch.arange(feats.shape[0], device=feats.device)[:, None], kept]
+        visual = (
+            feats
+            if kept is None
+            else feats[torch.arange(feats.shape[0], device=feats.device)[:, None], kept]
+        )
         e = self.text_embeds
         return torch.cat([e[:, : self.start], visual.to(e.dtype), e[:, self.start + self.n :]], 1)
 
@@ -506,7 +535,9 @@ def jax_compile_state() -> dict:
 
 def jax_assemble(text_embeds, visual, start: int, n: int, kept):
     v = visual if kept is None else jnp.take_along_axis(visual, kept[:, :, None], axis=1)
-    return jnp.concatenate([text_embeds[:, :start], v.astype(text_embeds.dtype), text_embeds[:, start + n :]], axis=1)
+    return jnp.concatenate(
+        [text_embeds[:, :start], v.astype(text_embeds.dtype), text_embeds[:, start + n :]], axis=1
+    )
 
 
 class CaptureLibraryCalls:
@@ -523,6 +554,7 @@ class CaptureLibraryCalls:
     def __enter__(self):
         self.originals = {name: getattr(generation, name) for name in self.NAMES}
         for name, original in self.originals.items():
+
             def wrapper(*args, _name=name, _original=original, **kwargs):
                 self.calls.setdefault(_name, (args, kwargs))
                 return _original(*args, **kwargs)
@@ -552,7 +584,11 @@ class CaptureLibraryCalls:
 
     def padded_length(self) -> int:
         args, kwargs = self.calls["prefill_program"]
-        return max(a.shape[1] for a in (*args, *kwargs.values()) if isinstance(a, jax.Array) and a.ndim == 2)
+        return max(
+            a.shape[1]
+            for a in (*args, *kwargs.values())
+            if isinstance(a, jax.Array) and a.ndim == 2
+        )
 
 
 # ----------------------------------------------------------------------------- per model
@@ -581,7 +617,9 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
     hf = load_torch(bm)
     torch_load_s = time.perf_counter() - t0
     rss2 = rss_mb()
-    log(f"   loaded: jax {jax_load_s:.1f} s (+{rss1 - rss0:.0f} MB RSS), torch {torch_load_s:.1f} s (+{rss2 - rss1:.0f} MB)")
+    log(
+        f"   loaded: jax {jax_load_s:.1f} s (+{rss1 - rss0:.0f} MB RSS), torch {torch_load_s:.1f} s (+{rss2 - rss1:.0f} MB)"
+    )
 
     stages = JaxStages(vlm)
     tp = TorchPipeline(hf, bm, inputs, pmask)
@@ -594,7 +632,11 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
     first_tower_s, visual_j = timed(lambda: stages.tower(vlm.state, px_j))
     feats_t = sync(tp.vision())
     vis = interleaved(
-        {"jax": (None, lambda _: stages.tower(vlm.state, px_j)), "torch": (None, lambda _: tp.vision())}, args.repeats
+        {
+            "jax": (None, lambda _: stages.tower(vlm.state, px_j)),
+            "torch": (None, lambda _: tp.vision()),
+        },
+        args.repeats,
     )
     feat_diff = float(np.abs(np.asarray(visual_j) - feats_t.float().cpu().numpy()).max())
     log(
@@ -616,9 +658,15 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         if prune is None:
             kept_j, kept_t = None, None
         else:
-            kept_j = sync(select_tokens(visual_j, text_embeds_j, mask_j, keep=keep, core_ratio=CORE_RATIO))
+            kept_j = sync(
+                select_tokens(visual_j, text_embeds_j, mask_j, keep=keep, core_ratio=CORE_RATIO)
+            )
             kept_t = tp.prune(feats_t, keep)
-        kept_equal = None if prune is None else bool(np.array_equal(np.asarray(kept_j), kept_t.cpu().numpy()))
+        kept_equal = (
+            None
+            if prune is None
+            else bool(np.array_equal(np.asarray(kept_j), kept_t.cpu().numpy()))
+        )
         embeds_j = sync(jax_assemble(text_embeds_j, visual_j, inputs["image_start"], n, kept_j))
         embeds_t = tp.embeds(feats_t, kept_t)
 
@@ -627,11 +675,18 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         with CaptureLibraryCalls() as library:
             first_gen_s, gen_out = timed(
                 lambda: zspa_jax.generate(
-                    vlm, input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                    attention_mask=inputs["attention_mask"], prune=prune, max_new_tokens=n_new, eos_token_id=[],
+                    vlm,
+                    input_ids=inputs["input_ids"],
+                    pixel_values=inputs["pixel_values"],
+                    attention_mask=inputs["attention_mask"],
+                    prune=prune,
+                    max_new_tokens=n_new,
+                    eos_token_id=[],
                 )
             )
-        compiles_first = {k: v - before.get(k, 0) for k, v in jax_compile_state().items() if v != before.get(k, 0)}
+        compiles_first = {
+            k: v - before.get(k, 0) for k, v in jax_compile_state().items() if v != before.get(k, 0)
+        }
         first_prefill_s, _ = timed(lambda: stages.prefill(vlm.state, embeds_j, cache_length))
         st = library.static_settings()
         padded_length = library.padded_length()
@@ -656,7 +711,12 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         traces_before = dict(stages.traces)
         fns: dict[str, tuple] = {}
         if prune is not None:
-            fns["jax_prune"] = (None, lambda _: select_tokens(visual_j, text_embeds_j, mask_j, keep=keep, core_ratio=CORE_RATIO))
+            fns["jax_prune"] = (
+                None,
+                lambda _: select_tokens(
+                    visual_j, text_embeds_j, mask_j, keep=keep, core_ratio=CORE_RATIO
+                ),
+            )
             fns["torch_prune"] = (None, lambda _: tp.prune(feats_t, keep))
         fns["jax_prefill"] = (None, lambda _: stages.prefill(vlm.state, embeds_j, cache_length))
         fns["torch_prefill"] = (None, lambda _: tp.prefill(embeds_t))
@@ -668,16 +728,32 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
 
         def jax_e2e(_):
             out = zspa_jax.generate(
-                vlm, input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                attention_mask=inputs["attention_mask"], prune=prune, max_new_tokens=n_new, eos_token_id=[],
+                vlm,
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs["pixel_values"],
+                attention_mask=inputs["attention_mask"],
+                prune=prune,
+                max_new_tokens=n_new,
+                eos_token_id=[],
             )
             gen_stats.append(out.stats)
             return out.sequences
 
-        samples.update(interleaved({"jax_e2e": (None, jax_e2e), "torch_e2e": (None, lambda _: tp.e2e(keep, n_new))}, args.e2e_repeats))
+        samples.update(
+            interleaved(
+                {"jax_e2e": (None, jax_e2e), "torch_e2e": (None, lambda _: tp.e2e(keep, n_new))},
+                args.e2e_repeats,
+            )
+        )
         after = jax_compile_state()
         recompiles = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-        recompiles.update({f"stage.{k}": v - traces_before.get(k, 0) for k, v in stages.traces.items() if v != traces_before.get(k, 0)})
+        recompiles.update(
+            {
+                f"stage.{k}": v - traces_before.get(k, 0)
+                for k, v in stages.traces.items()
+                if v != traces_before.get(k, 0)
+            }
+        )
 
         med = {k: median(v) for k, v in samples.items()}
         jax_decode_tps = n_new / med["jax_decode"]
@@ -689,7 +765,9 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         torch_kv_read = kv_per_token_t * (length + (n_new - 1) / 2)
         torch_bytes_token = weight_bytes + torch_kv_read
         bw = bandwidth["reference_gbs"] * 1e9
-        match = int(np.argmin(np.append(jax_tokens == torch_tokens, False)))  # matching prefix length
+        match = int(
+            np.argmin(np.append(jax_tokens == torch_tokens, False))
+        )  # matching prefix length
         row = {
             "keep": keep,
             "pruned": prune is not None,
@@ -709,7 +787,9 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
                 "decode_ms_per_token": 1e3 / jax_decode_tps,
                 "e2e_s": med["jax_e2e"],
                 "generate_stats_prefill_s": median([s["prefill_seconds"] for s in gen_stats]),
-                "generate_stats_decode_tokens_per_s": median([s["decode_tokens_per_second_total"] for s in gen_stats]),
+                "generate_stats_decode_tokens_per_s": median(
+                    [s["decode_tokens_per_second_total"] for s in gen_stats]
+                ),
                 "first_generate_call_s": first_gen_s,
                 "compile_s_estimate": first_gen_s - med["jax_e2e"],
                 "first_stage_prefill_call_s": first_prefill_s,
@@ -736,7 +816,18 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
                 "prefill_gflops_per_s": est["llm_prefill_flops"] / med["torch_prefill"] / 1e9,
             },
             "recompiles_during_repeats": recompiles,
-            "estimate": {k: est[k] for k in ("vision_flops", "projector_flops", "pruning_flops", "llm_prefill_flops", "decode_flops_per_token", "kv_cache_bytes", "decode_weight_bytes_per_token")},
+            "estimate": {
+                k: est[k]
+                for k in (
+                    "vision_flops",
+                    "projector_flops",
+                    "pruning_flops",
+                    "llm_prefill_flops",
+                    "decode_flops_per_token",
+                    "kv_cache_bytes",
+                    "decode_weight_bytes_per_token",
+                )
+            },
             "samples_s": samples,
             "load_average": list(os.getloadavg()),
         }
@@ -750,7 +841,9 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
             f"   torch prune {t['prune_ms']:.2f} ms  prefill {t['prefill_ms']:.0f} ms  decode {t['decode_tokens_per_s']:.1f} tok/s "
             f"(bw {100 * t['decode_bandwidth_utilisation']:.0f}%)  e2e {t['e2e_s']:.2f} s"
         )
-        log(f"   kept equal: {kept_equal}; greedy tokens matching prefix {match}/{n_new}; recompiles: {recompiles or 'none'}")
+        log(
+            f"   kept equal: {kept_equal}; greedy tokens matching prefix {match}/{n_new}; recompiles: {recompiles or 'none'}"
+        )
 
     result = {
         "model": bm.name,
@@ -762,7 +855,12 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         "question_tokens": int(pmask.sum()),
         "prompt_text": inputs["text"],
         "torch_attn_implementation": getattr(hf.config, "_attn_implementation", None),
-        "load": {"jax_s": jax_load_s, "torch_s": torch_load_s, "jax_rss_mb": rss1 - rss0, "torch_rss_mb": rss2 - rss1},
+        "load": {
+            "jax_s": jax_load_s,
+            "torch_s": torch_load_s,
+            "jax_rss_mb": rss1 - rss0,
+            "torch_rss_mb": rss2 - rss1,
+        },
         "vision_feature_max_abs_diff": feat_diff,
         "vision_first_call_s": first_tower_s,
         "load_average_start": load_avg_start,
@@ -777,20 +875,36 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
 # ----------------------------------------------------------------------------- RSS workers
 
 
-def rss_worker(framework: str, model_name: str, keeps: list[int], new_tokens: int, question: str) -> dict:
+def rss_worker(
+    framework: str, model_name: str, keeps: list[int], new_tokens: int, question: str
+) -> dict:
     """Runs in its own process: load one framework's model, one e2e call per keep."""
     bm = bench_models.get_model(model_name, log=lambda *a: None)
     processor = bm.load_processor()
     inputs = build_inputs(bm, processor, question)
-    out = {"framework": framework, "rss_start_mb": rss_mb(), "hwm_reset": reset_peak_rss(), "keeps": {}}
+    out = {
+        "framework": framework,
+        "rss_start_mb": rss_mb(),
+        "hwm_reset": reset_peak_rss(),
+        "keeps": {},
+    }
     if framework == "jax":
         vlm = zspa_jax.load(bm.zspa_dir)
 
         def call(keep):
-            prune = None if keep >= bm.tokens_per_image else PruneConfig(keep=keep, core_ratio=CORE_RATIO)
+            prune = (
+                None
+                if keep >= bm.tokens_per_image
+                else PruneConfig(keep=keep, core_ratio=CORE_RATIO)
+            )
             return zspa_jax.generate(
-                vlm, input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                attention_mask=inputs["attention_mask"], prune=prune, max_new_tokens=new_tokens, eos_token_id=[],
+                vlm,
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs["pixel_values"],
+                attention_mask=inputs["attention_mask"],
+                prune=prune,
+                max_new_tokens=new_tokens,
+                eos_token_id=[],
             ).sequences
     else:
         hf = load_torch(bm)
@@ -823,9 +937,20 @@ def run_rss_workers(model_name: str, args) -> dict:
     results = {}
     for framework in ("jax", "torch"):
         cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--rss-worker", framework, "--models", model_name,
-            "--new-tokens", str(args.new_tokens), "--keeps", *map(str, args.keeps), "--question", args.question,
-            "--torch-omp-wait-policy", args.torch_omp_wait_policy,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--rss-worker",
+            framework,
+            "--models",
+            model_name,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--keeps",
+            *map(str, args.keeps),
+            "--question",
+            args.question,
+            "--torch-omp-wait-policy",
+            args.torch_omp_wait_policy,
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -850,9 +975,20 @@ def evaluate_targets(model: dict) -> list[dict]:
     targets = []
 
     def add(name, value, ok, detail):
-        targets.append({"model": model["model"], "target": name, "value": value, "pass": bool(ok), "detail": detail})
+        targets.append(
+            {
+                "model": model["model"],
+                "target": name,
+                "value": value,
+                "pass": bool(ok),
+                "detail": detail,
+            }
+        )
 
-    worst = min(rows.values(), key=lambda r: r["jax"]["decode_tokens_per_s"] / r["torch"]["decode_tokens_per_s"])
+    worst = min(
+        rows.values(),
+        key=lambda r: r["jax"]["decode_tokens_per_s"] / r["torch"]["decode_tokens_per_s"],
+    )
     ratio = worst["jax"]["decode_tokens_per_s"] / worst["torch"]["decode_tokens_per_s"]
     add(
         "zspa_jax decode tokens/s >= 2x transformers generate",
@@ -890,10 +1026,20 @@ def evaluate_targets(model: dict) -> list[dict]:
         "decode bandwidth utilisation >= 50%",
         util,
         util >= 0.5,
-        "min over keeps: " + ", ".join(f"{k}: {100 * r['jax']['decode_bandwidth_utilisation']:.0f}%" for k, r in rows.items()),
+        "min over keeps: "
+        + ", ".join(
+            f"{k}: {100 * r['jax']['decode_bandwidth_utilisation']:.0f}%" for k, r in rows.items()
+        ),
     )
-    recompiles = {k: r["recompiles_during_repeats"] for k, r in rows.items() if r["recompiles_during_repeats"]}
-    add("no recompilation across repeated calls", len(recompiles), not recompiles, f"{recompiles or 'TRACE_COUNTS unchanged at every keep'}")
+    recompiles = {
+        k: r["recompiles_during_repeats"] for k, r in rows.items() if r["recompiles_during_repeats"]
+    }
+    add(
+        "no recompilation across repeated calls",
+        len(recompiles),
+        not recompiles,
+        f"{recompiles or 'TRACE_COUNTS unchanged at every keep'}",
+    )
     firsts = {k: round(r["jax"]["first_generate_call_s"], 1) for k, r in rows.items()}
     add(
         "first-call compile time reported",
@@ -943,7 +1089,9 @@ def markdown(report: dict) -> str:
                 x = r[fw]
                 peak = rss.get(fw, {}).get("keeps", {}).get(str(r["keep"]), {})
                 peak_s = (
-                    f"{peak['peak_rss_first_mb']:.0f} / {peak['peak_rss_steady_mb']:.0f}" if peak else "n/a"
+                    f"{peak['peak_rss_first_mb']:.0f} / {peak['peak_rss_steady_mb']:.0f}"
+                    if peak
+                    else "n/a"
                 )
                 first = f"{x['first_generate_call_s']:.1f}" if fw == "jax" else "-"
                 prune = f"{x['prune_ms']:.2f}" if r["pruned"] else "-"
@@ -964,10 +1112,15 @@ def markdown(report: dict) -> str:
             "",
         ]
     for name in report.get("skipped", []):
-        lines += [f"Skipped: `{name}` (not available on this machine; see benchmarks/models.py).", ""]
+        lines += [
+            f"Skipped: `{name}` (not available on this machine; see benchmarks/models.py).",
+            "",
+        ]
     lines += ["## Targets", "", "| model | target | result | measured |", "|---|---|---|---|"]
     for t in report["targets"]:
-        lines.append(f"| {t['model']} | {t['target']} | {'PASS' if t['pass'] else 'MISS'} | {t['detail']} |")
+        lines.append(
+            f"| {t['model']} | {t['target']} | {'PASS' if t['pass'] else 'MISS'} | {t['detail']} |"
+        )
     lines += [
         "",
         "Notes: JAX vision/prefill/decode are separately jitted stages on exact-length inputs; `e2e` is the public "
@@ -988,20 +1141,32 @@ def plot(report: dict, path: Path) -> None:
     width, panel_h = 1100, 380
     img = Image.new("RGB", (width, 40 + panel_h * len(models)), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), f"zspa_jax vs transformers ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
-           f"{report['machine']['jax_backend']})", fill="black")
+    d.text(
+        (10, 10),
+        f"zspa_jax vs transformers ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['jax_backend']})",
+        fill="black",
+    )
     colors = {"vision": (90, 130, 200), "prune": (230, 150, 40), "prefill": (80, 170, 90)}
     fw_tint = {"jax": 1.0, "torch": 0.6}
     for p, model in enumerate(models):
         top = 40 + p * panel_h
         rows = model["rows"]
-        d.text((10, top), f"{model['model']}: prefill stages (ms), left; decode tokens/s, right", fill="black")
+        d.text(
+            (10, top),
+            f"{model['model']}: prefill stages (ms), left; decode tokens/s, right",
+            fill="black",
+        )
         for side, (x0, x1) in enumerate([(60, 560), (640, 1080)]):
             y0, y1 = top + 30, top + panel_h - 50
             d.line([(x0, y1), (x1, y1)], fill="black")
             d.line([(x0, y0), (x0, y1)], fill="black")
             if side == 0:
-                values = [r[fw]["vision_ms"] + r[fw]["prune_ms"] + r[fw]["prefill_ms"] for r in rows for fw in ("jax", "torch")]
+                values = [
+                    r[fw]["vision_ms"] + r[fw]["prune_ms"] + r[fw]["prefill_ms"]
+                    for r in rows
+                    for fw in ("jax", "torch")
+                ]
             else:
                 values = [r[fw]["decode_tokens_per_s"] for r in rows for fw in ("jax", "torch")]
             vmax = max(values) * 1.1 if values else 1
@@ -1026,7 +1191,9 @@ def plot(report: dict, path: Path) -> None:
                         h = r[fw]["decode_tokens_per_s"] / vmax * (y1 - y0)
                         c = tuple(int(255 - (255 - v) * tint) for v in (150, 80, 160))
                         d.rectangle([bx, y1 - h, bx + bar_w, y1], fill=c, outline="black")
-                        d.text((bx, y1 - h - 12), f"{r[fw]['decode_tokens_per_s']:.0f}", fill="black")
+                        d.text(
+                            (bx, y1 - h - 12), f"{r[fw]['decode_tokens_per_s']:.0f}", fill="black"
+                        )
                     d.text((bx + 2, y1 + 22), "J" if fw == "jax" else "T", fill="black")
         ly = top + panel_h - 18
         lx = 60
@@ -1043,7 +1210,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: keep 576/64, 8 new tokens, 2 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: keep 576/64, 8 new tokens, 2 repeats"
+    )
     parser.add_argument("--models", nargs="+", default=list(bench_models.MODEL_NAMES))
     parser.add_argument("--keeps", type=int, nargs="+", default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
@@ -1051,12 +1220,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-repeats", type=int, default=None)
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results; --quick: none)")
     parser.add_argument(
-        "--torch-omp-wait-policy", choices=("passive", "active", "default"), default="passive",
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default benchmarks/results; --quick: none)",
+    )
+    parser.add_argument(
+        "--torch-omp-wait-policy",
+        choices=("passive", "active", "default"),
+        default="passive",
         help="OMP_WAIT_POLICY for torch's OpenMP threads (default passive: no spinning on a shared CPU)",
     )
-    parser.add_argument("--from-json", type=Path, default=None, help="re-render md/png (and targets) from a results JSON")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="re-render md/png (and targets) from a results JSON",
+    )
     parser.add_argument("--rss-worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.from_json is not None:
@@ -1081,21 +1262,32 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_default_matmul_precision", "highest")
 
     if args.rss_worker:
-        out = rss_worker(args.rss_worker, args.models[0], args.keeps, args.new_tokens, args.question)
+        out = rss_worker(
+            args.rss_worker, args.models[0], args.keeps, args.new_tokens, args.question
+        )
         print("RSS_RESULT " + json.dumps(out), flush=True)
         return 0
 
     machine = machine_info()
-    log(f"machine: {machine['cpu']}, {CORES} cores, jax {machine['jax']} ({machine['jax_backend']}), torch "
-        f"{machine['torch']} on {TORCH_DEVICE}; load average {machine['load_average_start']}")
+    log(
+        f"machine: {machine['cpu']}, {CORES} cores, jax {machine['jax']} ({machine['jax_backend']}), torch "
+        f"{machine['torch']} on {TORCH_DEVICE}; load average {machine['load_average_start']}"
+    )
     bandwidth = memory_bandwidth()
-    log(f"memory bandwidth: {json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in bandwidth.items()})}")
+    log(
+        f"memory bandwidth: {json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in bandwidth.items()})}"
+    )
     report = {
         "machine": machine,
         "bandwidth": bandwidth,
         "settings": {
-            "keeps": args.keeps, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "e2e_repeats": args.e2e_repeats, "question": args.question, "core_ratio": CORE_RATIO, "quick": args.quick,
+            "keeps": args.keeps,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "e2e_repeats": args.e2e_repeats,
+            "question": args.question,
+            "core_ratio": CORE_RATIO,
+            "quick": args.quick,
         },
         "models": [],
         "skipped": [],

@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import statistics
-from typing import Any
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -73,15 +73,30 @@ from zspa_jax.estimate import estimate_model  # noqa: E402
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 NEW_TOKENS = 8
 IMAGES = ((448, 448), (896, 672), (1344, 1008))
-VISION_DEPTH, FULL_ATTENTION, LLM_LAYERS = 8, (7,), 9  # a quarter of the 3B's 32 / (7, 15, 23, 31) / 36
+VISION_DEPTH, FULL_ATTENTION, LLM_LAYERS = (
+    8,
+    (7,),
+    9,
+)  # a quarter of the 3B's 32 / (7, 15, 23, 31) / 36
 VIDEO_FPS = 2.0
 # transformers' Qwen2VLVideoProcessor defaults (class attributes), saved as video_preprocessor_config.json
 VIDEO_PROCESSOR = {
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_sample_frames": False,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "max_frames": 768, "min_frames": 4, "merge_size": 2, "patch_size": 14, "resample": 3,
-    "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 28 * 28 * 768, "shortest_edge": 128 * 28 * 28},
-    "temporal_patch_size": 2, "video_processor_type": "Qwen2VLVideoProcessor",
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_sample_frames": False,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "max_frames": 768,
+    "min_frames": 4,
+    "merge_size": 2,
+    "patch_size": 14,
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 28 * 28 * 768, "shortest_edge": 128 * 28 * 28},
+    "temporal_patch_size": 2,
+    "video_processor_type": "Qwen2VLVideoProcessor",
 }
 
 
@@ -108,8 +123,10 @@ def first_call(call) -> tuple[float, Any]:
 
 def generate_stats(results) -> tuple[float, float]:
     """(median prefill s, median decode tok/s) from zspa_jax GenerateResults' own stats."""
-    return (statistics.median(r.stats["prefill_seconds"] for r in results),
-            statistics.median(r.stats["decode_tokens_per_second_total"] for r in results))
+    return (
+        statistics.median(r.stats["prefill_seconds"] for r in results),
+        statistics.median(r.stats["decode_tokens_per_second_total"] for r in results),
+    )
 
 
 def jax_tower(vlm, a: dict) -> tuple[Any, int]:
@@ -119,10 +136,20 @@ def jax_tower(vlm, a: dict) -> tuple[Any, int]:
 
     from zspa_jax.batch import prepare_arrays
 
-    host = prepare_arrays(vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
-                          {"image_grid_thw": a["image_grid_thw"]}, None, extra_length=NEW_TOKENS, bucket=True,
-                          prompt_bucket=generation.prompt_bucket)
-    tower = jax.jit(lambda state, pixels, layout: nnx.merge(vlm.graphdef, state).image_features(pixels, layout))
+    host = prepare_arrays(
+        vlm,
+        a["input_ids"],
+        a["pixel_values"],
+        a["attention_mask"],
+        {"image_grid_thw": a["image_grid_thw"]},
+        None,
+        extra_length=NEW_TOKENS,
+        bucket=True,
+        prompt_bucket=generation.prompt_bucket,
+    )
+    tower = jax.jit(
+        lambda state, pixels, layout: nnx.merge(vlm.graphdef, state).image_features(pixels, layout)
+    )
     run = lambda: jax.block_until_ready(tower(vlm.state, host.pixel_values, host.aux.layout))  # noqa: E731
     run()
     return run, int(host.aux.layout.order.size)
@@ -131,25 +158,54 @@ def jax_tower(vlm, a: dict) -> tuple[Any, int]:
 def build_model(directory: Path):
     """Save the Qwen2.5-VL-3B-shaped random model + a word-level tokenizer + the default
     Qwen2-VL image processor to `directory`; return (hf model, processor)."""
-    from tests.qwen2_5_vl_helpers import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, randomize_
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
+
+    from tests.qwen2_5_vl_helpers import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, randomize_
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=VISION_DEPTH, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, fullatt_block_indexes=list(FULL_ATTENTION)),
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=LLM_LAYERS,
-                         num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         max_position_embeddings=32768, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dict(
+            depth=VISION_DEPTH,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=list(FULL_ATTENTION),
+        ),
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=LLM_LAYERS,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -162,12 +218,20 @@ def build_model(directory: Path):
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
-        (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2) + "\n")
-        check = ProcessorMixin.check_argument_for_proper_class  # no torchvision: see tests/qwen2_5_vl_helpers
+        (directory / "video_preprocessor_config.json").write_text(
+            json.dumps(VIDEO_PROCESSOR, indent=2) + "\n"
+        )
+        check = (
+            ProcessorMixin.check_argument_for_proper_class
+        )  # no torchvision: see tests/qwen2_5_vl_helpers
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: type(arg)
         try:
-            processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                            video_processor=None, chat_template=CHAT_TEMPLATE)
+            processor = Qwen2_5_VLProcessor(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=CHAT_TEMPLATE,
+            )
         finally:
             ProcessorMixin.check_argument_for_proper_class = check
     model.set_attn_implementation("sdpa")  # transformers' default
@@ -196,7 +260,9 @@ def torch_cache_bytes(cache) -> int:
     """Bytes of the keys and values a transformers cache holds."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        return int(sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None))
+        return int(
+            sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if t is not None)
+        )
     return int(sum(t.nbytes for t in list(cache.key_cache) + list(cache.value_cache)))
 
 
@@ -220,23 +286,51 @@ def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
         embeds = hf.model.get_input_embeddings()(ids)
         video_slots = ids == cfg.video_token_id
         embeds[video_slots] = torch.cat(feats)
-        positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=mm, video_grid_thw=grid,
-                                               second_per_grid_ts=torch.as_tensor(a["second_per_grid_ts"]))
-    calls, firsts, keeps = {"torch vision": vision}, {}, list(dict.fromkeys((n, max(1, n // 8), max(1, n // 16))))
+        positions, _ = hf.model.get_rope_index(
+            ids,
+            mm_token_type_ids=mm,
+            video_grid_thw=grid,
+            second_per_grid_ts=torch.as_tensor(a["second_per_grid_ts"]),
+        )
+    calls, firsts, keeps = (
+        {"torch vision": vision},
+        {},
+        list(dict.fromkeys((n, max(1, n // 8), max(1, n // 16)))),
+    )
     for keep in keeps:
         prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
-        call = partial(zspa_jax.generate, vlm, input_ids=a["input_ids"], attention_mask=a["attention_mask"],
-                       pixel_values_videos=a["pixel_values_videos"], video_grid_thw=a["video_grid_thw"],
-                       second_per_grid_ts=a["second_per_grid_ts"], prune=prune, max_new_tokens=NEW_TOKENS,
-                       eos_token_id=[])
+        call = partial(
+            zspa_jax.generate,
+            vlm,
+            input_ids=a["input_ids"],
+            attention_mask=a["attention_mask"],
+            pixel_values_videos=a["pixel_values_videos"],
+            video_grid_thw=a["video_grid_thw"],
+            second_per_grid_ts=a["second_per_grid_ts"],
+            prune=prune,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=[],
+        )
         firsts[keep] = first_call(call)
         kept = firsts[keep][1].kept_indices
         span = torch.nonzero(video_slots[0])[:, 0]
-        src = torch.arange(ids.shape[1]) if prune is None else torch.sort(torch.cat(
-            [torch.nonzero(~video_slots[0])[:, 0], span[torch.as_tensor(np.array(kept[0]))]])).values
+        src = (
+            torch.arange(ids.shape[1])
+            if prune is None
+            else torch.sort(
+                torch.cat(
+                    [torch.nonzero(~video_slots[0])[:, 0], span[torch.as_tensor(np.array(kept[0]))]]
+                )
+            ).values
+        )
         calls[f"jax {keep}"] = call
-        calls[f"torch prefill {keep}"] = partial(hf, inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
-                                                 logits_to_keep=1, use_cache=True)
+        calls[f"torch prefill {keep}"] = partial(
+            hf,
+            inputs_embeds=embeds[:, src],
+            position_ids=positions[:, :, src],
+            logits_to_keep=1,
+            use_cache=True,
+        )
     with torch.no_grad():
         for name in calls:  # warm-up (generate and vision have run once already)
             if name.startswith("torch prefill"):
@@ -251,14 +345,23 @@ def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
         last = timing[f"jax {keep}"][1][-1]
         t_prefill = statistics.median(timing[f"torch prefill {keep}"][0])
         row = {
-            "video": f"{frames}x{height}x{width}", "fps": VIDEO_FPS, "grid": a["video_grid_thw"][0].tolist(),
-            "visual_tokens": n, "keep": keep, "sequence_length": int(ids.shape[1] - n + keep),
-            "jax_first_call_seconds": firsts[keep][0], "jax_prefill_seconds": prefill,
-            "jax_decode_tokens_per_second": decode, "jax_kv_cache_bytes": last.stats["kv_cache_bytes"],
+            "video": f"{frames}x{height}x{width}",
+            "fps": VIDEO_FPS,
+            "grid": a["video_grid_thw"][0].tolist(),
+            "visual_tokens": n,
+            "keep": keep,
+            "sequence_length": int(ids.shape[1] - n + keep),
+            "jax_first_call_seconds": firsts[keep][0],
+            "jax_prefill_seconds": prefill,
+            "jax_decode_tokens_per_second": decode,
+            "jax_kv_cache_bytes": last.stats["kv_cache_bytes"],
             "jax_cache_length": last.stats["cache_length"],
-            "torch_vision_seconds": t_vision, "torch_llm_prefill_seconds": t_prefill,
+            "torch_vision_seconds": t_vision,
+            "torch_llm_prefill_seconds": t_prefill,
             "torch_first_token_seconds": t_vision + t_prefill,
-            "torch_kv_cache_bytes": torch_cache_bytes(timing[f"torch prefill {keep}"][1][-1].past_key_values),
+            "torch_kv_cache_bytes": torch_cache_bytes(
+                timing[f"torch prefill {keep}"][1][-1].past_key_values
+            ),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -301,7 +404,11 @@ def image_table(rows: list[dict]) -> list[str]:
         torch_speedup = base["torch_prefill_seconds"] / r["torch_prefill_seconds"]
         predicted = r["estimate_prefill_flops_unpruned"] / r["estimate_prefill_flops"]
         off = " (>15% off)" if abs(jax_speedup / predicted - 1) > 0.15 else ""
-        gen = f"{r['torch_generate_seconds_unpruned']:.2f}" if r["torch_generate_seconds_unpruned"] else "-"
+        gen = (
+            f"{r['torch_generate_seconds_unpruned']:.2f}"
+            if r["torch_generate_seconds_unpruned"]
+            else "-"
+        )
         eager = r.get("torch_eager_prefill_seconds_unpruned")
         eager = f"{eager:.2f} ({eager / r['jax_prefill_seconds']:.2f}x)" if eager else "-"
         lines.append(
@@ -316,24 +423,33 @@ def image_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def image_rows(hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None], repeats: int) -> list[dict]:
+def image_rows(
+    hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None], repeats: int
+) -> list[dict]:
     """The image at each keep (None: unpruned): zspa_jax's generate and tower against
     transformers' vision and LLM prefill (sdpa), generate and eager attention, all timed in
     turns (`round_robin`) after every program has compiled."""
     from tests.qwen2_5_vl_helpers import hf_inputs, random_image
 
-    batch = hf_inputs(processor, [("describe the picture in detail", 1)], [random_image(*hw, seed=1)])
+    batch = hf_inputs(
+        processor, [("describe the picture in detail", 1)], [random_image(*hw, seed=1)]
+    )
     a = {k: v.numpy() for k, v in batch.items()}
     ids = batch["input_ids"]
     n = int((a["input_ids"] == hf.config.image_token_id).sum())
-    vision = lambda: hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output  # noqa: E731
+    vision = lambda: (
+        hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    )  # noqa: E731
     with torch.no_grad():
         feats = vision()
         embeds = hf.model.get_input_embeddings()(ids)
         image = ids == hf.config.image_token_id
         embeds[image] = torch.cat(feats)
-        positions, _ = hf.model.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
-                                               image_grid_thw=batch["image_grid_thw"])
+        positions, _ = hf.model.get_rope_index(
+            ids,
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+        )
 
     def eager():  # transformers' eager attention: vision + LLM prefill
         hf.set_attn_implementation("eager")
@@ -346,8 +462,13 @@ def image_rows(hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None],
     tower, tower_slots = jax_tower(vlm, a)
     calls = {
         "torch vision": vision,
-        "torch generate": partial(hf.generate, **batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                  do_sample=False),
+        "torch generate": partial(
+            hf.generate,
+            **batch,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        ),
         "torch eager": eager,
         "jax tower": tower,
     }
@@ -355,16 +476,33 @@ def image_rows(hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None],
     firsts, span = {}, torch.nonzero(image[0])[:, 0]
     for keep in keeps:
         prune = None if keep == n else zspa_jax.PruneConfig(keep=keep)
-        call = partial(zspa_jax.generate, vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"],
-                       image_grid_thw=a["image_grid_thw"], prune=prune, max_new_tokens=NEW_TOKENS,
-                       eos_token_id=[])  # [] never stops early
+        call = partial(
+            zspa_jax.generate,
+            vlm,
+            input_ids=a["input_ids"],
+            pixel_values=a["pixel_values"],
+            image_grid_thw=a["image_grid_thw"],
+            prune=prune,
+            max_new_tokens=NEW_TOKENS,
+            eos_token_id=[],
+        )  # [] never stops early
         firsts[keep] = first_call(call)
         s0, length = int(span[0]), ids.shape[1]
-        src = torch.arange(length) if prune is None else torch.cat(
-            [torch.arange(s0), s0 + torch.as_tensor(np.array(firsts[keep][1].kept_indices[0])), torch.arange(s0 + n, length)])
+        src = (
+            torch.arange(length)
+            if prune is None
+            else torch.cat(
+                [
+                    torch.arange(s0),
+                    s0 + torch.as_tensor(np.array(firsts[keep][1].kept_indices[0])),
+                    torch.arange(s0 + n, length),
+                ]
+            )
+        )
         calls[f"jax {keep}"] = call
-        calls[f"torch prefill {keep}"] = partial(hf, inputs_embeds=embeds[:, src], position_ids=positions[:, :, src],
-                                                 logits_to_keep=1)
+        calls[f"torch prefill {keep}"] = partial(
+            hf, inputs_embeds=embeds[:, src], position_ids=positions[:, :, src], logits_to_keep=1
+        )
     with torch.no_grad():
         for name in calls:  # warm-up (the tower, generate and vision have run once already)
             if name.startswith("torch") and name != "torch vision":
@@ -380,14 +518,20 @@ def image_rows(hf, processor, vlm, hw: tuple[int, int], keeps: list[int | None],
         flops = estimate_model(vlm.config, text_tokens, hw, keep=keep)
         unpruned = keep == n
         row = {
-            "image": f"{hw[0]}x{hw[1]}", "grid": a["image_grid_thw"][0].tolist(), "visual_tokens": n, "keep": keep,
+            "image": f"{hw[0]}x{hw[1]}",
+            "grid": a["image_grid_thw"][0].tolist(),
+            "visual_tokens": n,
+            "keep": keep,
             "estimate_prefill_flops": flops["prefill_flops_total"],
             "estimate_prefill_flops_unpruned": flops["prefill_flops_total_unpruned"],
             "sequence_length": int(ids.shape[1] - n + keep),
-            "jax_first_call_seconds": firsts[keep][0], "jax_prefill_seconds": prefill,
+            "jax_first_call_seconds": firsts[keep][0],
+            "jax_prefill_seconds": prefill,
             "jax_decode_tokens_per_second": decode,
-            "jax_tower_seconds": median["jax tower"], "jax_tower_slots": tower_slots,
-            "torch_vision_seconds": median["torch vision"], "torch_llm_prefill_seconds": median[f"torch prefill {keep}"],
+            "jax_tower_seconds": median["jax tower"],
+            "jax_tower_slots": tower_slots,
+            "torch_vision_seconds": median["torch vision"],
+            "torch_llm_prefill_seconds": median[f"torch prefill {keep}"],
             "torch_prefill_seconds": median["torch vision"] + median[f"torch prefill {keep}"],
             "torch_generate_seconds_unpruned": median["torch generate"] if unpruned else None,
             "torch_eager_prefill_seconds_unpruned": median["torch eager"] if unpruned else None,
@@ -402,29 +546,53 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "generate_qwen"))
-    parser.add_argument("--video", default="16x448x448", help="the clip FRAMESxHxW of the video row ('none': no row)")
+    parser.add_argument(
+        "--video",
+        default="16x448x448",
+        help="the clip FRAMESxHxW of the video row ('none': no row)",
+    )
     parser.add_argument("--no-images", action="store_true", help="only the video row")
-    parser.add_argument("--sizes", default=None, help="images HxW,HxW,... (default: 448x448,896x672,1344x1008)")
+    parser.add_argument(
+        "--sizes", default=None, help="images HxW,HxW,... (default: 448x448,896x672,1344x1008)"
+    )
     parser.add_argument("--keeps", default="all,256,128,64", help="keeps to time ('all': unpruned)")
     args = parser.parse_args(argv)
-    sizes = IMAGES if args.sizes is None else tuple(tuple(int(v) for v in s.split("x")) for s in args.sizes.split(","))
+    sizes = (
+        IMAGES
+        if args.sizes is None
+        else tuple(tuple(int(v) for v in s.split("x")) for s in args.sizes.split(","))
+    )
     keeps = [None if k == "all" else int(k) for k in args.keeps.split(",")]
     torch.set_num_threads(CORES)
     images = () if args.no_images else (sizes[:1] if args.quick else sizes)
     video = None if args.video == "none" else tuple(int(v) for v in args.video.lower().split("x"))
     repeats = 1 if args.quick else args.repeats
-    with tempfile.TemporaryDirectory(prefix="zspa_qwen_bench_") as tmp:  # 9 GB of checkpoints, removed after
+    with tempfile.TemporaryDirectory(
+        prefix="zspa_qwen_bench_"
+    ) as tmp:  # 9 GB of checkpoints, removed after
         work = Path(tmp)
         hf, processor = build_model(work / "hf")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "convert.qwen2_5_vl", str(work / "hf"), str(work / "jax"), "--quiet"],
-                       cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "convert.qwen2_5_vl",
+                str(work / "hf"),
+                str(work / "jax"),
+                "--quiet",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
         convert_seconds = time.perf_counter() - t0
         vlm = zspa_jax.load(work / "jax")
         rows = [row for hw in images for row in image_rows(hf, processor, vlm, hw, keeps, repeats)]
         clips = [] if video is None else video_rows(hf, vlm, video, repeats)
-    machine = (f"{platform.machine()} CPU x{CORES} (f32 matmul {matmul_gflops():.0f} GFLOP/s), jax {jax.__version__}, "
-               f"torch {torch.__version__}")
+    machine = (
+        f"{platform.machine()} CPU x{CORES} (f32 matmul {matmul_gflops():.0f} GFLOP/s), jax {jax.__version__}, "
+        f"torch {torch.__version__}"
+    )
     lines = [
         f"Qwen2.5-VL-3B-shaped at the 3B's proportions: {VISION_DEPTH}/32 vision blocks (full attention at "
         f"{', '.join(map(str, FULL_ATTENTION))}), {LLM_LAYERS}/36 LLM layers, random f32 weights; {machine}; "
@@ -439,8 +607,9 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows, "video_rows": clips},
-                                                       indent=2) + "\n")
+        out.with_suffix(".json").write_text(
+            json.dumps({"machine": machine, "rows": rows, "video_rows": clips}, indent=2) + "\n"
+        )
     return 0
 
 

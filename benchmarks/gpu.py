@@ -58,12 +58,16 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 if __name__ == "__main__" and {"--cpu", "--write-reference"} & set(sys.argv[1:]):
     os.environ["JAX_PLATFORMS"] = "cpu"  # must precede the first `import jax`
-if __name__ == "__main__" and "--cpu" in sys.argv[1:] and "xla_backend_optimization_level" not in os.environ.get(
-    "XLA_FLAGS", ""
+if (
+    __name__ == "__main__"
+    and "--cpu" in sys.argv[1:]
+    and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
 ):
     # The smoke run compiles ~20 small programs and runs each once: LLVM's optimisations
     # would double its time. Results differ from the reference by float rounding only.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,8 +86,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 import zlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from functools import partial  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -105,14 +110,16 @@ SEED = 20260
 
 
 def platform_kind() -> str:
-    """"cpu" or "accelerator": which parity bounds apply to this process's default device."""
+    """ "cpu" or "accelerator": which parity bounds apply to this process's default device."""
     return "cpu" if jax.default_backend() == "cpu" else "accelerator"
 
 
 # ----------------------------------------------------------------------------- weights
 
 
-def uniform_tensor(seed: int, name: str, shape: tuple[int, ...], mean: float, std: float, dtype) -> np.ndarray:
+def uniform_tensor(
+    seed: int, name: str, shape: tuple[int, ...], mean: float, std: float, dtype
+) -> np.ndarray:
     """A tensor of uniform values with `mean` and `std`, from a `RandomState` seeded by
     (seed, crc32(name)): the same bytes on every machine and NumPy version (the legacy
     generator's stream is frozen; a uniform draw involves no transcendental function)."""
@@ -149,7 +156,9 @@ def write_hf_checkpoint(directory: Path, hf_config, seed: int, dtype=np.float32)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForImageTextToText.from_config(hf_config)
-    tensors = {name: init_tensor(seed, name, tuple(p.shape), dtype) for name, p in model.named_parameters()}
+    tensors = {
+        name: init_tensor(seed, name, tuple(p.shape), dtype) for name, p in model.named_parameters()
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     hf_config.save_pretrained(directory)
@@ -206,20 +215,36 @@ class LlavaSpec:
     def hf_config(self):
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-        vision = CLIPVisionConfig(image_size=self.image_size, patch_size=self.patch_size, **self.vision)
-        text = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, **self.text)
+        vision = CLIPVisionConfig(
+            image_size=self.image_size, patch_size=self.patch_size, **self.vision
+        )
+        text = LlamaConfig(
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, **self.text
+        )
         return LlavaConfig(
-            vision_config=vision, text_config=text, image_token_index=self.image_token_index,
-            vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-            tie_word_embeddings=False, image_seq_length=self.visual_tokens,
+            vision_config=vision,
+            text_config=text,
+            image_token_index=self.image_token_index,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            tie_word_embeddings=False,
+            image_seq_length=self.visual_tokens,
         )
 
     def inputs(self, seed: int) -> dict[str, np.ndarray]:
         """Left-padded rows `<s> text <image>*N text` (ids 4 .. image_token_index - 1) and
         pixel values uniform in [-1.8, 1.8] (CLIP-normalised range)."""
         rs = np.random.RandomState([seed, 1])
-        rows = [[1, *rs.randint(4, self.image_token_index, pre), *[self.image_token_index] * self.visual_tokens,
-                 *rs.randint(4, self.image_token_index, post)] for pre, post in self.text_tokens]
+        rows = [
+            [
+                1,
+                *rs.randint(4, self.image_token_index, pre),
+                *[self.image_token_index] * self.visual_tokens,
+                *rs.randint(4, self.image_token_index, post),
+            ]
+            for pre, post in self.text_tokens
+        ]
         ids, mask = left_pad(rows, pad_id=3)
         size = self.image_size
         pixels = (rs.random_sample((len(rows), 3, size, size)) * 3.6 - 1.8).astype(np.float32)
@@ -244,15 +269,41 @@ class QwenSpec:
 
         pad, _, eos, v_start, v_end, image, video = self.ids
         return Qwen2_5_VLConfig(
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                               fullatt_block_indexes=[1]),  # block 0 windowed, block 1 full attention
-            text_config=dict(vocab_size=self.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                             max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None,
-                             eos_token_id=eos, pad_token_id=pad,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-            image_token_id=image, video_token_id=video, vision_start_token_id=v_start, vision_end_token_id=v_end,
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=48,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            ),  # block 0 windowed, block 1 full attention
+            text_config=dict(
+                vocab_size=self.vocab_size,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 1e6,
+                    "mrope_section": [2, 3, 3],
+                },
+            ),
+            image_token_id=image,
+            video_token_id=video,
+            vision_start_token_id=v_start,
+            vision_end_token_id=v_end,
             tie_word_embeddings=False,
         )
 
@@ -263,13 +314,30 @@ class QwenSpec:
         pad, start, end, v_start, v_end, image, _ = self.ids
         rs = np.random.RandomState([seed, 2])
         words = lambda n: list(rs.randint(len(self.ids), self.vocab_size, n))  # noqa: E731
-        rows = [[start, *words(pre), v_start, *[image] * (h * w // 4), v_end, *words(post), end, start, *words(1)]
-                for (pre, post), (h, w) in zip(self.text_tokens, self.grids)]
+        rows = [
+            [
+                start,
+                *words(pre),
+                v_start,
+                *[image] * (h * w // 4),
+                v_end,
+                *words(post),
+                end,
+                start,
+                *words(1),
+            ]
+            for (pre, post), (h, w) in zip(self.text_tokens, self.grids)
+        ]
         ids, mask = left_pad(rows, pad_id=pad)
         patches = sum(h * w for h, w in self.grids)
         pixels = (rs.random_sample((patches, 3 * 2 * 4 * 4)) * 3.6 - 1.8).astype(np.float32)
         grid = np.array([[1, h, w] for h, w in self.grids], np.int64)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": pixels,
+            "image_grid_thw": grid,
+        }
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -279,19 +347,44 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = 1
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
     return ids, mask
 
 
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 hidden_act="quick_gelu", projection_dim=32)
-TINY_LLAMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=1024)
+TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+)
+TINY_LLAMA = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=1024,
+)
 PARITY_MODELS = (
-    LlavaSpec("llava", image_size=56, patch_size=7, vision=TINY_CLIP, text=TINY_LLAMA, image_token_index=300,
-              text_tokens=((5, 12), (2, 9)), keep=PARITY_KEEP),
-    QwenSpec("qwen2_5_vl", grids=((16, 16), (12, 16)), text_tokens=((4, 10), (2, 12)), keep=PARITY_KEEP),
+    LlavaSpec(
+        "llava",
+        image_size=56,
+        patch_size=7,
+        vision=TINY_CLIP,
+        text=TINY_LLAMA,
+        image_token_index=300,
+        text_tokens=((5, 12), (2, 9)),
+        keep=PARITY_KEEP,
+    ),
+    QwenSpec(
+        "qwen2_5_vl", grids=((16, 16), (12, 16)), text_tokens=((4, 10), (2, 12)), keep=PARITY_KEEP
+    ),
 )
 
 
@@ -302,19 +395,41 @@ def bench_llava(llm_layers: int) -> LlavaSpec:
 
     cfg = llava_1_5_7b_config()
     v, t = cfg.vision, cfg.text
-    vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                  hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, projection_dim=768)
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                num_hidden_layers=llm_layers, num_attention_heads=t.num_attention_heads,
-                num_key_value_heads=t.num_key_value_heads, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
-                max_position_embeddings=t.max_position_embeddings)
-    return LlavaSpec(f"llava-1.5-7b-shaped ({llm_layers}/32 LLM layers)", image_size=v.image_size,
-                     patch_size=v.patch_size, vision=vision, text=text, image_token_index=cfg.image_token_index,
-                     text_tokens=((5, 35),), keep=64)
+    vision = dict(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        hidden_act=v.hidden_act,
+        layer_norm_eps=v.layer_norm_eps,
+        projection_dim=768,
+    )
+    text = dict(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        rope_theta=t.rope_theta,
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+    )
+    return LlavaSpec(
+        f"llava-1.5-7b-shaped ({llm_layers}/32 LLM layers)",
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        vision=vision,
+        text=text,
+        image_token_index=cfg.image_token_index,
+        text_tokens=((5, 35),),
+        keep=64,
+    )
 
 
-def build_checkpoint(spec, directory: Path, seed: int, source_dtype=np.float32, dtype: str = "float32") -> Path:
+def build_checkpoint(
+    spec, directory: Path, seed: int, source_dtype=np.float32, dtype: str = "float32"
+) -> Path:
     """HF source under directory/hf, converted to directory/zspa; returns the latter."""
     write_hf_checkpoint(directory / "hf", spec.hf_config(), seed, source_dtype)
     convert(spec.family, directory / "hf", directory / "zspa", dtype=dtype)
@@ -339,13 +454,19 @@ def run_parity_case(vlm, spec, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     """forward unpruned, forward pruned (keep=spec.keep) and pruned greedy generate_tokens."""
     (ids, pixels, mask), extra = model_arrays(inputs)
     prune = zspa_jax.PruneConfig(keep=spec.keep)
-    logits, _, out_mask = zspa_jax.forward(vlm, ids, pixels, mask, **extra, return_kept=True, return_mask=True)
-    p_logits, kept, p_mask = zspa_jax.forward(vlm, ids, pixels, mask, prune, **extra, return_kept=True,
-                                              return_mask=True)
-    out = zspa_jax.generate_tokens(vlm, ids, pixels, mask, **extra, prune=prune, max_new_tokens=NEW_TOKENS,
-                                   eos_token_id=[])
+    logits, _, out_mask = zspa_jax.forward(
+        vlm, ids, pixels, mask, **extra, return_kept=True, return_mask=True
+    )
+    p_logits, kept, p_mask = zspa_jax.forward(
+        vlm, ids, pixels, mask, prune, **extra, return_kept=True, return_mask=True
+    )
+    out = zspa_jax.generate_tokens(
+        vlm, ids, pixels, mask, **extra, prune=prune, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+    )
     return {
-        "unpruned.logits": last_positions(np.asarray(logits), np.asarray(out_mask), LOGIT_POSITIONS),
+        "unpruned.logits": last_positions(
+            np.asarray(logits), np.asarray(out_mask), LOGIT_POSITIONS
+        ),
         "pruned.logits": last_positions(np.asarray(p_logits), np.asarray(p_mask), LOGIT_POSITIONS),
         "pruned.kept": np.asarray(kept, np.int32),
         "greedy.tokens": np.asarray(out.tokens, np.int32)[:, :NEW_TOKENS],
@@ -363,9 +484,15 @@ def run_parity(workdir: Path, log=print) -> dict[str, np.ndarray]:
         for dtype in ("float32", "bfloat16"):
             vlm = zspa_jax.load(path, dtype=dtype)
             if dtype == "float32":
-                fingerprint = hashlib.sha256(f"{params_fingerprint(vlm)}{arrays_fingerprint(inputs)}".encode())
+                fingerprint = hashlib.sha256(
+                    f"{params_fingerprint(vlm)}{arrays_fingerprint(inputs)}".encode()
+                )
                 results[f"{spec.name}.fingerprint"] = np.array(fingerprint.hexdigest())
-            precision = jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext()
+            precision = (
+                jax.default_matmul_precision("highest")
+                if dtype == "float32"
+                else contextlib.nullcontext()
+            )
             with precision:
                 for key, value in run_parity_case(vlm, spec, inputs).items():
                     results[f"{spec.name}.{dtype}.{key}"] = value
@@ -407,14 +534,18 @@ def kept_overlap(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean over rows of |ref row & got row| / K (0 when shapes differ)."""
     if ref.shape != got.shape:
         return 0.0
-    return float(np.mean([len(set(r) & set(g)) / len(r) for r, g in zip(ref.tolist(), got.tolist())]))
+    return float(
+        np.mean([len(set(r) & set(g)) / len(r) for r, g in zip(ref.tolist(), got.tolist())])
+    )
 
 
 def first_difference(ref: np.ndarray, got: np.ndarray) -> str:
     if ref.shape != got.shape:
         return f"shape {got.shape} vs reference {ref.shape}"
     row, col = (int(i[0]) for i in np.nonzero(ref != got))
-    return f"first difference at row {row}, index {col}: {int(got[row, col])} vs {int(ref[row, col])}"
+    return (
+        f"first difference at row {row}, index {col}: {int(got[row, col])} vs {int(ref[row, col])}"
+    )
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], kind: str) -> list[Check]:
@@ -424,29 +555,80 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], kind: str) -
     for spec in PARITY_MODELS:
         m = spec.name
         same = str(ref[f"{m}.fingerprint"]) == str(got[f"{m}.fingerprint"])
-        checks.append(Check(m, "-", "weights + inputs SHA-256", "equal" if same else "DIFFERENT", "equal", same))
+        checks.append(
+            Check(
+                m, "-", "weights + inputs SHA-256", "equal" if same else "DIFFERENT", "equal", same
+            )
+        )
         for which in ("unpruned", "pruned"):
-            d, scale = logit_diff(ref[f"{m}.float32.{which}.logits"], got[f"{m}.float32.{which}.logits"])
-            checks.append(Check(m, "float32", f"forward logits, {which}", f"{d:.2e} (ref max abs {scale:.1f})",
-                                f"<= {bound:.0e}", d <= bound))
-        for key, label in (("pruned.kept", "forward kept indices"), ("greedy.kept", "generate kept indices"),
-                           ("greedy.tokens", f"greedy tokens ({NEW_TOKENS}/row)")):
+            d, scale = logit_diff(
+                ref[f"{m}.float32.{which}.logits"], got[f"{m}.float32.{which}.logits"]
+            )
+            checks.append(
+                Check(
+                    m,
+                    "float32",
+                    f"forward logits, {which}",
+                    f"{d:.2e} (ref max abs {scale:.1f})",
+                    f"<= {bound:.0e}",
+                    d <= bound,
+                )
+            )
+        for key, label in (
+            ("pruned.kept", "forward kept indices"),
+            ("greedy.kept", "generate kept indices"),
+            ("greedy.tokens", f"greedy tokens ({NEW_TOKENS}/row)"),
+        ):
             r, g = ref[f"{m}.float32.{key}"], got[f"{m}.float32.{key}"]
             equal = r.shape == g.shape and bool((r == g).all())
-            checks.append(Check(m, "float32", label, "equal" if equal else first_difference(r, g), "equal", equal))
+            checks.append(
+                Check(
+                    m,
+                    "float32",
+                    label,
+                    "equal" if equal else first_difference(r, g),
+                    "equal",
+                    equal,
+                )
+            )
         # Unpruned bf16 logits get a sanity bound; pruned ones are only reported: in bf16 a
         # near-tie can choose other tokens, and then the logits differ by O(1) legitimately.
-        d, scale = logit_diff(ref[f"{m}.bfloat16.unpruned.logits"], got[f"{m}.bfloat16.unpruned.logits"])
-        checks.append(Check(m, "bfloat16", "forward logits, unpruned", f"{d:.2e} (ref max abs {scale:.1f})",
-                            f"<= {BF16_LOGIT_SANITY} (sanity)", d <= BF16_LOGIT_SANITY))
-        d, scale = logit_diff(ref[f"{m}.bfloat16.pruned.logits"], got[f"{m}.bfloat16.pruned.logits"])
-        checks.append(Check(m, "bfloat16", "forward logits, pruned", f"{d:.2e} (ref max abs {scale:.1f})",
-                            "reported (finite)", None if math.isfinite(d) else False))
-        for key, label in (("pruned.kept", "forward kept overlap"), ("greedy.kept", "generate kept overlap")):
+        d, scale = logit_diff(
+            ref[f"{m}.bfloat16.unpruned.logits"], got[f"{m}.bfloat16.unpruned.logits"]
+        )
+        checks.append(
+            Check(
+                m,
+                "bfloat16",
+                "forward logits, unpruned",
+                f"{d:.2e} (ref max abs {scale:.1f})",
+                f"<= {BF16_LOGIT_SANITY} (sanity)",
+                d <= BF16_LOGIT_SANITY,
+            )
+        )
+        d, scale = logit_diff(
+            ref[f"{m}.bfloat16.pruned.logits"], got[f"{m}.bfloat16.pruned.logits"]
+        )
+        checks.append(
+            Check(
+                m,
+                "bfloat16",
+                "forward logits, pruned",
+                f"{d:.2e} (ref max abs {scale:.1f})",
+                "reported (finite)",
+                None if math.isfinite(d) else False,
+            )
+        )
+        for key, label in (
+            ("pruned.kept", "forward kept overlap"),
+            ("greedy.kept", "generate kept overlap"),
+        ):
             value = kept_overlap(ref[f"{m}.bfloat16.{key}"], got[f"{m}.bfloat16.{key}"])
             checks.append(Check(m, "bfloat16", label, f"{value:.3f}", "reported", None))
         value = agreement(ref[f"{m}.bfloat16.greedy.tokens"], got[f"{m}.bfloat16.greedy.tokens"])
-        checks.append(Check(m, "bfloat16", "greedy token agreement", f"{value:.3f}", "reported", None))
+        checks.append(
+            Check(m, "bfloat16", "greedy token agreement", f"{value:.3f}", "reported", None)
+        )
     return checks
 
 
@@ -456,7 +638,10 @@ OUTPUTS = ("unpruned.logits", "pruned.logits", "pruned.kept", "greedy.tokens", "
 def reference_keys() -> set[str]:
     """The arrays a reference holds (what run_parity returns)."""
     return {f"{s.name}.fingerprint" for s in PARITY_MODELS} | {
-        f"{s.name}.{dtype}.{out}" for s in PARITY_MODELS for dtype in ("float32", "bfloat16") for out in OUTPUTS
+        f"{s.name}.{dtype}.{out}"
+        for s in PARITY_MODELS
+        for dtype in ("float32", "bfloat16")
+        for out in OUTPUTS
     }
 
 
@@ -466,8 +651,10 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
         reference = {k: z[k] for k in z.files}
     missing = reference_keys() - set(reference)
     if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}: rewrite it with "
-                         "`python benchmarks/gpu.py --write-reference`")
+        raise ValueError(
+            f"{path} lacks {sorted(missing)}: rewrite it with "
+            "`python benchmarks/gpu.py --write-reference`"
+        )
     return reference
 
 
@@ -476,18 +663,33 @@ def git_commit() -> str:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return head + ("+changes" if dirty else "")
 
 
 def write_reference(results: dict[str, np.ndarray], path: Path) -> None:
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "numpy": np.__version__,
-            "commit": git_commit(), "written": datetime.datetime.now().isoformat(timespec="seconds")}
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "numpy": np.__version__,
+        "commit": git_commit(),
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     np.savez_compressed(path, **results, meta=np.array(json.dumps(meta)))
 
 
@@ -530,8 +732,12 @@ def bench_select_tokens(b: int, n: int, d: int, k: int, t: int, repeats: int) ->
     prompt = jax.device_put(rng.standard_normal((b, t, d), np.float32))
     select = jax.jit(partial(zspa_jax.select_tokens, keep=k))
     first, median = median_seconds(lambda: select(visual, prompt), repeats)
-    return {"shape": f"B={b} N={n} D={d} K={k} T={t}, f32", "first_s": first, "median_ms": median * 1e3,
-            "peak_memory": peak_memory()}
+    return {
+        "shape": f"B={b} N={n} D={d} K={k} T={t}, f32",
+        "first_s": first,
+        "median_ms": median * 1e3,
+        "peak_memory": peak_memory(),
+    }
 
 
 def bench_generate(vlm, spec, keeps: tuple[int, ...], new_tokens: int, repeats: int) -> list[dict]:
@@ -542,21 +748,34 @@ def bench_generate(vlm, spec, keeps: tuple[int, ...], new_tokens: int, repeats: 
     rows = []
     for keep in sorted(keeps):
         prune = None if keep == spec.visual_tokens else zspa_jax.PruneConfig(keep=keep)
-        call = partial(zspa_jax.generate, vlm, input_ids=ids, pixel_values=pixels, attention_mask=mask, **extra,
-                       prune=prune, max_new_tokens=new_tokens, eos_token_id=[])
+        call = partial(
+            zspa_jax.generate,
+            vlm,
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=mask,
+            **extra,
+            prune=prune,
+            max_new_tokens=new_tokens,
+            eos_token_id=[],
+        )
         t0 = time.perf_counter()
         call()
         first = time.perf_counter() - t0
         results = [call() for _ in range(repeats)]
         stats = results[-1].stats
-        rows.append({
-            "keep": keep,
-            "sequence_length": int(stats["prompt_tokens_per_row_pruned"][0]),
-            "prefill_ms": statistics.median(r.stats["prefill_seconds"] for r in results) * 1e3,
-            "decode_tokens_per_second": statistics.median(r.stats["decode_tokens_per_second_total"] for r in results),
-            "first_s": first,
-            "peak_memory": peak_memory(),
-        })
+        rows.append(
+            {
+                "keep": keep,
+                "sequence_length": int(stats["prompt_tokens_per_row_pruned"][0]),
+                "prefill_ms": statistics.median(r.stats["prefill_seconds"] for r in results) * 1e3,
+                "decode_tokens_per_second": statistics.median(
+                    r.stats["decode_tokens_per_second_total"] for r in results
+                ),
+                "first_s": first,
+                "peak_memory": peak_memory(),
+            }
+        )
     return rows
 
 
@@ -564,21 +783,35 @@ def run_benchmarks(args, workdir: Path, cpu: bool, log=print) -> dict:
     """select_tokens, then the generate timings (bf16), smallest shapes under --cpu."""
     if cpu:
         sel = bench_select_tokens(b=2, n=64, d=64, k=PARITY_KEEP, t=8, repeats=args.repeats)
-        spec, path = PARITY_MODELS[0], workdir / PARITY_MODELS[0].name / "zspa"  # built by the parity run
+        spec, path = (
+            PARITY_MODELS[0],
+            workdir / PARITY_MODELS[0].name / "zspa",
+        )  # built by the parity run
     else:
         sel = bench_select_tokens(b=8, n=576, d=4096, k=64, t=32, repeats=args.repeats)
         spec = bench_llava(args.llm_layers)
         t0 = time.perf_counter()
-        path = build_checkpoint(spec, workdir / "bench", SEED, source_dtype=np.float16, dtype="bfloat16")
+        path = build_checkpoint(
+            spec, workdir / "bench", SEED, source_dtype=np.float16, dtype="bfloat16"
+        )
         log(f"benchmark checkpoint built and converted in {time.perf_counter() - t0:.1f} s")
     log(f"select_tokens {sel['shape']}: {sel['median_ms']:.3f} ms")
     vlm = zspa_jax.load(path, dtype="bfloat16")
     rows = bench_generate(vlm, spec, (spec.visual_tokens, spec.keep), args.new_tokens, args.repeats)
     for r in rows:
-        log(f"generate keep {r['keep']}: prefill {r['prefill_ms']:.2f} ms, "
-            f"decode {r['decode_tokens_per_second']:.1f} tok/s")
-    return {"select_tokens": sel, "model": spec.name, "visual_tokens": spec.visual_tokens,
-            "batch": len(spec.text_tokens), "generate": rows, "new_tokens": args.new_tokens, "repeats": args.repeats}
+        log(
+            f"generate keep {r['keep']}: prefill {r['prefill_ms']:.2f} ms, "
+            f"decode {r['decode_tokens_per_second']:.1f} tok/s"
+        )
+    return {
+        "select_tokens": sel,
+        "model": spec.name,
+        "visual_tokens": spec.visual_tokens,
+        "batch": len(spec.text_tokens),
+        "generate": rows,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -588,18 +821,26 @@ def machine_line() -> str:
     dev = jax.devices()[0]
     import jaxlib
 
-    return (f"device {dev.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
-            f"jax {jax.__version__}, "
-            f"jaxlib {jaxlib.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
-            f"host {platform.machine()} x{os.cpu_count()}; {datetime.datetime.now().isoformat(timespec='seconds')}")
+    return (
+        f"device {dev.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+        f"jax {jax.__version__}, "
+        f"jaxlib {jaxlib.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
+        f"host {platform.machine()} x{os.cpu_count()}; {datetime.datetime.now().isoformat(timespec='seconds')}"
+    )
 
 
-def report(checks: list[Check], bench: dict | None, reference: dict, kind: str, seconds: float, smoke: bool) -> str:
+def report(
+    checks: list[Check], bench: dict | None, reference: dict, kind: str, seconds: float, smoke: bool
+) -> str:
     """The markdown report: machine, parity table, timing tables."""
     meta = json.loads(str(reference.get("meta", "{}")))
     failed = [c for c in checks if c.ok is False]
-    mode = ("CPU smoke run (`--cpu`: smallest shapes, 1 repeat, XLA CPU backend optimisation level 0; the "
-            "timings only show that the code runs)" if smoke else "full run")
+    mode = (
+        "CPU smoke run (`--cpu`: smallest shapes, 1 repeat, XLA CPU backend optimisation level 0; the "
+        "timings only show that the code runs)"
+        if smoke
+        else "full run"
+    )
     lines = [
         "# zspa_jax on one device: parity against the CPU reference, and timings",
         "",
@@ -618,7 +859,10 @@ def report(checks: list[Check], bench: dict | None, reference: dict, kind: str, 
         "",
         "| model | dtype | check | value | bound | result |",
         "|---|---|---|---|---|---|",
-        *(f"| {c.model} | {c.dtype} | {c.name} | {c.value} | {c.bound} | {c.result} |" for c in checks),
+        *(
+            f"| {c.model} | {c.dtype} | {c.name} | {c.value} | {c.bound} | {c.result} |"
+            for c in checks
+        ),
         "",
         f"Parity: {'PASS' if not failed else 'FAIL'} ({sum(c.ok is True for c in checks)} of "
         f"{sum(c.ok is not None for c in checks)} asserted checks passed).",
@@ -644,9 +888,11 @@ def report(checks: list[Check], bench: dict | None, reference: dict, kind: str, 
             "| keep | sequence length (row 0) | prefill ms | prefill speed-up | decode tokens/s | first call s "
             "| peak device memory |",
             "|---|---|---|---|---|---|---|",
-            *(f"| {r['keep']} | {r['sequence_length']} | {r['prefill_ms']:.2f} | {unpruned / r['prefill_ms']:.2f}x "
-              f"| {r['decode_tokens_per_second']:.1f} | {r['first_s']:.1f} | {r['peak_memory']} |"
-              for r in bench["generate"]),
+            *(
+                f"| {r['keep']} | {r['sequence_length']} | {r['prefill_ms']:.2f} | {unpruned / r['prefill_ms']:.2f}x "
+                f"| {r['decode_tokens_per_second']:.1f} | {r['first_s']:.1f} | {r['peak_memory']} |"
+                for r in bench["generate"]
+            ),
         ]
     return "\n".join(lines) + "\n"
 
@@ -656,14 +902,28 @@ def report(checks: list[Check], bench: dict | None, reference: dict, kind: str, 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="smoke run on the CPU (smallest shapes, 1 repeat)")
-    parser.add_argument("--out", type=Path, help=f"markdown report (default {GPU_RESULTS.relative_to(ROOT)}; "
-                                                 f"with --cpu {CPU_SMOKE_RESULTS.relative_to(ROOT)})")
-    parser.add_argument("--write-reference", action="store_true", help="(CPU) rewrite the parity reference and exit")
+    parser.add_argument(
+        "--cpu", action="store_true", help="smoke run on the CPU (smallest shapes, 1 repeat)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"markdown report (default {GPU_RESULTS.relative_to(ROOT)}; "
+        f"with --cpu {CPU_SMOKE_RESULTS.relative_to(ROOT)})",
+    )
+    parser.add_argument(
+        "--write-reference", action="store_true", help="(CPU) rewrite the parity reference and exit"
+    )
     parser.add_argument("--reference", type=Path, default=REFERENCE)
-    parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 5; 1 with --cpu)")
-    parser.add_argument("--new-tokens", type=int, help="decode tokens in the timings (default 32; 4 with --cpu)")
-    parser.add_argument("--llm-layers", type=int, default=4, help="decoder layers of the 7B-shaped timing model")
+    parser.add_argument(
+        "--repeats", type=int, help="timed calls per measurement (default 5; 1 with --cpu)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, help="decode tokens in the timings (default 32; 4 with --cpu)"
+    )
+    parser.add_argument(
+        "--llm-layers", type=int, default=4, help="decoder layers of the 7B-shaped timing model"
+    )
     parser.add_argument("--no-bench", action="store_true", help="parity only")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.cpu else 5)
@@ -683,15 +943,22 @@ def write_reference_main(args, workdir: Path) -> int:
     for spec in PARITY_MODELS:
         key = f"{spec.name}.fingerprint"
         if str(first[key]) != str(second[key]):
-            print(f"{spec.name}: two builds gave different checkpoints; not writing a reference", file=sys.stderr)
+            print(
+                f"{spec.name}: two builds gave different checkpoints; not writing a reference",
+                file=sys.stderr,
+            )
             return 1
     differ = [k for k in first if not np.array_equal(first[k], second[k])]
     if differ:
-        print(f"two runs on this CPU disagree on {differ}; not writing a reference", file=sys.stderr)
+        print(
+            f"two runs on this CPU disagree on {differ}; not writing a reference", file=sys.stderr
+        )
         return 1
     write_reference(first, args.reference)
-    print(f"wrote {args.reference} ({args.reference.stat().st_size / 1024:.0f} KiB); both builds identical: "
-          + ", ".join(f"{s.name} {str(first[s.name + '.fingerprint'])[:16]}" for s in PARITY_MODELS))
+    print(
+        f"wrote {args.reference} ({args.reference.stat().st_size / 1024:.0f} KiB); both builds identical: "
+        + ", ".join(f"{s.name} {str(first[s.name + '.fingerprint'])[:16]}" for s in PARITY_MODELS)
+    )
     return 0
 
 
@@ -703,28 +970,43 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_reference:
             return write_reference_main(args, workdir)
         if args.cpu and jax.default_backend() != "cpu":
-            print("--cpu: JAX did not start on the CPU platform (set JAX_PLATFORMS=cpu)", file=sys.stderr)
+            print(
+                "--cpu: JAX did not start on the CPU platform (set JAX_PLATFORMS=cpu)",
+                file=sys.stderr,
+            )
             return 2
         if not args.reference.exists():
-            print(f"no reference at {args.reference}: run `python benchmarks/gpu.py --write-reference` on a CPU",
-                  file=sys.stderr)
+            print(
+                f"no reference at {args.reference}: run `python benchmarks/gpu.py --write-reference` on a CPU",
+                file=sys.stderr,
+            )
             return 2
         print(machine_line(), flush=True)
         reference = load_reference(args.reference)
         kind = platform_kind()
         checks = compare(reference, run_parity(workdir), kind)
         for c in checks:
-            print(f"[{c.result}] {c.model} {c.dtype} {c.name}: {c.value} (bound {c.bound})", flush=True)
+            print(
+                f"[{c.result}] {c.model} {c.dtype} {c.name}: {c.value} (bound {c.bound})",
+                flush=True,
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         # Written now and again with the timings, so a failure in the timings keeps the parity table.
-        args.out.write_text(report(checks, None, reference, kind, time.perf_counter() - start, smoke=args.cpu))
+        args.out.write_text(
+            report(checks, None, reference, kind, time.perf_counter() - start, smoke=args.cpu)
+        )
         if not args.no_bench:
             bench = run_benchmarks(args, workdir, args.cpu)
-            args.out.write_text(report(checks, bench, reference, kind, time.perf_counter() - start, smoke=args.cpu))
+            args.out.write_text(
+                report(checks, bench, reference, kind, time.perf_counter() - start, smoke=args.cpu)
+            )
     print(f"wrote {args.out}")
     failed = [c for c in checks if c.ok is False]
     for c in failed:
-        print(f"PARITY FAIL: {c.model} {c.dtype} {c.name}: {c.value} (bound {c.bound})", file=sys.stderr)
+        print(
+            f"PARITY FAIL: {c.model} {c.dtype} {c.name}: {c.value} (bound {c.bound})",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

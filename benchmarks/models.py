@@ -56,9 +56,19 @@ DEMO_ASSET = ROOT / "zspa_jax" / "assets" / "demo_model"
 SMOLLM2_CLIP_L_VERSION = "smollm2-clip-l-v1"
 _CLIP_L = llava_1_5_7b_config().vision  # the tower LLaVA-1.5 uses: CLIP ViT-L/14-336
 CLIP_L_336 = dict(
-    **{f: getattr(_CLIP_L, f) for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                        "num_attention_heads", "image_size", "patch_size", "hidden_act",
-                                        "layer_norm_eps")},
+    **{
+        f: getattr(_CLIP_L, f)
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "hidden_act",
+            "layer_norm_eps",
+        )
+    },
     projection_dim=768,
 )
 
@@ -103,7 +113,9 @@ def run_converter(src: Path, out: Path, *extra: str) -> float:
         text=True,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"convert.llava {src} -> {out} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"convert.llava {src} -> {out} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return time.perf_counter() - t0
 
 
@@ -157,7 +169,9 @@ def build_smollm2_clip_l_hf(dst: Path, log=print) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
     log(f"  SmolLM2 GGUF dequantised in {time.perf_counter() - t0:.1f} s")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -166,13 +180,20 @@ def build_smollm2_clip_l_hf(dst: Path, log=print) -> dict:
     # unk_token_id is tokenizer metadata the GGUF config carries (an earlier convert.hf_config
     # refused it as an unknown field); it is left out like the other bookkeeping keys.
     for drop in (
-        "quantization_config", "_model_name_or_path", "_name_or_path", "architectures", "transformers_version", "dtype",
+        "quantization_config",
+        "_model_name_or_path",
+        "_name_or_path",
+        "architectures",
+        "transformers_version",
+        "dtype",
         "unk_token_id",
     ):
         text_dict.pop(drop, None)
     old_vocab = text_dict["vocab_size"]
     if image_token_index != old_vocab:
-        raise RuntimeError(f"expected <image> to get the new id {old_vocab}, got {image_token_index}")
+        raise RuntimeError(
+            f"expected <image> to get the new id {old_vocab}, got {image_token_index}"
+        )
     text_dict["vocab_size"] = old_vocab + 1
     text_config = LlamaConfig(**text_dict)
     patches = (CLIP_L_336["image_size"] // CLIP_L_336["patch_size"]) ** 2
@@ -216,7 +237,9 @@ def build_smollm2_clip_l_hf(dst: Path, log=print) -> dict:
         llava.save_pretrained(dst)
         size = CLIP_L_336["image_size"]
         LlavaProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            image_processor=CLIPImageProcessor(
+                size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+            ),
             tokenizer=tokenizer,
             patch_size=CLIP_L_336["patch_size"],
             vision_feature_select_strategy="default",
@@ -224,7 +247,11 @@ def build_smollm2_clip_l_hf(dst: Path, log=print) -> dict:
             chat_template=tokenizer.chat_template,
             image_token=IMAGE_TOKEN,
         ).save_pretrained(dst)
-    return {"image_token_index": image_token_index, "tokens_per_image": patches, "image_size": CLIP_L_336["image_size"]}
+    return {
+        "image_token_index": image_token_index,
+        "tokens_per_image": patches,
+        "image_size": CLIP_L_336["image_size"],
+    }
 
 
 def smollm2_clip_l(rebuild: bool = False, log=print) -> BenchModel:
@@ -253,7 +280,9 @@ def smollm2_clip_l(rebuild: bool = False, log=print) -> BenchModel:
             for item in (tmp / "out").iterdir():
                 os.replace(item, tmp / item.name)
             (tmp / "out").rmdir()
-            (tmp / MARKER).write_text(json.dumps({**meta, "convert_seconds": seconds}, indent=2) + "\n")
+            (tmp / MARKER).write_text(
+                json.dumps({**meta, "convert_seconds": seconds}, indent=2) + "\n"
+            )
             log(f"  converted in {seconds:.1f} s")
 
         _atomic_build(zspa_final, build_zspa)
@@ -330,13 +359,24 @@ def get_model(name: str, rebuild: bool = False, log=print) -> BenchModel | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build (or find) the cached benchmark models")
-    parser.add_argument("names", nargs="*", default=list(MODEL_NAMES), help=f"any of {MODEL_NAMES} (default: all)")
+    parser.add_argument(
+        "names", nargs="*", default=list(MODEL_NAMES), help=f"any of {MODEL_NAMES} (default: all)"
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)
     for name in args.names:
         model = get_model(name, rebuild=args.rebuild)
         if model is not None:
-            print(json.dumps({"name": model.name, "hf_dir": str(model.hf_dir), "zspa_dir": str(model.zspa_dir), **model.meta}))
+            print(
+                json.dumps(
+                    {
+                        "name": model.name,
+                        "hf_dir": str(model.hf_dir),
+                        "zspa_dir": str(model.zspa_dir),
+                        **model.meta,
+                    }
+                )
+            )
     return 0
 
 

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,9 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
 
 
-def median_time(fn: Callable[[], Any], repeats: int, budget_s: float = 3.0) -> tuple[float, Any, int]:
+def median_time(
+    fn: Callable[[], Any], repeats: int, budget_s: float = 3.0
+) -> tuple[float, Any, int]:
     """Median wall time of fn() after one warm-up; a warm-up slower than budget_s is the only sample."""
     t, outs, n = interleaved({"f": fn}, repeats, budget_s)
     return t["f"], outs["f"], n["f"]
@@ -129,7 +131,9 @@ def probe_stream(n: int, d: int) -> float:
             np.dot(a, x)
 
     aj, xj = jnp.asarray(a), jnp.asarray(x)
-    jloop = jax.jit(lambda a, x: jax.lax.fori_loop(0, reps, lambda i, y: a @ (x + y[0]), jnp.zeros(n)))
+    jloop = jax.jit(
+        lambda a, x: jax.lax.fori_loop(0, reps, lambda i, y: a @ (x + y[0]), jnp.zeros(n))
+    )
     return reps * a.nbytes / min(best_time(np_loop, 5), best_time(lambda: jloop(aj, xj), 5))
 
 
@@ -186,7 +190,9 @@ def make_inputs(b: int, n: int, d: int, seed: int = 0, kind: str = "gauss"):
     if kind == "clustered":  # 5 clusters per example, within-cluster cosine ~0.99
         centers = rng.standard_normal((b, 5, d), np.float32) * 3.0
         assign = rng.integers(0, 5, (b, n))
-        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal((b, n, d), np.float32)
+        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal(
+            (b, n, d), np.float32
+        )
     else:
         v = rng.standard_normal((b, n, d), np.float32)
     t = rng.standard_normal((b, T_PROMPT, d), np.float32)
@@ -209,11 +215,23 @@ def bench_config(b, n, d, keep, repeats, kind: str = "gauss") -> dict[str, Any]:
     if kind == "ragged":
         counts = ragged_counts(b, n)
         valid = jnp.asarray(np.arange(n)[None, :] < counts[:, None])
-        jfn = lambda: pruning.select_tokens(vj, tj, mj, keep=keep, core_ratio=CORE_RATIO, visual_mask=valid)  # noqa: E731
+        jfn = lambda: pruning.select_tokens(
+            vj, tj, mj, keep=keep, core_ratio=CORE_RATIO, visual_mask=valid
+        )  # noqa: E731
 
         def per_row(fn):  # the torch implementations take no mask: each row on its real tokens
-            return lambda: torch.cat([fn(vt[i : i + 1, :c], tt[i : i + 1], mt[i : i + 1], keep=keep,
-                                         core_ratio=CORE_RATIO) for i, c in enumerate(counts)])
+            return lambda: torch.cat(
+                [
+                    fn(
+                        vt[i : i + 1, :c],
+                        tt[i : i + 1],
+                        mt[i : i + 1],
+                        keep=keep,
+                        core_ratio=CORE_RATIO,
+                    )
+                    for i, c in enumerate(counts)
+                ]
+            )
 
         ref_fn, vec_fn = per_row(select_tokens_reference), per_row(select_tokens_vectorised)
     else:
@@ -230,13 +248,25 @@ def bench_config(b, n, d, keep, repeats, kind: str = "gauss") -> dict[str, Any]:
     idx_jax = np.asarray(idx_jax)
     flops, nbytes = cost(b, n, d, keep, k)
     return {
-        "B": b, "N": n, "D": d, "K": keep, "core_k": k, "data": kind,
-        "jax_s": t_jax, "compile_s": max(first - t_jax, 0.0),
-        "torch_ref_s": t_ref, "torch_ref_repeats": n_ref,
-        "torch_vec_s": t_vec, "torch_vec_repeats": n_vec,
-        "jax_min_s": med["jax_min"], "torch_ref_min_s": med["ref_min"], "torch_vec_min_s": med["vec_min"],
-        "speedup_vs_ref": t_ref / t_jax, "speedup_vs_vec": t_vec / t_jax,
-        "gflop": flops / 1e9, "gbytes": nbytes / 1e9,
+        "B": b,
+        "N": n,
+        "D": d,
+        "K": keep,
+        "core_k": k,
+        "data": kind,
+        "jax_s": t_jax,
+        "compile_s": max(first - t_jax, 0.0),
+        "torch_ref_s": t_ref,
+        "torch_ref_repeats": n_ref,
+        "torch_vec_s": t_vec,
+        "torch_vec_repeats": n_vec,
+        "jax_min_s": med["jax_min"],
+        "torch_ref_min_s": med["ref_min"],
+        "torch_vec_min_s": med["vec_min"],
+        "speedup_vs_ref": t_ref / t_jax,
+        "speedup_vs_vec": t_vec / t_jax,
+        "gflop": flops / 1e9,
+        "gbytes": nbytes / 1e9,
         "match_ref": bool(np.array_equal(idx_jax, idx_ref.numpy())),
         "match_vec": bool(np.array_equal(idx_jax, idx_vec.numpy())),
     }
@@ -246,8 +276,12 @@ def add_roofline(row: dict[str, Any], flops_rate: float, stream_bw: float) -> No
     """Roofline = max(FLOPs / matmul rate, bytes / re-stream bandwidth); ratios of jax to it."""
     t_c, t_m = row["gflop"] * 1e9 / flops_rate, row["gbytes"] * 1e9 / stream_bw
     row.update(
-        stream_gbps=stream_bw / 1e9, roofline_compute_s=t_c, roofline_memory_s=t_m, roofline_s=max(t_c, t_m),
-        roofline_ratio=row["jax_s"] / max(t_c, t_m), roofline_ratio_min=row["jax_min_s"] / max(t_c, t_m),
+        stream_gbps=stream_bw / 1e9,
+        roofline_compute_s=t_c,
+        roofline_memory_s=t_m,
+        roofline_s=max(t_c, t_m),
+        roofline_ratio=row["jax_s"] / max(t_c, t_m),
+        roofline_ratio_min=row["jax_min_s"] / max(t_c, t_m),
     )
 
 
@@ -275,7 +309,9 @@ def bench_phases(b, n, d, keep, repeats) -> dict[str, Any]:
     batching = pruning.default_batching()
 
     fns = {
-        "prefix": partial(select_fixed_core, v, t, m, keep=k, n_core=k, batching=batching),  # top-k only
+        "prefix": partial(
+            select_fixed_core, v, t, m, keep=k, n_core=k, batching=batching
+        ),  # top-k only
         "one_pick": partial(select_fixed_core, v, t, m, keep=k + 1, n_core=k, batching=batching),
         "full": partial(select_fixed_core, v, t, m, keep=keep, n_core=k, batching=batching),
     }
@@ -334,8 +370,17 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['gflop']:.2f} | {r['gbytes']:.2f} | {r['stream_gbps']:.0f} | {fmt_ms(r['roofline_s'])} | "
             f"{r['roofline_ratio']:.2f}, {r['roofline_ratio_min']:.2f} | {'=' if r['match_ref'] else 'DIFF'} | {'=' if r['match_vec'] else 'DIFF'} |"
         )
-    lines += ["", "`*` a single sample (one call took longer than 3 s).", "", "## Batching: vmap vs lax.map (ms)", ""]
-    lines += ["| B | N | D | K | vmap | lax.map | vmap/map | identical |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "`*` a single sample (one call took longer than 3 s).",
+        "",
+        "## Batching: vmap vs lax.map (ms)",
+        "",
+    ]
+    lines += [
+        "| B | N | D | K | vmap | lax.map | vmap/map | identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["batching"]:
         lines.append(
             f"| {r['B']} | {r['N']} | {r['D']} | {r['K']} | {fmt_ms(r['vmap_s'])} | {fmt_ms(r['map_s'])} | "
@@ -348,8 +393,11 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"- speed-up vs eager torch reference: {tg['speedup_vs_ref']:.1f}x (target >= 4x); "
         f"vs vectorised torch: {tg['speedup_vs_vec']:.1f}x",
-        *[f"- {r['data']} tokens, N = {r['N']}: {r['speedup_vs_ref']:.1f}x vs the torch reference, "
-          f"{r['speedup_vs_vec']:.1f}x vs vectorised torch (jax {fmt_ms(r['jax_s'])} ms)" for r in res["target_rows"]],
+        *[
+            f"- {r['data']} tokens, N = {r['N']}: {r['speedup_vs_ref']:.1f}x vs the torch reference, "
+            f"{r['speedup_vs_vec']:.1f}x vs vectorised torch (jax {fmt_ms(r['jax_s'])} ms)"
+            for r in res["target_rows"]
+        ],
         f"- torch reference at B = 8 / B = 1 (same N, D, K): {res['ref_b8_over_b1']:.1f} "
         "(about 8 on a quiet machine; anything else means other jobs inflated the torch times, and the "
         "ratios above with them: multi-threaded torch suffers more from a busy machine than single-threaded JAX)",
@@ -365,10 +413,16 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="target config plus one small config, no files")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="target config plus one small config, no files"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
-    ap.add_argument("--out", type=pathlib.Path, default=None, help="output stem (default results/pruning)")
+    ap.add_argument(
+        "--out", type=pathlib.Path, default=None, help="output stem (default results/pruning)"
+    )
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     out = args.out or (None if args.quick else ROOT / "benchmarks" / "results" / "pruning")
@@ -377,7 +431,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         grid = [(1, 576, 4096, 64), (8, 576, 4096, 64)]
         batching_grid = [(8, 576, 4096, 64)]
     else:
-        grid = [(b, n, d, k) for n in (576, 2880) for d in (1024, 4096) for b in (1, 8) for k in (64, 128, 192)]
+        grid = [
+            (b, n, d, k)
+            for n in (576, 2880)
+            for d in (1024, 4096)
+            for b in (1, 8)
+            for k in (64, 128, 192)
+        ]
         batching_grid = [(8, n, d, 64) for n in (576, 2880) for d in (1024, 4096)]
 
     t_start = time.perf_counter()
@@ -394,7 +454,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     res["rows"] = []
     tb, tn, td, tk = TARGET["b"], TARGET["n"], TARGET["d"], TARGET["keep"]
-    extra = [(tb, n, td, tk, kind) for n in ((tn,) if args.quick else (tn, 2880)) for kind in ("clustered", "ragged")]
+    extra = [
+        (tb, n, td, tk, kind)
+        for n in ((tn,) if args.quick else (tn, 2880))
+        for kind in ("clustered", "ragged")
+    ]
     for b, n, d, k, kind in [(*cfg, "gauss") for cfg in grid] + extra:
         row = bench_config(b, n, d, k, repeats, kind)
         res["rows"].append(row)
@@ -415,10 +479,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for row in res["rows"]:
         add_roofline(row, flops_rate, stream[(row["N"], row["D"])])
-    res["target"] = next(r for r in res["rows"] if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (tb, tn, td, tk, "gauss"))
-    res["target_rows"] = [r for r in res["rows"] if (r["B"], r["D"], r["K"]) == (tb, td, tk) and r is not res["target"]]
-    one = next((r for r in res["rows"] if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (1, tn, td, tk, "gauss")), None)
-    res["ref_b8_over_b1"] = float("nan") if one is None else res["target"]["torch_ref_s"] / one["torch_ref_s"]
+    res["target"] = next(
+        r
+        for r in res["rows"]
+        if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (tb, tn, td, tk, "gauss")
+    )
+    res["target_rows"] = [
+        r
+        for r in res["rows"]
+        if (r["B"], r["D"], r["K"]) == (tb, td, tk) and r is not res["target"]
+    ]
+    one = next(
+        (
+            r
+            for r in res["rows"]
+            if (r["B"], r["N"], r["D"], r["K"], r["data"]) == (1, tn, td, tk, "gauss")
+        ),
+        None,
+    )
+    res["ref_b8_over_b1"] = (
+        float("nan") if one is None else res["target"]["torch_ref_s"] / one["torch_ref_s"]
+    )
     res["total_s"] = time.perf_counter() - t_start
     res["loadavg_end"] = _loadavg()
 

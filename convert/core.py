@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,8 +63,12 @@ class FamilySpec:
 
     name: str  # the family's name, recorded in zspa_config.json (zspa_jax.families looks it up)
     model_cls: type  # the family's NNX model (its parameter tree is the conversion target)
-    config_from_hf: Callable[..., Any]  # (transformers config dict, dtype=) -> our config; UnsupportedConfigError
-    map_key: Callable[[str], tuple[str, Transform] | None]  # HF tensor name -> (our path, transform)
+    config_from_hf: Callable[
+        ..., Any
+    ]  # (transformers config dict, dtype=) -> our config; UnsupportedConfigError
+    map_key: Callable[
+        [str], tuple[str, Transform] | None
+    ]  # HF tensor name -> (our path, transform)
     skipped: re.Pattern  # buffers that are recomputed, never learned
     head_prefix: str = "language_model.lm_head."  # our path of an untied head (dropped when tied)
     processor_files: tuple[str, ...] = COMMON_PROCESSOR_FILES
@@ -77,7 +82,9 @@ def resolve_source(src: str) -> Path:
     if path.exists():
         raise ConversionError(f"SRC {src!r} is a file; expected a directory or a hub id")
     if src.count("/") != 1 or src.startswith((".", "/", "~")):
-        raise ConversionError(f"SRC {src!r} is neither an existing directory nor a hub id like 'org/name'")
+        raise ConversionError(
+            f"SRC {src!r} is neither an existing directory nor a hub id like 'org/name'"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         raise ConversionError(
             f"SRC {src!r} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
@@ -87,10 +94,14 @@ def resolve_source(src: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(
-            snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+            snapshot_download(
+                src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            )
         )
     except Exception as e:  # network errors come in many types; the message is what matters
-        raise ConversionError(f"could not download {src!r} from the hub: {type(e).__name__}: {e}") from None
+        raise ConversionError(
+            f"could not download {src!r} from the hub: {type(e).__name__}: {e}"
+        ) from None
 
 
 # Read in a child process: transformers pulls in torch, whose ~250 MiB would otherwise stay
@@ -106,7 +117,9 @@ def load_hf_config(src: Path) -> dict:
     """config.json as transformers reads it (with the defaults a sparse hub config leaves out)."""
     if not (src / "config.json").exists():
         raise ConversionError(f"{src}: config.json is missing")
-    child = subprocess.run([sys.executable, "-c", _READ_CONFIG, str(src)], capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", _READ_CONFIG, str(src)], capture_output=True, text=True
+    )
     if child.returncode != 0:
         lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {child.returncode}"
@@ -142,7 +155,9 @@ class Step(NamedTuple):
     shape: tuple[int, ...]  # our shape
 
 
-def plan_conversion(checkpoint: SafetensorsCheckpoint, template: dict, spec: FamilySpec) -> list[Step]:
+def plan_conversion(
+    checkpoint: SafetensorsCheckpoint, template: dict, spec: FamilySpec
+) -> list[Step]:
     """Match every HF tensor to a parameter of `template` (nested ShapeDtypeStruct) with
     `spec`'s key table.
 
@@ -174,17 +189,26 @@ def plan_conversion(checkpoint: SafetensorsCheckpoint, template: dict, spec: Fam
         want = tuple(targets[path].shape)
         got = transform.target_shape(checkpoint.shape(key))
         if got != want:
-            errors.append(f"tensor {key!r}: shape {checkpoint.shape(key)} -> {got}, expected {want} for {path!r}")
+            errors.append(
+                f"tensor {key!r}: shape {checkpoint.shape(key)} -> {got}, expected {want} for {path!r}"
+            )
             continue
         plan.append(Step(key, path, transform, want))
     missing = sorted(set(targets) - claimed)
-    errors.extend(f"parameter {p!r} {tuple(targets[p].shape)} has no tensor in the checkpoint" for p in missing)
+    errors.extend(
+        f"parameter {p!r} {tuple(targets[p].shape)} has no tensor in the checkpoint"
+        for p in missing
+    )
     if errors:
-        raise ConversionError(f"{len(errors)} problem(s) mapping the checkpoint:\n  " + "\n  ".join(errors))
+        raise ConversionError(
+            f"{len(errors)} problem(s) mapping the checkpoint:\n  " + "\n  ".join(errors)
+        )
     return plan
 
 
-def load_tensor(checkpoint: SafetensorsCheckpoint, step: Step, dtype, block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+def load_tensor(
+    checkpoint: SafetensorsCheckpoint, step: Step, dtype, block_bytes: int = BLOCK_BYTES
+) -> np.ndarray:
     """One parameter in our layout and `dtype`, built block by block from the source: the
     only full-size array is the result."""
     out = np.empty(step.shape, dtype)
@@ -194,23 +218,36 @@ def load_tensor(checkpoint: SafetensorsCheckpoint, step: Step, dtype, block_byte
 
 
 def write_params(
-    checkpoint: SafetensorsCheckpoint, plan: list[Step], dtype, directory: Path, progress: bool = True
+    checkpoint: SafetensorsCheckpoint,
+    plan: list[Step],
+    dtype,
+    directory: Path,
+    progress: bool = True,
 ) -> None:
     """Stream tensors one at a time: map, transform, cast, hand to the grouped writer."""
     writer = ParamWriter(directory)
     itemsize = np.dtype(dtype).itemsize
     for step in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
-        writer.reserve(int(np.prod(step.shape)) * itemsize)  # write the full group before building the next tensor
+        writer.reserve(
+            int(np.prod(step.shape)) * itemsize
+        )  # write the full group before building the next tensor
         writer.add(step.path, load_tensor(checkpoint, step, dtype))
     writer.close()
 
 
 def convert(
-    spec: FamilySpec, src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True
+    spec: FamilySpec,
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Convert SRC into OUT with `spec`; returns a summary dict. Leaves OUT untouched on failure."""
     if dtype not in SUPPORTED_DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+        raise ConversionError(
+            f"--dtype {dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}"
+        )
     out = check_out(out, force)
     start = time.perf_counter()
     src_dir = resolve_source(str(src))
@@ -245,7 +282,9 @@ def convert(
             os.replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConversionError(f"writing {out} failed ({e.strerror or e}); nothing was written") from None
+        raise ConversionError(
+            f"writing {out} failed ({e.strerror or e}); nothing was written"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,14 +303,25 @@ def convert(
 def main(spec: FamilySpec, argv: list[str] | None = None, description: str = "") -> int:
     """The `python -m convert.<family> SRC OUT [--dtype] [--force]` command line."""
     parser = argparse.ArgumentParser(prog=f"python -m convert.{spec.name}", description=description)
-    parser.add_argument("src", metavar="SRC", help=f"local Hugging Face {spec.name} directory or hub id")
-    parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
-    parser.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32", help="parameter dtype (default float32)")
+    parser.add_argument(
+        "src", metavar="SRC", help=f"local Hugging Face {spec.name} directory or hub id"
+    )
+    parser.add_argument(
+        "out", metavar="OUT", help="output directory (must not exist unless --force)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=SUPPORTED_DTYPES,
+        default="float32",
+        help="parameter dtype (default float32)",
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        s = convert(spec, args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+        s = convert(
+            spec, args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet
+        )
     except (ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,7 +65,11 @@ RULES: tuple[tuple[re.Pattern, str, Transform], ...] = tuple(
         (rf"^(.*\.{_LINEARS})\.weight$", r"\1.kernel", Transform.LINEAR),
         (rf"^(.*\.{_LINEARS})\.bias$", r"\1.bias", Transform.IDENTITY),
         (r"^(.*\.patch_embedding)\.weight$", r"\1.kernel", Transform.CONV),
-        (r"^(.*\.(?:position_embedding|embed_tokens))\.weight$", r"\1.embedding", Transform.IDENTITY),
+        (
+            r"^(.*\.(?:position_embedding|embed_tokens))\.weight$",
+            r"\1.embedding",
+            Transform.IDENTITY,
+        ),
         (rf"^(.*\.{_NORMS})\.weight$", r"\1.scale", Transform.IDENTITY),
         (rf"^(.*\.{_NORMS})\.bias$", r"\1.bias", Transform.IDENTITY),
         (r"^(.*\.class_embedding)$", r"\1", Transform.IDENTITY),

@@ -29,8 +29,8 @@ from convert.core import (  # noqa: F401  (re-exported: the LLaVA converter's pu
 )
 from convert.hf_config import llava_config_from_hf
 from convert.keymap import SKIPPED, map_key
-from models.llava import LlavaForConditionalGeneration
 from convert.safetensors_io import SafetensorsCheckpoint
+from models.llava import LlavaForConditionalGeneration
 
 SPEC = FamilySpec(
     name="llava",
@@ -47,7 +47,13 @@ def plan_conversion(checkpoint: SafetensorsCheckpoint, template: dict) -> list[S
     return core.plan_conversion(checkpoint, template, SPEC)
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True) -> dict:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Convert SRC into OUT; returns a summary dict. Leaves OUT untouched on failure."""
     return core.convert(SPEC, src, out, dtype=dtype, force=force, progress=progress)
 

@@ -58,7 +58,9 @@ def _text_config(text: dict, errors: list[str]) -> dict:
             )
         layer_types = set(text.pop("layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
-            errors.append(f"text_config.layer_types={sorted(layer_types)} is not implemented (only 'full_attention')")
+            errors.append(
+                f"text_config.layer_types={sorted(layer_types)} is not implemented (only 'full_attention')"
+            )
         text["model_type"] = "llama"
     elif kind != "llama":
         errors.append(
@@ -72,7 +74,9 @@ def llava_next_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Lla
     """Our config from `transformers.LlavaNextConfig.to_dict()`; UnsupportedConfigError
     lists every field it cannot honour."""
     if hf.get("model_type") != "llava_next":
-        raise UnsupportedConfigError(f"config.model_type={hf.get('model_type')!r}; expected 'llava_next'")
+        raise UnsupportedConfigError(
+            f"config.model_type={hf.get('model_type')!r}; expected 'llava_next'"
+        )
     errors: list[str] = []
     hf = dict(hf)
     pinpoints = hf.pop("image_grid_pinpoints", None)
@@ -91,7 +95,7 @@ def llava_next_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Lla
     except UnsupportedConfigError as e:
         message = str(e)
         head = "unsupported HF config:\n  "
-        errors.extend(message[len(head):].split("\n  ") if message.startswith(head) else [message])
+        errors.extend(message[len(head) :].split("\n  ") if message.startswith(head) else [message])
         base = None
     if errors:
         raise UnsupportedConfigError("unsupported HF config:\n  " + "\n  ".join(errors))
@@ -121,7 +125,11 @@ PROCESSOR_FILES = SPEC.processor_files
 
 
 def convert(
-    src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Convert SRC into OUT; returns a summary dict. Leaves OUT untouched on failure."""
     return core.convert(SPEC, src, out, dtype=dtype, force=force, progress=progress)

@@ -20,7 +20,11 @@ from convert.hf_config import UnsupportedConfigError, _unknown
 from convert.keymap import Transform, compile_layouts, compile_rules, table_mapper
 from models.layers import ACTIVATIONS
 from models.llama import LlamaConfig
-from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLVisionConfig
+from models.qwen2_5_vl import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLVisionConfig,
+)
 
 # --------------------------------------------------------------------------- key table
 
@@ -54,23 +58,54 @@ map_key = table_mapper(LAYOUTS, RULES)
 # --------------------------------------------------------------------------- config allowlist
 
 _VISION_MAPPED = (
-    "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
-    "spatial_merge_size", "window_size", "fullatt_block_indexes", "out_hidden_size", "hidden_act",
+    "depth",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "in_channels",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "window_size",
+    "fullatt_block_indexes",
+    "out_hidden_size",
+    "hidden_act",
     "tokens_per_second",  # spaces video temporal positions (M-RoPE)
 )
 # in_chans / spatial_patch_size: legacy hub names transformers keeps but never reads
 # (it uses in_channels / patch_size), so they cannot change the forward pass.
 _VISION_IGNORED = {"rope_parameters", "in_chans", "spatial_patch_size"}
 _TEXT_MAPPED = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "hidden_act",
 )
 # sliding_window / max_window_layers only matter with use_sliding_window (refused below).
-_TEXT_IGNORED = {"tie_word_embeddings", "sliding_window", "max_window_layers", "use_sliding_window", "layer_types",
-                 "rope_parameters", "rope_scaling", "rope_theta"}
+_TEXT_IGNORED = {
+    "tie_word_embeddings",
+    "sliding_window",
+    "max_window_layers",
+    "use_sliding_window",
+    "layer_types",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+}
 _TOP_MAPPED = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 # vision_token_id: a legacy hub field the model never reads.
-_TOP_IGNORED = {"text_config", "vision_config", "tie_word_embeddings", "vocab_size", "vision_token_id"}
+_TOP_IGNORED = {
+    "text_config",
+    "vision_config",
+    "tie_word_embeddings",
+    "vocab_size",
+    "vision_token_id",
+}
 
 
 def _text_rope(text: dict, errors: list[str]) -> tuple[float, tuple[int, ...] | None]:
@@ -79,15 +114,27 @@ def _text_rope(text: dict, errors: list[str]) -> tuple[float, tuple[int, ...] | 
     params.setdefault("rope_theta", text.get("rope_theta", 1000000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "mrope"):
-        errors.append(f"text_config.rope_parameters.rope_type={rope_type!r} is not implemented (only M-RoPE, 'default')")
-    extra = set(params) - {"rope_type", "type", "rope_theta", "mrope_section", "partial_rotary_factor"}
+        errors.append(
+            f"text_config.rope_parameters.rope_type={rope_type!r} is not implemented (only M-RoPE, 'default')"
+        )
+    extra = set(params) - {
+        "rope_type",
+        "type",
+        "rope_theta",
+        "mrope_section",
+        "partial_rotary_factor",
+    }
     if extra:
         errors.append(f"text_config.rope_parameters has unsupported keys {sorted(extra)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        errors.append(f"text_config.rope_parameters.partial_rotary_factor={params['partial_rotary_factor']} is not implemented")
+        errors.append(
+            f"text_config.rope_parameters.partial_rotary_factor={params['partial_rotary_factor']} is not implemented"
+        )
     section = params.get("mrope_section")
     if section is None:
-        errors.append("text_config.rope_parameters.mrope_section is missing (Qwen2.5-VL needs M-RoPE)")
+        errors.append(
+            "text_config.rope_parameters.mrope_section is missing (Qwen2.5-VL needs M-RoPE)"
+        )
     return float(params["rope_theta"]), None if section is None else tuple(int(s) for s in section)
 
 
@@ -95,11 +142,15 @@ def qwen2_5_vl_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Qwe
     """Our config from `transformers.Qwen2_5_VLConfig.to_dict()`; UnsupportedConfigError
     lists every field it cannot honour."""
     if hf.get("model_type") != "qwen2_5_vl":
-        raise UnsupportedConfigError(f"config.model_type={hf.get('model_type')!r}; expected 'qwen2_5_vl'")
+        raise UnsupportedConfigError(
+            f"config.model_type={hf.get('model_type')!r}; expected 'qwen2_5_vl'"
+        )
     errors: list[str] = []
     missing = [key for key in ("text_config", "vision_config") if not hf.get(key)]
     if missing:  # every field below lives in one of them: nothing else can be checked
-        raise UnsupportedConfigError(f"config has no {' and no '.join(missing)} (a Qwen2.5-VL config has both)")
+        raise UnsupportedConfigError(
+            f"config has no {' and no '.join(missing)} (a Qwen2.5-VL config has both)"
+        )
     vision = hf["vision_config"]
     text = hf["text_config"]
     _unknown("vision_config", vision, set(_VISION_MAPPED) | _VISION_IGNORED, errors)
@@ -108,12 +159,18 @@ def qwen2_5_vl_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Qwe
 
     vrope = vision.get("rope_parameters") or {"rope_type": "axial", "rope_theta": 10000.0}
     if vrope.get("rope_type", "axial") != "axial" or set(vrope) - {"rope_type", "rope_theta"}:
-        errors.append(f"vision_config.rope_parameters={vrope!r} is not implemented (only axial 2-D RoPE)")
+        errors.append(
+            f"vision_config.rope_parameters={vrope!r} is not implemented (only axial 2-D RoPE)"
+        )
     if text.get("use_sliding_window", False):
-        errors.append("text_config.use_sliding_window=True is not implemented (only full attention)")
+        errors.append(
+            "text_config.use_sliding_window=True is not implemented (only full attention)"
+        )
     layer_types = set(text.get("layer_types") or ["full_attention"])
     if layer_types != {"full_attention"}:
-        errors.append(f"text_config.layer_types={sorted(layer_types)} is not implemented (only 'full_attention')")
+        errors.append(
+            f"text_config.layer_types={sorted(layer_types)} is not implemented (only 'full_attention')"
+        )
     for section, d in (("vision_config", vision), ("text_config", text)):
         act = d.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
@@ -137,7 +194,9 @@ def qwen2_5_vl_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Qwe
             tie_word_embeddings=tied,
             dtype=dtype,
         )
-        return Qwen2_5_VLConfig(vision=vision_cfg, text=text_cfg, **{k: hf[k] for k in _TOP_MAPPED if k in hf})
+        return Qwen2_5_VLConfig(
+            vision=vision_cfg, text=text_cfg, **{k: hf[k] for k in _TOP_MAPPED if k in hf}
+        )
     except ValueError as e:
         raise UnsupportedConfigError(f"invalid HF config: {e}") from None
 
@@ -152,7 +211,13 @@ SPEC = core.FamilySpec(
 )
 
 
-def convert(src: str | Path, out: str | Path, dtype: str = "float32", force: bool = False, progress: bool = True) -> dict:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Convert SRC into OUT; returns a summary dict. Leaves OUT untouched on failure."""
     return core.convert(SPEC, src, out, dtype=dtype, force=force, progress=progress)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -46,10 +46,14 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file ({size} bytes, no header)"
+                )
             (header_len,) = struct.unpack("<Q", raw)
             if 8 + header_len > size:
-                raise CheckpointError(f"{self.path}: truncated safetensors file (header says {header_len} bytes)")
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file (header says {header_len} bytes)"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except json.JSONDecodeError as e:
@@ -65,7 +69,9 @@ class SafetensorsFile:
             )
         for name, entry in header.items():
             if entry["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}"
+                )
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -92,7 +98,10 @@ class SafetensorsFile:
             for start in range(0, shape[0], per_block):
                 rows = min(per_block, shape[0] - start)
                 f.seek(begin + start * row_bytes)
-                yield start, np.frombuffer(f.read(rows * row_bytes), dtype).reshape((rows, *shape[1:]))
+                yield (
+                    start,
+                    np.frombuffer(f.read(rows * row_bytes), dtype).reshape((rows, *shape[1:])),
+                )
 
 
 class SafetensorsCheckpoint:
@@ -106,12 +115,16 @@ class SafetensorsCheckpoint:
             shard_names = sorted(set(weight_map.values()))
             missing = [n for n in shard_names if not (directory / n).exists()]
             if missing:
-                raise CheckpointError(f"{directory}: shards listed in {INDEX_NAME} are missing: {missing}")
+                raise CheckpointError(
+                    f"{directory}: shards listed in {INDEX_NAME} are missing: {missing}"
+                )
             shards = {n: SafetensorsFile(directory / n) for n in shard_names}
             self._where = {key: shards[shard] for key, shard in weight_map.items()}
             for key, shard in weight_map.items():
                 if key not in shards[shard]._entries:
-                    raise CheckpointError(f"{directory / shard}: tensor {key!r} listed in the index is absent")
+                    raise CheckpointError(
+                        f"{directory / shard}: tensor {key!r} listed in the index is absent"
+                    )
         elif (directory / SINGLE_NAME).exists():
             single = SafetensorsFile(directory / SINGLE_NAME)
             self._where = {key: single for key in single.keys()}

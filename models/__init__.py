@@ -7,7 +7,11 @@ features, projected visual tokens, input embeddings and a decoder with a KV cach
 from models.clip import CLIPVisionConfig, CLIPVisionModel
 from models.llama import KVCache, LlamaConfig, LlamaForCausalLM, LlamaModel
 from models.llava import LlavaConfig, LlavaForConditionalGeneration, LlavaMultiModalProjector
-from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLVisionConfig
+from models.qwen2_5_vl import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLVisionConfig,
+)
 
 __all__ = [
     "CLIPVisionConfig",

@@ -50,7 +50,9 @@ def unflatten_into(template: dict, flat: dict[str, Any], prefix: str = "") -> di
     out = {}
     for key, value in template.items():
         path = f"{prefix}{key}"
-        out[key] = unflatten_into(value, flat, path + ".") if isinstance(value, dict) else flat[path]
+        out[key] = (
+            unflatten_into(value, flat, path + ".") if isinstance(value, dict) else flat[path]
+        )
     return out
 
 
@@ -88,16 +90,22 @@ def read_payload(directory: Path) -> tuple[str, dict]:
     try:
         payload = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); {RECONVERT}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else payload
-        raise CheckpointError(f"{path}: unknown checkpoint format {found!r}; expected {FORMAT!r}; {RECONVERT}")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {found!r}; expected {FORMAT!r}; {RECONVERT}"
+        )
     name = payload.get("model")
     if not isinstance(name, str):
-        raise CheckpointError(f"{path} does not name its model family (the \"model\" field); {RECONVERT}")
+        raise CheckpointError(
+            f'{path} does not name its model family (the "model" field); {RECONVERT}'
+        )
     config = payload.get("config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds no model config (the \"config\" field); {RECONVERT}")
+        raise CheckpointError(f'{path} holds no model config (the "config" field); {RECONVERT}')
     return name, config
 
 
@@ -144,11 +152,15 @@ class ParamWriter:
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.ArrayHandler()),
         )
-        self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+        self._checkpointer = ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+        )
 
     def add(self, path: str, array: np.ndarray) -> None:
         if not isinstance(array, np.ndarray):
-            raise TypeError(f"ParamWriter.add({path!r}): expected a numpy array, got {type(array).__name__}")
+            raise TypeError(
+                f"ParamWriter.add({path!r}): expected a numpy array, got {type(array).__name__}"
+            )
         self.reserve(array.nbytes)
         self._pending[path] = array
         self._pending_bytes += array.nbytes
@@ -163,7 +175,9 @@ class ParamWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        self._checkpointer.save(self.root / f"{len(self.groups):05d}", args=ocp.args.PyTreeSave(_nest(self._pending)))
+        self._checkpointer.save(
+            self.root / f"{len(self.groups):05d}", args=ocp.args.PyTreeSave(_nest(self._pending))
+        )
         self.groups.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
         _release_freed_memory()
@@ -182,7 +196,9 @@ def save_params(directory: Path, params: dict) -> None:
     writer.close()
 
 
-def restore_params(directory: Path, template: dict, shardings: dict[str, Any] | None = None) -> dict:
+def restore_params(
+    directory: Path, template: dict, shardings: dict[str, Any] | None = None
+) -> dict:
     """Nested dict shaped like `template` (ShapeDtypeStruct leaves) of device arrays, read group by group.
 
     Stored arrays are cast to the template's dtypes. `shardings` ({path: Sharding}, every
@@ -192,7 +208,10 @@ def restore_params(directory: Path, template: dict, shardings: dict[str, Any] | 
     root = (Path(directory) / PARAMS_DIR).absolute()
     targets = flatten(template)
     if shardings is not None:
-        targets = {p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p]) for p, t in targets.items()}
+        targets = {
+            p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=shardings[p])
+            for p, t in targets.items()
+        }
     groups = _read_manifest(root)
     unknown = sorted({p for g in groups for p in g} - set(targets))
     missing = sorted(set(targets) - {p for g in groups for p in g})
@@ -208,9 +227,15 @@ def restore_params(directory: Path, template: dict, shardings: dict[str, Any] | 
             group = root / f"{i:05d}"
             try:
                 restored = checkpointer.restore(group, _nest({p: targets[p] for p in paths}))
-            except Exception as e:  # orbax/tensorstore raise many types for one cause: damaged files
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                raise CheckpointError(f"{group} cannot be restored ({reason}); {RECONVERT}") from None
+            except (
+                Exception
+            ) as e:  # orbax/tensorstore raise many types for one cause: damaged files
+                reason = (
+                    str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                )
+                raise CheckpointError(
+                    f"{group} cannot be restored ({reason}); {RECONVERT}"
+                ) from None
             if shardings is not None:
                 flat.update(flatten(restored))
                 continue
@@ -224,8 +249,14 @@ def restore_params(directory: Path, template: dict, shardings: dict[str, Any] | 
 
 def _is_closed_loop_callback(unraisable) -> bool:
     exc = unraisable.exc_value
-    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)] if exc is not None else []
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and any("asyncio" in f for f in frames)
+    frames = (
+        [f.filename for f in traceback.extract_tb(exc.__traceback__)] if exc is not None else []
+    )
+    return (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and any("asyncio" in f for f in frames)
+    )
 
 
 class _OrphanedReadFilter(logging.Filter):
@@ -233,7 +264,10 @@ class _OrphanedReadFilter(logging.Filter):
     failed restore (the failure itself was already raised as a CheckpointError)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+        if (
+            not str(record.msg).startswith("Task exception was never retrieved")
+            or not record.exc_info
+        ):
             return True
         frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
         from_reader = any("orbax" in f.filename or "tensorstore" in f.filename for f in frames)
@@ -268,7 +302,9 @@ def _read_manifest(root: Path) -> list[list[str]]:
         if not all(isinstance(g, list) and all(isinstance(p, str) for p in g) for g in groups):
             raise TypeError("groups must be lists of parameter paths")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
+        raise CheckpointError(
+            f"{manifest} cannot be read ({type(e).__name__}: {e}); {RECONVERT}"
+        ) from None
     return groups
 
 

@@ -15,8 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import ACTIVATIONS, activation, check_choice, check_positive, dot_product_attention, dtype_of
-
+from models.layers import (
+    ACTIVATIONS,
+    activation,
+    check_choice,
+    check_positive,
+    dot_product_attention,
+    dtype_of,
+)
 
 # Tensor parallelism over "model" (zspa_jax.sharding): attention q/k/v and fc1 split by
 # output columns, out_proj and fc2 by input rows, the patch convolution by output channel.
@@ -84,13 +90,17 @@ def _linear(cfg: CLIPVisionConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.L
 
 def _layer_norm(cfg: CLIPVisionConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     dt = dtype_of(cfg.dtype)
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dt, param_dtype=dt, rngs=rngs)
+    return nnx.LayerNorm(
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dt, param_dtype=dt, rngs=rngs
+    )
 
 
 class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size,), dt) * 0.02)
+        self.class_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.hidden_size,), dt) * 0.02
+        )
         self.patch_embedding = nnx.Conv(
             cfg.num_channels,
             cfg.hidden_size,
@@ -102,7 +112,9 @@ class CLIPVisionEmbeddings(nnx.Module):
             param_dtype=dt,
             rngs=rngs,
         )
-        self.position_embedding = nnx.Embed(cfg.num_patches + 1, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.position_embedding = nnx.Embed(
+            cfg.num_patches + 1, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values: [B, C, H, W] (the HF processor's NCHW layout) -> [B, 1 + P, D]."""
@@ -110,9 +122,13 @@ class CLIPVisionEmbeddings(nnx.Module):
         patches = self.patch_embedding(x)  # [B, H/p, W/p, D]
         b = patches.shape[0]
         patches = patches.reshape(b, -1, patches.shape[-1])
-        cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, patches.shape[-1])).astype(patches.dtype)
+        cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, patches.shape[-1])).astype(
+            patches.dtype
+        )
         tokens = jnp.concatenate([cls, patches], axis=1)
-        return tokens + self.position_embedding.embedding[None, : tokens.shape[1]].astype(tokens.dtype)
+        return tokens + self.position_embedding.embedding[None, : tokens.shape[1]].astype(
+            tokens.dtype
+        )
 
 
 class ClsAttention(NamedTuple):
@@ -138,15 +154,21 @@ class CLIPAttention(nnx.Module):
         self.v_proj = _linear(cfg, d, d, rngs)
         self.out_proj = _linear(cfg, d, d, rngs)
 
-    def __call__(self, x: jax.Array, cls_attention: bool = False) -> jax.Array | tuple[jax.Array, ClsAttention]:
+    def __call__(
+        self, x: jax.Array, cls_attention: bool = False
+    ) -> jax.Array | tuple[jax.Array, ClsAttention]:
         """x [B, L, D] -> [B, L, D]; with `cls_attention`, also the [CLS] row (see ClsAttention)."""
-        b, l, _ = x.shape
-        split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
+        b, seq, _ = x.shape
+        split = lambda t: t.reshape(b, seq, self.num_heads, self.head_dim)
         q, k = split(self.q_proj(x)), split(self.k_proj(x))
-        out = self.out_proj(dot_product_attention(q, k, split(self.v_proj(x)), mask=None).reshape(b, l, -1))
+        out = self.out_proj(
+            dot_product_attention(q, k, split(self.v_proj(x)), mask=None).reshape(b, seq, -1)
+        )
         if not cls_attention:
             return out
-        scores = jnp.einsum("bhd,bshd->bhs", q[:, 0], k).astype(jnp.float32) / math.sqrt(self.head_dim)
+        scores = jnp.einsum("bhd,bshd->bhs", q[:, 0], k).astype(jnp.float32) / math.sqrt(
+            self.head_dim
+        )
         probs = jnp.mean(jax.nn.softmax(scores, axis=-1), axis=1)
         return out, ClsAttention(probs, jnp.mean(k.astype(jnp.float32), axis=2))
 
@@ -181,7 +203,9 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List(
+            [CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
 
 
 class CLIPVisionModel(nnx.Module):
@@ -197,7 +221,10 @@ class CLIPVisionModel(nnx.Module):
     has_cls_token = True  # index 0 of every hidden state is [CLS]
 
     def hidden_states(
-        self, pixel_values: jax.Array, num_layers: int | None = None, cls_attention_layer: int | None = None
+        self,
+        pixel_values: jax.Array,
+        num_layers: int | None = None,
+        cls_attention_layer: int | None = None,
     ) -> list[jax.Array] | tuple[list[jax.Array], ClsAttention]:
         """All hidden states: [pre_layrnorm(embeddings), after layer 1, ..., after layer `num_layers`].
 
@@ -214,7 +241,9 @@ class CLIPVisionModel(nnx.Module):
                 f"(NCHW), got {tuple(pixel_values.shape)}"
             )
         n_layers = self.config.num_hidden_layers
-        if cls_attention_layer is not None and not 0 <= cls_attention_layer < min(n_layers, num_layers or n_layers):
+        if cls_attention_layer is not None and not 0 <= cls_attention_layer < min(
+            n_layers, num_layers or n_layers
+        ):
             raise ValueError(
                 f"cls_attention_layer must be an encoder layer index in [0, {min(n_layers, num_layers or n_layers)}), "
                 f"got {cls_attention_layer}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(
+            f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -50,7 +52,9 @@ def dtype_of(name: str) -> jnp.dtype:
 
 def check_choice(owner: str, field: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{owner}.{field}={value!r} is not supported; expected one of {sorted(choices)}")
+        raise ValueError(
+            f"{owner}.{field}={value!r} is not supported; expected one of {sorted(choices)}"
+        )
 
 
 def check_positive(owner: str, **fields: int) -> None:
@@ -72,18 +76,18 @@ def dot_product_attention(
     q: [B, L, H, Dh]; k, v: [B, S, Hkv, Dh] with H % Hkv == 0; mask: bool [B, L, S] or None.
     Returns [B, L, H, Dh] in q's dtype.
     """
-    b, l, h, dh = q.shape
+    b, seq, h, dh = q.shape
     hkv = k.shape[2]
     if h % hkv:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
-    qg = q.reshape(b, l, hkv, h // hkv, dh)
+    qg = q.reshape(b, seq, hkv, h // hkv, dh)
     scores = jnp.einsum("blkgd,bskd->bkgls", qg, k).astype(jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, dh)
+    return out.reshape(b, seq, h, dh)
 
 
 PROMPT_BLOCK = 128  # query rows per block of `causal_prompt_attention`
@@ -109,7 +113,9 @@ def causal_prompt_attention(
     outs = []
     for start in range(0, length, block):  # static: each block its own shapes
         end = min(length, start + block)
-        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+        outs.append(
+            dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end])
+        )
     return jnp.concatenate(outs, axis=1)
 
 
@@ -144,7 +150,10 @@ def placeholder_slots(input_ids: jax.Array, token_ids: int | tuple[int, ...], n:
 
 
 def merge_image_features(
-    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token_index: int
+    input_ids: jax.Array,
+    inputs_embeds: jax.Array,
+    image_features: jax.Array,
+    image_token_index: int,
 ) -> jax.Array:
     """Write visual tokens into the placeholder positions, in reading order across the batch.
 

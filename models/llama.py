@@ -25,15 +25,14 @@ from models.layers import (
     ACTIVATIONS,
     MASK_VALUE,
     activation,
+    causal_prompt_attention,
     check_choice,
     check_positive,
-    causal_prompt_attention,
     dot_product_attention,
     dtype_of,
     padding_causal_mask,
     positions_from_mask,
 )
-
 
 # Tensor parallelism over "model" (applied by zspa_jax.sharding): q/k/v/gate/up split by
 # output columns (with their biases), o/down by input rows, so each layer needs one
@@ -103,7 +102,9 @@ class LlamaConfig:
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
             if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
-                raise ValueError(f"{name}.mrope_section must be 3 non-negative ints (t, h, w), got {self.mrope_section}")
+                raise ValueError(
+                    f"{name}.mrope_section must be 3 non-negative ints (t, h, w), got {self.mrope_section}"
+                )
             if sum(self.mrope_section) != self.head_dim // 2:
                 raise ValueError(
                     f"{name}.mrope_section {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}"
@@ -124,11 +125,14 @@ class KVCache:
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
         shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
         dt = dtype_of(cfg.dtype) if dtype is None else dtype
         layers = range(cfg.num_hidden_layers)
-        return cls(k=tuple(jnp.zeros(shape, dt) for _ in layers), v=tuple(jnp.zeros(shape, dt) for _ in layers))
+        return cls(
+            k=tuple(jnp.zeros(shape, dt) for _ in layers),
+            v=tuple(jnp.zeros(shape, dt) for _ in layers),
+        )
 
     @property
     def length(self) -> int:
@@ -156,9 +160,10 @@ def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     """f32 [head_dim / 2]; the power is taken in f64 and rounded once, like a correctly
     rounded f32 pow, so frequencies agree with torch bit for bit in practice."""
     exponents = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)).astype(
-        np.float32
-    )
+    return (
+        np.float32(1.0)
+        / np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
+    ).astype(np.float32)
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -169,7 +174,9 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def rope_angles(positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None) -> jax.Array:
+def rope_angles(
+    positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None
+) -> jax.Array:
     """f32 rotary angles [B, L, Dh / 2].
 
     positions: int [B, L] (plain RoPE; with M-RoPE a text-only position, the same on all
@@ -180,13 +187,18 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple
     if positions.ndim == 2:
         return freqs
     if positions.ndim != 3 or mrope_section is None:
-        raise ValueError(f"positions must be [B, L] (or [3, B, L] with mrope_section), got shape {positions.shape}")
+        raise ValueError(
+            f"positions must be [B, L] (or [3, B, L] with mrope_section), got shape {positions.shape}"
+        )
     rows = np.repeat(np.arange(3), mrope_section)  # which row each frequency reads
     return jnp.where(rows == 0, freqs[0], jnp.where(rows == 1, freqs[1], freqs[2]))
 
 
 def apply_rope(
-    x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None
+    x: jax.Array,
+    positions: jax.Array,
+    inv_freq: np.ndarray,
+    mrope_section: tuple[int, ...] | None = None,
 ) -> jax.Array:
     """Rotate-half RoPE. x: [B, L, H, Dh]; positions: int [B, L] or [3, B, L] (M-RoPE)."""
     freqs = rope_angles(positions, inv_freq, mrope_section)
@@ -204,7 +216,9 @@ def last_query_attention(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Arr
     b, _, h, dh = q.shape
     hkv = k.shape[2]
     qg = q[:, -1].reshape(b, hkv, h // hkv, dh)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k).astype(jnp.float32) / np.sqrt(dh).astype(np.float32)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k).astype(jnp.float32) / np.sqrt(dh).astype(
+        np.float32
+    )
     scores = jnp.where(mask[:, -1][:, None, None, :], scores, MASK_VALUE)
     return jnp.mean(jax.nn.softmax(scores, axis=-1), axis=(1, 2))
 
@@ -220,10 +234,14 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     b, _, h, dh = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, 1, hkv, h // hkv, dh).astype(jnp.float32)  # broadcasts over S
-    scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (1.0 / math.sqrt(dh))  # [B, S, Hkv, G]
+    scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (
+        1.0 / math.sqrt(dh)
+    )  # [B, S, Hkv, G]
     scores = jnp.where(mask[:, 0, :, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, Hkv, G, Dh]
+    out = jnp.sum(
+        probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1
+    )  # [B, Hkv, G, Dh]
     return out.reshape(b, 1, h, dh).astype(q.dtype)
 
 
@@ -235,7 +253,9 @@ class LlamaAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta  # frequencies are trace-time constants, not state
         self.mrope_section = cfg.mrope_section
-        lin = lambda din, dout, bias: nnx.Linear(din, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        lin = lambda din, dout, bias: nnx.Linear(
+            din, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs
+        )
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.q_proj = lin(cfg.hidden_size, self.num_heads * self.head_dim, qkv_bias)
         self.k_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim, qkv_bias)
@@ -267,42 +287,69 @@ class LlamaAttention(nnx.Module):
         queries attend over all S slots; the updated (k, v) is returned. The caller must
         keep cache_index + L <= S (dynamic_update_slice would clamp, not fail).
         """
-        b, l, _ = x.shape
+        b, seq, _ = x.shape
         inv_freq = rope_inverse_frequencies(self.head_dim, self.rope_theta)
         if last_only:  # keys and values from every position, queries from the last
             queries, query_positions, mask = x[:, -1:], positions[..., -1:], mask[:, -1:]
         else:
             queries, query_positions = x, positions
         lq = queries.shape[1]
-        q = apply_rope(self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim), query_positions, inv_freq,
-                       self.mrope_section)
-        k = apply_rope(
-            self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq, self.mrope_section
+        q = apply_rope(
+            self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim),
+            query_positions,
+            inv_freq,
+            self.mrope_section,
         )
-        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        k = apply_rope(
+            self.k_proj(x).reshape(b, seq, self.num_kv_heads, self.head_dim),
+            positions,
+            inv_freq,
+            self.mrope_section,
+        )
+        v = self.v_proj(x).reshape(b, seq, self.num_kv_heads, self.head_dim)
         new_keys = k
         if kv is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        if kv is not None and lq == 1 and not query_row:  # one query per row: a decode step, or `last_only`
+        if (
+            kv is not None and lq == 1 and not query_row
+        ):  # one query per row: a decode step, or `last_only`
             out = decode_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         elif causal_prompt:  # the cache's slots past the prompt are empty: only its own keys count
-            out = causal_prompt_attention(q, k[:, :l].astype(q.dtype), v[:, :l].astype(q.dtype), mask[:, :, :l])
+            out = causal_prompt_attention(
+                q, k[:, :seq].astype(q.dtype), v[:, :seq].astype(q.dtype), mask[:, :, :seq]
+            )
         else:
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         if query_row:
-            return self.o_proj(out.reshape(b, lq, -1)), kv, last_query_attention(q, k.astype(q.dtype), mask), new_keys
+            return (
+                self.o_proj(out.reshape(b, lq, -1)),
+                kv,
+                last_query_attention(q, k.astype(q.dtype), mask),
+                new_keys,
+            )
         return self.o_proj(out.reshape(b, lq, -1)), kv
 
 
 class GatedMLP(nnx.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)): LLaMA's MLP, and Qwen2.5-VL's tower MLP."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, use_bias: bool, dtype: str, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str,
+        use_bias: bool,
+        dtype: str,
+        *,
+        rngs: nnx.Rngs,
+    ):
         dt = dtype_of(dtype)
-        lin = lambda din, dout: nnx.Linear(din, dout, use_bias=use_bias, dtype=dt, param_dtype=dt, rngs=rngs)
+        lin = lambda din, dout: nnx.Linear(
+            din, dout, use_bias=use_bias, dtype=dt, param_dtype=dt, rngs=rngs
+        )
         self.act = activation(act)
         self.gate_proj = lin(hidden_size, intermediate_size)
         self.up_proj = lin(hidden_size, intermediate_size)
@@ -314,7 +361,14 @@ class GatedMLP(nnx.Module):
 
 class LlamaMLP(GatedMLP):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, cfg.dtype, rngs=rngs)
+        super().__init__(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            cfg.mlp_bias,
+            cfg.dtype,
+            rngs=rngs,
+        )
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -325,12 +379,29 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None, query_row: bool = False, last_only: bool = False,
-                 causal_prompt: bool = False):
+    def __call__(
+        self,
+        x,
+        positions,
+        mask,
+        kv=None,
+        cache_index=None,
+        query_row: bool = False,
+        last_only: bool = False,
+        causal_prompt: bool = False,
+    ):
         """-> (x, kv), or (x, kv, last-query attention row f32 [B, S], keys [B, L, Hkv, Dh]) with `query_row`.
         `last_only`: x comes back as its last position only, [B, 1, D]; `causal_prompt`: see LlamaAttention."""
-        attn, kv, *row = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index, query_row, last_only,
-                                        causal_prompt)
+        attn, kv, *row = self.self_attn(
+            self.input_layernorm(x),
+            positions,
+            mask,
+            kv,
+            cache_index,
+            query_row,
+            last_only,
+            causal_prompt,
+        )
         x = (x[:, -1:] if last_only else x) + attn
         return (x + self.mlp(self.post_attention_layernorm(x)), kv, *row)
 
@@ -341,8 +412,12 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
         self.config = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
 
     def __call__(
@@ -379,7 +454,9 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+            else nnx.Linear(
+                cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs
+            )
         )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -397,6 +474,8 @@ class LlamaForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         hidden, _ = self.model(
-            self.embed(input_ids), positions_from_mask(attention_mask), padding_causal_mask(attention_mask)
+            self.embed(input_ids),
+            positions_from_mask(attention_mask),
+            padding_causal_mask(attention_mask),
         )
         return self.logits(hidden)

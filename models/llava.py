@@ -37,7 +37,9 @@ def check_llava_fields(cfg) -> None:
     image token id. Messages name the config class and the field."""
     name = type(cfg).__name__
     if isinstance(cfg.vision_feature_layer, (list, tuple)):
-        object.__setattr__(cfg, "vision_feature_layer", tuple(int(i) for i in cfg.vision_feature_layer))
+        object.__setattr__(
+            cfg, "vision_feature_layer", tuple(int(i) for i in cfg.vision_feature_layer)
+        )
         if not cfg.vision_feature_layer:
             raise ValueError(f"{name}.vision_feature_layer must not be an empty list")
     n_states = cfg.vision.num_hidden_layers + 1
@@ -47,7 +49,12 @@ def check_llava_fields(cfg) -> None:
                 f"{name}.vision_feature_layer {layer} is out of range for a tower with "
                 f"{n_states} hidden states (valid: {-n_states}..{n_states - 1})"
             )
-    check_choice(name, "vision_feature_select_strategy", cfg.vision_feature_select_strategy, SELECT_STRATEGIES)
+    check_choice(
+        name,
+        "vision_feature_select_strategy",
+        cfg.vision_feature_select_strategy,
+        SELECT_STRATEGIES,
+    )
     check_choice(name, "projector_hidden_act", cfg.projector_hidden_act, ACTIVATIONS)
     if not 0 <= cfg.image_token_index:
         raise ValueError(f"{name}.image_token_index must be >= 0, got {cfg.image_token_index}")
@@ -95,14 +102,18 @@ class LlavaConfig(LlavaFields):
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["vision_feature_layer"] = (
-            list(self.vision_feature_layer) if isinstance(self.vision_feature_layer, tuple) else self.vision_feature_layer
+            list(self.vision_feature_layer)
+            if isinstance(self.vision_feature_layer, tuple)
+            else self.vision_feature_layer
         )
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LlavaConfig":
+    def from_dict(cls, d: dict) -> LlavaConfig:
         d = dict(d)
-        return cls(vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+        return cls(
+            vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d
+        )
 
 
 class LlavaMultiModalProjector(nnx.Module):
@@ -161,10 +172,16 @@ class LlavaForConditionalGeneration(nnx.Module):
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
-        return merge_image_features(input_ids, embeds, self.image_features(pixel_values), self.config.image_token_index)
+        return merge_image_features(
+            input_ids, embeds, self.image_features(pixel_values), self.config.image_token_index
+        )
 
     def multimodal_inputs(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux=None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array,
+        aux=None,
     ) -> MultimodalInputs:
         """The family protocol (models.protocol): 1-D positions from the mask; with images,
         pixel_values [M, C, H, W]. When M = B * I, the visual layout is rows of I images of
@@ -182,18 +199,32 @@ class LlavaForConditionalGeneration(nnx.Module):
         images = m // b
         slots = placeholder_slots(input_ids, self.config.image_token_index, images * p)
         valid = jnp.take_along_axis(attention_mask, slots, axis=1) != 0
-        image_index = jnp.broadcast_to(jnp.arange(images * p, dtype=jnp.int32).reshape(images, p), (b, images, p))
+        image_index = jnp.broadcast_to(
+            jnp.arange(images * p, dtype=jnp.int32).reshape(images, p), (b, images, p)
+        )
         grid = self.config.token_grid
-        grid = None if grid is None else jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (b, images, 2))
-        return MultimodalInputs(merged, text, positions, None, features.reshape(b, images * p, d), valid,
-                                image_index, grid)
+        grid = (
+            None if grid is None else jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (b, images, 2))
+        )
+        return MultimodalInputs(
+            merged,
+            text,
+            positions,
+            None,
+            features.reshape(b, images * p, d),
+            valid,
+            image_index,
+            grid,
+        )
 
     def cls_tower(self, pixel_values: jax.Array, method: str, aux=None) -> TowerFeatures:
         """The tower at the feature layer with its [CLS] attention row (models.protocol), for
         the tower-stage methods; pixel_values [M, C, H, W], one row of features per image
         (the trivial layout: `aux` is unused)."""
         index = cls_feature_state(self.config, self.vision_tower, method)
-        states, cls = self.vision_tower.hidden_states(pixel_values, num_layers=index, cls_attention_layer=index - 1)
+        states, cls = self.vision_tower.hidden_states(
+            pixel_values, num_layers=index, cls_attention_layer=index - 1
+        )
         hidden = states[index]  # [B, 1 + P, Dv], [CLS] at 0
         full = self.config.vision_feature_select_strategy == "full"
         features, attention = (hidden, cls.probs) if full else (hidden[:, 1:], cls.probs[:, 1:])
@@ -204,7 +235,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(x)
 
     def __call__(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Full forward (no cache): f32 logits [B, L, V]. Positions follow the mask (left padding)."""
         if attention_mask is None:
@@ -214,7 +248,6 @@ class LlavaForConditionalGeneration(nnx.Module):
             embeds, positions_from_mask(attention_mask), padding_causal_mask(attention_mask)
         )
         return self.language_model.logits(hidden)
-
 
 
 def cls_feature_state(cfg: LlavaConfig, tower, method: str) -> int:

@@ -61,7 +61,9 @@ class LlavaNextConfig(LlavaFields):
     vision: CLIPVisionConfig
     text: LlamaConfig
     image_token_index: int = 32000
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS  # (height, width) in pixels
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = (
+        DEFAULT_PINPOINTS  # (height, width) in pixels
+    )
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
@@ -76,7 +78,11 @@ class LlavaNextConfig(LlavaFields):
                 "expected 'default'"
             )
         check_llava_fields(self)
-        object.__setattr__(self, "image_grid_pinpoints", _check_pinpoints(name, self.image_grid_pinpoints, self.vision))
+        object.__setattr__(
+            self,
+            "image_grid_pinpoints",
+            _check_pinpoints(name, self.image_grid_pinpoints, self.vision),
+        )
 
     @property
     def crop_size(self) -> int:
@@ -108,10 +114,14 @@ class LlavaNextConfig(LlavaFields):
     @classmethod
     def from_dict(cls, d: dict) -> LlavaNextConfig:
         d = dict(d)
-        return cls(vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+        return cls(
+            vision=CLIPVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d
+        )
 
 
-def _check_pinpoints(owner: str, pinpoints: Any, vision: CLIPVisionConfig) -> tuple[tuple[int, int], ...]:
+def _check_pinpoints(
+    owner: str, pinpoints: Any, vision: CLIPVisionConfig
+) -> tuple[tuple[int, int], ...]:
     """(height, width) pairs, each a positive multiple of the tower's input size."""
     try:
         pairs = tuple((int(h), int(w)) for h, w in pinpoints)
@@ -148,7 +158,9 @@ def _image_size(image_size: Any, name: str = "image_size") -> tuple[int, int]:
     return h, w
 
 
-def select_best_resolution(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+def select_best_resolution(
+    image_size: Sequence[int], pinpoints: Sequence[Sequence[int]]
+) -> tuple[int, int]:
     """The pinpoint (height, width) an image of `image_size` (height, width) is resized into:
     the most of the image's own pixels kept, then the least padding (transformers'
     `image_processing_utils.select_best_resolution`, ties to the first)."""
@@ -161,7 +173,9 @@ def select_best_resolution(image_size: Sequence[int], pinpoints: Sequence[Sequen
         if effective > best_effective or (effective == best_effective and wasted < best_wasted):
             best, best_effective, best_wasted = (int(h), int(w)), effective, wasted
     if best is None:
-        raise ValueError(f"no pinpoint fits image_size {image_size!r} (pinpoints {list(pinpoints)!r})")
+        raise ValueError(
+            f"no pinpoint fits image_size {image_size!r} (pinpoints {list(pinpoints)!r})"
+        )
     return best
 
 
@@ -185,7 +199,9 @@ class Unpadded(NamedTuple):
     left: int
 
 
-def unpadded_features_shape(image_size: Sequence[int], grid_shape: Sequence[int], tokens_per_side: int) -> Unpadded:
+def unpadded_features_shape(
+    image_size: Sequence[int], grid_shape: Sequence[int], tokens_per_side: int
+) -> Unpadded:
     """What transformers' `unpad_image` keeps of the crop-feature map of an image of
     `image_size` (height, width) cut into `grid_shape` (rows, cols) crops of
     `tokens_per_side`^2 tokens (same float arithmetic, so the same rounding)."""
@@ -229,13 +245,23 @@ class AnyresLayout(NamedTuple):
 
     index: np.ndarray  # int32 [M, S]
     valid: np.ndarray  # bool [M, S]
-    row_index: np.ndarray | None = None  # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
-    image_index: np.ndarray | None = None  # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
+    row_index: np.ndarray | None = (
+        None  # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
+    )
+    image_index: np.ndarray | None = (
+        None  # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
+    )
     # The tower layout of models.protocol for the tower-stage methods (with input_ids): per
     # image, crop (base view first, max_patches of them) and tower token
-    tower_slot: np.ndarray | None = None  # int32 [M, C, P]: the row slot whose position the token takes, -1: no crop
-    tower_order: np.ndarray | None = None  # int32 [M, C, P]: raster index in the crop grid's full (padded) map
-    tower_start: np.ndarray | None = None  # int32 [M, C]: row slot of the base view's / the crop grid's first token
+    tower_slot: np.ndarray | None = (
+        None  # int32 [M, C, P]: the row slot whose position the token takes, -1: no crop
+    )
+    tower_order: np.ndarray | None = (
+        None  # int32 [M, C, P]: raster index in the crop grid's full (padded) map
+    )
+    tower_start: np.ndarray | None = (
+        None  # int32 [M, C]: row slot of the base view's / the crop grid's first token
+    )
 
 
 def _image_index(image_size: tuple[int, int], cfg: LlavaNextConfig) -> np.ndarray:
@@ -243,11 +269,15 @@ def _image_index(image_size: tuple[int, int], cfg: LlavaNextConfig) -> np.ndarra
     side, tokens = cfg.tokens_per_side, cfg.tokens_per_crop
     rows, cols = anyres_grid_shape(image_size, cfg.image_grid_pinpoints, cfg.crop_size)
     kept = unpadded_features_shape(image_size, (rows, cols), side)
-    r = np.arange(kept.top, kept.top + kept.rows)[:, None]  # rows of the [rows * side, cols * side] map
+    r = np.arange(kept.top, kept.top + kept.rows)[
+        :, None
+    ]  # rows of the [rows * side, cols * side] map
     c = np.arange(kept.left, kept.left + kept.cols)[None, :]
     crop = 1 + (r // side) * cols + (c // side)  # crop 0 is the base view
     grid = crop * tokens + (r % side) * side + (c % side)
-    grid = np.concatenate([grid, np.full((kept.rows, 1), NEWLINE)], axis=1)  # a newline ends every row
+    grid = np.concatenate(
+        [grid, np.full((kept.rows, 1), NEWLINE)], axis=1
+    )  # a newline ends every row
     return np.concatenate([np.arange(tokens), grid.reshape(-1)]).astype(np.int32)
 
 
@@ -284,7 +314,9 @@ def anyres_layout(
     if num_slots is None:
         num_slots = need
     elif int(num_slots) < need:
-        raise ValueError(f"num_slots={num_slots} is too small: image_sizes need {need} visual tokens for one image")
+        raise ValueError(
+            f"num_slots={num_slots} is too small: image_sizes need {need} visual tokens for one image"
+        )
     slots = int(num_slots)
     index = np.full((len(rows), slots), NEWLINE, np.int32)
     valid = np.zeros((len(rows), slots), bool)
@@ -293,12 +325,16 @@ def anyres_layout(
         valid[i, : len(r)] = True
     if input_ids is None:
         return AnyresLayout(index, valid)
-    row_index, image_index = _row_layout(input_ids, attention_mask, [len(r) for r in rows], slots, cfg)
+    row_index, image_index = _row_layout(
+        input_ids, attention_mask, [len(r) for r in rows], slots, cfg
+    )
     first = image_index[:, :, 0].reshape(-1)
     first = first[first >= 0]  # each image's first row slot, images in reading order
     tower = [_tower_layout((int(h), int(w)), int(n0), cfg) for (h, w), n0 in zip(sizes, first)]
     tower_slot, tower_order, tower_start = (
-        np.stack([t[i] for t in tower]) if tower else np.zeros((0, cfg.max_patches) + shape, np.int32)
+        np.stack([t[i] for t in tower])
+        if tower
+        else np.zeros((0, cfg.max_patches) + shape, np.int32)
         for i, shape in enumerate(((cfg.tokens_per_crop,), (cfg.tokens_per_crop,), ()))
     )
     return AnyresLayout(index, valid, row_index, image_index, tower_slot, tower_order, tower_start)
@@ -320,7 +356,9 @@ def _tower_layout(image_size: tuple[int, int], n0: int, cfg: LlavaNextConfig):
     slot[0], order[0], start[0] = n0 + np.arange(tokens), np.arange(tokens), n0
     crop = np.arange(rows * cols)
     t = np.arange(tokens)
-    r = (crop // cols)[:, None] * side + (t // side)[None]  # [crops, P]: row and column in the full map
+    r = (crop // cols)[:, None] * side + (t // side)[
+        None
+    ]  # [crops, P]: row and column in the full map
     c = (crop % cols)[:, None] * side + (t % side)[None]
     rr = np.clip(r, kept.top, kept.top + kept.rows - 1) - kept.top
     cc = np.clip(c, kept.left, kept.left + kept.cols - 1) - kept.left
@@ -337,10 +375,16 @@ def _row_layout(input_ids, attention_mask, counts: list[int], slots: int, cfg: L
         raise ValueError(f"input_ids must be an int array [batch, length], got shape {ids.shape}")
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask) != 0
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}"
+        )
     token = cfg.image_token_index
-    placeholders = [np.flatnonzero(row == token) for row in ids]  # every placeholder, masked ones too
-    real = [np.flatnonzero(mask[b, p]) for b, p in enumerate(placeholders)]  # row slots of the real ones
+    placeholders = [
+        np.flatnonzero(row == token) for row in ids
+    ]  # every placeholder, masked ones too
+    real = [
+        np.flatnonzero(mask[b, p]) for b, p in enumerate(placeholders)
+    ]  # row slots of the real ones
     found, expected = sum(len(r) for r in real), sum(counts)
     if found != expected:
         raise ValueError(
@@ -432,7 +476,9 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         self.vision_tower = CLIPVisionModel(cfg.vision, rngs=rngs)
         self.multi_modal_projector = LlavaMultiModalProjector(cfg, rngs=rngs)
         std = cfg.text.hidden_size**-0.5  # transformers' init (overwritten by a checkpoint)
-        self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (cfg.text.hidden_size,), dt) * std)
+        self.image_newline = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.text.hidden_size,), dt) * std
+        )
         self.language_model = LlamaForCausalLM(cfg.text, rngs=rngs)
 
     # -- vision -------------------------------------------------------------------------
@@ -477,7 +523,11 @@ class LlavaNextForConditionalGeneration(nnx.Module):
                 f"layout (index {tuple(index.shape)}, valid {tuple(valid.shape)}) must have one row per image of "
                 f"pixel_values ({n})"
             )
-        if isinstance(index, np.ndarray) and index.size and int(index.max()) >= k * self.config.tokens_per_crop:
+        if (
+            isinstance(index, np.ndarray)
+            and index.size
+            and int(index.max()) >= k * self.config.tokens_per_crop
+        ):
             raise ValueError(
                 f"layout reads crop {int(index.max()) // self.config.tokens_per_crop} but pixel_values has {k} crops "
                 "per image; image_sizes does not match pixel_values"
@@ -499,7 +549,12 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         return self.language_model.embed(safe_ids)
 
     def merge_packed(
-        self, input_ids: jax.Array, embeds: jax.Array, packed: jax.Array, valid: jax.Array, attention_mask=None
+        self,
+        input_ids: jax.Array,
+        embeds: jax.Array,
+        packed: jax.Array,
+        valid: jax.Array,
+        attention_mask=None,
     ) -> jax.Array:
         """Write the images' valid packed tokens, image after image, into the real
         placeholder positions (attention_mask != 0) in reading order across the batch
@@ -513,7 +568,9 @@ class LlavaNextForConditionalGeneration(nnx.Module):
             is_image &= attention_mask != 0
         lengths = jnp.sum(jnp.asarray(valid, jnp.int32), axis=1)  # [M]
         ends = jnp.cumsum(lengths)
-        order = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(is_image.shape)  # placeholder ordinal
+        order = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(
+            is_image.shape
+        )  # placeholder ordinal
         image = jnp.clip(jnp.searchsorted(ends, order, side="right"), 0, packed.shape[0] - 1)
         slot = jnp.clip(order - (ends - lengths)[image], 0, packed.shape[1] - 1)
         features = packed[image, slot].astype(embeds.dtype)
@@ -526,12 +583,20 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         if pixel_values is None:
             return embeds
         if layout is None:
-            raise ValueError("aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
-                             "pixel_values is given")
-        return self.merge_packed(input_ids, embeds, self.packed_features(pixel_values, layout), layout.valid)
+            raise ValueError(
+                "aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
+                "pixel_values is given"
+            )
+        return self.merge_packed(
+            input_ids, embeds, self.packed_features(pixel_values, layout), layout.valid
+        )
 
     def multimodal_inputs(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None, aux=None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array | None,
+        aux=None,
     ) -> MultimodalInputs:
         """The family protocol (models.protocol): 1-D positions from the mask; with images,
         `aux` is their AnyresLayout. When it carries the batch's visual layout
@@ -546,8 +611,10 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         if pixel_values is None:
             return MultimodalInputs(text, text, positions, None, None, None)
         if aux is None:
-            raise ValueError("aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
-                             "pixel_values is given")
+            raise ValueError(
+                "aux must be the AnyresLayout of the images (anyres_layout(image_sizes, config)) when "
+                "pixel_values is given"
+            )
         packed = self.packed_features(pixel_values, aux)  # [M, S, D]
         merged = self.merge_packed(input_ids, text, packed, aux.valid, attention_mask)
         visual = valid = image_index = None
@@ -558,11 +625,18 @@ class LlavaNextForConditionalGeneration(nnx.Module):
             visual = jnp.where(valid[..., None], visual, jnp.zeros((), visual.dtype))
             image_index = jnp.asarray(aux.image_index, jnp.int32)
         return MultimodalInputs(
-            embeds=merged, text_embeds=text, positions=positions, next_position=None, visual=visual,
-            visual_valid=valid, image_index=image_index,
+            embeds=merged,
+            text_embeds=text,
+            positions=positions,
+            next_position=None,
+            visual=visual,
+            visual_valid=valid,
+            image_index=image_index,
         )
 
-    def cls_tower(self, pixel_values: jax.Array, method: str, aux: AnyresLayout | None = None) -> TowerFeatures:
+    def cls_tower(
+        self, pixel_values: jax.Array, method: str, aux: AnyresLayout | None = None
+    ) -> TowerFeatures:
         """The tower at the feature layer with its [CLS] attention row (models.protocol), for
         the tower-stage methods: one tower row per crop, pixel_values [M, C, ...] -> M * C
         rows of P tokens (base view, then the crop grid, per image), and their layout from
@@ -577,27 +651,38 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         each crop's contextual tokens)."""
         crop = self._check_crops(pixel_values)
         if aux is None or aux.tower_slot is None:
-            raise ValueError(f"method {method!r} needs aux: the AnyresLayout of the batch "
-                             "(anyres_layout(image_sizes, config, input_ids=...))")
+            raise ValueError(
+                f"method {method!r} needs aux: the AnyresLayout of the batch "
+                "(anyres_layout(image_sizes, config, input_ids=...))"
+            )
         index = cls_feature_state(self.config, self.vision_tower, method)
         n, k = pixel_values.shape[:2]
         states, cls = self.vision_tower.hidden_states(
             pixel_values.reshape(n * k, *crop), num_layers=index, cls_attention_layer=index - 1
         )
         hidden = states[index]  # [n * k, 1 + P, Dv], [CLS] at 0
-        slot, order, start = (jnp.asarray(x, jnp.int32) for x in (aux.tower_slot, aux.tower_order, aux.tower_start))
+        slot, order, start = (
+            jnp.asarray(x, jnp.int32) for x in (aux.tower_slot, aux.tower_order, aux.tower_start)
+        )
         have = slot.shape[1]
         if k > have:  # more crops than any pinpoint needs: the extra ones hold nothing
             slot = jnp.pad(slot, ((0, 0), (0, k - have), (0, 0)), constant_values=-1)
             order = jnp.pad(order, ((0, 0), (0, k - have), (0, 0)))
             start = jnp.pad(start, ((0, 0), (0, k - have)), constant_values=-1)
         slot, order, start = slot[:, :k], order[:, :k], start[:, :k]
-        interleave = jnp.broadcast_to(jnp.arange(k) >= 1, (n, k))  # the crop grid is one map; the base view its own
+        interleave = jnp.broadcast_to(
+            jnp.arange(k) >= 1, (n, k)
+        )  # the crop grid is one map; the base view its own
         layout = TowerLayout(
-            slot.reshape(n * k, -1), order.reshape(n * k, -1), start.reshape(-1), interleave.reshape(-1),
+            slot.reshape(n * k, -1),
+            order.reshape(n * k, -1),
+            start.reshape(-1),
+            interleave.reshape(-1),
             int(aux.row_index.shape[1]),
         )
-        return TowerFeatures(hidden[:, 1:], cls.probs[:, 1:], ClsTower(hidden, cls.probs, cls.keys, False), layout)
+        return TowerFeatures(
+            hidden[:, 1:], cls.probs[:, 1:], ClsTower(hidden, cls.probs, cls.keys, False), layout
+        )
 
     def project_tower_features(self, x: jax.Array) -> jax.Array:
         """Tower features [..., Dv] -> the LLM embedding space [..., D]."""
@@ -613,5 +698,7 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         """Full forward (no cache): f32 logits [B, L, V]. Positions follow the mask (left padding)."""
         inputs = self.multimodal_inputs(input_ids, pixel_values, attention_mask, aux)
         mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
-        hidden, _ = self.language_model.model(inputs.embeds, inputs.positions, padding_causal_mask(mask))
+        hidden, _ = self.language_model.model(
+            inputs.embeds, inputs.positions, padding_causal_mask(mask)
+        )
         return self.language_model.logits(hidden)

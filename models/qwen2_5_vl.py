@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import llama
 from models.layers import (
     ACTIVATIONS,
     MASK_VALUE,
@@ -41,8 +42,14 @@ from models.layers import (
     padding_causal_mask,
     prefixed_rules,
 )
-from models import llama
-from models.llama import GatedMLP, LlamaConfig, LlamaForCausalLM, RMSNorm, rope_inverse_frequencies, rotate
+from models.llama import (
+    GatedMLP,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RMSNorm,
+    rope_inverse_frequencies,
+    rotate,
+)
 from models.protocol import MultimodalInputs
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
@@ -63,7 +70,9 @@ class Qwen2_5_VLVisionConfig:
     out_hidden_size: int = 3584
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
-    tokens_per_second: int = 4  # video temporal positions per second (transformers' default 4; the 7B uses 2)
+    tokens_per_second: int = (
+        4  # video temporal positions per second (transformers' default 4; the 7B uses 2)
+    )
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -82,11 +91,17 @@ class Qwen2_5_VLVisionConfig:
         )
         tps = self.tokens_per_second
         if not isinstance(tps, int) or isinstance(tps, bool) or tps < 0:
-            raise ValueError(f"{name}.tokens_per_second must be an integer >= 0, got {self.tokens_per_second!r}")
-        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+            raise ValueError(
+                f"{name}.tokens_per_second must be an integer >= 0, got {self.tokens_per_second!r}"
+            )
+        object.__setattr__(
+            self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes)
+        )
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(f"{name}.fullatt_block_indexes {bad} out of range for depth {self.depth}")
+            raise ValueError(
+                f"{name}.fullatt_block_indexes {bad} out of range for depth {self.depth}"
+            )
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(
                 f"{name}.hidden_size ({self.hidden_size}) / num_heads ({self.num_heads}) must be a multiple of 4 "
@@ -137,7 +152,12 @@ class Qwen2_5_VLConfig:
                 f"{name}.vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
                 f"text.hidden_size ({self.text.hidden_size})"
             )
-        for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for field in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        ):
             if getattr(self, field) < 0:
                 raise ValueError(f"{name}.{field} must be >= 0, got {getattr(self, field)}")
 
@@ -145,9 +165,11 @@ class Qwen2_5_VLConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Qwen2_5_VLConfig":
+    def from_dict(cls, d: dict) -> Qwen2_5_VLConfig:
         d = dict(d)
-        return cls(vision=Qwen2_5_VLVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d)
+        return cls(
+            vision=Qwen2_5_VLVisionConfig(**d.pop("vision")), text=LlamaConfig(**d.pop("text")), **d
+        )
 
 
 # ----------------------------------------------------------------------------- inputs the jitted programs take
@@ -165,12 +187,20 @@ class VisionLayout(NamedTuple):
     which hold every key of its queries' windows (windowed blocks) or segments (full).
     """
 
-    order: np.ndarray  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
+    order: (
+        np.ndarray
+    )  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
     positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
     valid: np.ndarray  # bool [P]: the slot holds a real patch (the first num_patches slots)
-    image_segment: np.ndarray  # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
-    inverse: np.ndarray  # int32 [U]: merged slot of each merged token in input order, padding slots last
-    window_segment: np.ndarray  # int32 [P]: window of each slot (windowed attention's segment), -1 padding
+    image_segment: (
+        np.ndarray
+    )  # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
+    inverse: (
+        np.ndarray
+    )  # int32 [U]: merged slot of each merged token in input order, padding slots last
+    window_segment: (
+        np.ndarray
+    )  # int32 [P]: window of each slot (windowed attention's segment), -1 padding
     # Full attention: for each of C query chunks, the first key slot of its key span.
     chunk_keys: np.ndarray  # int32 [C]
     key_offsets: np.ndarray  # int32 [span]: 0, 1, ..., span - 1
@@ -195,18 +225,28 @@ class QwenAux(NamedTuple):
     layout: VisionLayout
     positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
     next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
-    feature_index: np.ndarray  # int32 [B, L]: merged-token index of each real image or video token, -1 elsewhere
+    feature_index: (
+        np.ndarray
+    )  # int32 [B, L]: merged-token index of each real image or video token, -1 elsewhere
     # The visual layout when pruning (models.protocol), else None:
-    visual_index: np.ndarray | None  # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
+    visual_index: (
+        np.ndarray | None
+    )  # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
     visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to give every row N
-    image_index: np.ndarray | None = None  # int32 [B, I, n]: each image's or video's slots in [0, N), -1 padding
-    image_grid: np.ndarray | None = None  # int32 [B, I, 2]: each item's merged-token grid (h, w) / merge (single frames only)
+    image_index: np.ndarray | None = (
+        None  # int32 [B, I, n]: each image's or video's slots in [0, N), -1 padding
+    )
+    image_grid: np.ndarray | None = (
+        None  # int32 [B, I, 2]: each item's merged-token grid (h, w) / merge (single frames only)
+    )
 
 
 # ----------------------------------------------------------------------------- vision tower
 
 
-QUERY_CHUNK = 256  # full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
+QUERY_CHUNK = (
+    256  # full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
+)
 
 
 def _segment_attention(q, k, v, segment, chunk_keys, key_offsets, sequential: bool) -> jax.Array:
@@ -247,8 +287,12 @@ def _segment_attention(q, k, v, segment, chunk_keys, key_offsets, sequential: bo
 
     def one(args):
         qc, seg, start, head = args  # [chunk, Dh], [chunk], [], []
-        kc, vc = (jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_index_in_dim(a, head, keepdims=False), start, span)
-                  for a in (kh, vh))
+        kc, vc = (
+            jax.lax.dynamic_slice_in_dim(
+                jax.lax.dynamic_index_in_dim(a, head, keepdims=False), start, span
+            )
+            for a in (kh, vh)
+        )
         kseg = jax.lax.dynamic_slice_in_dim(segment, start, span)
         # dot_product_attention's math on 2-D operands (its grouped 5-D einsum with unit
         # batch and head axes compiles to a ~3x slower CPU program)
@@ -257,7 +301,10 @@ def _segment_attention(q, k, v, segment, chunk_keys, key_offsets, sequential: bo
         return jnp.einsum("ls,sd->ld", jax.nn.softmax(scores, axis=-1).astype(vc.dtype), vc)
 
     heads = jnp.repeat(jnp.arange(h, dtype=jnp.int32), chunks)
-    out = jax.lax.map(one, (qh.reshape(h * chunks, chunk, dh), jnp.tile(segs, (h, 1)), jnp.tile(chunk_keys, h), heads))
+    out = jax.lax.map(
+        one,
+        (qh.reshape(h * chunks, chunk, dh), jnp.tile(segs, (h, 1)), jnp.tile(chunk_keys, h), heads),
+    )
     return jnp.moveaxis(out.reshape(h, chunks * chunk, dh), 0, 1)[:p]
 
 
@@ -265,10 +312,16 @@ class VisionAttention(nnx.Module):
     def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
         self.num_heads = cfg.num_heads
-        self.qkv = nnx.Linear(cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
-        self.proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.qkv = nnx.Linear(
+            cfg.hidden_size, 3 * cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs
+        )
+        self.proj = nnx.Linear(
+            cfg.hidden_size, cfg.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs
+        )
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool):
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisionLayout, full: bool
+    ):
         """x: [P, D]; cos, sin: f32 [P, Dh / 2]. Windowed attention, or per segment when `full`."""
         p, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, -1), 1, 0)
@@ -276,9 +329,13 @@ class VisionAttention(nnx.Module):
         q = rotate(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         k = rotate(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
         if full:
-            out = _segment_attention(q, k, v, layout.image_segment, layout.chunk_keys, layout.key_offsets, True)
+            out = _segment_attention(
+                q, k, v, layout.image_segment, layout.chunk_keys, layout.key_offsets, True
+            )
         else:
-            out = _segment_attention(q, k, v, layout.window_segment, layout.window_keys, layout.window_offsets, False)
+            out = _segment_attention(
+                q, k, v, layout.window_segment, layout.window_keys, layout.window_offsets, False
+            )
         return self.proj(out.reshape(p, d))
 
 
@@ -286,7 +343,9 @@ class VisionMLP(GatedMLP):
     """SwiGLU with biases."""
 
     def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, True, cfg.dtype, rngs=rngs)
+        super().__init__(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, True, cfg.dtype, rngs=rngs
+        )
 
 
 class VisionBlock(nnx.Module):
@@ -314,7 +373,9 @@ class PatchMerger(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[P, D] (window order, merge_unit consecutive slots per merged token) -> [P / merge_unit, out_hidden_size]."""
-        return self.fc2(jax.nn.gelu(self.fc1(self.ln_q(x).reshape(-1, self.width)), approximate=False))
+        return self.fc2(
+            jax.nn.gelu(self.fc1(self.ln_q(x).reshape(-1, self.width)), approximate=False)
+        )
 
 
 class Qwen2_5_VisionTransformer(nnx.Module):
@@ -322,7 +383,9 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         dt = dtype_of(cfg.dtype)
         self.config = cfg
         # Conv3d with stride == kernel over one flattened patch is a matmul (no bias).
-        self.patch_embed = nnx.Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.patch_embed = nnx.Linear(
+            cfg.patch_dim, cfg.hidden_size, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs
+        )
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, rngs=rngs)
 
@@ -333,13 +396,17 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         freqs = freqs.reshape(positions.shape[0], -1)
         return jnp.cos(freqs), jnp.sin(freqs)
 
-    def blocks_out(self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None) -> list[jax.Array]:
+    def blocks_out(
+        self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None
+    ) -> list[jax.Array]:
         """Hidden states after each block on the layout's slots: list of [P, D]
         (`layout.valid` marks the real patches, in transformers' window order)."""
         cfg = self.config
         dt = self.patch_embed.kernel.dtype
         # One zero row after the real patches: what every padding slot reads.
-        pixels = jnp.concatenate([pixel_values.astype(dt), jnp.zeros((1, pixel_values.shape[1]), dt)])
+        pixels = jnp.concatenate(
+            [pixel_values.astype(dt), jnp.zeros((1, pixel_values.shape[1]), dt)]
+        )
         x = self.patch_embed(jnp.take(pixels, layout.order, axis=0))
         cos, sin = self._angles(layout.positions)
         states = []
@@ -362,8 +429,9 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
     # Parameter shardings over a ("data", "model") mesh: the tower like the decoder (fused
     # qkv, gate/up and merger fc1 by output columns; proj, down and fc2 by input rows),
     # the patch embedding by output channel, then the decoder's own table.
-    SHARDING_RULES = (
-        prefixed_rules("visual", (
+    SHARDING_RULES = prefixed_rules(
+        "visual",
+        (
             (r"patch_embed\.kernel", (None, "model")),
             (r"blocks\.\d+\.attn\.qkv\.kernel", (None, "model")),
             (r"blocks\.\d+\.attn\.qkv\.bias", ("model",)),
@@ -374,9 +442,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             (r"merger\.fc1\.kernel", (None, "model")),
             (r"merger\.fc1\.bias", ("model",)),
             (r"merger\.fc2\.kernel", ("model", None)),
-        ))
-        + prefixed_rules("language_model", llama.SHARDING_RULES)
-    )
+        ),
+    ) + prefixed_rules("language_model", llama.SHARDING_RULES)
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -391,19 +458,29 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         """Text embeddings [B, L, D] (image placeholders embed as themselves; replaced later)."""
         return self.language_model.embed(input_ids)
 
-    def inputs_embeds(self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: VisionLayout | None) -> jax.Array:
+    def inputs_embeds(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, layout: VisionLayout | None
+    ) -> jax.Array:
         """Text embeddings with the merged tokens written at the image and video placeholders,
         in reading order (the items of `layout`, images and videos, in that order)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
         features = self.image_features(pixel_values, layout)
-        visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-        order = jnp.clip(jnp.cumsum(visual.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(visual.shape)
+        visual = (input_ids == self.config.image_token_id) | (
+            input_ids == self.config.video_token_id
+        )
+        order = jnp.clip(jnp.cumsum(visual.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(
+            visual.shape
+        )
         return jnp.where(visual[..., None], features[order].astype(embeds.dtype), embeds)
 
     def multimodal_inputs(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array, aux: QwenAux
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array,
+        aux: QwenAux,
     ) -> MultimodalInputs:
         """The family protocol (models.protocol), with `aux` from `prepare_batch`: 3-D
         positions, visual tokens written at `aux.feature_index`, and when pruning the
@@ -413,10 +490,20 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             return MultimodalInputs(text, text, aux.positions, aux.next_position, None, None)
         features = self.image_features(pixel_values, aux.layout)  # [U, D]
         index = aux.feature_index
-        merged = jnp.where((index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text)
+        merged = jnp.where(
+            (index >= 0)[..., None], features[jnp.maximum(index, 0)].astype(text.dtype), text
+        )
         visual = None if aux.visual_index is None else features[aux.visual_index]
-        return MultimodalInputs(merged, text, aux.positions, aux.next_position, visual, aux.visual_valid,
-                                aux.image_index, aux.image_grid)
+        return MultimodalInputs(
+            merged,
+            text,
+            aux.positions,
+            aux.next_position,
+            visual,
+            aux.visual_valid,
+            aux.image_index,
+            aux.image_grid,
+        )
 
     def __call__(
         self,
@@ -431,5 +518,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         positions: int [3, B, L] from `rope_index`; attention_mask: [B, L] (left padding).
         """
         embeds = self.inputs_embeds(input_ids, pixel_values, layout)
-        hidden, _ = self.language_model.model(embeds, positions, padding_causal_mask(attention_mask))
+        hidden, _ = self.language_model.model(
+            embeds, positions, padding_causal_mask(attention_mask)
+        )
         return self.language_model.logits(hidden)

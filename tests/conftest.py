@@ -34,7 +34,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -71,13 +70,25 @@ EXTRA_LINES: list[str] = []
 
 
 def record_parity(
-    component: str, config: str, value: float, bound: float, metric: str = "max|diff|", scale: float | None = None
+    component: str,
+    config: str,
+    value: float,
+    bound: float,
+    metric: str = "max|diff|",
+    scale: float | None = None,
 ) -> float:
     """Add one row to the session table and print it (visible with `pytest -s`).
 
     `scale`: max |reference| of the compared tensor, so absolute diffs can be read in context.
     """
-    row = dict(component=component, config=config, metric=metric, value=float(value), bound=float(bound), scale=scale)
+    row = dict(
+        component=component,
+        config=config,
+        metric=metric,
+        value=float(value),
+        bound=float(bound),
+        scale=scale,
+    )
     PARITY_ROWS.append(row)
     print(f"[parity] {_format_row(row)}")
     return float(value)
@@ -125,7 +136,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("PyTorch parity (f32 unless noted)")
     if PARITY_ROWS:
-        tr.write_line(f"{'component':<34} {'config':<26} {'metric':<22} {'value':>10}  {'bound':>7} max|ref|")
+        tr.write_line(
+            f"{'component':<34} {'config':<26} {'metric':<22} {'value':>10}  {'bound':>7} max|ref|"
+        )
         for r in PARITY_ROWS:
             tr.write_line(_format_row(r))
     for line in EXTRA_LINES:
@@ -153,7 +166,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_tokenizer_json(vocab_size: int) -> str:
     """A byte-level BPE trained in-process (deterministic); serialized so callers get fresh copies."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -213,7 +226,8 @@ def save_tiny_processor(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image_processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
         )
         processor = LlavaProcessor(
             image_processor=image_processor,
@@ -328,7 +342,9 @@ _NORM_RE = re.compile(r"(layer_?norm|layrnorm|_norm\b|\.norm\b|norm1|norm2)")
 
 
 @torch.no_grad()
-def randomize_weights_(model: torch.nn.Module, seed: int, linear_std: float = 0.15, embed_std: float = 1.0) -> None:
+def randomize_weights_(
+    model: torch.nn.Module, seed: int, linear_std: float = 0.15, embed_std: float = 1.0
+) -> None:
     """Re-initialise every parameter so bugs are visible (HF's init: std 0.02, norms = 1, biases = 0).
 
     Norm scales ~ U(0.5, 1.5), norm biases and linear biases ~ N(0, 0.1^2), linear
@@ -361,7 +377,9 @@ def randomize_weights_(model: torch.nn.Module, seed: int, linear_std: float = 0.
 def _options(overrides: dict) -> dict:
     unknown = set(overrides) - set(TINY_DEFAULTS)
     if unknown:
-        raise TypeError(f"unknown tiny_hf_llava options {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}")
+        raise TypeError(
+            f"unknown tiny_hf_llava options {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}"
+        )
     o = {**TINY_DEFAULTS, **overrides}
     if isinstance(o["vision_feature_layer"], list):
         o["vision_feature_layer"] = tuple(o["vision_feature_layer"])
@@ -390,16 +408,24 @@ def tiny_hf_llava(tmp_path_factory):
         tokenizer = build_tiny_tokenizer()
         image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_token_index >= o["vocab_size"]:
-            raise ValueError(f"vocab_size {o['vocab_size']} must exceed the <image> id {image_token_index}")
+            raise ValueError(
+                f"vocab_size {o['vocab_size']} must exceed the <image> id {image_token_index}"
+            )
         processor = None
         if o["with_processor"]:
             processor = save_tiny_processor(
-                path, o["image_size"], o["patch_size"], o["vision_feature_select_strategy"], tokenizer=tokenizer
+                path,
+                o["image_size"],
+                o["patch_size"],
+                o["vision_feature_select_strategy"],
+                tokenizer=tokenizer,
             )
         cfg = hf_llava_config(o, image_token_index)
         torch.manual_seed(o["seed"])
         model = LlavaForConditionalGeneration(cfg)
-        randomize_weights_(model, seed=o["seed"], embed_std=0.2 if o["tie_word_embeddings"] else 1.0)
+        randomize_weights_(
+            model, seed=o["seed"], embed_std=0.2 if o["tie_word_embeddings"] else 1.0
+        )
         model = model.to(torch.float32).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -497,7 +523,11 @@ def rewrite_layout(src, dst, layout: str) -> Path:
     for f in src.iterdir():
         if f.suffix == ".safetensors":
             tensors = load_file(str(f))
-            save_file({convert(k): v.contiguous() for k, v in tensors.items()}, str(dst / f.name), {"format": "pt"})
+            save_file(
+                {convert(k): v.contiguous() for k, v in tensors.items()},
+                str(dst / f.name),
+                {"format": "pt"},
+            )
         elif f.name.endswith(".safetensors.index.json"):
             index = json.loads(f.read_text())
             index["weight_map"] = {convert(k): v for k, v in index["weight_map"].items()}
@@ -520,7 +550,9 @@ def layout_dir(tmp_path_factory):
             return tiny.path
         key = (str(tiny.path), layout)
         if key not in cache:
-            cache[key] = rewrite_layout(tiny.path, tmp_path_factory.mktemp(f"{tiny.name}_{layout}"), layout)
+            cache[key] = rewrite_layout(
+                tiny.path, tmp_path_factory.mktemp(f"{tiny.name}_{layout}"), layout
+            )
         return cache[key]
 
     return make
@@ -562,7 +594,12 @@ class ConvertJob:
         self.stderr_file = tempfile.TemporaryFile(mode="w+")
         self.t0 = time.perf_counter()
         self.popen = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=_subprocess_env(), stdout=self.stdout_file, stderr=self.stderr_file, text=True
+            cmd,
+            cwd=REPO_ROOT,
+            env=_subprocess_env(),
+            stdout=self.stdout_file,
+            stderr=self.stderr_file,
+            text=True,
         )
         self._result = None
 
@@ -589,7 +626,10 @@ class ConvertJob:
                 m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)
                 if m:
                     proc.max_rss_mb = int(m.group(1)) / 1024
-                cpu = [re.search(rf"{name} time \(seconds\): ([\d.]+)", report) for name in ("User", "System")]
+                cpu = [
+                    re.search(rf"{name} time \(seconds\): ([\d.]+)", report)
+                    for name in ("User", "System")
+                ]
                 if all(cpu):
                     proc.cpu_seconds = sum(float(c.group(1)) for c in cpu)
                 m = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", report)
@@ -610,7 +650,9 @@ def skips_slow_tests(config) -> bool:
     return re.search(r"\bnot\s+slow\b", config.getoption("markexpr", "") or "") is not None
 
 
-def run_converter_in_process(module: str, src, out, *extra_args: str) -> subprocess.CompletedProcess:
+def run_converter_in_process(
+    module: str, src, out, *extra_args: str
+) -> subprocess.CompletedProcess:
     """`python -m convert.<module> SRC OUT --quiet *extra_args` without the subprocess: the
     CLI's own `main(argv)` run in this process, its stdout/stderr captured. Same code and
     same files as the CLI; only the interpreter start-up and imports are saved. The fast
@@ -625,7 +667,10 @@ def run_converter_in_process(module: str, src, out, *extra_args: str) -> subproc
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         returncode = importlib.import_module(f"convert.{module}").main(argv)
     proc = subprocess.CompletedProcess(
-        [sys.executable, "-m", f"convert.{module}", *argv], returncode, stdout.getvalue(), stderr.getvalue()
+        [sys.executable, "-m", f"convert.{module}", *argv],
+        returncode,
+        stdout.getvalue(),
+        stderr.getvalue(),
     )
     proc.seconds = time.perf_counter() - t0
     proc.cpu_seconds = None
@@ -650,7 +695,9 @@ class _ConvertCLI:
         self.tmp_path_factory = tmp_path_factory
         self.jobs: dict[tuple, ConvertJob] = {}
         self.outs: dict[tuple, Path] = {}
-        self.in_process: dict[tuple, subprocess.CompletedProcess] = {}  # the fast tier's conversions
+        self.in_process: dict[
+            tuple, subprocess.CompletedProcess
+        ] = {}  # the fast tier's conversions
 
     def start(self, src, out, *extra_args: str) -> ConvertJob:
         key = (str(src), str(out), tuple(extra_args))
@@ -662,7 +709,9 @@ class _ConvertCLI:
     def default_out(self, src, *extra_args: str) -> Path:
         key = (str(src), tuple(extra_args))
         if key not in self.outs:
-            tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{Path(src).name}_{'_'.join(extra_args)}").strip("_")
+            tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{Path(src).name}_{'_'.join(extra_args)}").strip(
+                "_"
+            )
             self.outs[key] = self.tmp_path_factory.mktemp("conv") / tag
         return self.outs[key]
 
@@ -725,7 +774,9 @@ def converted(_convert_runner, pytestconfig):
 
         def prefetch(self, src, *extra_args: str) -> None:
             if not in_process:
-                _convert_runner.start(src, _convert_runner.default_out(src, *extra_args), *extra_args)
+                _convert_runner.start(
+                    src, _convert_runner.default_out(src, *extra_args), *extra_args
+                )
 
         def discard(self, src, *extra_args: str) -> None:
             """Delete the output of (src, args) and forget it (a later call converts again)."""
@@ -744,7 +795,9 @@ def converted(_convert_runner, pytestconfig):
                     pytest.fail(describe_failure(proc))
                 return proc
             self(src, *extra_args)
-            return _convert_runner.start(src, _convert_runner.default_out(src, *extra_args), *extra_args).result()
+            return _convert_runner.start(
+                src, _convert_runner.default_out(src, *extra_args), *extra_args
+            ).result()
 
     return Converted()
 
@@ -755,7 +808,12 @@ def converted(_convert_runner, pytestconfig):
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_VISION = dict(
-    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
 )
 
 
@@ -823,15 +881,28 @@ def _build_smollm2_llava(dst: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     text_dict = gguf_model.config.to_dict()
-    for drop in ("quantization_config", "_model_name_or_path", "_name_or_path", "architectures", "transformers_version", "dtype"):
+    for drop in (
+        "quantization_config",
+        "_model_name_or_path",
+        "_name_or_path",
+        "architectures",
+        "transformers_version",
+        "dtype",
+    ):
         text_dict.pop(drop, None)
     old_vocab = text_dict["vocab_size"]
-    assert image_token_index == old_vocab == len(tokenizer) - 1, (image_token_index, old_vocab, len(tokenizer))
+    assert image_token_index == old_vocab == len(tokenizer) - 1, (
+        image_token_index,
+        old_vocab,
+        len(tokenizer),
+    )
     text_dict["vocab_size"] = old_vocab + 1
     text_config = LlamaConfig(**text_dict)
     vision_config = CLIPVisionConfig(**SMOLLM2_VISION, projection_dim=SMOLLM2_VISION["hidden_size"])
@@ -863,13 +934,21 @@ def _build_smollm2_llava(dst: Path) -> None:
             llava.lm_head.weight.copy_(lm.embed_tokens.weight)
         # Scale the projector so visual tokens have the spread of real text embeddings.
         pixel = torch.randn(2, 3, SMOLLM2_VISION["image_size"], SMOLLM2_VISION["image_size"])
-        feats = torch.cat(list(llava.model.get_image_features(pixel_values=pixel, vision_feature_layer=-2,
-                                                            vision_feature_select_strategy="default").pooler_output))
+        feats = torch.cat(
+            list(
+                llava.model.get_image_features(
+                    pixel_values=pixel,
+                    vision_feature_layer=-2,
+                    vision_feature_select_strategy="default",
+                ).pooler_output
+            )
+        )
         ratio = lm.embed_tokens.weight[:old_vocab].std() / feats.std()
         llava.model.multi_modal_projector.linear_2.weight.mul_(ratio)
         llava.model.multi_modal_projector.linear_2.bias.mul_(ratio)
-    assert llava.lm_head.weight.data_ptr() == llava.model.language_model.embed_tokens.weight.data_ptr() or (
-        not cfg.tie_word_embeddings
+    assert (
+        llava.lm_head.weight.data_ptr() == llava.model.language_model.embed_tokens.weight.data_ptr()
+        or (not cfg.tie_word_embeddings)
     )
 
     with warnings.catch_warnings():
@@ -877,7 +956,10 @@ def _build_smollm2_llava(dst: Path) -> None:
         llava.save_pretrained(dst)
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": SMOLLM2_VISION["image_size"]},
-            crop_size={"height": SMOLLM2_VISION["image_size"], "width": SMOLLM2_VISION["image_size"]},
+            crop_size={
+                "height": SMOLLM2_VISION["image_size"],
+                "width": SMOLLM2_VISION["image_size"],
+            },
         )
         LlavaProcessor(
             image_processor=image_processor,
@@ -930,7 +1012,10 @@ def smollm2_hf() -> SmolLM2Llava:
     meta = json.loads(marker.read_text())
     n = (SMOLLM2_VISION["image_size"] // SMOLLM2_VISION["patch_size"]) ** 2
     return SmolLM2Llava(
-        path=final, image_token_index=meta["image_token_index"], tokens_per_image=n, build_seconds=build_seconds
+        path=final,
+        image_token_index=meta["image_token_index"],
+        tokens_per_image=n,
+        build_seconds=build_seconds,
     )
 
 

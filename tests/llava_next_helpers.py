@@ -33,20 +33,42 @@ def hf_llava_next_config(image_token_index: int, text: str = "llama", vision_lay
     from transformers import LlavaNextConfig as HFConfig
 
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_act="quick_gelu", projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_act="quick_gelu",
+        projection_dim=32,
     )
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=1024, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
     if text == "mistral":
         text_config = MistralConfig(**common, sliding_window=None, rope_theta=10000.0)
     else:
         text_config = LlamaConfig(**common, rope_theta=10000.0)
     return HFConfig(
-        vision_config=vision, text_config=text_config, image_token_index=image_token_index,
-        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", tie_word_embeddings=False,
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=image_token_index,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
     )
 
 
@@ -59,12 +81,17 @@ def save_processor(directory: Path, tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
             image_grid_pinpoints=PINPOINTS,
         )
         LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=PATCH_SIZE,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            image_token=IMAGE_TOKEN,
         ).save_pretrained(directory)
         return AutoProcessor.from_pretrained(directory)
 
@@ -146,10 +173,14 @@ def rows(tiny: Built, plan, seed: int) -> dict:
     ids = np.full((len(out), width), tiny.pad_token, np.int64)
     mask = np.zeros((len(out), width), np.int64)
     for i, r in enumerate(out):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     sizes = np.asarray(sizes)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": random_pixels(sizes, tiny.cfg, seed),
-            "image_sizes": sizes}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": random_pixels(sizes, tiny.cfg, seed),
+        "image_sizes": sizes,
+    }
 
 
 def hf_pieces(tiny: Built, batch: dict):
@@ -157,21 +188,35 @@ def hf_pieces(tiny: Built, batch: dict):
     and its raw embedding rows."""
     hf, ids = tiny.hf, torch.as_tensor(batch["input_ids"])
     with torch.no_grad():
-        feats = hf.get_image_features(pixel_values=torch.as_tensor(batch["pixel_values"]),
-                                      image_sizes=torch.as_tensor(batch["image_sizes"])).pooler_output
+        feats = hf.get_image_features(
+            pixel_values=torch.as_tensor(batch["pixel_values"]),
+            image_sizes=torch.as_tensor(batch["image_sizes"]),
+        ).pooler_output
         raw = hf.get_input_embeddings()(torch.where(ids == tiny.image_token, 0, ids))
         merged = raw.clone()
         merged[ids == tiny.image_token] = torch.cat(list(feats))
     return merged, raw
 
 
-def hf_row_logits(tiny: Built, merged, batch: dict, row: int, kept, keep_positions: bool = False) -> np.ndarray:
+def hf_row_logits(
+    tiny: Built, merged, batch: dict, row: int, kept, keep_positions: bool = False
+) -> np.ndarray:
     """transformers on one row alone with only the kept visual slots (None: all), positions
     renumbered or the original ones."""
     ids, mask = batch["input_ids"][row], batch["attention_mask"][row]
     real = np.flatnonzero(mask)
     slots = np.flatnonzero(ids == tiny.image_token)
-    src = real if kept is None else np.sort(np.concatenate([np.setdiff1d(real, slots), slots[kept]]))
-    positions = np.searchsorted(real, src) if keep_positions or kept is None else np.arange(len(src))
+    src = (
+        real if kept is None else np.sort(np.concatenate([np.setdiff1d(real, slots), slots[kept]]))
+    )
+    positions = (
+        np.searchsorted(real, src) if keep_positions or kept is None else np.arange(len(src))
+    )
     with torch.no_grad():
-        return tiny.hf(inputs_embeds=merged[row, src][None], position_ids=torch.as_tensor(positions)[None]).logits[0].numpy()
+        return (
+            tiny.hf(
+                inputs_embeds=merged[row, src][None], position_ids=torch.as_tensor(positions)[None]
+            )
+            .logits[0]
+            .numpy()
+        )

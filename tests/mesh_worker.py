@@ -29,7 +29,9 @@ def _setup(devices: int, process_id: int | None, num_processes: int, port: int |
     if process_id is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
+            coordinator_address=f"127.0.0.1:{port}",
+            num_processes=num_processes,
+            process_id=process_id,
         )
 
 
@@ -60,7 +62,12 @@ def _param_bytes(vlm) -> dict:
             per_device[key] = per_device.get(key, 0) + shard.data.nbytes
             if is_split:
                 split_per_device[key] = split_per_device.get(key, 0) + shard.data.nbytes
-    return {"total": total, "split_total": split_total, "per_device": per_device, "split_per_device": split_per_device}
+    return {
+        "total": total,
+        "split_total": split_total,
+        "per_device": per_device,
+        "split_per_device": split_per_device,
+    }
 
 
 def _error(fn) -> str:
@@ -102,26 +109,45 @@ def main(argv=None) -> int:
 
     def run(tag: str, vlm) -> None:
         out[f"logits_{tag}"] = zspa_jax.forward(vlm, **batch)
-        out[f"tokens_{tag}"] = zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), **gen).sequences
-        res = zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), prune=prune, **gen)
+        out[f"tokens_{tag}"] = zspa_jax.generate(
+            vlm, input_ids=batch["input_ids"], **_rest(batch), **gen
+        ).sequences
+        res = zspa_jax.generate(
+            vlm, input_ids=batch["input_ids"], **_rest(batch), prune=prune, **gen
+        )
         out[f"pruned_tokens_{tag}"], out[f"kept_{tag}"] = res.sequences, res.kept_indices
-        pads = vlm.mesh is not None and vlm.mesh.shape["data"] > 1  # 5 rows do not divide data=2 or 8
+        pads = (
+            vlm.mesh is not None and vlm.mesh.shape["data"] > 1
+        )  # 5 rows do not divide data=2 or 8
         if pads:
-            out[f"tokens5_{tag}"] = zspa_jax.generate(vlm, input_ids=first5["input_ids"], **_rest(first5), **gen).sequences
+            out[f"tokens5_{tag}"] = zspa_jax.generate(
+                vlm, input_ids=first5["input_ids"], **_rest(first5), **gen
+            ).sequences
         # The array API, prompt pre-padded to generate's bucket so the programs are shared.
         extra = generation.prompt_bucket(batch["input_ids"].shape[1]) - batch["input_ids"].shape[1]
         ids = np.pad(batch["input_ids"], ((0, 0), (extra, 0)), constant_values=vlm.pad_token_id)
         mask = np.pad(batch["attention_mask"], ((0, 0), (extra, 0)))
         arrays = {k: v for k, v in _rest(batch).items() if k != "attention_mask"}
-        res = zspa_jax.generate_tokens(vlm, ids, attention_mask=mask, prune=prune, max_new_tokens=args.new_tokens,
-                                       eos_token_id=[], **arrays)
+        res = zspa_jax.generate_tokens(
+            vlm,
+            ids,
+            attention_mask=mask,
+            prune=prune,
+            max_new_tokens=args.new_tokens,
+            eos_token_id=[],
+            **arrays,
+        )
         out[f"array_api_tokens_{tag}"] = fetch(res.tokens)[:, : args.new_tokens]
         # select_tokens on arrays split over "data", under the mesh.
         with mesh_context(vlm.mesh):
-            kept = zspa_jax.select_tokens(place(visual, vlm.mesh, "data"), place(prompt, vlm.mesh, "data"), keep=keep)
+            kept = zspa_jax.select_tokens(
+                place(visual, vlm.mesh, "data"), place(prompt, vlm.mesh, "data"), keep=keep
+            )
         out[f"select_{tag}"] = fetch(kept)
         if tag in ("single", "2x4"):  # streaming: the same tokens, step by step
-            chunks = zspa_jax.generate(vlm, input_ids=batch["input_ids"], **_rest(batch), stream=True, **gen)
+            chunks = zspa_jax.generate(
+                vlm, input_ids=batch["input_ids"], **_rest(batch), stream=True, **gen
+            )
             out[f"stream_{tag}"] = np.stack(list(chunks), axis=1)
         # The same calls again: nothing may compile.
         before = dict(generation.TRACE_COUNTS)
@@ -174,19 +200,20 @@ def _first_rows(batch: dict, rows: int) -> dict:
 
 def _bad_meshes(model: str, batch: dict) -> dict:
     """Error messages (or "no error") for each misuse test_sharding.py expects refused."""
-    import jax
-    import numpy as np
-
-    import zspa_jax
-
     import dataclasses
 
+    import jax
+    import numpy as np
     from flax import nnx
+
+    import zspa_jax
 
     devices = jax.devices()
     one = zspa_jax.load(model)
     graphdef, state = nnx.split(one.model)
-    on_last = dataclasses.replace(one, model=nnx.merge(graphdef, jax.device_put(state, devices[-1])))
+    on_last = dataclasses.replace(
+        one, model=nnx.merge(graphdef, jax.device_put(state, devices[-1]))
+    )
     two = jax.make_mesh((2, 1), ("data", "model"), devices=devices[:2])
     sharded = zspa_jax.load(model, mesh=two)
     ids = batch["input_ids"][:3]
@@ -194,17 +221,25 @@ def _bad_meshes(model: str, batch: dict) -> dict:
     def traced_odd_batch():
         if "image_grid_thw" in batch:  # Qwen2.5-VL never traces its inputs: the LLaVA case only
             raise ValueError("not applicable")
-        fn = jax.jit(lambda i, m, p: zspa_jax.generate_tokens(sharded, i, p, m, max_new_tokens=2).tokens)
+        fn = jax.jit(
+            lambda i, m, p: zspa_jax.generate_tokens(sharded, i, p, m, max_new_tokens=2).tokens
+        )
         fn(ids, batch["attention_mask"][:3], batch["pixel_values"][:3])
 
     return {
-        "axis_names": _error(lambda: zspa_jax.load(model, mesh=jax.make_mesh((2, 4), ("batch", "model")))),
+        "axis_names": _error(
+            lambda: zspa_jax.load(model, mesh=jax.make_mesh((2, 4), ("batch", "model")))
+        ),
         "not_a_mesh": _error(lambda: zspa_jax.load(model, mesh={"data": 2, "model": 4})),
         "model_axis_3": _error(
-            lambda: zspa_jax.load(model, mesh=jax.make_mesh((1, 3), ("data", "model"), devices=devices[:3]))
+            lambda: zspa_jax.load(
+                model, mesh=jax.make_mesh((1, 3), ("data", "model"), devices=devices[:3])
+            )
         ),
         "other_devices": _error(
-            lambda: zspa_jax.shard(on_last, jax.make_mesh((1, 2), ("data", "model"), devices=devices[:2]))
+            lambda: zspa_jax.shard(
+                on_last, jax.make_mesh((1, 2), ("data", "model"), devices=devices[:2])
+            )
         ),
         "already_sharded": _error(lambda: zspa_jax.shard(sharded, two)),
         "traced_odd_batch": _error(traced_odd_batch),

@@ -47,7 +47,7 @@ MERGE = 2
 FACTOR = PATCH * MERGE  # pixels per merged token side
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -71,7 +71,13 @@ def build_tokenizer():
         pad_token="<|endoftext|>",
         padding_side="left",
     )
-    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")]})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")
+            ]
+        }
+    )
     return tok
 
 
@@ -80,11 +86,23 @@ def video_processor_config(min_pixels: int = 16 * 16, max_pixels: int = 64 * 64)
     size={"shortest_edge": min_pixels, "longest_edge": max_pixels}).save_pretrained` writes
     (video_preprocessor_config.json), written by hand: the class needs torchvision."""
     return {
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_sample_frames": False,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "max_frames": 768, "max_video_tokens": 128000, "merge_size": MERGE, "min_frames": 4, "patch_size": PATCH,
-        "resample": 3, "rescale_factor": 0.00392156862745098, "return_metadata": False,
-        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels}, "temporal_patch_size": 2,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_sample_frames": False,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "max_frames": 768,
+        "max_video_tokens": 128000,
+        "merge_size": MERGE,
+        "min_frames": 4,
+        "patch_size": PATCH,
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "return_metadata": False,
+        "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
+        "temporal_patch_size": 2,
         "video_processor_type": "Qwen2VLVideoProcessor",
     }
 
@@ -118,12 +136,16 @@ def build_processor(directory: Path, min_pixels: int = 16 * 16, max_pixels: int 
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
         (Path(directory) / "video_preprocessor_config.json").write_text(
-            json.dumps(video_processor_config(min_pixels, max_pixels), indent=2) + "\n")
+            json.dumps(video_processor_config(min_pixels, max_pixels), indent=2) + "\n"
+        )
         check = ProcessorMixin.check_argument_for_proper_class
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: type(arg)
         try:
             return Qwen2_5_VLProcessor(
-                image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=CHAT_TEMPLATE,
             )
         finally:
             ProcessorMixin.check_argument_for_proper_class = check
@@ -193,7 +215,11 @@ def hf_config(o: dict, tokenizer):
             num_key_value_heads=o["num_key_value_heads"],
             rms_norm_eps=o["rms_norm_eps"],
             max_position_embeddings=o["max_position_embeddings"],
-            rope_parameters={"rope_type": "default", "rope_theta": o["rope_theta"], "mrope_section": list(o["mrope_section"])},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": o["rope_theta"],
+                "mrope_section": list(o["mrope_section"]),
+            },
             tie_word_embeddings=o["tie_word_embeddings"],
             bos_token_id=None,
             eos_token_id=ids["<|im_end|>"],
@@ -273,7 +299,9 @@ def random_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width]
     out = []
     for f in range(frames):
-        base = np.stack([127 + 100 * np.sin((yy + 3 * f) / 5.0 + c + xx / 7.0) for c in range(3)], -1)
+        base = np.stack(
+            [127 + 100 * np.sin((yy + 3 * f) / 5.0 + c + xx / 7.0) for c in range(3)], -1
+        )
         out.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255))
     return np.asarray(out, np.uint8)
 
@@ -282,7 +310,12 @@ def hf_inputs(processor, prompts, images):
     """Processor output as torch tensors (with mm_token_type_ids, which M-RoPE needs)."""
     texts = [
         processor.apply_chat_template(
-            [{"role": "user", "content": [*([{"type": "image"}] * n_img), {"type": "text", "text": p}]}],
+            [
+                {
+                    "role": "user",
+                    "content": [*([{"type": "image"}] * n_img), {"type": "text", "text": p}],
+                }
+            ],
             add_generation_prompt=True,
         )
         for p, n_img in prompts
@@ -294,14 +327,22 @@ def hf_inputs(processor, prompts, images):
     return batch
 
 
-def hf_greedy_from_pruned(hf, embeds, positions, slots_mask, kept, eos_ids, steps: int) -> list[int]:
+def hf_greedy_from_pruned(
+    hf, embeds, positions, slots_mask, kept, eos_ids, steps: int
+) -> list[int]:
     """transformers' greedy tokens for one row given as pruned inputs_embeds: the row's
     non-placeholder tokens and its kept placeholders (`kept` indexes the placeholders of
     `slots_mask` [L] in order) at their original M-RoPE positions (`positions` [3, 1, L]
     from get_rope_index), decoding at the unpruned maximum + 1, + 2, ...; no KV cache (the
     whole sequence each step, positions written explicitly). embeds: [1, L, D]."""
-    src = torch.sort(torch.cat([torch.nonzero(~slots_mask)[:, 0],
-                                torch.nonzero(slots_mask)[:, 0][torch.as_tensor(np.asarray(kept))]])).values
+    src = torch.sort(
+        torch.cat(
+            [
+                torch.nonzero(~slots_mask)[:, 0],
+                torch.nonzero(slots_mask)[:, 0][torch.as_tensor(np.asarray(kept))],
+            ]
+        )
+    ).values
     x, pos, next_pos = embeds[0, src][None], positions[:, 0, src][:, None], int(positions.max()) + 1
     tokens = []
     with torch.no_grad():
@@ -353,6 +394,8 @@ def converted(tiny: TinyQwen, *extra: str) -> Path:
         out = _temp_dir("zspa_qwen_conv_") / "out"
         proc = convert_cli(tiny.path, out, *extra)
         if proc.returncode != 0:
-            raise AssertionError(f"converter failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"converter failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         _CONVERTED[key] = out
     return _CONVERTED[key]

@@ -79,7 +79,13 @@ def test_truncated_safetensors(src, tmp_path):
 def test_missing_shard_of_an_index(src, tmp_path):
     bad = _copy(src, tmp_path)
     (bad / "model.safetensors").rename(bad / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        },
+    }
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
     _fail(bad, out, "shards listed in .* are missing")
@@ -91,17 +97,37 @@ def test_missing_shard_of_an_index(src, tmp_path):
     [
         (
             lambda c: c["text_config"].update(
-                rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 5e5,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 256,
+                }
             ),
             "rope_type='llama3'",
         ),
-        (lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type='yarn'"),
+        (
+            lambda c: c["text_config"].update(
+                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+            ),
+            "rope_type='yarn'",
+        ),
         (lambda c: c["text_config"].update(hidden_act="gelu"), "text_config.hidden_act='gelu'"),
-        (lambda c: c["text_config"].update(rope_interleaved=True), "text_config.rope_interleaved=True"),
+        (
+            lambda c: c["text_config"].update(rope_interleaved=True),
+            "text_config.rope_interleaved=True",
+        ),
         (lambda c: c["text_config"].update(sliding_window=128), "text_config.sliding_window"),
-        (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "vision_config.model_type"),
-        (lambda c: c.update(vision_feature_select_strategy="pooled"), "vision_feature_select_strategy"),
+        (
+            lambda c: c["vision_config"].update(model_type="siglip_vision_model"),
+            "vision_config.model_type",
+        ),
+        (
+            lambda c: c.update(vision_feature_select_strategy="pooled"),
+            "vision_feature_select_strategy",
+        ),
     ],
 )
 @pytest.mark.slow
@@ -134,8 +160,12 @@ def test_all_mapping_errors_are_reported_together(src, tmp_path):
         convert(bad, out, progress=False)
     message = str(err.value)
     assert "4 problem(s)" in message
-    for expected in ("language_model.model.norm.scale", "multi_modal_projector.linear_2.bias",
-                     "vision_tower.mystery.weight", "q_proj.weight"):
+    for expected in (
+        "language_model.model.norm.scale",
+        "multi_modal_projector.linear_2.bias",
+        "vision_tower.mystery.weight",
+        "q_proj.weight",
+    ):
         assert expected in message
     _assert_nothing_written(out)
 
@@ -146,7 +176,12 @@ def test_existing_out_needs_force_and_force_replaces_only_a_checkpoint(src, tmp_
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     _fail(src, out, "already exists; pass --force")
-    _fail(src, out, "not a zspa_jax checkpoint directory; --force only replaces a previous checkpoint", force=True)
+    _fail(
+        src,
+        out,
+        "not a zspa_jax checkpoint directory; --force only replaces a previous checkpoint",
+        force=True,
+    )
     assert (out / "keep.txt").read_text() == "mine"
     ordinary_file = tmp_path / "notes.txt"
     ordinary_file.write_text("mine")
@@ -167,7 +202,11 @@ def test_bad_dtype_and_hub_id_offline(src, tmp_path, monkeypatch):
     _fail(src, tmp_path / "out", "--dtype 'float64' is not supported", dtype="float64")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fail("llava-hf/llava-1.5-7b-hf", tmp_path / "out", "HF_HUB_OFFLINE is set")
-    _fail(str(tmp_path / "nowhere" / "x" / "y"), tmp_path / "out", "neither an existing directory nor a hub id")
+    _fail(
+        str(tmp_path / "nowhere" / "x" / "y"),
+        tmp_path / "out",
+        "neither an existing directory nor a hub id",
+    )
 
 
 @pytest.mark.slow
@@ -177,7 +216,10 @@ def test_cli_reports_errors_without_a_traceback(src, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "convert.llava", str(src), str(out)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2
     assert "error: OUT" in proc.stderr and "Traceback" not in proc.stderr
@@ -197,7 +239,11 @@ def test_block_by_block_loading_equals_whole_tensor_transforms(tmp_path, dtype):
     rng = np.random.default_rng(0)
     tensors = {
         "linear": (rng.standard_normal((7, 5)).astype(np.float16), Transform.LINEAR, lambda x: x.T),
-        "conv": (rng.standard_normal((6, 3, 2, 2)).astype(np.float32), Transform.CONV, lambda x: x.transpose(2, 3, 1, 0)),
+        "conv": (
+            rng.standard_normal((6, 3, 2, 2)).astype(np.float32),
+            Transform.CONV,
+            lambda x: x.transpose(2, 3, 1, 0),
+        ),
         "table": (rng.standard_normal((9, 4)).astype(np.float32), Transform.IDENTITY, lambda x: x),
         "bias": (rng.standard_normal((11,)).astype(np.float16), Transform.IDENTITY, lambda x: x),
         "scalar": (np.asarray(3.5, np.float32), Transform.IDENTITY, lambda x: x),
@@ -212,7 +258,9 @@ def test_block_by_block_loading_equals_whole_tensor_transforms(tmp_path, dtype):
             got = load_tensor(checkpoint, step, target, block_bytes=block_bytes)
             assert got.dtype == target and got.shape == want.shape, (key, block_bytes)
             as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731  (exact, NaN-safe)
-            np.testing.assert_array_equal(as_bytes(got), as_bytes(want), err_msg=f"{key} {block_bytes}")
+            np.testing.assert_array_equal(
+                as_bytes(got), as_bytes(want), err_msg=f"{key} {block_bytes}"
+            )
 
 
 def test_load_of_a_non_checkpoint_is_a_clear_error(tmp_path):
@@ -228,7 +276,10 @@ def test_forward_rejects_bad_pixels_and_image_token_counts(tiny_hf_llava, conver
     n = tiny.tokens_per_image
     ids = np.concatenate([[tiny.bos_token_id], np.full(n, tiny.image_token_index), [20, 21]])[None]
     good = np.zeros((1, 3, tiny.image_size, tiny.image_size), np.float32)
-    with pytest.raises(ValueError, match=r"pixel_values must be a float array \[num_images, 3, 28, 28\] \(NCHW\), got shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values must be a float array \[num_images, 3, 28, 28\] \(NCHW\), got shape",
+    ):
         zspa_jax.forward(vlm, ids, good[:, :, :20])
     with pytest.raises(ValueError, match=rf"holds {n - 1} image tokens .* = {n}"):
         zspa_jax.forward(vlm, np.delete(ids, 1, axis=1), good)
@@ -247,7 +298,9 @@ def test_load_places_parameters_on_the_device_once(tiny_hf_llava, converted):
     leaves = jax.tree.leaves(vlm.state)
     assert leaves
     not_on_device = [type(x).__name__ for x in leaves if not isinstance(x, jax.Array)]
-    assert not not_on_device, f"{len(not_on_device)} of {len(leaves)} parameters are host arrays: {set(not_on_device)}"
+    assert not not_on_device, (
+        f"{len(not_on_device)} of {len(leaves)} parameters are host arrays: {set(not_on_device)}"
+    )
     assert {x.dtype for x in leaves} == {np.dtype(np.float32)}
 
 
@@ -279,7 +332,10 @@ def test_cli_out_problem_is_one_line(src, tmp_path):
     parent_file.write_text("x")
     proc = subprocess.run(
         [sys.executable, "-m", "convert.llava", str(src), str(parent_file / "out")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
@@ -290,7 +346,9 @@ def test_cli_out_problem_is_one_line(src, tmp_path):
 @pytest.mark.slow
 def test_conversion_prints_no_orbax_warnings(src, converted):
     proc = converted.process(src)
-    assert "absl" not in proc.stderr and "TypeHandlerRegistry" not in proc.stderr, proc.stderr[-2000:]
+    assert "absl" not in proc.stderr and "TypeHandlerRegistry" not in proc.stderr, proc.stderr[
+        -2000:
+    ]
 
 
 def _expected_layout(key: str, tensor: np.ndarray) -> np.ndarray:
@@ -321,7 +379,9 @@ def test_every_converted_parameter_equals_its_hf_tensor(src, tmp_path, dtype):
     out = tmp_path / "out"
     convert(src, out, dtype=dtype, progress=False)
     model = restore_model(out, read_config(out))
-    ours = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    ours = {
+        k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+    }
     target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     hf = {}
     for f in sorted(Path(src).glob("*.safetensors")):

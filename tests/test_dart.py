@@ -41,7 +41,9 @@ def make_batch(
         assert pad >= 0
         real = pre + n + t
         h = rng.standard_normal((real, D)).astype(np.float32)
-        centers = rng.standard_normal((5, D)).astype(np.float32)  # clustered (duplicated) visual tokens
+        centers = rng.standard_normal((5, D)).astype(
+            np.float32
+        )  # clustered (duplicated) visual tokens
         h[pre : pre + n] = centers[rng.integers(0, 5, n)] + 0.6 * rng.standard_normal((n, D))
         scale = rng.uniform(0.2, 2.0, (real, 1, 1)).astype(np.float32)
         hidden[i, pad:] = h
@@ -130,7 +132,9 @@ def test_none_paths():
     keep = 5
     hidden, keys, start, text, _, weight = make_batch(4, N, ROWS, LENGTH)
     got = run_jax_raw(hidden, keys, start, text, None, None, num_visual=N, keep=keep)
-    np.testing.assert_array_equal(got, run_torch(hidden, keys, start, text, num_visual=N, keep=keep))
+    np.testing.assert_array_equal(
+        got, run_torch(hidden, keys, start, text, num_visual=N, keep=keep)
+    )
     np.testing.assert_array_equal(got, run_jax(hidden, keys, start, text, num_visual=N, keep=keep))
     np.testing.assert_array_equal(
         run_jax(hidden * weight, keys, start, text, num_visual=N, keep=keep),
@@ -149,22 +153,30 @@ def _official(
 ):
     """The official `get_retained_image_token` body (LLaVA, modeling_llama_self.py) for one
     example, its `for item in list(indices_set)` iterated in ascending order."""
-    k_states_image_token = any_states[image_token_start_index : image_token_start_index + image_token_length, :]
+    k_states_image_token = any_states[
+        image_token_start_index : image_token_start_index + image_token_length, :
+    ]
     k_states_query_token = any_states[image_token_start_index + image_token_length :, :]
     k_states_image_token_L1_norm = torch.norm(k_states_image_token, p=1, dim=-1)
     k_states_query_token_L1_norm = torch.norm(k_states_query_token, p=1, dim=-1)
-    image_indices = (k_states_image_token_L1_norm.topk(pivot_image_token).indices + image_token_start_index).tolist()
+    image_indices = (
+        k_states_image_token_L1_norm.topk(pivot_image_token).indices + image_token_start_index
+    ).tolist()
     query_indices = (
-        k_states_query_token_L1_norm.topk(pivot_text_token).indices + image_token_start_index + image_token_length
+        k_states_query_token_L1_norm.topk(pivot_text_token).indices
+        + image_token_start_index
+        + image_token_length
     ).tolist()
     indices_set = set(image_indices + query_indices)
-    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(
-        image_indices
-    )
+    valid_indices = set(
+        range(image_token_start_index, image_token_start_index + image_token_length)
+    ) - set(image_indices)
     valid_indices_list = sorted(valid_indices)
     for item in sorted(indices_set):
         valid_vectors = last_layer_state[valid_indices_list, :]
-        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[item, :], valid_vectors, dim=-1)
+        cos_sim = -torch.nn.functional.cosine_similarity(
+            last_layer_state[item, :], valid_vectors, dim=-1
+        )
         top_k_indices = cos_sim.topk(TOKEN_TOPK).indices
         top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
         indices_set.update(top_k_real_indices)
@@ -209,7 +221,9 @@ def test_visual_valid_and_row_equals_itself_alone():
             for b in range(len(ROWS)):
                 s = int(start[b])
                 pad = s - ROWS[b][0]
-                seq = [p for p in range(pad, LENGTH) if not (s <= p < s + N and not valid[b, p - s])]
+                seq = [
+                    p for p in range(pad, LENGTH) if not (s <= p < s + N and not valid[b, p - s])
+                ]
                 real = np.nonzero(valid[b])[0]
                 alone = run_jax(
                     hidden[b : b + 1, seq],
@@ -220,7 +234,9 @@ def test_visual_valid_and_row_equals_itself_alone():
                     num_visual=len(real),
                     keep=keep,
                 )
-                np.testing.assert_array_equal(got[b], real[alone[0]], err_msg=f"row {b} seed={seed}")
+                np.testing.assert_array_equal(
+                    got[b], real[alone[0]], err_msg=f"row {b} seed={seed}"
+                )
 
 
 def test_ties_go_to_the_lower_index():
@@ -235,7 +251,9 @@ def test_ties_go_to_the_lower_index():
     for keep in KEEPS[N]:
         got = run_jax(same_h, same_k, start, text, num_visual=N, keep=keep)
         np.testing.assert_array_equal(got, np.broadcast_to(np.arange(keep), got.shape))
-        np.testing.assert_array_equal(got, run_torch(same_h, same_k, start, text, num_visual=N, keep=keep))
+        np.testing.assert_array_equal(
+            got, run_torch(same_h, same_k, start, text, num_visual=N, keep=keep)
+        )
     # Pairs of duplicated tokens (slot 2j+1 copies slot 2j, hidden and key): the pair ties in
     # the pivot ranking and in every cosine, so the odd copy is never kept without the even one.
     dup_h, dup_k = hidden.copy(), keys.copy()
@@ -245,7 +263,9 @@ def test_ties_go_to_the_lower_index():
         dup_k[b, s + 1 : s + N : 2] = keys[b, s : s + N : 2]
     for keep in (1, 5):
         got = run_jax(dup_h, dup_k, start, text, num_visual=N, keep=keep)
-        np.testing.assert_array_equal(got, run_torch(dup_h, dup_k, start, text, num_visual=N, keep=keep))
+        np.testing.assert_array_equal(
+            got, run_torch(dup_h, dup_k, start, text, num_visual=N, keep=keep)
+        )
         for row in got:
             assert all(j - 1 in set(row) for j in row if j % 2 == 1), row
         if keep == 1:  # the single image pivot: an even slot (ties -> lower index)
@@ -330,7 +350,10 @@ def test_flops():
     n, d, t = 576, 4096, 40
     assert dart_flops(n, d, 132, t) == (n + t) * d + 2 * (n + 8) * d + 2 * n * d * 8
     assert dart_flops(n, d, 2, 3, key_dim=1024) == (n + 3) * 1024 + 2 * (n + 5) * d + 2 * n * d * 5
-    assert dart_flops(n, d, 64, 0, num_image_pivots=2, num_text_pivots=0) == n * d + 2 * (n + 2) * d + 4 * n * d
+    assert (
+        dart_flops(n, d, 64, 0, num_image_pivots=2, num_text_pivots=0)
+        == n * d + 2 * (n + 2) * d + 4 * n * d
+    )
 
 
 @settings(deadline=None, max_examples=25, derandomize=True)
@@ -350,7 +373,9 @@ def test_property_matches_reference(seed, config, text_counts, holes):
         (4, text_counts[1]),
         (LENGTH - N - text_counts[2], text_counts[2]),
     ]
-    hidden, keys, start, text, valid, weight = make_batch(seed, N, rows, LENGTH, [sorted(h) for h in holes])
+    hidden, keys, start, text, valid, weight = make_batch(
+        seed, N, rows, LENGTH, [sorted(h) for h in holes]
+    )
     kw = {
         "num_visual": N,
         "keep": keep,

@@ -48,7 +48,9 @@ def test_scenes_are_pure_functions_of_split_and_index():
 
 
 def test_splits_are_disjoint():
-    digests = {s: {_digest(scenes.make_scene(s, i).render()) for i in range(150)} for s in scenes.SPLITS}
+    digests = {
+        s: {_digest(scenes.make_scene(s, i).render()) for i in range(150)} for s in scenes.SPLITS
+    }
     assert all(len(d) == 150 for d in digests.values())  # no duplicates inside a split either
     assert not digests["train"] & digests["val"]
     assert not digests["train"] & digests["test"]
@@ -101,10 +103,15 @@ def test_fast_encoder_matches_the_hf_processor(tokenizer):
         assert list(ids) == enc.prompt_ids(e.qa.question)
         # the question comes after the image span (prompt_scope="question" sees it)
         after = ids[np.nonzero(ids == IMAGE_ID)[0][-1] + 1 :]
-        assert tokenizer.decode(after).split()[: len(e.qa.question.split())] == e.qa.question.split()
+        assert (
+            tokenizer.decode(after).split()[: len(e.qa.question.split())] == e.qa.question.split()
+        )
         np.testing.assert_allclose(out["pixel_values"][0], enc.pixels(e.image()), atol=1e-6)
     # user-typed text normalises to the same tokens
-    assert tokenizer("What colour is the circle?").input_ids == tokenizer("what colour is the circle ?").input_ids
+    assert (
+        tokenizer("What colour is the circle?").input_ids
+        == tokenizer("what colour is the circle ?").input_ids
+    )
 
 
 # --------------------------------------------------------------------------- (b) training
@@ -157,7 +164,9 @@ def test_symbolic_tokens_describe_the_scene(tokenizer):
     from zspa_jax.demo.data import SLOTS, patch_coverage, patch_words
 
     vocab = FastEncoder(tokenizer).vocab
-    scene = next(s for s in (scenes.make_scene("train", i) for i in range(50)) if len(s.objects) >= 3)
+    scene = next(
+        s for s in (scenes.make_scene("train", i) for i in range(50)) if len(s.objects) >= 3
+    )
     ids, w = patch_words(scene, vocab)
     cov = patch_coverage(scene)
     assert ids.shape == w.shape == (576, SLOTS)
@@ -171,7 +180,9 @@ def test_symbolic_tokens_describe_the_scene(tokenizer):
         for i in mostly:
             assert set(ids[i, 1:4]) == words
             np.testing.assert_allclose(w[i, 1:4], cov[i, k])
-            np.testing.assert_allclose(w[i, 0], max(0.0, 1.0 - np.sort(cov[i])[::-1][:2].sum()), atol=1e-6)
+            np.testing.assert_allclose(
+                w[i, 0], max(0.0, 1.0 - np.sort(cov[i])[::-1][:2].sum()), atol=1e-6
+            )
         centre = int(obj.cy // scenes.PATCH_SIZE) * scenes.GRID + int(obj.cx // scenes.PATCH_SIZE)
         assert w[centre, 7] == 1.0 and cov[centre, k] > 0
 
@@ -198,7 +209,14 @@ def test_text_area_decoder_equals_the_full_forward(tokenizer):
     with jax.default_matmul_precision("highest"):
         full = model(jnp.asarray([ids]), jnp.asarray(px))
         q = jnp.asarray([ids[len(prefix) :]], jnp.int32)
-        hidden, _ = model_outputs(model, jnp.asarray(prefix), jnp.asarray(px), q, jnp.ones_like(q), jnp.arange(q.shape[1])[None])
+        hidden, _ = model_outputs(
+            model,
+            jnp.asarray(prefix),
+            jnp.asarray(px),
+            q,
+            jnp.ones_like(q),
+            jnp.arange(q.shape[1])[None],
+        )
         mine = model.language_model.logits(hidden)
     np.testing.assert_allclose(np.asarray(mine[0]), np.asarray(full[0, len(prefix) :]), atol=1e-5)
 
@@ -210,18 +228,33 @@ def test_patch_readout_scores_tokens_by_the_words_they_carry(tokenizer):
     from zspa_jax.demo.evaluate import patch_readout_accuracy
 
     vocab = FastEncoder(tokenizer).vocab
-    table = np.linalg.qr(np.random.default_rng(0).normal(size=(128, len(vocab))))[0].T  # [V, 128], orthonormal rows
-    scene_list = [sc for sc in (scenes.make_scene("val", i) for i in range(40)) if len(sc.objects) >= 2][:5]
+    table = np.linalg.qr(np.random.default_rng(0).normal(size=(128, len(vocab))))[
+        0
+    ].T  # [V, 128], orthonormal rows
+    scene_list = [
+        sc for sc in (scenes.make_scene("val", i) for i in range(40)) if len(sc.objects) >= 2
+    ][:5]
     words = [patch_words(sc, vocab) for sc in scene_list]
     right = np.stack([table[ids[:, 1:4]].sum(1) for ids, _ in words])
-    assert patch_readout_accuracy(right, table, vocab, words) == {"colour": 1.0, "shape": 1.0, "cell": 1.0}
-    next_shape = {vocab[s]: vocab[scenes.SHAPES[(k + 1) % len(scenes.SHAPES)]] for k, s in enumerate(scenes.SHAPES)}
+    assert patch_readout_accuracy(right, table, vocab, words) == {
+        "colour": 1.0,
+        "shape": 1.0,
+        "cell": 1.0,
+    }
+    next_shape = {
+        vocab[s]: vocab[scenes.SHAPES[(k + 1) % len(scenes.SHAPES)]]
+        for k, s in enumerate(scenes.SHAPES)
+    }
     wrong = []
     for ids, _ in words:
         ids = ids.copy()
         ids[:, 2] = [next_shape.get(int(i), int(i)) for i in ids[:, 2]]
         wrong.append(table[ids[:, 1:4]].sum(1))
-    assert patch_readout_accuracy(np.stack(wrong), table, vocab, words) == {"colour": 1.0, "shape": 0.0, "cell": 1.0}
+    assert patch_readout_accuracy(np.stack(wrong), table, vocab, words) == {
+        "colour": 1.0,
+        "shape": 0.0,
+        "cell": 1.0,
+    }
 
 
 # --------------------------------------------------------------------------- (c) shipped model
@@ -249,19 +282,26 @@ def test_shipped_model_matches_transformers(shipped, tmp_path):
 
     exs = scenes.examples("test", 50)
     inputs = processor(
-        text=[e.prompt for e in exs], images=[e.image() for e in exs], padding=True, return_tensors="np"
+        text=[e.prompt for e in exs],
+        images=[e.image() for e in exs],
+        padding=True,
+        return_tensors="np",
     )
     ids, mask, px = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
     assert processor.tokenizer.padding_side == "left"
     # Left padding: the answer position is the last column for every row.
     with torch.no_grad():
         position_ids = torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
-        hf_logits = model(
-            input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(px),
-            attention_mask=torch.from_numpy(mask),
-            position_ids=position_ids,
-        ).logits[:, -1].numpy()
+        hf_logits = (
+            model(
+                input_ids=torch.from_numpy(ids),
+                pixel_values=torch.from_numpy(px),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=position_ids,
+            )
+            .logits[:, -1]
+            .numpy()
+        )
     ours = zspa_jax.forward(shipped, ids, px, mask)[:, -1]
     np.testing.assert_allclose(ours, hf_logits, atol=1e-4, rtol=0)
     vocab = {i: w for w, i in processor.tokenizer.get_vocab().items()}
@@ -294,7 +334,9 @@ def test_symbolic_answers_are_the_decoder_fed_symbolic_patches(shipped):
         sym = symbolic_tokens(table, *map(jnp.asarray, patch_words(e.scene, enc.vocab)))
         embeds = shipped.model.embed_tokens(ids).at[0, n_head : n_head + 576].set(sym)
         length = ids.shape[1]
-        hidden, _ = lm.model(embeds, jnp.arange(length)[None], jnp.tril(jnp.ones((length, length), bool))[None])
+        hidden, _ = lm.model(
+            embeds, jnp.arange(length)[None], jnp.tril(jnp.ones((length, length), bool))[None]
+        )
         expected.append(words[int(jnp.argmax(lm.logits(hidden[0, -1])))])
     assert mine == expected
     assert np.mean([a == e.qa.answer for a, e in zip(mine, exs)]) >= 0.5
@@ -304,7 +346,9 @@ def test_shipped_model_is_small_and_complete():
     files = [p for p in ASSET.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"zspa_config.json", "tokenizer.json", "processor_config.json", "config.json"} <= names
-    assert not any(p.suffix in (".safetensors", ".bin", ".pt") for p in files)  # no torch weights shipped
+    assert not any(
+        p.suffix in (".safetensors", ".bin", ".pt") for p in files
+    )  # no torch weights shipped
     assert sum(p.stat().st_size for p in files) < 8 * 2**20
 
 
@@ -336,8 +380,12 @@ def test_shipped_model_reproduces_its_recorded_test_accuracy(shipped):
         answers += [vocab[int(t)] for t in logits.argmax(-1)]
     correct = np.array([a == e.qa.answer for a, e in zip(answers, exs)])
     types = np.array([e.qa.qtype for e in exs])
-    per_type = {t: float(correct[types == t].mean()) for t in scenes.QUESTION_TYPES if (types == t).any()}
+    per_type = {
+        t: float(correct[types == t].mean()) for t in scenes.QUESTION_TYPES if (types == t).any()
+    }
     assert per_type == pytest.approx(recorded["per_type"], abs=1e-12)
     assert correct.mean() == pytest.approx(recorded["overall"], abs=1e-12)
-    prior = sum(Counter(e.qa.answer for e in exs if e.qa.qtype == t).most_common(1)[0][1] for t in per_type) / len(exs)
+    prior = sum(
+        Counter(e.qa.answer for e in exs if e.qa.qtype == t).most_common(1)[0][1] for t in per_type
+    ) / len(exs)
     assert correct.mean() > prior + 0.15, (correct.mean(), prior)

@@ -53,12 +53,14 @@ def test_demo_explains_the_sequence_and_the_scores(demo):
     processor = FAMILY.adapter.load_processor(run.demo_model_path())
     scene = scenes.make_scene("test", 0)
     rng = np.random.default_rng(0)
-    qas = [qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None]
+    qas = [
+        qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None
+    ]
     # The processor's own expansion of <image>: the length of what the language model reads.
     lengths = [
-        processor(text=[scenes.chat_prompt(qa.question)], images=[scene.render()], return_tensors="np")[
-            "input_ids"
-        ].shape[1]
+        processor(
+            text=[scenes.chat_prompt(qa.question)], images=[scene.render()], return_tensors="np"
+        )["input_ids"].shape[1]
         for qa in qas
     ]
     lo, hi = min(lengths), max(lengths)
@@ -66,7 +68,10 @@ def test_demo_explains_the_sequence_and_the_scores(demo):
     assert f"Each prompt is {span(lo - 576, hi - 576)} text tokens" in flat
     assert "plus 576 visual tokens (one per 4x4-pixel patch of the 96x96 image)" in flat
     assert f"{span(lo, hi)} tokens for the language model" in flat
-    assert f"ZSPAPrune keeps 64 of the 576 visual tokens, chosen per question, so the same prompts are {span(lo - 512, hi - 512)} tokens" in flat
+    assert (
+        f"ZSPAPrune keeps 64 of the 576 visual tokens, chosen per question, so the same prompts are {span(lo - 512, hi - 512)} tokens"
+        in flat
+    )
     assert f"scene: {run.describe(scene)}" in flat
 
     m = re.search(r"correct: (\d+)/(\d+) with all 576 visual tokens, (\d+)/(\d+) keeping 64", flat)
@@ -80,7 +85,10 @@ def test_demo_explains_the_sequence_and_the_scores(demo):
     assert [" ".join(r[:-3]) for r in table] == [qa.question for qa in qas]
     assert [r[-3] for r in table] == [qa.answer for qa in qas]
     assert len(table) == n
-    assert sum(r[-3] == r[-2] for r in table) == full_ok and sum(r[-3] == r[-1] for r in table) == pruned_ok
+    assert (
+        sum(r[-3] == r[-2] for r in table) == full_ok
+        and sum(r[-3] == r[-1] for r in table) == pruned_ok
+    )
     if pruned_ok > full_ok:
         assert f"scored higher than the unpruned one ({pruned_ok} vs {full_ok} right)" in flat
     else:
@@ -94,15 +102,29 @@ def test_demo_picture_shows_kept_tokens_and_an_unpruned_reference(tmp_path):
     grid = scenes.GRID
     rng = np.random.default_rng(0)
     rows = [
-        dict(question="what colour is the circle ?", truth="red", full="red", pruned="blue",
-             kept=np.sort(rng.choice(grid * grid, 64, replace=False))),
-        dict(question="how many shapes are there ?", truth="3", full="2", pruned="3",
-             kept=np.sort(rng.choice(grid * grid, 64, replace=False))),
+        dict(
+            question="what colour is the circle ?",
+            truth="red",
+            full="red",
+            pruned="blue",
+            kept=np.sort(rng.choice(grid * grid, 64, replace=False)),
+        ),
+        dict(
+            question="how many shapes are there ?",
+            truth="3",
+            full="2",
+            pruned="3",
+            kept=np.sort(rng.choice(grid * grid, 64, replace=False)),
+        ),
     ]
     out = tmp_path / "p.png"
-    corners = run.kept_tokens_picture(image, rows, grid, out, 64, grid * grid, "a red circle", (10.0, 10.0))
+    corners = run.kept_tokens_picture(
+        image, rows, grid, out, 64, grid * grid, "a red circle", (10.0, 10.0)
+    )
     pic = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    base = np.asarray(image.convert("RGB").resize((run.PANEL, run.PANEL), Image.NEAREST)).astype(int)
+    base = np.asarray(image.convert("RGB").resize((run.PANEL, run.PANEL), Image.NEAREST)).astype(
+        int
+    )
     assert len(corners) == 1 + len(rows)
     cell = run.PANEL / grid
     centres = ((np.arange(grid) + 0.5) * cell).astype(int)
@@ -110,8 +132,12 @@ def test_demo_picture_shows_kept_tokens_and_an_unpruned_reference(tmp_path):
     np.testing.assert_array_equal(pic[y0 : y0 + run.PANEL, x0 : x0 + run.PANEL], base)
     for (x0, y0), row in zip(corners[1:], rows):
         panel = pic[y0 : y0 + run.PANEL, x0 : x0 + run.PANEL]
-        same = np.array([[np.array_equal(panel[y, x], base[y, x]) for x in centres] for y in centres]).reshape(-1)
-        darker = np.array([[panel[y, x].sum() < base[y, x].sum() for x in centres] for y in centres]).reshape(-1)
+        same = np.array(
+            [[np.array_equal(panel[y, x], base[y, x]) for x in centres] for y in centres]
+        ).reshape(-1)
+        darker = np.array(
+            [[panel[y, x].sum() < base[y, x].sum() for x in centres] for y in centres]
+        ).reshape(-1)
         kept = np.zeros(grid * grid, bool)
         kept[row["kept"]] = True
         np.testing.assert_array_equal(same, kept)

@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 
 from models.checkpoint import flatten
-from zspa_jax.families import param_template
 from models.clip import CLIPVisionConfig
 from models.layers import padding_causal_mask
 from models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax import estimate as est
+from zspa_jax.families import param_template
 
 # Element-wise ops XLA counts and the estimator does not: ~1% here (measured 0.8-1.4%).
 LOW, HIGH = 0.995, 1.05
@@ -36,7 +36,12 @@ TEXT = LlamaConfig(
     num_key_value_heads=2,
 )
 VISION = CLIPVisionConfig(
-    hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, image_size=128, patch_size=8
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=128,
+    patch_size=8,
 )
 LLAVA = LlavaConfig(vision=VISION, text=TEXT, image_token_index=511)  # 256 visual tokens
 
@@ -67,7 +72,9 @@ def _prefill_flops_xla(decoder, n: int, cache_length: int | None = None) -> floa
         lm = nnx.merge(graphdef, state)
         positions = jnp.arange(n)[None]
         if cache_length is None:
-            hidden, _ = lm.model(embeds, positions, padding_causal_mask(jnp.ones((1, n), jnp.int32)))
+            hidden, _ = lm.model(
+                embeds, positions, padding_causal_mask(jnp.ones((1, n), jnp.int32))
+            )
         else:
             mask = jnp.arange(cache_length)[None, None, :] <= jnp.arange(n)[None, :, None]
             hidden, _ = lm.model(embeds, positions, mask, KVCache.zeros(TEXT, 1, cache_length), 0)
@@ -78,7 +85,9 @@ def _prefill_flops_xla(decoder, n: int, cache_length: int | None = None) -> floa
 
 def test_mha_layer_reduces_to_the_textbook_formula():
     n, d, m = 100, 512, 1376
-    mha = LlamaConfig(hidden_size=d, intermediate_size=m, num_attention_heads=8, num_key_value_heads=8)
+    mha = LlamaConfig(
+        hidden_size=d, intermediate_size=m, num_attention_heads=8, num_key_value_heads=8
+    )
     assert est.decoder_layer_macs(mha, n) == 4 * n * d**2 + 2 * n**2 * d + 3 * n * d * m
 
 
@@ -100,7 +109,9 @@ def test_decoder_prefill_into_a_cache_matches_xla(decoder):
 def test_vision_tower_and_projector_flops_match_xla(llava):
     graphdef, state = llava
     pixels = jax.ShapeDtypeStruct((1, 3, VISION.image_size, VISION.image_size), jnp.float32)
-    tower = xla_flops(lambda s, p: nnx.merge(graphdef, s).selected_vision_features(p), state, pixels)
+    tower = xla_flops(
+        lambda s, p: nnx.merge(graphdef, s).selected_vision_features(p), state, pixels
+    )
     assert LOW <= tower / est.vision_flops(LLAVA) <= HIGH, (tower, est.vision_flops(LLAVA))
     both = xla_flops(lambda s, p: nnx.merge(graphdef, s).image_features(p), state, pixels)
     ours = est.vision_flops(LLAVA) + est.projector_flops(LLAVA)
@@ -109,23 +120,44 @@ def test_vision_tower_and_projector_flops_match_xla(llava):
     assert est.estimate(LLAVA, 10)["vision_layers_run"] == VISION.num_hidden_layers - 1
 
 
-@pytest.mark.parametrize("dtype, kv_dtype_bytes", [("float32", None), ("float32", 2), ("bfloat16", None)])
+@pytest.mark.parametrize(
+    "dtype, kv_dtype_bytes", [("float32", None), ("float32", 2), ("bfloat16", None)]
+)
 def test_kv_bytes_equal_kvcache_nbytes(dtype, kv_dtype_bytes):
     text = LlamaConfig(**{**TEXT.__dict__, "dtype": dtype})
     cfg = LlavaConfig(vision=VISION, text=text, image_token_index=511)
     text_tokens, keep, new_tokens, batch = 37, 64, 11, 3
-    e = est.estimate(cfg, text_tokens, keep=keep, new_tokens=new_tokens, batch=batch, kv_dtype_bytes=kv_dtype_bytes)
+    e = est.estimate(
+        cfg,
+        text_tokens,
+        keep=keep,
+        new_tokens=new_tokens,
+        batch=batch,
+        kv_dtype_bytes=kv_dtype_bytes,
+    )
     kv_dtype = {None: None, 2: jnp.bfloat16}[kv_dtype_bytes]
     cache = KVCache.zeros(text, batch, text_tokens + keep + new_tokens, dtype=kv_dtype)
     assert e["kv_cache_bytes"] == cache.nbytes
-    full = KVCache.zeros(text, batch, text_tokens + cfg.image_seq_length + new_tokens, dtype=kv_dtype)
+    full = KVCache.zeros(
+        text, batch, text_tokens + cfg.image_seq_length + new_tokens, dtype=kv_dtype
+    )
     assert e["kv_cache_bytes_unpruned"] == full.nbytes
 
 
 def test_weight_bytes_equal_the_parameter_tree():
     # (LLaVA-1.5-7B's count is checked by number below: its abstract tree takes ~10 s to build.)
-    tied = LlamaConfig(**{**TEXT.__dict__, "tie_word_embeddings": True, "attention_bias": True, "dtype": "bfloat16"})
-    for cfg in (LLAVA, LlavaConfig(vision=VISION, text=tied, image_token_index=511, vision_feature_layer=(-2, -3))):
+    tied = LlamaConfig(
+        **{
+            **TEXT.__dict__,
+            "tie_word_embeddings": True,
+            "attention_bias": True,
+            "dtype": "bfloat16",
+        }
+    )
+    for cfg in (
+        LLAVA,
+        LlavaConfig(vision=VISION, text=tied, image_token_index=511, vision_feature_layer=(-2, -3)),
+    ):
         flat = flatten(param_template(cfg))
         total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in flat.values())
         assert est.estimate(cfg, 10)["weight_bytes"] == total
@@ -135,7 +167,10 @@ def test_pruning_reduces_prefill_flops_by_the_expected_amount(decoder):
     text_tokens, keep = 32, 64
     n = LLAVA.image_seq_length
     e = est.estimate(LLAVA, text_tokens, keep=keep)
-    assert e["sequence_length"] == text_tokens + keep and e["sequence_length_unpruned"] == text_tokens + n
+    assert (
+        e["sequence_length"] == text_tokens + keep
+        and e["sequence_length_unpruned"] == text_tokens + n
+    )
     assert e["llm_prefill_flops"] == est.llm_prefill_flops(TEXT, text_tokens + keep)
     assert e["llm_prefill_flops_unpruned"] == est.estimate(LLAVA, text_tokens)["llm_prefill_flops"]
     # The saving is what XLA sees between the two prefill programs.
@@ -212,12 +247,25 @@ def _selection_xla(method: str, core_ratio=0.6) -> float:
     m = jax.ShapeDtypeStruct((1, T_SEL), jnp.bool_)
     kw = {"core_ratio": core_ratio} if method == "zspaprune" else {}
     if method == "random":
-        return lowered_flops(lambda v, r: pruning.select_tokens(v, keep=K_SEL, method="random", rng=r), v, jax.random.key(0))
-    return lowered_flops(lambda v, t, m: pruning.select_tokens(v, t, m, keep=K_SEL, method=method, **kw), v, t, m)
+        return lowered_flops(
+            lambda v, r: pruning.select_tokens(v, keep=K_SEL, method="random", rng=r),
+            v,
+            jax.random.key(0),
+        )
+    return lowered_flops(
+        lambda v, t, m: pruning.select_tokens(v, t, m, keep=K_SEL, method=method, **kw), v, t, m
+    )
 
 
 @pytest.mark.parametrize(
-    "method, core_ratio", [("zspaprune", 0.6), ("zspaprune", 0.2), ("relevance", 0.6), ("divprune", 0.6), ("cdpruner", 0.6)]
+    "method, core_ratio",
+    [
+        ("zspaprune", 0.6),
+        ("zspaprune", 0.2),
+        ("relevance", 0.6),
+        ("divprune", 0.6),
+        ("cdpruner", 0.6),
+    ],
 )
 def test_selection_flops_match_xla(unrolled, method, core_ratio):
     xla = _selection_xla(method, core_ratio)
@@ -233,10 +281,15 @@ def test_auto_core_flops_match_xla(unrolled):
     v = jax.ShapeDtypeStruct((1, N_SEL, D_SEL), jnp.float32)
     t = jax.ShapeDtypeStruct((1, T_SEL, D_SEL), jnp.float32)
     m = jax.ShapeDtypeStruct((1, T_SEL), jnp.bool_)
-    xla = lowered_flops(lambda v, t, m: auto_core.select_auto(v, t, m, keep=K_SEL, batching="vmap"), v, t, m)
+    xla = lowered_flops(
+        lambda v, t, m: auto_core.select_auto(v, t, m, keep=K_SEL, batching="vmap"), v, t, m
+    )
     ours = est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto")
     assert M_LOW <= xla / ours <= M_HIGH, (xla, ours, xla / ours)
-    assert est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto", auto_zero_share=0.0) < 0.5 * xla
+    assert (
+        est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto", auto_zero_share=0.0)
+        < 0.5 * xla
+    )
 
 
 def test_prompt_agnostic_baselines_cost_next_to_nothing():
@@ -244,7 +297,9 @@ def test_prompt_agnostic_baselines_cost_next_to_nothing():
     # ops per token in XLA's count (under 1% of the cheapest prompt-aware selection).
     assert est.method_flops("random", N_SEL, D_SEL, K_SEL, T_SEL) == 0
     assert est.method_flops("uniform", N_SEL, D_SEL, K_SEL, T_SEL) == 0
-    assert _selection_xla("random") < 0.2 * est.method_flops("relevance", N_SEL, D_SEL, K_SEL, T_SEL)
+    assert _selection_xla("random") < 0.2 * est.method_flops(
+        "relevance", N_SEL, D_SEL, K_SEL, T_SEL
+    )
 
 
 def test_tower_method_flops_match_xla(unrolled):
@@ -267,10 +322,16 @@ def test_tower_method_flops_match_xla(unrolled):
     for keep in (K_SEL, 64):
         dominant = keep - min(int(keep * 10 / 64 + 0.5), keep - 1)
         bookkeeping = lowered_flops(
-            lambda a: (jnp.nonzero(a > 0, size=dominant)[0], jnp.nonzero(a <= 0, size=length - dominant)[0]),
+            lambda a: (
+                jnp.nonzero(a > 0, size=dominant)[0],
+                jnp.nonzero(a <= 0, size=length - dominant)[0],
+            ),
             jax.ShapeDtypeStruct((length,), jnp.float32),
         )
-        xla = lowered_flops(lambda h, a, k: visionzip_merge(h, a, k, keep=keep), hidden, probs, keys) - bookkeeping
+        xla = (
+            lowered_flops(lambda h, a, k: visionzip_merge(h, a, k, keep=keep), hidden, probs, keys)
+            - bookkeeping
+        )
         ours = est.method_flops("visionzip", N_SEL, c, keep, 0, key_dim=dh)
         assert M_LOW <= xla / ours <= M_HIGH, ("visionzip", keep, xla, ours, xla / ours)
 
@@ -289,20 +350,39 @@ def test_fastv_prefill_flops_match_xla(decoder):
         lm = nnx.merge(graphdef, state)
         positions = jnp.arange(length)[None]
         out = prefill_pruned_at_layer(
-            lm.model, embeds, positions, jnp.ones((1, length), jnp.int32), method=METHODS["fastv"], layer=layer,
-            keep=keep, visual_index=10 + jnp.arange(n)[None], visual_valid=None, text_mask=jnp.asarray(ids != image_id),
+            lm.model,
+            embeds,
+            positions,
+            jnp.ones((1, length), jnp.int32),
+            method=METHODS["fastv"],
+            layer=layer,
+            keep=keep,
+            visual_index=10 + jnp.arange(n)[None],
+            visual_valid=None,
+            text_mask=jnp.asarray(ids != image_id),
         )
         return lm.logits(out.hidden[:, -1])
 
-    xla = xla_flops(prefill, state, jax.ShapeDtypeStruct((1, length, TEXT.hidden_size), jnp.float32))
+    xla = xla_flops(
+        prefill, state, jax.ShapeDtypeStruct((1, length, TEXT.hidden_size), jnp.float32)
+    )
     ours = est.fastv_prefill_flops(TEXT, text_tokens, n, keep, layer)
     assert LOW <= xla / ours <= HIGH, (xla, ours, xla / ours)
     # Between the pruned and the unpruned prefill, by the share of layers before K.
-    assert est.llm_prefill_flops(TEXT, text_tokens + keep) < ours < est.llm_prefill_flops(TEXT, text_tokens + n)
+    assert (
+        est.llm_prefill_flops(TEXT, text_tokens + keep)
+        < ours
+        < est.llm_prefill_flops(TEXT, text_tokens + n)
+    )
     e = est.estimate(LLAVA, text_tokens, keep=keep, method="fastv", fastv_layer=layer, new_tokens=4)
-    assert e["llm_prefill_flops"] == est.fastv_prefill_flops(TEXT, text_tokens, LLAVA.image_seq_length, keep, layer)
+    assert e["llm_prefill_flops"] == est.fastv_prefill_flops(
+        TEXT, text_tokens, LLAVA.image_seq_length, keep, layer
+    )
     assert e["pruning_flops"] == 0
-    assert e["kv_cache_bytes"] > est.estimate(LLAVA, text_tokens, keep=keep, new_tokens=4)["kv_cache_bytes"]
+    assert (
+        e["kv_cache_bytes"]
+        > est.estimate(LLAVA, text_tokens, keep=keep, new_tokens=4)["kv_cache_bytes"]
+    )
 
 
 def test_qwen2_5_vl_3b_preset_counts_transformers_parameters():
@@ -312,11 +392,27 @@ def test_qwen2_5_vl_3b_preset_counts_transformers_parameters():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     hf_cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
         tie_word_embeddings=True,
     )
     with torch.device("meta"):
@@ -335,12 +431,18 @@ def test_llava_next_cls_methods_keep_k_of_every_crop(hw):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = est.llava_v1_6_7b_config()
-    crops = image_size_to_num_patches(hw, [list(p) for p in cfg.image_grid_pinpoints], cfg.vision.image_size)
+    crops = image_size_to_num_patches(
+        hw, [list(p) for p in cfg.image_grid_pinpoints], cfg.vision.image_size
+    )
     width, head = cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads
     for method in ("visionzip", "vispruner"):
         r = est.estimate_model(cfg, 60, hw, keep=64, method=method)
         assert r["kept_tokens"] == crops * 64 and r["sequence_length"] == 60 + crops * 64
-        assert r["pruning_flops"] == crops * est.method_flops(method, 576, width, 64, 60, 0.6, key_dim=head)
+        assert r["pruning_flops"] == crops * est.method_flops(
+            method, 576, width, 64, 60, 0.6, key_dim=head
+        )
     with pytest.raises(ValueError, match="one crop"):
         est.estimate_model(cfg, 60, hw, keep=577, method="visionzip")
-    assert est.estimate_model(cfg, 60, hw, keep=64)["kept_tokens"] == 64  # other methods: K of the image
+    assert (
+        est.estimate_model(cfg, 60, hw, keep=64)["kept_tokens"] == 64
+    )  # other methods: K of the image

@@ -42,31 +42,46 @@ class LlavaCase:
         t = self.tiny
         rng = np.random.default_rng(11)
         rows = [
-            np.concatenate([[t.bos_token_id], rng.integers(10, 290, b), np.full(t.tokens_per_image, t.image_token_index),
-                            rng.integers(10, 290, q)])
+            np.concatenate(
+                [
+                    [t.bos_token_id],
+                    rng.integers(10, 290, b),
+                    np.full(t.tokens_per_image, t.image_token_index),
+                    rng.integers(10, 290, q),
+                ]
+            )
             for b, q in ((3, 9), (0, 5))
         ]
         width = max(map(len, rows))
         ids = np.full((2, width), t.pad_token_id, np.int64)
         mask = np.zeros((2, width), np.int64)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
         px = rng.standard_normal((2, 3, t.image_size, t.image_size)).astype(np.float32)
         return {"input_ids": ids, "pixel_values": px, "attention_mask": mask}
 
     def row(self, batch: dict, i: int) -> dict:
-        ids, mask = batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1]
+        ids, mask = batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1]
         real = mask[0] == 1
-        return {"input_ids": ids[:, real], "pixel_values": batch["pixel_values"][i:i + 1],
-                "attention_mask": mask[:, real]}
+        return {
+            "input_ids": ids[:, real],
+            "pixel_values": batch["pixel_values"][i : i + 1],
+            "attention_mask": mask[:, real],
+        }
 
     def _embeds(self, batch):
         hf, t = self.tiny.hf, self.tiny
         ids = torch.as_tensor(batch["input_ids"])
         with torch.no_grad():
             embeds = hf.get_input_embeddings()(torch.where(ids == t.image_token_index, 0, ids))
-            feats = hf.model.get_image_features(pixel_values=torch.as_tensor(batch["pixel_values"])).pooler_output
-            feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, embeds.shape[-1])
+            feats = hf.model.get_image_features(
+                pixel_values=torch.as_tensor(batch["pixel_values"])
+            ).pooler_output
+            feats = (
+                torch.cat(list(feats))
+                if isinstance(feats, (list, tuple))
+                else feats.reshape(-1, embeds.shape[-1])
+            )
             embeds[ids == t.image_token_index] = feats
         return embeds
 
@@ -74,21 +89,34 @@ class LlavaCase:
         mask = torch.as_tensor(batch["attention_mask"])
         with torch.no_grad():
             return self.tiny.hf(
-                input_ids=torch.as_tensor(batch["input_ids"]), pixel_values=torch.as_tensor(batch["pixel_values"]),
-                attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                input_ids=torch.as_tensor(batch["input_ids"]),
+                pixel_values=torch.as_tensor(batch["pixel_values"]),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             ).logits.numpy()
 
     def hf_pruned_row(self, batch, row: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """transformers on one row whose span keeps `kept`, at the kept tokens' original positions."""
         ids, mask = batch["input_ids"][row], batch["attention_mask"][row]
         start = int(np.flatnonzero(ids == self.tiny.image_token_index)[0])
-        src = np.concatenate([np.arange(start), start + kept, np.arange(start + self.tiny.tokens_per_image, len(ids))])
+        src = np.concatenate(
+            [
+                np.arange(start),
+                start + kept,
+                np.arange(start + self.tiny.tokens_per_image, len(ids)),
+            ]
+        )
         positions = np.maximum(np.cumsum(mask) - 1, 0)
         with torch.no_grad():
-            logits = self.tiny.hf(
-                inputs_embeds=self._embeds(batch)[row, src][None], attention_mask=torch.as_tensor(mask[src][None]),
-                position_ids=torch.as_tensor(positions[src][None]),
-            ).logits[0].numpy()
+            logits = (
+                self.tiny.hf(
+                    inputs_embeds=self._embeds(batch)[row, src][None],
+                    attention_mask=torch.as_tensor(mask[src][None]),
+                    position_ids=torch.as_tensor(positions[src][None]),
+                )
+                .logits[0]
+                .numpy()
+            )
         return logits, mask[src].astype(bool)
 
     keep_positions = True  # LLaVA renumbers by default; original positions are the option
@@ -108,7 +136,9 @@ class QwenCase:
         from tests.qwen2_5_vl_helpers import hf_inputs, random_image
 
         images = [random_image(40, 56, seed=50), random_image(24, 32, seed=51)]
-        return hf_inputs(self.tiny.processor, [("what is on the left", 1), ("describe it", 1)], images)
+        return hf_inputs(
+            self.tiny.processor, [("what is on the left", 1), ("describe it", 1)], images
+        )
 
     def batch(self) -> dict:
         b = {k: v.numpy() for k, v in self._hf_batch().items()}
@@ -120,8 +150,12 @@ class QwenCase:
         patches = np.prod(grid, axis=-1)
         lo, hi = int(patches[:i].sum()), int(patches[: i + 1].sum())
         real = batch["attention_mask"][i] == 1
-        return {"input_ids": batch["input_ids"][i:i + 1, real], "attention_mask": batch["attention_mask"][i:i + 1, real],
-                "pixel_values": batch["pixel_values"][lo:hi], "image_grid_thw": grid[i:i + 1]}
+        return {
+            "input_ids": batch["input_ids"][i : i + 1, real],
+            "attention_mask": batch["attention_mask"][i : i + 1, real],
+            "pixel_values": batch["pixel_values"][lo:hi],
+            "image_grid_thw": grid[i : i + 1],
+        }
 
     def hf_logits(self, batch) -> np.ndarray:
         with torch.no_grad():
@@ -152,20 +186,28 @@ class LlavaNextCase:
 
     def row(self, batch: dict, i: int) -> dict:
         real = batch["attention_mask"][i] == 1
-        return {"input_ids": batch["input_ids"][i:i + 1, real], "attention_mask": batch["attention_mask"][i:i + 1, real],
-                "pixel_values": batch["pixel_values"][i:i + 1], "image_sizes": batch["image_sizes"][i:i + 1]}
+        return {
+            "input_ids": batch["input_ids"][i : i + 1, real],
+            "attention_mask": batch["attention_mask"][i : i + 1, real],
+            "pixel_values": batch["pixel_values"][i : i + 1],
+            "image_sizes": batch["image_sizes"][i : i + 1],
+        }
 
     def hf_logits(self, batch) -> np.ndarray:
-        from tests.llava_next_helpers import hf_row_logits, hf_pieces
+        from tests.llava_next_helpers import hf_pieces, hf_row_logits
 
         merged, _ = hf_pieces(self.tiny, batch)
-        out = np.zeros(batch["input_ids"].shape + (self.tiny.hf.config.text_config.vocab_size,), np.float32)
+        out = np.zeros(
+            batch["input_ids"].shape + (self.tiny.hf.config.text_config.vocab_size,), np.float32
+        )
         for row in range(2):
-            out[row, batch["attention_mask"][row] == 1] = hf_row_logits(self.tiny, merged, batch, row, None)
+            out[row, batch["attention_mask"][row] == 1] = hf_row_logits(
+                self.tiny, merged, batch, row, None
+            )
         return out
 
     def hf_pruned_row(self, batch, row: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from tests.llava_next_helpers import hf_row_logits, hf_pieces
+        from tests.llava_next_helpers import hf_pieces, hf_row_logits
 
         merged, _ = hf_pieces(self.tiny, batch)
         logits = hf_row_logits(self.tiny, merged, batch, row, kept, keep_positions=True)
@@ -197,19 +239,34 @@ def test_forward_logits_of_a_left_padded_batch_match_transformers(case, parity_r
     ours, mask = zspa_jax.forward(case.vlm, **batch, return_mask=True)
     ref = case.hf_logits(batch)
     real = batch["attention_mask"] == 1
-    d = parity_record("family logits (left-padded batch)", case.family, float(np.abs(ours[real] - ref[real]).max()), BOUND)
+    d = parity_record(
+        "family logits (left-padded batch)",
+        case.family,
+        float(np.abs(ours[real] - ref[real]).max()),
+        BOUND,
+    )
     assert d <= BOUND
 
 
 def test_pruned_logits_at_original_positions_match_transformers(case, parity_record):
     batch = case.batch()
-    logits, kept, out_mask = zspa_jax.forward(case.vlm, **batch, prune=zspa_jax.PruneConfig(keep=KEEP),
-                                              keep_positions=case.keep_positions, return_kept=True, return_mask=True)
+    logits, kept, out_mask = zspa_jax.forward(
+        case.vlm,
+        **batch,
+        prune=zspa_jax.PruneConfig(keep=KEEP),
+        keep_positions=case.keep_positions,
+        return_kept=True,
+        return_mask=True,
+    )
     for row in range(2):
         ref, ref_mask = case.hf_pruned_row(batch, row, kept[row])
         got = logits[row][out_mask[row].astype(bool)]
-        d = parity_record("family pruned logits (original positions)", f"{case.family} row {row}",
-                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        d = parity_record(
+            "family pruned logits (original positions)",
+            f"{case.family} row {row}",
+            float(np.abs(got - ref[ref_mask]).max()),
+            BOUND,
+        )
         assert d <= BOUND
 
 
@@ -230,11 +287,21 @@ def test_each_served_method_gives_a_row_what_it_gives_the_row_alone(case):
     assert "zspaprune" in served and "fastv" in served
     for name in served:
         prune = zspa_jax.PruneConfig(keep=KEEP, method=name, layer=1)
-        logits, kept, mask = zspa_jax.forward(case.vlm, **batch, prune=prune, return_kept=True, return_mask=True)
+        logits, kept, mask = zspa_jax.forward(
+            case.vlm, **batch, prune=prune, return_kept=True, return_mask=True
+        )
         for row in range(2):
-            alone, alone_kept, alone_mask = zspa_jax.forward(case.vlm, **case.row(batch, row), prune=prune,
-                                                             return_kept=True, return_mask=True)
-            np.testing.assert_array_equal(kept[row], alone_kept[0], err_msg=f"{case.family} {name} row {row}")
+            alone, alone_kept, alone_mask = zspa_jax.forward(
+                case.vlm, **case.row(batch, row), prune=prune, return_kept=True, return_mask=True
+            )
+            np.testing.assert_array_equal(
+                kept[row], alone_kept[0], err_msg=f"{case.family} {name} row {row}"
+            )
             got = logits[row][mask[row].astype(bool)]
-            np.testing.assert_allclose(got, alone[0][alone_mask[0].astype(bool)], atol=1e-5, rtol=0,
-                                       err_msg=f"{case.family} {name} row {row}")
+            np.testing.assert_allclose(
+                got,
+                alone[0][alone_mask[0].astype(bool)],
+                atol=1e-5,
+                rtol=0,
+                err_msg=f"{case.family} {name} row {row}",
+            )

@@ -77,17 +77,29 @@ def test_perturbed_reference_fails_the_right_checks(gpu, reference):
 
         return change
 
-    assert perturbed(f"{m}.fingerprint", lambda a: np.array("0" * 64)) == {(m, "-", "weights + inputs SHA-256")}
+    assert perturbed(f"{m}.fingerprint", lambda a: np.array("0" * 64)) == {
+        (m, "-", "weights + inputs SHA-256")
+    }
     # float32: 1e-3 x max|logit| is over the accelerator bound (1e-4); 5e-5 is within it.
-    assert perturbed(f"{m}.float32.unpruned.logits", add(1e-3 * scale)) == {(m, "float32", "forward logits, unpruned")}
+    assert perturbed(f"{m}.float32.unpruned.logits", add(1e-3 * scale)) == {
+        (m, "float32", "forward logits, unpruned")
+    }
     assert perturbed(f"{m}.float32.unpruned.logits", add(5e-5 * scale)) == set()
-    assert perturbed(f"{m}.float32.pruned.logits", add(np.nan)) == {(m, "float32", "forward logits, pruned")}
-    assert perturbed(f"{m}.float32.pruned.kept", bump_first) == {(m, "float32", "forward kept indices")}
-    assert perturbed(f"{m}.float32.greedy.kept", bump_first) == {(m, "float32", "generate kept indices")}
+    assert perturbed(f"{m}.float32.pruned.logits", add(np.nan)) == {
+        (m, "float32", "forward logits, pruned")
+    }
+    assert perturbed(f"{m}.float32.pruned.kept", bump_first) == {
+        (m, "float32", "forward kept indices")
+    }
+    assert perturbed(f"{m}.float32.greedy.kept", bump_first) == {
+        (m, "float32", "generate kept indices")
+    }
     tokens = f"greedy tokens ({gpu.NEW_TOKENS}/row)"
     assert perturbed(f"{m}.float32.greedy.tokens", bump_first) == {(m, "float32", tokens)}
     # bfloat16: only the unpruned sanity bound is asserted; tokens and kept indices are reported.
-    assert perturbed(f"{m}.bfloat16.unpruned.logits", add(0.5 * scale)) == {(m, "bfloat16", "forward logits, unpruned")}
+    assert perturbed(f"{m}.bfloat16.unpruned.logits", add(0.5 * scale)) == {
+        (m, "bfloat16", "forward logits, unpruned")
+    }
     assert perturbed(f"{m}.bfloat16.pruned.logits", add(0.5 * scale)) == set()
     assert perturbed(f"{m}.bfloat16.greedy.tokens", bump_first) == set()
     assert perturbed(f"{m}.bfloat16.greedy.kept", bump_first) == set()
@@ -99,7 +111,9 @@ def test_cpu_bound_is_tighter(gpu, reference):
     bad = dict(reference)
     bad[key] = reference[key] * (1 + 5e-5)  # within the accelerator bound, over the CPU one
     assert not _failed(gpu.compare(bad, reference, "accelerator"))
-    assert _failed(gpu.compare(bad, reference, "cpu")) == {(m, "float32", "forward logits, unpruned")}
+    assert _failed(gpu.compare(bad, reference, "cpu")) == {
+        (m, "float32", "forward logits, unpruned")
+    }
 
 
 @pytest.mark.slow
@@ -107,9 +121,17 @@ def test_cpu_smoke_run(tmp_path):
     out = tmp_path / "gpu.md"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (
+        f"rc {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     assert "PARITY FAIL" not in proc.stderr
     text = out.read_text()
     assert "device cpu" in text and "CPU smoke run" in text and "Parity: PASS (14 of 14" in text
@@ -120,12 +142,21 @@ def test_cpu_smoke_run(tmp_path):
             rows[tuple(cells[:3])] = cells[5]
     for model in ("llava", "qwen2_5_vl"):
         assert rows[(model, "-", "weights + inputs SHA-256")] == "PASS"
-        for check in ("forward logits, unpruned", "forward logits, pruned", "forward kept indices",
-                      "generate kept indices", "greedy tokens (12/row)"):
+        for check in (
+            "forward logits, unpruned",
+            "forward logits, pruned",
+            "forward kept indices",
+            "generate kept indices",
+            "greedy tokens (12/row)",
+        ):
             assert rows[(model, "float32", check)] == "PASS", (model, check)
         assert rows[(model, "bfloat16", "forward logits, unpruned")] == "PASS"
-        for check in ("forward logits, pruned", "forward kept overlap", "generate kept overlap",
-                      "greedy token agreement"):
+        for check in (
+            "forward logits, pruned",
+            "forward kept overlap",
+            "generate kept overlap",
+            "greedy token agreement",
+        ):
             assert rows[(model, "bfloat16", check)] == "info", (model, check)
     assert len(rows) == 22
     assert "| select_tokens (zspaprune) | B=2 N=64 D=64 K=8 T=8, f32 |" in text

@@ -24,7 +24,9 @@ def _sixteen_bit(seed: int, size=(40, 56)) -> tuple[Image.Image, Image.Image]:
 def test_to_rgb_scales_sixteen_bit_and_refuses_unknown_ranges():
     img16, img8 = _sixteen_bit(0)
     assert np.asarray(img16.convert("RGB")).mean() > 250  # what PIL alone does: nearly all white
-    np.testing.assert_array_equal(np.asarray(to_rgb(img16, "image")), np.asarray(img8.convert("RGB")))
+    np.testing.assert_array_equal(
+        np.asarray(to_rgb(img16, "image")), np.asarray(img8.convert("RGB"))
+    )
     for mode, pixels in (("I", np.zeros((4, 4), np.int32)), ("F", np.zeros((4, 4), np.float32))):
         image = Image.fromarray(pixels)
         assert image.mode == mode

@@ -18,7 +18,9 @@ def test_grid_messages_name_the_real_problem():
     cfg = Qwen2_5_VLVisionConfig()
     with pytest.raises(ValueError, match=r"image_grid_thw\[0\] = \(0, 6, 8\): t must be >= 1"):
         check_grid(np.array([[0, 6, 8]]), cfg)
-    with pytest.raises(ValueError, match="image_grid_thw must be an integer array .* got dtype float"):
+    with pytest.raises(
+        ValueError, match="image_grid_thw must be an integer array .* got dtype float"
+    ):
         check_grid(np.array([[1.0, 6.0, 8.0]]), cfg)
     with pytest.raises(ValueError, match=r"got shape \(3,\)"):
         check_grid(np.array([1, 6, 8]), cfg)
@@ -26,8 +28,11 @@ def test_grid_messages_name_the_real_problem():
 
 
 def test_qwen_converter_says_which_config_section_is_missing():
-    for hf, missing in (({"vision_config": {"depth": 1}}, "text_config"), ({"text_config": {"vocab_size": 9}}, "vision_config"),
-                        ({}, "text_config and no vision_config")):
+    for hf, missing in (
+        ({"vision_config": {"depth": 1}}, "text_config"),
+        ({"text_config": {"vocab_size": 9}}, "vision_config"),
+        ({}, "text_config and no vision_config"),
+    ):
         with pytest.raises(UnsupportedConfigError, match=f"config has no {missing}"):
             qwen2_5_vl_config_from_hf({"model_type": "qwen2_5_vl", **hf})
 
@@ -38,7 +43,9 @@ def test_estimate_cli_bad_image_is_one_error_line(image, capsys):
         estimate_main(["--model", "qwen2.5-vl-7b", "--image", image])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"error: --image must be HxW with positive integer pixel sizes (e.g. 1344x1008), got {image!r}")
+    assert err[-1].endswith(
+        f"error: --image must be HxW with positive integer pixel sizes (e.g. 1344x1008), got {image!r}"
+    )
     assert not any("Traceback" in line for line in err)
 
 

@@ -47,10 +47,16 @@ def _hf_tower(tiny, crops: np.ndarray):
     layer = tiny.hf.config.vision_feature_layer % n_states - 1  # the encoder layer that produces it
     captured = {}
     encoder = getattr(tower, "vision_model", tower).encoder
-    handle = encoder.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
+    handle = encoder.layers[layer].self_attn.k_proj.register_forward_hook(
+        lambda m, i, o: captured.setdefault("k", o)
+    )
     try:
         with torch.no_grad():
-            out = tower(pixel_values=torch.as_tensor(crops), output_attentions=True, output_hidden_states=True)
+            out = tower(
+                pixel_values=torch.as_tensor(crops),
+                output_attentions=True,
+                output_hidden_states=True,
+            )
     finally:
         handle.remove()
     k = captured["k"]
@@ -66,9 +72,13 @@ def _slot_of(tiny, size) -> Callable[[int, int], int]:
     crops, tokens = image_num_patches(size, tiny.cfg), tiny.cfg.tokens_per_crop
     code = torch.arange(1, crops * tokens + 1, dtype=torch.float32).view(crops, tokens, 1)
     with torch.no_grad():
-        packed, _ = hf.model.pack_image_features([code], torch.as_tensor([size]), "default", torch.zeros(1))
+        packed, _ = hf.model.pack_image_features(
+            [code], torch.as_tensor([size]), "default", torch.zeros(1)
+        )
     packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed  # one image
-    packed = packed[:, 0].long().numpy() - 1  # tower token (crop * P + token) of each slot, -1 newline
+    packed = (
+        packed[:, 0].long().numpy() - 1
+    )  # tower token (crop * P + token) of each slot, -1 newline
     where = {int(v): s for s, v in enumerate(packed) if v >= 0}
     _, cols = anyres_grid_shape(size, tiny.cfg.image_grid_pinpoints, tiny.cfg.crop_size)
 
@@ -100,7 +110,9 @@ def _reference(tiny, batch: dict, method: str, keep: int):
         hidden, row, keys = _hf_tower(tiny, pixels[i, :k])
         grid = anyres_grid_shape(size, tiny.cfg.image_grid_pinpoints, tiny.cfg.crop_size)
         if method == "vispruner":
-            tokens, sources = vispruner_anyres(hidden[:, 1:], row[:, 1:], keep=keep, grid=grid, side=side)
+            tokens, sources = vispruner_anyres(
+                hidden[:, 1:], row[:, 1:], keep=keep, grid=grid, side=side
+            )
         else:
             tokens, sources = visionzip_anyres(hidden, row, keys, keep=keep, grid=grid, side=side)
         with torch.no_grad():
@@ -110,13 +122,17 @@ def _reference(tiny, batch: dict, method: str, keep: int):
     return out
 
 
-def _hf_row_logits(tiny, batch: dict, row: int, sizes: list, images: list, keep_positions: bool) -> np.ndarray:
+def _hf_row_logits(
+    tiny, batch: dict, row: int, sizes: list, images: list, keep_positions: bool
+) -> np.ndarray:
     """transformers on one row alone whose image spans (images of `sizes`) are replaced by
     `images` (their (tokens, slots) pairs), positions renumbered or the original ones of the slots."""
     ids, mask = batch["input_ids"][row], batch["attention_mask"][row]
     real = np.flatnonzero(mask)
     with torch.no_grad():
-        text = tiny.hf.get_input_embeddings()(torch.as_tensor(np.where(ids == tiny.image_token, 0, ids)))
+        text = tiny.hf.get_input_embeddings()(
+            torch.as_tensor(np.where(ids == tiny.image_token, 0, ids))
+        )
     pieces, positions, image, at = [], [], 0, 0
     placeholders = real[ids[real] == tiny.image_token]
     for p in real:
@@ -133,33 +149,60 @@ def _hf_row_logits(tiny, batch: dict, row: int, sizes: list, images: list, keep_
         if at == image_token_count(sizes[image], tiny.cfg):
             image, at = image + 1, 0
     embeds = torch.cat(pieces)[None]
-    pos = np.searchsorted(real, np.concatenate(positions)) if keep_positions else np.arange(embeds.shape[1])
+    pos = (
+        np.searchsorted(real, np.concatenate(positions))
+        if keep_positions
+        else np.arange(embeds.shape[1])
+    )
     with torch.no_grad():
-        return tiny.hf(inputs_embeds=embeds, position_ids=torch.as_tensor(pos)[None]).logits[0].numpy()
+        return (
+            tiny.hf(inputs_embeds=embeds, position_ids=torch.as_tensor(pos)[None]).logits[0].numpy()
+        )
 
 
 def _check(tiny, vlm, plan, method: str, keep_positions: bool, parity_record, budget: str = "row"):
     b = rows(tiny, plan, seed=21)
-    ids, mask, pixels, sizes = b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_sizes"]
+    ids, mask, pixels, sizes = (
+        b["input_ids"],
+        b["attention_mask"],
+        b["pixel_values"],
+        b["image_sizes"],
+    )
     prune = zspa_jax.PruneConfig(keep=KEEP, method=method, budget=budget)
-    logits, kept, out_mask = zspa_jax.forward(vlm, ids, pixels, mask, prune, image_sizes=sizes,
-                                              keep_positions=keep_positions, return_kept=True, return_mask=True)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm,
+        ids,
+        pixels,
+        mask,
+        prune,
+        image_sizes=sizes,
+        keep_positions=keep_positions,
+        return_kept=True,
+        return_mask=True,
+    )
     ref = _reference(tiny, b, method, KEEP)
     crops = pixels.shape[1]
     first = 0
     for row, (_, images, _) in enumerate(plan):
-        mine = ref[first:first + len(images)]
+        mine = ref[first : first + len(images)]
         first += len(images)
         # kept: the slot of each entry, images after each other, then the padding crops' entries (-1).
         offsets = np.cumsum([0] + [image_token_count(s, tiny.cfg) for s in images])[:-1]
         expect = np.concatenate([off + slots for off, (_, slots) in zip(offsets, mine)])
         masked = len(images) * crops * KEEP - len(expect)
-        np.testing.assert_array_equal(kept[row], np.concatenate([expect, np.full(masked, -1)]),
-                                      err_msg=f"{method} row {row}")
-        assert out_mask[row].sum() == mask[row].sum() - sum(image_token_count(s, tiny.cfg) for s in images) + len(expect)
+        np.testing.assert_array_equal(
+            kept[row], np.concatenate([expect, np.full(masked, -1)]), err_msg=f"{method} row {row}"
+        )
+        assert out_mask[row].sum() == mask[row].sum() - sum(
+            image_token_count(s, tiny.cfg) for s in images
+        ) + len(expect)
         hf = _hf_row_logits(tiny, b, row, images, mine, keep_positions)
-        d = parity_record("LLaVA-NeXT [CLS]-method pruned logits", f"{method} {budget} {keep_positions=} row {row}",
-                          float(np.abs(logits[row][out_mask[row].astype(bool)] - hf).max()), BOUND)
+        d = parity_record(
+            "LLaVA-NeXT [CLS]-method pruned logits",
+            f"{method} {budget} {keep_positions=} row {row}",
+            float(np.abs(logits[row][out_mask[row].astype(bool)] - hf).max()),
+            BOUND,
+        )
         assert d <= BOUND
 
 
@@ -180,19 +223,30 @@ def test_budget_is_per_crop_and_refusals_name_the_argument(tiny, vlm):
     budget="row" are refused by name."""
     b = rows(tiny, [(2, [(60, 60)], 4)], seed=22)  # 5 crops, nothing padded
     p = tiny.cfg.tokens_per_crop
-    for prune, per_crop in ((zspa_jax.PruneConfig(keep=3, method="vispruner"), 3),
-                            (zspa_jax.PruneConfig(ratio=0.25, method="visionzip"), p // 4)):
+    for prune, per_crop in (
+        (zspa_jax.PruneConfig(keep=3, method="vispruner"), 3),
+        (zspa_jax.PruneConfig(ratio=0.25, method="visionzip"), p // 4),
+    ):
         res = zspa_jax.generate(vlm, **b, max_new_tokens=2, prune=prune)
         assert res.kept_indices.shape == (1, 5 * per_crop) and (res.kept_indices >= 0).all()
         assert res.stats["visual_tokens_kept_per_row"] == 5 * per_crop
-    with pytest.raises(ValueError, match=rf"PruneConfig.keep={p + 1} exceeds the {p} tokens of one crop"):
+    with pytest.raises(
+        ValueError, match=rf"PruneConfig.keep={p + 1} exceeds the {p} tokens of one crop"
+    ):
         zspa_jax.forward(vlm, **b, prune=zspa_jax.PruneConfig(keep=p + 1, method="visionzip"))
     two = rows(tiny, [(2, [(60, 60), (32, 32)], 4)], seed=23)
     with pytest.raises(ValueError, match="use PruneConfig\\(budget='image'\\)"):
         zspa_jax.forward(vlm, **two, prune=zspa_jax.PruneConfig(keep=3, method="vispruner"))
-    for plan, budget in (([(2, [(60, 60), (32, 32)], 4), (1, [(40, 70)], 3)], "image"),
-                         ([(2, [(60, 60)], 4), (1, [], 3)], "row")):
+    for plan, budget in (
+        ([(2, [(60, 60), (32, 32)], 4), (1, [(40, 70)], 3)], "image"),
+        ([(2, [(60, 60)], 4), (1, [], 3)], "row"),
+    ):
         mixed = rows(tiny, plan, seed=24)
-        with pytest.raises(ValueError, match=r"method 'vispruner' prunes each crop of each image, so every prompt of "
-                                             r"a batch must hold the same number of images, got \[\d, \d\]"):
-            zspa_jax.forward(vlm, **mixed, prune=zspa_jax.PruneConfig(keep=3, method="vispruner", budget=budget))
+        with pytest.raises(
+            ValueError,
+            match=r"method 'vispruner' prunes each crop of each image, so every prompt of "
+            r"a batch must hold the same number of images, got \[\d, \d\]",
+        ):
+            zspa_jax.forward(
+                vlm, **mixed, prune=zspa_jax.PruneConfig(keep=3, method="vispruner", budget=budget)
+            )

@@ -65,8 +65,20 @@ from tests.llava_next_helpers import (
 
 TOL = 1e-5
 # (height, width): landscape, portrait, square, extreme strips, odd sizes, tiny and huge
-SIZES = [(40, 70), (64, 30), (32, 32), (64, 64), (100, 20), (20, 100), (33, 97), (97, 33), (45, 45),
-         (7, 300), (300, 7), (500, 499)]
+SIZES = [
+    (40, 70),
+    (64, 30),
+    (32, 32),
+    (64, 64),
+    (100, 20),
+    (20, 100),
+    (33, 97),
+    (97, 33),
+    (45, 45),
+    (7, 300),
+    (300, 7),
+    (500, 499),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -103,7 +115,9 @@ def hf_features(tiny):
     """transformers' get_image_features pooler_output for every size of SIZES (one batch)."""
     pv = random_pixels(SIZES, tiny.cfg, seed=1)
     with torch.no_grad():
-        out = tiny.hf.get_image_features(pixel_values=torch.from_numpy(pv), image_sizes=torch.tensor(SIZES))
+        out = tiny.hf.get_image_features(
+            pixel_values=torch.from_numpy(pv), image_sizes=torch.tensor(SIZES)
+        )
     return pv, [f.numpy() for f in out.pooler_output]
 
 
@@ -121,8 +135,12 @@ def test_converted_config_matches_hf(tiny):
     assert cfg.text.num_key_value_heads == hfc.text_config.num_key_value_heads
     assert cfg.max_patches == MAX_PATCHES
     assert LlavaNextConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert tiny.summary["tensors"] == len(list(tiny.hf.state_dict()))  # every tensor, image_newline included
-    np.testing.assert_array_equal(np.asarray(tiny.vlm.image_newline[...]), tiny.hf.model.image_newline.detach().numpy())
+    assert tiny.summary["tensors"] == len(
+        list(tiny.hf.state_dict())
+    )  # every tensor, image_newline included
+    np.testing.assert_array_equal(
+        np.asarray(tiny.vlm.image_newline[...]), tiny.hf.model.image_newline.detach().numpy()
+    )
     bf16 = param_template(with_dtype(cfg, "bfloat16"), LlavaNextForConditionalGeneration)
     assert bf16["image_newline"].dtype == jnp.bfloat16
     assert bf16["vision_tower"]["pre_layrnorm"]["scale"].dtype == jnp.bfloat16
@@ -138,16 +156,22 @@ def test_geometry_helpers_match_transformers(tiny):
 
     side = IMAGE_SIZE // PATCH_SIZE
     for size in SIZES:
-        assert select_best_resolution(size, PINPOINTS) == tuple(hf_best(list(size), PINPOINTS)), size
+        assert select_best_resolution(size, PINPOINTS) == tuple(hf_best(list(size), PINPOINTS)), (
+            size
+        )
         grid = anyres_grid_shape(size, PINPOINTS, IMAGE_SIZE)
         assert grid == tuple(get_anyres_image_grid_shape(list(size), PINPOINTS, IMAGE_SIZE)), size
-        assert image_num_patches(size, tiny.cfg) == image_size_to_num_patches(list(size), PINPOINTS, IMAGE_SIZE)
+        assert image_num_patches(size, tiny.cfg) == image_size_to_num_patches(
+            list(size), PINPOINTS, IMAGE_SIZE
+        )
         feature_map = torch.zeros(1, grid[0] * side, grid[1] * side)
         kept = unpadded_features_shape(size, grid, side)
         assert (kept.rows, kept.cols) == tuple(unpad_image(feature_map, list(size)).shape[1:]), size
     # the choice is not always the same pinpoint, and unpadding does cut rows and columns
     assert len({select_best_resolution(s, PINPOINTS) for s in SIZES}) == 3
-    cut = [unpadded_features_shape(s, anyres_grid_shape(s, PINPOINTS, IMAGE_SIZE), side) for s in SIZES]
+    cut = [
+        unpadded_features_shape(s, anyres_grid_shape(s, PINPOINTS, IMAGE_SIZE), side) for s in SIZES
+    ]
     assert any(k.top > 0 for k in cut) and any(k.left > 0 for k in cut)
 
 
@@ -155,7 +179,9 @@ def test_image_token_count_matches_processor_and_model(tiny, hf_features):
     """(a) our count == the processor's placeholder count == the length of transformers'
     packed features, for portrait, landscape, square and extreme sizes."""
     counts = [image_token_count(s, tiny.cfg) for s in SIZES]
-    processor_counts = tiny.processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in SIZES]).num_image_tokens
+    processor_counts = tiny.processor._get_num_multimodal_tokens(
+        image_sizes=[list(s) for s in SIZES]
+    ).num_image_tokens
     assert counts == list(processor_counts)
     assert counts == [f.shape[0] for f in hf_features[1]]
     assert counts[:2] == [52, 56]
@@ -171,9 +197,13 @@ def test_image_token_count_matches_processor_expansion(tiny):
     sizes = [(40, 70), (64, 30), (45, 45), (20, 100)]
     for h, w in sizes:
         image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        batch = tiny.processor(text=[f"look {IMAGE_TOKEN} here"], images=[image], return_tensors="np")
+        batch = tiny.processor(
+            text=[f"look {IMAGE_TOKEN} here"], images=[image], return_tensors="np"
+        )
         assert tuple(batch["image_sizes"][0]) == (h, w)
-        assert int((batch["input_ids"] == tiny.image_token).sum()) == image_token_count((h, w), tiny.cfg)
+        assert int((batch["input_ids"] == tiny.image_token).sum()) == image_token_count(
+            (h, w), tiny.cfg
+        )
         assert batch["pixel_values"].shape[1] == image_num_patches((h, w), tiny.cfg)
 
 
@@ -184,11 +214,17 @@ def test_layout_rows(tiny):
     for row, size in enumerate(SIZES[:3]):
         n = image_token_count(size, tiny.cfg)
         assert layout.valid[row].tolist() == [True] * n + [False] * (80 - n)
-        np.testing.assert_array_equal(layout.index[row, :p], np.arange(p))  # the base view first, in order
+        np.testing.assert_array_equal(
+            layout.index[row, :p], np.arange(p)
+        )  # the base view first, in order
         kept = unpadded_features_shape(size, anyres_grid_shape(size, PINPOINTS, IMAGE_SIZE), 4)
         newlines = np.flatnonzero(layout.index[row, :n] == NEWLINE)
-        np.testing.assert_array_equal(newlines, p + np.arange(1, kept.rows + 1) * (kept.cols + 1) - 1)
-        assert (layout.index[row, p:n][layout.index[row, p:n] != NEWLINE] >= p).all()  # grid reads crops 1..
+        np.testing.assert_array_equal(
+            newlines, p + np.arange(1, kept.rows + 1) * (kept.cols + 1) - 1
+        )
+        assert (
+            layout.index[row, p:n][layout.index[row, p:n] != NEWLINE] >= p
+        ).all()  # grid reads crops 1..
 
 
 # --------------------------------------------------------------------------------------
@@ -227,11 +263,17 @@ def _padded_batch(tiny):
     from PIL import Image
 
     rng = np.random.default_rng(11)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)),
-              Image.fromarray(rng.integers(0, 255, (64, 30, 3), dtype=np.uint8))]
-    prompts = [f"USER: {IMAGE_TOKEN}\nWhat is shown in this image? ASSISTANT:",
-               (f"USER: Describe the picture in detail. {IMAGE_TOKEN} There are two people walking along a sandy "
-                "beach while the sun sets behind the hills. ASSISTANT:")]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (64, 30, 3), dtype=np.uint8)),
+    ]
+    prompts = [
+        f"USER: {IMAGE_TOKEN}\nWhat is shown in this image? ASSISTANT:",
+        (
+            f"USER: Describe the picture in detail. {IMAGE_TOKEN} There are two people walking along a sandy "
+            "beach while the sun sets behind the hills. ASSISTANT:"
+        ),
+    ]
     batch = tiny.processor(text=prompts, images=images, return_tensors="np", padding=True)
     return {k: np.asarray(v) for k, v in batch.items()}
 
@@ -242,7 +284,7 @@ def test_left_padded_batch_logits(tiny, parity_record):
     b = _padded_batch(tiny)
     ids, mask, pv, sizes = b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_sizes"]
     assert (mask == 0).any() and (mask[:, -1] == 1).all()  # really left-padded
-    assert pv.shape[1] == MAX_PATCHES and not pv[1, image_num_patches(sizes[1], tiny.cfg):].any()
+    assert pv.shape[1] == MAX_PATCHES and not pv[1, image_num_patches(sizes[1], tiny.cfg) :].any()
     check_inputs(tiny.cfg, pv, sizes, ids)
     layout = anyres_layout(sizes, tiny.cfg, input_ids=ids, attention_mask=mask)
 
@@ -260,9 +302,16 @@ def test_left_padded_batch_logits(tiny, parity_record):
     position_ids = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
     t = torch.as_tensor
     with torch.no_grad():
-        ref = tiny.hf(input_ids=t(ids).long(), pixel_values=t(pv), image_sizes=t(sizes), attention_mask=t(mask).long(),
-                      position_ids=t(position_ids).long()).logits.numpy()
-        feats = torch.cat(tiny.hf.get_image_features(pixel_values=t(pv), image_sizes=t(sizes)).pooler_output)
+        ref = tiny.hf(
+            input_ids=t(ids).long(),
+            pixel_values=t(pv),
+            image_sizes=t(sizes),
+            attention_mask=t(mask).long(),
+            position_ids=t(position_ids).long(),
+        ).logits.numpy()
+        feats = torch.cat(
+            tiny.hf.get_image_features(pixel_values=t(pv), image_sizes=t(sizes)).pooler_output
+        )
         ids_t = t(ids).long()
         embeds = tiny.hf.get_input_embeddings()(ids_t)
         ref_embeds = embeds.masked_scatter((ids_t == tiny.image_token)[..., None], feats).numpy()
@@ -291,7 +340,9 @@ def test_left_padded_batch_logits(tiny, parity_record):
         np.testing.assert_array_equal(np.asarray(inputs.image_index)[row, 0], expected)
         start += n
     text_rows = ~(ids == tiny.image_token) & real
-    np.testing.assert_array_equal(np.asarray(inputs.embeds)[text_rows], np.asarray(inputs.text_embeds)[text_rows])
+    np.testing.assert_array_equal(
+        np.asarray(inputs.embeds)[text_rows], np.asarray(inputs.text_embeds)[text_rows]
+    )
 
 
 def test_row_layout_with_two_images_in_a_row_and_masked_placeholders(tiny):
@@ -302,20 +353,35 @@ def test_row_layout_with_two_images_in_a_row_and_masked_placeholders(tiny):
     sizes = [(40, 70), (64, 30), (45, 45)]
     a, b, c = (image_token_count(s, cfg) for s in sizes)
     row0 = [5] + [tok] * a + [6, 7] + [tok] * b + [8]
-    row1 = [9] * (len(row0) - c - 3) + [tok] * c + [tok, tok, 10]  # 2 masked placeholders after the image
+    row1 = (
+        [9] * (len(row0) - c - 3) + [tok] * c + [tok, tok, 10]
+    )  # 2 masked placeholders after the image
     ids = np.array([row0, row1])
     mask = np.ones_like(ids)
-    mask[1, len(row1) - 3 : len(row1) - 1] = 0  # (not left padding: only the layout is checked here)
+    mask[1, len(row1) - 3 : len(row1) - 1] = (
+        0  # (not left padding: only the layout is checked here)
+    )
     layout = anyres_layout(sizes, cfg, input_ids=ids, attention_mask=mask)
     s = layout.index.shape[1]
     assert layout.row_index.shape == (2, a + b) and layout.image_index.shape == (2, 2, s)
     np.testing.assert_array_equal(layout.row_index[0], np.r_[np.arange(a), s + np.arange(b)])
-    np.testing.assert_array_equal(layout.row_index[1], np.r_[2 * s + np.arange(c), np.full(a + b - c, -1)])
+    np.testing.assert_array_equal(
+        layout.row_index[1], np.r_[2 * s + np.arange(c), np.full(a + b - c, -1)]
+    )
     np.testing.assert_array_equal(layout.image_index[0, 1, :b], a + np.arange(b))
-    assert (layout.image_index[1, 1] == -1).all() and (layout.image_index[1, 0, :c] == np.arange(c)).all()
-    with pytest.raises(ValueError, match=r"^input_ids row 0: image 1 needs 56 image tokens but the row has only 55"):
+    assert (layout.image_index[1, 1] == -1).all() and (
+        layout.image_index[1, 0, :c] == np.arange(c)
+    ).all()
+    with pytest.raises(
+        ValueError, match=r"^input_ids row 0: image 1 needs 56 image tokens but the row has only 55"
+    ):
         # one placeholder moved from row 0 to row 1: the total matches, the rows do not
-        anyres_layout(sizes, cfg, input_ids=np.array([row0[:-2] + [8, 8], [tok] + row1[1:]]), attention_mask=mask)
+        anyres_layout(
+            sizes,
+            cfg,
+            input_ids=np.array([row0[:-2] + [8, 8], [tok] + row1[1:]]),
+            attention_mask=mask,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -335,9 +401,13 @@ def test_bad_inputs_name_the_argument(tiny):
         check_inputs(cfg, pv[:, 0], sizes)
     with pytest.raises(ValueError, match=r"^pixel_values must be"):
         check_inputs(cfg, np.zeros((2, 5, 3, 16, 16), np.float32), sizes)
-    with pytest.raises(ValueError, match=r"^image_sizes holds 3 image size\(s\) but pixel_values holds 2"):
+    with pytest.raises(
+        ValueError, match=r"^image_sizes holds 3 image size\(s\) but pixel_values holds 2"
+    ):
         check_inputs(cfg, pv, np.array([[40, 70], [64, 30], [32, 32]]))
-    with pytest.raises(ValueError, match=r"^image_sizes\[0\] = \(40, 70\) needs 5 crops .* pixel_values has 3"):
+    with pytest.raises(
+        ValueError, match=r"^image_sizes\[0\] = \(40, 70\) needs 5 crops .* pixel_values has 3"
+    ):
         check_inputs(cfg, pv[:, :3], sizes)
     with pytest.raises(ValueError, match=r"^image_sizes must be an int array \[num_images, 2\]"):
         check_inputs(cfg, pv, np.array([40, 70, 64, 30]))
@@ -349,9 +419,13 @@ def test_bad_inputs_name_the_argument(tiny):
         anyres_layout(sizes, cfg, num_slots=50)
 
     layout = anyres_layout(sizes, cfg)
-    with pytest.raises(ValueError, match=r"^pixel_values must be \[num_images, num_patches, 3, 32, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"^pixel_values must be \[num_images, num_patches, 3, 32, 32\]"
+    ):
         tiny.vlm.packed_features(jnp.zeros((2, 3, 32, 32)), layout)
-    with pytest.raises(ValueError, match=r"^layout .* must have one row per image of pixel_values \(1\)"):
+    with pytest.raises(
+        ValueError, match=r"^layout .* must have one row per image of pixel_values \(1\)"
+    ):
         tiny.vlm.packed_features(jnp.zeros((1, 5, 3, 32, 32)), layout)
     with pytest.raises(ValueError, match=r"image_sizes does not match pixel_values"):
         tiny.vlm.packed_features(jnp.zeros((2, 3, 3, 32, 32)), layout)
@@ -371,15 +445,27 @@ def _hf_dict(tiny) -> dict:
 @pytest.mark.parametrize(
     "edit, field",
     [
-        (lambda c: c["text_config"].update(model_type="mistral", sliding_window=4096),
-         "text_config.sliding_window=4096"),
+        (
+            lambda c: c["text_config"].update(model_type="mistral", sliding_window=4096),
+            "text_config.sliding_window=4096",
+        ),
         (lambda c: c["text_config"].update(model_type="qwen2"), "text_config.model_type='qwen2'"),
-        (lambda c: c.update(vision_feature_select_strategy="full"), "vision_feature_select_strategy='full'"),
+        (
+            lambda c: c.update(vision_feature_select_strategy="full"),
+            "vision_feature_select_strategy='full'",
+        ),
         (lambda c: c.update(image_grid_pinpoints=[[32, 48]]), "image_grid_pinpoints"),
         (lambda c: c.pop("image_grid_pinpoints"), "image_grid_pinpoints is missing"),
-        (lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
-         "rope_type='yarn'"),
-        (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "vision_config.model_type"),
+        (
+            lambda c: c["text_config"].update(
+                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+            ),
+            "rope_type='yarn'",
+        ),
+        (
+            lambda c: c["vision_config"].update(model_type="siglip_vision_model"),
+            "vision_config.model_type",
+        ),
         (lambda c: c.update(mystery_field=1), "config.mystery_field=1"),
     ],
 )
@@ -397,11 +483,15 @@ def test_config_reader_collects_every_problem_and_accepts_mistral_without_window
     hf["vision_feature_select_strategy"] = "full"
     with pytest.raises(UnsupportedConfigError) as err:
         llava_next_config_from_hf(hf)
-    assert "sliding_window=128" in str(err.value) and "vision_feature_select_strategy='full'" in str(err.value)
+    assert "sliding_window=128" in str(
+        err.value
+    ) and "vision_feature_select_strategy='full'" in str(err.value)
 
     mistral = _hf_dict(tiny)
     mistral["text_config"].update(model_type="mistral", sliding_window=None)
-    assert llava_next_config_from_hf(mistral) == llava_next_config_from_hf(_hf_dict(tiny)) == tiny.cfg
+    assert (
+        llava_next_config_from_hf(mistral) == llava_next_config_from_hf(_hf_dict(tiny)) == tiny.cfg
+    )
     with pytest.raises(UnsupportedConfigError, match="expected 'llava_next'"):
         llava_next_config_from_hf({**_hf_dict(tiny), "model_type": "llava"})
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
@@ -417,15 +507,22 @@ def test_key_table_covers_every_layout(tiny):
         saved = sorted(f.keys())
     in_memory = sorted(tiny.hf.state_dict())
     assert "image_newline" in saved and "model.image_newline" in in_memory
-    legacy = [k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k
-              for k in saved]
+    legacy = [
+        k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        if k.startswith("vision_tower.")
+        else k
+        for k in saved
+    ]
     paths = {k: map_key(k) for k in saved}
     assert None not in paths.values()
     params = set(flatten(param_template(tiny.cfg, LlavaNextForConditionalGeneration)))
     assert {p for p, _ in paths.values()} == params and len(paths) == len(params)
     assert sorted(map_key(k) for k in legacy) == sorted(paths.values())
     assert sorted(map_key(k) for k in in_memory) == sorted(paths.values())
-    assert map_key("model.image_newline")[0] == "image_newline" and map_key("image_newline_extra") is None
+    assert (
+        map_key("model.image_newline")[0] == "image_newline"
+        and map_key("image_newline_extra") is None
+    )
 
 
 def _assert_nothing_written(out: Path) -> None:
@@ -487,9 +584,14 @@ def test_sharding_rules(tiny):
 
     template = flatten(param_template(tiny.cfg, LlavaNextForConditionalGeneration))
     shapes = {p: tuple(s.shape) for p, s in template.items()}
-    plan = plan_params(shapes, LlavaNextForConditionalGeneration.SHARDING_RULES, {"data": 1, "model": 2})
+    plan = plan_params(
+        shapes, LlavaNextForConditionalGeneration.SHARDING_RULES, {"data": 1, "model": 2}
+    )
     assert tuple(plan.specs["image_newline"]) == (None,)
-    assert tuple(plan.specs["language_model.model.layers.0.self_attn.q_proj.kernel"]) == (None, "model")
+    assert tuple(plan.specs["language_model.model.layers.0.self_attn.q_proj.kernel"]) == (
+        None,
+        "model",
+    )
     assert tuple(plan.specs["vision_tower.encoder.layers.0.mlp.fc2.kernel"]) == ("model", None)
     assert tuple(plan.specs["multi_modal_projector.linear_1.kernel"]) == (None, "model")
     assert not plan.replicated  # every split dimension divides model=2 at these widths
@@ -500,16 +602,33 @@ def test_cli_subprocess(tiny, tmp_path):
     """`python -m convert.llava_next SRC OUT` writes the same checkpoint as the in-process call."""
     out = tmp_path / "cli_out"
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "convert.llava_next", str(tiny.src), str(out), "--quiet"],
-                          check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.llava_next", str(tiny.src), str(out), "--quiet"],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "converted 81 tensors" in proc.stdout
     assert json.loads((out / CONFIG_NAME).read_text())["model"] == "llava_next"
     cli = restore_model(out, tiny.cfg, LlavaNextForConditionalGeneration)
-    a, b = nnx.to_pure_dict(nnx.state(cli, nnx.Param)), nnx.to_pure_dict(nnx.state(tiny.vlm, nnx.Param))
+    a, b = (
+        nnx.to_pure_dict(nnx.state(cli, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(tiny.vlm, nnx.Param)),
+    )
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-    again = subprocess.run([sys.executable, "-m", "convert.llava_next", str(tiny.src), str(out), "--quiet"],
-                           check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "convert.llava_next", str(tiny.src), str(out), "--quiet"],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
 
 
@@ -523,13 +642,30 @@ def test_mistral_text_config_logits(tmp_path, parity_record):
     pv = random_pixels([tuple(sizes[0])], m.cfg, seed=6)[:, :3]
     n = image_token_count(sizes[0], m.cfg)
     rng = np.random.default_rng(7)
-    ids = np.concatenate([[1], rng.integers(4, 300, 5), np.full(n, m.image_token), rng.integers(4, 300, 6)])[None]
+    ids = np.concatenate(
+        [[1], rng.integers(4, 300, 5), np.full(n, m.image_token), rng.integers(4, 300, 6)]
+    )[None]
     check_inputs(m.cfg, pv, sizes, ids)
-    ours = np.asarray(jitted(m.vlm, "__call__")(jnp.asarray(ids, jnp.int32), jnp.asarray(pv),
-                                                jnp.ones(ids.shape, jnp.int32), anyres_layout(sizes, m.cfg)))
+    ours = np.asarray(
+        jitted(m.vlm, "__call__")(
+            jnp.asarray(ids, jnp.int32),
+            jnp.asarray(pv),
+            jnp.ones(ids.shape, jnp.int32),
+            anyres_layout(sizes, m.cfg),
+        )
+    )
     with torch.no_grad():
-        ref = m.hf(input_ids=torch.as_tensor(ids).long(), pixel_values=torch.from_numpy(pv),
-                   image_sizes=torch.as_tensor(sizes)).logits.numpy()
+        ref = m.hf(
+            input_ids=torch.as_tensor(ids).long(),
+            pixel_values=torch.from_numpy(pv),
+            image_sizes=torch.as_tensor(sizes),
+        ).logits.numpy()
     d = max_diff(ours, ref)
-    parity_record("llava_next logits (mistral text)", "tiny, 1 image 64x30", d, TOL, scale=float(np.abs(ref).max()))
+    parity_record(
+        "llava_next logits (mistral text)",
+        "tiny, 1 image 64x30",
+        d,
+        TOL,
+        scale=float(np.abs(ref).max()),
+    )
     assert d <= TOL

@@ -71,7 +71,10 @@ def benchmark_answers(vlm, exs):
     ev = accuracy.Evaluator(vlm, exs, batch=N_QUESTIONS, keep_positions=True)
     full = ev.answers(ev.select("uniform", "question", vlm.tokens_per_image))
     pruned = ev.answers(ev.select("zspaprune r=0.6", "question", 64))
-    return {"": (full, accuracy.score(exs, full)["overall"]), PRUNED: (pruned, accuracy.score(exs, pruned)["overall"])}
+    return {
+        "": (full, accuracy.score(exs, full)["overall"]),
+        PRUNED: (pruned, accuracy.score(exs, pruned)["overall"]),
+    }
 
 
 # --------------------------------------------------------------------------- the runner
@@ -80,15 +83,24 @@ def benchmark_answers(vlm, exs):
 @pytest.mark.parametrize("model_args", ["", PRUNED])
 @pytest.mark.slow
 def test_answers_equal_generate_and_batch_size_does_not_change_them(vlm, exs, model_args):
-    prune_args = parse_model_args({"pretrained": str(DEMO), **dict(a.split("=", 1) for a in model_args.split(",") if a)})
+    prune_args = parse_model_args(
+        {"pretrained": str(DEMO), **dict(a.split("=", 1) for a in model_args.split(",") if a)}
+    )
     reference = zspa_jax.generate(
-        vlm, [scenes.chat_prompt(e.qa.question) for e in exs], [e.image() for e in exs],
-        prune=prune_args.prune, keep_positions=prune_args.keep_positions, max_new_tokens=4,
+        vlm,
+        [scenes.chat_prompt(e.qa.question) for e in exs],
+        [e.image() for e in exs],
+        prune=prune_args.prune,
+        keep_positions=prune_args.keep_positions,
+        max_new_tokens=4,
     ).texts
     by8 = runner(vlm, model_args, batch_size=8).generate_until(requests(exs, max_new_tokens=4))
     assert by8 == reference
     if model_args == PRUNED:
-        assert runner(vlm, model_args, batch_size=1).generate_until(requests(exs, max_new_tokens=4)) == reference
+        assert (
+            runner(vlm, model_args, batch_size=1).generate_until(requests(exs, max_new_tokens=4))
+            == reference
+        )
 
 
 @pytest.mark.parametrize("budget", ["row", "image"])
@@ -97,13 +109,24 @@ def test_documents_with_several_images_equal_generate(vlm, exs, budget):
     """A document with two images goes through `generate` with the image list; prompts of
     different image counts are batched apart (budget="image" needs one count per batch)."""
     two = scenes.chat_prompt(exs[0].qa.question).replace(scenes.IMAGE_TOKEN, scenes.IMAGE_TOKEN * 2)
-    reqs = [GenRequest(two, (exs[0].image(), exs[1].image()), {"max_new_tokens": 3})] + requests(exs[2:5], max_new_tokens=3)
+    reqs = [GenRequest(two, (exs[0].image(), exs[1].image()), {"max_new_tokens": 3})] + requests(
+        exs[2:5], max_new_tokens=3
+    )
     r = runner(vlm, f"{PRUNED},budget={budget}", batch_size=4)
     got = r.generate_until(reqs)
     prune = r.args.prune
     assert prune.budget == budget
-    expect = [zspa_jax.generate(vlm, [req.context], [list(req.images)], prune=prune, keep_positions=True,
-                                max_new_tokens=3).texts[0] for req in reqs]
+    expect = [
+        zspa_jax.generate(
+            vlm,
+            [req.context],
+            [list(req.images)],
+            prune=prune,
+            keep_positions=True,
+            max_new_tokens=3,
+        ).texts[0]
+        for req in reqs
+    ]
     assert got == expect
 
 
@@ -113,12 +136,22 @@ def test_until_stop_strings_cut_the_answer(vlm, exs):
     images = [e.image() for e in exs[:4]]
     reference = zspa_jax.generate(vlm, [prompt] * 4, images, max_new_tokens=24).texts
     assert all("," in t or " at " in t for t in reference)  # the stops below do occur
-    reqs = [GenRequest(prompt, (im,), {"max_new_tokens": 24, "until": [" at ", ","]}) for im in images]
-    assert runner(vlm, batch_size=4).generate_until(reqs) == [re.split(" at |,", t)[0] for t in reference]
-    reqs = [GenRequest(prompt, (im,), {"max_new_tokens": 24, "until": "background"}) for im in images]
-    assert runner(vlm, batch_size=4).generate_until(reqs) == [t.split("background")[0] for t in reference]
+    reqs = [
+        GenRequest(prompt, (im,), {"max_new_tokens": 24, "until": [" at ", ","]}) for im in images
+    ]
+    assert runner(vlm, batch_size=4).generate_until(reqs) == [
+        re.split(" at |,", t)[0] for t in reference
+    ]
+    reqs = [
+        GenRequest(prompt, (im,), {"max_new_tokens": 24, "until": "background"}) for im in images
+    ]
+    assert runner(vlm, batch_size=4).generate_until(reqs) == [
+        t.split("background")[0] for t in reference
+    ]
     # max_new_tokens is honoured: 3 tokens of the same caption
-    short = runner(vlm, batch_size=4).generate_until([GenRequest(prompt, (im,), {"max_new_tokens": 3}) for im in images])
+    short = runner(vlm, batch_size=4).generate_until(
+        [GenRequest(prompt, (im,), {"max_new_tokens": 3}) for im in images]
+    )
     assert short == [" ".join(t.split()[:3]) for t in reference]
 
 
@@ -132,19 +165,36 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs_from_forward(vlm, ex
     r = runner(vlm, PRUNED, batch_size=4)
     e = exs[0]
     cases = [(e, f" {e.qa.answer}"), (e, " no"), (e, " no ."), (e, " blue star")]
-    got = r.loglikelihood([LoglikelihoodRequest(scenes.chat_prompt(e.qa.question), c, (e.image(),)) for e, c in cases])
+    got = r.loglikelihood(
+        [LoglikelihoodRequest(scenes.chat_prompt(e.qa.question), c, (e.image(),)) for e, c in cases]
+    )
     for (_, cont), (logp, greedy) in zip(cases, got):
         prompt = scenes.chat_prompt(e.qa.question)
         batch = zspa_jax.encode(vlm, [prompt + cont], [e.image()])
-        logits = zspa_jax.forward(vlm, **batch, prune=r.args.prune, keep_positions=r.args.keep_positions)[0]
+        logits = zspa_jax.forward(
+            vlm, **batch, prune=r.args.prune, keep_positions=r.args.keep_positions
+        )[0]
         n = len(cont.split())
         target = batch["input_ids"][0, -n:]
         steps = logits[-n - 1 : -1].astype(np.float64)
-        log_probs = steps - np.log(np.exp(steps - steps.max(-1, keepdims=True)).sum(-1, keepdims=True)) - steps.max(-1, keepdims=True)
+        log_probs = (
+            steps
+            - np.log(np.exp(steps - steps.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - steps.max(-1, keepdims=True)
+        )
         assert logp == pytest.approx(float(log_probs[np.arange(n), target].sum()), abs=1e-4)
         assert greedy == bool((steps.argmax(-1) == target).all())
-    assert got[0][1] == (zspa_jax.generate(vlm, scenes.chat_prompt(exs[0].qa.question), exs[0].image(), prune=r.args.prune,
-                                           keep_positions=r.args.keep_positions, max_new_tokens=1).texts[0] == exs[0].qa.answer)
+    assert got[0][1] == (
+        zspa_jax.generate(
+            vlm,
+            scenes.chat_prompt(exs[0].qa.question),
+            exs[0].image(),
+            prune=r.args.prune,
+            keep_positions=r.args.keep_positions,
+            max_new_tokens=1,
+        ).texts[0]
+        == exs[0].qa.answer
+    )
 
 
 @pytest.mark.slow
@@ -163,11 +213,15 @@ def test_dtype_bfloat16_casts_the_parameters(vlm):
 
     r = Runner(parse_model_args({"pretrained": str(DEMO), "dtype": "bfloat16"}))
     leaves = jax.tree.leaves(nnx.state(r.vlm.model, nnx.Param))
-    assert leaves and all(x.dtype == jax.numpy.bfloat16 for x in leaves if jax.numpy.issubdtype(x.dtype, jax.numpy.floating))
-    e = scenes.example("test", 0)
-    assert r.generate_until([GenRequest(scenes.chat_prompt(e.qa.question), (e.image(),), {"max_new_tokens": 1})])[0] in (
-        scenes.vocabulary()
+    assert leaves and all(
+        x.dtype == jax.numpy.bfloat16
+        for x in leaves
+        if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
     )
+    e = scenes.example("test", 0)
+    assert r.generate_until(
+        [GenRequest(scenes.chat_prompt(e.qa.question), (e.image(),), {"max_new_tokens": 1})]
+    )[0] in (scenes.vocabulary())
 
 
 @pytest.mark.parametrize(
@@ -176,7 +230,10 @@ def test_dtype_bfloat16_casts_the_parameters(vlm):
         ({"method": "nonsense", "keep": 64}, "method must be one of"),
         ({"keep": 577}, "keep=577 exceeds the 576 visual tokens"),
         ({"keep": 64, "ratio": 0.5}, "keep or ratio, not both"),
-        ({"pretrained": "/nonexistent/model"}, "pretrained='/nonexistent/model' is not a directory"),
+        (
+            {"pretrained": "/nonexistent/model"},
+            "pretrained='/nonexistent/model' is not a directory",
+        ),
         ({"pretrained": str(DEMO.parent)}, "not a converted zspa_jax checkpoint"),
         ({"pretrained": None}, "pretrained is required"),
         ({"dtype": "float8"}, "dtype must be one of float32, bfloat16, float16"),
@@ -226,7 +283,9 @@ def test_bad_model_args_fail_before_any_task_is_loaded(task_root, tmp_path):
         (f"pretrained={tmp_path / 'missing'}", "is not a directory"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            evaluator.simple_evaluate(model="zspa_jax", model_args=model_args, tasks=["zspa_shapes"], task_manager=manager)
+            evaluator.simple_evaluate(
+                model="zspa_jax", model_args=model_args, tasks=["zspa_shapes"], task_manager=manager
+            )
 
 
 def test_multi_round_generation_feeds_each_round_back(vlm, exs):
@@ -241,11 +300,31 @@ def test_multi_round_generation_feeds_each_round_back(vlm, exs):
 
     def doc_to_text(doc, previous_output, round_idx, previous_round_info):
         done = round_idx >= len(questions)
-        return None, None if done else scenes.chat_prompt(questions[round_idx]), done, previous_output, None
+        return (
+            None,
+            None if done else scenes.chat_prompt(questions[round_idx]),
+            done,
+            previous_output,
+            None,
+        )
 
-    inst = Instance("generate_until_multi_round", (scenes.chat_prompt(questions[0]), {"max_new_tokens": 2},
-                    lambda doc: [exs[0].image()], doc_to_text, 0, "t", "test"), 0, {"task": "t", "doc_id": 0, "repeats": 1})
-    expected = zspa_jax.generate(vlm, [scenes.chat_prompt(q) for q in questions], [exs[0].image()] * 2, max_new_tokens=2).texts
+    inst = Instance(
+        "generate_until_multi_round",
+        (
+            scenes.chat_prompt(questions[0]),
+            {"max_new_tokens": 2},
+            lambda doc: [exs[0].image()],
+            doc_to_text,
+            0,
+            "t",
+            "test",
+        ),
+        0,
+        {"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    expected = zspa_jax.generate(
+        vlm, [scenes.chat_prompt(q) for q in questions], [exs[0].image()] * 2, max_new_tokens=2
+    ).texts
     assert model.generate_until_multi_round([inst]) == [expected]
 
 
@@ -255,8 +334,12 @@ def test_task_accuracy_equals_the_benchmark(task_manager, benchmark_answers, exs
     from lmms_eval import evaluator
 
     out = evaluator.simple_evaluate(
-        model="zspa_jax", model_args=f"pretrained={DEMO},{model_args}".rstrip(","), tasks=["zspa_shapes"],
-        batch_size=8, task_manager=task_manager, log_samples=True,
+        model="zspa_jax",
+        model_args=f"pretrained={DEMO},{model_args}".rstrip(","),
+        tasks=["zspa_shapes"],
+        batch_size=8,
+        task_manager=task_manager,
+        log_samples=True,
     )
     samples = sorted(out["samples"]["zspa_shapes"], key=lambda s: s["doc_id"])
     assert [s["doc"]["question"] for s in samples] == [e.qa.question for e in exs]
@@ -269,8 +352,23 @@ def test_task_accuracy_equals_the_benchmark(task_manager, benchmark_answers, exs
 def test_lmms_eval_cli_runs_the_local_task_offline(task_root, benchmark_answers, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cli = Path(sys.executable).with_name("lmms-eval")
-    cmd = [str(cli), "--model", "zspa_jax", "--model_args", f"pretrained={DEMO},{PRUNED}", "--tasks", "zspa_shapes",
-           "--include_path", str(task_root), "--limit", "7", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
+    cmd = [
+        str(cli),
+        "--model",
+        "zspa_jax",
+        "--model_args",
+        f"pretrained={DEMO},{PRUNED}",
+        "--tasks",
+        "zspa_shapes",
+        "--include_path",
+        str(task_root),
+        "--limit",
+        "7",
+        "--batch_size",
+        "8",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result_files = list((tmp_path / "out").rglob("*results*.json"))

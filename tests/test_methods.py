@@ -18,8 +18,8 @@ from tests.test_pruning import assert_same, check_valid, make_data
 from tests.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
-    vispruner_reference,
     visionzip_reference,
+    vispruner_reference,
 )
 from zspa_jax import pruning
 from zspa_jax.methods import visionzip as vz
@@ -64,7 +64,9 @@ def spiked(seed: int, b: int, n: int, t: int, d: int, n_spikes: list[int]):
         pm = p[i][m[i]].mean(0)
         pm = pm / np.linalg.norm(pm)
         for j in rng.choice(n, count, replace=False):
-            v[i, j] = (np.linalg.norm(v[i, j]) * (0.9 * pm + 0.1 * v[i, j] / np.linalg.norm(v[i, j]))).astype(np.float32)
+            v[i, j] = (
+                np.linalg.norm(v[i, j]) * (0.9 * pm + 0.1 * v[i, j] / np.linalg.norm(v[i, j]))
+            ).astype(np.float32)
     return v, p, m
 
 
@@ -78,7 +80,9 @@ def test_cdpruner_matches_reference(keep):
         v, p, m = make_data(seed, **SHAPE, kind=kind)  # seed % 5 == 0: an all-masked prompt row
         got = jsel(v, p, m, keep=keep, method="cdpruner")
         check_valid(got, SHAPE["b"], SHAPE["n"], keep)
-        assert_same(got, cdpruner_reference(T(v), T(p), T(m), keep=keep).numpy(), f"seed {seed} {kind}")
+        assert_same(
+            got, cdpruner_reference(T(v), T(p), T(m), keep=keep).numpy(), f"seed {seed} {kind}"
+        )
 
 
 def test_cdpruner_special_shapes_and_theta():
@@ -87,7 +91,11 @@ def test_cdpruner_special_shapes_and_theta():
     for seed in range(4):
         # K = N - 1 with D > N (the kernel keeps full rank), and K = N.
         v, p, m = make_data(50 + seed, 2, 12, 3, 24, kind="clustered" if seed % 2 else "gauss")
-        assert_same(jsel(v, p, m, keep=11, method="cdpruner"), cdpruner_reference(T(v), T(p), T(m), keep=11).numpy(), "N-1")
+        assert_same(
+            jsel(v, p, m, keep=11, method="cdpruner"),
+            cdpruner_reference(T(v), T(p), T(m), keep=11).numpy(),
+            "N-1",
+        )
         assert (jsel(v, p, m, keep=12, method="cdpruner") == np.arange(12)).all()
         # The paper's theta weighting exp(alpha * w).
         got = np.asarray(cdpruner_select(J(v), J(p), J(m), keep=5, theta=0.5))
@@ -110,7 +118,9 @@ def test_cdpruner_batch_equals_per_example_and_inside_jit():
     v, p, m = make_data(7, **SHAPE, kind="clustered")
     batched = jsel(v, p, m, keep=K, method="cdpruner")
     for b in range(SHAPE["b"]):
-        assert np.array_equal(jsel(v[b : b + 1], p[b : b + 1], m[b : b + 1], keep=K, method="cdpruner")[0], batched[b])
+        assert np.array_equal(
+            jsel(v[b : b + 1], p[b : b + 1], m[b : b + 1], keep=K, method="cdpruner")[0], batched[b]
+        )
     from zspa_jax.methods.cdpruner import cdpruner_select
 
     mapped = np.asarray(cdpruner_select(J(v), J(p), J(m), keep=K, batching="map"))
@@ -135,7 +145,9 @@ def test_auto_matches_reference():
         assert r.dtype == np.float32 and np.allclose(r, ref_r, atol=1e-7), (r, ref_r)
         # Same indices as a fixed core ratio equal to the chosen one.
         for b in range(AUTO_SHAPE["b"]):
-            fixed = jsel(v[b : b + 1], p[b : b + 1], m[b : b + 1], keep=K, core_ratio=float(ref_r[b]))
+            fixed = jsel(
+                v[b : b + 1], p[b : b + 1], m[b : b + 1], keep=K, core_ratio=float(ref_r[b])
+            )
             assert np.array_equal(fixed[0], got[b]), (seed, b)
         seen |= {round(x * K) for x in ref_r}
     assert 0 in seen and K in seen and seen & set(range(1, K)), seen  # r = 0, r = 1 and in between
@@ -146,7 +158,9 @@ def test_auto_special_cases():
     v, p, _ = make_data(3, **AUTO_SHAPE, kind="clustered")
     m = np.zeros(p.shape[:2], bool)
     assert (np.asarray(auto_core_ratio(J(v), J(p), J(m), keep=K)) == 0).all()
-    assert np.array_equal(jsel(v, p, m, keep=K, core_ratio="auto"), jsel(v, p, m, keep=K, method="divprune"))
+    assert np.array_equal(
+        jsel(v, p, m, keep=K, core_ratio="auto"), jsel(v, p, m, keep=K, method="divprune")
+    )
     # K = 1 and K = N.
     v, p, m = spiked(4, **AUTO_SHAPE, n_spikes=[0, 1, 3, 20])
     for keep in (1, AUTO_SHAPE["n"]):
@@ -257,13 +271,17 @@ def test_visionzip_matches_reference(keep, full):
         keys, _, _ = make_data(seed + 50, 3, length, 1, 8, kind="clustered")
         a = attention_like(seed, 3, length, ties=seed % 2 == 0)
         tokens, slots = vz.visionzip_merge(J(h), J(a), J(keys), keep=keep, cls_in_placeholders=full)
-        ref_tokens, ref_slots = visionzip_reference(T(h), T(a), T(keys), keep=keep, cls_in_placeholders=full)
+        ref_tokens, ref_slots = visionzip_reference(
+            T(h), T(a), T(keys), keep=keep, cls_in_placeholders=full
+        )
         assert tokens.shape == (3, keep, 12) and slots.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(slots), ref_slots.numpy())
         np.testing.assert_allclose(np.asarray(tokens), ref_tokens.numpy(), rtol=0, atol=1e-5)
         assert (np.asarray(slots) < length - (not full)).all()
         # Batch == per example.
-        one_t, one_s = vz.visionzip_merge(J(h[1:2]), J(a[1:2]), J(keys[1:2]), keep=keep, cls_in_placeholders=full)
+        one_t, one_s = vz.visionzip_merge(
+            J(h[1:2]), J(a[1:2]), J(keys[1:2]), keep=keep, cls_in_placeholders=full
+        )
         np.testing.assert_array_equal(np.asarray(one_s)[0], np.asarray(slots)[1])
         np.testing.assert_array_equal(np.asarray(one_t)[0], np.asarray(tokens)[1])
 

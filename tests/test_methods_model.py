@@ -15,8 +15,8 @@ from models.layers import padding_causal_mask, positions_from_mask
 from tests.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
-    vispruner_reference,
     visionzip_reference,
+    vispruner_reference,
 )
 from zspa_jax.pruning import PruneConfig
 
@@ -38,12 +38,21 @@ def _prompt(tiny, n_before: int, n_question: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     text = lambda n: rng.integers(10, 290, size=n)  # noqa: E731
     return np.concatenate(
-        [[tiny.bos_token_id], text(n_before), np.full(tiny.tokens_per_image, tiny.image_token_index), text(n_question)]
+        [
+            [tiny.bos_token_id],
+            text(n_before),
+            np.full(tiny.tokens_per_image, tiny.image_token_index),
+            text(n_question),
+        ]
     ).astype(np.int64)
 
 
 def _pixels(tiny, count: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((count, 3, tiny.image_size, tiny.image_size)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((count, 3, tiny.image_size, tiny.image_size))
+        .astype(np.float32)
+    )
 
 
 def _hf_tower(tiny, px: np.ndarray, layer: int):
@@ -54,7 +63,9 @@ def _hf_tower(tiny, px: np.ndarray, layer: int):
     handle = k_proj.register_forward_hook(lambda m, i, o: captured.setdefault("k", o))
     try:
         with torch.no_grad():
-            out = tower(pixel_values=torch.as_tensor(px), output_attentions=True, output_hidden_states=True)
+            out = tower(
+                pixel_values=torch.as_tensor(px), output_attentions=True, output_hidden_states=True
+            )
     finally:
         handle.remove()
     heads = tower.config.num_attention_heads
@@ -70,10 +81,14 @@ def _feature_layer(tiny) -> int:
 
 def _embeds(tiny, ids):
     with torch.no_grad():
-        return tiny.hf.get_input_embeddings()(torch.as_tensor(np.where(ids == tiny.image_token_index, 0, ids)))
+        return tiny.hf.get_input_embeddings()(
+            torch.as_tensor(np.where(ids == tiny.image_token_index, 0, ids))
+        )
 
 
-def _hf_logits_with_visual(tiny, ids: np.ndarray, visual: torch.Tensor, positions=None) -> np.ndarray:
+def _hf_logits_with_visual(
+    tiny, ids: np.ndarray, visual: torch.Tensor, positions=None
+) -> np.ndarray:
     """HF logits for one row whose placeholder span is replaced by `visual` [K, D]."""
     start = int(np.flatnonzero(ids == tiny.image_token_index)[0])
     embeds = _embeds(tiny, ids)
@@ -93,7 +108,12 @@ def test_cls_attention_option_equals_output_attentions(tiny, vlm, parity_record)
         hidden, row, keys = _hf_tower(tiny, px, layer)
         states, cls = tower.hidden_states(px, cls_attention_layer=layer)
         assert cls.probs.shape == (2, tiny.tokens_per_image + 1)
-        d = parity_record("CLIP [CLS] attention row", f"layer {layer}", np.abs(np.asarray(cls.probs) - row.numpy()).max(), 1e-6)
+        d = parity_record(
+            "CLIP [CLS] attention row",
+            f"layer {layer}",
+            np.abs(np.asarray(cls.probs) - row.numpy()).max(),
+            1e-6,
+        )
         assert d <= 1e-6
         assert np.abs(np.asarray(cls.keys) - keys.numpy()).max() <= 1e-5
         assert np.abs(np.asarray(states[layer + 1]) - hidden.numpy()).max() <= 1e-4
@@ -114,18 +134,30 @@ def test_decoder_attention_row_equals_output_attentions(tiny, vlm, parity_record
     positions = np.asarray(positions_from_mask(mask))
     with torch.no_grad():
         out = tiny.hf(
-            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), attention_mask=torch.as_tensor(mask),
-            position_ids=torch.as_tensor(positions), output_attentions=True,
+            input_ids=torch.as_tensor(ids),
+            pixel_values=torch.as_tensor(px),
+            attention_mask=torch.as_tensor(mask),
+            position_ids=torch.as_tensor(positions),
+            output_attentions=True,
         )
     model = vlm.model
     embeds = model.inputs_embeds(ids, px)
     for layer in range(tiny.options["text_layers"]):
         ref = out.attentions[layer][:, :, -1, :].mean(1).numpy()
         x = embeds
-        for i in range(layer + 1):  # the layer's last-query attention row, as the LLM-stage methods read it
-            x, _, *row = model.language_model.model.layers[i](x, positions, padding_causal_mask(mask), None, None, i == layer)
+        for i in range(
+            layer + 1
+        ):  # the layer's last-query attention row, as the LLM-stage methods read it
+            x, _, *row = model.language_model.model.layers[i](
+                x, positions, padding_causal_mask(mask), None, None, i == layer
+            )
         row = row[0]
-        d = parity_record("LLaMA last-query attention row", f"layer {layer}", np.abs(np.asarray(row) - ref).max(), 1e-6)
+        d = parity_record(
+            "LLaMA last-query attention row",
+            f"layer {layer}",
+            np.abs(np.asarray(row) - ref).max(),
+            1e-6,
+        )
         assert d <= 1e-6
         assert (np.asarray(row)[mask == 0] < 1e-12).all()  # padding gets no attention
 
@@ -138,26 +170,34 @@ def test_vispruner_in_forward_matches_reference_and_transformers(tiny, vlm, pari
     ids = _prompt(tiny, 4, 8, seed=4)[None]
     px = _pixels(tiny, 1, seed=4)
     for keep in (1, KEEP, tiny.tokens_per_image):
-        logits, kept = zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=keep, method="vispruner"), return_kept=True)
+        logits, kept = zspa_jax.forward(
+            vlm, ids, px, prune=PruneConfig(keep=keep, method="vispruner"), return_kept=True
+        )
         hidden, row, _ = _hf_tower(tiny, px, _feature_layer(tiny))
         ref = vispruner_reference(hidden[:, 1:], row[:, 1:], keep=keep).numpy()
         np.testing.assert_array_equal(kept, ref)
         with torch.no_grad():
             visual = tiny.hf.model.multi_modal_projector(hidden[:, 1:])[0, torch.as_tensor(ref[0])]
         hf = _hf_logits_with_visual(tiny, ids[0], visual)
-        d = parity_record("vispruner prefill logits", f"keep={keep}", np.abs(logits - hf).max(), 1e-4)
+        d = parity_record(
+            "vispruner prefill logits", f"keep={keep}", np.abs(logits - hf).max(), 1e-4
+        )
         assert d <= 1e-4
 
 
 @pytest.mark.parametrize("keep_positions", [False, True])
 @pytest.mark.slow
-def test_visionzip_in_forward_matches_reference_and_transformers(tiny, vlm, keep_positions, parity_record):
+def test_visionzip_in_forward_matches_reference_and_transformers(
+    tiny, vlm, keep_positions, parity_record
+):
     ids = _prompt(tiny, 5, 7, seed=5)[None]
     px = _pixels(tiny, 1, seed=5)
     # (keep = 6 with contiguous positions: the left-padded generation test below.)
     for keep in (1, tiny.tokens_per_image) if not keep_positions else (KEEP,):
         prune = PruneConfig(keep=keep, method="visionzip")
-        logits, slots = zspa_jax.forward(vlm, ids, px, prune=prune, keep_positions=keep_positions, return_kept=True)
+        logits, slots = zspa_jax.forward(
+            vlm, ids, px, prune=prune, keep_positions=keep_positions, return_kept=True
+        )
         hidden, row, keys = _hf_tower(tiny, px, _feature_layer(tiny))
         tokens, ref_slots = visionzip_reference(hidden, row, keys, keep=keep)
         np.testing.assert_array_equal(slots, ref_slots.numpy())
@@ -167,10 +207,21 @@ def test_visionzip_in_forward_matches_reference_and_transformers(tiny, vlm, keep
         if keep_positions:
             start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
             n = tiny.tokens_per_image
-            positions = np.concatenate([np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])])
+            positions = np.concatenate(
+                [np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])]
+            )
         hf = _hf_logits_with_visual(tiny, ids[0], visual, positions)
-        assert logits.shape == hf.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
-        d = parity_record("visionzip prefill logits", f"keep={keep} keep_pos={keep_positions}", np.abs(logits - hf).max(), 1e-4)
+        assert (
+            logits.shape
+            == hf.shape
+            == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        )
+        d = parity_record(
+            "visionzip prefill logits",
+            f"keep={keep} keep_pos={keep_positions}",
+            np.abs(logits - hf).max(),
+            1e-4,
+        )
         assert d <= 1e-4
 
 
@@ -180,7 +231,9 @@ def test_prompt_methods_in_forward_match_references(tiny, vlm):
     ids = np.stack(rows)
     px = _pixels(tiny, 2, seed=6)
     with torch.no_grad():
-        feats = tiny.hf.model.get_image_features(pixel_values=torch.as_tensor(px), return_dict=True).pooler_output
+        feats = tiny.hf.model.get_image_features(
+            pixel_values=torch.as_tensor(px), return_dict=True
+        ).pooler_output
         feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
     embeds = _embeds(tiny, ids)
     specials = {tiny.bos_token_id, tiny.pad_token_id, 2}
@@ -190,8 +243,14 @@ def test_prompt_methods_in_forward_match_references(tiny, vlm):
         question[b, last + 1 :] = ~np.isin(ids[b, last + 1 :], list(specials))
     mask = torch.as_tensor(question)
     for prune, ref in [
-        (PruneConfig(keep=KEEP, method="cdpruner"), lambda: cdpruner_reference(feats, embeds, mask, keep=KEEP)),
-        (PruneConfig(keep=KEEP, core_ratio="auto"), lambda: select_auto_reference(feats, embeds, mask, keep=KEEP)[0]),
+        (
+            PruneConfig(keep=KEEP, method="cdpruner"),
+            lambda: cdpruner_reference(feats, embeds, mask, keep=KEEP),
+        ),
+        (
+            PruneConfig(keep=KEEP, core_ratio="auto"),
+            lambda: select_auto_reference(feats, embeds, mask, keep=KEEP)[0],
+        ),
     ]:
         _, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
         np.testing.assert_array_equal(kept, ref().numpy(), err_msg=prune.method)
@@ -202,7 +261,10 @@ def test_tower_methods_refuse_a_tower_without_cls(tiny, vlm, monkeypatch):
     px = _pixels(tiny, 1, seed=8)
     monkeypatch.setattr(type(vlm.model.vision_tower), "has_cls_token", False)
     for method in ("vispruner", "visionzip"):
-        with pytest.raises(ValueError, match=f"method '{method}' needs the vision tower's \\[CLS\\] attention.*no \\[CLS\\]"):
+        with pytest.raises(
+            ValueError,
+            match=f"method '{method}' needs the vision tower's \\[CLS\\] attention.*no \\[CLS\\]",
+        ):
             zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=KEEP, method=method))
 
 
@@ -211,7 +273,9 @@ def test_tower_methods_refuse_a_tower_without_cls(tiny, vlm, monkeypatch):
 
 def _hf_attention_row(tiny, ids, px, layer):
     with torch.no_grad():
-        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_attentions=True)
+        out = tiny.hf(
+            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_attentions=True
+        )
     return out.attentions[layer][:, :, -1, :].mean(1)  # [B, L]
 
 
@@ -232,7 +296,11 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
 
     lm = tiny.hf.model.language_model
     with torch.no_grad():
-        out = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), output_hidden_states=True)
+        out = tiny.hf(
+            input_ids=torch.as_tensor(ids),
+            pixel_values=torch.as_tensor(px),
+            output_hidden_states=True,
+        )
         attn = lm.layers[layer - 1].self_attn
         x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
         b, length = ids.shape
@@ -242,9 +310,18 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
         keys = k.transpose(1, 2).reshape(b, length, -1)
         start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
         after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
-        text = after & torch.as_tensor(ids != tiny.pad_token_id) & torch.as_tensor(ids != tiny.bos_token_id)
+        text = (
+            after
+            & torch.as_tensor(ids != tiny.pad_token_id)
+            & torch.as_tensor(ids != tiny.bos_token_id)
+        )
         kept = dart_select_reference(
-            out.hidden_states[layer], keys, start, text, num_visual=tiny.tokens_per_image, keep=keep,
+            out.hidden_states[layer],
+            keys,
+            start,
+            text,
+            num_visual=tiny.tokens_per_image,
+            keep=keep,
             norm_weight=lm.norm.weight,
         )
     return kept.numpy()
@@ -257,7 +334,10 @@ class DropAtLayer:
     def __init__(self, lm, layer: int, src: np.ndarray, length: int):
         self.src = torch.as_tensor(src)
         self.length = length
-        self.handles = [lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True) for i in range(layer, len(lm.layers))]
+        self.handles = [
+            lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True)
+            for i in range(layer, len(lm.layers))
+        ]
 
     def hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -265,7 +345,9 @@ class DropAtLayer:
         assert mask is not None and mask.dim() == 4
         cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
         if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
-            if hidden.shape[1] == self.length:  # layer K itself: drop the tokens from the hidden states
+            if (
+                hidden.shape[1] == self.length
+            ):  # layer K itself: drop the tokens from the hidden states
                 hidden = hidden[:, self.src]
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
@@ -287,7 +369,10 @@ def _src(tiny, ids, kept) -> np.ndarray:
 
 
 # (method, seed, [(layer K, keep)]) for the prefill check; the greedy check uses K = 2, keep = KEEP.
-IN_LLM_PREFILL = {"fastv": (9, [(1, 1), (FASTV_LAYER, None)]), "dart": (23, [(1, 5), (FASTV_LAYER, KEEP), (FASTV_LAYER, None)])}
+IN_LLM_PREFILL = {
+    "fastv": (9, [(1, 1), (FASTV_LAYER, None)]),
+    "dart": (23, [(1, 5), (FASTV_LAYER, KEEP), (FASTV_LAYER, None)]),
+}
 IN_LLM_GREEDY_SEED = {"fastv": 10, "dart": 24}
 
 
@@ -297,7 +382,9 @@ def _in_llm_kept(method):
 
 @pytest.mark.parametrize("method", sorted(IN_LLM_PREFILL))
 @pytest.mark.slow
-def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm, method, parity_record):
+def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(
+    tiny, vlm, method, parity_record
+):
     """Methods that prune inside the LLM: kept tokens equal the eager reference on transformers'
     own layer K-1 outputs, and the logits equal transformers with those tokens dropped at layer K."""
     seed, cases = IN_LLM_PREFILL[method]
@@ -308,14 +395,27 @@ def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm,
         prune = PruneConfig(keep=keep, method=method, layer=layer)
         logits, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
         np.testing.assert_array_equal(kept, _in_llm_kept(method)(tiny, ids, px, layer, keep))
-        hooks = DropAtLayer(tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1])
+        hooks = DropAtLayer(
+            tiny.hf.model.language_model, layer, _src(tiny, ids, kept), ids.shape[1]
+        )
         try:
             with torch.no_grad():
-                ref = tiny.hf(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px)).logits.numpy()
+                ref = tiny.hf(
+                    input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px)
+                ).logits.numpy()
         finally:
             hooks.remove()
-        assert logits.shape == ref.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
-        d = parity_record(f"{method} pruned prefill logits", f"K={layer} keep={keep}", np.abs(logits - ref).max(), 1e-4)
+        assert (
+            logits.shape
+            == ref.shape
+            == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        )
+        d = parity_record(
+            f"{method} pruned prefill logits",
+            f"K={layer} keep={keep}",
+            np.abs(logits - ref).max(),
+            1e-4,
+        )
         assert d <= 1e-4
 
 
@@ -323,22 +423,36 @@ def test_in_llm_prefill_logits_match_transformers_with_tokens_dropped(tiny, vlm,
 @pytest.mark.slow
 def test_in_llm_greedy_generation_matches_transformers_with_tokens_dropped(tiny, vlm, method):
     seed = IN_LLM_GREEDY_SEED[method]
-    ids = _prompt(tiny, 3 if method == "fastv" else 4, 10 if method == "fastv" else 8, seed=seed)[None]
+    ids = _prompt(tiny, 3 if method == "fastv" else 4, 10 if method == "fastv" else 8, seed=seed)[
+        None
+    ]
     px = _pixels(tiny, 1, seed=seed)
     prune = PruneConfig(keep=KEEP, method=method)
-    ours = zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=12, eos_token_id=[])
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tiny.pad_token_id)
-    hooks = DropAtLayer(tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1])
+    ours = zspa_jax.generate(
+        vlm, input_ids=ids, pixel_values=px, prune=prune, max_new_tokens=12, eos_token_id=[]
+    )
+    kwargs = dict(
+        max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tiny.pad_token_id
+    )
+    hooks = DropAtLayer(
+        tiny.hf.model.language_model, FASTV_LAYER, _src(tiny, ids, ours.kept_indices), ids.shape[1]
+    )
     try:
         with torch.no_grad():
-            ref = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
+            ref = tiny.hf.generate(
+                input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs
+            ).numpy()
     finally:
         hooks.remove()
-    np.testing.assert_array_equal(ours.sequences, ref[:, ids.shape[1]:])
+    np.testing.assert_array_equal(ours.sequences, ref[:, ids.shape[1] :])
     with torch.no_grad():  # the hooks matter: without them transformers answers differently
-        plain = tiny.hf.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs).numpy()
-    assert not np.array_equal(plain[:, ids.shape[1]:], ref[:, ids.shape[1]:])
-    np.testing.assert_array_equal(ours.kept_indices, _in_llm_kept(method)(tiny, ids, px, FASTV_LAYER, KEEP))
+        plain = tiny.hf.generate(
+            input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(px), **kwargs
+        ).numpy()
+    assert not np.array_equal(plain[:, ids.shape[1] :], ref[:, ids.shape[1] :])
+    np.testing.assert_array_equal(
+        ours.kept_indices, _in_llm_kept(method)(tiny, ids, px, FASTV_LAYER, KEEP)
+    )
 
 
 def test_fastv_bad_input(tiny, vlm):
@@ -347,13 +461,23 @@ def test_fastv_bad_input(tiny, vlm):
     n_layers = tiny.options["text_layers"]
     for layer in (0, n_layers, -1):
         with pytest.raises(ValueError, match=f"'fastv': layer K={layer} is outside the decoder"):
-            zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer))
+            zspa_jax.forward(
+                vlm, ids, px, prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer)
+            )
         with pytest.raises(ValueError, match="outside the decoder"):
-            zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=2,
-                              prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer))
+            zspa_jax.generate(
+                vlm,
+                input_ids=ids,
+                pixel_values=px,
+                max_new_tokens=2,
+                prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer),
+            )
     too_many = tiny.tokens_per_image + 1
     for method in ("fastv", "vispruner", "visionzip", "cdpruner"):
-        with pytest.raises(ValueError, match=f"keep={too_many} exceeds.*n_visual={tiny.tokens_per_image}.*'{method}'"):
+        with pytest.raises(
+            ValueError,
+            match=f"keep={too_many} exceeds.*n_visual={tiny.tokens_per_image}.*'{method}'",
+        ):
             zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=too_many, method=method))
 
 
@@ -362,7 +486,10 @@ def test_cls_methods_need_one_feature_layer_produced_by_attention(tiny, vlm):
 
     from models.llava import cls_feature_state
 
-    assert cls_feature_state(vlm.config, vlm.model.vision_tower, "vispruner") == tiny.options["vision_layers"] - 1  # -2
+    assert (
+        cls_feature_state(vlm.config, vlm.model.vision_tower, "vispruner")
+        == tiny.options["vision_layers"] - 1
+    )  # -2
     for layers, reason in [((-2, -3), "several feature layers"), (0, "embeddings")]:
         cfg = dataclasses.replace(vlm.config, vision_feature_layer=layers)
         for method in ("vispruner", "visionzip"):
@@ -381,8 +508,13 @@ def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
         ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     px = _pixels(tiny, 2, seed=12)
     out = zspa_jax.generate(
-        vlm, input_ids=ids, pixel_values=px, attention_mask=mask, prune=PruneConfig(keep=KEEP, method="visionzip"),
-        max_new_tokens=8, eos_token_id=[],
+        vlm,
+        input_ids=ids,
+        pixel_values=px,
+        attention_mask=mask,
+        prune=PruneConfig(keep=KEEP, method="visionzip"),
+        max_new_tokens=8,
+        eos_token_id=[],
     )
     hidden, row, keys = _hf_tower(tiny, px, _feature_layer(tiny))
     tokens, slots = visionzip_reference(hidden, row, keys, keep=KEEP)
@@ -395,11 +527,17 @@ def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
         start = int(np.flatnonzero(ids[b] == tiny.image_token_index)[0])
         end = start + tiny.tokens_per_image
         pruned.append(torch.cat([embeds[b, :start], visual[b], embeds[b, end:]]))
-        pruned_mask.append(np.concatenate([mask[b, :start], np.ones(KEEP, np.int64), mask[b, end:]]))
+        pruned_mask.append(
+            np.concatenate([mask[b, :start], np.ones(KEEP, np.int64), mask[b, end:]])
+        )
     with torch.no_grad():
         ref = tiny.hf.generate(
-            inputs_embeds=torch.stack(pruned), attention_mask=torch.as_tensor(np.stack(pruned_mask)), max_new_tokens=8,
-            min_new_tokens=8, do_sample=False, pad_token_id=tiny.pad_token_id,
+            inputs_embeds=torch.stack(pruned),
+            attention_mask=torch.as_tensor(np.stack(pruned_mask)),
+            max_new_tokens=8,
+            min_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tiny.pad_token_id,
         ).numpy()
     np.testing.assert_array_equal(out.sequences, ref)
 
@@ -426,7 +564,9 @@ def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
 
 @pytest.mark.parametrize("keep_positions", [False, True])
 @pytest.mark.slow
-def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(tiny, vlm, keep_positions, parity_record):
+def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(
+    tiny, vlm, keep_positions, parity_record
+):
     """The pooled tokens (torch's adaptive_avg_pool2d over the projected token grid) at their
     window-centre slots: logits equal transformers fed those embeddings at those positions."""
     from tests.torch_reference_pool import pool_reference
@@ -435,10 +575,18 @@ def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(tiny, vlm, k
     px = _pixels(tiny, 1, seed=21)
     side = tiny.image_size // tiny.options["patch_size"]
     for keep in (4, 6):  # 2 x 2 and 2 x 3 windows of the side x side grid
-        logits, slots = zspa_jax.forward(vlm, ids, px, prune=PruneConfig(keep=keep, method="pool"),
-                                         keep_positions=keep_positions, return_kept=True)
+        logits, slots = zspa_jax.forward(
+            vlm,
+            ids,
+            px,
+            prune=PruneConfig(keep=keep, method="pool"),
+            keep_positions=keep_positions,
+            return_kept=True,
+        )
         with torch.no_grad():
-            projected = tiny.hf.model.get_image_features(pixel_values=torch.as_tensor(px)).pooler_output
+            projected = tiny.hf.model.get_image_features(
+                pixel_values=torch.as_tensor(px)
+            ).pooler_output
             projected = projected[0] if isinstance(projected, (list, tuple)) else projected
             projected = projected.reshape(1, -1, projected.shape[-1])
         tokens, ref_slots = pool_reference(projected, [(side, side)], keep)
@@ -447,10 +595,21 @@ def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(tiny, vlm, k
         if keep_positions:
             start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
             n = tiny.tokens_per_image
-            positions = np.concatenate([np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])])
+            positions = np.concatenate(
+                [np.arange(start), start + ref_slots[0].numpy(), np.arange(start + n, ids.shape[1])]
+            )
         hf = _hf_logits_with_visual(tiny, ids[0], tokens[0], positions)
-        assert logits.shape == hf.shape == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
-        d = parity_record("pool prefill logits", f"keep={keep} keep_pos={keep_positions}", np.abs(logits - hf).max(), 1e-4)
+        assert (
+            logits.shape
+            == hf.shape
+            == (1, ids.shape[1] - tiny.tokens_per_image + keep, tiny.vocab_size)
+        )
+        d = parity_record(
+            "pool prefill logits",
+            f"keep={keep} keep_pos={keep_positions}",
+            np.abs(logits - hf).max(),
+            1e-4,
+        )
         assert d <= 1e-4
 
 

@@ -18,7 +18,6 @@ extra conversions.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +27,9 @@ from flax import nnx
 
 from tests.conftest import LAYOUTS, REAL_TEXT, detect_layout, safetensors_keys, smollm2_cached_path
 
-pytestmark = pytest.mark.slow  # converter CLI subprocesses (3 tiny configs, bf16) and the SmolLM2 build
+pytestmark = (
+    pytest.mark.slow
+)  # converter CLI subprocesses (3 tiny configs, bf16) and the SmolLM2 build
 
 TOL = 1e-4
 SEQ_LEN = 40  # one length for every tiny-config batch
@@ -39,20 +40,37 @@ CONFIGS = {
     "A": dict(
         label="A:GQA,L-2,default,qgelu",
         layout="v5_saved",
-        opts=dict(num_key_value_heads=2, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                  vision_hidden_act="quick_gelu", seed=0),
+        opts=dict(
+            num_key_value_heads=2,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            vision_hidden_act="quick_gelu",
+            seed=0,
+        ),
     ),
     "B": dict(
         label="B:MHA,L[-3,-1],full,gelu",
         layout="in_memory",
-        opts=dict(num_key_value_heads=4, vision_feature_layer=(-3, -1), vision_feature_select_strategy="full",
-                  vision_hidden_act="gelu", seed=1),
+        opts=dict(
+            num_key_value_heads=4,
+            vision_feature_layer=(-3, -1),
+            vision_feature_select_strategy="full",
+            vision_hidden_act="gelu",
+            seed=1,
+        ),
     ),
     "C": dict(
         label="C:MQA,L-1,default,tied",
         layout="hub_legacy",
-        opts=dict(num_key_value_heads=1, vision_feature_layer=-1, vision_feature_select_strategy="default",
-                  vision_hidden_act="quick_gelu", tie_word_embeddings=True, vision_layers=2, seed=2),
+        opts=dict(
+            num_key_value_heads=1,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            vision_hidden_act="quick_gelu",
+            tie_word_embeddings=True,
+            vision_layers=2,
+            seed=2,
+        ),
     ),
 }
 
@@ -108,7 +126,14 @@ def image_row(rng, length: int, before: int, tiny, image_token: int | None = Non
     after = length - 1 - before - tiny.tokens_per_image
     assert after >= 0
     text = lambda n: rng.integers(4, tiny.image_token_index, n)  # noqa: E731  (ordinary BPE ids)
-    return np.concatenate([[tiny.bos_token_id], text(before), np.full(tiny.tokens_per_image, image_token), text(after)])
+    return np.concatenate(
+        [
+            [tiny.bos_token_id],
+            text(before),
+            np.full(tiny.tokens_per_image, image_token),
+            text(after),
+        ]
+    )
 
 
 def kl_per_token(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -134,14 +159,19 @@ class Case:
         rng = np.random.default_rng(100 + ord(key))
         size = tiny.image_size
         self.pixel_values = rng.standard_normal((2, 3, size, size)).astype(np.float32)
-        self.input_ids = np.stack([image_row(rng, SEQ_LEN, 5, tiny), image_row(rng, SEQ_LEN, 10, tiny)])
+        self.input_ids = np.stack(
+            [image_row(rng, SEQ_LEN, 5, tiny), image_row(rng, SEQ_LEN, 10, tiny)]
+        )
         text = rng.integers(4, tiny.image_token_index, (2, SEQ_LEN))
         text[:, 0] = tiny.bos_token_id
         self.text_ids = text
         # Left-padded batch: row 0 fills the length, row 1 is PAD tokens shorter.
         row1 = image_row(rng, SEQ_LEN - PAD, 4, tiny)
         self.padded_ids = np.stack(
-            [image_row(rng, SEQ_LEN, 3, tiny), np.concatenate([np.full(PAD, tiny.pad_token_id), row1])]
+            [
+                image_row(rng, SEQ_LEN, 3, tiny),
+                np.concatenate([np.full(PAD, tiny.pad_token_id), row1]),
+            ]
         )
         self.padded_mask = np.ones_like(self.padded_ids)
         self.padded_mask[1, :PAD] = 0
@@ -181,7 +211,9 @@ def get_case(request, tiny_hf_llava, layout_dir, converted):
     import zspa_jax
 
     cases: dict[str, Case] = {}
-    source = lambda k: layout_dir(tiny_hf_llava(f"cfg{k}", **CONFIGS[k]["opts"]), CONFIGS[k]["layout"])  # noqa: E731
+    source = lambda k: layout_dir(
+        tiny_hf_llava(f"cfg{k}", **CONFIGS[k]["opts"]), CONFIGS[k]["layout"]
+    )  # noqa: E731
 
     def prefetch_all():
         """Start every conversion the selected tests need at once, in the background: each
@@ -203,7 +235,9 @@ def get_case(request, tiny_hf_llava, layout_dir, converted):
             out = converted(src)  # the first case converts alone: its tests can start sooner
             if first:
                 prefetch_all()  # the rest convert in the background while those tests run
-            cases[key] = Case(key, tiny_hf_llava(f"cfg{key}", **CONFIGS[key]["opts"]), src, zspa_jax.load(out))
+            cases[key] = Case(
+                key, tiny_hf_llava(f"cfg{key}", **CONFIGS[key]["opts"]), src, zspa_jax.load(out)
+            )
         return cases[key]
 
     return get
@@ -241,7 +275,9 @@ def test_loaded_config_matches_hf(case):
 def test_vision_hidden_states(case, parity_record):
     ours = jit_call(case.vlm.model.vision_tower, "hidden_states", jnp.asarray(case.pixel_values))
     with torch.no_grad():
-        ref = case.hf.model.vision_tower(torch.from_numpy(case.pixel_values), output_hidden_states=True).hidden_states
+        ref = case.hf.model.vision_tower(
+            torch.from_numpy(case.pixel_values), output_hidden_states=True
+        ).hidden_states
     assert len(ours) == len(ref) == case.tiny.options["vision_layers"] + 1
     worst = 0.0
     for i, (a, b) in enumerate(zip(ours, ref)):
@@ -253,7 +289,9 @@ def test_vision_hidden_states(case, parity_record):
 def test_selected_vision_features(case, parity_record):
     ours = jit_call(case.vlm.model, "selected_vision_features", jnp.asarray(case.pixel_values))
     with torch.no_grad():
-        hs = case.hf.model.vision_tower(torch.from_numpy(case.pixel_values), output_hidden_states=True).hidden_states
+        hs = case.hf.model.vision_tower(
+            torch.from_numpy(case.pixel_values), output_hidden_states=True
+        ).hidden_states
     layers = case.hf.config.vision_feature_layer
     layers = layers if isinstance(layers, list) else [layers]
     start = 1 if case.hf.config.vision_feature_select_strategy == "default" else 0
@@ -264,7 +302,11 @@ def test_selected_vision_features(case, parity_record):
 
 def test_projector(case, parity_record):
     din = case.hf.model.multi_modal_projector.linear_1.in_features
-    x = np.random.default_rng(7).standard_normal((2, case.tiny.tokens_per_image, din)).astype(np.float32)
+    x = (
+        np.random.default_rng(7)
+        .standard_normal((2, case.tiny.tokens_per_image, din))
+        .astype(np.float32)
+    )
     ours = jit_call(case.vlm.model.multi_modal_projector, "__call__", jnp.asarray(x))
     with torch.no_grad():
         ref = case.hf.model.multi_modal_projector(torch.from_numpy(x))
@@ -274,13 +316,21 @@ def test_projector(case, parity_record):
 def test_image_features(case, parity_record):
     ours = jit_call(case.vlm.model, "image_features", jnp.asarray(case.pixel_values))
     with torch.no_grad():
-        ref = torch.stack(list(case.hf.get_image_features(pixel_values=torch.from_numpy(case.pixel_values)).pooler_output))
+        ref = torch.stack(
+            list(
+                case.hf.get_image_features(
+                    pixel_values=torch.from_numpy(case.pixel_values)
+                ).pooler_output
+            )
+        )
     assert ours.shape == (2, case.tiny.tokens_per_image, case.tiny.options["hidden_size"])
     assert compare(parity_record, "image_features", case.label, ours, t2n(ref)) <= TOL
 
 
 def test_decoder_logits_text_only(case, parity_record):
-    ours = jit_call(case.vlm.model.language_model, "__call__", jnp.asarray(case.text_ids, jnp.int32))
+    ours = jit_call(
+        case.vlm.model.language_model, "__call__", jnp.asarray(case.text_ids, jnp.int32)
+    )
     ref = hf_logits(case.hf, case.text_ids)
     assert ours.dtype == jnp.float32
     assert compare(parity_record, "decoder logits (text only)", case.label, ours, ref) <= TOL
@@ -303,12 +353,16 @@ def test_left_padded_batch(key, get_case, parity_record):
     import zspa_jax
 
     case = get_case(key)
-    batch = zspa_jax.forward(case.vlm, case.padded_ids, case.pixel_values, attention_mask=case.padded_mask)
+    batch = zspa_jax.forward(
+        case.vlm, case.padded_ids, case.pixel_values, attention_mask=case.padded_mask
+    )
     assert np.all(np.isfinite(batch))
     worst_hf = 0.0
     for row in range(2):
         valid = case.padded_mask[row].astype(bool)
-        ref = hf_logits(case.hf, case.padded_ids[row : row + 1, valid], case.pixel_values[row : row + 1])
+        ref = hf_logits(
+            case.hf, case.padded_ids[row : row + 1, valid], case.pixel_values[row : row + 1]
+        )
         worst_hf = max(worst_hf, max_diff(batch[row, valid], ref[0]))
     valid = case.padded_mask[1].astype(bool)
     alone = zspa_jax.forward(case.vlm, case.padded_ids[1:, valid], case.pixel_values[1:])
@@ -334,7 +388,9 @@ def test_long_prompt_rope(case_a, parity_record):
 
     ours = zspa_jax.forward(case_a.vlm, ids, pv)
     ref = hf_logits(case_a.hf, ids, pv)
-    assert compare(parity_record, f"llava logits, {LONG_LEN} tokens", case_a.label, ours, ref) <= TOL
+    assert (
+        compare(parity_record, f"llava logits, {LONG_LEN} tokens", case_a.label, ours, ref) <= TOL
+    )
     # The second half alone carries the signal a RoPE bug would corrupt.
     assert max_diff(ours[:, 512:], ref[:, 512:]) <= TOL
 
@@ -353,12 +409,18 @@ def test_key_layouts(layout, get_case, parity_record):
     hf, info = LlavaForConditionalGeneration.from_pretrained(
         case.src, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (
+        not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ), info
     hf_layout = hf_logits(hf.eval(), case.input_ids, case.pixel_values)
-    assert np.array_equal(hf_layout, case.hf_full_logits), "transformers reads this layout differently"
+    assert np.array_equal(hf_layout, case.hf_full_logits), (
+        "transformers reads this layout differently"
+    )
 
     ours = zspa_jax.forward(case.vlm, case.input_ids, case.pixel_values)
-    assert compare(parity_record, f"llava logits, layout {layout}", case.label, ours, hf_layout) <= TOL
+    assert (
+        compare(parity_record, f"llava logits, layout {layout}", case.label, ours, hf_layout) <= TOL
+    )
 
 
 # bf16 acceptance, measured first (config A, the 80 positions of the main batch, HF f32
@@ -386,10 +448,31 @@ def test_bf16_conversion_kl(case_a, converted, parity_record, parity_note):
     assert ours.dtype == np.float32
     kl = kl_per_token(case_a.hf_full_logits, ours)
     top1 = float(np.mean(ours.argmax(-1) == case_a.hf_full_logits.argmax(-1)))
-    parity_record("bf16 llava: mean KL", case_a.label, float(kl.mean()), BF16_MEAN_KL, metric="KL(hf f32 || ours)")
-    parity_record("bf16 llava: max KL", case_a.label, float(kl.max()), BF16_MAX_KL, metric="KL(hf f32 || ours)")
-    compare(parity_record, "bf16 llava: max|diff| logits", case_a.label, ours, case_a.hf_full_logits, tol=float("nan"))
-    parity_note(f"bf16 (config A): mean KL {kl.mean():.2e}, max KL {kl.max():.2e}, top-1 agreement {top1:.3f}")
+    parity_record(
+        "bf16 llava: mean KL",
+        case_a.label,
+        float(kl.mean()),
+        BF16_MEAN_KL,
+        metric="KL(hf f32 || ours)",
+    )
+    parity_record(
+        "bf16 llava: max KL",
+        case_a.label,
+        float(kl.max()),
+        BF16_MAX_KL,
+        metric="KL(hf f32 || ours)",
+    )
+    compare(
+        parity_record,
+        "bf16 llava: max|diff| logits",
+        case_a.label,
+        ours,
+        case_a.hf_full_logits,
+        tol=float("nan"),
+    )
+    parity_note(
+        f"bf16 (config A): mean KL {kl.mean():.2e}, max KL {kl.max():.2e}, top-1 agreement {top1:.3f}"
+    )
     assert kl.mean() < BF16_MEAN_KL and kl.max() < BF16_MAX_KL
 
 
@@ -406,7 +489,9 @@ def smollm2(smollm2_hf, converted, parity_note):
     import zspa_jax
 
     if smollm2_hf.build_seconds is not None:
-        parity_note(f"SmolLM2-LLaVA HF fixture built from GGUF in {smollm2_hf.build_seconds:.1f} s (now cached)")
+        parity_note(
+            f"SmolLM2-LLaVA HF fixture built from GGUF in {smollm2_hf.build_seconds:.1f} s (now cached)"
+        )
     out = converted(smollm2_hf.path)
     proc = converted.process(smollm2_hf.path)
     rss = f"{proc.max_rss_mb:.0f} MiB" if proc.max_rss_mb else "n/a"
@@ -424,9 +509,15 @@ def _real_compare(name, ours, ref, parity_record, parity_note):
     rel = d / float(np.max(np.abs(ref)))
     top1 = ours.argmax(-1) == ref.argmax(-1)
     n = top1.size
-    parity_record(f"{name}: max|diff|", "SmolLM2-135M real", d, float("nan"), scale=float(np.max(np.abs(ref))))
-    parity_record(f"{name}: rel diff", "SmolLM2-135M real", rel, REL_TOL, metric="max|diff|/max|logit|")
-    parity_note(f"{name}: {n} positions, top-1 agreement {int(top1.sum())}/{n}, max|logit| {np.max(np.abs(ref)):.1f}")
+    parity_record(
+        f"{name}: max|diff|", "SmolLM2-135M real", d, float("nan"), scale=float(np.max(np.abs(ref)))
+    )
+    parity_record(
+        f"{name}: rel diff", "SmolLM2-135M real", rel, REL_TOL, metric="max|diff|/max|logit|"
+    )
+    parity_note(
+        f"{name}: {n} positions, top-1 agreement {int(top1.sum())}/{n}, max|logit| {np.max(np.abs(ref)):.1f}"
+    )
     assert rel <= REL_TOL
     assert top1.all(), f"top-1 differs at positions {np.nonzero(~top1.reshape(-1))[0].tolist()}"
 
@@ -454,7 +545,9 @@ def test_smollm2_llava_end_to_end(smollm2, parity_record, parity_note):
     question = REAL_TEXT[: REAL_TEXT.index("The great change")]
     prefix = tok("<|im_start|>user\n")["input_ids"]
     suffix = tok(f"\n{question}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-    ids = np.asarray(prefix + [hf_llava.image_token_index] * hf_llava.tokens_per_image + suffix)[None]
+    ids = np.asarray(prefix + [hf_llava.image_token_index] * hf_llava.tokens_per_image + suffix)[
+        None
+    ]
     size = vlm.config.vision.image_size
     pv = np.random.default_rng(11).standard_normal((1, 3, size, size)).astype(np.float32)
     ours = zspa_jax.forward(vlm, ids, pv)
@@ -470,12 +563,16 @@ def test_smollm2_llava_greedy_generation_matches_transformers(smollm2):
 
     hf_llava, vlm = smollm2
     size = vlm.config.vision.image_size
-    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        np.random.default_rng(5).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    )
     question = "Write one sentence about lighthouses."
     ours = zspa_jax.generate(vlm, question, image, max_new_tokens=32, eos_token_id=[])
     processor = vlm.processor
     # SmolLM2's chat template is text-only: the image token goes in front of the question.
-    text = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True
+    )
     batch = processor(text=[text], images=[image], return_tensors="pt")
     with torch.no_grad():
         # No min_new_tokens: it would suppress EOS logits. Stop only on the image id, which is never predicted.

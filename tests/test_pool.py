@@ -51,7 +51,9 @@ def test_k64_on_24x24_is_8x8_of_3x3_windows():
     assert choose_shape_reference(24, 24, 64) == (8, 8)
     visual = _visual(2, 576, 32, seed=3)  # the shapes of the test above: no new compile
     tokens, slots = _check_against_reference(visual, np.array([[24, 24], [24, 24]]), 64)
-    blocks = visual.reshape(2, 8, 3, 8, 3, 32).mean(axis=(2, 4)).reshape(2, 64, 32)  # [B, 8 rows, 3, 8 cols, 3, D]
+    blocks = (
+        visual.reshape(2, 8, 3, 8, 3, 32).mean(axis=(2, 4)).reshape(2, 64, 32)
+    )  # [B, 8 rows, 3, 8 cols, 3, D]
     np.testing.assert_allclose(tokens, blocks, atol=ATOL, rtol=0)
     centre = 3 * np.arange(8) + 1
     np.testing.assert_array_equal(slots[0], (centre[:, None] * 24 + centre[None, :]).ravel())
@@ -64,9 +66,42 @@ NON_SQUARE = [(14, 22), (10, 6), (22, 14), (3, 50), (11, 28), (7, 7), (1, 40)]
     ("keep", "shapes"),
     [
         # (rows, cols) -> (h', w') for the grids where keep fits, from the reference's rule
-        (9, {(14, 22): (3, 3), (10, 6): (3, 3), (22, 14): (3, 3), (3, 50): (1, 9), (11, 28): (3, 3), (7, 7): (3, 3), (1, 40): (1, 9)}),
-        (15, {(14, 22): (3, 5), (10, 6): (5, 3), (22, 14): (5, 3), (3, 50): (1, 15), (11, 28): (3, 5), (7, 7): (3, 5), (1, 40): (1, 15)}),  # 7 x 7: 3 x 5 / 5 x 3 tie
-        (16, {(14, 22): (4, 4), (10, 6): (4, 4), (22, 14): (4, 4), (3, 50): (1, 16), (11, 28): (2, 8), (7, 7): (4, 4), (1, 40): (1, 16)}),
+        (
+            9,
+            {
+                (14, 22): (3, 3),
+                (10, 6): (3, 3),
+                (22, 14): (3, 3),
+                (3, 50): (1, 9),
+                (11, 28): (3, 3),
+                (7, 7): (3, 3),
+                (1, 40): (1, 9),
+            },
+        ),
+        (
+            15,
+            {
+                (14, 22): (3, 5),
+                (10, 6): (5, 3),
+                (22, 14): (5, 3),
+                (3, 50): (1, 15),
+                (11, 28): (3, 5),
+                (7, 7): (3, 5),
+                (1, 40): (1, 15),
+            },
+        ),  # 7 x 7: 3 x 5 / 5 x 3 tie
+        (
+            16,
+            {
+                (14, 22): (4, 4),
+                (10, 6): (4, 4),
+                (22, 14): (4, 4),
+                (3, 50): (1, 16),
+                (11, 28): (2, 8),
+                (7, 7): (4, 4),
+                (1, 40): (1, 16),
+            },
+        ),
         (77, {(14, 22): (7, 11), (22, 14): (11, 7), (11, 28): (7, 11), (1, 40): None}),
     ],
 )
@@ -74,7 +109,9 @@ NON_SQUARE = [(14, 22), (10, 6), (22, 14), (3, 50), (11, 28), (7, 7), (1, 40)]
 def test_non_square_grids_match_torch(keep, shapes):
     """A batch of different non-square grids per K (windows overlap where h' does not divide rows)."""
     grids = [g for g in NON_SQUARE if any(h <= g[0] and w <= g[1] for h, w in factor_pairs(keep))]
-    assert {g: choose_shape_reference(*g, keep) for g in grids} == {g: s for g, s in shapes.items() if s is not None}
+    assert {g: choose_shape_reference(*g, keep) for g in grids} == {
+        g: s for g, s in shapes.items() if s is not None
+    }
     grid = np.array(grids)
     n = 320  # >= every rows * cols: trailing padding slots, NaN
     visual = _visual(len(grids), n, 16, seed=keep)
@@ -109,7 +146,12 @@ def test_aspect_choice_k12():
 @pytest.mark.slow
 def test_choice_matches_reference_on_all_small_grids(keep):
     """The kernel's bracketing rule equals the brute-force exact rule on every grid up to 12 x 12."""
-    grids = [(r, c) for r in range(1, 13) for c in range(1, 13) if any(h <= r and w <= c for h, w in factor_pairs(keep))]
+    grids = [
+        (r, c)
+        for r in range(1, 13)
+        for c in range(1, 13)
+        if any(h <= r and w <= c for h, w in factor_pairs(keep))
+    ]
     g = np.array(grids)
     visual = _visual(len(grids), 144, 2, seed=keep)
     _, slots = pool_jit(jnp.asarray(visual), jnp.asarray(g, jnp.int32), keep=keep)
@@ -127,16 +169,22 @@ def test_batch_of_different_grids_with_nan_padding():
     tokens, slots = _check_against_reference(visual, grid, keep)
     assert np.all(np.isfinite(tokens))
     for b in range(len(grid)):  # each row alone (one compile: the grid is traced)
-        alone_t, alone_s = pool_jit(jnp.asarray(visual[b : b + 1]), jnp.asarray(grid[b : b + 1]), keep=keep)
+        alone_t, alone_s = pool_jit(
+            jnp.asarray(visual[b : b + 1]), jnp.asarray(grid[b : b + 1]), keep=keep
+        )
         np.testing.assert_array_equal(np.asarray(alone_s)[0], slots[b])
         np.testing.assert_allclose(np.asarray(alone_t)[0], tokens[b], atol=ATOL, rtol=0)
     # ... and alone without any padding (N = rows * cols).
-    unpadded_t, unpadded_s = pool_jit(jnp.asarray(visual[2:3, :60]), jnp.asarray(grid[2:3]), keep=keep)
+    unpadded_t, unpadded_s = pool_jit(
+        jnp.asarray(visual[2:3, :60]), jnp.asarray(grid[2:3]), keep=keep
+    )
     np.testing.assert_array_equal(np.asarray(unpadded_s)[0], slots[2])
     np.testing.assert_allclose(np.asarray(unpadded_t)[0], tokens[2], atol=ATOL, rtol=0)
     # A valid mask that agrees with the grid changes nothing.
     valid = np.arange(n)[None, :] < (grid[:, 0] * grid[:, 1])[:, None]
-    masked_t, masked_s = pool_jit(jnp.asarray(visual), jnp.asarray(grid), keep=keep, visual_valid=jnp.asarray(valid))
+    masked_t, masked_s = pool_jit(
+        jnp.asarray(visual), jnp.asarray(grid), keep=keep, visual_valid=jnp.asarray(valid)
+    )
     np.testing.assert_array_equal(np.asarray(masked_s), slots)
     np.testing.assert_array_equal(np.asarray(masked_t), tokens)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.torch_reference_pruning import select_tokens_reference
-from zspa_jax.methods.zspaprune import select_fixed_core
 from zspa_jax import pruning
+from zspa_jax.methods.zspaprune import select_fixed_core
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
 
 # --------------------------------------------------------------------------- helpers
@@ -44,7 +44,9 @@ def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss"):
         n_clusters = int(rng.integers(2, 6))
         centers = rng.standard_normal((b, n_clusters, d)) * 3.0
         assign = rng.integers(0, n_clusters, (b, n))
-        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal((b, n, d))
+        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal(
+            (b, n, d)
+        )
     else:
         raise ValueError(kind)
     v = v * rng.uniform(0.2, 5.0, (b, n, 1))  # varied norms
@@ -65,13 +67,17 @@ def jax_select(v, p, m, **kw) -> np.ndarray:
 
 def torch_select(v, p, m, **kw) -> np.ndarray:
     tm = None if m is None else torch.from_numpy(np.array(m))
-    return select_tokens_reference(torch.from_numpy(np.array(v)), torch.from_numpy(np.array(p)), tm, **kw).numpy()
+    return select_tokens_reference(
+        torch.from_numpy(np.array(v)), torch.from_numpy(np.array(p)), tm, **kw
+    ).numpy()
 
 
 def assert_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
     if not np.array_equal(a, b):
         rows = np.nonzero((a != b).any(axis=1))[0]
-        raise AssertionError(f"{what}: rows {rows.tolist()} differ\njax   {a[rows]}\ntorch {b[rows]}")
+        raise AssertionError(
+            f"{what}: rows {rows.tolist()} differ\njax   {a[rows]}\ntorch {b[rows]}"
+        )
 
 
 def check_valid(idx: np.ndarray, b: int, n: int, k: int) -> None:
@@ -81,7 +87,9 @@ def check_valid(idx: np.ndarray, b: int, n: int, k: int) -> None:
 
 
 def cosine64(v: np.ndarray) -> np.ndarray:
-    vn = v.astype(np.float64) / np.maximum(np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True), 1e-6)
+    vn = v.astype(np.float64) / np.maximum(
+        np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True), 1e-6
+    )
     return vn
 
 
@@ -90,7 +98,13 @@ def cosine64(v: np.ndarray) -> np.ndarray:
 SHAPE = dict(b=4, n=40, t=6, d=16)
 K = 10
 # (method, core_ratio): core sizes 0, 3, 6, 10 -> four compiles shared by all seeds.
-PARITY_CASES = [("zspaprune", 0.6), ("zspaprune", 0.3), ("relevance", 0.6), ("divprune", 0.6), ("uniform", 0.6)]
+PARITY_CASES = [
+    ("zspaprune", 0.6),
+    ("zspaprune", 0.3),
+    ("relevance", 0.6),
+    ("divprune", 0.6),
+    ("uniform", 0.6),
+]
 
 
 @pytest.mark.parametrize("method,r", PARITY_CASES)
@@ -100,7 +114,9 @@ def test_matches_torch_reference(method, r):
         v, p, m = make_data(seed, **SHAPE, kind=kind)
         got = jax_select(v, p, m, keep=K, method=method, core_ratio=r)
         check_valid(got, SHAPE["b"], SHAPE["n"], K)
-        assert_same(got, torch_select(v, p, m, keep=K, method=method, core_ratio=r), f"seed {seed} {kind}")
+        assert_same(
+            got, torch_select(v, p, m, keep=K, method=method, core_ratio=r), f"seed {seed} {kind}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -131,7 +147,9 @@ def _prefix_picks_made(v, p, m, keep: int, r: float) -> tuple[int, int]:
 
     vn = unit(jnp.asarray(v))
     k = pruning.core_size(keep, r)
-    core = jax.lax.top_k(prompt_relevance(vn, jnp.asarray(p), jnp.asarray(m)), k)[1].astype(jnp.int32)
+    core = jax.lax.top_k(prompt_relevance(vn, jnp.asarray(p), jnp.asarray(m)), k)[1].astype(
+        jnp.int32
+    )
     c = jnp.max(vn @ vn[core].T, axis=1)
     blocked = jnp.zeros(v.shape[0], bool).at[core].set(True)
     picks = jnp.zeros(keep, jnp.int32).at[:k].set(core)
@@ -155,15 +173,25 @@ def test_prefix_fill_matches_reference_when_it_decides_and_when_it_falls_back(ki
         assert all(t < count for t, count in made), made
     got = jax_select(v, p, m, keep=keep, core_ratio=r)
     assert_same(got, torch_select(v, p, m, keep=keep, core_ratio=r), kind)
-    plain = np.asarray(select_fixed_core(jnp.asarray(v), jnp.asarray(p), jnp.asarray(m), keep=keep,
-                                         n_core=pruning.core_size(keep, r), batching="vmap"))  # no prefix under vmap
+    plain = np.asarray(
+        select_fixed_core(
+            jnp.asarray(v),
+            jnp.asarray(p),
+            jnp.asarray(m),
+            keep=keep,
+            n_core=pruning.core_size(keep, r),
+            batching="vmap",
+        )
+    )  # no prefix under vmap
     assert np.array_equal(got, plain)
     counts = [160, 120, 90]  # ragged rows: padding at the end holds NaN
     valid = np.arange(n)[None, :] < np.array(counts)[:, None]
     garbage = np.where(valid[..., None], v, np.nan).astype(np.float32)
     got = jax_select(garbage, p, m, keep=keep, core_ratio=r, visual_mask=jnp.asarray(valid))
     for i, count in enumerate(counts):
-        want = torch_select(v[i : i + 1, :count], p[i : i + 1], m[i : i + 1], keep=keep, core_ratio=r)
+        want = torch_select(
+            v[i : i + 1, :count], p[i : i + 1], m[i : i + 1], keep=keep, core_ratio=r
+        )
         assert_same(got[i : i + 1], want, f"{kind} row {i} ({count} real tokens)")
 
 
@@ -184,7 +212,9 @@ def test_exact_ties_go_to_lower_index():
     assert jax_select(v, p, None, keep=4, method="divprune").tolist() == [[0, 1, 2, 4]]
     for keep, method in [(2, "relevance"), (5, "zspaprune"), (4, "divprune"), (7, "zspaprune")]:
         assert_same(
-            jax_select(v, p, None, keep=keep, method=method), torch_select(v, p, None, keep=keep, method=method), method
+            jax_select(v, p, None, keep=keep, method=method),
+            torch_select(v, p, None, keep=keep, method=method),
+            method,
         )
 
 
@@ -211,9 +241,13 @@ def test_prefix_fill_ties_at_its_boundary_and_inside_it():
     # the tie goes to the lowest token index (4), not to the first prefix position (15).
     axes = np.r_[np.zeros(12, int), 1 + np.arange(16) % 3, np.zeros(n - 28, int)]
     valid = np.arange(n)[None, :] < 28
-    got = jax_select(tokens(axes), p, None, keep=keep, core_ratio=0.5, visual_mask=jnp.asarray(valid))
+    got = jax_select(
+        tokens(axes), p, None, keep=keep, core_ratio=0.5, visual_mask=jnp.asarray(valid)
+    )
     assert got.tolist() == [[0, 1, 2, 3, 4, 12, 13, 14]]
-    assert_same(got, torch_select(tokens(axes)[:, :28], p, None, keep=keep, core_ratio=0.5), "tie inside")
+    assert_same(
+        got, torch_select(tokens(axes)[:, :28], p, None, keep=keep, core_ratio=0.5), "tie inside"
+    )
 
 
 def test_signed_zero_scores_tie_by_index():
@@ -271,7 +305,11 @@ def test_invariant_to_positive_token_scaling():
     assert np.array_equal(jax_select(v * pow2, p, m, keep=K, core_ratio=0.6), base)
     # Arbitrary positive scales change unit vectors by an ulp at most: same indices here.
     for seed in range(4):
-        scale = np.random.default_rng(seed).uniform(0.01, 100.0, (SHAPE["b"], SHAPE["n"], 1)).astype(np.float32)
+        scale = (
+            np.random.default_rng(seed)
+            .uniform(0.01, 100.0, (SHAPE["b"], SHAPE["n"], 1))
+            .astype(np.float32)
+        )
         assert np.array_equal(jax_select(v * scale, p, m, keep=K, core_ratio=0.6), base)
     # Scaling the prompt by a positive factor does not change anything either.
     assert np.array_equal(jax_select(v, p * 4.0, m, keep=K, core_ratio=0.6), base)
@@ -301,15 +339,29 @@ def test_non_finite_values_name_their_row_and_large_finite_ones_pass():
             arrays = {"visual": v.copy(), "prompt": p.copy()}
             arrays[name][bad, 1, 2] = value
             with pytest.raises(ValueError, match=f"{name} row {bad} holds NaN or Inf"):
-                select_tokens(jnp.asarray(arrays["visual"]), jnp.asarray(arrays["prompt"]), jnp.asarray(m), keep=K)
+                select_tokens(
+                    jnp.asarray(arrays["visual"]),
+                    jnp.asarray(arrays["prompt"]),
+                    jnp.asarray(m),
+                    keep=K,
+                )
     # Values whose square overflows float32 are still finite; masked visual slots may hold anything.
     huge, garbage = v.copy(), v.copy()
     huge[0, 0, 0] = 3e38
     garbage[2, -1, :] = np.inf
-    assert select_tokens(jnp.asarray(huge), jnp.asarray(p), jnp.asarray(m), keep=K).shape == (SHAPE["b"], K)
-    got = select_tokens(jnp.asarray(garbage), jnp.asarray(p), jnp.asarray(m), keep=K, visual_mask=jnp.asarray(valid))
-    assert np.array_equal(got, select_tokens(jnp.asarray(v), jnp.asarray(p), jnp.asarray(m), keep=K,
-                                             visual_mask=jnp.asarray(valid)))
+    assert select_tokens(jnp.asarray(huge), jnp.asarray(p), jnp.asarray(m), keep=K).shape == (
+        SHAPE["b"],
+        K,
+    )
+    got = select_tokens(
+        jnp.asarray(garbage), jnp.asarray(p), jnp.asarray(m), keep=K, visual_mask=jnp.asarray(valid)
+    )
+    assert np.array_equal(
+        got,
+        select_tokens(
+            jnp.asarray(v), jnp.asarray(p), jnp.asarray(m), keep=K, visual_mask=jnp.asarray(valid)
+        ),
+    )
 
 
 def test_all_masked_prompt_is_zero_prompt():
@@ -369,14 +421,20 @@ def test_random_method():
     a = jax_select(v, p, m, keep=K, method="random", rng=key)
     check_valid(a, SHAPE["b"], SHAPE["n"], K)
     assert np.array_equal(a, jax_select(v, p, m, keep=K, method="random", rng=key))  # reproducible
-    assert not np.array_equal(a, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(1)))
+    assert not np.array_equal(
+        a, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(1))
+    )
     assert len({tuple(r) for r in a}) > 1  # each row draws its own subset
-    legacy = jax_select(v, p, m, keep=K, method="random", rng=jax.random.PRNGKey(0))  # raw uint32 keys work
+    legacy = jax_select(
+        v, p, m, keep=K, method="random", rng=jax.random.PRNGKey(0)
+    )  # raw uint32 keys work
     check_valid(legacy, SHAPE["b"], SHAPE["n"], K)
     # Roughly uniform: every index gets picked over many keys.
     counts = np.zeros(SHAPE["n"])
     for s in range(40):
-        np.add.at(counts, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(s)).ravel(), 1)
+        np.add.at(
+            counts, jax_select(v, p, m, keep=K, method="random", rng=jax.random.key(s)).ravel(), 1
+        )
     assert counts.min() > 0
 
 
@@ -387,9 +445,17 @@ def test_bf16_inputs_equal_upcast_f32():
     for dt in (jnp.bfloat16,):  # (float16 behaves the same way: cast first)
         vb, pb = jnp.asarray(v).astype(dt), jnp.asarray(p).astype(dt)
         got = np.asarray(select_tokens(vb, pb, jnp.asarray(m), keep=K))
-        up = np.asarray(select_tokens(vb.astype(jnp.float32), pb.astype(jnp.float32), jnp.asarray(m), keep=K))
+        up = np.asarray(
+            select_tokens(vb.astype(jnp.float32), pb.astype(jnp.float32), jnp.asarray(m), keep=K)
+        )
         assert np.array_equal(got, up)
-        assert_same(got, torch_select(np.asarray(vb.astype(jnp.float32)), np.asarray(pb.astype(jnp.float32)), m, keep=K), str(dt))
+        assert_same(
+            got,
+            torch_select(
+                np.asarray(vb.astype(jnp.float32)), np.asarray(pb.astype(jnp.float32)), m, keep=K
+            ),
+            str(dt),
+        )
 
 
 def test_gather_tokens():
@@ -472,7 +538,9 @@ def test_prune_config():
     with pytest.raises(ValueError, match=r"keep=64.*n_visual=10"):
         PruneConfig(keep=64).num_keep(10)
     # hashable, usable as a static jit argument, equal configs hash equal
-    assert hash(PruneConfig(keep=8)) == hash(PruneConfig(keep=8)) and PruneConfig(keep=8) == PruneConfig(keep=8)
+    assert hash(PruneConfig(keep=8)) == hash(PruneConfig(keep=8)) and PruneConfig(
+        keep=8
+    ) == PruneConfig(keep=8)
     f = jax.jit(lambda x, cfg: x * cfg.num_keep(x.shape[0]), static_argnums=1)
     assert int(f(jnp.ones(10), PruneConfig(ratio=0.3))[0]) == 3
     with pytest.raises(AttributeError):

@@ -12,8 +12,8 @@ import pytest
 from convert.core import ConversionError
 from convert.qwen2_5_vl import convert, map_key
 from models.checkpoint import flatten, restore_params
-from zspa_jax.families import param_template, read_config
 from tests.qwen2_5_vl_helpers import converted, tiny_model
+from zspa_jax.families import param_template, read_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _rewrite(src, dst, rename):
 
 def _in_memory(key: str) -> str:
     if key.startswith("model."):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     if key.startswith("visual."):
         return "model." + key
     return key
@@ -57,11 +57,17 @@ def test_both_layouts_give_identical_params(tiny, tmp_path):
     # The Conv3d patch embedding is stored as a matmul kernel [C*T*p*p, D].
     w = tiny.hf.model.visual.patch_embed.proj.weight.detach().numpy()
     np.testing.assert_array_equal(saved["visual.patch_embed.kernel"], w.reshape(w.shape[0], -1).T)
-    assert read_config(tmp_path / "out").text.qkv_bias and not read_config(tmp_path / "out").text.attention_bias
+    assert (
+        read_config(tmp_path / "out").text.qkv_bias
+        and not read_config(tmp_path / "out").text.attention_bias
+    )
 
 
 def test_key_table():
-    assert map_key("model.layers.3.self_attn.q_proj.bias")[0] == "language_model.model.layers.3.self_attn.q_proj.bias"
+    assert (
+        map_key("model.layers.3.self_attn.q_proj.bias")[0]
+        == "language_model.model.layers.3.self_attn.q_proj.bias"
+    )
     assert map_key("model.language_model.norm.weight")[0] == "language_model.model.norm.scale"
     assert map_key("model.visual.merger.mlp.2.weight")[0] == "visual.merger.fc2.kernel"
     assert map_key("visual.blocks.0.attn.qkv.weight")[0] == "visual.blocks.0.attn.qkv.kernel"
@@ -94,18 +100,34 @@ def hf_config_dict(tiny):
 
 
 REFUSALS = {
-    "sliding_window": (lambda c: c["text_config"].update(use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+    "sliding_window": (
+        lambda c: c["text_config"].update(use_sliding_window=True, sliding_window=8),
+        "use_sliding_window",
+    ),
     "layer_types": (
-        lambda c: c["text_config"].update(layer_types=["sliding_attention", "full_attention"]), "layer_types"
+        lambda c: c["text_config"].update(layer_types=["sliding_attention", "full_attention"]),
+        "layer_types",
     ),
     "rope_type": (
         lambda c: c["text_config"]["rope_parameters"].update(rope_type="linear", factor=2.0),
         "rope_type='linear'",
     ),
-    "no_mrope": (lambda c: c["text_config"]["rope_parameters"].pop("mrope_section"), "mrope_section is missing"),
-    "vision_rope": (lambda c: c["vision_config"].update(rope_parameters={"rope_type": "2d"}), "vision_config.rope_parameters"),
-    "unknown_vision_field": (lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]), "deepstack_visual_indexes"),
-    "unknown_text_field": (lambda c: c["text_config"].update(attn_logit_softcapping=30.0), "attn_logit_softcapping"),
+    "no_mrope": (
+        lambda c: c["text_config"]["rope_parameters"].pop("mrope_section"),
+        "mrope_section is missing",
+    ),
+    "vision_rope": (
+        lambda c: c["vision_config"].update(rope_parameters={"rope_type": "2d"}),
+        "vision_config.rope_parameters",
+    ),
+    "unknown_vision_field": (
+        lambda c: c["vision_config"].update(deepstack_visual_indexes=[1]),
+        "deepstack_visual_indexes",
+    ),
+    "unknown_text_field": (
+        lambda c: c["text_config"].update(attn_logit_softcapping=30.0),
+        "attn_logit_softcapping",
+    ),
     "unknown_top_field": (lambda c: c.update(use_temporal_merge=True), "use_temporal_merge"),
 }
 
@@ -144,14 +166,20 @@ def test_reports_every_mapping_problem(tiny, tmp_path):
     f = next(src.glob("*.safetensors"))
     tensors = load_file(str(f))
     del tensors["visual.merger.ln_q.weight"]
-    tensors["visual.blocks.0.attn.qkv.bias"] = tensors["visual.blocks.0.attn.qkv.bias"][:5].contiguous()
+    tensors["visual.blocks.0.attn.qkv.bias"] = tensors["visual.blocks.0.attn.qkv.bias"][
+        :5
+    ].contiguous()
     tensors["visual.extra.weight"] = tensors["model.norm.weight"].clone()
     save_file(tensors, str(f), {"format": "pt"})
     with pytest.raises(ConversionError) as err:
         convert(src, tmp_path / "out", progress=False)
     msg = str(err.value)
     assert "3 problem(s)" in msg
-    assert "visual.merger.ln_q.scale" in msg and "visual.blocks.0.attn.qkv.bias" in msg and "visual.extra.weight" in msg
+    assert (
+        "visual.merger.ln_q.scale" in msg
+        and "visual.blocks.0.attn.qkv.bias" in msg
+        and "visual.extra.weight" in msg
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -169,7 +197,9 @@ def test_legacy_hub_config_reads_like_the_nested_one(tiny, tmp_path, hf_config_d
     legacy = {**cfg, **{k: v for k, v in text.items() if k not in ("model_type", "dtype")}}
     legacy["rope_theta"] = rope["rope_theta"]
     legacy["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
-    legacy["vision_config"].update(in_chans=3, spatial_patch_size=legacy["vision_config"]["patch_size"])
+    legacy["vision_config"].update(
+        in_chans=3, spatial_patch_size=legacy["vision_config"]["patch_size"]
+    )
     legacy["vision_token_id"] = 12345
     (tmp_path / "legacy").mkdir()
     (tmp_path / "legacy" / "config.json").write_text(json.dumps(legacy))

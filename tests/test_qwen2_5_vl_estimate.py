@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zspa_jax.families import read_config
 from tests.qwen2_5_vl_helpers import converted, random_image, tiny_model
 from zspa_jax import estimate as est
+from zspa_jax.families import read_config
 
 
 @pytest.mark.parametrize("hw", [(448, 448), (1344, 1008), (333, 200), (40, 3000), (20, 20)])
@@ -16,7 +16,9 @@ def test_grid_matches_image_processor(hw):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     cfg = est.qwen2_5_vl_7b_config()
-    processor = Qwen2VLImageProcessorPil()  # Qwen2.5-VL's defaults: patch 14, merge 2, 56^2..28^2*1280 pixels
+    processor = (
+        Qwen2VLImageProcessorPil()
+    )  # Qwen2.5-VL's defaults: patch 14, merge 2, 56^2..28^2*1280 pixels
     grid = processor(images=[random_image(*hw, seed=0)], return_tensors="np")["image_grid_thw"][0]
     assert tuple(grid) == (1, *est.qwen_image_grid(*hw, cfg.vision))
 
@@ -46,7 +48,10 @@ def test_windows_cover_every_patch_once(grid):
 
     v = est.qwen2_5_vl_7b_config().vision
     sizes = est._qwen_window_sizes(*grid, v)
-    assert sum(sizes) == grid[0] * grid[1] and max(sizes) <= est.qwen2_5_vl_7b_config().vision.window_merged**2 * 4
+    assert (
+        sum(sizes) == grid[0] * grid[1]
+        and max(sizes) <= est.qwen2_5_vl_7b_config().vision.window_merged ** 2 * 4
+    )
     assert len(sizes) == num_windows(np.array([[1, *grid]]), v)
 
 
@@ -63,14 +68,18 @@ def test_video_tokens_flops_and_cli():
 
     cfg = est.qwen2_5_vl_7b_config()
     frames = np.zeros((16, 448, 448, 3), np.uint8)
-    _, grid, _ = process_video(frames, VideoSettings())  # transformers' Qwen2VLVideoProcessor class defaults
+    _, grid, _ = process_video(
+        frames, VideoSettings()
+    )  # transformers' Qwen2VLVideoProcessor class defaults
     assert grid.tolist() == [8, 32, 32] == list(est.qwen_video_grid(16, 448, 448, cfg.vision))
     clip = est.estimate_model(cfg, 60, video=(16, 448, 448), keep=256, fps=2.0)
     image = est.estimate_model(cfg, 60, (448, 448), keep=256)
     assert clip["visual_tokens"] == 8 * 256 and clip["kept_tokens"] == 256
     assert clip["vision_flops"] == 8 * image["vision_flops"]
     assert clip["llm_prefill_flops"] == image["llm_prefill_flops"]  # the same L' = T + K
-    assert clip["second_per_grid_ts"] == 1.0 and clip["temporal_position_span"] == 7 * 2  # 2 tokens per second
+    assert (
+        clip["second_per_grid_ts"] == 1.0 and clip["temporal_position_span"] == 7 * 2
+    )  # 2 tokens per second
     full = est.estimate_model(cfg, 60, video=(16, 448, 448))
     assert full["kv_cache_bytes"] == full["kv_cache_bytes_unpruned"] > clip["kv_cache_bytes"]
     with pytest.raises(ValueError, match="multiple of temporal_patch_size=2"):
@@ -79,9 +88,14 @@ def test_video_tokens_flops_and_cli():
         est.estimate_model(est.llava_1_5_7b_config(), 60, video=(16, 448, 448))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["--model", "qwen2.5-vl-7b", "--video", "16x448x448", "--fps", "2", "--json"]) == 0
+        assert (
+            main(["--model", "qwen2.5-vl-7b", "--video", "16x448x448", "--fps", "2", "--json"]) == 0
+        )
     rows = json.loads(out.getvalue())
     assert [r["kept_tokens"] for r in rows] == [2048, 512, 256, 128]
-    assert rows[2]["vision_flops"] == clip["vision_flops"] and rows[2]["kv_cache_bytes"] == clip["kv_cache_bytes"]
+    assert (
+        rows[2]["vision_flops"] == clip["vision_flops"]
+        and rows[2]["kv_cache_bytes"] == clip["kv_cache_bytes"]
+    )
     with pytest.raises(SystemExit):
         main(["--model", "qwen2.5-vl-7b", "--video", "16x448"])

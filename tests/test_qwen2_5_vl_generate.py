@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, hf_greedy_from_pruned, hf_inputs, random_image, tiny_model
+from tests.qwen2_5_vl_helpers import (
+    converted,
+    hf_greedy_from_pruned,
+    hf_inputs,
+    random_image,
+    tiny_model,
+)
 from tests.torch_reference_pruning import select_tokens_reference
 from zspa_jax import decode, generation
 from zspa_jax.pipeline import prompt_token_mask
@@ -38,7 +44,7 @@ def _np(batch):
 def _hf_generate(tiny, batch, n):
     with torch.no_grad():
         out = tiny.hf.generate(**batch, max_new_tokens=n, do_sample=False)
-    return out[:, batch["input_ids"].shape[1]:].numpy()
+    return out[:, batch["input_ids"].shape[1] :].numpy()
 
 
 PROMPTS = [("what is shown in this picture", 2), ("describe the image", 1)]
@@ -51,11 +57,18 @@ def test_greedy_generation_matches_hf(tiny, vlm):
     ref = _hf_generate(tiny, batch, 12)
     a = _np(batch)
     res = zspa_jax.generate(
-        vlm, input_ids=a["input_ids"], pixel_values=a["pixel_values"], attention_mask=a["attention_mask"],
-        image_grid_thw=a["image_grid_thw"], max_new_tokens=12,
+        vlm,
+        input_ids=a["input_ids"],
+        pixel_values=a["pixel_values"],
+        attention_mask=a["attention_mask"],
+        image_grid_thw=a["image_grid_thw"],
+        max_new_tokens=12,
     )
     np.testing.assert_array_equal(res.sequences, ref[:, : res.sequences.shape[1]])
-    assert res.sequences.shape[1] == ref.shape[1] or (ref[:, res.sequences.shape[1]:] == vlm.pad_token_id).all()
+    assert (
+        res.sequences.shape[1] == ref.shape[1]
+        or (ref[:, res.sequences.shape[1] :] == vlm.pad_token_id).all()
+    )
     # generate_tokens (array API) gives the same tokens (prompt pre-padded to generate's
     # bucket, so the compiled programs are shared).
     extra = generation.prompt_bucket(a["input_ids"].shape[1]) - a["input_ids"].shape[1]
@@ -64,7 +77,9 @@ def test_greedy_generation_matches_hf(tiny, vlm):
     out = zspa_jax.generate_tokens(
         vlm, ids, a["pixel_values"], mask, image_grid_thw=a["image_grid_thw"], max_new_tokens=12
     )
-    np.testing.assert_array_equal(np.asarray(out.tokens)[:, : res.sequences.shape[1]], res.sequences)
+    np.testing.assert_array_equal(
+        np.asarray(out.tokens)[:, : res.sequences.shape[1]], res.sequences
+    )
 
 
 @pytest.mark.slow
@@ -79,7 +94,9 @@ def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
     res = zspa_jax.generate(vlm, prompts, images, max_new_tokens=10)
     np.testing.assert_array_equal(res.sequences, ref[:, : res.sequences.shape[1]])
     texts = [
-        tiny.processor.tokenizer.decode([t for t in row if t not in vlm.eos_token_ids], skip_special_tokens=True).strip()
+        tiny.processor.tokenizer.decode(
+            [t for t in row if t not in vlm.eos_token_ids], skip_special_tokens=True
+        ).strip()
         for row in res.sequences
     ]
     assert res.texts == texts
@@ -97,19 +114,28 @@ def _hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
         image = ids == tiny.image_token_id
         embeds[image] = torch.cat(feats)
         positions, _ = hf.model.get_rope_index(
-            ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask
+            ids,
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=grid,
+            attention_mask=mask,
         )
-        slots = torch.nonzero(image[row])[:, 0]  # the row's placeholders, its images in reading order
+        slots = torch.nonzero(image[row])[
+            :, 0
+        ]  # the row's placeholders, its images in reading order
         kept_slots = slots[torch.as_tensor(np.array(kept))]
         if tokens is not None:
             embeds[row, kept_slots] = tokens
         others = torch.nonzero(~image[row])[:, 0]
         src = torch.sort(torch.cat([others, kept_slots])).values
-        logits = hf(
-            inputs_embeds=embeds[row, src][None],
-            position_ids=positions[:, row, src][:, None],
-            attention_mask=mask[row, src][None],
-        ).logits[0].numpy()
+        logits = (
+            hf(
+                inputs_embeds=embeds[row, src][None],
+                position_ids=positions[:, row, src][:, None],
+                attention_mask=mask[row, src][None],
+            )
+            .logits[0]
+            .numpy()
+        )
     return logits, mask[row, src].numpy().astype(bool), feats, embeds
 
 
@@ -127,7 +153,9 @@ def _question_mask(tiny, vlm, ids, mask):
     return out
 
 
-@pytest.mark.parametrize("sizes", [[(40, 56), (40, 56)], [(40, 56), (24, 32)]], ids=["same_size", "different_sizes"])
+@pytest.mark.parametrize(
+    "sizes", [[(40, 56), (40, 56)], [(40, 56), (24, 32)]], ids=["same_size", "different_sizes"]
+)
 @pytest.mark.slow
 def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parity_record):
     keep = 5
@@ -137,24 +165,40 @@ def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parit
     a = _np(batch)
     prune = zspa_jax.PruneConfig(keep=keep, core_ratio=0.6)
     logits, kept, out_mask = zspa_jax.forward(
-        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"], prune, image_grid_thw=a["image_grid_thw"],
-        return_kept=True, return_mask=True,
+        vlm,
+        a["input_ids"],
+        a["pixel_values"],
+        a["attention_mask"],
+        prune,
+        image_grid_thw=a["image_grid_thw"],
+        return_kept=True,
+        return_mask=True,
     )
     assert kept.shape == (2, keep)
     ids, mask = a["input_ids"], a["attention_mask"]
     qmask = _question_mask(tiny, vlm, ids, mask)
-    ours_mask = np.asarray(prompt_token_mask(ids, mask, tiny.image_token_id, vlm.special_token_ids, "question"))
+    ours_mask = np.asarray(
+        prompt_token_mask(ids, mask, tiny.image_token_id, vlm.special_token_ids, "question")
+    )
     np.testing.assert_array_equal(ours_mask, qmask)
     for row in range(2):
         ref, ref_mask, feats, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
         # Kept indices: the eager torch ZSPAPrune on HF's merger output and HF's embeddings.
         expect = select_tokens_reference(
-            feats[row][None], embeds[row][None], torch.tensor(qmask[row])[None], keep=keep, core_ratio=0.6
+            feats[row][None],
+            embeds[row][None],
+            torch.tensor(qmask[row])[None],
+            keep=keep,
+            core_ratio=0.6,
         ).numpy()[0]
         np.testing.assert_array_equal(kept[row], expect)
         got = logits[row][out_mask[row].astype(bool)]
-        d = parity_record("qwen pruned logits (3-D positions)", f"{'/'.join(map(str, sizes))} row {row}",
-                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        d = parity_record(
+            "qwen pruned logits (3-D positions)",
+            f"{'/'.join(map(str, sizes))} row {row}",
+            float(np.abs(got - ref[ref_mask]).max()),
+            BOUND,
+        )
         assert d <= BOUND
 
 
@@ -170,34 +214,59 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
     batch = hf_inputs(tiny.processor, [("what is on the left", 1), ("describe it", 1)], images)
     a = _np(batch)
     logits, kept, out_mask = zspa_jax.forward(
-        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"], zspa_jax.PruneConfig(keep=keep, method="pool"),
-        image_grid_thw=a["image_grid_thw"], return_kept=True, return_mask=True,
+        vlm,
+        a["input_ids"],
+        a["pixel_values"],
+        a["attention_mask"],
+        zspa_jax.PruneConfig(keep=keep, method="pool"),
+        image_grid_thw=a["image_grid_thw"],
+        return_kept=True,
+        return_mask=True,
     )
     merge = tiny.hf.config.vision_config.spatial_merge_size
     grids = [(int(g[1]) // merge, int(g[2]) // merge) for g in a["image_grid_thw"]]
     assert grids[0] != grids[1]
     with torch.no_grad():
-        feats = tiny.hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        feats = tiny.hf.model.get_image_features(
+            batch["pixel_values"], batch["image_grid_thw"]
+        ).pooler_output
     for row in range(2):
         tokens, slots = pool_reference(feats[row][None], [grids[row]], keep)
         np.testing.assert_array_equal(kept[row], slots.numpy()[0])
         ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, row, kept[row], tokens=tokens[0])
         got = logits[row][out_mask[row].astype(bool)]
-        d = parity_record("qwen pool logits (3-D positions)", f"row {row} grid {grids[row]}",
-                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        d = parity_record(
+            "qwen pool logits (3-D positions)",
+            f"row {row} grid {grids[row]}",
+            float(np.abs(got - ref[ref_mask]).max()),
+            BOUND,
+        )
         assert d <= BOUND
 
 
 SEVERAL = {  # budget -> (prompts with their image counts, image sizes in reading order)
     # The one-image row is the longer one: no left padding could stand in for its missing slots.
-    "row": ([("compare the two pictures", 2), ("describe the small dog on the left of the red sofa by the window "
-                                               "in the afternoon light and say what it holds", 1)],
-            [(40, 56), (24, 32), (32, 40)]),
-    "image": ([("compare the two pictures", 2), ("which one is brighter", 2)], [(40, 56), (24, 32), (32, 40), (16, 48)]),
+    "row": (
+        [
+            ("compare the two pictures", 2),
+            (
+                "describe the small dog on the left of the red sofa by the window "
+                "in the afternoon light and say what it holds",
+                1,
+            ),
+        ],
+        [(40, 56), (24, 32), (32, 40)],
+    ),
+    "image": (
+        [("compare the two pictures", 2), ("which one is brighter", 2)],
+        [(40, 56), (24, 32), (32, 40), (16, 48)],
+    ),
 }
 
 
-@pytest.mark.parametrize("budget, method", [("row", "zspaprune"), ("row", "cdpruner"), ("image", "zspaprune")])
+@pytest.mark.parametrize(
+    "budget, method", [("row", "zspaprune"), ("row", "cdpruner"), ("image", "zspaprune")]
+)
 @pytest.mark.slow
 def test_several_images_per_row_match_references(tiny, vlm, budget, method, parity_record):
     """Rows of several images of different sizes (and rows of different image counts): kept
@@ -212,15 +281,22 @@ def test_several_images_per_row_match_references(tiny, vlm, budget, method, pari
     batch = hf_inputs(tiny.processor, prompts, images)
     a = _np(batch)
     logits, kept, out_mask = zspa_jax.forward(
-        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
-        zspa_jax.PruneConfig(keep=keep, method=method, budget=budget), image_grid_thw=a["image_grid_thw"],
-        return_kept=True, return_mask=True,
+        vlm,
+        a["input_ids"],
+        a["pixel_values"],
+        a["attention_mask"],
+        zspa_jax.PruneConfig(keep=keep, method=method, budget=budget),
+        image_grid_thw=a["image_grid_thw"],
+        return_kept=True,
+        return_mask=True,
     )
     counts = [n for _, n in prompts]
     assert kept.shape == (2, keep * max(counts) if budget == "image" else keep)
     ids, mask = a["input_ids"], a["attention_mask"]
     qmask = _question_mask(tiny, vlm, ids, mask)
-    tokens_per_image = np.prod(a["image_grid_thw"], axis=-1) // tiny.hf.config.vision_config.spatial_merge_size**2
+    tokens_per_image = (
+        np.prod(a["image_grid_thw"], axis=-1) // tiny.hf.config.vision_config.spatial_merge_size**2
+    )
     groups = np.split(tokens_per_image, np.cumsum(counts)[:-1])
     for row in range(2):
         ref, ref_mask, _, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
@@ -230,22 +306,34 @@ def test_several_images_per_row_match_references(tiny, vlm, budget, method, pari
         def choose(v):
             if method == "cdpruner":
                 return cdpruner_reference(v[None], embeds[row][None], prompt, keep=keep).numpy()[0]
-            return select_tokens_reference(v[None], embeds[row][None], prompt, keep=keep, core_ratio=0.6).numpy()[0]
+            return select_tokens_reference(
+                v[None], embeds[row][None], prompt, keep=keep, core_ratio=0.6
+            ).numpy()[0]
 
         if budget == "row":
             expect = choose(visual)
         else:
             starts = np.cumsum([0, *groups[row][:-1]])
-            expect = np.concatenate([choose(visual[s:s + n]) + s for s, n in zip(starts, groups[row])])
+            expect = np.concatenate(
+                [choose(visual[s : s + n]) + s for s, n in zip(starts, groups[row])]
+            )
         np.testing.assert_array_equal(kept[row], expect, err_msg=f"row {row}")
         got = logits[row][out_mask[row].astype(bool)]
-        d = parity_record("qwen several images, pruned logits", f"{method} budget={budget} row {row}",
-                          float(np.abs(got - ref[ref_mask]).max()), BOUND)
+        d = parity_record(
+            "qwen several images, pruned logits",
+            f"{method} budget={budget} row {row}",
+            float(np.abs(got - ref[ref_mask]).max()),
+            BOUND,
+        )
         assert d <= BOUND
 
 
 def test_strings_with_several_images_match_the_processor(tiny, vlm):
-    images = [random_image(40, 24, seed=90), random_image(32, 56, seed=91), random_image(24, 24, seed=92)]
+    images = [
+        random_image(40, 24, seed=90),
+        random_image(32, 56, seed=91),
+        random_image(24, 24, seed=92),
+    ]
     prompts = [("compare these", 2), ("and this one", 1)]
     batch = hf_inputs(tiny.processor, prompts, images)
     ours = vlm.processor.encode([p for p, _ in prompts], [images[:2], images[2]])
@@ -260,18 +348,29 @@ def test_several_images_greedy_generation_matches_transformers(tiny, vlm):
     """Pruned greedy tokens of a row with two images equal transformers generating from the
     pruned inputs_embeds at the kept tokens' 3-D positions, decoding after the unpruned max."""
     keep = 6
-    prompt, images = "compare the two pictures", [random_image(40, 56, seed=70), random_image(24, 32, seed=71)]
+    prompt, images = (
+        "compare the two pictures",
+        [random_image(40, 56, seed=70), random_image(24, 32, seed=71)],
+    )
     batch = hf_inputs(tiny.processor, [(prompt, 2)], images)
-    res = zspa_jax.generate(vlm, [prompt], [images], max_new_tokens=6, prune=zspa_jax.PruneConfig(keep=keep))
+    res = zspa_jax.generate(
+        vlm, [prompt], [images], max_new_tokens=6, prune=zspa_jax.PruneConfig(keep=keep)
+    )
     kept = res.kept_indices[0]
-    assert kept.max() >= 35  # tokens of the second image are among the kept (35 = the first image's)
+    assert (
+        kept.max() >= 35
+    )  # tokens of the second image are among the kept (35 = the first image's)
     _, _, _, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
     ids = batch["input_ids"]
     positions, _ = tiny.hf.model.get_rope_index(
-        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        ids,
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    tokens = hf_greedy_from_pruned(tiny.hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6)
+    tokens = hf_greedy_from_pruned(
+        tiny.hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6
+    )
     assert res.sequences[0, : len(tokens)].tolist() == tokens
 
 
@@ -285,18 +384,33 @@ def test_pool_per_image_on_several_images(tiny, vlm, parity_record):
     images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
     batch = hf_inputs(tiny.processor, [("what is on the left", 2)], images)
     a = _np(batch)
-    with pytest.raises(ValueError, match="method 'pool' reads one image's token grid.*budget='image'"):
-        zspa_jax.forward(vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
-                         zspa_jax.PruneConfig(keep=keep, method="pool"), image_grid_thw=a["image_grid_thw"])
+    with pytest.raises(
+        ValueError, match="method 'pool' reads one image's token grid.*budget='image'"
+    ):
+        zspa_jax.forward(
+            vlm,
+            a["input_ids"],
+            a["pixel_values"],
+            a["attention_mask"],
+            zspa_jax.PruneConfig(keep=keep, method="pool"),
+            image_grid_thw=a["image_grid_thw"],
+        )
     logits, kept, out_mask = zspa_jax.forward(
-        vlm, a["input_ids"], a["pixel_values"], a["attention_mask"],
-        zspa_jax.PruneConfig(keep=keep, method="pool", budget="image"), image_grid_thw=a["image_grid_thw"],
-        return_kept=True, return_mask=True,
+        vlm,
+        a["input_ids"],
+        a["pixel_values"],
+        a["attention_mask"],
+        zspa_jax.PruneConfig(keep=keep, method="pool", budget="image"),
+        image_grid_thw=a["image_grid_thw"],
+        return_kept=True,
+        return_mask=True,
     )
     merge = tiny.hf.config.vision_config.spatial_merge_size
     grids = [(int(g[1]) // merge, int(g[2]) // merge) for g in a["image_grid_thw"]]
     with torch.no_grad():
-        feats = tiny.hf.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        feats = tiny.hf.model.get_image_features(
+            batch["pixel_values"], batch["image_grid_thw"]
+        ).pooler_output
     tokens, slots, offset = [], [], 0
     for f, grid in zip(feats, grids):
         t, sl = pool_reference(f[None], [grid], keep)
@@ -305,8 +419,12 @@ def test_pool_per_image_on_several_images(tiny, vlm, parity_record):
         offset += grid[0] * grid[1]
     np.testing.assert_array_equal(kept[0], np.concatenate(slots))
     ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, 0, kept[0], tokens=torch.cat(tokens))
-    d = parity_record("qwen pool per image (3-D positions)", f"grids {grids}",
-                      float(np.abs(logits[0][out_mask[0].astype(bool)] - ref[ref_mask]).max()), BOUND)
+    d = parity_record(
+        "qwen pool per image (3-D positions)",
+        f"grids {grids}",
+        float(np.abs(logits[0][out_mask[0].astype(bool)] - ref[ref_mask]).max()),
+        BOUND,
+    )
     assert d <= BOUND
 
 
@@ -317,16 +435,26 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
     keep = 6
     image = random_image(40, 56, seed=30)
     batch = hf_inputs(tiny.processor, [("what is on the table", 1)], [image])
-    res = zspa_jax.generate(vlm, ["what is on the table"], [image], max_new_tokens=6, prune=zspa_jax.PruneConfig(keep=keep))
+    res = zspa_jax.generate(
+        vlm,
+        ["what is on the table"],
+        [image],
+        max_new_tokens=6,
+        prune=zspa_jax.PruneConfig(keep=keep),
+    )
     kept = res.kept_indices[0]
     hf = tiny.hf
     _, _, feats, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
     ids = batch["input_ids"]
     positions, _ = hf.model.get_rope_index(
-        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        ids,
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    tokens = hf_greedy_from_pruned(hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6)
+    tokens = hf_greedy_from_pruned(
+        hf, embeds, positions, ids[0] == tiny.image_token_id, kept, vlm.eos_token_ids, 6
+    )
     assert res.sequences[0, : len(tokens)].tolist() == tokens
 
 
@@ -337,12 +465,18 @@ def test_one_program_across_image_sizes(tiny, vlm):
     prefill and one decode program."""
     prune = zspa_jax.PruneConfig(keep=8)
     sizes = [(40, 56), (40, 64), (48, 64)]
-    zspa_jax.generate(vlm, ["what is this"], [random_image(*sizes[0], seed=40)], max_new_tokens=4, prune=prune)
+    zspa_jax.generate(
+        vlm, ["what is this"], [random_image(*sizes[0], seed=40)], max_new_tokens=4, prune=prune
+    )
     before = dict(generation.TRACE_COUNTS)
     grids = []
     for i, (h, w) in enumerate(sizes[1:] + sizes[:1]):
-        res = zspa_jax.generate(vlm, ["what is this"], [random_image(h, w, seed=41 + i)], max_new_tokens=4, prune=prune)
-        grids.append(vlm.processor.encode(["x"], [random_image(h, w, seed=0)])["image_grid_thw"][0].tolist())
+        res = zspa_jax.generate(
+            vlm, ["what is this"], [random_image(h, w, seed=41 + i)], max_new_tokens=4, prune=prune
+        )
+        grids.append(
+            vlm.processor.encode(["x"], [random_image(h, w, seed=0)])["image_grid_thw"][0].tolist()
+        )
         assert res.kept_indices.shape == (1, 8)
     assert sorted({tuple(g) for g in grids}) == [(1, 10, 14), (1, 10, 16), (1, 12, 16)]
     assert dict(generation.TRACE_COUNTS) == before, (before, dict(generation.TRACE_COUNTS))
@@ -355,20 +489,37 @@ def _arrays(tiny, n_images=1):
 
 BAD_INPUTS = {
     "grid_missing": (lambda a: a.pop("image_grid_thw"), "image_grid_thw is required"),
-    "grid_vs_pixels": (lambda a: a.update(image_grid_thw=np.array([[1, 6, 10]])), "pixel_values holds 48 patch rows"),
+    "grid_vs_pixels": (
+        lambda a: a.update(image_grid_thw=np.array([[1, 6, 10]])),
+        "pixel_values holds 48 patch rows",
+    ),
     "grid_vs_tokens": (
-        lambda a: a.update(pixel_values=np.concatenate([a["pixel_values"], a["pixel_values"][:16]]),
-                           image_grid_thw=np.array([[1, 8, 8]])),
+        lambda a: a.update(
+            pixel_values=np.concatenate([a["pixel_values"], a["pixel_values"][:16]]),
+            image_grid_thw=np.array([[1, 8, 8]]),
+        ),
         "input_ids holds 12 image tokens",
     ),
-    "too_small": (lambda a: a.update(image_grid_thw=np.array([[1, 1, 48]])), "too small for one merged token"),
+    "too_small": (
+        lambda a: a.update(image_grid_thw=np.array([[1, 1, 48]])),
+        "too small for one merged token",
+    ),
     # a clip of 2 temporal patches whose placeholders the prompt lacks
-    "video_frames": (lambda a: a.update(pixel_values_videos=np.concatenate([a["pixel_values"]] * 2),
-                                        video_grid_thw=np.array([[2, 6, 8]])),
-                     r"input_ids holds 0 video tokens .* but video_grid_thw gives \[24\]"),
-    "video_tensor": (lambda a: a.update(pixel_values_videos=a["pixel_values"]),
-                     "video_grid_thw is required with pixel_values_videos"),
-    "pixels_shape": (lambda a: a.update(pixel_values=a["pixel_values"].reshape(-1, 3, 32)), "flattened patches"),
+    "video_frames": (
+        lambda a: a.update(
+            pixel_values_videos=np.concatenate([a["pixel_values"]] * 2),
+            video_grid_thw=np.array([[2, 6, 8]]),
+        ),
+        r"input_ids holds 0 video tokens .* but video_grid_thw gives \[24\]",
+    ),
+    "video_tensor": (
+        lambda a: a.update(pixel_values_videos=a["pixel_values"]),
+        "video_grid_thw is required with pixel_values_videos",
+    ),
+    "pixels_shape": (
+        lambda a: a.update(pixel_values=a["pixel_values"].reshape(-1, 3, 32)),
+        "flattened patches",
+    ),
 }
 
 
@@ -400,12 +551,22 @@ def test_span_that_does_not_match_its_grid(tiny, vlm):
 def test_bad_images_through_the_processor(vlm):
     with pytest.raises(ValueError, match="aspect ratio"):
         zspa_jax.generate(vlm, ["what is this"], [random_image(8, 2000, seed=0)], max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"images\[0\] looks like a video \(\[frames, height, width, channels\]\): "
-                                         r"pass videos with videos="):
-        zspa_jax.generate(vlm, ["what is this"], [np.zeros((4, 16, 16, 3), np.uint8)], max_new_tokens=2)
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\] looks like a video \(\[frames, height, width, channels\]\): "
+        r"pass videos with videos=",
+    ):
+        zspa_jax.generate(
+            vlm, ["what is this"], [np.zeros((4, 16, 16, 3), np.uint8)], max_new_tokens=2
+        )
     with pytest.raises(ValueError, match="keep=200 exceeds"):
-        zspa_jax.generate(vlm, ["what is this"], [random_image(16, 16, seed=0)], max_new_tokens=2,
-                          prune=zspa_jax.PruneConfig(keep=200))
+        zspa_jax.generate(
+            vlm,
+            ["what is this"],
+            [random_image(16, 16, seed=0)],
+            max_new_tokens=2,
+            prune=zspa_jax.PruneConfig(keep=200),
+        )
 
 
 @pytest.mark.parametrize(
@@ -449,27 +610,43 @@ def test_lmms_eval_runner_serves_qwen(vlm):
     from zspa_jax.eval.args import parse_model_args
     from zspa_jax.eval.runner import GenRequest, LoglikelihoodRequest, Runner
 
-    args = parse_model_args({"pretrained": str(vlm.path), "keep": 8, "batch_size": 2, "max_new_tokens": 4})
+    args = parse_model_args(
+        {"pretrained": str(vlm.path), "keep": 8, "batch_size": 2, "max_new_tokens": 4}
+    )
     runner = Runner(args, vlm=vlm)
     images = [random_image(40, 56, seed=70), random_image(24, 32, seed=71)]
-    answers = runner.generate_until([GenRequest("what is this", (im,), {"max_new_tokens": 4}) for im in images])
+    answers = runner.generate_until(
+        [GenRequest("what is this", (im,), {"max_new_tokens": 4}) for im in images]
+    )
     for answer, image in zip(answers, images):
-        expected = zspa_jax.generate(vlm, ["what is this"], [image], prune=args.prune, max_new_tokens=4).texts[0]
+        expected = zspa_jax.generate(
+            vlm, ["what is this"], [image], prune=args.prune, max_new_tokens=4
+        ).texts[0]
         assert answer == expected
-    (score, _), = runner.loglikelihood([LoglikelihoodRequest("what is this", " a cat", (images[0],))])
+    ((score, _),) = runner.loglikelihood(
+        [LoglikelihoodRequest("what is this", " a cat", (images[0],))]
+    )
     assert np.isfinite(score) and score < 0
 
 
 @pytest.mark.slow
 def test_stats_count_each_rows_own_visual_tokens(vlm):
     images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
-    res = zspa_jax.generate(vlm, ["what is this", "what is this"], images, prune=zspa_jax.PruneConfig(keep=8), max_new_tokens=2)
+    res = zspa_jax.generate(
+        vlm,
+        ["what is this", "what is this"],
+        images,
+        prune=zspa_jax.PruneConfig(keep=8),
+        max_new_tokens=2,
+    )
     grids = vlm.processor.encode(["x", "x"], images)["image_grid_thw"]
     per_row = [int(np.prod(g)) // vlm.config.vision.merge_unit for g in grids]
     s = res.stats
     assert s["visual_tokens_per_row"] == per_row and per_row[0] != per_row[1]
     assert s["visual_tokens_per_image"] == min(per_row) and s["visual_tokens_kept_per_image"] == 8
-    assert s["prompt_tokens_per_row_pruned"] == [t - n + 8 for t, n in zip(s["prompt_tokens_per_row"], per_row)]
+    assert s["prompt_tokens_per_row_pruned"] == [
+        t - n + 8 for t, n in zip(s["prompt_tokens_per_row"], per_row)
+    ]
 
 
 def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypatch):
@@ -482,7 +659,11 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
 
     towers = []
     blocks_out = Qwen2_5_VisionTransformer.blocks_out
-    monkeypatch.setattr(Qwen2_5_VisionTransformer, "blocks_out", lambda *a, **k: towers.append(1) or blocks_out(*a, **k))
+    monkeypatch.setattr(
+        Qwen2_5_VisionTransformer,
+        "blocks_out",
+        lambda *a, **k: towers.append(1) or blocks_out(*a, **k),
+    )
     # 64 merged tokens fill one span bucket exactly; a smaller image's span padding can
     # leave the pruned prompt longer than the unpruned one (the bucket, not the pruning).
     enc = vlm.processor.encode(["what is in the picture"], [random_image(64, 64, seed=50)])
@@ -490,10 +671,26 @@ def test_pruned_prefill_runs_the_tower_once_and_costs_fewer_flops(vlm, monkeypat
     flops = {}
     for keep in (None, 8):
         prune = None if keep is None else zspa_jax.PruneConfig(keep=keep)
-        host = prepare_arrays(vlm, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], {"image_grid_thw": enc["image_grid_thw"]},
-                              prune, extra_length=4, bucket=True, prompt_bucket=generation.prompt_bucket)
-        st = generation._settings(vlm, host, 4, prune=prune, sampling=Sampling(0.0, None, None), eos_token_id=None,
-                                  keep_positions=False)
+        host = prepare_arrays(
+            vlm,
+            enc["input_ids"],
+            enc["pixel_values"],
+            enc["attention_mask"],
+            {"image_grid_thw": enc["image_grid_thw"]},
+            prune,
+            extra_length=4,
+            bucket=True,
+            prompt_bucket=generation.prompt_bucket,
+        )
+        st = generation._settings(
+            vlm,
+            host,
+            4,
+            prune=prune,
+            sampling=Sampling(0.0, None, None),
+            eos_token_id=None,
+            keep_positions=False,
+        )
         ids, mask, pixels, aux = device_arrays(host, vlm.mesh)
         args = (vlm.state, ids, pixels, mask, aux, jax.random.key(0))
         del towers[:]
@@ -511,8 +708,13 @@ def test_vision_markers_never_count_as_prompt_without_tokenizer_files(tiny, vlm,
     import shutil
 
     bare = tmp_path / "bare"
-    shutil.copytree(vlm.path, bare, ignore=shutil.ignore_patterns("tokenizer*", "*token*map*", "vocab*", "merges*",
-                                                                   "chat_template*", "*processor*"))
+    shutil.copytree(
+        vlm.path,
+        bare,
+        ignore=shutil.ignore_patterns(
+            "tokenizer*", "*token*map*", "vocab*", "merges*", "chat_template*", "*processor*"
+        ),
+    )
     arrays_only = zspa_jax.load(bare)
     assert arrays_only.processor is None
     cfg = arrays_only.config
@@ -523,5 +725,7 @@ def test_vision_markers_never_count_as_prompt_without_tokenizer_files(tiny, vlm,
     ids, mask = a["input_ids"], a["attention_mask"]
     assert np.isin(ids, list(markers)).any()  # the prompt holds a marker after the image
     for scope in ("question", "all_text"):
-        counted = np.asarray(prompt_token_mask(ids, mask, cfg.image_token_id, arrays_only.special_token_ids, scope))
+        counted = np.asarray(
+            prompt_token_mask(ids, mask, cfg.image_token_id, arrays_only.special_token_ids, scope)
+        )
         assert not counted[np.isin(ids, list(markers))].any()

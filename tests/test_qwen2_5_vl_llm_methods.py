@@ -70,8 +70,12 @@ def _batch(tiny, method):
 
 
 def _zspa_args(a):
-    return dict(input_ids=a["input_ids"], pixel_values=a["pixel_values"], attention_mask=a["attention_mask"],
-                image_grid_thw=a["image_grid_thw"])
+    return dict(
+        input_ids=a["input_ids"],
+        pixel_values=a["pixel_values"],
+        attention_mask=a["attention_mask"],
+        image_grid_thw=a["image_grid_thw"],
+    )
 
 
 def _span(tiny, row) -> tuple[int, int]:
@@ -133,8 +137,13 @@ def _reference_kept(tiny, method, row, layer, keep) -> np.ndarray:
 
     with torch.no_grad():
         kept = dart_select_reference(
-            hidden[None], keys[None], torch.tensor([start]), _question_mask(tiny, row["input_ids"]), num_visual=n,
-            keep=keep, norm_weight=tiny.hf.model.language_model.norm.weight,
+            hidden[None],
+            keys[None],
+            torch.tensor([start]),
+            _question_mask(tiny, row["input_ids"]),
+            num_visual=n,
+            keep=keep,
+            norm_weight=tiny.hf.model.language_model.norm.weight,
         )
     return kept.numpy()[0]
 
@@ -149,7 +158,10 @@ class DropAtLayer:
         self.src = torch.as_tensor(src)
         self.length = length
         self.calls = {"prefill": 0, "decode": 0}
-        self.handles = [lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True) for i in range(layer, len(lm.layers))]
+        self.handles = [
+            lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True)
+            for i in range(layer, len(lm.layers))
+        ]
 
     def hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -158,7 +170,9 @@ class DropAtLayer:
         cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
         cos, sin = kwargs["position_embeddings"]
         if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
-            if hidden.shape[1] == self.length:  # layer K itself: drop the tokens from the hidden states
+            if (
+                hidden.shape[1] == self.length
+            ):  # layer K itself: drop the tokens from the hidden states
                 hidden = hidden[:, self.src]
             assert cos.shape[:2] == sin.shape[:2] == (1, self.length), cos.shape
             kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
@@ -187,19 +201,26 @@ def _src(tiny, row, kept) -> np.ndarray:
 
 
 def _hooked(tiny, row, kept):
-    return DropAtLayer(tiny.hf.model.language_model, LAYER, _src(tiny, row, kept), row["input_ids"].shape[1])
+    return DropAtLayer(
+        tiny.hf.model.language_model, LAYER, _src(tiny, row, kept), row["input_ids"].shape[1]
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.slow
-def test_prefill_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, vlm, method, parity_record):
+def test_prefill_on_ragged_rows_matches_transformers_with_tokens_dropped(
+    tiny, vlm, method, parity_record
+):
     batch, rows = _batch(tiny, method)
     prune = PruneConfig(keep=KEEP, method=method, layer=LAYER)
-    logits, kept, out_mask = zspa_jax.forward(vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True,
-                                              return_mask=True)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True, return_mask=True
+    )
     assert kept.shape == (2, KEEP)
     for r, row in enumerate(rows):
-        np.testing.assert_array_equal(kept[r], _reference_kept(tiny, method, row, LAYER, KEEP), err_msg=f"row {r}")
+        np.testing.assert_array_equal(
+            kept[r], _reference_kept(tiny, method, row, LAYER, KEEP), err_msg=f"row {r}"
+        )
         hooks = _hooked(tiny, row, kept[r])
         try:
             with torch.no_grad():
@@ -211,8 +232,13 @@ def test_prefill_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, v
         assert ref.shape[0] == row["input_ids"].shape[1] - n + KEEP
         got = logits[r][out_mask[r].astype(bool)]
         assert got.shape == ref.shape
-        d = parity_record(f"qwen {method} pruned prefill logits", f"K={LAYER} keep={KEEP} row {r} (N={n})",
-                          float(np.abs(got - ref).max()), BOUND, scale=float(np.abs(ref).max()))
+        d = parity_record(
+            f"qwen {method} pruned prefill logits",
+            f"K={LAYER} keep={KEEP} row {r} (N={n})",
+            float(np.abs(got - ref).max()),
+            BOUND,
+            scale=float(np.abs(ref).max()),
+        )
         assert d <= BOUND, (r, d)
         with torch.no_grad():  # the hooks matter: transformers without them differs by far more
             plain = tiny.hf(**row).logits[0, -1].numpy()
@@ -224,12 +250,16 @@ def test_prefill_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, v
 def test_greedy_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, vlm, method):
     batch, rows = _batch(tiny, method)
     prune = PruneConfig(keep=KEEP, method=method, layer=LAYER)
-    res = zspa_jax.generate(vlm, **_zspa_args(_np(batch)), prune=prune, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    res = zspa_jax.generate(
+        vlm, **_zspa_args(_np(batch)), prune=prune, max_new_tokens=NEW_TOKENS, eos_token_id=[]
+    )
     assert res.sequences.shape == (2, NEW_TOKENS)
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     differs = []
     for r, row in enumerate(rows):
-        np.testing.assert_array_equal(res.kept_indices[r], _reference_kept(tiny, method, row, LAYER, KEEP))
+        np.testing.assert_array_equal(
+            res.kept_indices[r], _reference_kept(tiny, method, row, LAYER, KEEP)
+        )
         length = row["input_ids"].shape[1]
         hooks = _hooked(tiny, row, res.kept_indices[r])
         try:
@@ -237,12 +267,17 @@ def test_greedy_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, vl
                 ref = tiny.hf.generate(**row, **kwargs)[0, length:].numpy()
         finally:
             hooks.remove()
-        assert hooks.calls == {"prefill": TEXT_LAYERS - LAYER, "decode": (TEXT_LAYERS - LAYER) * (NEW_TOKENS - 1)}
+        assert hooks.calls == {
+            "prefill": TEXT_LAYERS - LAYER,
+            "decode": (TEXT_LAYERS - LAYER) * (NEW_TOKENS - 1),
+        }
         np.testing.assert_array_equal(res.sequences[r], ref, err_msg=f"row {r}")
         with torch.no_grad():
             plain = tiny.hf.generate(**row, **kwargs)[0, length:].numpy()
         differs.append(not np.array_equal(plain, ref))
-    assert any(differs), "without the hooks transformers answers the same: this check proves nothing"
+    assert any(differs), (
+        "without the hooks transformers answers the same: this check proves nothing"
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -252,11 +287,13 @@ def test_ragged_batch_rows_equal_rows_alone(tiny, vlm, method):
     row of the batch has the kept indices and logits (at its real positions) of that row alone."""
     batch, rows = _batch(tiny, method)
     prune = PruneConfig(keep=KEEP, method=method, layer=LAYER)
-    logits, kept, out_mask = zspa_jax.forward(vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True,
-                                              return_mask=True)
+    logits, kept, out_mask = zspa_jax.forward(
+        vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True, return_mask=True
+    )
     for r, row in enumerate(rows):
-        one, one_kept, one_mask = zspa_jax.forward(vlm, **_zspa_args(_np(row)), prune=prune, return_kept=True,
-                                                   return_mask=True)
+        one, one_kept, one_mask = zspa_jax.forward(
+            vlm, **_zspa_args(_np(row)), prune=prune, return_kept=True, return_mask=True
+        )
         assert one_mask.all()
         np.testing.assert_array_equal(kept[r], one_kept[0], err_msg=f"row {r}")
         got = logits[r][out_mask[r].astype(bool)]

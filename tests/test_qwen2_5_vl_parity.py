@@ -16,11 +16,11 @@ import pytest
 import torch
 from flax import nnx
 
-from zspa_jax.families import restore_model
 from models import qwen2_5_vl
 from models.qwen2_5_vl import window_slots
+from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
+from zspa_jax.families import restore_model
 from zspa_jax.families.qwen2_5_vl.layout import rope_index, vision_layout
-from tests.qwen2_5_vl_helpers import FACTOR, converted, hf_inputs, random_image, tiny_model
 
 BOUND = 1e-4
 
@@ -80,13 +80,23 @@ def test_tower_blocks_and_merger(tiny, model, case, parity_record, monkeypatch):
     assert (window_sizes < window_slots(cfg)).any(), "some windows should be partial (edge windows)"
     for i, (ours, theirs) in enumerate(zip(states, ref.hidden_states[1:])):
         kind = "full" if i in cfg.fullatt_block_indexes else "window"
-        d = parity_record(f"qwen tower block {i} ({kind})", case, _maxdiff(ours[layout.valid], theirs), BOUND,
-                          scale=float(theirs.abs().max()))
+        d = parity_record(
+            f"qwen tower block {i} ({kind})",
+            case,
+            _maxdiff(ours[layout.valid], theirs),
+            BOUND,
+            scale=float(theirs.abs().max()),
+        )
         assert d <= BOUND, (i, d)
     n = ref.pooler_output.shape[0]
     assert merged.shape[0] == layout.inverse.size >= n
-    d = parity_record("qwen merger", case, _maxdiff(merged[:n], ref.pooler_output), BOUND,
-                      scale=float(ref.pooler_output.abs().max()))
+    d = parity_record(
+        "qwen merger",
+        case,
+        _maxdiff(merged[:n], ref.pooler_output),
+        BOUND,
+        scale=float(ref.pooler_output.abs().max()),
+    )
     assert d <= BOUND
 
     # Padding the tower to a bucket of slots (padding slots after the real patches, zero
@@ -98,9 +108,13 @@ def test_tower_blocks_and_merger(tiny, model, case, parity_record, monkeypatch):
     padded = vision_layout(grid.numpy(), cfg, slots=layout.order.size + extra)
     assert padded.window_keys.size > 1 and padded.chunk_keys.size > 1
     rows = padded.order.size - pixels.shape[0]
-    _, out = _jit_tower(graphdef, state, jnp.pad(jnp.asarray(pixels.numpy()), ((0, rows), (0, 0))), padded)
+    _, out = _jit_tower(
+        graphdef, state, jnp.pad(jnp.asarray(pixels.numpy()), ((0, rows), (0, 0))), padded
+    )
     assert out.shape[0] == merged.shape[0] + extra // cfg.merge_unit
-    d = parity_record("qwen merger (padded bucket)", case, _maxdiff(out[:n], ref.pooler_output), BOUND)
+    d = parity_record(
+        "qwen merger (padded bucket)", case, _maxdiff(out[:n], ref.pooler_output), BOUND
+    )
     assert d <= BOUND
     assert _maxdiff(out[:n], merged[:n]) <= 1e-5
 
@@ -112,17 +126,25 @@ def test_window_layout_matches_transformers(tiny):
     cfg = restore_model(converted(tiny)).config.vision
     for grid in ([[1, 10, 14]], [[1, 6, 8], [1, 4, 4], [1, 2, 18]], [[1, 8, 8]]):
         g = torch.tensor(grid)
-        window_index, cu = get_vision_window_index(g, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+        window_index, cu = get_vision_window_index(
+            g, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
+        )
         layout = vision_layout(np.asarray(grid), cfg)
         unit, slots = cfg.merge_unit, window_slots(cfg)
         real = layout.order[layout.valid]
         np.testing.assert_array_equal(real[::unit] // unit, window_index.numpy())
-        sizes = np.bincount(layout.window_segment[layout.valid])  # real patches per window, in window order
+        sizes = np.bincount(
+            layout.window_segment[layout.valid]
+        )  # real patches per window, in window order
         assert sizes.max() <= slots
         np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(sizes)]), cu.numpy())
-        merged_slot_of_real = np.flatnonzero(layout.valid[::unit])  # merged slots that hold real tokens
-        np.testing.assert_array_equal(layout.inverse[: real.size // unit],
-                                      merged_slot_of_real[np.argsort(window_index.numpy())])
+        merged_slot_of_real = np.flatnonzero(
+            layout.valid[::unit]
+        )  # merged slots that hold real tokens
+        np.testing.assert_array_equal(
+            layout.inverse[: real.size // unit],
+            merged_slot_of_real[np.argsort(window_index.numpy())],
+        )
 
 
 def _prompt_ids(tiny, rng, pieces) -> list[int]:
@@ -136,7 +158,11 @@ def _prompt_ids(tiny, rng, pieces) -> list[int]:
             ids += list(rng.choice(words, size=piece))
         else:
             t, h, w = piece
-            ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * (t * h * w // 4) + [cfg.vision_end_token_id]
+            ids += (
+                [cfg.vision_start_token_id]
+                + [cfg.image_token_id] * (t * h * w // 4)
+                + [cfg.vision_end_token_id]
+            )
     assert tok is not None
     return ids
 
@@ -189,7 +215,17 @@ def _logits(model, batch):
     layout = vision_layout(grid, model.config.vision)
     graphdef, state = nnx.split(model)
     pixels = jnp.asarray(batch["pixel_values"].numpy())
-    return np.asarray(_jit_logits(graphdef, state, jnp.asarray(ids), pixels, layout, jnp.asarray(positions), jnp.asarray(mask)))
+    return np.asarray(
+        _jit_logits(
+            graphdef,
+            state,
+            jnp.asarray(ids),
+            pixels,
+            layout,
+            jnp.asarray(positions),
+            jnp.asarray(mask),
+        )
+    )
 
 
 def _hf_logits(tiny, batch):
@@ -200,14 +236,24 @@ def _hf_logits(tiny, batch):
 @pytest.mark.slow
 def test_logits_two_images_and_left_padded_batch(tiny, model, parity_record):
     prompts = [("what is shown in this picture", 2), ("describe the image", 1), ("how many", 1)]
-    images = [random_image(40, 56, 0), random_image(24, 32, 1), random_image(16, 48, 2), random_image(32, 32, 3)]
+    images = [
+        random_image(40, 56, 0),
+        random_image(24, 32, 1),
+        random_image(16, 48, 2),
+        random_image(32, 32, 3),
+    ]
     batch = hf_inputs(tiny.processor, prompts, images)
     mask = batch["attention_mask"].numpy().astype(bool)
     assert (~mask).any(), "the batch should be left-padded"
     ref = _hf_logits(tiny, batch)
     ours = _logits(model, batch)
-    d = parity_record("qwen logits (batch, 2 images)", "left-padded B=3", _maxdiff(ours[mask], ref[mask]), BOUND,
-                      scale=float(np.abs(ref).max()))
+    d = parity_record(
+        "qwen logits (batch, 2 images)",
+        "left-padded B=3",
+        _maxdiff(ours[mask], ref[mask]),
+        BOUND,
+        scale=float(np.abs(ref).max()),
+    )
     assert d <= BOUND
     # Each row of the padded batch equals that row run alone (by transformers).
     image_of_row = [[0, 1], [2], [3]]
@@ -225,8 +271,12 @@ def test_long_prompt_logits(tiny, model, parity_record):
     text = " ".join(words[i % len(words)] for i in range(560))
     batch = hf_inputs(tiny.processor, [(text, 1)], [random_image(40, 24, 5)])
     assert batch["input_ids"].shape[1] >= 560
-    d = parity_record("qwen logits (long prompt)", f"L={batch['input_ids'].shape[1]}",
-                      _maxdiff(_logits(model, batch), _hf_logits(tiny, batch)), BOUND)
+    d = parity_record(
+        "qwen logits (long prompt)",
+        f"L={batch['input_ids'].shape[1]}",
+        _maxdiff(_logits(model, batch), _hf_logits(tiny, batch)),
+        BOUND,
+    )
     assert d <= BOUND
 
 
@@ -236,5 +286,10 @@ def test_tied_head_logits(parity_record):
     model = restore_model(converted(tiny))
     assert model.language_model.lm_head is None
     batch = hf_inputs(tiny.processor, [("what color is it", 1)], [random_image(24, 40, 7)])
-    d = parity_record("qwen logits (tied head)", "B=1", _maxdiff(_logits(model, batch), _hf_logits(tiny, batch)), BOUND)
+    d = parity_record(
+        "qwen logits (tied head)",
+        "B=1",
+        _maxdiff(_logits(model, batch), _hf_logits(tiny, batch)),
+        BOUND,
+    )
     assert d <= BOUND

@@ -27,7 +27,9 @@ def test_every_method_is_one_record_and_a_prune_method():
     for name, m in METHODS.items():
         assert m.name == name and m.stage in STAGES
         assert callable(m.select) and callable(m.flops) and m.summary
-        assert m.flops(16, 8, 16, 4, core_ratio=0.6, key_dim=None, auto_zero_share=1.0) == 0  # keep == N: nothing to do
+        assert (
+            m.flops(16, 8, 16, 4, core_ratio=0.6, key_dim=None, auto_zero_share=1.0) == 0
+        )  # keep == N: nothing to do
         assert m.flops(64, 8, 16, 4, core_ratio=0.6, key_dim=4, auto_zero_share=1.0) >= 0
     with pytest.raises(ValueError, match="method must be one of"):
         get_method("topk")
@@ -47,7 +49,12 @@ def test_select_tokens_serves_exactly_the_array_methods(name):
             select_tokens(v, p, **kwargs)
         return
     kept = np.asarray(select_tokens(v, p, **kwargs))
-    assert kept.shape == (2, 4) and (np.diff(kept, axis=1) > 0).all() and kept.min() >= 0 and kept.max() < 12
+    assert (
+        kept.shape == (2, 4)
+        and (np.diff(kept, axis=1) > 0).all()
+        and kept.min() >= 0
+        and kept.max() < 12
+    )
     if m.needs_prompt:
         with pytest.raises(ValueError, match=f"prompt.*required.*{name}"):
             select_tokens(v, **kwargs)
@@ -81,7 +88,9 @@ def test_core_ratio_auto_needs_a_method_with_a_core():
 
 def test_layer_and_its_earlier_name():
     assert PruneConfig(keep=4, method="fastv", fastv_layer=3).layer == 3
-    assert PruneConfig(keep=4, method="dart", layer=1) == PruneConfig(keep=4, method="dart", fastv_layer=1)
+    assert PruneConfig(keep=4, method="dart", layer=1) == PruneConfig(
+        keep=4, method="dart", fastv_layer=1
+    )
     with pytest.raises(ValueError, match="PruneConfig.layer must be an int"):
         PruneConfig(keep=4, layer=1.5)
 
@@ -107,10 +116,16 @@ def test_a_checkpoint_must_name_a_known_family(tmp_path):
     config = json.loads((DEMO_MODEL_DIR / CONFIG_NAME).read_text())["config"]
     assert type(read_config(DEMO_MODEL_DIR)).__name__ == "LlavaConfig"
     _write_payload(tmp_path / "nameless", {"format": FORMAT, "config": config})
-    with pytest.raises(CheckpointError, match="does not name its model family.*re-run the converter"):
+    with pytest.raises(
+        CheckpointError, match="does not name its model family.*re-run the converter"
+    ):
         read_config(tmp_path / "nameless")
-    _write_payload(tmp_path / "unknown", {"format": FORMAT, "model": "llava_next_video", "config": config})
-    with pytest.raises(CheckpointError, match="unknown model family 'llava_next_video'.*re-run the converter"):
+    _write_payload(
+        tmp_path / "unknown", {"format": FORMAT, "model": "llava_next_video", "config": config}
+    )
+    with pytest.raises(
+        CheckpointError, match="unknown model family 'llava_next_video'.*re-run the converter"
+    ):
         read_config(tmp_path / "unknown")
     _write_payload(tmp_path / "wrong", {"format": FORMAT, "model": "qwen2_5_vl", "config": config})
     with pytest.raises(CheckpointError, match="invalid model config.*re-run the converter"):

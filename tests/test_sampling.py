@@ -35,7 +35,9 @@ CONFIGS = [
 CONFIG_IDS = ["-".join(f"{k}={v}" for k, v in c.items()) for c in CONFIGS]
 
 
-def reference_probabilities(logits: np.ndarray, temperature: float, top_k=None, top_p=None) -> np.ndarray:
+def reference_probabilities(
+    logits: np.ndarray, temperature: float, top_k=None, top_p=None
+) -> np.ndarray:
     """Float64, row by row: divide by the temperature; keep the top_k largest; keep the smallest
     prefix of those (sorted by probability) whose mass reaches top_p, at least one; renormalise."""
     out = np.zeros(logits.shape, np.float64)
@@ -101,18 +103,24 @@ def test_sampled_frequencies_match_the_distribution(config):
     token; the keys are fixed, so the outcome is deterministic)."""
     sampler = Sampling(**config)
     keys = jax.random.split(jax.random.key(1234), DRAWS)
-    draws = np.asarray(jax.jit(jax.vmap(lambda key: sampler(jnp.asarray(LOGITS), key)))(keys))  # [DRAWS, B]
+    draws = np.asarray(
+        jax.jit(jax.vmap(lambda key: sampler(jnp.asarray(LOGITS), key)))(keys)
+    )  # [DRAWS, B]
     assert draws.shape == (DRAWS, LOGITS.shape[0])
     ref = reference_probabilities(LOGITS, **config)
     for b in range(LOGITS.shape[0]):
         counts = np.bincount(draws[:, b], minlength=LOGITS.shape[1])
         assert counts.sum() == DRAWS
         outside = ref[b] == 0
-        assert counts[outside].sum() == 0, f"row {b}: drew tokens {np.flatnonzero(outside & (counts > 0))} outside the support"
+        assert counts[outside].sum() == 0, (
+            f"row {b}: drew tokens {np.flatnonzero(outside & (counts > 0))} outside the support"
+        )
         expected = DRAWS * ref[b]
         sigma = np.sqrt(DRAWS * ref[b] * (1 - ref[b]))
         bad = np.abs(counts - expected) > 5 * sigma + 1e-9
-        assert not bad.any(), f"row {b}: counts {counts[bad]} vs expected {expected[bad].round(1)} (5 sigma {5 * sigma[bad]})"
+        assert not bad.any(), (
+            f"row {b}: counts {counts[bad]} vs expected {expected[bad].round(1)} (5 sigma {5 * sigma[bad]})"
+        )
 
 
 def test_rows_draw_independently():

@@ -30,8 +30,10 @@ from tests.torch_reference_pruning import visionzip_reference, vispruner_referen
 def _grid(kept: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
     """[crops, side * side] (crop-major, as the tower rows) -> the whole map [rows * side, cols * side]."""
     rows, cols = grid
-    return kept.view(rows, cols, side, side, *kept.shape[2:]).permute(0, 2, 1, 3, *range(4, kept.dim() + 2)).reshape(
-        rows * side, cols * side, *kept.shape[2:]
+    return (
+        kept.view(rows, cols, side, side, *kept.shape[2:])
+        .permute(0, 2, 1, 3, *range(4, kept.dim() + 2))
+        .reshape(rows * side, cols * side, *kept.shape[2:])
     )
 
 
@@ -43,7 +45,12 @@ def _source_ids(crops: int, tokens: int) -> torch.Tensor:
 
 
 def vispruner_anyres(
-    features: torch.Tensor, cls_attention: torch.Tensor, *, keep: int, grid: tuple[int, int], side: int
+    features: torch.Tensor,
+    cls_attention: torch.Tensor,
+    *,
+    keep: int,
+    grid: tuple[int, int],
+    side: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """features [crops, P, Dv] (base view first), cls_attention [crops, P] -> (tokens [T, Dv],
     sources int64 [T, 2] of (crop, token)), T = crops * keep."""
@@ -59,7 +66,12 @@ def vispruner_anyres(
 
 
 def visionzip_anyres(
-    hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, *, keep: int, grid: tuple[int, int],
+    hidden: torch.Tensor,
+    cls_attention: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    keep: int,
+    grid: tuple[int, int],
     side: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [crops, 1 + P, Dv] ([CLS] at 0, base view first), cls_attention [crops, 1 + P],
@@ -67,10 +79,14 @@ def visionzip_anyres(
     crops * keep."""
     crops, length, _ = hidden.shape
     tokens = length - 1
-    merged, slots = visionzip_reference(hidden, cls_attention, keys, keep=keep)  # [crops, K, Dv]; patch slots
+    merged, slots = visionzip_reference(
+        hidden, cls_attention, keys, keep=keep
+    )  # [crops, K, Dv]; patch slots
     contextual = min(int(keep * 10 / 64 + 0.5), keep - 1)
     dominant = keep - contextual
-    ids = torch.stack([torch.arange(crops)[:, None].expand(crops, keep), slots], dim=-1)  # [crops, K, 2]
+    ids = torch.stack(
+        [torch.arange(crops)[:, None].expand(crops, keep), slots], dim=-1
+    )  # [crops, K, 2]
     base, base_ids = merged[0], ids[0]
     # restore_image_features_sorted: dominant patches back into each crop's map, read in raster order.
     mask = torch.zeros(crops - 1, tokens, dtype=torch.bool)
@@ -80,8 +96,20 @@ def visionzip_anyres(
     restored_ids = torch.zeros(crops - 1, tokens, 2, dtype=torch.long)
     restored_ids[mask] = ids[1:, 1:dominant].reshape(-1, 2)
     grid_mask = _grid(mask, grid, side)
-    out = torch.cat([
-        base, _grid(restored, grid, side)[grid_mask], merged[1:, 0], merged[1:, dominant:].reshape(-1, hidden.shape[-1]),
-    ])
-    out_ids = torch.cat([base_ids, _grid(restored_ids, grid, side)[grid_mask], ids[1:, 0], ids[1:, dominant:].reshape(-1, 2)])
+    out = torch.cat(
+        [
+            base,
+            _grid(restored, grid, side)[grid_mask],
+            merged[1:, 0],
+            merged[1:, dominant:].reshape(-1, hidden.shape[-1]),
+        ]
+    )
+    out_ids = torch.cat(
+        [
+            base_ids,
+            _grid(restored_ids, grid, side)[grid_mask],
+            ids[1:, 0],
+            ids[1:, dominant:].reshape(-1, 2),
+        ]
+    )
     return out, out_ids

@@ -50,20 +50,28 @@ def get_retained_image_token_reference(
     n_text = min(pivot_text_token, len(text_positions))
     n_image = pivot_image_token if (pivot_image_token > 0 or n_text > 0) else 1
     n_image = min(n_image, keep, len(image_positions))
-    image_indices = [image_positions[i] for i in _topk_lower_index_first(k_states_image_token_L1_norm, n_image)]
-    query_indices = [text_positions[i] for i in _topk_lower_index_first(k_states_query_token_L1_norm, n_text)]
+    image_indices = [
+        image_positions[i] for i in _topk_lower_index_first(k_states_image_token_L1_norm, n_image)
+    ]
+    query_indices = [
+        text_positions[i] for i in _topk_lower_index_first(k_states_query_token_L1_norm, n_text)
+    ]
     indices_set = set(image_indices + query_indices)
 
     # Exact-K: the official TOKEN_TOPK per pivot becomes a quota summing to keep - n_image.
     pivots = sorted(image_indices) + sorted(query_indices)
     spare = keep - n_image
-    quotas = [spare // len(pivots) + (1 if r < spare % len(pivots) else 0) for r in range(len(pivots))]
+    quotas = [
+        spare // len(pivots) + (1 if r < spare % len(pivots) else 0) for r in range(len(pivots))
+    ]
 
     valid_indices = set(image_positions) - set(image_indices)
     for item, token_topk in zip(pivots, quotas):
         valid_indices_list = sorted(valid_indices)
         valid_vectors = last_layer_state[valid_indices_list, :]
-        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[item, :], valid_vectors, dim=-1)
+        cos_sim = -torch.nn.functional.cosine_similarity(
+            last_layer_state[item, :], valid_vectors, dim=-1
+        )
         top_k_indices = _topk_lower_index_first(cos_sim.tolist(), token_topk)
         top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
         indices_set.update(top_k_real_indices)

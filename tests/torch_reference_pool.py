@@ -34,7 +34,9 @@ def choose_shape_reference(rows: int, cols: int, keep: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def pool_one_reference(v: torch.Tensor, rows: int, cols: int, keep: int) -> tuple[torch.Tensor, list[int]]:
+def pool_one_reference(
+    v: torch.Tensor, rows: int, cols: int, keep: int
+) -> tuple[torch.Tensor, list[int]]:
     """v [N, D] (row-major grid tokens first) -> tokens f32 [keep, D], centre slots (list)."""
     h, w = choose_shape_reference(rows, cols, keep)
     d = v.shape[1]

@@ -47,7 +47,9 @@ def select_tokens_reference(
     return torch.stack(rows)
 
 
-def select_one(v: torch.Tensor, t: torch.Tensor, m: torch.Tensor, keep: int, r: float) -> torch.Tensor:
+def select_one(
+    v: torch.Tensor, t: torch.Tensor, m: torch.Tensor, keep: int, r: float
+) -> torch.Tensor:
     """One example: v [N, D], t [T, D], m [T] -> int64 [keep], ascending."""
     v = v.float()
     t = t.float()
@@ -182,7 +184,9 @@ def cdpruner_reference(
 def auto_core_count_reference(relevance: torch.Tensor, keep: int) -> int:
     """Outliers above the bulk by the modified z-score (Iglewicz & Hoaglin): 0.6745 (s - med) / MAD > 3.5."""
 
-    def median(x: torch.Tensor) -> torch.Tensor:  # midpoint of the two middle values (torch.median takes the lower)
+    def median(
+        x: torch.Tensor,
+    ) -> torch.Tensor:  # midpoint of the two middle values (torch.median takes the lower)
         s = torch.sort(x).values
         return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
@@ -192,7 +196,11 @@ def auto_core_count_reference(relevance: torch.Tensor, keep: int) -> int:
 
 
 def select_auto_reference(
-    visual: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor | None = None, *, keep: int
+    visual: torch.Tensor,
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor | None = None,
+    *,
+    keep: int,
 ) -> tuple[torch.Tensor, list[float]]:
     """ZSPAPrune with the automatic core ratio: (indices int64 [B, keep], r per example)."""
     if prompt_mask is None:
@@ -246,7 +254,12 @@ def vispruner_reference(
 
 
 def visionzip_reference(
-    hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, *, keep: int, cls_in_placeholders: bool = False
+    hidden: torch.Tensor,
+    cls_attention: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    keep: int,
+    cls_in_placeholders: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip (arXiv:2412.04467) in the official code's shape -> (tokens [B, K, Dv], slots [B, K]).
 

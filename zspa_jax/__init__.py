@@ -11,11 +11,17 @@ A prompt may contain the image token (e.g. "<image>") to place the image; withou
 image goes first. It is never counted twice.
 """
 
+from zspa_jax.batch import encode
 from zspa_jax.forward import forward
 from zspa_jax.generation import GenerateOutput, GenerateResult, generate, generate_tokens
-from zspa_jax.batch import encode
 from zspa_jax.loading import VLM, load, shard
-from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, auto_core_ratio, gather_tokens, select_tokens
+from zspa_jax.pruning import (
+    PRUNE_METHODS,
+    PruneConfig,
+    auto_core_ratio,
+    gather_tokens,
+    select_tokens,
+)
 from zspa_jax.video import Video
 
 __all__ = [

@@ -16,8 +16,12 @@ def _generate(args: argparse.Namespace) -> int:
     prune = None
     if args.keep is not None or args.ratio is not None:
         prune = zspa_jax.PruneConfig(
-            keep=args.keep, ratio=args.ratio, method=args.method, core_ratio=args.core_ratio,
-            prompt_scope=args.prompt_scope, fastv_layer=args.fastv_layer,
+            keep=args.keep,
+            ratio=args.ratio,
+            method=args.method,
+            core_ratio=args.core_ratio,
+            prompt_scope=args.prompt_scope,
+            fastv_layer=args.fastv_layer,
         )
     mesh = None
     if args.mesh is not None:  # before the model, like the image
@@ -25,9 +29,13 @@ def _generate(args: argparse.Namespace) -> int:
 
         sizes = parse_mesh_shape(args.mesh)
         mesh = device_mesh(sizes["data"], sizes["model"], f"--mesh {args.mesh}")
-    image = _open_image(args.image)  # before the model: a bad path fails in a second, not after loading
+    image = _open_image(
+        args.image
+    )  # before the model: a bad path fails in a second, not after loading
     vlm = zspa_jax.load(args.model, mesh=mesh)
-    result = zspa_jax.generate(vlm, args.prompt, image, prune=prune, max_new_tokens=args.max_new_tokens)
+    result = zspa_jax.generate(
+        vlm, args.prompt, image, prune=prune, max_new_tokens=args.max_new_tokens
+    )
     s = result.stats
     print(result.texts[0] if result.texts else result.sequences[0].tolist())
     print(
@@ -101,25 +109,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zspa_jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="answer questions about a generated scene with and without pruning (offline)")
-    demo.add_argument("--out", default="zspa_demo.png", help="where to write the picture of kept tokens")
-    demo.add_argument("--keep", type=int, default=64, help="visual tokens kept when pruning (default 64 of 576)")
+    demo = sub.add_parser(
+        "demo", help="answer questions about a generated scene with and without pruning (offline)"
+    )
+    demo.add_argument(
+        "--out", default="zspa_demo.png", help="where to write the picture of kept tokens"
+    )
+    demo.add_argument(
+        "--keep", type=int, default=64, help="visual tokens kept when pruning (default 64 of 576)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="which scene")
     demo.set_defaults(func=_demo)
 
     gen = sub.add_parser("generate", help="answer a prompt about an image")
-    gen.add_argument("--model", required=True, help="directory written by `python -m convert.llava`")
+    gen.add_argument(
+        "--model", required=True, help="directory written by `python -m convert.llava`"
+    )
     gen.add_argument("--image", required=True, help="image file")
-    gen.add_argument("--prompt", required=True, help="question (the image token, e.g. <image>, is optional: without it the image goes first)")
+    gen.add_argument(
+        "--prompt",
+        required=True,
+        help="question (the image token, e.g. <image>, is optional: without it the image goes first)",
+    )
     budget = gen.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens to keep")
     budget.add_argument("--ratio", type=float, help="fraction of visual tokens to keep")
     gen.add_argument("--method", default="zspaprune", choices=PRUNE_METHODS)
-    gen.add_argument("--core-ratio", type=_core_ratio, default=0.6, help="zspaprune's r in [0, 1], or 'auto'")
-    gen.add_argument("--fastv-layer", type=int, default=2, help="fastv: LLM layer K after which tokens are dropped")
+    gen.add_argument(
+        "--core-ratio", type=_core_ratio, default=0.6, help="zspaprune's r in [0, 1], or 'auto'"
+    )
+    gen.add_argument(
+        "--fastv-layer",
+        type=int,
+        default=2,
+        help="fastv: LLM layer K after which tokens are dropped",
+    )
     gen.add_argument("--prompt-scope", default="question", choices=("question", "all_text"))
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--mesh", default=None, help="data=D,model=M: split the model over D x M devices")
+    gen.add_argument(
+        "--mesh", default=None, help="data=D,model=M: split the model over D x M devices"
+    )
     gen.set_defaults(func=_generate)
 
     sub.add_parser("train-demo", help="train the embedded demo model (see --help of that command)")

@@ -10,7 +10,8 @@ family or a method.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +23,25 @@ from zspa_jax.pruning import PruneConfig
 from zspa_jax.sharding import data_size, padded_rows, place, place_tree
 from zspa_jax.validation import is_traced
 
-__all__ = ["VISUAL_ARGS", "device_arrays", "encode", "kept_per_row", "prepare_arrays", "resolve_prune", "visual_args"]
+__all__ = [
+    "VISUAL_ARGS",
+    "device_arrays",
+    "encode",
+    "kept_per_row",
+    "prepare_arrays",
+    "resolve_prune",
+    "visual_args",
+]
 
 # The families' visual arrays besides pixel_values, by transformers' names (each family's
 # record says which it takes).
-VISUAL_ARGS = ("image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+VISUAL_ARGS = (
+    "image_grid_thw",
+    "image_sizes",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
@@ -41,8 +56,14 @@ def visual_args(vlm, **given) -> dict[str, Any]:
         if name in family.visual_args:
             continue
         if name in VIDEO_ARGS:
-            raise ValueError(f"{name} was given: video input is not supported by {family.display_name} models (images only)")
-        takes = f"; it takes {', '.join(family.visual_args)}" if family.visual_args else " (a fixed image size)"
+            raise ValueError(
+                f"{name} was given: video input is not supported by {family.display_name} models (images only)"
+            )
+        takes = (
+            f"; it takes {', '.join(family.visual_args)}"
+            if family.visual_args
+            else " (a fixed image size)"
+        )
         raise ValueError(f"{name} is not used by {family.display_name} models{takes}")
     return extras
 
@@ -52,7 +73,9 @@ def resolve_prune(prune: PruneConfig | None, batch: HostBatch) -> PruneConfig | 
     a row, or of an image under budget="image"), or None when there is nothing to prune."""
     if prune is None or batch.pixel_values is None:
         return None
-    keep = prune.keep_for(batch.min_visual, batch.min_image_visual or batch.min_visual)  # raises when too many
+    keep = prune.keep_for(
+        batch.min_visual, batch.min_image_visual or batch.min_visual
+    )  # raises when too many
     return dataclasses.replace(prune, keep=keep, ratio=None)
 
 
@@ -96,8 +119,17 @@ def prepare_arrays(
     extras = dict(extras or {})
     if pixel_values is not None or extras.get("pixel_values_videos") is not None:
         check_prune_for(vlm, prune)
-    batch = adapter.prepare(vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
-                            prompt_bucket)
+    batch = adapter.prepare(
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras,
+        prune,
+        extra_length,
+        bucket,
+        prompt_bucket,
+    )
     _check_layout(prune, batch)
     rows = int(np.shape(batch.input_ids)[0])
     target = padded_rows(rows, vlm.mesh)
@@ -109,9 +141,12 @@ def prepare_arrays(
             "arrays cannot be padded: pass a multiple of it, or concrete arrays"
         )
     # Validated above: pad with copies of the last row (and its images), run again.
-    ids, pixels, mask, extras = _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, extras,
-                                                 target - rows)
-    batch = adapter.prepare(vlm, ids, pixels, mask, extras, prune, extra_length, bucket, prompt_bucket)
+    ids, pixels, mask, extras = _repeat_last_row(
+        adapter, vlm, input_ids, pixel_values, attention_mask, extras, target - rows
+    )
+    batch = adapter.prepare(
+        vlm, ids, pixels, mask, extras, prune, extra_length, bucket, prompt_bucket
+    )
     return batch._replace(rows=rows)
 
 
@@ -132,7 +167,11 @@ def _check_layout(prune: PruneConfig | None, batch: HostBatch) -> None:
                 "images per prompt: batch prompts by image count, or use budget='row'"
             )
     elif per_image and images is not None and images.max() > 1:
-        what = "the vision tower's [CLS] attention of one image" if method.stage == "tower" else "one image's token grid"
+        what = (
+            "the vision tower's [CLS] attention of one image"
+            if method.stage == "tower"
+            else "one image's token grid"
+        )
         raise ValueError(
             f"method {prune.method!r} reads {what}, and a prompt holds {int(images.max())} images: use "
             "PruneConfig(budget='image') to prune each image on its own"
@@ -150,15 +189,21 @@ def _check_layout(prune: PruneConfig | None, batch: HostBatch) -> None:
         method.check_layout(grids[(grids > 0).all(axis=1)], keep)
 
 
-def _repeat_last_row(adapter, vlm, input_ids, pixel_values, attention_mask, extras: dict, extra: int):
+def _repeat_last_row(
+    adapter, vlm, input_ids, pixel_values, attention_mask, extras: dict, extra: int
+):
     """The batch with its last row (and that row's visual arrays) appended `extra` more times."""
     ids = np.asarray(input_ids)
     mask = None if attention_mask is None else np.asarray(attention_mask)
     tails = adapter.last_row_arrays(vlm, ids, extras)  # {name: the last row's trailing entries}
-    repeat = lambda x, n: np.concatenate([x] + [x[len(x) - n:]] * extra) if n else x  # noqa: E731
+    repeat = lambda x, n: np.concatenate([x] + [x[len(x) - n :]] * extra) if n else x  # noqa: E731
     ids = repeat(ids, 1)
     mask = None if mask is None else repeat(mask, 1)
-    pixels = None if pixel_values is None else repeat(np.asarray(pixel_values), tails.get("pixel_values", 0))
+    pixels = (
+        None
+        if pixel_values is None
+        else repeat(np.asarray(pixel_values), tails.get("pixel_values", 0))
+    )
     extras = {name: repeat(np.asarray(value), tails.get(name, 0)) for name, value in extras.items()}
     return ids, pixels, mask, extras
 
@@ -183,7 +228,12 @@ def device_arrays(batch: HostBatch, mesh) -> tuple[Any, Any, Any, Any]:
 
 
 def encode(
-    vlm, prompts: str | Sequence[str], images=None, *, chat_template: bool | None = None, videos=None
+    vlm,
+    prompts: str | Sequence[str],
+    images=None,
+    *,
+    chat_template: bool | None = None,
+    videos=None,
 ) -> dict[str, np.ndarray]:
     """Strings + images (+ videos) -> exactly the arrays the array API takes (transformers'
     names: input_ids, attention_mask, pixel_values, and the family's VISUAL_ARGS such as
@@ -202,5 +252,7 @@ def encode(
     if videos is None:
         return family.adapter.encode(vlm, prompts, images, chat_template)
     if "pixel_values_videos" not in family.visual_args:
-        raise ValueError(f"videos were given: video input is not supported by {family.display_name} models (images only)")
+        raise ValueError(
+            f"videos were given: video input is not supported by {family.display_name} models (images only)"
+        )
     return family.adapter.encode(vlm, prompts, images, chat_template, videos=videos)

@@ -27,8 +27,15 @@ from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
 from zspa_jax.sharding import constrain_cache
 
-__all__ = ["CACHE_BUCKET", "DecodeState", "StaticSettings", "TRACE_COUNTS", "decode_program", "prefill_program",
-           "step_program"]
+__all__ = [
+    "CACHE_BUCKET",
+    "DecodeState",
+    "StaticSettings",
+    "TRACE_COUNTS",
+    "decode_program",
+    "prefill_program",
+    "step_program",
+]
 
 CACHE_BUCKET = 64  # the KV cache holds a multiple of this many tokens
 
@@ -66,10 +73,20 @@ def _prefill(model, input_ids, pixel_values, attention_mask, aux, rng, st: Stati
     """Run the (pruned) prompt through the decoder, filling each layer's cache slots."""
     rng, prune_rng = jax.random.split(rng)
     inputs = decoder_inputs(
-        model, input_ids, pixel_values, attention_mask, st.prune, st.special_ids, prune_rng, st.keep_positions, aux
+        model,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        st.prune,
+        st.special_ids,
+        prune_rng,
+        st.keep_positions,
+        aux,
     )
     lm = model.language_model
-    out = run_prefill(lm.model, inputs, st.prune, st.cache_length, last_only=True)  # only the last position's logits
+    out = run_prefill(
+        lm.model, inputs, st.prune, st.cache_length, last_only=True
+    )  # only the last position's logits
     b, length = inputs.mask.shape
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -97,10 +114,15 @@ def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
     lengths = s.lengths + (~s.done).astype(jnp.int32)
     done = s.done | jnp.isin(token, jnp.asarray(st.eos_ids or (-1,), jnp.int32))
     slots = s.prompt_lengths + s.step  # [layers]
-    kv_valid = tuple(v | (jnp.arange(v.shape[1])[None, :] == slots[i]) for i, v in enumerate(s.kv_valid))
+    kv_valid = tuple(
+        v | (jnp.arange(v.shape[1])[None, :] == slots[i]) for i, v in enumerate(s.kv_valid)
+    )
     lm = model.language_model
     hidden, cache = lm.model(
-        lm.embed(token[:, None]), s.next_position[:, None], tuple(v[:, None, :] for v in kv_valid), s.cache,
+        lm.embed(token[:, None]),
+        s.next_position[:, None],
+        tuple(v[:, None, :] for v in kv_valid),
+        s.cache,
         tuple(slots[i] for i in range(len(kv_valid))),
     )
     return s._replace(
@@ -124,7 +146,9 @@ def _decode_loop(model, s: DecodeState, max_new_tokens, st: StaticSettings) -> D
 
 def _jit_prefill(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng, st):
     TRACE_COUNTS["prefill"] += 1
-    return _prefill(nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, aux, rng, st)
+    return _prefill(
+        nnx.merge(graphdef, params), input_ids, pixel_values, attention_mask, aux, rng, st
+    )
 
 
 def _jit_decode(graphdef, params, s, max_new_tokens, st):

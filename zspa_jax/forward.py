@@ -17,7 +17,18 @@ from zspa_jax.validation import check_bool, check_int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prune", "special_ids", "keep_positions"))
-def _forward(graphdef, params, input_ids, pixel_values, attention_mask, aux, rng, prune, special_ids, keep_positions):
+def _forward(
+    graphdef,
+    params,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    aux,
+    rng,
+    prune,
+    special_ids,
+    keep_positions,
+):
     model = nnx.merge(graphdef, params)
     inputs = decoder_inputs(
         model, input_ids, pixel_values, attention_mask, prune, special_ids, rng, keep_positions, aux
@@ -69,19 +80,35 @@ def forward(
     check_vlm(vlm)
     check_prune(prune)
     extras = visual_args(
-        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+        vlm,
+        image_grid_thw=image_grid_thw,
+        image_sizes=image_sizes,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
     )
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
-    for name, value in (("keep_positions", keep_positions), ("return_kept", return_kept), ("return_mask", return_mask)):
+    for name, value in (
+        ("keep_positions", keep_positions),
+        ("return_kept", return_kept),
+        ("return_mask", return_mask),
+    ):
         check_bool(name, value)
     batch = prepare_arrays(vlm, input_ids, pixel_values, attention_mask, extras, prune)
     prune = resolve_prune(prune, batch)
     ids, mask, pixels, aux = device_arrays(batch, vlm.mesh)
     with mesh_context(vlm.mesh):
         logits, kept, out_mask = _forward(
-            vlm.graphdef, vlm.state, ids, pixels, mask, aux, place_key(jax.random.key(seed), vlm.mesh), prune,
-            vlm.special_token_ids, bool(keep_positions),
+            vlm.graphdef,
+            vlm.state,
+            ids,
+            pixels,
+            mask,
+            aux,
+            place_key(jax.random.key(seed), vlm.mesh),
+            prune,
+            vlm.special_token_ids,
+            bool(keep_positions),
         )
     rows = slice(batch.rows)  # mesh padding dropped
     out = [fetch(logits)[rows]]

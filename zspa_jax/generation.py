@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from zspa_jax.batch import (
-    VISUAL_ARGS, device_arrays, encode, kept_per_row, prepare_arrays, resolve_prune, visual_args,
+    VISUAL_ARGS,
+    device_arrays,
+    encode,
+    kept_per_row,
+    prepare_arrays,
+    resolve_prune,
+    visual_args,
 )
-from zspa_jax.families import HostBatch
-from zspa_jax.families.base import prompt_bucket, round_up
 from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter tests and benchmarks read)
     CACHE_BUCKET,
     TRACE_COUNTS,
@@ -32,6 +37,8 @@ from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter 
     prefill_program,
     step_program,
 )
+from zspa_jax.families import HostBatch
+from zspa_jax.families.base import prompt_bucket, round_up
 from zspa_jax.loading import VLM, check_prune, check_vlm
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
@@ -75,12 +82,21 @@ def _eos_ids(vlm: VLM, eos_token_id) -> tuple[int, ...]:
 
 
 def _settings(
-    vlm: VLM, batch: HostBatch, max_new_tokens_bound: int, *, prune, sampling, eos_token_id, keep_positions
+    vlm: VLM,
+    batch: HostBatch,
+    max_new_tokens_bound: int,
+    *,
+    prune,
+    sampling,
+    eos_token_id,
+    keep_positions,
 ):
     check_bool("keep_positions", keep_positions)
     prune = resolve_prune(prune, batch)  # None without images: nothing to prune
     prompt_length = int(np.shape(batch.input_ids)[1])
-    if prune is not None and not prune.record.llm_layer:  # inside the LLM, early layers cache the whole prompt
+    if (
+        prune is not None and not prune.record.llm_layer
+    ):  # inside the LLM, early layers cache the whole prompt
         prompt_length = prompt_length - batch.num_visual + kept_per_row(prune, batch)
     return StaticSettings(
         sampling=sampling,
@@ -133,7 +149,9 @@ def generate_tokens(
     check_vlm(vlm)
     if max_new_tokens_bound is None:
         if is_traced(max_new_tokens):
-            raise ValueError("max_new_tokens is traced: pass max_new_tokens_bound (a Python int) to size the KV cache")
+            raise ValueError(
+                "max_new_tokens is traced: pass max_new_tokens_bound (a Python int) to size the KV cache"
+            )
         max_new_tokens_bound = max_new_tokens
     max_new_tokens_bound = _check_max_new_tokens(max_new_tokens_bound)
     if not is_traced(max_new_tokens):
@@ -143,11 +161,22 @@ def generate_tokens(
             )
     check_prune(prune)
     extras = visual_args(
-        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+        vlm,
+        image_grid_thw=image_grid_thw,
+        image_sizes=image_sizes,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
     )
     batch = prepare_arrays(
-        vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length=max_new_tokens_bound, bucket=True
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras,
+        prune,
+        extra_length=max_new_tokens_bound,
+        bucket=True,
     )
     if rng is not None:
         check_rng("rng", rng)
@@ -170,7 +199,11 @@ def generate_tokens(
         s, kept = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
         s = decode_program(vlm.graphdef, vlm.state, s, max_new_tokens, st)
     if batch.rows is not None:  # mesh padding dropped
-        return GenerateOutput(s.tokens[: batch.rows], s.lengths[: batch.rows], None if kept is None else kept[: batch.rows])
+        return GenerateOutput(
+            s.tokens[: batch.rows],
+            s.lengths[: batch.rows],
+            None if kept is None else kept[: batch.rows],
+        )
     return GenerateOutput(s.tokens, s.lengths, kept)
 
 
@@ -231,26 +264,39 @@ def generate(
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     check_bool("stream", stream)
     extras = visual_args(
-        vlm, image_grid_thw=image_grid_thw, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+        vlm,
+        image_grid_thw=image_grid_thw,
+        image_sizes=image_sizes,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
     )
     if (prompts is None) == (input_ids is None):
         raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
     if prompts is not None:
         if pixel_values is not None or attention_mask is not None or extras:
-            given = ", ".join(["pixel_values"] * (pixel_values is not None) + ["attention_mask"] * (attention_mask is not None)
-                              + list(extras))
+            given = ", ".join(
+                ["pixel_values"] * (pixel_values is not None)
+                + ["attention_mask"] * (attention_mask is not None)
+                + list(extras)
+            )
             raise ValueError(f"{given} go with input_ids; with prompts, pass images (and videos)")
         encoded = encode(vlm, prompts, images, chat_template=chat_template, videos=videos)
-        input_ids, pixel_values, attention_mask = (encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask"))
+        input_ids, pixel_values, attention_mask = (
+            encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask")
+        )
         extras = {k: v for k, v in encoded.items() if k in VISUAL_ARGS}
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
         if videos is not None:
-            raise ValueError("videos go with prompts; with input_ids, pass pixel_values_videos and video_grid_thw")
+            raise ValueError(
+                "videos go with prompts; with input_ids, pass pixel_values_videos and video_grid_thw"
+            )
         if chat_template is not None:
-            raise ValueError("chat_template applies to prompts (strings); input_ids are used as given")
+            raise ValueError(
+                "chat_template applies to prompts (strings); input_ids are used as given"
+            )
         if hasattr(input_ids, "shape") and len(input_ids.shape) == 1:  # one unbatched prompt
             input_ids = input_ids[None]
             attention_mask = None if attention_mask is None else np.asarray(attention_mask)[None]
@@ -295,7 +341,9 @@ def generate(
     n_image = (host.min_image_visual or n_visual) if pixels is not None else 0
     kept_row = n_visual if st.prune is None else kept_per_row(st.prune, host)
     visual_per_row = (
-        np.full(len(lengths), n_visual) if host.visual_per_row is None else np.asarray(host.visual_per_row)[rows]
+        np.full(len(lengths), n_visual)
+        if host.visual_per_row is None
+        else np.asarray(host.visual_per_row)[rows]
     )
     stats = {
         "batch_size": int(len(lengths)),
@@ -306,12 +354,16 @@ def generate(
         "prompt_tokens_per_row": prompt_tokens.tolist(),
         "prompt_tokens_per_row_pruned": (
             prompt_tokens if st.prune is None else prompt_tokens - visual_per_row + kept_row
-        ).astype(int).tolist(),
+        )
+        .astype(int)
+        .tolist(),
         "new_tokens_per_row": lengths.astype(int).tolist(),
         "new_tokens_total": int(lengths.sum()),
         "prefill_seconds": t1 - t0,
         "decode_seconds": t2 - t1,
-        "decode_tokens_per_second_total": float(lengths.sum() / (t2 - t1)) if t2 > t1 else float("nan"),
+        "decode_tokens_per_second_total": float(lengths.sum() / (t2 - t1))
+        if t2 > t1
+        else float("nan"),
         "kv_cache_bytes": int(s.cache.nbytes),
         "cache_length": st.cache_length,
     }
@@ -323,7 +375,9 @@ def generate(
     )
 
 
-def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids) -> list[str] | None:
+def _decode_texts(
+    vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids
+) -> list[str] | None:
     tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
     if tokenizer is None:
         return None
@@ -334,7 +388,9 @@ def _decode_texts(vlm: VLM, sequences: np.ndarray, lengths: np.ndarray, eos_ids)
     return texts
 
 
-def _stream(vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows: slice) -> Iterator[np.ndarray]:
+def _stream(
+    vlm, ids, pixels, mask, aux, rng, max_new_tokens, st, rows: slice
+) -> Iterator[np.ndarray]:
     with mesh_context(vlm.mesh):
         s, _ = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
     for step in range(max_new_tokens):

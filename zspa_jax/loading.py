@@ -42,7 +42,9 @@ class VLM:
     special_token_ids: tuple[int, ...] = ()  # never part of "the prompt" for pruning
     eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generate
     pad_token_id: int = 0  # written after a row has stopped
-    mesh: Any = None  # jax Mesh ("data", "model") the parameters are split over, or None (one device)
+    mesh: Any = (
+        None  # jax Mesh ("data", "model") the parameters are split over, or None (one device)
+    )
     graphdef: Any = dataclasses.field(init=False, repr=False)
     state: Any = dataclasses.field(init=False, repr=False)
 
@@ -55,7 +57,9 @@ class VLM:
         each image's size (Qwen2.5-VL) has none."""
         n = self.record.tokens_per_image(self.config)
         if n is None:
-            raise AttributeError(f"{type(self.config).__name__} has no fixed number of visual tokens per image")
+            raise AttributeError(
+                f"{type(self.config).__name__} has no fixed number of visual tokens per image"
+            )
         return n
 
     @property
@@ -70,7 +74,9 @@ class VLM:
 
 def check_vlm(vlm: Any) -> None:
     if not isinstance(vlm, VLM):
-        raise TypeError(f"vlm must be a zspa_jax.VLM (what zspa_jax.load(path) returns), got {type_name(vlm)}")
+        raise TypeError(
+            f"vlm must be a zspa_jax.VLM (what zspa_jax.load(path) returns), got {type_name(vlm)}"
+        )
 
 
 def check_prune(prune: Any) -> None:
@@ -97,7 +103,9 @@ def token_ids(path: Path, processor) -> dict:
                 if not isinstance(d, dict):
                     raise TypeError(f"expected a JSON object, found {type(d).__name__}")
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-                raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {e}); {RECONVERT}") from None
+                raise CheckpointError(
+                    f"{file} cannot be read ({type(e).__name__}: {e}); {RECONVERT}"
+                ) from None
             for section in (d, d.get("text_config") or {}):
                 eos += _ids(section.get("eos_token_id"))
                 pad += _ids(section.get("pad_token_id"))
@@ -127,9 +135,13 @@ def config_token_ids(cfg) -> set[int]:
 
 def _check_dtype(dtype) -> None:
     if dtype is not None and not isinstance(dtype, str):
-        raise TypeError(f"dtype must be None (as stored) or a string, one of {sorted(DTYPES)}; got {type(dtype).__name__}")
+        raise TypeError(
+            f"dtype must be None (as stored) or a string, one of {sorted(DTYPES)}; got {type(dtype).__name__}"
+        )
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be None (as stored) or one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(
+            f"dtype must be None (as stored) or one of {sorted(DTYPES)}, got {dtype!r}"
+        )
 
 
 def sharding_plan(cfg, mesh) -> sharding.ShardingPlan:
@@ -172,7 +184,9 @@ def load(path: str | Path, *, processor: bool = True, mesh=None, dtype: str | No
     # The model's own marker tokens (vision start/end, video, ...) are never prompt text, even
     # without tokenizer files; the image placeholder is embedded as visual tokens instead.
     markers = config_token_ids(cfg)
-    ids["special_token_ids"] = tuple(sorted(i for i in set(ids["special_token_ids"]) | markers if i != cfg.image_token_id))
+    ids["special_token_ids"] = tuple(
+        sorted(i for i in set(ids["special_token_ids"]) | markers if i != cfg.image_token_id)
+    )
     return VLM(config=cfg, model=model, processor=proc, path=path, mesh=mesh, **ids)
 
 
@@ -182,7 +196,9 @@ def shard(vlm: VLM, mesh) -> VLM:
     check_vlm(vlm)
     mesh = sharding.program_mesh(mesh)
     if vlm.mesh is not None:
-        raise ValueError(f"vlm is already split over mesh {dict(vlm.mesh.shape)}; load it again with mesh=")
+        raise ValueError(
+            f"vlm is already split over mesh {dict(vlm.mesh.shape)}; load it again with mesh="
+        )
     devices = set(mesh.devices.flat)
     outside = {d for leaf in jax.tree.leaves(vlm.state) for d in leaf.devices()} - devices
     if outside:
@@ -192,7 +208,9 @@ def shard(vlm: VLM, mesh) -> VLM:
         )
     specs = sharding.param_shardings(mesh, sharding_plan(vlm.config, mesh))
     params = nnx.to_pure_dict(nnx.state(vlm.model, nnx.Param))
-    placed = unflatten_into(params, {p: jax.device_put(x, specs[p]) for p, x in flatten(params).items()})
+    placed = unflatten_into(
+        params, {p: jax.device_put(x, specs[p]) for p, x in flatten(params).items()}
+    )
     graphdef, state = nnx.split(vlm.model)
     nnx.replace_by_pure_dict(state, placed)
     return dataclasses.replace(vlm, model=nnx.merge(graphdef, state), mesh=mesh)

@@ -31,11 +31,15 @@ class DecoderInputs(NamedTuple):
     embeds: jax.Array  # [B, L', D]
     mask: jax.Array  # int32 [B, L'], 0 on left padding
     positions: jax.Array  # int32 [B, L'] or [3, B, L'] (M-RoPE)
-    kept_indices: jax.Array | None  # int32 [B, K] into the row's N visual tokens (reading order), ascending
+    kept_indices: (
+        jax.Array | None
+    )  # int32 [B, K] into the row's N visual tokens (reading order), ascending
     # (merging methods, and tower-stage methods on a tower layout: the placeholder slot each of
     # the K tokens takes, in sequence order; -1 for a masked entry)
     next_position: jax.Array  # int32 [B]: RoPE position of the first generated token
-    visual_index: jax.Array | None = None  # int32 [B, N]: placeholder positions (unpruned inputs with images)
+    visual_index: jax.Array | None = (
+        None  # int32 [B, N]: placeholder positions (unpruned inputs with images)
+    )
     visual_valid: jax.Array | None = None  # bool [B, N]: real placeholders
     prompt_mask: jax.Array | None = None  # bool [B, L]: "the prompt" (unpruned inputs with images)
 
@@ -51,8 +55,11 @@ def visual_token_ids(config) -> tuple[int, ...]:
 
 
 def prompt_token_mask(
-    input_ids: jax.Array, attention_mask: jax.Array, image_token_id: int | tuple[int, ...],
-    special_ids: tuple[int, ...], scope: str,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    image_token_id: int | tuple[int, ...],
+    special_ids: tuple[int, ...],
+    scope: str,
 ) -> jax.Array:
     """bool [B, L]: which tokens form "the prompt" for relevance scoring.
 
@@ -95,10 +102,14 @@ def _choose(mm, groups, prompt, prompt_mask, prune: PruneConfig, rng) -> Chosen:
     if g > 1:  # one method row per group: the row's prompt goes with each of its groups
         prompt, prompt_mask = (jnp.repeat(x, g, axis=0) for x in (prompt, prompt_mask))
     keep = prune.num_keep(n)
-    visual = jnp.take_along_axis(mm.visual, safe.reshape(b, g * n)[..., None], axis=1).reshape(b * g, n, -1)
+    visual = jnp.take_along_axis(mm.visual, safe.reshape(b, g * n)[..., None], axis=1).reshape(
+        b * g, n, -1
+    )
     valid = (groups >= 0).reshape(b * g, n)
     if mm.visual_valid is not None:
-        valid &= jnp.take_along_axis(mm.visual_valid, safe.reshape(b, g * n), axis=1).reshape(b * g, n)
+        valid &= jnp.take_along_axis(mm.visual_valid, safe.reshape(b, g * n), axis=1).reshape(
+            b * g, n
+        )
     grid = None
     if mm.image_grid is not None and mm.image_grid.shape[1] == g:  # each group is one image
         grid = mm.image_grid.reshape(b * g, 2)
@@ -108,7 +119,9 @@ def _choose(mm, groups, prompt, prompt_mask, prune: PruneConfig, rng) -> Chosen:
     kept = jnp.take_along_axis(safe, sel.kept, axis=1).reshape(b, g * keep)
     if sel.tokens is None:
         return Chosen(kept, None, kept)
-    first = jnp.repeat(safe[:, :1], keep, axis=1).reshape(b, g * keep)  # merged tokens sit where their group starts
+    first = jnp.repeat(safe[:, :1], keep, axis=1).reshape(
+        b, g * keep
+    )  # merged tokens sit where their group starts
     return Chosen(kept, sel.tokens.reshape(b, g * keep, -1), first)
 
 
@@ -123,7 +136,9 @@ def trivial_tower_layout(b: int, m: int, p: int) -> TowerLayout:
     return TowerLayout(slot, order, start, jnp.zeros((m,), bool), r * p)
 
 
-def _choose_tower(model, tower: TowerFeatures, b: int, prompt, prompt_mask, prune: PruneConfig, rng) -> Chosen:
+def _choose_tower(
+    model, tower: TowerFeatures, b: int, prompt, prompt_mask, prune: PruneConfig, rng
+) -> Chosen:
     """Run a tower-stage method on each tower row (K of its P tokens) and lay the kept
     tokens out in row terms as the tower layout says (models.protocol.TowerLayout)."""
     method = prune.record
@@ -133,16 +148,26 @@ def _choose_tower(model, tower: TowerFeatures, b: int, prompt, prompt_mask, prun
     if r > 1:  # one method row per tower row: the row's prompt goes with each of them
         prompt, prompt_mask = (jnp.repeat(x, r, axis=0) for x in (prompt, prompt_mask))
     keep = prune.num_keep(p)
-    inputs = MethodInputs(tower.features, None, prompt, prompt_mask, rng, tower.cls_attention, None, tower.layer)
+    inputs = MethodInputs(
+        tower.features, None, prompt, prompt_mask, rng, tower.cls_attention, None, tower.layer
+    )
     sel = method.select(inputs, keep=keep, core_ratio=prune.core_ratio, batching=default_batching())
-    local = sel.kept  # [M, K]: tower-token index (merging methods: the token whose slot each entry takes)
-    tokens = sel.tokens if sel.tokens is not None else jnp.take_along_axis(tower.features, local[..., None], axis=1)
+    local = (
+        sel.kept
+    )  # [M, K]: tower-token index (merging methods: the token whose slot each entry takes)
+    tokens = (
+        sel.tokens
+        if sel.tokens is not None
+        else jnp.take_along_axis(tower.features, local[..., None], axis=1)
+    )
     tokens = model.project_tower_features(tokens.astype(tower.features.dtype))
     slot = jnp.take_along_axis(layout.slot, local, axis=1)
     order = jnp.take_along_axis(layout.order, local, axis=1)
     kind = jnp.zeros_like(local) if sel.kind is None else sel.kind.astype(jnp.int32)
     interleave = layout.interleave[:, None]
-    entry = jnp.arange(m * keep, dtype=jnp.int32).reshape(m, keep)  # tower row, then the method's order
+    entry = jnp.arange(m * keep, dtype=jnp.int32).reshape(
+        m, keep
+    )  # tower row, then the method's order
     # Sort keys, most significant first: real entries, map, kind (interleaved maps), then the
     # reading order (an interleaved map's own tokens) or the entry order.
     to_row = lambda x: x.reshape(b, r * keep)
@@ -182,6 +207,7 @@ def decoder_inputs(
     `keep_positions` or the method keeps positions; 3-D M-RoPE positions are always kept,
     and decoding then continues after the unpruned prompt's largest position.
     """
+
     def finish(embeds, mask, positions, kept, **span):
         if mm.next_position is not None:
             nxt = mm.next_position
@@ -190,15 +216,21 @@ def decoder_inputs(
         # On a mesh: rows stay split over "data" into the decoder (a no-op on one device).
         batch_axis = (None,) * (positions.ndim - 2) + ("data",)  # [B, L] or M-RoPE [3, B, L]
         return DecoderInputs(
-            constrain(embeds, "data"), constrain(mask, "data"), constrain(positions, *batch_axis), kept,
-            nxt.astype(jnp.int32), **span,
+            constrain(embeds, "data"),
+            constrain(mask, "data"),
+            constrain(positions, *batch_axis),
+            kept,
+            nxt.astype(jnp.int32),
+            **span,
         )
 
     image_id = visual_token_ids(model.config)
     pruning = prune is not None and pixel_values is not None
     tower_stage = pruning and prune.record.stage == "tower"
     # Tower-stage methods run the tower themselves ([CLS] attention).
-    mm = model.multimodal_inputs(input_ids, None if tower_stage else pixel_values, attention_mask, aux)
+    mm = model.multimodal_inputs(
+        input_ids, None if tower_stage else pixel_values, attention_mask, aux
+    )
     if not pruning or (mm.visual is None and not tower_stage):
         return finish(mm.embeds, attention_mask, mm.positions, None)
     b, length = input_ids.shape
@@ -207,7 +239,9 @@ def decoder_inputs(
         tower = model.cls_tower(pixel_values, prune.method, aux)
         m, p = tower.features.shape[:2]
         if m % b:
-            raise ValueError(f"the tower has {m} rows for a batch of {b}; every row must hold the same number of images")
+            raise ValueError(
+                f"the tower has {m} rows for a batch of {b}; every row must hold the same number of images"
+            )
         n = tower.layout.num_slots if tower.layout is not None else (m // b) * p
         groups, valid = None, None
     else:
@@ -215,17 +249,28 @@ def decoder_inputs(
         groups = mm.image_index if prune.budget == "image" else _row_group(b, n)
         valid = mm.visual_valid
     slots = placeholder_slots(input_ids, image_id, n)
-    prompt_mask = prompt_token_mask(input_ids, attention_mask, image_id, special_ids, prune.prompt_scope)
+    prompt_mask = prompt_token_mask(
+        input_ids, attention_mask, image_id, special_ids, prune.prompt_scope
+    )
     if prune.record.llm_layer:  # pruned at its layer (zspa_jax.prefill)
         valid = jnp.take_along_axis(attention_mask, slots, axis=1) != 0 if valid is None else valid
-        return finish(mm.embeds, attention_mask, mm.positions, None, visual_index=slots, visual_valid=valid,
-                      prompt_mask=prompt_mask)
+        return finish(
+            mm.embeds,
+            attention_mask,
+            mm.positions,
+            None,
+            visual_index=slots,
+            visual_valid=valid,
+            prompt_mask=prompt_mask,
+        )
     if tower is not None:
         chosen = _choose_tower(model, tower, b, mm.text_embeds, prompt_mask, prune, rng)
     else:
         chosen = _choose(mm, groups, mm.text_embeds, prompt_mask, prune, rng)
     kept_slots = jnp.take_along_axis(slots, jnp.maximum(chosen.kept, 0), axis=1)
-    src, entry = pruned_gather_index(slots, kept_slots, length, jnp.take_along_axis(slots, chosen.anchor, axis=1))
+    src, entry = pruned_gather_index(
+        slots, kept_slots, length, jnp.take_along_axis(slots, chosen.anchor, axis=1)
+    )
     embeds = jnp.take_along_axis(mm.embeds, src[..., None], axis=1)
     if chosen.tokens is not None:
         placed = jnp.take_along_axis(chosen.tokens, jnp.maximum(entry, 0)[..., None], axis=1)
@@ -236,7 +281,9 @@ def decoder_inputs(
         mask = jnp.where((entry >= 0) & ~real, 0, mask)
     if mm.positions.ndim == 3 or keep_positions or prune.record.keeps_positions:
         # Original RoPE positions: gaps where pruned tokens were (merged tokens: their slot's).
-        positions = jnp.take_along_axis(mm.positions, jnp.broadcast_to(src, mm.positions.shape[:-1] + src.shape[-1:]), axis=-1)
+        positions = jnp.take_along_axis(
+            mm.positions, jnp.broadcast_to(src, mm.positions.shape[:-1] + src.shape[-1:]), axis=-1
+        )
     else:
         positions = positions_from_mask(mask)
     return finish(embeds, mask, positions, chosen.kept)

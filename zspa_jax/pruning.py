@@ -19,14 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zspa_jax.methods import METHODS, MethodInputs, get_method
-from zspa_jax.methods import auto_core
+from zspa_jax.methods import METHODS, MethodInputs, auto_core, get_method
 from zspa_jax.methods._common import default_batching
 from zspa_jax.methods.zspaprune import AUTO, core_size
 from zspa_jax.sharding import fetch
 from zspa_jax.validation import check_binary_mask, check_rng, is_traced
 
-__all__ = ["PRUNE_METHODS", "PruneConfig", "auto_core_ratio", "core_size", "default_batching", "gather_tokens", "select_tokens"]
+__all__ = [
+    "PRUNE_METHODS",
+    "PruneConfig",
+    "auto_core_ratio",
+    "core_size",
+    "default_batching",
+    "gather_tokens",
+    "select_tokens",
+]
 
 PRUNE_METHODS: tuple[str, ...] = tuple(METHODS)
 PROMPT_SCOPES: tuple[str, ...] = ("question", "all_text")
@@ -78,12 +85,16 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.ratio must be in (0, 1], got {self.ratio!r}")
             object.__setattr__(self, "ratio", float(self.ratio))
         if self.method not in METHODS:
-            raise ValueError(f"PruneConfig.method must be one of {PRUNE_METHODS}, got {self.method!r}")
+            raise ValueError(
+                f"PruneConfig.method must be one of {PRUNE_METHODS}, got {self.method!r}"
+            )
         _check_core_ratio(self.core_ratio, self.method, "PruneConfig.core_ratio")
         if self.core_ratio != AUTO:
             object.__setattr__(self, "core_ratio", float(self.core_ratio))
         for name, value in (("fastv_layer", fastv_layer), ("layer", self.layer)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            ):
                 raise ValueError(f"PruneConfig.{name} must be an int, got {value!r}")
         object.__setattr__(self, "layer", int(self.layer if fastv_layer is None else fastv_layer))
         if self.budget not in BUDGETS:
@@ -117,7 +128,6 @@ class PruneConfig:
             return self.keep
         assert self.ratio is not None
         return max(1, math.floor(self.ratio * n_visual + 0.5))
-
 
     def keep_for(self, min_visual: int, min_image: int) -> int:
         """The K a method runs with: of the fewest tokens in a row ("row" budget) or in one
@@ -160,7 +170,9 @@ def gather_tokens(visual: jax.Array, indices: jax.Array) -> jax.Array:
     """
     shapes = tuple(getattr(visual, "shape", ())), tuple(getattr(indices, "shape", ()))
     if len(shapes[0]) != 3 or len(shapes[1]) != 2 or shapes[1][0] != shapes[0][0]:
-        raise ValueError(f"gather_tokens expects visual [B, N, D] and indices [B, K], got shapes {shapes[0]} and {shapes[1]}")
+        raise ValueError(
+            f"gather_tokens expects visual [B, N, D] and indices [B, K], got shapes {shapes[0]} and {shapes[1]}"
+        )
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"indices must be an integer array [B, K], got dtype {indices.dtype}")
     n = shapes[0][1]
@@ -219,7 +231,9 @@ def select_tokens(
     the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
     give each batch row the result of running it alone. Ties go to the lower index.
     """
-    record = _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask)
+    record = _validate(
+        visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask
+    )
     keep = operator.index(keep)
     b, n, _ = visual.shape
     valid = None if visual_mask is None else jnp.asarray(visual_mask) != 0
@@ -229,7 +243,9 @@ def select_tokens(
     return record.select(inputs, keep=keep, core_ratio=core_ratio, batching=default_batching()).kept
 
 
-def auto_core_ratio(visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None = None, *, keep: int) -> jax.Array:
+def auto_core_ratio(
+    visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None = None, *, keep: int
+) -> jax.Array:
     """f32 [B]: the core ratio r that `core_ratio="auto"` picks for each example (see
     `zspa_jax.methods.auto_core`); the core holds round(r * keep) tokens."""
     _validate(visual, prompt, prompt_mask, keep, "zspaprune", AUTO, None, None)
@@ -251,35 +267,54 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
             )
 
 
-def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask=None):
+def _validate(
+    visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask=None
+):
     """Check select_tokens' arguments against the method's record; returns the record."""
     record = get_method(method)
     if record.llm_layer or record.needs_tower or record.merges:
-        where = "the LLM's attention at layer K" if record.llm_layer else (
-            "the vision tower ([CLS] attention and keys)" if record.needs_tower else "to replace tokens by merged ones")
+        where = (
+            "the LLM's attention at layer K"
+            if record.llm_layer
+            else (
+                "the vision tower ([CLS] attention and keys)"
+                if record.needs_tower
+                else "to replace tokens by merged ones"
+            )
+        )
         raise ValueError(
             f"method {method!r} is not a function of (visual, prompt): it needs {where}; "
             f"use PruneConfig(method={method!r}) with zspa_jax.forward / zspa_jax.generate"
         )
     if prompt is None and record.needs_prompt:
-        raise ValueError(f"prompt [B, T, D] is required by method {method!r} (it scores tokens against the prompt)")
+        raise ValueError(
+            f"prompt [B, T, D] is required by method {method!r} (it scores tokens against the prompt)"
+        )
     arrays = (("visual", visual),) + ((("prompt", prompt),) if prompt is not None else ())
     for name, x in arrays:
         if not hasattr(x, "shape") or len(x.shape) != 3:
             want = "[B, N, D]" if name == "visual" else "[B, T, D]"
-            raise ValueError(f"{name} must be a 3-D array {want}, got shape {getattr(x, 'shape', type(x))}")
+            raise ValueError(
+                f"{name} must be a 3-D array {want}, got shape {getattr(x, 'shape', type(x))}"
+            )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
     b, n, d = visual.shape
     if prompt is not None:
         if prompt.shape[0] != b:
-            raise ValueError(f"prompt batch size {prompt.shape[0]} must equal visual batch size {b}")
+            raise ValueError(
+                f"prompt batch size {prompt.shape[0]} must equal visual batch size {b}"
+            )
         if prompt.shape[2] != d:
-            raise ValueError(f"prompt feature dim {prompt.shape[2]} must equal visual feature dim D={d}")
+            raise ValueError(
+                f"prompt feature dim {prompt.shape[2]} must equal visual feature dim D={d}"
+            )
         if prompt_mask is not None:
             shape = tuple(getattr(prompt_mask, "shape", ()))
             if shape != prompt.shape[:2]:
-                raise ValueError(f"prompt_mask must have shape [B, T] = {tuple(prompt.shape[:2])}, got {shape}")
+                raise ValueError(
+                    f"prompt_mask must have shape [B, T] = {tuple(prompt.shape[:2])}, got {shape}"
+                )
     if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)):
         raise ValueError(f"keep must be a Python int in [1, N={n}], got {keep!r}")
     if not 1 <= keep <= n:
@@ -301,8 +336,12 @@ def _validate(visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_at
             )
     if visual_mask is not None:
         if not record.accepts_mask:
-            supported = tuple(m.name for m in METHODS.values() if m.accepts_mask and not (m.llm_layer or m.merges))
-            raise ValueError(f"visual_mask is not supported by method {method!r}; supported: {supported}")
+            supported = tuple(
+                m.name for m in METHODS.values() if m.accepts_mask and not (m.llm_layer or m.merges)
+            )
+            raise ValueError(
+                f"visual_mask is not supported by method {method!r}; supported: {supported}"
+            )
         _validate_visual_mask(visual_mask, b, n, keep)
     _check_finite_values(visual, prompt, prompt_mask, visual_mask)
     return record
@@ -331,4 +370,6 @@ def _check_finite_values(visual, prompt, prompt_mask, visual_mask=None) -> None:
         checks.append(("prompt", fetch(_finite_rows(jnp.asarray(prompt), prompt_mask))))
     for name, ok in checks:
         if not ok.all():
-            raise ValueError(f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite")
+            raise ValueError(
+                f"{name} row {int(np.argmin(ok))} holds NaN or Inf values; every value must be finite"
+            )

@@ -27,7 +27,10 @@ class Sampling:
         if self.top_k is not None:
             set_("top_k", check_int("top_k", self.top_k, minimum=1))
         if self.top_p is not None:
-            set_("top_p", check_real("top_p", self.top_p, minimum=0.0, maximum=1.0, open_minimum=True))
+            set_(
+                "top_p",
+                check_real("top_p", self.top_p, minimum=0.0, maximum=1.0, open_minimum=True),
+            )
 
     @property
     def greedy(self) -> bool:

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
-Rule = tuple[str, tuple[str | None, ...]]  # (regex matched against "a.b.0.kernel", an axis or None per dim)
+Rule = tuple[
+    str, tuple[str | None, ...]
+]  # (regex matched against "a.b.0.kernel", an axis or None per dim)
 
 
 def check_mesh(mesh: Any, name: str = "mesh") -> Mesh:
@@ -59,12 +63,14 @@ def program_mesh(mesh: Mesh) -> Mesh:
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:
-    """"data=2,model=4" -> {"data": 2, "model": 4} (a missing axis has size 1)."""
+    """ "data=2,model=4" -> {"data": 2, "model": 4} (a missing axis has size 1)."""
     sizes = {a: 1 for a in AXES}
     for part in str(text).split(","):
         key, sep, value = part.strip().partition("=")
         if not sep or key not in AXES or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"mesh must look like 'data=D,model=M' with positive sizes, got {text!r}")
+            raise ValueError(
+                f"mesh must look like 'data=D,model=M' with positive sizes, got {text!r}"
+            )
         sizes[key] = int(value)
     return sizes
 
@@ -90,7 +96,9 @@ class ShardingPlan:
     replicated: tuple[str, ...]
 
 
-def plan_params(shapes: dict[str, tuple[int, ...]], rules: Sequence[Rule], axis_sizes: dict[str, int]) -> ShardingPlan:
+def plan_params(
+    shapes: dict[str, tuple[int, ...]], rules: Sequence[Rule], axis_sizes: dict[str, int]
+) -> ShardingPlan:
     """Apply a family's rule table to {path: shape}; the first matching rule wins, a path
     no rule matches (norms, row-split biases, small embeddings) is replicated."""
     compiled = [(re.compile(pattern), axes) for pattern, axes in rules]
@@ -98,18 +106,24 @@ def plan_params(shapes: dict[str, tuple[int, ...]], rules: Sequence[Rule], axis_
     for path, shape in shapes.items():
         axes = next((axes for pattern, axes in compiled if pattern.fullmatch(path)), ())
         if axes and len(axes) != len(shape):
-            raise ValueError(f"sharding rule for {path} names {len(axes)} dimensions; the parameter has shape {shape}")
+            raise ValueError(
+                f"sharding rule for {path} names {len(axes)} dimensions; the parameter has shape {shape}"
+            )
         spec = []
         for dim, axis in enumerate(axes):
             if axis is not None and shape[dim] % axis_sizes[axis]:
-                replicated.append(f"{path} dim {dim} ({shape[dim]}) does not divide {axis}={axis_sizes[axis]}: replicated")
+                replicated.append(
+                    f"{path} dim {dim} ({shape[dim]}) does not divide {axis}={axis_sizes[axis]}: replicated"
+                )
                 axis = None
             spec.append(axis)
         specs[path] = P(*spec)
     return ShardingPlan(specs, tuple(replicated))
 
 
-def check_model_axis(plan: ShardingPlan, axis_sizes: dict[str, int], mesh_name: str = "mesh") -> None:
+def check_model_axis(
+    plan: ShardingPlan, axis_sizes: dict[str, int], mesh_name: str = "mesh"
+) -> None:
     """A "model" axis > 1 that splits no parameter would only replicate work: refuse it."""
     size = axis_sizes["model"]
     if size > 1 and not any("model" in spec for spec in plan.specs.values()):
@@ -119,8 +133,12 @@ def check_model_axis(plan: ShardingPlan, axis_sizes: dict[str, int], mesh_name: 
         )
 
 
-def bytes_per_device(shapes: dict[str, tuple[int, ...]], itemsize: dict[str, int], plan: ShardingPlan,
-                     axis_sizes: dict[str, int]) -> int:
+def bytes_per_device(
+    shapes: dict[str, tuple[int, ...]],
+    itemsize: dict[str, int],
+    plan: ShardingPlan,
+    axis_sizes: dict[str, int],
+) -> int:
     """Largest per-device parameter bytes under `plan` (every device holds the same amount)."""
     total = 0
     for path, shape in shapes.items():

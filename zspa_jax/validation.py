@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,7 +30,9 @@ def type_name(value: Any) -> str:
 # --------------------------------------------------------------------------- scalars
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """A Python/NumPy integer (not bool) within [minimum, maximum]; returns it as int."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type_name(value)} {value!r}")
@@ -41,8 +44,14 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
     return value
 
 
-def check_real(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
-               open_minimum: bool = False) -> float:
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    open_minimum: bool = False,
+) -> float:
     """A finite real number (not bool) within the bounds; returns it as float."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type_name(value)} {value!r}")
@@ -72,7 +81,9 @@ def check_token_ids(name: str, value: Any, vocab_size: int) -> tuple[int, ...]:
 
 def check_path(name: str, value: Any) -> None:
     if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type_name(value)} {value!r}")
+        raise TypeError(
+            f"{name} must be a path (str or os.PathLike), got {type_name(value)} {value!r}"
+        )
 
 
 def check_rng(name: str, value: Any) -> None:
@@ -82,7 +93,11 @@ def check_rng(name: str, value: Any) -> None:
         return
     if dtype is not None and np.dtype(dtype) == np.uint32 and getattr(value, "ndim", 0) >= 1:
         return
-    raise TypeError(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {type_name(value)} {value!r}"[:200])
+    raise TypeError(
+        f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {type_name(value)} {value!r}"[
+            :200
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- arrays
@@ -102,7 +117,11 @@ def as_array(name: str, value: Any, kind: str, ndim: int, layout: str) -> Any:
             value = np.asarray(value)
         except (ValueError, TypeError) as e:
             raise TypeError(f"{name} must be {layout}, got {type_name(value)} ({e})") from None
-    dtype = np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else None
+    dtype = (
+        np.dtype(value.dtype)
+        if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+        else None
+    )
     ok = dtype is not None and (
         (kind == "integer" and np.issubdtype(dtype, np.integer))
         or (kind == "floating" and np.issubdtype(dtype, np.floating))

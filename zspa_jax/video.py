@@ -39,13 +39,23 @@ class Video:
     def __post_init__(self):
         for name in ("fps", "sample_fps"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"Video.{name} must be a positive number of frames per second or None, got {value!r}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            ):
+                raise ValueError(
+                    f"Video.{name} must be a positive number of frames per second or None, got {value!r}"
+                )
         if self.num_frames is not None and (
-            isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1
+            isinstance(self.num_frames, bool)
+            or not isinstance(self.num_frames, int)
+            or self.num_frames < 1
         ):
-            raise ValueError(f"Video.num_frames must be a positive integer or None, got {self.num_frames!r}")
+            raise ValueError(
+                f"Video.num_frames must be a positive integer or None, got {self.num_frames!r}"
+            )
         if self.num_frames is not None and self.sample_fps is not None:
-            raise ValueError("Video.num_frames and Video.sample_fps are exclusive: give one way to sample frames")
+            raise ValueError(
+                "Video.num_frames and Video.sample_fps are exclusive: give one way to sample frames"
+            )
         if self.sample_fps is not None and self.fps is None:
             raise ValueError("Video.sample_fps needs Video.fps, the frame rate of the given frames")

@@ -41,13 +41,35 @@ class TrainConfig:
     eval_examples: int = 210
 
     def __post_init__(self):
-        counts = (self.batch, self.symbolic_batch, self.qa_per_image, self.symbolic_qa_per_image, self.symbolic_tokens)
+        counts = (
+            self.batch,
+            self.symbolic_batch,
+            self.qa_per_image,
+            self.symbolic_qa_per_image,
+            self.symbolic_tokens,
+        )
         if min(counts) < 1 or min(self.symbolic_steps, self.stage1_steps, self.stage2_steps) < 0:
             raise ValueError(f"invalid TrainConfig {self}")
 
 
 QUICK = dict(
-    vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64, text_width=32, text_layers=1,
-    text_heads=2, text_kv_heads=1, text_mlp=64, qa_per_image=2, symbolic_qa_per_image=2, symbolic_steps=4,
-    symbolic_batch=4, symbolic_tokens=96, batch=4, stage1_steps=3, stage2_steps=5, eval_every=0, eval_examples=14,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_mlp=64,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    text_kv_heads=1,
+    text_mlp=64,
+    qa_per_image=2,
+    symbolic_qa_per_image=2,
+    symbolic_steps=4,
+    symbolic_batch=4,
+    symbolic_tokens=96,
+    batch=4,
+    stage1_steps=3,
+    stage2_steps=5,
+    eval_every=0,
+    eval_examples=14,
 )

@@ -33,7 +33,9 @@ def patch_coverage(scene: scenes.Scene) -> np.ndarray:
         else:
             draw.polygon(scenes._polygon(obj), fill=k + 1)
     a = np.asarray(ids).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)
-    return np.stack([(a == k + 1).mean(axis=1) for k in range(len(scene.objects))], axis=1).astype(np.float32)
+    return np.stack([(a == k + 1).mean(axis=1) for k in range(len(scene.objects))], axis=1).astype(
+        np.float32
+    )
 
 
 def patch_words(scene: scenes.Scene, vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +56,9 @@ def patch_words(scene: scenes.Scene, vocab: dict[str, int]) -> tuple[np.ndarray,
         w[:, 0] = 1.0
         return ids, w
     cov = patch_coverage(scene)
-    attributes = np.asarray([[vocab[o.colour], vocab[o.shape], vocab[o.position]] for o in scene.objects], np.int32)
+    attributes = np.asarray(
+        [[vocab[o.colour], vocab[o.shape], vocab[o.position]] for o in scene.objects], np.int32
+    )
     order = np.argsort(-cov, axis=1)[:, :2]
     rows = np.arange(n)
     for slot in range(order.shape[1]):
@@ -72,7 +76,9 @@ def questions_per_image(tc: TrainConfig, stage: int) -> int:
     return tc.symbolic_qa_per_image if stage == 0 else tc.qa_per_image
 
 
-def symbolic_subset(sym_ids, sym_w, width: int, rng: np.random.Generator, n_head: int) -> dict[str, np.ndarray]:
+def symbolic_subset(
+    sym_ids, sym_w, width: int, rng: np.random.Generator, n_head: int
+) -> dict[str, np.ndarray]:
     """Stage 0's view of a scene: all patches an object touches, then random background
     patches, `width` in all, in raster order. Returns sym_ids / sym_w [width, SLOTS] and
     sym_pos [width], their RoPE positions after the `n_head` tokens before the image."""
@@ -109,7 +115,9 @@ class Batches:
         base = 0 if stage == 1 else self.tc.stage1_steps * self.tc.batch
         return base + step * self.tc.batch + row
 
-    def segment(self, question: str, response: list[int]) -> tuple[list[int], list[int], list[float]]:
+    def segment(
+        self, question: str, response: list[int]
+    ) -> tuple[list[int], list[int], list[float]]:
         q = self.enc.question_ids(question)
         ids = q + response
         targets = ids[1:] + [PAD_ID]
@@ -118,10 +126,14 @@ class Batches:
             weights[i] = 1.0
         return ids, targets, weights
 
-    def text_area(self, scene: scenes.Scene, rng: np.random.Generator, stage: int) -> dict[str, np.ndarray]:
+    def text_area(
+        self, scene: scenes.Scene, rng: np.random.Generator, stage: int
+    ) -> dict[str, np.ndarray]:
         segs = []
         if self.tc.captions:
-            segs.append(self.segment(scenes.CAPTION_QUESTION, self.enc.words(scene.caption()) + [EOS_ID]))
+            segs.append(
+                self.segment(scenes.CAPTION_QUESTION, self.enc.words(scene.caption()) + [EOS_ID])
+            )
         for qa in scenes.training_qas(scene, questions_per_image(self.tc, stage), rng):
             segs.append(self.segment(qa.question, [self.vocab[qa.answer], EOS_ID]))
         ids, targets, weights, seg, offset = _pack(segs, text_area_length(self.tc, stage))
@@ -135,7 +147,9 @@ class Batches:
         out = {} if stage == 1 else self.text_area(scene, rng, stage)
         sym_ids, sym_w = patch_words(scene, self.vocab)
         if stage == 0:
-            out.update(symbolic_subset(sym_ids, sym_w, self.tc.symbolic_tokens, rng, len(self.enc.head)))
+            out.update(
+                symbolic_subset(sym_ids, sym_w, self.tc.symbolic_tokens, rng, len(self.enc.head))
+            )
         else:
             out.update(pixels=self.enc.pixels(scene.render()), sym_ids=sym_ids, sym_w=sym_w)
         return out

@@ -14,7 +14,12 @@ from zspa_jax.demo.tokenizer import PAD_ID, FastEncoder
 
 
 def answer_batch(
-    graphdef, state, enc: FastEncoder, exs: list, batch: int = 35, symbolic_tokens: int | None = None
+    graphdef,
+    state,
+    enc: FastEncoder,
+    exs: list,
+    batch: int = 35,
+    symbolic_tokens: int | None = None,
 ) -> list[str]:
     """Greedy one-word answers (argmax at the answer position), right-padded batches.
 
@@ -40,14 +45,18 @@ def answer_batch(
         else:  # a fixed background sample per scene (its own seed stream, 98)
             rows = [
                 symbolic_subset(
-                    *patch_words(e.scene, enc.vocab), symbolic_tokens,
-                    np.random.default_rng([scenes.BASE_SEED, 98, e.scene.index]), len(enc.head),
+                    *patch_words(e.scene, enc.vocab),
+                    symbolic_tokens,
+                    np.random.default_rng([scenes.BASE_SEED, 98, e.scene.index]),
+                    len(enc.head),
                 )
                 for e in chunk
             ]
             rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch - len(chunk))
             inputs = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        pred = np.asarray(_answer_fn()(graphdef, symbolic_tokens is not None, state, prefix, inputs, ids, last))
+        pred = np.asarray(
+            _answer_fn()(graphdef, symbolic_tokens is not None, state, prefix, inputs, ids, last)
+        )
         out.extend(id_to_word[int(t)] for t in pred[: len(chunk)])
     return out
 
@@ -66,7 +75,9 @@ def _answer_fn():
         seg = jnp.ones(ids.shape, jnp.int32)
         offset = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         if symbolic:
-            hidden = symbolic_outputs(model, prefix, {**inputs, "ids": ids, "seg": seg, "offset": offset})
+            hidden = symbolic_outputs(
+                model, prefix, {**inputs, "ids": ids, "seg": seg, "offset": offset}
+            )
         else:
             hidden, _ = model_outputs(model, prefix, inputs, ids, seg, offset)
         h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
@@ -78,7 +89,9 @@ def _answer_fn():
 READOUT_GROUPS = {"colour": tuple(scenes.COLOURS), "shape": scenes.SHAPES, "cell": scenes.POSITIONS}
 
 
-def patch_readout_accuracy(visual: np.ndarray, table: np.ndarray, vocab: dict, words: list) -> dict[str, float]:
+def patch_readout_accuracy(
+    visual: np.ndarray, table: np.ndarray, vocab: dict, words: list
+) -> dict[str, float]:
     """How well visual tokens [S, 576, D] name what they show, read through the LLM's
     embedding table [V, D]. `words` holds each scene's `patch_words` (ids, weights). On
     patches mostly covered by one object: how often the word of each group (colour, shape,
@@ -88,7 +101,9 @@ def patch_readout_accuracy(visual: np.ndarray, table: np.ndarray, vocab: dict, w
     for (ids, w), v in zip(words, visual):
         main = w[:, 1] > 0.5
         for slot, (group, word_ids) in enumerate(group_ids.items()):
-            hits[group].append(word_ids[(v[main] @ table[word_ids].T).argmax(1)] == ids[main, 1 + slot])
+            hits[group].append(
+                word_ids[(v[main] @ table[word_ids].T).argmax(1)] == ids[main, 1 + slot]
+            )
     return {g: float(np.concatenate(h).mean()) for g, h in hits.items()}
 
 
@@ -96,6 +111,9 @@ def accuracy_report(exs: list, answers: list[str]) -> dict:
     per: dict[str, list[int]] = {t: [] for t in scenes.QUESTION_TYPES}
     for e, a in zip(exs, answers):
         per[e.qa.qtype].append(int(a == e.qa.answer))
-    report = {"overall": float(np.mean([int(a == e.qa.answer) for e, a in zip(exs, answers)])), "n": len(exs)}
+    report = {
+        "overall": float(np.mean([int(a == e.qa.answer) for e, a in zip(exs, answers)])),
+        "n": len(exs),
+    }
     report["per_type"] = {t: float(np.mean(v)) for t, v in per.items() if v}
     return report

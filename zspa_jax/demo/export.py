@@ -20,7 +20,13 @@ from convert.keymap import Transform, map_key
 from models.checkpoint import flatten
 
 # our leaf name -> HF leaf name (the candidates; keymap.RULES decides which are right)
-_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "class_embedding": "class_embedding"}
+_LEAF = {
+    "kernel": "weight",
+    "embedding": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "class_embedding": "class_embedding",
+}
 
 
 def invert(transform: Transform, x: np.ndarray) -> np.ndarray:
@@ -40,7 +46,9 @@ def hf_key(path: str) -> tuple[str, Transform]:
     candidate = path if leaf == "class_embedding" else f"{head}.{_LEAF[leaf]}"
     mapped = map_key(candidate)
     if mapped is None or mapped[0] != path:
-        raise KeyError(f"parameter {path!r}: candidate HF key {candidate!r} maps to {mapped!r}, not back to it")
+        raise KeyError(
+            f"parameter {path!r}: candidate HF key {candidate!r} maps to {mapped!r}, not back to it"
+        )
     return candidate, mapped[1]
 
 
@@ -55,7 +63,9 @@ def _param_dict(vlm_or_params: Any) -> dict:
         return obj.to_pure_dict()
     if isinstance(obj, dict):
         return obj
-    raise TypeError(f"expected a VLM, an NNX module, an nnx.State or a dict of params, got {type(vlm_or_params)}")
+    raise TypeError(
+        f"expected a VLM, an NNX module, an nnx.State or a dict of params, got {type(vlm_or_params)}"
+    )
 
 
 def hf_state_dict(vlm_or_params: Any) -> dict[str, np.ndarray]:
@@ -75,7 +85,9 @@ def hf_config(cfg, tokenizer=None):
     specials = {}
     if tokenizer is not None:
         specials = dict(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     vision = CLIPVisionConfig(
         hidden_size=v.hidden_size,
@@ -120,7 +132,9 @@ def hf_config(cfg, tokenizer=None):
     )
 
 
-def export_hf(vlm_or_params: Any, cfg=None, tokenizer=None, processor=None, out_dir: str | Path = ".") -> Path:
+def export_hf(
+    vlm_or_params: Any, cfg=None, tokenizer=None, processor=None, out_dir: str | Path = "."
+) -> Path:
     """Write an HF LLaVA directory that `LlavaForConditionalGeneration.from_pretrained` loads.
 
     Args:
@@ -169,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import zspa_jax
 
-    parser = argparse.ArgumentParser(prog="python -m zspa_jax.demo.export", description=main.__doc__)
-    parser.add_argument("model", help="converted zspa_jax checkpoint (e.g. zspa_jax/assets/demo_model)")
+    parser = argparse.ArgumentParser(
+        prog="python -m zspa_jax.demo.export", description=main.__doc__
+    )
+    parser.add_argument(
+        "model", help="converted zspa_jax checkpoint (e.g. zspa_jax/assets/demo_model)"
+    )
     parser.add_argument("out", help="output directory for the HF LLaVA files")
     args = parser.parse_args(argv)
     vlm = zspa_jax.load(args.model)

@@ -55,7 +55,9 @@ def init_model(model, seed: int) -> None:
     emb = model.vision_tower.embeddings.position_embedding.embedding
     n, d = emb[...].shape
     emb[...] = sincos_2d(scenes.GRID, d, cls=n - scenes.GRID**2).astype(emb[...].dtype)
-    for layer in model.language_model.model.layers:  # mimetic attention init (zspa_jax.demo.train's docstring)
+    for layer in (
+        model.language_model.model.layers
+    ):  # mimetic attention init (zspa_jax.demo.train's docstring)
         mimetic_init(layer.self_attn)
 
 
@@ -70,7 +72,9 @@ def mimetic_init(attn) -> None:
     q = attn.q_proj.kernel[...].reshape(d, kv, group, dh)
     attn.k_proj.kernel[...] = q[:, :, 0, :].reshape(d, kv * dh)
     v_t = attn.v_proj.kernel[...].reshape(d, kv, 1, dh).transpose(1, 2, 3, 0)  # [kv, 1, dh, d]
-    attn.o_proj.kernel[...] = jnp.broadcast_to(v_t / group, (kv, group, dh, d)).reshape(kv * group * dh, d)
+    attn.o_proj.kernel[...] = jnp.broadcast_to(v_t / group, (kv, group, dh, d)).reshape(
+        kv * group * dh, d
+    )
 
 
 def sincos_2d(grid: int, dim: int, cls: int = 1):
@@ -97,7 +101,9 @@ def _sequence_mask(prefix_len: int, seg):
     length = prefix_len + t
     q = jnp.arange(length)
     causal = q[:, None] >= q[None, :]
-    seg_full = jnp.concatenate([jnp.zeros((b, prefix_len), seg.dtype), seg], axis=1)  # prefix = segment 0
+    seg_full = jnp.concatenate(
+        [jnp.zeros((b, prefix_len), seg.dtype), seg], axis=1
+    )  # prefix = segment 0
     same = seg_full[:, :, None] == seg_full[:, None, :]
     in_prefix = jnp.broadcast_to(q[None, :] < prefix_len, (b, length))
     return causal[None] & (same | in_prefix[:, None, :])
@@ -123,7 +129,9 @@ def decode_text_area(lm, embeds, positions, mask, p: int):
     inv_freq = rope_inverse_frequencies(attn.head_dim, attn.rope_theta)
     q = attn.q_proj(h[:, p:]).reshape(b, length - p, attn.num_heads, attn.head_dim)
     q = apply_rope(q, positions[:, p:], inv_freq)
-    k = apply_rope(attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), positions, inv_freq)
+    k = apply_rope(
+        attn.k_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim), positions, inv_freq
+    )
     v = attn.v_proj(h).reshape(b, length, attn.num_kv_heads, attn.head_dim)
     out = dot_product_attention(q, k, v, mask[:, p:])
     xt = x[:, p:] + attn.o_proj(out.reshape(b, length - p, -1))
@@ -174,7 +182,9 @@ def symbolic_outputs(model, prefix, batch):
     """Stage 0: the symbolic patch tokens at their positions stand in for the visual tokens."""
     table = model.language_model.model.embed_tokens.embedding[...]
     sym = symbolic_tokens(table, batch["sym_ids"], batch["sym_w"])
-    return _text_area_hidden(model, prefix, sym, batch["sym_pos"], batch["ids"], batch["seg"], batch["offset"])
+    return _text_area_hidden(
+        model, prefix, sym, batch["sym_pos"], batch["ids"], batch["seg"], batch["offset"]
+    )
 
 
 def _lm_loss(model, hidden, batch):
@@ -185,9 +195,13 @@ def _lm_loss(model, hidden, batch):
     logits = model.language_model.logits(hidden)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     w = batch["weights"]
-    answer = (w >= 1.0) & (batch["targets"] != EOS_ID)  # QA answers (captions in QA stages weigh 0.3)
+    answer = (w >= 1.0) & (
+        batch["targets"] != EOS_ID
+    )  # QA answers (captions in QA stages weigh 0.3)
     hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & answer
-    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), jnp.sum(hit) / jnp.maximum(jnp.sum(answer), 1)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), jnp.sum(hit) / jnp.maximum(
+        jnp.sum(answer), 1
+    )
 
 
 def alignment_loss(visual, table, batch):
@@ -218,10 +232,14 @@ def loss_fn(state, graphdef, prefix, batch, stage: int, align_weight: float):
         lm_loss, acc = _lm_loss(model, symbolic_outputs(model, prefix, batch), batch)
         return lm_loss, {"lm": lm_loss, "acc": acc}
     table = model.language_model.model.embed_tokens.embedding[...]
-    if stage == 1:  # alignment: the tower + projector learn to produce the symbolic tokens (LLM frozen)
+    if (
+        stage == 1
+    ):  # alignment: the tower + projector learn to produce the symbolic tokens (LLM frozen)
         align = alignment_loss(model.image_features(batch["pixels"]), table, batch)
         return align, {"align": align}
-    hidden, visual = model_outputs(model, prefix, batch["pixels"], batch["ids"], batch["seg"], batch["offset"])
+    hidden, visual = model_outputs(
+        model, prefix, batch["pixels"], batch["ids"], batch["seg"], batch["offset"]
+    )
     lm_loss, acc = _lm_loss(model, hidden, batch)
     metrics = {"lm": lm_loss, "acc": acc}
     loss = lm_loss
@@ -257,7 +275,9 @@ def make_optimizer(tc: TrainConfig, steps: int, lr: float, state=None, frozen: s
     import optax
 
     warmup = max(1, int(steps * tc.warmup_frac))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.05)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.05
+    )
     adamw = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=tc.weight_decay),
@@ -265,6 +285,9 @@ def make_optimizer(tc: TrainConfig, steps: int, lr: float, state=None, frozen: s
     if frozen is None:
         return adamw
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if any(frozen == str(getattr(k, "key", k)) for k in path) else "train", state
+        lambda path, _: (
+            "frozen" if any(frozen == str(getattr(k, "key", k)) for k in path) else "train"
+        ),
+        state,
     )
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)

@@ -27,12 +27,14 @@ INK, GOOD, BAD = (20, 20, 20), (0, 110, 40), (180, 20, 20)
 def demo_model_path() -> Path:
     path = Path(str(resources.files("zspa_jax") / "assets" / "demo_model"))
     if not (path / "zspa_config.json").exists():
-        raise FileNotFoundError(f"the embedded demo model is missing at {path}; reinstall the package")
+        raise FileNotFoundError(
+            f"the embedded demo model is missing at {path}; reinstall the package"
+        )
     return path
 
 
 def with_article(phrase: str) -> str:
-    """"orange circle" -> "an orange circle"; "red star" -> "a red star"."""
+    """ "orange circle" -> "an orange circle"; "red star" -> "a red star"."""
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
@@ -42,7 +44,13 @@ def describe(scene) -> str:
 
     ordered = sorted(scene.objects, key=lambda o: (scenes.POSITIONS.index(o.position), o.cx))
     parts = [f"{with_article(f'{o.colour} {o.shape}')} at {o.position}" for o in ordered]
-    objects = "no shapes" if not parts else parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    objects = (
+        "no shapes"
+        if not parts
+        else parts[0]
+        if len(parts) == 1
+        else ", ".join(parts[:-1]) + " and " + parts[-1]
+    )
     return f"{objects}, on {with_article(scene.background)} background"
 
 
@@ -73,7 +81,9 @@ def _dimmed(base: Image.Image, kept: np.ndarray | None, grid: int) -> Image.Imag
     draw = ImageDraw.Draw(dim)
     for idx in np.flatnonzero(~keep):
         y, x = divmod(int(idx), grid)
-        draw.rectangle([x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=(0, 0, 0, DIM_ALPHA))
+        draw.rectangle(
+            [x * cell, y * cell, (x + 1) * cell - 1, (y + 1) * cell - 1], fill=(0, 0, 0, DIM_ALPHA)
+        )
     return Image.alpha_composite(base.convert("RGBA"), dim).convert("RGB")
 
 
@@ -97,7 +107,9 @@ def kept_tokens_picture(
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     base = image.convert("RGB").resize((PANEL, PANEL), Image.NEAREST)
 
-    panels = [dict(title="unpruned reference", lines=[(f"all {n_visual} visual tokens", INK)], kept=None)]
+    panels = [
+        dict(title="unpruned reference", lines=[(f"all {n_visual} visual tokens", INK)], kept=None)
+    ]
     for row in rows:
         question = row["question"].replace(" ?", "?").replace(" .", ".")  # display form
         lines = [(t, INK) for t in _wrap(measure, question, font, PANEL - 2 * MARGIN)]
@@ -105,16 +117,26 @@ def kept_tokens_picture(
         for label, answer in ((f"all {n_visual}", row["full"]), (f"keep {keep}", row["pruned"])):
             lines.append((f"{label}: {answer}", GOOD if answer == row["truth"] else BAD))
         panels.append(dict(title=None, lines=lines, kept=row["kept"]))
-    caption_h = MARGIN + line_h * max(len(p["lines"]) + (p["title"] is not None) for p in panels) + MARGIN
+    caption_h = (
+        MARGIN + line_h * max(len(p["lines"]) + (p["title"] is not None) for p in panels) + MARGIN
+    )
 
     columns = min(COLUMNS, len(panels))
     n_rows = -(-len(panels) // columns)
     width = columns * PANEL + (columns + 1) * MARGIN
     title = f"ZSPAPrune: {keep} of {n_visual} visual tokens kept ({100 * (1 - keep / n_visual):.0f}% dropped), per question"
     title_lines = _wrap(measure, title, bold, width - 2 * MARGIN)
-    scene_lines = _wrap(measure, f"Scene: {scene_text}", font, width - 2 * MARGIN) if scene_text else []
+    scene_lines = (
+        _wrap(measure, f"Scene: {scene_text}", font, width - 2 * MARGIN) if scene_text else []
+    )
     swatch = 2 * FONT_SIZE
-    header_h = MARGIN + len(title_lines) * (TITLE_SIZE + 8) + len(scene_lines) * line_h + swatch + 2 * MARGIN
+    header_h = (
+        MARGIN
+        + len(title_lines) * (TITLE_SIZE + 8)
+        + len(scene_lines) * line_h
+        + swatch
+        + 2 * MARGIN
+    )
     canvas = Image.new("RGB", (width, header_h + n_rows * (PANEL + caption_h)), "white")
     draw = ImageDraw.Draw(canvas)
 
@@ -188,7 +210,9 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     scene = scenes.make_scene("test", seed)
     image = scenes.render(scene)
     rng = np.random.default_rng(seed)
-    qas = [qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None]
+    qas = [
+        qa for qa in (scenes.ask(scene, t, rng) for t in scenes.QUESTION_TYPES) if qa is not None
+    ]
     prompts = [scenes.chat_prompt(qa.question) for qa in qas]
     images = [image] * len(qas)
     n_visual = vlm.tokens_per_image
@@ -197,10 +221,14 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     full = zspa_jax.generate(vlm, prompts, images, max_new_tokens=4)
     # The demo model only ever saw the question after all 576 image positions, so kept
     # tokens keep their original RoPE positions (renumbering costs it accuracy; see README).
-    pruned = zspa_jax.generate(vlm, prompts, images, prune=prune, max_new_tokens=4, keep_positions=True)
+    pruned = zspa_jax.generate(
+        vlm, prompts, images, prune=prune, max_new_tokens=4, keep_positions=True
+    )
     # Second calls show steady-state speed (the first ones include compilation).
     full_warm = zspa_jax.generate(vlm, prompts, images, max_new_tokens=4)
-    pruned_warm = zspa_jax.generate(vlm, prompts, images, prune=prune, max_new_tokens=4, keep_positions=True)
+    pruned_warm = zspa_jax.generate(
+        vlm, prompts, images, prune=prune, max_new_tokens=4, keep_positions=True
+    )
     kept_count = int(pruned.kept_indices.shape[1])
 
     # What the model reads: the text of the prompt (BOS, system line, question) with the
@@ -208,28 +236,36 @@ def run_demo(out: str | Path = "zspa_demo.png", keep: int = 64, seed: int = 0) -
     text_tokens = [n - n_visual for n in full.stats["prompt_tokens_per_row"]]
     lo, hi = min(text_tokens), max(text_tokens)
     print(_wrap_text(f"scene: {describe(scene)}") + "\n")
-    print(_wrap_text(
-        f"Each prompt is {_span(lo, hi)} text tokens (the system line \"{scenes.SYSTEM}\" and the question) plus "
-        f"{n_visual} visual tokens (one per {scenes.PATCH_SIZE}x{scenes.PATCH_SIZE}-pixel patch of the "
-        f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} image): {_span(lo + n_visual, hi + n_visual)} tokens for the language model. "
-        f"ZSPAPrune keeps {kept_count} of the {n_visual} visual tokens, chosen per question, so the same prompts "
-        f"are {_span(lo + kept_count, hi + kept_count)} tokens."
-    ) + "\n")
+    print(
+        _wrap_text(
+            f'Each prompt is {_span(lo, hi)} text tokens (the system line "{scenes.SYSTEM}" and the question) plus '
+            f"{n_visual} visual tokens (one per {scenes.PATCH_SIZE}x{scenes.PATCH_SIZE}-pixel patch of the "
+            f"{scenes.IMAGE_SIZE}x{scenes.IMAGE_SIZE} image): {_span(lo + n_visual, hi + n_visual)} tokens for the language model. "
+            f"ZSPAPrune keeps {kept_count} of the {n_visual} visual tokens, chosen per question, so the same prompts "
+            f"are {_span(lo + kept_count, hi + kept_count)} tokens."
+        )
+        + "\n"
+    )
 
     rows = []
     header = f"{'question':<44} {'truth':<8} {'all ' + str(n_visual):<10} {'keep ' + str(kept_count):<10}"
     print(header + "\n" + "-" * len(header))
     for i, qa in enumerate(qas):
         row = dict(
-            question=qa.question, truth=qa.answer, full=full.texts[i] or "-", pruned=pruned.texts[i] or "-",
+            question=qa.question,
+            truth=qa.answer,
+            full=full.texts[i] or "-",
+            pruned=pruned.texts[i] or "-",
             kept=pruned.kept_indices[i],
         )
         rows.append(row)
         print(f"{qa.question:<44} {qa.answer:<8} {row['full']:<10} {row['pruned']:<10}")
     correct = lambda res: sum(t == qa.answer for t, qa in zip(res.texts, qas))
     full_ok, pruned_ok = correct(full), correct(pruned)
-    print(f"\ncorrect: {full_ok}/{len(qas)} with all {n_visual} visual tokens, "
-          f"{pruned_ok}/{len(qas)} keeping {kept_count} ({100 * (1 - kept_count / n_visual):.0f}% pruned)")
+    print(
+        f"\ncorrect: {full_ok}/{len(qas)} with all {n_visual} visual tokens, "
+        f"{pruned_ok}/{len(qas)} keeping {kept_count} ({100 * (1 - kept_count / n_visual):.0f}% pruned)"
+    )
     print(_wrap_text(_score_sentence(full_ok, pruned_ok, len(qas), kept_count, n_visual)))
     fs, ps = full_warm.stats, pruned_warm.stats
     print(

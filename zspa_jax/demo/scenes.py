@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,7 +52,13 @@ BASE_SEED = 20251017
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "star": "stars"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "cross": "crosses",
+    "star": "stars",
+}
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -192,7 +198,9 @@ def make_scene(split: str, index: int, max_objects: int = MAX_OBJECTS) -> Scene:
             clutter.append(("dot", x, y, float(rng.uniform(0.8, 1.8)), rgb))
         else:
             length, theta = float(rng.uniform(3, 8)), float(rng.uniform(0, math.pi))
-            clutter.append(("line", x, y, x + length * math.cos(theta), y + length * math.sin(theta), rgb))
+            clutter.append(
+                ("line", x, y, x + length * math.cos(theta), y + length * math.sin(theta), rgb)
+            )
     return Scene(
         split=split,
         index=int(index),
@@ -214,9 +222,23 @@ def _polygon(obj: Obj) -> list[tuple[float, float]]:
         pts = [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r) for k in range(10)]
     elif obj.shape == "cross":
         w = 0.33 * r
-        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        corners = [
+            (w, r),
+            (w, w),
+            (r, w),
+            (r, -w),
+            (w, -w),
+            (w, -r),
+            (-w, -r),
+            (-w, -w),
+            (-r, -w),
+            (-r, w),
+            (-w, w),
+            (-w, r),
+        ]
         return [
-            (obj.cx + x * math.cos(a) - y * math.sin(a), obj.cy + x * math.sin(a) + y * math.cos(a)) for x, y in corners
+            (obj.cx + x * math.cos(a) - y * math.sin(a), obj.cy + x * math.sin(a) + y * math.cos(a))
+            for x, y in corners
         ]
     else:
         raise ValueError(obj.shape)
@@ -240,7 +262,9 @@ def render(scene: Scene) -> Image.Image:
         else:
             _, x0, y0, x1, y1, rgb = item
             draw.line([x0, y0, x1, y1], fill=rgb, width=1)
-    noise = np.random.default_rng(scene.noise_seed).normal(0.0, 6.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noise = np.random.default_rng(scene.noise_seed).normal(
+        0.0, 6.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    )
     pixels = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
 
@@ -270,10 +294,15 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | None:
         present = {(o.colour, o.shape) for o in objs}
         # Hard negatives: share the colour or the shape of an object that is there.
         near = sorted(
-            {(o.colour, s) for o in objs for s in SHAPES} | {(c, o.shape) for o in objs for c in COLOURS}
+            {(o.colour, s) for o in objs for s in SHAPES}
+            | {(c, o.shape) for o in objs for c in COLOURS}
         )
         near = [p for p in near if p not in present]
-        pool = near if near and rng.random() < 0.8 else [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        pool = (
+            near
+            if near and rng.random() < 0.8
+            else [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        )
         colour, shape = pool[int(rng.integers(len(pool)))]
         return QA(qtype, f"is there a {colour} {shape} ?", "no")
     if qtype == "count":
@@ -336,9 +365,30 @@ def training_qas(scene: Scene, n: int, rng: np.random.Generator) -> list[QA]:
 def vocabulary() -> list[str]:
     """Every word any question, answer, caption or template can produce (sorted, no specials)."""
     words = set(SYSTEM.split()) | {"user", ":", "assistant"} | set(CAPTION_QUESTION.split())
-    words |= {"what", "colour", "is", "the", "?", "shape", "object", "where", "there", "a", "how", "many", "are"}
+    words |= {
+        "what",
+        "colour",
+        "is",
+        "the",
+        "?",
+        "shape",
+        "object",
+        "where",
+        "there",
+        "a",
+        "how",
+        "many",
+        "are",
+    }
     words |= {"shapes", "background", "yes", "no", "on", "at", ",", "."}
-    words |= set(SHAPES) | set(PLURALS.values()) | set(COLOURS) | set(BACKGROUNDS) | set(POSITIONS) | set(COUNT_WORDS)
+    words |= (
+        set(SHAPES)
+        | set(PLURALS.values())
+        | set(COLOURS)
+        | set(BACKGROUNDS)
+        | set(POSITIONS)
+        | set(COUNT_WORDS)
+    )
     return sorted(words)
 
 

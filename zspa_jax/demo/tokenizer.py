@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from zspa_jax.demo import scenes
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -32,7 +34,10 @@ def build_tokenizer():
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?:,.]"), behavior="isolated")]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"[?:,.]"), behavior="isolated"),
+        ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)]
@@ -123,9 +128,7 @@ class FastEncoder:
         return self.prefix_ids() + self.question_ids(question)
 
     @staticmethod
-    def pixels(image) -> "np.ndarray":
-        import numpy as np
-
+    def pixels(image) -> np.ndarray:
         x = np.asarray(image.convert("RGB"), np.float32) / 255.0
         x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))  # CHW

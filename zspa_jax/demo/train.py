@@ -104,7 +104,9 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     init_model(model, tc.seed)
     graphdef, state = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(state))
-    log(f"demo LLaVA: {n_params:,} parameters; vocab {len(tokenizer)}; {cfg.image_seq_length} visual tokens")
+    log(
+        f"demo LLaVA: {n_params:,} parameters; vocab {len(tokenizer)}; {cfg.image_seq_length} visual tokens"
+    )
     data = Batches(tc, enc)
     prefix = jax.numpy.asarray(prefix_ids(enc))
     val = scenes.examples("val", tc.eval_examples)
@@ -114,11 +116,17 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     features = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_features(px))
     history: dict = {"parameters": int(n_params), "stages": {}}
     start, cpu0 = time.perf_counter(), _cpu_seconds()
-    schedule = ((0, tc.symbolic_steps, tc.symbolic_lr), (1, tc.stage1_steps, tc.stage1_lr), (2, tc.stage2_steps, tc.stage2_lr))
+    schedule = (
+        (0, tc.symbolic_steps, tc.symbolic_lr),
+        (1, tc.stage1_steps, tc.stage1_lr),
+        (2, tc.stage2_steps, tc.stage2_lr),
+    )
     for stage, steps, lr in schedule:
         if steps == 0:
             continue
-        optimizer = make_optimizer(tc, steps, lr, state, frozen="language_model" if stage == 1 else None)
+        optimizer = make_optimizer(
+            tc, steps, lr, state, frozen="language_model" if stage == 1 else None
+        )
         opt_state = optimizer.init(state)
         train_step = make_train_step(graphdef, optimizer, stage, tc.align_weight)
         losses = []
@@ -136,11 +144,20 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
             state, opt_state, m = train_step(state, opt_state, prefix, batch)
             m = {k: float(v) for k, v in m.items()}
             losses.append(m)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in m.items() if k != "grad_norm"}, refresh=False)
-            if stage == 2 and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < steps:
+            bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in m.items() if k != "grad_norm"}, refresh=False
+            )
+            if (
+                stage == 2
+                and tc.eval_every
+                and (step + 1) % tc.eval_every == 0
+                and step + 1 < steps
+            ):
                 acc = accuracy_report(val, answer_batch(graphdef, state, enc, val))
                 evals.append({"step": step + 1, **acc})
-                bar.write(f"  step {step + 1}: val accuracy {acc['overall']:.3f} " + _fmt(acc["per_type"]))
+                bar.write(
+                    f"  step {step + 1}: val accuracy {acc['overall']:.3f} " + _fmt(acc["per_type"])
+                )
         tail = losses[-min(20, len(losses)) :]
         history["stages"][str(stage)] = {
             "name": STAGES[stage],
@@ -152,15 +169,21 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
             "evals": evals,
         }
         h = history["stages"][str(stage)]
-        log(f"stage {stage} ({STAGES[stage]}): {steps} steps in {h['seconds']:.0f} s "
-            f"({h['cpu_seconds']:.0f} CPU-s); final (mean of last {len(tail)}) {_fmt(h['final'])}")
+        log(
+            f"stage {stage} ({STAGES[stage]}): {steps} steps in {h['seconds']:.0f} s "
+            f"({h['cpu_seconds']:.0f} CPU-s); final (mean of last {len(tail)}) {_fmt(h['final'])}"
+        )
         if stage == 0:  # the ceiling a perfect tower would give this LLM
             answers = answer_batch(graphdef, state, enc, val, symbolic_tokens=tc.symbolic_tokens)
             h["symbolic_val"] = accuracy_report(val, answers)
-            log(f"  val accuracy from perfect symbolic tokens {h['symbolic_val']['overall']:.3f} "
-                + _fmt(h["symbolic_val"]["per_type"]))
+            log(
+                f"  val accuracy from perfect symbolic tokens {h['symbolic_val']['overall']:.3f} "
+                + _fmt(h["symbolic_val"]["per_type"])
+            )
         else:
-            table = np.asarray(nnx.merge(graphdef, state).language_model.model.embed_tokens.embedding[...])
+            table = np.asarray(
+                nnx.merge(graphdef, state).language_model.model.embed_tokens.embedding[...]
+            )
             visual = np.asarray(features(state, readout_pixels))
             h["patch_readout"] = patch_readout_accuracy(visual, table, enc.vocab, readout_words)
             log(f"  per-patch readout of the visual tokens {_fmt(h['patch_readout'])}")
@@ -168,8 +191,10 @@ def train(tc: TrainConfig, progress: bool = True, log=print):
     history["cpu_seconds"] = _cpu_seconds() - cpu0
     acc = accuracy_report(val, answer_batch(graphdef, state, enc, val))
     history["val"] = acc
-    log(f"training took {history['seconds']:.0f} s ({history['cpu_seconds']:.0f} CPU-s); "
-        f"val accuracy {acc['overall']:.3f} {_fmt(acc['per_type'])}")
+    log(
+        f"training took {history['seconds']:.0f} s ({history['cpu_seconds']:.0f} CPU-s); "
+        f"val accuracy {acc['overall']:.3f} {_fmt(acc['per_type'])}"
+    )
     return nnx.merge(graphdef, state), cfg, history
 
 
@@ -213,27 +238,46 @@ def ship(model, cfg, history: dict, tc: TrainConfig, out: Path, log=print) -> di
         "parameters": summary["parameters"],
     }
     (Path(out) / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    log(f"shipped {summary['parameters']:,} parameters ({summary['bytes'] / 2**20:.1f} MiB f32) -> {out}")
+    log(
+        f"shipped {summary['parameters']:,} parameters ({summary['bytes'] / 2**20:.1f} MiB f32) -> {out}"
+    )
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zspa_jax.demo.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(DEMO_MODEL_DIR), help=f"converted checkpoint directory (default {DEMO_MODEL_DIR})")
-    parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps (smoke test)")
+    parser = argparse.ArgumentParser(
+        prog="python -m zspa_jax.demo.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--out",
+        default=str(DEMO_MODEL_DIR),
+        help=f"converted checkpoint directory (default {DEMO_MODEL_DIR})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny model and a few steps (smoke test)"
+    )
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
-    parser.add_argument("--test-examples", type=int, default=700, help="test questions scored at the end (0: skip)")
+    parser.add_argument(
+        "--test-examples", type=int, default=700, help="test questions scored at the end (0: skip)"
+    )
     for field in dataclasses.fields(TrainConfig):
         kind = type(field.default)
         if kind is bool:
             kind = lambda v: v.lower() in ("1", "true", "yes", "on")  # noqa: E731
         parser.add_argument(
-            f"--{field.name.replace('_', '-')}", type=kind, default=None, metavar=type(field.default).__name__.upper()
+            f"--{field.name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            metavar=type(field.default).__name__.upper(),
         )
     args = parser.parse_args(argv)
     overrides = dict(QUICK) if args.quick else {}
     overrides.update(
-        {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+        {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name) is not None
+        }
     )
     tc = TrainConfig(**overrides)
     print(f"config: {json.dumps(dataclasses.asdict(tc))}")

@@ -19,16 +19,28 @@ __all__ = ["FLOPS_TABLES", "main"]
 def _image_hw(text: str, parser) -> tuple[int, int]:
     """HxW in pixels, both positive; anything else is one `error:` line (exit 2)."""
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
-        parser.error(f"--image must be HxW with positive integer pixel sizes (e.g. 1344x1008), got {text!r}")
+    if (
+        len(parts) != 2
+        or not all(p.strip().isdigit() for p in parts)
+        or min(int(p) for p in parts) < 1
+    ):
+        parser.error(
+            f"--image must be HxW with positive integer pixel sizes (e.g. 1344x1008), got {text!r}"
+        )
     return int(parts[0]), int(parts[1])
 
 
 def _video_fhw(text: str, parser) -> tuple[int, int, int]:
     """FRAMESxHxW, all positive; anything else is one `error:` line (exit 2)."""
     parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
-        parser.error(f"--video must be FRAMESxHxW with positive integers (e.g. 16x448x448), got {text!r}")
+    if (
+        len(parts) != 3
+        or not all(p.strip().isdigit() for p in parts)
+        or min(int(p) for p in parts) < 1
+    ):
+        parser.error(
+            f"--video must be FRAMESxHxW with positive integers (e.g. 16x448x448), got {text!r}"
+        )
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
@@ -109,7 +121,9 @@ def _llava_next_7b_header(args, hw, n: int, rows: list[dict]) -> str:
 class FlopsTable(NamedTuple):
     """A model the FLOPs table covers (the others go with --mesh)."""
 
-    header: Callable[..., str]  # header(args, image_hw, visual_tokens, rows) -> the lines above the table
+    header: Callable[
+        ..., str
+    ]  # header(args, image_hw, visual_tokens, rows) -> the lines above the table
     keeps: tuple[int, ...] | None = None  # default keeps (None: N, 256, 128, 64)
 
 
@@ -121,12 +135,28 @@ FLOPS_TABLES = {
 }
 
 
-def _mesh_table(name: str, cfg, axis_sizes, batch: int, text_tokens: int, new_tokens: int,
-                visual_tokens: int, keeps) -> tuple[str, list[dict]]:
+def _mesh_table(
+    name: str,
+    cfg,
+    axis_sizes,
+    batch: int,
+    text_tokens: int,
+    new_tokens: int,
+    visual_tokens: int,
+    keeps,
+) -> tuple[str, list[dict]]:
     rows = []
     for keep in keeps:
         r = mesh_bytes(cfg, axis_sizes, batch, text_tokens + keep + new_tokens)
-        rows.append({"model": name, "batch": batch, "kept_tokens": keep, "visual_tokens": visual_tokens, **r})
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "kept_tokens": keep,
+                "visual_tokens": visual_tokens,
+                **r,
+            }
+        )
     gib = 2**30
     mesh = f"data={axis_sizes['data']},model={axis_sizes['model']}"
     head = "| model | mesh | batch | keep | params / device GiB | KV cache / device GiB | total / device GiB |"
@@ -140,11 +170,26 @@ def _mesh_table(name: str, cfg, axis_sizes, batch: int, text_tokens: int, new_to
 
 
 def _table(
-    cfg, text_tokens: int, new_tokens: int, keeps, kv_dtype_bytes: int, image_hw=None, video=None, fps=None
+    cfg,
+    text_tokens: int,
+    new_tokens: int,
+    keeps,
+    kv_dtype_bytes: int,
+    image_hw=None,
+    video=None,
+    fps=None,
 ) -> tuple[str, list[dict]]:
     rows = [
-        estimate_model(cfg, text_tokens, image_hw, keep=k, new_tokens=new_tokens, kv_dtype_bytes=kv_dtype_bytes,
-                       video=video, fps=fps)
+        estimate_model(
+            cfg,
+            text_tokens,
+            image_hw,
+            keep=k,
+            new_tokens=new_tokens,
+            kv_dtype_bytes=kv_dtype_bytes,
+            video=video,
+            fps=fps,
+        )
         for k in keeps
     ]
     g, t = 1e9, 1e12
@@ -165,26 +210,59 @@ def _table(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zspa_jax.estimate", description="LLaVA-1.5-7B FLOPs/KV table")
-    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens in the prompt (default 60)")
-    parser.add_argument("--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)")
-    parser.add_argument("--keep", type=int, nargs="+", default=None, help="kept visual tokens (default: all, 192/256, 128, 64)")
+    parser = argparse.ArgumentParser(
+        prog="python -m zspa_jax.estimate", description="LLaVA-1.5-7B FLOPs/KV table"
+    )
+    parser.add_argument(
+        "--text-tokens", type=int, default=60, help="text tokens in the prompt (default 60)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)"
+    )
+    parser.add_argument(
+        "--keep",
+        type=int,
+        nargs="+",
+        default=None,
+        help="kept visual tokens (default: all, 192/256, 128, 64)",
+    )
     parser.add_argument("--model", choices=tuple(MODELS), default="llava-1.5-7b")
-    parser.add_argument("--image", default="448x448", help="image size HxW in pixels for models whose tokens follow "
-                        "it (Qwen2.5-VL, LLaVA-NeXT; default 448x448)")
-    parser.add_argument("--video", default=None, help="a clip FRAMESxHxW (frames of HxW pixels) instead of an image, "
-                        "for models that take video (Qwen2.5-VL); keeps count over the whole clip (default: all, "
-                        "1/4, 1/8, 1/16)")
-    parser.add_argument("--fps", type=float, default=None, help="the clip's frame rate (sets its temporal positions "
-                        "only; default 24, transformers' default)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--mesh", default=None, help="data=D,model=M: per-device parameter and KV-cache bytes")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)")
+    parser.add_argument(
+        "--image",
+        default="448x448",
+        help="image size HxW in pixels for models whose tokens follow "
+        "it (Qwen2.5-VL, LLaVA-NeXT; default 448x448)",
+    )
+    parser.add_argument(
+        "--video",
+        default=None,
+        help="a clip FRAMESxHxW (frames of HxW pixels) instead of an image, "
+        "for models that take video (Qwen2.5-VL); keeps count over the whole clip (default: all, "
+        "1/4, 1/8, 1/16)",
+    )
+    parser.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="the clip's frame rate (sets its temporal positions "
+        "only; default 24, transformers' default)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the rows as JSON instead of a table"
+    )
+    parser.add_argument(
+        "--mesh", default=None, help="data=D,model=M: per-device parameter and KV-cache bytes"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)"
+    )
     args = parser.parse_args(argv)
     if args.mesh is not None:
         return _mesh_main(args, parser)
     if args.model not in FLOPS_TABLES:
-        parser.error(f"the FLOPs table covers {' and '.join(FLOPS_TABLES)}; {args.model} goes with --mesh")
+        parser.error(
+            f"the FLOPs table covers {' and '.join(FLOPS_TABLES)}; {args.model} goes with --mesh"
+        )
     spec = FLOPS_TABLES[args.model]
     cfg = MODELS[args.model]()
     hooks = hooks_of(cfg)
@@ -194,8 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         keeps = args.keep or _video_keeps(n)
     else:
         keeps = args.keep or (list(spec.keeps) if spec.keeps is not None else _default_keeps(n))
-    table, rows = _table(cfg, args.text_tokens, args.new_tokens, keeps, kv_dtype_bytes=2, image_hw=hw, video=video,
-                         fps=args.fps)
+    table, rows = _table(
+        cfg,
+        args.text_tokens,
+        args.new_tokens,
+        keeps,
+        kv_dtype_bytes=2,
+        image_hw=hw,
+        video=video,
+        fps=args.fps,
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -218,7 +304,9 @@ def _mesh_main(args, parser) -> int:
     _, video, plan = _visual_plan(args, parser, cfg, hooks)
     n = plan.visual_tokens
     keeps = args.keep or (_video_keeps(n) if video is not None else _default_keeps(n))
-    table, rows = _mesh_table(args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps)
+    table, rows = _mesh_table(
+        args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -227,7 +315,11 @@ def _mesh_main(args, parser) -> int:
         f"{args.model} on data={sizes['data']} x model={sizes['model']} devices: {r['param_bytes_total'] / 2**30:.1f} GiB "
         f"of parameters ({cfg.text.dtype}); B={args.batch}, {n} visual + {args.text_tokens} text + "
         f"{args.new_tokens} new tokens per row; KV heads "
-        + ("split over model" if r["kv_heads_split"] else f"({cfg.text.num_key_value_heads}) do not divide model: replicated")
+        + (
+            "split over model"
+            if r["kv_heads_split"]
+            else f"({cfg.text.num_key_value_heads}) do not divide model: replicated"
+        )
     )
     print(table)
     return 0

@@ -91,7 +91,13 @@ __all__ = [
 def decoder_layer_macs(t: LlamaConfig, n: int, kv_len: int | None = None) -> int:
     """MACs of one LLaMA layer for n query tokens attending to kv_len keys (default n)."""
     kv_len = n if kv_len is None else kv_len
-    h, hkv, dh, d, m = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    h, hkv, dh, d, m = (
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+        t.hidden_size,
+        t.intermediate_size,
+    )
     projections = n * d * (h * dh + 2 * hkv * dh) + n * h * dh * d
     attention = 2 * n * kv_len * h * dh
     mlp = 3 * n * d * m
@@ -125,8 +131,17 @@ def method_flops(
     selection only; their saving is in the LLM prefill (`fastv_prefill_flops`).
     """
     record = get_method(method)
-    return int(record.flops(n, d, keep, text_tokens, core_ratio=core_ratio, key_dim=key_dim,
-                            auto_zero_share=auto_zero_share))
+    return int(
+        record.flops(
+            n,
+            d,
+            keep,
+            text_tokens,
+            core_ratio=core_ratio,
+            key_dim=key_dim,
+            auto_zero_share=auto_zero_share,
+        )
+    )
 
 
 def fastv_prefill_flops(
@@ -139,14 +154,21 @@ def fastv_prefill_flops(
     return 2 * (macs + logits_positions * t.hidden_size * t.vocab_size)
 
 
-def llm_prefill_flops(t: LlamaConfig, n: int, kv_len: int | None = None, logits_positions: int = 1) -> int:
+def llm_prefill_flops(
+    t: LlamaConfig, n: int, kv_len: int | None = None, logits_positions: int = 1
+) -> int:
     """Decoder on n tokens + the LM head on `logits_positions` positions (one sequence)."""
-    return 2 * (t.num_hidden_layers * decoder_layer_macs(t, n, kv_len) + logits_positions * t.hidden_size * t.vocab_size)
+    return 2 * (
+        t.num_hidden_layers * decoder_layer_macs(t, n, kv_len)
+        + logits_positions * t.hidden_size * t.vocab_size
+    )
 
 
 def decode_flops(t: LlamaConfig, context: int) -> int:
     """One decode step: one new token attending to `context` cached tokens (itself included)."""
-    return 2 * (t.num_hidden_layers * decoder_layer_macs(t, 1, context) + t.hidden_size * t.vocab_size)
+    return 2 * (
+        t.num_hidden_layers * decoder_layer_macs(t, 1, context) + t.hidden_size * t.vocab_size
+    )
 
 
 def language_model_flops(
@@ -170,8 +192,13 @@ def language_model_flops(
     record = get_method(method)
     width, key_dim = tower_dims if record.stage == "tower" else (t.hidden_size, None)
     rows, chosen_from = tower_rows if record.stage == "tower" and tower_rows else (1, n)
-    pruning = batch * rows * method_flops(method, chosen_from, width, keep // rows, text_tokens, core_ratio,
-                                          key_dim=key_dim)
+    pruning = (
+        batch
+        * rows
+        * method_flops(
+            method, chosen_from, width, keep // rows, text_tokens, core_ratio, key_dim=key_dim
+        )
+    )
     fastv = record.llm_layer and keep < n  # early layers keep all N tokens
     if fastv:
         prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, fastv_layer)

@@ -61,15 +61,21 @@ def _numel_projector(cfg: LlavaConfig) -> int:
 
 
 def _image(cfg: LlavaConfig, image_hw=None) -> ImagePlan:
-    return ImagePlan(visual_tokens=cfg.image_seq_length, tower_tokens=cfg.vision.num_patches + 1,
-                     label="visual tokens")
+    return ImagePlan(
+        visual_tokens=cfg.image_seq_length,
+        tower_tokens=cfg.vision.num_patches + 1,
+        label="visual tokens",
+    )
 
 
 HOOKS = EstimateHooks(
     image=_image,
     vision_flops=lambda cfg, plan: vision_flops(cfg),
     projector_flops=projector_flops,
-    tower_dims=lambda cfg: (cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads),
+    tower_dims=lambda cfg: (
+        cfg.vision.hidden_size,
+        cfg.vision.hidden_size // cfg.vision.num_attention_heads,
+    ),
     vision_weight_bytes=lambda cfg: _numel_vision(cfg.vision) * dtype_bytes(cfg.vision.dtype),
     projector_weight_bytes=lambda cfg: _numel_projector(cfg) * dtype_bytes(cfg.text.dtype),
     tower_report=lambda cfg: {"vision_layers_run": vision_layers_run(cfg)},

@@ -29,11 +29,18 @@ def _image(cfg: LlavaNextConfig, image_hw) -> ImagePlan:
 HOOKS = EstimateHooks(
     image=_image,
     # Every crop runs the tower and the projector; unpadding drops tokens only after them.
-    vision_flops=lambda cfg, plan: plan.report["crops"] * (vision_flops(cfg) + projector_flops(cfg, cfg.tokens_per_crop)),
+    vision_flops=lambda cfg, plan: (
+        plan.report["crops"] * (vision_flops(cfg) + projector_flops(cfg, cfg.tokens_per_crop))
+    ),
     projector_flops=lambda cfg, rows: 0,  # counted per crop in vision_flops
-    tower_dims=lambda cfg: (cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads),
+    tower_dims=lambda cfg: (
+        cfg.vision.hidden_size,
+        cfg.vision.hidden_size // cfg.vision.num_attention_heads,
+    ),
     vision_weight_bytes=lambda cfg: _numel_vision(cfg.vision) * dtype_bytes(cfg.vision.dtype),
-    projector_weight_bytes=lambda cfg: (_numel_projector(cfg) + cfg.text.hidden_size) * dtype_bytes(cfg.text.dtype),
+    projector_weight_bytes=lambda cfg: (
+        (_numel_projector(cfg) + cfg.text.hidden_size) * dtype_bytes(cfg.text.dtype)
+    ),
     image_sized=True,
     reports_decode_weights=True,
 )

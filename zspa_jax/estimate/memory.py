@@ -21,7 +21,13 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def _numel_decoder_layer(t: LlamaConfig) -> int:
-    h, hkv, dh, d, m = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    h, hkv, dh, d, m = (
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.head_dim,
+        t.hidden_size,
+        t.intermediate_size,
+    )
     attn = d * (h * dh + 2 * hkv * dh) + h * dh * d
     if t.attention_bias:
         attn += h * dh + 2 * hkv * dh + d
@@ -41,22 +47,39 @@ def decode_weight_bytes(t: LlamaConfig, bytes_per: int) -> int:
     """Weights read once per decode step: every decoder layer, the final norm, the head (the
     whole tied embedding table when tied) and one embedding row."""
     head = t.hidden_size * t.vocab_size
-    return (t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head + t.hidden_size) * bytes_per
+    return (
+        t.num_hidden_layers * _numel_decoder_layer(t) + t.hidden_size + head + t.hidden_size
+    ) * bytes_per
 
 
 def kv_cache_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int) -> int:
-    return 2 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * dtype_bytes
+    return (
+        2 * t.num_hidden_layers * batch * length * t.num_key_value_heads * t.head_dim * dtype_bytes
+    )
 
 
-def _kv_bytes(t: LlamaConfig, batch: int, length: int, dtype_bytes: int, inside_llm: bool, dropped: int,
-              layer: int) -> int:
+def _kv_bytes(
+    t: LlamaConfig,
+    batch: int,
+    length: int,
+    dtype_bytes: int,
+    inside_llm: bool,
+    dropped: int,
+    layer: int,
+) -> int:
     """KV cache of `length` slots; a method pruning inside the LLM leaves the `dropped`
     visual tokens in the caches of layers < `layer` too."""
-    extra = layer * 2 * batch * dropped * t.num_key_value_heads * t.head_dim * dtype_bytes if inside_llm else 0
+    extra = (
+        layer * 2 * batch * dropped * t.num_key_value_heads * t.head_dim * dtype_bytes
+        if inside_llm
+        else 0
+    )
     return kv_cache_bytes(t, batch, length, dtype_bytes) + extra
 
 
-def mesh_bytes(cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtype_bytes: int | None = None) -> dict:
+def mesh_bytes(
+    cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtype_bytes: int | None = None
+) -> dict:
     """Per-device bytes on a ("data", "model") mesh, as `zspa_jax.load(mesh=)` and
     `generate` place them: parameters by the family's rule table (models.*.SHARDING_RULES;
     dims that do not divide are replicated), the KV cache of `batch` rows (padded to a

@@ -80,20 +80,28 @@ def estimate_model(
         raise ValueError(
             f"method {method!r} needs a [CLS] token, which the {family_of(cfg).display_name} tower does not have"
         )
-    plan = hooks.video(cfg, tuple(video), fps) if video is not None else hooks.image(cfg, image_hw if hooks.image_sized else None)
+    plan = (
+        hooks.video(cfg, tuple(video), fps)
+        if video is not None
+        else hooks.image(cfg, image_hw if hooks.image_sized else None)
+    )
     n = plan.visual_tokens
     per_row = record.stage == "tower" and plan.tower_rows is not None and keep is not None
     if per_row:  # K of each tower row (a crop): the LLM sees R * K tokens
         rows, row_tokens = plan.tower_rows
         if not 1 <= int(keep) <= row_tokens:
-            raise ValueError(f"keep must be in [1, {row_tokens}] (the tokens of one crop; {method!r} keeps K of "
-                             f"each of the image's {rows} crops), got {keep}")
+            raise ValueError(
+                f"keep must be in [1, {row_tokens}] (the tokens of one crop; {method!r} keeps K of "
+                f"each of the image's {rows} crops), got {keep}"
+            )
         keep = rows * int(keep)
     keep = n if keep is None else int(keep)
     if not per_row and not 1 <= keep <= n:
         raise ValueError(f"keep must be in [1, {n}] ({plan.label}), got {keep}")
     if text_tokens < 0 or new_tokens < 0 or batch < 1:
-        raise ValueError(f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}")
+        raise ValueError(
+            f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}"
+        )
     t = cfg.text
     weight_bytes_per = dtype_bytes(t.dtype)
     kv_bytes_per = weight_bytes_per if kv_dtype_bytes is None else int(kv_dtype_bytes)
@@ -102,16 +110,29 @@ def estimate_model(
 
     vision = batch * hooks.vision_flops(cfg, plan)
     # A method merging in tower space hands the projector only its K tokens.
-    projector = batch * hooks.projector_flops(cfg, keep if record.stage == "tower" and record.merges else n)
+    projector = batch * hooks.projector_flops(
+        cfg, keep if record.stage == "tower" and record.merges else n
+    )
     pruning, prefill, prefill_full, decode_total, decode_per_token = language_model_flops(
-        t, n, keep, text_tokens, new_tokens, batch, core_ratio, method, fastv_layer, tower_dims=dims,
+        t,
+        n,
+        keep,
+        text_tokens,
+        new_tokens,
+        batch,
+        core_ratio,
+        method,
+        fastv_layer,
+        tower_dims=dims,
         tower_rows=plan.tower_rows if per_row else None,
     )
 
     w_vision = hooks.vision_weight_bytes(cfg)
     w_projector = hooks.projector_weight_bytes(cfg)
     w_llm = _numel_llm(t) * weight_bytes_per
-    kv = _kv_bytes(t, batch, length + new_tokens, kv_bytes_per, record.llm_layer, n - keep, fastv_layer)
+    kv = _kv_bytes(
+        t, batch, length + new_tokens, kv_bytes_per, record.llm_layer, n - keep, fastv_layer
+    )
 
     out = {
         "batch": batch,
@@ -173,9 +194,18 @@ def estimate(
         and KV cache instead (layers < fastv_layer keep all N tokens).
     Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
     """
-    return estimate_model(cfg, text_tokens, None, keep=keep, new_tokens=new_tokens, batch=batch,
-                          kv_dtype_bytes=kv_dtype_bytes, core_ratio=core_ratio, method=method,
-                          fastv_layer=fastv_layer)
+    return estimate_model(
+        cfg,
+        text_tokens,
+        None,
+        keep=keep,
+        new_tokens=new_tokens,
+        batch=batch,
+        kv_dtype_bytes=kv_dtype_bytes,
+        core_ratio=core_ratio,
+        method=method,
+        fastv_layer=fastv_layer,
+    )
 
 
 def estimate_qwen2_5_vl(
@@ -194,6 +224,15 @@ def estimate_qwen2_5_vl(
     width) pixels (`estimate_model`; zspa_jax.estimate.qwen2_5_vl's docstring). Same keys as
     `estimate` (bar decode_weight_bytes_per_token and vision_layers_run), plus the image
     size and grid. Methods that need the tower's [CLS] token are refused: this tower has none."""
-    return estimate_model(cfg, text_tokens, image_hw, keep=keep, new_tokens=new_tokens, batch=batch,
-                          kv_dtype_bytes=kv_dtype_bytes, core_ratio=core_ratio, method=method,
-                          fastv_layer=fastv_layer)
+    return estimate_model(
+        cfg,
+        text_tokens,
+        image_hw,
+        keep=keep,
+        new_tokens=new_tokens,
+        batch=batch,
+        kv_dtype_bytes=kv_dtype_bytes,
+        core_ratio=core_ratio,
+        method=method,
+        fastv_layer=fastv_layer,
+    )

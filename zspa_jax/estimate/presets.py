@@ -65,40 +65,76 @@ def llava_1_5_13b_config(dtype: str = "float16") -> LlavaConfig:
     5120, LLaMA-2-13B (40 layers, d 5120, m 13824, 40 heads, vocab 32064)."""
     cfg = llava_1_5_7b_config(dtype)
     text = dataclasses.replace(
-        cfg.text, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-        num_key_value_heads=40, head_dim=None,
+        cfg.text,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        head_dim=None,
     )
     return dataclasses.replace(cfg, text=text)
 
 
-def qwen2_5_vl_7b_config(dtype: str = "bfloat16", text_layers: int = 28, vision_depth: int = 32) -> Qwen2_5_VLConfig:
+def qwen2_5_vl_7b_config(
+    dtype: str = "bfloat16", text_layers: int = 28, vision_depth: int = 32
+) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-7B-Instruct: ViT 32 blocks (d 1280, m 3420, 16 heads, patch 14, window
     112, full attention at 7/15/23/31) -> merger -> Qwen2-7B (28 layers, d 3584, m 18944,
     28 heads / 4 KV heads, vocab 152064, M-RoPE [16, 24, 24]). Fewer layers on request
     (full-attention blocks kept at the same relative depths)."""
-    full = tuple(sorted({min(vision_depth - 1, round((i + 1) * vision_depth / 4) - 1) for i in range(4)}))
+    full = tuple(
+        sorted({min(vision_depth - 1, round((i + 1) * vision_depth / 4) - 1) for i in range(4)})
+    )
     vision = Qwen2_5_VLVisionConfig(
-        depth=vision_depth, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=full,
-        out_hidden_size=3584, tokens_per_second=2, dtype=dtype,
+        depth=vision_depth,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=full,
+        out_hidden_size=3584,
+        tokens_per_second=2,
+        dtype=dtype,
     )
     text = LlamaConfig(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,
-        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=128000, qkv_bias=True, mrope_section=(16, 24, 24), dtype=dtype,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=text_layers,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=128000,
+        qkv_bias=True,
+        mrope_section=(16, 24, 24),
+        dtype=dtype,
     )
     return Qwen2_5_VLConfig(vision=vision, text=text)
 
 
-def qwen2_5_vl_3b_config(dtype: str = "bfloat16", text_layers: int = 36, vision_depth: int = 32) -> Qwen2_5_VLConfig:
+def qwen2_5_vl_3b_config(
+    dtype: str = "bfloat16", text_layers: int = 36, vision_depth: int = 32
+) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-3B-Instruct: the 7B's ViT with merger output 2048 -> Qwen2.5-3B (36 layers,
     d 2048, m 11008, 16 heads / 2 KV heads, vocab 151936, tied embeddings). Fewer layers on
     request, as for the 7B."""
     cfg = qwen2_5_vl_7b_config(dtype, vision_depth=vision_depth)
     vision = dataclasses.replace(cfg.vision, out_hidden_size=2048)
     text = dataclasses.replace(
-        cfg.text, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=text_layers,
-        num_attention_heads=16, num_key_value_heads=2, head_dim=None, tie_word_embeddings=True,
+        cfg.text,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=text_layers,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=None,
+        tie_word_embeddings=True,
     )
     return Qwen2_5_VLConfig(vision=vision, text=text)
 
@@ -109,8 +145,13 @@ def qwen2_5_vl_72b_config(dtype: str = "bfloat16") -> Qwen2_5_VLConfig:
     cfg = qwen2_5_vl_7b_config(dtype)
     vision = dataclasses.replace(cfg.vision, intermediate_size=3456, out_hidden_size=8192)
     text = dataclasses.replace(
-        cfg.text, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=None,
+        cfg.text,
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=None,
     )
     return Qwen2_5_VLConfig(vision=vision, text=text)
 

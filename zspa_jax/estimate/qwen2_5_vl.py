@@ -27,7 +27,14 @@ from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
 from zspa_jax.estimate.memory import dtype_bytes
 
-__all__ = ["HOOKS", "VIDEO_MAX_PIXELS", "VIDEO_MIN_PIXELS", "qwen_image_grid", "qwen_video_grid", "qwen_vision_flops"]
+__all__ = [
+    "HOOKS",
+    "VIDEO_MAX_PIXELS",
+    "VIDEO_MIN_PIXELS",
+    "qwen_image_grid",
+    "qwen_video_grid",
+    "qwen_vision_flops",
+]
 
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # Qwen2VLVideoProcessor's size["shortest_edge"] default
 VIDEO_MAX_PIXELS = 768 * 28 * 28  # ... and size["longest_edge"]
@@ -35,17 +42,26 @@ DEFAULT_FPS = 24  # transformers' frame rate for a clip given without one
 
 
 def qwen_image_grid(
-    height: int, width: int, v: Qwen2_5_VLVisionConfig, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+    height: int,
+    width: int,
+    v: Qwen2_5_VLVisionConfig,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 1280,
 ) -> tuple[int, int]:
     """(h, w) in patches of an image of height x width pixels after the Qwen2-VL image
     processor's smart_resize (its defaults for min/max pixels)."""
     factor = v.patch_size * v.spatial_merge_size
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+        h, w = (
+            max(factor, math.floor(height / beta / factor) * factor),
+            max(factor, math.floor(width / beta / factor) * factor),
+        )
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
@@ -69,7 +85,9 @@ def qwen_vision_flops(cfg: Qwen2_5_VLConfig, gh: int, gw: int) -> int:
     dense = 4 * p * d * d + 3 * p * d * m
     macs = p * v.patch_dim * d
     for i in range(v.depth):
-        attention = 2 * p * p * d if i in v.fullatt_block_indexes else 2 * sum(s * s for s in windows) * d
+        attention = (
+            2 * p * p * d if i in v.fullatt_block_indexes else 2 * sum(s * s for s in windows) * d
+        )
         macs += dense + attention
     n = p // v.merge_unit
     width = d * v.merge_unit
@@ -87,7 +105,9 @@ def _numel_qwen_vision(v: Qwen2_5_VLVisionConfig) -> int:
 
 def _image(cfg: Qwen2_5_VLConfig, image_hw) -> ImagePlan:
     if image_hw is None:
-        raise ValueError("Qwen2.5-VL's visual tokens follow the image: give image_hw = (height, width) pixels")
+        raise ValueError(
+            "Qwen2.5-VL's visual tokens follow the image: give image_hw = (height, width) pixels"
+        )
     gh, gw = qwen_image_grid(*image_hw, cfg.vision)
     return ImagePlan(
         visual_tokens=gh * gw // cfg.vision.merge_unit,
@@ -99,7 +119,11 @@ def _image(cfg: Qwen2_5_VLConfig, image_hw) -> ImagePlan:
 
 
 def qwen_video_grid(
-    frames: int, height: int, width: int, v: Qwen2_5_VLVisionConfig, min_pixels: int = VIDEO_MIN_PIXELS,
+    frames: int,
+    height: int,
+    width: int,
+    v: Qwen2_5_VLVisionConfig,
+    min_pixels: int = VIDEO_MIN_PIXELS,
     max_pixels: int = VIDEO_MAX_PIXELS,
 ) -> tuple[int, int, int]:
     """(t, h, w) in patches of a clip of `frames` frames of height x width pixels after the
@@ -129,7 +153,9 @@ def _video(cfg: Qwen2_5_VLConfig, video, fps) -> ImagePlan:
         label=f"visual tokens of a {frames}x{height}x{width} video",
         grid=(gh, gw),
         report={
-            "video_frames_hw": [frames, height, width], "fps": fps, "grid_thw": [t, gh, gw],
+            "video_frames_hw": [frames, height, width],
+            "fps": fps,
+            "grid_thw": [t, gh, gw],
             "second_per_grid_ts": seconds,
             # the largest temporal M-RoPE offset within the clip: (t - 1) x tokens_per_second x seconds
             "temporal_position_span": int((t - 1) * interval),

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import zspa_jax
 from models.layers import DTYPES as LIBRARY_DTYPES
@@ -48,7 +49,7 @@ class ModelArgs:
 
 
 def _mesh(value: Any) -> tuple[int, int] | None:
-    """"2x4" -> (2, 4): data x model (lmms-eval splits model_args on "," and "=")."""
+    """ "2x4" -> (2, 4): data x model (lmms-eval splits model_args on "," and "=")."""
     if value in (None, ""):
         return None
     data, sep, model = str(value).strip().partition("x")
@@ -124,10 +125,14 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
     known |= {"keep", "ratio", "method", "core_ratio", "prompt_scope", "budget", *IGNORED}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"zspa_jax model_args: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"zspa_jax model_args: unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     keep, ratio = kwargs.get("keep"), kwargs.get("ratio")
     if keep is not None and ratio is not None:
-        raise ValueError(f"zspa_jax model_args: give keep or ratio, not both (got keep={keep!r}, ratio={ratio!r})")
+        raise ValueError(
+            f"zspa_jax model_args: give keep or ratio, not both (got keep={keep!r}, ratio={ratio!r})"
+        )
     method = _choice("method", kwargs.get("method", "zspaprune"), tuple(zspa_jax.PRUNE_METHODS))
     core_ratio = _float("core_ratio", kwargs.get("core_ratio", 0.6), 0.0, 1.0)
     scope = kwargs.get("prompt_scope", "question")
@@ -149,16 +154,25 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
         ratio = None if ratio is None else _float("ratio", ratio, 0.0, 1.0, lo_open=True)
         try:
             prune = zspa_jax.PruneConfig(
-                keep=keep, ratio=ratio, method=method, core_ratio=core_ratio, prompt_scope=scope, budget=budget
+                keep=keep,
+                ratio=ratio,
+                method=method,
+                core_ratio=core_ratio,
+                prompt_scope=scope,
+                budget=budget,
             )
-        except ValueError as e:  # e.g. an unknown prompt_scope: the library's message names the field
+        except (
+            ValueError
+        ) as e:  # e.g. an unknown prompt_scope: the library's message names the field
             raise ValueError(f"zspa_jax model_args: {e}") from None
     dtype = kwargs.get("dtype")
     return ModelArgs(
         pretrained=_pretrained(kwargs.get("pretrained")),
         prune=prune,
         keep_positions=_bool("keep_positions", kwargs.get("keep_positions", False)),
-        batch_size=_int("batch_size", 1 if kwargs.get("batch_size") is None else kwargs["batch_size"], 1),
+        batch_size=_int(
+            "batch_size", 1 if kwargs.get("batch_size") is None else kwargs["batch_size"], 1
+        ),
         dtype=None if dtype in (None, "", "auto") else _choice("dtype", dtype, DTYPES),
         mesh=_mesh(kwargs.get("mesh")),
         max_new_tokens=_int("max_new_tokens", kwargs.get("max_new_tokens", 32), 1),

@@ -31,13 +31,17 @@ class ZSPAJax(lmms):
         self.chat_template = None
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "ZSPAJax":
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> ZSPAJax:
         """Like lmms' own, except that `batch_size` in `--model_args` wins over `--batch_size`
         (lmms-eval always passes the latter, default 1)."""
         from lmms_eval import utils
 
         args = utils.simple_parse_args_string(arg_string)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        extra = {
+            k: v for k, v in (additional_config or {}).items() if v is not None and k not in args
+        }
         return cls(**args, **extra)
 
     # ------------------------------------------------------------------ helpers
@@ -52,7 +56,9 @@ class ZSPAJax(lmms):
         if visuals is None:
             return ()
         visuals = list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
-        flat = [v for item in visuals for v in (item if isinstance(item, (list, tuple)) else [item])]
+        flat = [
+            v for item in visuals for v in (item if isinstance(item, (list, tuple)) else [item])
+        ]
         return tuple(flat)
 
     # ------------------------------------------------------------------ lmms API
@@ -61,7 +67,13 @@ class ZSPAJax(lmms):
         reqs = []
         for inst in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args
-            reqs.append(GenRequest(context, self._images(doc_to_visual, task, split, doc_id), dict(gen_kwargs or {})))
+            reqs.append(
+                GenRequest(
+                    context,
+                    self._images(doc_to_visual, task, split, doc_id),
+                    dict(gen_kwargs or {}),
+                )
+            )
         return self.runner.generate_until(reqs)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -72,10 +84,16 @@ class ZSPAJax(lmms):
                 reqs.append(LoglikelihoodRequest(context, continuation))
                 continue
             context, target, doc_to_visual, doc_id, task, split = inst.args
-            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            continuation = (
+                target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            )
             if isinstance(continuation, (list, tuple)):
                 continuation = continuation[0]
-            reqs.append(LoglikelihoodRequest(context, str(continuation), self._images(doc_to_visual, task, split, doc_id)))
+            reqs.append(
+                LoglikelihoodRequest(
+                    context, str(continuation), self._images(doc_to_visual, task, split, doc_id)
+                )
+            )
         return self.runner.loglikelihood(reqs)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
@@ -84,18 +102,32 @@ class ZSPAJax(lmms):
         for inst in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = inst.args
             doc = self._doc(task, split, doc_id)
-            images, outputs, info, round_idx = self._images(doc_to_visual, task, split, doc_id), [], None, 0
+            images, outputs, info, round_idx = (
+                self._images(doc_to_visual, task, split, doc_id),
+                [],
+                None,
+                0,
+            )
             while True:
                 if round_idx:
                     visuals, context, terminal, outputs, info = doc_to_text(
-                        doc, previous_output=list(outputs), round_idx=round_idx, previous_round_info=info
+                        doc,
+                        previous_output=list(outputs),
+                        round_idx=round_idx,
+                        previous_round_info=info,
                     )
                     outputs = list(outputs)
                     if terminal:
                         break
                     if visuals is not None:
-                        images = tuple(visuals) if isinstance(visuals, (list, tuple)) else (visuals,)
-                outputs.append(self.runner.generate_until([GenRequest(context, images, dict(gen_kwargs or {}))])[0])
+                        images = (
+                            tuple(visuals) if isinstance(visuals, (list, tuple)) else (visuals,)
+                        )
+                outputs.append(
+                    self.runner.generate_until(
+                        [GenRequest(context, images, dict(gen_kwargs or {}))]
+                    )[0]
+                )
                 round_idx += 1
             results.append(outputs)
         return results

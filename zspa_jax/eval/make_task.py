@@ -83,16 +83,28 @@ def write_task(out_dir: str | Path, n: int = 70) -> Path:
     for i, ex in enumerate(scenes.examples("test", n)):
         name = f"{i:05d}.png"
         ex.image().save(data / name)
-        rows.append({"file_name": name, "index": i, "question": ex.qa.question, "answer": ex.qa.answer, "qtype": ex.qa.qtype})
+        rows.append(
+            {
+                "file_name": name,
+                "index": i,
+                "question": ex.qa.question,
+                "answer": ex.qa.answer,
+                "qtype": ex.qa.qtype,
+            }
+        )
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (task_dir / f"{TASK}_utils.py").write_text(_UTILS)
-    (task_dir / f"{TASK}.yaml").write_text(_YAML.format(n=n, task=TASK, data_dir=json.dumps(str(task_dir / "data"))))
+    (task_dir / f"{TASK}.yaml").write_text(
+        _YAML.format(n=n, task=TASK, data_dir=json.dumps(str(task_dir / "data")))
+    )
     return task_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="where to write the task (pass it to lmms-eval as --include_path)")
+    parser.add_argument(
+        "out_dir", help="where to write the task (pass it to lmms-eval as --include_path)"
+    )
     parser.add_argument("--n", type=int, default=70, help="test questions (default 70)")
     args = parser.parse_args(argv)
     try:
@@ -102,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from zspa_jax.demo.run import demo_model_path
 
-    print(f"wrote {args.n} questions to {task_dir}\nrun:\n  lmms-eval --model zspa_jax --model_args "
-          f"pretrained={demo_model_path()} --tasks {TASK} --include_path {task_dir.parent}")
+    print(
+        f"wrote {args.n} questions to {task_dir}\nrun:\n  lmms-eval --model zspa_jax --model_args "
+        f"pretrained={demo_model_path()} --tasks {TASK} --include_path {task_dir.parent}"
+    )
     return 0
 
 

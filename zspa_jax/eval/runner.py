@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,9 @@ def gen_settings(gen_kwargs: Mapping[str, Any], default_max_new_tokens: int) -> 
     elif isinstance(until, (list, tuple)) and all(isinstance(u, str) for u in until):
         until = tuple(until)
     else:
-        raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
+        raise ValueError(
+            f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}"
+        )
     max_new = kw.pop("max_new_tokens", None)
     max_new = default_max_new_tokens if max_new is None else int(max_new)
     if max_new < 1:
@@ -82,11 +85,15 @@ def gen_settings(gen_kwargs: Mapping[str, Any], default_max_new_tokens: int) -> 
     top_p, top_k = kw.pop("top_p", None), kw.pop("top_k", None)
     num_beams = int(kw.pop("num_beams", 1) or 1)
     if num_beams > 1:
-        raise ValueError(f"gen_kwargs num_beams={num_beams}: beam search is not implemented by zspa_jax.generate")
+        raise ValueError(
+            f"gen_kwargs num_beams={num_beams}: beam search is not implemented by zspa_jax.generate"
+        )
     for key in kw:
         if key not in _HARMLESS_GEN_KWARGS and key not in _WARNED:
             _WARNED.add(key)
-            warnings.warn(f"zspa_jax: generation kwarg {key!r} is not supported and is ignored", stacklevel=2)
+            warnings.warn(
+                f"zspa_jax: generation kwarg {key!r} is not supported and is ignored", stacklevel=2
+            )
     if not do_sample:
         return GenSettings(max_new, until=until)
     return GenSettings(
@@ -118,7 +125,7 @@ def batches(keys: Sequence[Any], lengths: Sequence[int], batch_size: int) -> lis
     for i, (key, n) in enumerate(zip(keys, lengths)):
         groups.setdefault((key, prompt_bucket(n)), []).append(i)
     out = []
-    for (_, bucket), idx in sorted(groups.items(), key=lambda kv: (-kv[0][1], repr(kv[0][0]))):
+    for _, idx in sorted(groups.items(), key=lambda kv: (-kv[0][1], repr(kv[0][0]))):
         idx.sort(key=lambda i: (-lengths[i], i))
         out += [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
     return out
@@ -131,7 +138,11 @@ def _fill(idx: list[int], batch_size: int) -> list[int]:
 
 def load_model(args: ModelArgs) -> zspa_jax.VLM:
     """`zspa_jax.load(args.pretrained, mesh=, dtype=)`, checked against `args.prune`."""
-    mesh = None if args.mesh is None else device_mesh(*args.mesh, f"zspa_jax model_args: mesh={args.mesh[0]}x{args.mesh[1]}")
+    mesh = (
+        None
+        if args.mesh is None
+        else device_mesh(*args.mesh, f"zspa_jax model_args: mesh={args.mesh[0]}x{args.mesh[1]}")
+    )
     vlm = zspa_jax.load(args.pretrained, mesh=mesh, dtype=args.dtype)
     if vlm.processor is None:
         raise ValueError(
@@ -164,7 +175,9 @@ class Runner:
         images = tuple(images or ())
         for image in images:
             if not (hasattr(image, "convert") and hasattr(image, "size")):
-                raise ValueError(f"{where}: expected PIL images, got {type(image).__name__} (videos are not supported)")
+                raise ValueError(
+                    f"{where}: expected PIL images, got {type(image).__name__} (videos are not supported)"
+                )
         return images
 
     def _encode(self, context: str, images: tuple) -> dict[str, np.ndarray]:
@@ -182,8 +195,12 @@ class Runner:
         settings = [gen_settings(r.gen_kwargs, self.args.max_new_tokens) for r in requests]
         images = [self._check_images(r.images, f"request {i}") for i, r in enumerate(requests)]
         # The exact encoded length (chat template and image expansion included) picks the bucket.
-        lengths = [self._encode(r.context, im)["input_ids"].shape[1] for r, im in zip(requests, images)]
-        keys = [(s, len(im)) for s, im in zip(settings, images)]  # a batch's prompts hold as many images
+        lengths = [
+            self._encode(r.context, im)["input_ids"].shape[1] for r, im in zip(requests, images)
+        ]
+        keys = [
+            (s, len(im)) for s, im in zip(settings, images)
+        ]  # a batch's prompts hold as many images
         out: list[str | None] = [None] * len(requests)
         plan = batches(keys, lengths, self.args.batch_size)
         with self._progress(len(requests), "zspa_jax generate") as bar:
@@ -218,7 +235,10 @@ class Runner:
         rows = []
         for i, r in enumerate(requests):
             enc = self._encode(r.context, self._check_images(r.images, f"request {i}"))
-            cont = [int(t) for t in self.tokenizer(r.continuation, add_special_tokens=False)["input_ids"]]
+            cont = [
+                int(t)
+                for t in self.tokenizer(r.continuation, add_special_tokens=False)["input_ids"]
+            ]
             prompt = enc["input_ids"][0][enc["attention_mask"][0].astype(bool)]
             extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
             rows.append((np.concatenate([prompt, np.asarray(cont, np.int32)]), len(cont), extras))
@@ -227,7 +247,9 @@ class Runner:
         plan = batches(keys, [len(ids) for ids, _, _ in rows], self.args.batch_size)
         with self._progress(len(requests), "zspa_jax loglikelihood") as bar:
             for idx in plan:
-                for i, result in zip(idx, self._score([rows[i] for i in _fill(idx, self.args.batch_size)])):
+                for i, result in zip(
+                    idx, self._score([rows[i] for i in _fill(idx, self.args.batch_size)])
+                ):
                     out[i] = result
                 bar.update(len(idx))
         return out  # type: ignore[return-value]
@@ -242,8 +264,13 @@ class Runner:
         extras = {k: np.concatenate([e[k] for _, _, e in rows]) for k in rows[0][2]}
         prune = self.args.prune if extras else None
         logits = zspa_jax.forward(
-            self.vlm, input_ids=input_ids, attention_mask=mask, prune=prune, seed=self.args.seed,
-            keep_positions=self.args.keep_positions, **extras,
+            self.vlm,
+            input_ids=input_ids,
+            attention_mask=mask,
+            prune=prune,
+            seed=self.args.seed,
+            keep_positions=self.args.keep_positions,
+            **extras,
         )
         results = []
         for r, (ids, n, _) in enumerate(rows):
@@ -255,6 +282,7 @@ class Runner:
             logp = step - step.max(axis=-1, keepdims=True)
             logp = logp - np.log(np.exp(logp).sum(axis=-1, keepdims=True))
             target = ids[-n:]
-            results.append((float(logp[np.arange(n), target].sum()), bool((step.argmax(-1) == target).all())))
+            results.append(
+                (float(logp[np.arange(n), target].sum()), bool((step.argmax(-1) == target).all()))
+            )
         return results
-

@@ -18,14 +18,25 @@ from zspa_jax.families.base import Family, HostBatch
 _RECORDS = (llava.FAMILY, qwen2_5_vl.FAMILY, llava_next.FAMILY)
 FAMILIES: dict[str, Family] = {f.name: f for f in _RECORDS}
 
-__all__ = ["FAMILIES", "Family", "HostBatch", "family_of", "get_family", "param_template", "read_config", "restore_model"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "HostBatch",
+    "family_of",
+    "get_family",
+    "param_template",
+    "read_config",
+    "restore_model",
+]
 
 
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown model family {name!r}; this version reads {sorted(FAMILIES)}") from None
+        raise ValueError(
+            f"unknown model family {name!r}; this version reads {sorted(FAMILIES)}"
+        ) from None
 
 
 def family_of(vlm_or_config) -> Family:
@@ -34,7 +45,9 @@ def family_of(vlm_or_config) -> Family:
     for family in FAMILIES.values():
         if isinstance(cfg, family.config_cls):
             return family
-    raise TypeError(f"{type(cfg).__name__} is not the config of a registered model family ({sorted(FAMILIES)})")
+    raise TypeError(
+        f"{type(cfg).__name__} is not the config of a registered model family ({sorted(FAMILIES)})"
+    )
 
 
 def read_config(directory: str | Path):
@@ -48,7 +61,9 @@ def read_config(directory: str | Path):
     try:
         return FAMILIES[name].config_cls.from_dict(payload)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} holds an invalid model config ({type(e).__name__}: {e}); {RECONVERT}") from None
+        raise CheckpointError(
+            f"{path} holds an invalid model config ({type(e).__name__}: {e}); {RECONVERT}"
+        ) from None
 
 
 def param_template(cfg) -> dict:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -28,12 +29,24 @@ class HostBatch(NamedTuple):
     aux: Any  # the family's pytree for `multimodal_inputs` (None when it needs none)
     num_visual: int  # placeholder slots per row N (the visual layout), 0 without images
     min_visual: int  # fewest real visual tokens in a row (what a prune ratio applies to)
-    prompt_tokens: np.ndarray | None  # int [B]: real prompt tokens per row before any padding (None if traced)
-    visual_per_row: np.ndarray | None = None  # int [B]: real visual tokens per row (None: num_visual each)
-    image_grid: np.ndarray | None = None  # int [B, I, 2]: each image's token grid (rows, cols), when grids
-    rows: int | None = None  # the caller's rows when the batch was padded for a mesh (None: not padded)
-    images_per_row: np.ndarray | None = None  # int [B]: images in each row (None: unknown, e.g. traced)
-    min_image_visual: int = 0  # fewest real visual tokens of one image (what a per-image ratio applies to)
+    prompt_tokens: (
+        np.ndarray | None
+    )  # int [B]: real prompt tokens per row before any padding (None if traced)
+    visual_per_row: np.ndarray | None = (
+        None  # int [B]: real visual tokens per row (None: num_visual each)
+    )
+    image_grid: np.ndarray | None = (
+        None  # int [B, I, 2]: each image's token grid (rows, cols), when grids
+    )
+    rows: int | None = (
+        None  # the caller's rows when the batch was padded for a mesh (None: not padded)
+    )
+    images_per_row: np.ndarray | None = (
+        None  # int [B]: images in each row (None: unknown, e.g. traced)
+    )
+    min_image_visual: int = (
+        0  # fewest real visual tokens of one image (what a per-image ratio applies to)
+    )
     # Tower-stage methods on a family whose tower rows are not its images (LLaVA-NeXT's crops):
     # the tower rows of each row, each keeping K (0: K per image, or per row)
     tower_rows_per_row: int = 0
@@ -42,8 +55,18 @@ class HostBatch(NamedTuple):
 class HostAdapter(Protocol):
     """A family's host side: checks, layouts and the processor (numpy, before any compile)."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras: dict, prune, extra_length: int,
-                bucket: bool, prompt_bucket: Callable[[int], int] | None) -> HostBatch:
+    def prepare(
+        self,
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras: dict,
+        prune,
+        extra_length: int,
+        bucket: bool,
+        prompt_bucket: Callable[[int], int] | None,
+    ) -> HostBatch:
         """`extras`: the family's other visual arrays by name (those in `Family.visual_args`).
         `prompt_bucket`: left-pad each prompt to the length it gives (`left_pad`)."""
 
@@ -69,9 +92,13 @@ class Family:
     converter: str  # the module run as `python -m <converter> SRC OUT`
     has_cls: bool  # the tower has a [CLS] token (the tower-stage methods need it)
     variable_tokens: bool  # rows carry different numbers of visual tokens (a valid mask)
-    grid_tokens: bool = True  # an image's visual tokens form a 2-D grid (what the grid-reading methods need)
+    grid_tokens: bool = (
+        True  # an image's visual tokens form a 2-D grid (what the grid-reading methods need)
+    )
     tokens_per_image: Callable[[Any], int | None] = lambda cfg: None  # fixed N per image, or None
-    visual_args: tuple[str, ...] = ()  # the visual arrays besides pixel_values it takes (transformers' names)
+    visual_args: tuple[
+        str, ...
+    ] = ()  # the visual arrays besides pixel_values it takes (transformers' names)
     estimate: Any = None  # the family's estimate hooks (zspa_jax.estimate)
 
     @property
@@ -93,7 +120,11 @@ class Family:
                 f"method {method.name!r} reads each image's visual tokens as a 2-D grid; {self.display_name}'s are not "
                 "one (e.g. a base view followed by a crop grid with row newlines)"
             )
-        if self.variable_tokens and not method.accepts_mask and not (method.needs_cls_attention and self.has_cls):
+        if (
+            self.variable_tokens
+            and not method.accepts_mask
+            and not (method.needs_cls_attention and self.has_cls)
+        ):
             # (tower-stage methods run on whole tower rows, which need no mask)
             raise ValueError(
                 f"method {method.name!r} is not implemented for {self.display_name} (variable-size images): it "
@@ -125,11 +156,17 @@ def left_pad(
     extra = bucket(ids.shape[1] - dropped) - (ids.shape[1] - dropped)
     if not extra:
         return ids, mask
-    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
+    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(
+        mask, ((0, 0), (extra, 0))
+    )
 
 
 def pad_visual_slots(
-    input_ids: np.ndarray, attention_mask: np.ndarray, token_id: int | tuple[int, ...], slots: int, pad_id: int
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_id: int | tuple[int, ...],
+    slots: int,
+    pad_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Give every row exactly `slots` placeholders (the visual layout of models.protocol).
 
@@ -173,12 +210,16 @@ def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarra
     """Host ids int [B, L] and a 0/1, left-padded mask (all ones when None)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer array [batch, length], got shape {ids.shape} ({ids.dtype})")
+        raise ValueError(
+            f"input_ids must be an integer array [batch, length], got shape {ids.shape} ({ids.dtype})"
+        )
     if attention_mask is None:
         return ids, np.ones(ids.shape, np.int32)
     mask = np.asarray(attention_mask)
     if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}"
+        )
     check_binary_mask("attention_mask", mask)
     check_left_padded(mask)
     return ids, mask.astype(np.int32)
@@ -186,12 +227,24 @@ def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarra
 
 def check_left_padded(mask) -> None:
     if (np.asarray(mask)[:, -1] == 0).any():
-        raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
+        raise ValueError(
+            "attention_mask must be left-padded: the last position of every row must be a real token"
+        )
 
 
 __all__ = [
-    "Family", "HostAdapter", "HostBatch", "check_ids_and_mask", "check_left_padded", "is_traced",
-    "image_slot_index", "images_per_prompt", "left_pad", "pad_visual_slots", "prompt_bucket", "round_up",
+    "Family",
+    "HostAdapter",
+    "HostBatch",
+    "check_ids_and_mask",
+    "check_left_padded",
+    "is_traced",
+    "image_slot_index",
+    "images_per_prompt",
+    "left_pad",
+    "pad_visual_slots",
+    "prompt_bucket",
+    "round_up",
 ]
 
 
@@ -217,7 +270,9 @@ def images_per_prompt(
         several = isinstance(entry, (list, tuple))
         group = [] if entry is None and optional else (list(entry) if several else [entry])
         if not group and not optional:
-            raise ValueError(f"images[{i}] is an empty list; give each prompt at least one image, or images=None")
+            raise ValueError(
+                f"images[{i}] is an empty list; give each prompt at least one image, or images=None"
+            )
         for j, image in enumerate(group):
             check(image, f"images[{i}][{j}]" if several else f"images[{i}]")
         groups.append(group)

@@ -9,15 +9,23 @@ transformers processor (`LlavaProcessor`) and the chat template.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from models.checkpoint import RECONVERT, CheckpointError
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax.estimate.llava import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, images_per_prompt, left_pad, pad_visual_slots, to_rgb
+from zspa_jax.families.base import (
+    Family,
+    HostBatch,
+    images_per_prompt,
+    left_pad,
+    pad_visual_slots,
+    to_rgb,
+)
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.validation import (
     as_array,
@@ -39,7 +47,12 @@ class CheckedArrays(NamedTuple):
 
 
 def check_arrays(
-    vlm, input_ids, pixel_values, attention_mask, prune: PruneConfig | None = None, extra_length: int = 0
+    vlm,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    prune: PruneConfig | None = None,
+    extra_length: int = 0,
 ) -> CheckedArrays:
     """Check the array API's inputs; messages name the argument and, for values, the row.
 
@@ -54,9 +67,13 @@ def check_arrays(
     if attention_mask is not None:
         mask = attention_mask if hasattr(attention_mask, "dtype") else np.asarray(attention_mask)
         if tuple(mask.shape) != shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {shape}, got {tuple(mask.shape)}"
+            )
         if not (np.issubdtype(np.dtype(mask.dtype), np.number) or np.dtype(mask.dtype) == np.bool_):
-            raise TypeError(f"attention_mask must be an array of 0/1 (int or bool), got dtype {mask.dtype}")
+            raise TypeError(
+                f"attention_mask must be an array of 0/1 (int or bool), got dtype {mask.dtype}"
+            )
     n = vlm.tokens_per_image
     pixels = None
     if pixel_values is not None:
@@ -70,11 +87,15 @@ def check_arrays(
         _check_length(vlm, prune, ids, mask, pixels, extra_length)
         return CheckedArrays(ids, pixels, mask)
 
-    check_ids_in_range("input_ids", ids, vlm.config.text.vocab_size, allowed=(vlm.config.image_token_index,))
+    check_ids_in_range(
+        "input_ids", ids, vlm.config.text.vocab_size, allowed=(vlm.config.image_token_index,)
+    )
     if mask is not None:
         check_binary_mask("attention_mask", mask)
         if (np.asarray(mask)[:, -1] == 0).any():
-            raise ValueError("attention_mask must be left-padded: the last position of every row must be a real token")
+            raise ValueError(
+                "attention_mask must be left-padded: the last position of every row must be a real token"
+            )
     host_ids = np.asarray(ids)
     is_image = host_ids == vlm.config.image_token_index
     if pixels is None:
@@ -137,7 +158,7 @@ def _pad_images(pixels: np.ndarray, images: np.ndarray) -> np.ndarray:
     out = np.zeros((len(images) * most,) + pixels.shape[1:], pixels.dtype)
     starts = np.cumsum(np.concatenate([[0], images[:-1]]))
     for row, (start, count) in enumerate(zip(starts.tolist(), images.tolist())):
-        out[row * most: row * most + count] = pixels[start: start + count]
+        out[row * most : row * most + count] = pixels[start : start + count]
     return out
 
 
@@ -146,7 +167,9 @@ def _pruned_away(vlm, prune: PruneConfig, ids, mask, pixels) -> int:
     kept tokens keep their positions and decoding continues after the whole prompt)."""
     n = vlm.tokens_per_image
     images = images_per_row(vlm, ids, mask, pixels)
-    keep = prune.row_keep(int(images.min()) * n, n, int(images.max()))  # raises if keep > a row's tokens
+    keep = prune.row_keep(
+        int(images.min()) * n, n, int(images.max())
+    )  # raises if keep > a row's tokens
     return 0 if prune.record.llm_layer else int(images.min()) * n - keep
 
 
@@ -161,7 +184,11 @@ def _image_parts(prompt: str, images: int, image_token: str) -> list[dict]:
     pieces = prompt.split(image_token)
     parts: list[dict] = []
     for i, piece in enumerate(pieces):
-        text = piece.strip() if 0 < i < len(pieces) - 1 else (piece.rstrip() if i == 0 else piece.lstrip())
+        text = (
+            piece.strip()
+            if 0 < i < len(pieces) - 1
+            else (piece.rstrip() if i == 0 else piece.lstrip())
+        )
         if text:
             parts.append({"type": "text", "text": text})
         if i < len(pieces) - 1:
@@ -178,15 +205,23 @@ def _apply_chat_template(processor, prompt: str, images: int, image_token: str) 
     """
     import jinja2
 
-    parts = _image_parts(prompt, images, image_token) if images else [{"type": "text", "text": prompt}]
+    parts = (
+        _image_parts(prompt, images, image_token) if images else [{"type": "text", "text": prompt}]
+    )
     try:
-        text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
         if text.count(image_token) == images:
             return text
     except (TypeError, jinja2.TemplateError):
         pass
-    content = prompt if image_token in prompt or not images else f"{image_token}\n" * images + prompt
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    content = (
+        prompt if image_token in prompt or not images else f"{image_token}\n" * images + prompt
+    )
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True
+    )
 
 
 def _check_prompts(prompts: Any) -> list[str]:
@@ -209,7 +244,11 @@ def _check_image(img: Any, name: str) -> None:
         if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
             raise ValueError(f"{name} holds NaN or Inf values; every value must be finite")
         return
-    hint = " (open files with PIL.Image.open(path))" if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__") else ""
+    hint = (
+        " (open files with PIL.Image.open(path))"
+        if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__")
+        else ""
+    )
     raise TypeError(
         f"{name} must be a PIL.Image.Image or an [height, width, channels] array, got "
         f"{type_name(img)}{' of shape ' + str(img.shape) if isinstance(img, np.ndarray) else ''}{hint}"
@@ -217,7 +256,11 @@ def _check_image(img: Any, name: str) -> None:
 
 
 def encode(
-    vlm, prompts: str | Sequence[str], images: Any | Sequence[Any] | None = None, *, chat_template: bool | None = None
+    vlm,
+    prompts: str | Sequence[str],
+    images: Any | Sequence[Any] | None = None,
+    *,
+    chat_template: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Strings + images -> exactly the arrays the array API takes, through the saved HF processor.
 
@@ -253,15 +296,27 @@ def encode(
             )
     has_template = getattr(processor, "chat_template", None) is not None
     if chat_template and not has_template:
-        raise ValueError(f"chat_template=True, but the processor saved at {vlm.path} has no chat template")
+        raise ValueError(
+            f"chat_template=True, but the processor saved at {vlm.path} has no chat template"
+        )
     use_template = has_template if chat_template is None else chat_template
     if use_template:
-        prompts = [_apply_chat_template(processor, p, count, image_token) for p, count in zip(prompts, counts)]
+        prompts = [
+            _apply_chat_template(processor, p, count, image_token)
+            for p, count in zip(prompts, counts)
+        ]
     elif images is not None:
-        prompts = [p if image_token in p else f"{image_token}\n" * count + p for p, count in zip(prompts, counts)]
+        prompts = [
+            p if image_token in p else f"{image_token}\n" * count + p
+            for p, count in zip(prompts, counts)
+        ]
     tokenizer.padding_side = "left"
     if images is not None:
-        rgb = [to_rgb(img, f"images[{i}][{j}]") for i, group in enumerate(images) for j, img in enumerate(group)]
+        rgb = [
+            to_rgb(img, f"images[{i}][{j}]")
+            for i, group in enumerate(images)
+            for j, img in enumerate(group)
+        ]
         batch = processor(text=prompts, images=rgb, return_tensors="np", padding=True)
     else:
         batch = tokenizer(prompts, return_tensors="np", padding=True)
@@ -277,30 +332,60 @@ def encode(
 class LlavaAdapter:
     """Fixed N per image, NCHW pixels, no aux; traced arrays pass through untouched."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
-                prompt_bucket=None) -> HostBatch:
-        arrays = check_arrays(vlm, input_ids, pixel_values, attention_mask, prune, extra_length=extra_length)
-        input_ids, pixel_values, attention_mask = arrays.input_ids, arrays.pixel_values, arrays.attention_mask
+    def prepare(
+        self,
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras,
+        prune,
+        extra_length,
+        bucket,
+        prompt_bucket=None,
+    ) -> HostBatch:
+        arrays = check_arrays(
+            vlm, input_ids, pixel_values, attention_mask, prune, extra_length=extra_length
+        )
+        input_ids, pixel_values, attention_mask = (
+            arrays.input_ids,
+            arrays.pixel_values,
+            arrays.attention_mask,
+        )
         if pixel_values is None:
             n_row = images = None
         else:
             n = vlm.tokens_per_image
-            images = images_per_row(vlm, input_ids, attention_mask, pixel_values) if prune is not None else None
+            images = (
+                images_per_row(vlm, input_ids, attention_mask, pixel_values)
+                if prune is not None
+                else None
+            )
             n_row = n * (int(images.max()) if images is not None else 1)
         prompt_tokens = None
         if not is_traced(input_ids, attention_mask):
             ids = np.asarray(input_ids, np.int32)
-            mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+            mask = (
+                np.ones(ids.shape, np.int32)
+                if attention_mask is None
+                else np.asarray(attention_mask, np.int32)
+            )
             prompt_tokens = mask.sum(axis=1)
-            if images is not None and images.min() != images.max():  # the visual layout: I images in every row
+            if (
+                images is not None and images.min() != images.max()
+            ):  # the visual layout: I images in every row
                 pixel_values = _pad_images(np.asarray(pixel_values), images)
-                ids, mask = pad_visual_slots(ids, mask, vlm.config.image_token_index, n_row, vlm.pad_token_id)
+                ids, mask = pad_visual_slots(
+                    ids, mask, vlm.config.image_token_index, n_row, vlm.pad_token_id
+                )
                 input_ids, attention_mask = ids, mask
             if prompt_bucket:
                 dropped = 0
                 if images is not None and not prune.record.llm_layer:
                     dropped = n_row - prune.row_keep(int(images.min()) * n, n, int(images.max()))
-                input_ids, attention_mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id, dropped)
+                input_ids, attention_mask = left_pad(
+                    ids, mask, prompt_bucket, vlm.pad_token_id, dropped
+                )
         if pixel_values is None:
             return HostBatch(input_ids, attention_mask, None, None, 0, 0, prompt_tokens)
         rows = int(np.shape(input_ids)[0])
@@ -309,21 +394,38 @@ class LlavaAdapter:
         grid = None if grid is None else np.tile(np.asarray(grid, np.int32), (rows, per_image, 1))
         per_row = None if images is None else images * n
         return HostBatch(
-            input_ids, attention_mask, pixel_values, None, n_row, n if per_row is None else int(per_row.min()),
-            prompt_tokens, per_row, image_grid=grid, images_per_row=images, min_image_visual=n,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            None,
+            n_row,
+            n if per_row is None else int(per_row.min()),
+            prompt_tokens,
+            per_row,
+            image_grid=grid,
+            images_per_row=images,
+            min_image_visual=n,
         )
 
     def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
-        return {"pixel_values": int((ids[-1] == vlm.config.image_token_id).sum()) // vlm.config.image_seq_length}
+        return {
+            "pixel_values": int((ids[-1] == vlm.config.image_token_id).sum())
+            // vlm.config.image_seq_length
+        }
 
     def encode(self, vlm, prompts, images, chat_template, videos=None):
         if videos is not None:
-            raise ValueError("videos were given: video input is not supported by LLaVA models (images only)")
+            raise ValueError(
+                "videos were given: video input is not supported by LLaVA models (images only)"
+            )
         return encode(vlm, prompts, images, chat_template=chat_template)
 
     def load_processor(self, path: Path):
         """The transformers processor saved beside the params, or None when there is none."""
-        if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if not any(
+            (path / name).exists()
+            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
             return None
         from transformers import AutoProcessor
 
@@ -332,7 +434,9 @@ class LlavaAdapter:
             try:
                 return AutoProcessor.from_pretrained(path)
             except Exception as e:  # transformers raises many types for one cause: damaged files
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                reason = (
+                    str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                )
                 raise CheckpointError(
                     f"{path}: the saved tokenizer/processor files cannot be loaded ({reason}); {RECONVERT}"
                 ) from None

@@ -46,8 +46,18 @@ SLOT_BUCKET = 64  # image slots and each row's placeholders are padded to a mult
 class LlavaNextAdapter(LlavaAdapter):
     """Anyres layouts from `image_sizes`; strings + images and the processor as LLaVA-1.5."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
-                prompt_bucket=None) -> HostBatch:
+    def prepare(
+        self,
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras,
+        prune,
+        extra_length,
+        bucket,
+        prompt_bucket=None,
+    ) -> HostBatch:
         image_sizes = extras.get("image_sizes")
         if is_traced(input_ids, pixel_values, attention_mask, image_sizes):
             raise ValueError(
@@ -73,12 +83,16 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         pixels = np.asarray(pixel_values)
         if not np.issubdtype(pixels.dtype, np.floating):
-            raise TypeError(f"pixel_values must be a float array of image crops, got dtype {pixels.dtype}")
+            raise TypeError(
+                f"pixel_values must be a float array of image crops, got dtype {pixels.dtype}"
+            )
         sizes = check_inputs(cfg, pixels, image_sizes, np.where(mask != 0, ids, -1))
         check_finite("pixel_values", pixels, what="image")
         pixels = pixels.astype(np.float32)
         if bucket and pixels.shape[1] < cfg.max_patches:  # one crop count for every batch
-            pixels = np.pad(pixels, ((0, 0), (0, cfg.max_patches - pixels.shape[1])) + ((0, 0),) * 3)
+            pixels = np.pad(
+                pixels, ((0, 0), (0, cfg.max_patches - pixels.shape[1])) + ((0, 0),) * 3
+            )
         counts = [image_token_count(s, cfg) for s in sizes]
         slots = round_up(max(counts), SLOT_BUCKET) if bucket else max(counts)
         per_row = ((ids == cfg.image_token_index) & (mask != 0)).sum(1)
@@ -89,25 +103,47 @@ class LlavaNextAdapter(LlavaAdapter):
         images_per_row, keep, dropped, tower_rows = None, 0, 0, 0
         min_visual, min_image = int(per_row.min()), min(counts)
         if pruning:
-            unpadded = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids, attention_mask=mask)
+            unpadded = anyres_layout(
+                sizes, cfg, num_slots=slots, input_ids=ids, attention_mask=mask
+            )
             images_per_row = (unpadded.image_index[:, :, 0] >= 0).sum(1)
-            if prune.record.needs_cls_attention:  # K of each crop (base view included), as the official code
-                tower_rows = self._tower_rows(prune, images_per_row, pixels.shape[1], cfg.tokens_per_crop)
-                min_visual = min_image = cfg.tokens_per_crop  # what keep is bounded by and a ratio applies to
+            if (
+                prune.record.needs_cls_attention
+            ):  # K of each crop (base view included), as the official code
+                tower_rows = self._tower_rows(
+                    prune, images_per_row, pixels.shape[1], cfg.tokens_per_crop
+                )
+                min_visual = min_image = (
+                    cfg.tokens_per_crop
+                )  # what keep is bounded by and a ratio applies to
                 keep = prune.keep_for(min_visual, min_image) * tower_rows
             else:
-                keep = prune.row_keep(min_visual, min_image, int(images_per_row.max()))  # too many: an error
+                keep = prune.row_keep(
+                    min_visual, min_image, int(images_per_row.max())
+                )  # too many: an error
             if not prune.record.llm_layer:  # the pruned prompt is padded to its own bucket
                 dropped = int((ids == cfg.image_token_index).sum(1).max()) - keep
         if prompt_bucket:
             ids, mask = left_pad(ids, mask, prompt_bucket, vlm.pad_token_id, dropped)
-        layout = anyres_layout(sizes, cfg, num_slots=slots, input_ids=ids if pruning else None, attention_mask=mask)
+        layout = anyres_layout(
+            sizes, cfg, num_slots=slots, input_ids=ids if pruning else None, attention_mask=mask
+        )
         saved = int(per_row.min()) - keep if pruning and not prune.record.llm_layer else 0
         self._check_length(cfg, int(prompt_tokens.max()) - saved, extra_length)
         n = layout.row_index.shape[1] if pruning else 0
         return HostBatch(
-            ids, mask, pixels, layout, n, min_visual, prompt_tokens, per_row, image_grid=None,
-            images_per_row=images_per_row, min_image_visual=min_image, tower_rows_per_row=tower_rows,
+            ids,
+            mask,
+            pixels,
+            layout,
+            n,
+            min_visual,
+            prompt_tokens,
+            per_row,
+            image_grid=None,
+            images_per_row=images_per_row,
+            min_image_visual=min_image,
+            tower_rows_per_row=tower_rows,
         )
 
     @staticmethod
@@ -139,7 +175,11 @@ class LlavaNextAdapter(LlavaAdapter):
         """The last row's images: its placeholders against the last images' token counts."""
         tokens = int((ids[-1] == vlm.config.image_token_id).sum())
         image_sizes = extras.get("image_sizes")
-        sizes = np.zeros((0, 2), np.int64) if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
+        sizes = (
+            np.zeros((0, 2), np.int64)
+            if image_sizes is None
+            else np.asarray(image_sizes).reshape(-1, 2)
+        )
         images = 0
         while tokens > 0 and images < len(sizes):
             images += 1

@@ -7,7 +7,7 @@ select_tokens, the families' support checks, the pipeline, estimate) reads the r
 
 from __future__ import annotations
 
-from zspa_jax.methods import baselines, cdpruner, dart, fastv, pool, vispruner, visionzip, zspaprune
+from zspa_jax.methods import baselines, cdpruner, dart, fastv, pool, visionzip, vispruner, zspaprune
 from zspa_jax.methods.base import ClsTower, LayerInputs, Method, MethodInputs, Selection
 
 _RECORDS = (
@@ -25,7 +25,15 @@ _RECORDS = (
 )
 METHODS: dict[str, Method] = {m.name: m for m in _RECORDS}
 
-__all__ = ["METHODS", "ClsTower", "LayerInputs", "Method", "MethodInputs", "Selection", "get_method"]
+__all__ = [
+    "METHODS",
+    "ClsTower",
+    "LayerInputs",
+    "Method",
+    "MethodInputs",
+    "Selection",
+    "get_method",
+]
 
 
 def get_method(name: str) -> Method:

@@ -76,14 +76,18 @@ def _divprune_first(vn: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.argmin(worst).astype(jnp.int32)
 
 
-def _select_auto_one(v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None = None, *, keep: int) -> jax.Array:
+def _select_auto_one(
+    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None = None, *, keep: int
+) -> jax.Array:
     """One example: v [N, D], t [T, D] f32, m bool [T], valid bool [N] | None -> sorted int32 [keep].
     Masked tokens are never picked and never change a score, the median or the MAD."""
     n = v.shape[0]
     vn, s = _prepare(v, t, m, valid)
     k = auto_core_count(s, keep, valid)
     real = jnp.ones((n,), jnp.bool_) if valid is None else valid
-    order = jnp.argsort(-jnp.where(real, s, -jnp.inf), stable=True).astype(jnp.int32)  # most relevant first
+    order = jnp.argsort(-jnp.where(real, s, -jnp.inf), stable=True).astype(
+        jnp.int32
+    )  # most relevant first
     first = lax.cond(k == 0, _divprune_first, lambda *_: jnp.int32(0), vn, real)
 
     def step(i, state):
@@ -123,7 +127,9 @@ def select_auto(
 
 
 @partial(jax.jit, static_argnames=("keep",))
-def auto_core_ratio(visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None, *, keep: int) -> jax.Array:
+def auto_core_ratio(
+    visual: jax.Array, prompt: jax.Array, prompt_mask: jax.Array | None, *, keep: int
+) -> jax.Array:
     """The r that `core_ratio="auto"` uses for each example: f32 [B] in [0, 1] (= k / keep)."""
 
     def one(v, t, m):

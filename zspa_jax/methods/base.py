@@ -19,7 +19,8 @@ them compares method names. Three stages, by where the method reads the model:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -38,7 +39,7 @@ class MethodInputs(NamedTuple):
     rng: jax.Array | None  # PRNG key (methods with needs_rng)
     cls_attention: jax.Array | None  # [B, N] tower [CLS] attention (select_tokens' vispruner)
     grid: jax.Array | None  # int32 [B, 2]: (rows, cols) of each row's token grid (needs_grid)
-    tower: "ClsTower | None" = None  # the tower's feature layer (tower stage, needs_tower)
+    tower: ClsTower | None = None  # the tower's feature layer (tower stage, needs_tower)
 
 
 class LayerInputs(NamedTuple):
@@ -48,7 +49,9 @@ class LayerInputs(NamedTuple):
     attention_row: jax.Array  # f32 [B, L]: layer K-1's last-query attention, head mean
     keys: jax.Array  # [B, L, Hkv, Dh]: layer K-1's keys after RoPE
     norm_weight: jax.Array  # [D]: the decoder's final RMSNorm scale
-    visual_index: jax.Array  # int32 [B, N]: each row's placeholder positions, ascending (its images in order)
+    visual_index: (
+        jax.Array
+    )  # int32 [B, N]: each row's placeholder positions, ascending (its images in order)
     visual_valid: jax.Array | None  # bool [B, N]: real placeholders (None: all)
     text_mask: jax.Array  # bool [B, L]: real text tokens after the last image (the question)
     num_visual: int  # N (static)
@@ -86,7 +89,9 @@ class Method:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"Method {self.name!r}: stage must be one of {STAGES}, got {self.stage!r}")
+            raise ValueError(
+                f"Method {self.name!r}: stage must be one of {STAGES}, got {self.stage!r}"
+            )
 
     @property
     def needs_cls_attention(self) -> bool:

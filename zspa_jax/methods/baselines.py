@@ -15,7 +15,9 @@ __all__ = ["RANDOM", "UNIFORM"]
 
 
 @partial(jax.jit, static_argnames=("b", "n", "keep"))
-def random_subset(rng: jax.Array, b: int, n: int, keep: int, valid: jax.Array | None = None) -> jax.Array:
+def random_subset(
+    rng: jax.Array, b: int, n: int, keep: int, valid: jax.Array | None = None
+) -> jax.Array:
     """int32 [B, keep]: a uniformly random K-subset per row (top-K of iid uniforms), sorted;
     masked slots rank below every real token."""
     u = jax.random.uniform(rng, (b, n))

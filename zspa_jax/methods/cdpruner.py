@@ -43,7 +43,9 @@ from zspa_jax.methods.base import Method, Selection
 __all__ = ["METHOD", "cdpruner_select", "normalized_relevance"]
 
 
-def normalized_relevance(s: jax.Array, theta: float | None = None, valid: jax.Array | None = None) -> jax.Array:
+def normalized_relevance(
+    s: jax.Array, theta: float | None = None, valid: jax.Array | None = None
+) -> jax.Array:
     """Relevance weights w [N] from cosine scores s [N] (steps 3-4 of the module docstring);
     with `valid` [N] the min-max range is that of the real tokens."""
     if valid is None:
@@ -56,8 +58,15 @@ def normalized_relevance(s: jax.Array, theta: float | None = None, valid: jax.Ar
     return w
 
 
-def _cdpruner_one(v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None = None, *, keep: int,
-                  theta: float | None) -> jax.Array:
+def _cdpruner_one(
+    v: jax.Array,
+    t: jax.Array,
+    m: jax.Array,
+    valid: jax.Array | None = None,
+    *,
+    keep: int,
+    theta: float | None,
+) -> jax.Array:
     """One example: v [N, D], t [T, D] f32, m bool [T], valid bool [N] | None -> sorted int32 [keep].
     Masked tokens get unit vector 0 and gain -inf: never picked, and their kernel rows are 0."""
     n = v.shape[0]
@@ -128,7 +137,14 @@ METHOD = Method(
     name="cdpruner",
     stage="embedding",
     select=lambda inputs, *, keep, batching, **_: Selection(
-        cdpruner_select(inputs.visual, inputs.prompt, inputs.prompt_mask, inputs.valid, keep=keep, batching=batching)
+        cdpruner_select(
+            inputs.visual,
+            inputs.prompt,
+            inputs.prompt_mask,
+            inputs.valid,
+            keep=keep,
+            batching=batching,
+        )
     ),
     flops=cdpruner_flops,
     summary="greedy MAP of a conditional DPP: cosine similarity weighted by prompt relevance",

@@ -139,7 +139,9 @@ def _dart_one(
     if cap_t > 0:
         slot_t = jnp.arange(cap_t)
         txt_piv = jnp.sort(jnp.where(slot_t < p_t, lax.top_k(txt_l1, cap_t)[1], length))
-        positions = jnp.concatenate([jnp.take(index, img_piv, mode="clip"), txt_piv])  # sequence positions
+        positions = jnp.concatenate(
+            [jnp.take(index, img_piv, mode="clip"), txt_piv]
+        )  # sequence positions
         active = jnp.concatenate([slot_i < p_i, slot_t < p_t])
         rank = jnp.concatenate([slot_i, p_i + slot_t])  # order among the active pivots
     else:
@@ -217,9 +219,17 @@ def dart_select(
     h = hidden.astype(jnp.float32)
     k = keys.reshape(b, length, -1).astype(jnp.float32)
     start = jnp.asarray(visual_start, jnp.int32)
-    index = start.reshape(b, -1) if start.ndim == 2 else start.reshape(b, 1) + jnp.arange(num_visual)[None, :]
+    index = (
+        start.reshape(b, -1)
+        if start.ndim == 2
+        else start.reshape(b, 1) + jnp.arange(num_visual)[None, :]
+    )
     tm = jnp.asarray(text_mask) != 0
-    valid = jnp.ones((b, num_visual), jnp.bool_) if visual_valid is None else jnp.asarray(visual_valid) != 0
+    valid = (
+        jnp.ones((b, num_visual), jnp.bool_)
+        if visual_valid is None
+        else jnp.asarray(visual_valid) != 0
+    )
     w = None if norm_weight is None else jnp.asarray(norm_weight, jnp.float32)
     one = partial(
         _dart_one,
@@ -259,8 +269,14 @@ def dart_flops(
 def _select(inputs: LayerInputs, *, keep: int) -> jax.Array:
     b, length = inputs.hidden.shape[:2]
     return dart_select(
-        inputs.hidden, inputs.keys.reshape(b, length, -1), inputs.visual_index, inputs.text_mask,
-        num_visual=inputs.num_visual, keep=keep, visual_valid=inputs.visual_valid, norm_weight=inputs.norm_weight,
+        inputs.hidden,
+        inputs.keys.reshape(b, length, -1),
+        inputs.visual_index,
+        inputs.text_mask,
+        num_visual=inputs.num_visual,
+        keep=keep,
+        visual_valid=inputs.visual_valid,
+        norm_weight=inputs.norm_weight,
         batching=default_batching(),
     )
 
@@ -269,7 +285,9 @@ METHOD = Method(
     name="dart",
     stage="llm",
     select=_select,
-    flops=lambda n, d, keep, text_tokens, **kw: 0 if keep >= n else dart_flops(n, d, keep, text_tokens, **kw),
+    flops=lambda n, d, keep, text_tokens, **kw: (
+        0 if keep >= n else dart_flops(n, d, keep, text_tokens, **kw)
+    ),
     summary="pivot tokens (largest key L1 norm, image and question) at LLM layer K, then per pivot the visual "
     "tokens least similar to it; later layers never hold the others",
     citation="arXiv:2502.11494 (EMNLP 2025), github.com/ZichenWen1/DART",

@@ -68,9 +68,13 @@ def check_pool_grid(grid: np.ndarray, keep: int, *, n: int | None = None) -> Non
         if rows < 1 or cols < 1:
             raise ValueError(f"pool: row {b} has grid {rows} x {cols}; rows and cols must be >= 1")
         if n is not None and rows * cols > n:
-            raise ValueError(f"pool: row {b} has grid {rows} x {cols} = {rows * cols} tokens but only {n} slots")
+            raise ValueError(
+                f"pool: row {b} has grid {rows} x {cols} = {rows * cols} tokens but only {n} slots"
+            )
         if rows * rows * cols >= _INT32_LIMIT:
-            raise ValueError(f"pool: row {b} has grid {rows} x {cols}, too large (rows^2 * cols >= 2^31)")
+            raise ValueError(
+                f"pool: row {b} has grid {rows} x {cols}, too large (rows^2 * cols >= 2^31)"
+            )
         if not any(h <= rows and w <= cols for h, w in pairs):
             options = ", ".join(f"{h} x {w}" for h, w in pairs)
             raise ValueError(
@@ -85,7 +89,9 @@ def _output_shape(rows: jax.Array, cols: jax.Array, keep: int) -> tuple[jax.Arra
     ws = keep // hs
     r, c = rows[:, None], cols[:, None]
     fits = (hs <= r) & (ws <= c)  # [B, P]
-    allowed = jnp.where(jnp.any(fits, axis=1, keepdims=True), fits, True)  # no fit: unspecified pair
+    allowed = jnp.where(
+        jnp.any(fits, axis=1, keepdims=True), fits, True
+    )  # no fit: unspecified pair
     hm = jnp.where(allowed, hs, 0)  # masked before multiplying: no int32 overflow from unfit pairs
     below = allowed & (hm * hm * c <= keep * r)
     h_lo = jnp.max(jnp.where(below, hs, 0), axis=1)  # 0: none
@@ -138,12 +144,16 @@ def pool_tokens(visual, grid, *, keep: int, visual_valid=None) -> tuple[jax.Arra
     sr, sc = (s // c)[:, None, :], (s % c)[:, None, :]  # [B, 1, N]
     inside = (
         real[:, None, :]
-        & (sr >= r0[..., None]) & (sr < r1[..., None])
-        & (sc >= c0[..., None]) & (sc < c1[..., None])
+        & (sr >= r0[..., None])
+        & (sr < r1[..., None])
+        & (sc >= c0[..., None])
+        & (sc < c1[..., None])
     )  # [B, K, N]
     count = jnp.sum(inside, axis=-1, keepdims=True, dtype=jnp.int32)
     weight = jnp.where(inside, 1.0 / jnp.maximum(count, 1).astype(jnp.float32), 0.0)
-    x = jnp.where(real[..., None], visual.astype(jnp.float32), 0.0)  # NaN padding never reaches the dot
+    x = jnp.where(
+        real[..., None], visual.astype(jnp.float32), 0.0
+    )  # NaN padding never reaches the dot
     tokens = jnp.einsum("bkn,bnd->bkd", weight, x, precision=HIGHEST)
     return tokens, slots.astype(jnp.int32)
 

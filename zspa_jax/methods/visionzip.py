@@ -46,7 +46,10 @@ from zspa_jax.methods.base import Method, MethodInputs, Selection
 __all__ = ["CONTEXTUAL_SHARE", "split_counts", "visionzip_merge"]
 
 CONTEXTUAL_SHARE = 10 / 64
-KIND_CLS, KIND_CONTEXTUAL = 1, 2  # Selection.kind of the new tokens (a dominant patch is its own token: 0)
+KIND_CLS, KIND_CONTEXTUAL = (
+    1,
+    2,
+)  # Selection.kind of the new tokens (a dominant patch is its own token: 0)
 
 
 def split_counts(keep: int) -> tuple[int, int]:
@@ -60,7 +63,11 @@ def _visionzip_one(h, a, k, *, keep: int, cls_in_placeholders: bool):
     length = h.shape[0]
     dominant, contextual = split_counts(keep)
     n_patch_dom = dominant - 1
-    top = lax.top_k(jnp.where(a[1:] == 0.0, 0.0, a[1:]), n_patch_dom)[1] + 1 if n_patch_dom else jnp.zeros((0,), jnp.int32)
+    top = (
+        lax.top_k(jnp.where(a[1:] == 0.0, 0.0, a[1:]), n_patch_dom)[1] + 1
+        if n_patch_dom
+        else jnp.zeros((0,), jnp.int32)
+    )
     is_dom = jnp.zeros((length,), jnp.bool_).at[0].set(True).at[top].set(True)
     dom_idx = jnp.nonzero(is_dom, size=dominant)[0].astype(jnp.int32)  # ascending, [CLS] first
     tokens = [h[dom_idx]]
@@ -78,9 +85,13 @@ def _visionzip_one(h, a, k, *, keep: int, cls_in_placeholders: bool):
             oth_idx = rest[jnp.asarray(others, jnp.int32)]
             kn = unit(k)
             sim = jnp.einsum("md,cd->mc", kn[oth_idx], kn[tgt_idx], precision=HIGHEST)
-            assign = jax.nn.one_hot(jnp.argmax(sim, axis=1), contextual, dtype=jnp.float32)  # [M - c, c]
+            assign = jax.nn.one_hot(
+                jnp.argmax(sim, axis=1), contextual, dtype=jnp.float32
+            )  # [M - c, c]
             counts = jnp.maximum(jnp.sum(assign, axis=0), 1.0)
-            merged = jnp.einsum("mc,md->cd", assign, h[oth_idx], precision=HIGHEST) / counts[:, None]
+            merged = (
+                jnp.einsum("mc,md->cd", assign, h[oth_idx], precision=HIGHEST) / counts[:, None]
+            )
             contextual_tokens = contextual_tokens + merged
         tokens.append(contextual_tokens)
         slots.append(slot_of(tgt_idx))
@@ -111,14 +122,23 @@ def visionzip_merge(
 def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
     tower = inputs.tower
     tokens, slots = visionzip_merge(
-        tower.hidden, tower.probs, tower.keys, keep=keep, cls_in_placeholders=tower.cls_in_placeholders, batching=batching
+        tower.hidden,
+        tower.probs,
+        tower.keys,
+        keep=keep,
+        cls_in_placeholders=tower.cls_in_placeholders,
+        batching=batching,
     )
     dominant, contextual = split_counts(keep)
-    kind = jnp.asarray([KIND_CLS] + [0] * (dominant - 1) + [KIND_CONTEXTUAL] * contextual, jnp.int32)
+    kind = jnp.asarray(
+        [KIND_CLS] + [0] * (dominant - 1) + [KIND_CONTEXTUAL] * contextual, jnp.int32
+    )
     return Selection(slots, tokens, jnp.broadcast_to(kind, slots.shape))
 
 
-def visionzip_flops(n: int, d: int, keep: int, text_tokens: int, *, key_dim: int | None = None, **_) -> int:
+def visionzip_flops(
+    n: int, d: int, keep: int, text_tokens: int, *, key_dim: int | None = None, **_
+) -> int:
     """d = the tower width C, key_dim = its head width Dh: unit keys of the L = N + 1 tower
     tokens, the cosine of the M - c merged tokens to the c targets, then the one-hot
     assignment matrix times their hidden states."""

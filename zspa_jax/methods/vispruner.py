@@ -94,7 +94,9 @@ def _vispruner_one(x: jax.Array, a: jax.Array, *, keep: int, important_ratio: fl
             kept_a = n_a - drop
             from_a = ev[ord_a[jnp.clip(drop + q, 0, n_even - 1)]]
             from_b = od[jnp.clip(q - kept_a, 0, n_odd - 1)]
-            return jnp.where(q < kept_a, from_a, jnp.where(q < kept_a + n_b, from_b, 0)).astype(jnp.int32)
+            return jnp.where(q < kept_a, from_a, jnp.where(q < kept_a + n_b, from_b, 0)).astype(
+                jnp.int32
+            )
 
         buf = lax.fori_loop(0, len(rounds), step, buf)
     return jnp.sort(jnp.concatenate([important, buf[:t_div]]))
@@ -112,11 +114,15 @@ def vispruner_select(
     """VisPruner indices: features [B, N, C], cls_attention [B, N] -> int32 [B, keep], ascending."""
     x = features.astype(jnp.float32)
     a = cls_attention.astype(jnp.float32)
-    return batched(partial(_vispruner_one, keep=keep, important_ratio=important_ratio), (x, a), batching)
+    return batched(
+        partial(_vispruner_one, keep=keep, important_ratio=important_ratio), (x, a), batching
+    )
 
 
 def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
-    return Selection(vispruner_select(inputs.visual, inputs.cls_attention, keep=keep, batching=batching))
+    return Selection(
+        vispruner_select(inputs.visual, inputs.cls_attention, keep=keep, batching=batching)
+    )
 
 
 def vispruner_flops(n: int, d: int, keep: int, text_tokens: int, **_) -> int:

@@ -43,7 +43,14 @@ def core_size(keep: int, core_ratio: float) -> int:
 
 
 def _select_one(
-    v: jax.Array, t: jax.Array, m: jax.Array, valid: jax.Array | None, *, keep: int, n_core: int, prefix: bool
+    v: jax.Array,
+    t: jax.Array,
+    m: jax.Array,
+    valid: jax.Array | None,
+    *,
+    keep: int,
+    n_core: int,
+    prefix: bool,
 ) -> jax.Array:
     """One example: v [N, D], t [T, D] f32, m [T] bool, valid [N] bool | None -> sorted int32 [keep].
 
@@ -135,7 +142,11 @@ def _prefix_phase(vn, c, blocked, picks, start, keep, size: int):
         m = jnp.min(cp)
         pos = jnp.argmin(jnp.where(cp == m, idx, n)).astype(jnp.int32)  # ties -> lower token index
         ok = m < outside  # strictly: an outside token could only tie or lose
-        cp_next = jnp.maximum(cp, jnp.einsum("pd,d->p", rows, rows[pos], precision=HIGHEST)).at[pos].set(jnp.inf)
+        cp_next = (
+            jnp.maximum(cp, jnp.einsum("pd,d->p", rows, rows[pos], precision=HIGHEST))
+            .at[pos]
+            .set(jnp.inf)
+        )
         cp = jnp.where(ok, cp_next, cp)
         picks = jnp.where(ok, picks.at[start + t].set(idx[pos]), picks)
         return t + ok.astype(jnp.int32), cp, picks, ok
@@ -157,7 +168,12 @@ def _prefix_fill(vn, c, blocked, picks, start, keep, size: int):
         made = jnp.where(jnp.arange(count) < t, picks[start:], n)
         done = blocked.at[made].set(True, mode="drop")
         caught = lax.fori_loop(
-            0, t, lambda s, c: jnp.maximum(c, jnp.einsum("nd,d->n", vn, vn[picks[start + s]], precision=HIGHEST)), c
+            0,
+            t,
+            lambda s, c: jnp.maximum(
+                c, jnp.einsum("nd,d->n", vn, vn[picks[start + s]], precision=HIGHEST)
+            ),
+            c,
         )
         return _plain_fill(vn, caught, done, picks, start + t, keep)
 
@@ -194,20 +210,43 @@ def select_fixed_core(
     return batched(one, args, batching)
 
 
-def _select(inputs: MethodInputs, *, keep: int, core_ratio, batching: str, fixed: float | None = None) -> Selection:
+def _select(
+    inputs: MethodInputs, *, keep: int, core_ratio, batching: str, fixed: float | None = None
+) -> Selection:
     r = core_ratio if fixed is None else fixed
     if r == AUTO:
-        return Selection(auto_core.select_auto(inputs.visual, inputs.prompt, inputs.prompt_mask, inputs.valid,
-                                               keep=keep, batching=batching))
+        return Selection(
+            auto_core.select_auto(
+                inputs.visual,
+                inputs.prompt,
+                inputs.prompt_mask,
+                inputs.valid,
+                keep=keep,
+                batching=batching,
+            )
+        )
     kept = select_fixed_core(
-        inputs.visual, inputs.prompt, inputs.prompt_mask, inputs.valid, keep=keep, n_core=core_size(keep, float(r)),
+        inputs.visual,
+        inputs.prompt,
+        inputs.prompt_mask,
+        inputs.valid,
+        keep=keep,
+        n_core=core_size(keep, float(r)),
         batching=batching,
     )
     return Selection(kept)
 
 
-def zspaprune_flops(n: int, d: int, keep: int, text_tokens: int, *, core_ratio=0.6, auto_zero_share: float = 1.0,
-                    **_) -> int:
+def zspaprune_flops(
+    n: int,
+    d: int,
+    keep: int,
+    text_tokens: int,
+    *,
+    core_ratio=0.6,
+    auto_zero_share: float = 1.0,
+    **_,
+) -> int:
     """FLOPs of one example (zspa_jax.estimate's convention; 0 when keep == n). The greedy
     fill is counted as the plain loop, one [N, D] matvec per pick. The prefix fill does
     less while its prefix decides the picks, and at most (K - k) x P x D more when it hands
@@ -216,7 +255,9 @@ def zspaprune_flops(n: int, d: int, keep: int, text_tokens: int, *, core_ratio=0
         return 0
     if core_ratio == AUTO:
         gram = 2 * n * n * d  # DivPrune's first pick, only when the core is empty
-        return round(3 * n * d + 2 * text_tokens * d + 2 * n * d + 2 * keep * n * d + auto_zero_share * gram)
+        return round(
+            3 * n * d + 2 * text_tokens * d + 2 * n * d + 2 * keep * n * d + auto_zero_share * gram
+        )
     core = core_size(keep, float(core_ratio))
     flops = 3 * n * d  # unit vectors: squares, sums, divides
     if core > 0:
@@ -245,7 +286,9 @@ RELEVANCE = Method(
     name="relevance",
     stage="embedding",
     select=partial(_select, fixed=1.0),
-    flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(n, d, keep, text_tokens, core_ratio=1.0),
+    flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(
+        n, d, keep, text_tokens, core_ratio=1.0
+    ),
     summary="the K tokens most cosine-similar to the mean prompt embedding (ZSPAPrune with r = 1)",
     citation="arXiv:2510.17197",
     needs_prompt=True,
@@ -254,7 +297,9 @@ DIVPRUNE = Method(
     name="divprune",
     stage="embedding",
     select=partial(_select, fixed=0.0),
-    flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(n, d, keep, text_tokens, core_ratio=0.0),
+    flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(
+        n, d, keep, text_tokens, core_ratio=0.0
+    ),
     summary="greedy max-min diversity (ZSPAPrune with r = 0)",
     citation="arXiv:2503.02175, github.com/vbdi/divprune",
 )

@@ -27,7 +27,9 @@ from zspa_jax.validation import check_finite, check_ids_in_range
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
 
-SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and item widths) padded to a multiple of this
+SPAN_BUCKET = (
+    64  # pruning: each row's placeholder slots (and item widths) padded to a multiple of this
+)
 VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
@@ -37,8 +39,18 @@ class QwenAdapter:
     patch array in reading order; tower patches, pruned spans and video lengths padded to
     buckets when `bucket`."""
 
-    def prepare(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, extra_length, bucket,
-                prompt_bucket=None):
+    def prepare(
+        self,
+        vlm,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        extras,
+        prune,
+        extra_length,
+        bucket,
+        prompt_bucket=None,
+    ):
         image_grid_thw = extras.get("image_grid_thw")
         videos = {name: extras.get(name) for name in VIDEO_ARGS}
         if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw, *videos.values()):
@@ -49,29 +61,41 @@ class QwenAdapter:
         ids, mask = check_ids_and_mask(input_ids, attention_mask)
         cfg = vlm.config
         check_ids_in_range("input_ids", ids, cfg.text.vocab_size)
-        for name, value in (("pixel_values", pixel_values), ("pixel_values_videos", videos["pixel_values_videos"])):
+        for name, value in (
+            ("pixel_values", pixel_values),
+            ("pixel_values_videos", videos["pixel_values_videos"]),
+        ):
             if value is None:
                 continue
             pixels = np.asarray(value)
             if not np.issubdtype(pixels.dtype, np.floating):
-                raise TypeError(f"{name} must be a float array of flattened patches, got dtype {pixels.dtype}")
+                raise TypeError(
+                    f"{name} must be a float array of flattened patches, got dtype {pixels.dtype}"
+                )
             if pixels.size:
                 check_finite(name, pixels, what="patch row")
         visual = pixel_values is not None or videos["pixel_values_videos"] is not None
         pruning = prune is not None and visual
         if pruning and prune.record.needs_grid and videos["video_grid_thw"] is not None:
-            frames = np.asarray(videos["video_grid_thw"]).reshape(-1, 3)[:, 0] if np.size(videos["video_grid_thw"]) else []
+            frames = (
+                np.asarray(videos["video_grid_thw"]).reshape(-1, 3)[:, 0]
+                if np.size(videos["video_grid_thw"])
+                else []
+            )
             if any(int(t) > 1 for t in frames):
                 raise ValueError(
                     f"method {prune.method!r} pools one image's 2-D token grid; a video of more than one temporal "
                     "patch (video_grid_thw t > 1) has a 3-D grid, and 3-D pooling is not implemented: use another "
                     "method (e.g. zspaprune) for videos"
                 )
+
         def dropped_before_llm(visual_counts, item_tokens, items_per_row, slots: int) -> int:
             """The placeholders pruning removes before the LLM (N - K; none for in-LLM methods)."""
             if prune.record.llm_layer:
                 return 0
-            return slots - prune.row_keep(int(visual_counts.min()), int(item_tokens.min()), int(items_per_row.max()))
+            return slots - prune.row_keep(
+                int(visual_counts.min()), int(item_tokens.min()), int(items_per_row.max())
+            )
 
         batch = layout.prepare_batch(
             cfg,
@@ -97,7 +121,9 @@ class QwenAdapter:
         min_image = int(batch.item_tokens.min()) if has_visual else 0
         dropped = 0
         if pruning:
-            keep = prune.row_keep(min_visual, min_image, int(batch.images_per_row.max()))  # too large: a clear error
+            keep = prune.row_keep(
+                min_visual, min_image, int(batch.images_per_row.max())
+            )  # too large: a clear error
             dropped = 0 if prune.record.llm_layer else n - keep
         batch_max = int(aux.next_position.max()) if aux.next_position.size else 0
         length = batch.input_ids.shape[1] - dropped
@@ -108,8 +134,16 @@ class QwenAdapter:
                 f"{max(batch_max, length) + extra_length} positions; the model allows at most {max_pos}"
             )
         return HostBatch(
-            batch.input_ids, batch.attention_mask, batch.pixel_values, aux, n, min_visual, mask.sum(1),
-            per_row if has_visual else None, image_grid=aux.image_grid, images_per_row=batch.images_per_row,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.pixel_values,
+            aux,
+            n,
+            min_visual,
+            mask.sum(1),
+            per_row if has_visual else None,
+            image_grid=aux.image_grid,
+            images_per_row=batch.images_per_row,
             min_image_visual=min_image,
         )
 
@@ -119,8 +153,10 @@ class QwenAdapter:
         second_per_grid_ts entry per video)."""
         cfg = vlm.config
         out = {}
-        for token, pixels_name, grid_name in ((cfg.image_token_id, "pixel_values", "image_grid_thw"),
-                                              (cfg.video_token_id, "pixel_values_videos", "video_grid_thw")):
+        for token, pixels_name, grid_name in (
+            (cfg.image_token_id, "pixel_values", "image_grid_thw"),
+            (cfg.video_token_id, "pixel_values_videos", "video_grid_thw"),
+        ):
             tokens = int((ids[-1] == token).sum())
             given = extras.get(grid_name)
             grid = np.zeros((0, 3), np.int64) if given is None else np.asarray(given).reshape(-1, 3)
@@ -136,7 +172,9 @@ class QwenAdapter:
 
     def encode(self, vlm, prompts, images, chat_template, videos=None):
         if vlm.processor is None:
-            raise ValueError(f"{vlm.path} has no saved tokenizer/image processor, so give input_ids and pixel_values")
+            raise ValueError(
+                f"{vlm.path} has no saved tokenizer/image processor, so give input_ids and pixel_values"
+            )
         return vlm.processor.encode(prompts, images, chat_template, videos=videos)
 
     def load_processor(self, path: Path):

@@ -21,17 +21,42 @@ from typing import NamedTuple
 import numpy as np
 
 from models import qwen2_5_vl as qwen_model
-from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig, QwenAux, VisionLayout, window_slots
+from models.qwen2_5_vl import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLVisionConfig,
+    QwenAux,
+    VisionLayout,
+    window_slots,
+)
 from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
 
 __all__ = [
-    "IMAGE", "VIDEO", "PreparedBatch", "SLOT_LADDER_START", "SLOT_MANTISSAS", "SLOT_RATIO", "check_grid", "image_spans",
-    "image_token_counts", "num_patches", "num_windows", "prepare_batch", "rope_index", "slot_bucket", "temporal_bucket",
-    "token_bucket", "vision_layout", "visual_spans", "windows_per_frame",
+    "IMAGE",
+    "VIDEO",
+    "PreparedBatch",
+    "SLOT_LADDER_START",
+    "SLOT_MANTISSAS",
+    "SLOT_RATIO",
+    "check_grid",
+    "image_spans",
+    "image_token_counts",
+    "num_patches",
+    "num_windows",
+    "prepare_batch",
+    "rope_index",
+    "slot_bucket",
+    "temporal_bucket",
+    "token_bucket",
+    "vision_layout",
+    "visual_spans",
+    "windows_per_frame",
 ]
 
 IMAGE, VIDEO = 1, 2  # transformers' mm_token_type_ids values (0 = text)
-KIND = {IMAGE: ("image", "pixel_values", "image_grid_thw"), VIDEO: ("video", "pixel_values_videos", "video_grid_thw")}
+KIND = {
+    IMAGE: ("image", "pixel_values", "image_grid_thw"),
+    VIDEO: ("video", "pixel_values_videos", "video_grid_thw"),
+}
 # With `bucket`, the tower's slots follow a ladder in merged tokens: powers of two up to
 # SLOT_LADDER_START (64 merged tokens = 256 patches, a 224 x 224 image), then in each octave
 # [2^k, 2^(k+1)] the rungs 2^k * m / 32 for m in SLOT_MANTISSAS, each at most SLOT_RATIO
@@ -49,9 +74,13 @@ def check_grid(grid_thw, cfg: Qwen2_5_VLVisionConfig, name: str = "image_grid_th
     grid = np.asarray(grid_thw)
     what = "videos" if name.startswith("video") else "images"
     if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got shape {grid.shape}")
+        raise ValueError(
+            f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got shape {grid.shape}"
+        )
     if not np.issubdtype(grid.dtype, np.integer):
-        raise ValueError(f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got dtype {grid.dtype}")
+        raise ValueError(
+            f"{name} must be an integer array [num_{what}, 3] of (t, h, w), got dtype {grid.dtype}"
+        )
     m = cfg.spatial_merge_size
     for i, (t, h, w) in enumerate(grid.tolist()):
         if t < 1:
@@ -72,13 +101,21 @@ def num_windows(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> int:
     """Non-empty windows of all items, every temporal patch its own windows (what the
     tower's slot count is made of)."""
     win, m = cfg.window_merged, cfg.spatial_merge_size
-    return int(sum(t * -(-(h // m) // win) * -(-(w // m) // win) for t, h, w in np.asarray(grid_thw).tolist()))
+    return int(
+        sum(
+            t * -(-(h // m) // win) * -(-(w // m) // win)
+            for t, h, w in np.asarray(grid_thw).tolist()
+        )
+    )
 
 
 def windows_per_frame(grid_thw, cfg: Qwen2_5_VLVisionConfig) -> np.ndarray:
     """int [n]: windows of one temporal patch of each item (a full-attention segment's windows)."""
     win, m = cfg.window_merged, cfg.spatial_merge_size
-    return np.array([-(-(h // m) // win) * -(-(w // m) // win) for _, h, w in np.asarray(grid_thw).tolist()], np.int64)
+    return np.array(
+        [-(-(h // m) // win) * -(-(w // m) // win) for _, h, w in np.asarray(grid_thw).tolist()],
+        np.int64,
+    )
 
 
 def temporal_bucket(t: int) -> int:
@@ -105,7 +142,10 @@ def slot_bucket(patches: int, cfg: Qwen2_5_VLVisionConfig) -> int:
 
 
 def vision_layout(
-    grid_thw, cfg: Qwen2_5_VLVisionConfig, slots: int | None = None, segment_slots: int | None = None
+    grid_thw,
+    cfg: Qwen2_5_VLVisionConfig,
+    slots: int | None = None,
+    segment_slots: int | None = None,
 ) -> VisionLayout:
     """Window order, rotary positions and attention segments for the items of `grid_thw`.
 
@@ -131,7 +171,9 @@ def vision_layout(
     real = num_patches(grid)
     slots = real if slots is None else int(slots)
     if slots < real or slots % unit:
-        raise ValueError(f"layout slots {slots} must be a multiple of merge_unit={unit} and >= the {real} patches of the grids")
+        raise ValueError(
+            f"layout slots {slots} must be a multiple of merge_unit={unit} and >= the {real} patches of the grids"
+        )
     order = np.full(slots, real, np.int64)  # `real` indexes the zero row appended to the patches
     positions = np.zeros((slots, 2), np.int64)
     segment = np.full(slots, -1, np.int64)
@@ -145,21 +187,28 @@ def vision_layout(
         block = (gh, m, gw, m)
         hw = np.stack([a.reshape(block).transpose(0, 2, 1, 3).ravel() for a in (hpos, wpos)], -1)
         index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        pad_h, pad_w = (-gh) % win, (-gw) % win  # transformers pads a full window more; empty windows vanish
+        pad_h, pad_w = (
+            (-gh) % win,
+            (-gw) % win,
+        )  # transformers pads a full window more; empty windows vanish
         padded = np.pad(index, ((0, 0), (0, pad_h), (0, pad_w)), constant_values=-1)
         nh, nw = padded.shape[1] // win, padded.shape[2] // win
-        tiles = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, -1, win * win)
+        tiles = (
+            padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, -1, win * win)
+        )
         for f in range(t):
             for tile in tiles[f]:
                 tokens = tile[tile >= 0]  # merged tokens of this window, in window order
                 if not tokens.size:
                     continue
-                rows = (tokens[:, None] * unit + np.arange(unit)).ravel()  # patch rows within the item
+                rows = (
+                    tokens[:, None] * unit + np.arange(unit)
+                ).ravel()  # patch rows within the item
                 n = rows.size
-                order[at:at + n] = rows + offset
-                positions[at:at + n] = hw[rows % (gh * gw * unit)]
-                segment[at:at + n] = frame + f
-                window[at:at + n] = w_i
+                order[at : at + n] = rows + offset
+                positions[at : at + n] = hw[rows % (gh * gw * unit)]
+                segment[at : at + n] = frame + f
+                window[at : at + n] = w_i
                 merged_slot[offset // unit + tokens] = at // unit + np.arange(tokens.size)
                 at += n
                 w_i += 1
@@ -170,7 +219,9 @@ def vision_layout(
     largest = int(max(h * w for _, h, w in grid.tolist())) if len(grid) else 1
     if segment_slots is not None:
         if segment_slots < largest:
-            raise ValueError(f"segment_slots {segment_slots} must be >= the largest segment's {largest} patches")
+            raise ValueError(
+                f"segment_slots {segment_slots} must be >= the largest segment's {largest} patches"
+            )
         largest = int(segment_slots)
     chunk_keys, key_offsets = _key_ranges(segment, qwen_model.QUERY_CHUNK, largest)
     window_keys, window_offsets = _key_ranges(window, window_slots(cfg), window_slots(cfg))
@@ -208,10 +259,12 @@ def _key_ranges(segment: np.ndarray, max_chunk: int, largest: int) -> tuple[np.n
     np.maximum.at(last, segment[real], slot[real] + 1)
     starts = []
     for c in range(chunks):
-        segs = segment[c * chunk:(c + 1) * chunk]
+        segs = segment[c * chunk : (c + 1) * chunk]
         segs = segs[segs >= 0]
         lo, hi = (first[segs.min()], last[segs.max()]) if segs.size else (c * chunk, c * chunk)
-        if hi - lo > span:  # cannot happen: segments are consecutive and at most `largest` slots long
+        if (
+            hi - lo > span
+        ):  # cannot happen: segments are consecutive and at most `largest` slots long
             raise AssertionError(f"chunk {c} needs keys [{lo}, {hi}) beyond the span {span}")
         starts.append(min(lo, padded - span))
     return np.asarray(starts, np.int32), np.arange(span, dtype=np.int32)
@@ -224,14 +277,22 @@ def image_token_counts(grid_thw: np.ndarray, cfg: Qwen2_5_VLVisionConfig) -> np.
 
 def _token_types(ids: np.ndarray, cfg: Qwen2_5_VLConfig) -> np.ndarray:
     """transformers' mm_token_type_ids: 1 on image tokens, 2 on video tokens, 0 elsewhere."""
-    return np.where(ids == cfg.image_token_id, IMAGE, np.where(ids == cfg.video_token_id, VIDEO, 0)).astype(np.int8)
+    return np.where(
+        ids == cfg.image_token_id, IMAGE, np.where(ids == cfg.video_token_id, VIDEO, 0)
+    ).astype(np.int8)
 
 
-def visual_spans(input_ids, attention_mask, cfg: Qwen2_5_VLConfig) -> list[list[tuple[int, int, int]]]:
+def visual_spans(
+    input_ids, attention_mask, cfg: Qwen2_5_VLConfig
+) -> list[list[tuple[int, int, int]]]:
     """Per row, the (kind, start, stop) runs of consecutive image (kind 1) or video (kind 2)
     tokens among the real tokens, in reading order."""
     ids = np.asarray(input_ids)
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (
+        np.ones(ids.shape, bool)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(bool)
+    )
     types = _token_types(ids, cfg) * mask
     spans = []
     for row in types:
@@ -245,10 +306,16 @@ def visual_spans(input_ids, attention_mask, cfg: Qwen2_5_VLConfig) -> list[list[
     return spans
 
 
-def image_spans(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int) -> list[list[tuple[int, int]]]:
+def image_spans(
+    input_ids: np.ndarray, attention_mask: np.ndarray | None, image_token_id: int
+) -> list[list[tuple[int, int]]]:
     """Per row, the [start, stop) runs of consecutive image tokens among the real tokens."""
     ids = np.asarray(input_ids)
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (
+        np.ones(ids.shape, bool)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(bool)
+    )
     spans = []
     for row, valid in zip(ids, mask):
         is_image = (row == image_token_id) & valid
@@ -265,7 +332,11 @@ def _temporal_positions(t: int, tokens_per_second: int, seconds) -> np.ndarray:
     (what its processor returns), so the product is rounded to float32 and truncated, as
     torch does."""
     if seconds is None or isinstance(seconds, (int, np.integer)):
-        return np.arange(t, dtype=np.int64) * tokens_per_second * (1 if seconds is None else int(seconds))
+        return (
+            np.arange(t, dtype=np.int64)
+            * tokens_per_second
+            * (1 if seconds is None else int(seconds))
+        )
     interval = np.float32(np.float32(tokens_per_second) * np.float32(seconds))
     return (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
 
@@ -281,18 +352,29 @@ def _seconds_list(second_per_grid_ts, videos: int) -> list | None:
         )
     if np.issubdtype(s.dtype, np.integer):
         if (s < 0).any():
-            raise ValueError(f"second_per_grid_ts must be >= 0 (seconds per temporal patch), got {s.tolist()}")
+            raise ValueError(
+                f"second_per_grid_ts must be >= 0 (seconds per temporal patch), got {s.tolist()}"
+            )
         return [int(v) for v in s]
     if not np.issubdtype(s.dtype, np.floating):
-        raise ValueError(f"second_per_grid_ts must be a numeric array [num_videos], got dtype {s.dtype}")
+        raise ValueError(
+            f"second_per_grid_ts must be a numeric array [num_videos], got dtype {s.dtype}"
+        )
     s = s.astype(np.float32)
     if not np.isfinite(s).all() or (s < 0).any():
-        raise ValueError(f"second_per_grid_ts must be finite and >= 0 (seconds per temporal patch), got {s.tolist()}")
+        raise ValueError(
+            f"second_per_grid_ts must be finite and >= 0 (seconds per temporal patch), got {s.tolist()}"
+        )
     return [np.float32(v) for v in s]
 
 
 def rope_index(
-    input_ids, attention_mask, grid_thw, cfg: Qwen2_5_VLConfig, video_grid_thw=None, second_per_grid_ts=None
+    input_ids,
+    attention_mask,
+    grid_thw,
+    cfg: Qwen2_5_VLConfig,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """3-D M-RoPE positions, exactly transformers' `get_rope_index` (modeling_qwen2_5_vl.py).
 
@@ -309,7 +391,11 @@ def rope_index(
     """
     ids = np.asarray(input_ids)
     b, length = ids.shape
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (
+        np.ones(ids.shape, bool)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(bool)
+    )
     m = cfg.vision.spatial_merge_size
     tps = cfg.vision.tokens_per_second
     grids = {
@@ -334,14 +420,18 @@ def rope_index(
             try:
                 t, h, w = next(grids[kind])
             except StopIteration:
-                raise ValueError(f"input_ids holds more {what}-token spans than {name} has {what}s") from None
+                raise ValueError(
+                    f"input_ids holds more {what}-token spans than {name} has {what}s"
+                ) from None
             gt, gh, gw = t, h // m, w // m
             if n != gt * gh * gw:
                 raise ValueError(
                     f"input_ids row {r}: {'an' if what == 'image' else 'a'} {what}-token span of {n} tokens does not "
                     f"match its grid ({t}, {h}, {w}) in {name}, which gives {gt * gh * gw} tokens"
                 )
-            temporal = np.arange(gt) if kind == IMAGE else _temporal_positions(gt, tps, next(seconds))
+            temporal = (
+                np.arange(gt) if kind == IMAGE else _temporal_positions(gt, tps, next(seconds))
+            )
             tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")
             pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos)
             pos += max(h, w) // m
@@ -357,11 +447,19 @@ def rope_index(
 class PreparedBatch(NamedTuple):
     input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
     attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
-    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the items' patches, then zero rows up to the layout's P slots
+    pixel_values: (
+        np.ndarray | None
+    )  # f32 [P, C*T*p*p]: the items' patches, then zero rows up to the layout's P slots
     aux: QwenAux | None
-    visual_counts: np.ndarray | None  # int [B]: real visual tokens per row when laid out for pruning, else None
-    images_per_row: np.ndarray | None  # int [B]: items (images and videos) of each row when laid out for pruning
-    item_tokens: np.ndarray | None = None  # int [n]: merged tokens of each item (images and videos), reading order
+    visual_counts: (
+        np.ndarray | None
+    )  # int [B]: real visual tokens per row when laid out for pruning, else None
+    images_per_row: (
+        np.ndarray | None
+    )  # int [B]: items (images and videos) of each row when laid out for pruning
+    item_tokens: np.ndarray | None = (
+        None  # int [n]: merged tokens of each item (images and videos), reading order
+    )
 
 
 def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfig):
@@ -393,7 +491,7 @@ def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfi
 
 
 def prepare_batch(
-    cfg: "Qwen2_5_VLConfig",
+    cfg: Qwen2_5_VLConfig,
     input_ids,
     attention_mask,
     pixel_values,
@@ -431,11 +529,17 @@ def prepare_batch(
     length's bucket. Raises ValueError naming the argument.
     """
     ids = np.asarray(input_ids)
-    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+    mask = (
+        np.ones(ids.shape, np.int32)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(np.int32)
+    )
     vc = cfg.vision
     real = mask != 0
-    visual = {IMAGE: _checked_visual(IMAGE, pixel_values, image_grid_thw, vc),
-              VIDEO: _checked_visual(VIDEO, pixel_values_videos, video_grid_thw, vc)}
+    visual = {
+        IMAGE: _checked_visual(IMAGE, pixel_values, image_grid_thw, vc),
+        VIDEO: _checked_visual(VIDEO, pixel_values_videos, video_grid_thw, vc),
+    }
     if second_per_grid_ts is not None and visual[VIDEO] is None:
         raise ValueError("second_per_grid_ts was given without pixel_values_videos")
     token_ids = (cfg.image_token_id, cfg.video_token_id)
@@ -444,7 +548,9 @@ def prepare_batch(
         found = int(((ids == token) & real).sum())
         if visual[kind] is None:
             if found:
-                raise ValueError(f"input_ids holds {what} tokens (id {token}) but {pixels_name} is None")
+                raise ValueError(
+                    f"input_ids holds {what} tokens (id {token}) but {pixels_name} is None"
+                )
             continue
         counts = image_token_counts(visual[kind][1], vc)
         if found != counts.sum():
@@ -473,7 +579,11 @@ def prepare_batch(
                 f"input_ids holds {sum(per_row)} {what}-token spans (per row {per_row}) but {grid_name} has "
                 f"{have} {what}s"
             )
-    offsets = {kind: np.cumsum([0] + [int(np.prod(g)) for g in v[1]]) for kind, v in visual.items() if v is not None}
+    offsets = {
+        kind: np.cumsum([0] + [int(np.prod(g)) for g in v[1]])
+        for kind, v in visual.items()
+        if v is not None
+    }
     taken = {IMAGE: 0, VIDEO: 0}
     items = []  # (kind, index within its kind), reading order over the batch
     row_items = []
@@ -484,7 +594,7 @@ def prepare_batch(
             taken[kind] += 1
     item_grid = np.stack([visual[k][1][i] for k, i in items]).astype(np.int64)
     item_pixels = np.concatenate(
-        [visual[k][0][offsets[k][i]:offsets[k][i + 1]] for k, i in items]
+        [visual[k][0][offsets[k][i] : offsets[k][i + 1]] for k, i in items]
     ).astype(np.float32)
     is_video = np.array([k == VIDEO for k, _ in items])
     counts = image_token_counts(item_grid, vc)
@@ -497,13 +607,18 @@ def prepare_batch(
     if visual_layout:
         tokens = [counts[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
         if not all(tokens):
-            raise ValueError(f"pruning needs at least one image or video in every prompt: items per row {row_items}")
+            raise ValueError(
+                f"pruning needs at least one image or video in every prompt: items per row {row_items}"
+            )
         images_per_row = np.asarray(row_items)
         visual_counts = np.asarray([sum(t) for t in tokens])
         slots = int(max(shaped_counts[a:b].sum() for a, b in zip(starts[:-1], starts[1:])))
         width = None
         if slot_multiple:
-            slots, width = round_up(slots, slot_multiple), round_up(int(shaped_counts.max()), slot_multiple)
+            slots, width = (
+                round_up(slots, slot_multiple),
+                round_up(int(shaped_counts.max()), slot_multiple),
+            )
         if slots > visual_counts.min():
             ids, mask = pad_visual_slots(ids, mask, token_ids, slots, pad_id)
         image_index = image_slot_index(tokens, width)
@@ -511,7 +626,10 @@ def prepare_batch(
         # Unpruned: left padding for the tokens the shorter clips lack, so the prompt
         # length follows the temporal bucket only.
         extra = shaped_counts - counts
-        target = max(int(mask[r].sum()) + int(extra[a:b].sum()) for r, (a, b) in enumerate(zip(starts[:-1], starts[1:])))
+        target = max(
+            int(mask[r].sum()) + int(extra[a:b].sum())
+            for r, (a, b) in enumerate(zip(starts[:-1], starts[1:]))
+        )
         if target > ids.shape[1]:
             more = target - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (more, 0)), constant_values=pad_id)
@@ -519,14 +637,20 @@ def prepare_batch(
     if prompt_bucket:
         dropped = 0
         if visual_layout and prompt_dropped is not None:
-            dropped = int(prompt_dropped(visual_counts, counts, images_per_row, int(np.isin(ids, token_ids).sum(1).max())))
+            dropped = int(
+                prompt_dropped(
+                    visual_counts, counts, images_per_row, int(np.isin(ids, token_ids).sum(1).max())
+                )
+            )
         ids, mask = left_pad(ids, mask, prompt_bucket, pad_id, dropped)
     # also checks each span against its grid
     positions, next_pos = rope_index(ids, mask, image_grid, cfg, video_grid, seconds)
     placeholder = np.isin(ids, token_ids)
     real_visual = placeholder & (mask != 0)
     feature_index = np.full(ids.shape, -1, np.int64)
-    feature_index[real_visual] = np.arange(int(real_visual.sum()))  # reading order = item order = merged-token order
+    feature_index[real_visual] = np.arange(
+        int(real_visual.sum())
+    )  # reading order = item order = merged-token order
     visual_index = visual_valid = grid_hw = None
     if visual_layout:
         visual_index = feature_index[placeholder].reshape(ids.shape[0], -1)
@@ -540,8 +664,18 @@ def prepare_batch(
         slots = slot_bucket(num_patches(shaped_grid), vc)
         segment_slots = min(slots, slot_bucket(int((item_grid[:, 1] * item_grid[:, 2]).max()), vc))
     layout = vision_layout(item_grid, vc, slots=slots, segment_slots=segment_slots)
-    aux = QwenAux(layout, positions, next_pos, feature_index.astype(np.int32), visual_index, visual_valid, image_index,
-                  grid_hw)
+    aux = QwenAux(
+        layout,
+        positions,
+        next_pos,
+        feature_index.astype(np.int32),
+        visual_index,
+        visual_valid,
+        image_index,
+        grid_hw,
+    )
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
     pixels = np.pad(item_pixels, ((0, layout.order.size - item_pixels.shape[0]), (0, 0)))
-    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row, counts)
+    return PreparedBatch(
+        ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row, counts
+    )

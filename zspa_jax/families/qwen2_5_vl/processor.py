@@ -34,7 +34,7 @@ class QwenProcessor:
     video_token: str = "<|video_pad|>"
 
     @classmethod
-    def load(cls, path: Path) -> "QwenProcessor | None":
+    def load(cls, path: Path) -> QwenProcessor | None:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         path = Path(path)
@@ -43,14 +43,20 @@ class QwenProcessor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            image_processor = AutoImageProcessor.from_pretrained(path) if (path / "preprocessor_config.json").exists() else None
+            image_processor = (
+                AutoImageProcessor.from_pretrained(path)
+                if (path / "preprocessor_config.json").exists()
+                else None
+            )
         return cls(tokenizer, image_processor, VideoSettings.load(path))
 
     @property
     def chat_template(self):
         return getattr(self.tokenizer, "chat_template", None)
 
-    def encode(self, prompts, images, chat_template: bool | None = None, videos=None) -> dict[str, np.ndarray]:
+    def encode(
+        self, prompts, images, chat_template: bool | None = None, videos=None
+    ) -> dict[str, np.ndarray]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if videos is None:
             groups = images_per_prompt(images, len(prompts), _check_image)
@@ -59,13 +65,21 @@ class QwenProcessor:
             groups = images_per_prompt(images, len(prompts), _check_image, optional=True)
             video_groups, video_names = videos_per_prompt(videos, len(prompts))
         counts = [0] * len(prompts) if groups is None else [len(g) for g in groups]
-        video_counts = [0] * len(prompts) if video_groups is None else [len(g) for g in video_groups]
+        video_counts = (
+            [0] * len(prompts) if video_groups is None else [len(g) for g in video_groups]
+        )
         use_template = self.chat_template is not None if chat_template is None else chat_template
         if use_template:
             texts = [
                 self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "video"}] * n_video
-                      + [{"type": "text", "text": p}]}],
+                    [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image"}] * count
+                            + [{"type": "video"}] * n_video
+                            + [{"type": "text", "text": p}],
+                        }
+                    ],
                     add_generation_prompt=True,
                     tokenize=False,
                 )
@@ -76,10 +90,13 @@ class QwenProcessor:
         out: dict[str, np.ndarray] = {}
         if groups is not None and sum(counts):
             if self.image_processor is None:
-                raise ValueError("this checkpoint has no image processor (preprocessor_config.json missing)")
+                raise ValueError(
+                    "this checkpoint has no image processor (preprocessor_config.json missing)"
+                )
             rgb = [
                 to_rgb(im, f"images[{i}]") if hasattr(im, "convert") else np.asarray(im)
-                for i, group in enumerate(groups) for im in group
+                for i, group in enumerate(groups)
+                for im in group
             ]
             try:
                 pix = self.image_processor(images=rgb, return_tensors="np")
@@ -92,7 +109,14 @@ class QwenProcessor:
         if video_groups is not None and sum(video_counts):
             settings = self.video_settings or VideoSettings()
             out.update(process_videos([v for g in video_groups for v in g], settings, video_names))
-            texts = _expand(texts, video_counts, self.video_token, out["video_grid_thw"], settings.merge_size**2, "video")
+            texts = _expand(
+                texts,
+                video_counts,
+                self.video_token,
+                out["video_grid_thw"],
+                settings.merge_size**2,
+                "video",
+            )
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(texts, return_tensors="np", padding=True)
         out["input_ids"] = np.asarray(enc["input_ids"], np.int32)
@@ -103,7 +127,9 @@ class QwenProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
 
-def _expand(texts: list[str], counts: list[int], token: str, grid: np.ndarray, merge: int, what: str) -> list[str]:
+def _expand(
+    texts: list[str], counts: list[int], token: str, grid: np.ndarray, merge: int, what: str
+) -> list[str]:
     """Each `token` of each text becomes its item's t*h*w / merge copies, items in order."""
     tokens = iter((np.prod(grid, axis=-1) // merge).tolist())
     expanded = []

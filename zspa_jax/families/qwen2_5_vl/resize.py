@@ -37,7 +37,9 @@ def _weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
     k = int(np.ceil(support)) * 2 + 1
     centers = scale * (np.arange(out_size) + 0.5)
-    xmin = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C++ casts truncate toward zero
+    xmin = np.maximum(
+        (centers - support + 0.5).astype(np.int64), 0
+    )  # C++ casts truncate toward zero
     xsize = np.minimum((centers + support + 0.5).astype(np.int64), in_size) - xmin
     j = np.arange(k)
     w = _cubic((j[None, :] + xmin[:, None] - centers[:, None] + 0.5) * invscale)
@@ -61,7 +63,9 @@ def _pass(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
     in_size = x.shape[axis]
     xmin, w, precision = _weights(in_size, out_size)
     x = np.moveaxis(x, axis, -1).astype(np.int64)
-    index = np.minimum(xmin[:, None] + np.arange(w.shape[1])[None, :], in_size - 1)  # taps past xsize weigh 0
+    index = np.minimum(
+        xmin[:, None] + np.arange(w.shape[1])[None, :], in_size - 1
+    )  # taps past xsize weigh 0
     acc = np.full(x.shape[:-1] + (out_size,), 1 << (precision - 1) if precision else 0, np.int64)
     for c in range(w.shape[1]):
         acc += x[..., index[:, c]] * w[:, c]

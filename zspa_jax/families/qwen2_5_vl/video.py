@@ -70,12 +70,15 @@ class VideoSettings:
     source: str = "defaults"  # the file the settings came from
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "dict") -> "VideoSettings":
+    def from_dict(cls, d: dict, source: str = "dict") -> VideoSettings:
         """As `Qwen2VLVideoProcessor(**d)`: min_pixels / max_pixels override size."""
         size = dict(d.get("size") or {})
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: d[k] for k in fields & set(d) if d[k] is not None and k not in ("source",)}
-        edges = {"shortest_edge": size.get("shortest_edge"), "longest_edge": size.get("longest_edge")}
+        edges = {
+            "shortest_edge": size.get("shortest_edge"),
+            "longest_edge": size.get("longest_edge"),
+        }
         if d.get("min_pixels") is not None:
             edges["shortest_edge"] = d["min_pixels"]
         if d.get("max_pixels") is not None:
@@ -84,7 +87,9 @@ class VideoSettings:
         for key in ("image_mean", "image_std"):
             if key in kwargs:
                 value = kwargs[key]
-                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
+                kwargs[key] = tuple(
+                    float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)
+                )
         settings = cls(**kwargs, source=source)
         if settings.do_resize and settings.resample != BICUBIC:
             raise ValueError(
@@ -94,7 +99,7 @@ class VideoSettings:
         return settings
 
     @classmethod
-    def load(cls, path: Path) -> "VideoSettings":
+    def load(cls, path: Path) -> VideoSettings:
         """transformers' order: processor_config.json's "video_processor", then
         video_preprocessor_config.json, then preprocessor_config.json; class defaults
         without any."""
@@ -110,11 +115,15 @@ class VideoSettings:
         return cls()
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
     """transformers' Qwen2-VL smart_resize: sides multiples of `factor`, pixels within
     [min_pixels, max_pixels], aspect ratio kept as closely as possible."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -128,15 +137,23 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def sample_indices(total: int, settings: VideoSettings, num_frames=None, fps=None, video_fps=None,
-                   name: str = "video") -> np.ndarray:
+def sample_indices(
+    total: int,
+    settings: VideoSettings,
+    num_frames=None,
+    fps=None,
+    video_fps=None,
+    name: str = "video",
+) -> np.ndarray:
     """Qwen2VLVideoProcessor.sample_frames: the indices of the frames kept."""
     tps = settings.temporal_patch_size
     if num_frames is not None:
         num = round(num_frames / tps) * tps
     elif fps is not None:
         if video_fps is None:
-            raise ValueError(f"{name}: sampling at fps={fps} needs the video's frame rate (Video.fps)")
+            raise ValueError(
+                f"{name}: sampling at fps={fps} needs the video's frame rate (Video.fps)"
+            )
         max_frames = math.floor(min(settings.max_frames, total) / tps) * tps
         num = total / video_fps * fps
         num = min(max(num, settings.min_frames), max_frames, total)
@@ -196,7 +213,9 @@ def _frame_array(frame: np.ndarray, name: str) -> np.ndarray:
     return frame
 
 
-def process_video(video: Any, settings: VideoSettings, name: str = "video") -> tuple[np.ndarray, np.ndarray, float]:
+def process_video(
+    video: Any, settings: VideoSettings, name: str = "video"
+) -> tuple[np.ndarray, np.ndarray, float]:
     """One video -> (pixel_values_videos f32 [t*h*w, C*T*p*p], video_grid_thw int64 [3],
     second_per_grid_ts as float32)."""
     spec = video if isinstance(video, Video) else Video(video)
@@ -234,7 +253,9 @@ def process_video(video: Any, settings: VideoSettings, name: str = "video") -> t
     else:
         rh, rw = height, width
         if rh % factor or rw % factor:
-            raise ValueError(f"{name}: frames of {rh}x{rw} are not multiples of {factor} and do_resize is off")
+            raise ValueError(
+                f"{name}: frames of {rh}x{rw} are not multiples of {factor} and do_resize is off"
+            )
     x = x.astype(np.float32)
     if settings.do_normalize:
         scale = 1.0 / settings.rescale_factor if settings.do_rescale else 1.0
@@ -245,7 +266,9 @@ def process_video(video: Any, settings: VideoSettings, name: str = "video") -> t
         x = x * np.float32(settings.rescale_factor)
     p, m = settings.patch_size, settings.merge_size
     gt, gh, gw = t // tps, rh // p, rw // p
-    patches = x.reshape(gt, tps, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = x.reshape(gt, tps, c, gh // m, m, p, gw // m, m, p).transpose(
+        0, 3, 6, 4, 7, 2, 1, 5, 8
+    )
     patches = patches.reshape(gt * gh * gw, c * tps * p * p)
     fps = spec.fps
     if fps is None:
@@ -255,7 +278,9 @@ def process_video(video: Any, settings: VideoSettings, name: str = "video") -> t
     return patches, np.array([gt, gh, gw], np.int64), np.float32(tps / sampled_fps)
 
 
-def process_videos(videos: list, settings: VideoSettings, names: list[str]) -> dict[str, np.ndarray]:
+def process_videos(
+    videos: list, settings: VideoSettings, names: list[str]
+) -> dict[str, np.ndarray]:
     """Several videos -> pixel_values_videos (concatenated), video_grid_thw [n, 3] and
     second_per_grid_ts float32 [n]."""
     out = [process_video(v, settings, n) for v, n in zip(videos, names)]
