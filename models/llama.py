@@ -3,7 +3,10 @@
 The same decoder serves Qwen2 (the language model of Qwen2.5-VL): `qkv_bias` adds biases
 to q/k/v only, and `mrope_section` turns on multimodal RoPE, where positions are
 [3, B, L] (temporal, height, width rows) and each block of rotary frequencies takes its
-angle from one row.
+angle from one row. And Qwen3 (Qwen3-VL's): `qk_norm` adds a per-head RMSNorm on q and k
+before RoPE, `mrope_interleaved` takes the t/h/w frequencies in turn instead of in
+blocks, and the forward pass accepts DeepStack inputs (`DeepStackInput`: visual
+features added to the hidden states at the visual positions after a given layer).
 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so a decode loop can
 carry it through `lax.while_loop` and the caller owns its size. Attribute names mirror
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -67,6 +72,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2); o follows attention_bias
     mrope_section: tuple[int, ...] | None = None  # M-RoPE: rotary pairs per t/h/w row
+    mrope_interleaved: bool = False  # M-RoPE frequencies t, h, w, t, h, w, ... (Qwen3-VL)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -109,6 +116,8 @@ class LlamaConfig:
                 raise ValueError(
                     f"{name}.mrope_section {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}"
                 )
+        elif self.mrope_interleaved:
+            raise ValueError(f"{name}.mrope_interleaved needs mrope_section")
         dtype_of(self.dtype)
 
 
@@ -174,14 +183,33 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def mrope_rows(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+    """int [sum(mrope_section)]: the position row (0 t, 1 h, 2 w) each rotary frequency reads.
+
+    Blocks (Qwen2-VL, Qwen2.5-VL): mrope_section[0] frequencies from t, then h, then w.
+    Interleaved (Qwen3-VL, transformers' `recomposition_frequencies`): frequency j reads h
+    when j % 3 == 1 and j < 3 * mrope_section[1], w when j % 3 == 2 and j < 3 *
+    mrope_section[2], t otherwise.
+    """
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)
+    rows = np.zeros(sum(mrope_section), np.int64)
+    for row in (1, 2):
+        rows[row : 3 * mrope_section[row] : 3] = row
+    return rows
+
+
 def rope_angles(
-    positions: jax.Array, inv_freq: np.ndarray, mrope_section: tuple[int, ...] | None = None
+    positions: jax.Array,
+    inv_freq: np.ndarray,
+    mrope_section: tuple[int, ...] | None = None,
+    mrope_interleaved: bool = False,
 ) -> jax.Array:
     """f32 rotary angles [B, L, Dh / 2].
 
     positions: int [B, L] (plain RoPE; with M-RoPE a text-only position, the same on all
-    three rows) or [3, B, L] (M-RoPE: frequency block i of `mrope_section` takes its
-    angle from row i, transformers' `recomposition_frequencies`).
+    three rows) or [3, B, L] (M-RoPE: each frequency takes its angle from the row
+    `mrope_rows` gives it).
     """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     if positions.ndim == 2:
@@ -190,7 +218,7 @@ def rope_angles(
         raise ValueError(
             f"positions must be [B, L] (or [3, B, L] with mrope_section), got shape {positions.shape}"
         )
-    rows = np.repeat(np.arange(3), mrope_section)  # which row each frequency reads
+    rows = mrope_rows(mrope_section, mrope_interleaved)
     return jnp.where(rows == 0, freqs[0], jnp.where(rows == 1, freqs[1], freqs[2]))
 
 
@@ -199,9 +227,10 @@ def apply_rope(
     positions: jax.Array,
     inv_freq: np.ndarray,
     mrope_section: tuple[int, ...] | None = None,
+    mrope_interleaved: bool = False,
 ) -> jax.Array:
     """Rotate-half RoPE. x: [B, L, H, Dh]; positions: int [B, L] or [3, B, L] (M-RoPE)."""
-    freqs = rope_angles(positions, inv_freq, mrope_section)
+    freqs = rope_angles(positions, inv_freq, mrope_section, mrope_interleaved)
     cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
     sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
     return rotate(x, cos, sin)
@@ -253,6 +282,7 @@ class LlamaAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta  # frequencies are trace-time constants, not state
         self.mrope_section = cfg.mrope_section
+        self.mrope_interleaved = cfg.mrope_interleaved
         lin = lambda din, dout, bias: nnx.Linear(
             din, dout, use_bias=bias, dtype=dt, param_dtype=dt, rngs=rngs
         )
@@ -261,6 +291,11 @@ class LlamaAttention(nnx.Module):
         self.k_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim, qkv_bias)
         self.v_proj = lin(cfg.hidden_size, self.num_kv_heads * self.head_dim, qkv_bias)
         self.o_proj = lin(self.num_heads * self.head_dim, cfg.hidden_size, cfg.attention_bias)
+        norm = lambda: RMSNorm(self.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def _head_norm(self, norm: RMSNorm | None, x: jax.Array) -> jax.Array:
+        return x if norm is None else norm(x)
 
     def __call__(
         self,
@@ -295,16 +330,22 @@ class LlamaAttention(nnx.Module):
             queries, query_positions = x, positions
         lq = queries.shape[1]
         q = apply_rope(
-            self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim),
+            self._head_norm(
+                self.q_norm, self.q_proj(queries).reshape(b, lq, self.num_heads, self.head_dim)
+            ),
             query_positions,
             inv_freq,
             self.mrope_section,
+            self.mrope_interleaved,
         )
         k = apply_rope(
-            self.k_proj(x).reshape(b, seq, self.num_kv_heads, self.head_dim),
+            self._head_norm(
+                self.k_norm, self.k_proj(x).reshape(b, seq, self.num_kv_heads, self.head_dim)
+            ),
             positions,
             inv_freq,
             self.mrope_section,
+            self.mrope_interleaved,
         )
         v = self.v_proj(x).reshape(b, seq, self.num_kv_heads, self.head_dim)
         new_keys = k
@@ -406,6 +447,33 @@ class LlamaDecoderLayer(nnx.Module):
         return (x + self.mlp(self.post_attention_layernorm(x)), kv, *row)
 
 
+class DeepStackInput(NamedTuple):
+    """Visual features added to the hidden states after decoder layer `layer` (DeepStack).
+
+    `positions` says where, in one of two forms: int [B, N], the sequence position of each
+    feature row (negative: the row is skipped); or bool [B, L], the visual positions, the
+    k-th of row b taking features[b, k] (transformers' `visual_pos_masks`; N must be at
+    least each row's count).
+    """
+
+    layer: int  # static: the decoder layer after which the features are added
+    features: jax.Array  # [B, N, D]
+    positions: jax.Array  # int [B, N] or bool [B, L]
+
+
+def add_visual_features(hidden: jax.Array, features: jax.Array, positions: jax.Array) -> jax.Array:
+    """hidden [B, L, D] plus `features` [B, N, D] at `positions` (see `DeepStackInput`)."""
+    features = features.astype(hidden.dtype)
+    if positions.dtype == jnp.bool_:
+        order = jnp.clip(jnp.cumsum(positions, axis=1) - 1, 0, features.shape[1] - 1)
+        gathered = jnp.take_along_axis(features, order[..., None], axis=1)
+        # where(), not a multiply: hidden stays bit-exact off the visual positions
+        return hidden + jnp.where(positions[..., None], gathered, jnp.zeros((), hidden.dtype))
+    rows = jnp.arange(hidden.shape[0])[:, None]
+    index = jnp.where(positions >= 0, positions, hidden.shape[1])  # out of range: dropped
+    return hidden.at[rows, index].add(features, mode="drop")
+
+
 class LlamaModel(nnx.Module):
     """Embedding table, decoder layers and final norm (no head)."""
 
@@ -427,19 +495,27 @@ class LlamaModel(nnx.Module):
         mask: jax.Array | tuple[jax.Array, ...],
         cache: KVCache | None = None,
         cache_index: jax.Array | int | tuple | None = None,
+        deepstack: Sequence[DeepStackInput] = (),
     ) -> tuple[jax.Array, KVCache | None]:
         """inputs_embeds: [B, L, D]; positions: int [B, L] or [3, B, L] (M-RoPE); mask: bool
         [B, L, S], or one per layer when the layers' caches differ in length S_i (then
-        `cache_index` is one slot per layer too).
+        `cache_index` is one slot per layer too); `deepstack`: features added after
+        their layers (positions relative to inputs_embeds).
 
         Returns (final-normed hidden states [B, L, D], updated cache or None).
         """
         per_layer = lambda value, i: value[i] if isinstance(value, (tuple, list)) else value  # noqa: E731
+        bad = [d.layer for d in deepstack if not 0 <= d.layer < len(self.layers)]
+        if bad:
+            raise ValueError(f"DeepStack layers {bad} out of range for {len(self.layers)} layers")
         x = inputs_embeds.astype(self.embed_tokens.embedding.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = layer(x, positions, per_layer(mask, i), kv, per_layer(cache_index, i))
+            for level in deepstack:
+                if level.layer == i:
+                    x = add_visual_features(x, level.features, level.positions)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

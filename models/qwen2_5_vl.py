@@ -378,6 +378,15 @@ class PatchMerger(nnx.Module):
         )
 
 
+def axial_rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2-D axial rotary: [P, 2] (h, w) -> f32 cos, sin [P, head_dim / 2] (h angles, then w),
+    each axis with the frequencies of a head_dim / 2 rotary (the Qwen-VL towers')."""
+    inv_freq = rope_inverse_frequencies(head_dim // 2, theta)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [P, 2, Dh / 4]
+    freqs = freqs.reshape(positions.shape[0], -1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
 class Qwen2_5_VisionTransformer(nnx.Module):
     def __init__(self, cfg: Qwen2_5_VLVisionConfig, *, rngs: nnx.Rngs):
         dt = dtype_of(cfg.dtype)
@@ -390,11 +399,7 @@ class Qwen2_5_VisionTransformer(nnx.Module):
         self.merger = PatchMerger(cfg, rngs=rngs)
 
     def _angles(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """2-D axial rotary: [P, 2] (h, w) -> f32 cos, sin [P, Dh / 2] (h angles, then w)."""
-        inv_freq = rope_inverse_frequencies(self.config.head_dim // 2, self.config.rope_theta)
-        freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [P, 2, Dh / 4]
-        freqs = freqs.reshape(positions.shape[0], -1)
-        return jnp.cos(freqs), jnp.sin(freqs)
+        return axial_rotary(positions, self.config.head_dim, self.config.rope_theta)
 
     def blocks_out(
         self, pixel_values: jax.Array, layout: VisionLayout, num_blocks: int | None = None
