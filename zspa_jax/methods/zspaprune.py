@@ -91,6 +91,9 @@ def _select_one(
         c = g[:, first]
         start = 1
 
+    if start == keep:  # K = 1 from DivPrune's first pick: no fill pick to make
+        return picks
+
     # Step 5: greedy max-min fill with a running c_j = max_{i selected} cos(v_j, v_i).
     blocked = selected if valid is None else selected | ~valid
     size = prefix_size(n, keep - start) if prefix else None
@@ -101,8 +104,11 @@ def _select_one(
 
 def prefix_size(n: int, picks: int) -> int | None:
     """P, the tokens `_prefix_fill` works on for `picks` greedy picks out of n; None when
-    P would not be smaller than n. Unstructured data (the hardest case for a prefix: every
-    c_j close to the others) needs about 2-3 rows per pick plus a share growing with N."""
+    there is no pick to make or P would not be smaller than n. Unstructured data (the
+    hardest case for a prefix: every c_j close to the others) needs about 2-3 rows per pick
+    plus a share growing with N."""
+    if picks < 1:  # P would be 0 for n < 32: an empty prefix has no minimum to take
+        return None
     size = -(-(4 * picks + n // 32) // 8) * 8
     return size if size < n else None
 
