@@ -251,6 +251,20 @@ def test_random_keeps_a_valid_subset(layout, key):
     batch = make_batch(layout, "gauss")
     got = run(batch, keep=layout.keep, method="random", rng=jax.random.key(key))
     check_properties(got, batch, layout.keep)
+    assert np.array_equal(
+        run(batch, keep=layout.keep, method="random", rng=jax.random.key(key)), got
+    )
+    # Rows are independent: new tokens and real slots in the other rows (same shapes, so
+    # no new compile) leave each row's subset as it was.
+    other = make_batch(layout, "axes")
+    for i in range(layout.b):
+        mixed = dataclasses.replace(
+            other,
+            visual=np.where(np.arange(layout.b)[:, None, None] == i, batch.visual, other.visual),
+            valid=np.where(np.arange(layout.b)[:, None] == i, batch.valid, other.valid),
+        )
+        again = run(mixed, keep=layout.keep, method="random", rng=jax.random.key(key))
+        assert again[i].tolist() == got[i].tolist(), f"row {i} moved with the other rows"
 
 
 # --------------------------------------------------------------------------- VisPruner
