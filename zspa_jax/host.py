@@ -54,7 +54,7 @@ class HostBatch(NamedTuple):
     rows: int | None = None  # the caller's rows when the batch was padded for a mesh
     images_per_row: np.ndarray | None = None  # int [B]: images (and videos) in each row
     min_image_visual: int = 0  # fewest real visual tokens of one image (a per-image ratio's N)
-    # Tower-stage methods on a family whose tower rows are not its images (LLaVA-NeXT's crops):
+    # Tower-stage methods on a family whose tower rows are not its images (e.g. crops):
     # the tower rows of each row, each keeping K (0: K per image, or per row)
     tower_rows_per_row: int = 0
     # Slots the LLM prefill caches per row: L - N + kept when pruning before the LLM, else L
@@ -85,7 +85,7 @@ class FamilyLayout(NamedTuple):
     aux: Any = None  # the family's pytree for `multimodal_inputs`
     image_grid: np.ndarray | None = None  # int [B, I, 2]: each image's token grid, when grids
     # int [B]: the next position of each row where the family numbers positions itself
-    # (M-RoPE); None: 1-D positions that follow the mask
+    # (e.g. 3-D positions); None: 1-D positions that follow the mask
     next_position: np.ndarray | None = None
 
 
@@ -282,7 +282,7 @@ def build_host_batch(
 
 
 def _prompt_positions(layout: FamilyLayout, prompt_tokens, ids, saved: int) -> int:
-    """Positions the prompt takes: the family's own next position (M-RoPE), or the longest
+    """Positions the prompt takes: the family's own next position (e.g. 3-D), or the longest
     row's real tokens (the padded length when traced) less what pruning removes."""
     if layout.next_position is not None:
         return int(np.max(layout.next_position)) if np.size(layout.next_position) else 0

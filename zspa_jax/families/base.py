@@ -19,6 +19,8 @@ import numpy as np
 
 from zspa_jax.host import FamilyLayout, Spans
 
+__all__ = ["Family", "HostAdapter"]
+
 
 class HostAdapter(Protocol):
     """A family's host side: its checks, its spans and its arrays' layout (numpy, before any
@@ -101,6 +103,3 @@ class Family:
                 f"method {method.name!r} is not implemented for {self.display_name} (variable-size images): it "
                 "takes no mask over each row's real visual tokens"
             )
-
-
-__all__ = ["Family", "HostAdapter"]
