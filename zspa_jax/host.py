@@ -212,9 +212,9 @@ def build_host_batch(
     attention_mask,
     extras: dict,
     prune,
-    extra_length: int,
-    bucket: bool,
-    prompt_bucket: Callable[[int], int] | None,
+    extra_length: int = 0,
+    bucket: bool = False,
+    prompt_bucket: Callable[[int], int] | None = None,
 ) -> HostBatch:
     """The adapter's spans through the shared rules, then the adapter's layout (module
     docstring). `prompt_bucket`: left-pad each prompt to the length it gives."""
