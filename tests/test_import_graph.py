@@ -124,3 +124,26 @@ def test_the_estimate_core_and_the_host_layer_import_no_family():
         assert not families, f"{name} imports {sorted(families)}"
     models = {m for m in graph if m.startswith("models")}
     assert all(not m.startswith("zspa_jax") for name in models for m in graph[name])
+
+
+def test_importing_a_family_loads_neither_the_estimate_cli_nor_its_presets():
+    """A family's estimate hooks import the estimate core only (the package's other names
+    are imported on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zspa_jax.families.llava_next, zspa_jax.families.qwen2_5_vl\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('zspa_jax.estimate'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stdout.split())
+    assert "zspa_jax.estimate.hooks" in loaded
+    assert not loaded & {
+        "zspa_jax.estimate.cli",
+        "zspa_jax.estimate.presets",
+        "zspa_jax.estimate.model",
+    }
