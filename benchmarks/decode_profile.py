@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import zspa_jax  # noqa: E402
 from models.llama import KVCache  # noqa: E402
 from zspa_jax import generation  # noqa: E402
-from zspa_jax.families.base import round_up  # noqa: E402
+from zspa_jax.host import round_up  # noqa: E402
 
 RESULTS = HERE / "results"
 CONTEXTS = (109, 621)

@@ -15,13 +15,9 @@ import torch
 
 from convert.llava_next import convert
 from models.checkpoint import read_payload, restore_model
-from models.llava_next import (
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    image_num_patches,
-    image_token_count,
-)
+from models.llava_next import LlavaNextConfig, LlavaNextForConditionalGeneration
 from tests.conftest import IMAGE_TOKEN, build_tiny_tokenizer, randomize_weights_
+from zspa_jax.families.llava_next.layout import image_num_patches, image_token_count
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGE_SIZE, PATCH_SIZE = 32, 8

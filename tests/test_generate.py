@@ -13,7 +13,7 @@ from PIL import Image
 import zspa_jax
 from tests.torch_reference_pruning import select_tokens_reference
 from zspa_jax import generation
-from zspa_jax.families.base import round_up
+from zspa_jax.host import round_up
 from zspa_jax.pruning import PruneConfig
 
 NEW_TOKENS = 24

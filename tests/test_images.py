@@ -9,7 +9,7 @@ from PIL import Image
 
 import zspa_jax
 from zspa_jax.demo import DEMO_MODEL_DIR
-from zspa_jax.families.base import to_rgb
+from zspa_jax.families.images import to_rgb
 from zspa_jax.families.qwen2_5_vl import QwenProcessor
 
 

@@ -14,9 +14,13 @@ import pytest
 import torch
 
 import zspa_jax
-from models.llava_next import anyres_grid_shape, image_num_patches, image_token_count
 from tests.llava_next_helpers import rows, tiny_llava_next
 from tests.torch_reference_anyres import visionzip_anyres, vispruner_anyres
+from zspa_jax.families.llava_next.layout import (
+    anyres_grid_shape,
+    image_num_patches,
+    image_token_count,
+)
 
 pytestmark = pytest.mark.slow  # a tiny transformers model and several programs
 

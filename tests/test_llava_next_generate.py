@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import zspa_jax
-from models.llava_next import image_token_count
 from tests.llava_next_helpers import hf_pieces, hf_row_logits, rows, tiny_llava_next
 from tests.torch_reference_pruning import select_tokens_reference
 from zspa_jax import generation
+from zspa_jax.families.llava_next.layout import image_token_count
 
 BOUND = 1e-4  # pruned-logit bound of the other families' pruned parity tests
 SIZES = [(40, 70), (64, 30), (32, 32)]  # 52, 56 and 36 visual tokens (crop grids 1x2, 2x1, 1x1)

@@ -40,18 +40,7 @@ from models.checkpoint import (
     restore_model,
     with_dtype,
 )
-from models.llava_next import (
-    NEWLINE,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    anyres_grid_shape,
-    anyres_layout,
-    check_inputs,
-    image_num_patches,
-    image_token_count,
-    select_best_resolution,
-    unpadded_features_shape,
-)
+from models.llava_next import NEWLINE, LlavaNextConfig, LlavaNextForConditionalGeneration
 from tests.conftest import IMAGE_TOKEN, REPO_ROOT
 from tests.llava_next_helpers import (
     IMAGE_SIZE,
@@ -61,6 +50,15 @@ from tests.llava_next_helpers import (
     Built,
     build,
     random_pixels,
+)
+from zspa_jax.families.llava_next.layout import (
+    anyres_grid_shape,
+    anyres_layout,
+    check_inputs,
+    image_num_patches,
+    image_token_count,
+    select_best_resolution,
+    unpadded_features_shape,
 )
 
 TOL = 1e-5
@@ -347,7 +345,7 @@ def test_left_padded_batch_logits(tiny, parity_record):
 
 def test_row_layout_with_two_images_in_a_row_and_masked_placeholders(tiny):
     """The visual layout for a row holding two images and a row whose placeholders were
-    padded with masked ones (what zspa_jax.families.base.pad_visual_slots makes): row slots
+    padded with masked ones (what zspa_jax.host.pad_visual_slots makes): row slots
     in sequence order, masked placeholders never real, images in reading order."""
     cfg, tok = tiny.cfg, tiny.cfg.image_token_index
     sizes = [(40, 70), (64, 30), (45, 45)]

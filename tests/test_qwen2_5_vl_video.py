@@ -550,6 +550,7 @@ def test_mesh_padding_repeats_the_last_rows_images_and_clips(vlm):
     batch's extra row lays out like the last row)."""
     from zspa_jax.batch import _repeat_last_row
     from zspa_jax.families import family_of
+    from zspa_jax.host import build_host_batch
 
     a = zspa_jax.encode(
         vlm,
@@ -581,9 +582,10 @@ def test_mesh_padding_repeats_the_last_rows_images_and_clips(vlm):
         padded["second_per_grid_ts"],
         np.concatenate([a["second_per_grid_ts"], a["second_per_grid_ts"][-2:]]),
     )
-    host = adapter.prepare(vlm, ids, pixels, mask, padded, None, 0, False)
-    one = adapter.prepare(
+    host = build_host_batch(vlm, adapter, ids, pixels, mask, padded, None, 0, False)
+    one = build_host_batch(
         vlm,
+        adapter,
         a["input_ids"][1:],
         a["pixel_values"][-16:],
         a["attention_mask"][1:],

@@ -1,10 +1,12 @@
 """The generic host path: user arrays -> a checked `HostBatch` -> arrays placed for the programs.
 
-`forward`, `generate` and `generate_tokens` call `prepare_arrays` (the family's adapter
-checks and lays out the batch before any compile; the method's needs are checked against
-the family's record; a batch that does not divide the mesh's "data" axis is padded with
-copies of its last row) and `device_arrays` (placement on the mesh). Nothing here names a
-family or a method.
+`forward`, `generate` and `generate_tokens` call `visual_args` (the family's visual arrays
+by the names its record declares), `prepare_arrays` (the family's adapter checks its
+arrays and spans, zspa_jax.host applies the rules every family shares, the adapter lays
+out the rest, all before any compile; the method's needs are checked against the family's
+record; a batch that does not divide the mesh's "data" axis is padded with copies of its
+last row) and `device_arrays` (placement on the mesh). Nothing here names a family or a
+method.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from zspa_jax.families import HostBatch, family_of
+from zspa_jax.families import family_of, video_arg_names, visual_arg_names
+from zspa_jax.host import HostBatch, build_host_batch
 from zspa_jax.loading import check_vlm
 from zspa_jax.prefill import check_layer
 from zspa_jax.pruning import PruneConfig
@@ -24,7 +27,6 @@ from zspa_jax.sharding import data_size, padded_rows, place, place_tree
 from zspa_jax.validation import is_traced
 
 __all__ = [
-    "VISUAL_ARGS",
     "device_arrays",
     "encode",
     "kept_per_row",
@@ -33,29 +35,23 @@ __all__ = [
     "visual_args",
 ]
 
-# The families' visual arrays besides pixel_values, by transformers' names (each family's
-# record says which it takes).
-VISUAL_ARGS = (
-    "image_grid_thw",
-    "image_sizes",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-)
-VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
-
-def visual_args(vlm, **given) -> dict[str, Any]:
-    """The given (not None) visual arrays of VISUAL_ARGS; one the family does not take is a
-    ValueError naming it."""
+def visual_args(vlm, given: dict[str, Any]) -> dict[str, Any]:
+    """The given (not None) visual arrays, by the names the family's record declares
+    (`Family.visual_args`); a name no family takes is a TypeError, one this family does not
+    take a ValueError, each naming it."""
     family = family_of(vlm)
     extras = {name: value for name, value in given.items() if value is not None}
     for name in extras:
-        if name not in VISUAL_ARGS:
-            raise TypeError(f"unknown visual argument {name!r}; known: {', '.join(VISUAL_ARGS)}")
         if name in family.visual_args:
             continue
-        if name in VIDEO_ARGS:
+        known = visual_arg_names()
+        if name not in known:
+            raise TypeError(
+                f"unexpected keyword argument {name!r}: not a parameter, nor a visual array of any "
+                f"model family ({', '.join(known)})"
+            )
+        if name in video_arg_names():
             raise ValueError(
                 f"{name} was given: video input is not supported by {family.display_name} models (images only)"
             )
@@ -113,14 +109,15 @@ def prepare_arrays(
     `extras`: the family's other visual arrays by name (`visual_args`). `bucket`: pad the
     family's image-dependent shapes to buckets (e.g. Qwen2.5-VL's tower windows and pruned
     image spans), so images of different sizes share compiled programs. `prompt_bucket`:
-    left-pad the prompt to the length this gives (`zspa_jax.families.base.prompt_bucket`).
+    left-pad the prompt to the length this gives (`zspa_jax.host.prompt_bucket`).
     """
     adapter = family_of(vlm).adapter
     extras = dict(extras or {})
     if pixel_values is not None or extras.get("pixel_values_videos") is not None:
         check_prune_for(vlm, prune)
-    batch = adapter.prepare(
+    batch = build_host_batch(
         vlm,
+        adapter,
         input_ids,
         pixel_values,
         attention_mask,
@@ -144,8 +141,8 @@ def prepare_arrays(
     ids, pixels, mask, extras = _repeat_last_row(
         adapter, vlm, input_ids, pixel_values, attention_mask, extras, target - rows
     )
-    batch = adapter.prepare(
-        vlm, ids, pixels, mask, extras, prune, extra_length, bucket, prompt_bucket
+    batch = build_host_batch(
+        vlm, adapter, ids, pixels, mask, extras, prune, extra_length, bucket, prompt_bucket
     )
     return batch._replace(rows=rows)
 
@@ -236,7 +233,7 @@ def encode(
     videos=None,
 ) -> dict[str, np.ndarray]:
     """Strings + images (+ videos) -> exactly the arrays the array API takes (transformers'
-    names: input_ids, attention_mask, pixel_values, and the family's VISUAL_ARGS such as
+    names: input_ids, attention_mask, pixel_values, and the family's `visual_args` such as
     Qwen2.5-VL's image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts),
     through the checkpoint's saved processor.
 
@@ -251,7 +248,7 @@ def encode(
     family = family_of(vlm)
     if videos is None:
         return family.adapter.encode(vlm, prompts, images, chat_template)
-    if "pixel_values_videos" not in family.visual_args:
+    if not family.video_args:
         raise ValueError(
             f"videos were given: video input is not supported by {family.display_name} models (images only)"
         )

@@ -139,6 +139,9 @@ def _decode_step(model, s: DecodeState, st: StaticSettings) -> DecodeState:
 
 
 def _decode_loop(model, s: DecodeState, max_new_tokens, st: StaticSettings) -> DecodeState:
+    # The host refuses a buffer shorter than max_new_tokens (its bound when traced) before
+    # calling this (generation.check_cache_room), so the clamp never shortens an answer; it
+    # keeps a traced max_new_tokens above its documented bound inside the cache.
     limit = jnp.minimum(jnp.asarray(max_new_tokens, jnp.int32), s.tokens.shape[1])
     cond = lambda s: (s.step < limit) & ~jnp.all(s.done)
     return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, st), s)

@@ -1,4 +1,7 @@
-"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None, *, image_grid_thw=None, ...) -> logits`."""
+"""`forward(vlm, input_ids, pixel_values, attention_mask=None, prune=None, *, image_grid_thw=None, ...) -> logits`.
+
+The visual arrays besides pixel_values are keyword arguments by the names the family's
+record declares (`Family.visual_args`, transformers' names)."""
 
 from __future__ import annotations
 
@@ -45,15 +48,11 @@ def forward(
     attention_mask=None,
     prune: PruneConfig | None = None,
     *,
-    image_grid_thw=None,
-    image_sizes=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    second_per_grid_ts=None,
     seed: int = 0,
     keep_positions: bool = False,
     return_kept: bool = False,
     return_mask: bool = False,
+    **visual_arrays,
 ):
     """Logits over the whole (possibly pruned) sequence, for parity checks and scoring.
 
@@ -66,9 +65,10 @@ def forward(
       prune: a PruneConfig (one or several images per row; `budget` says whether K is per
         row or per image); the kept tokens replace the placeholders (methods inside the
         LLM: from layer `prune.layer` on; earlier layers see all tokens).
-      image_grid_thw, image_sizes, pixel_values_videos, video_grid_thw, second_per_grid_ts:
-        the family's other visual arrays, by transformers' names (Qwen2.5-VL: image_grid_thw
-        int [num_images, 3]); one the family does not take is a ValueError.
+      **visual_arrays: the family's other visual arrays by the names its record declares
+        (`Family.visual_args`, transformers' names; Qwen2.5-VL: image_grid_thw int
+        [num_images, 3], ...; LLaVA-NeXT: image_sizes int [num_images, 2]); one the family
+        does not take is a ValueError, a name no family takes a TypeError.
       seed: rng seed for method="random".
       return_kept: also return the kept indices int32 [B, K] into each row's visual tokens
         in reading order (None without pruning).
@@ -79,14 +79,7 @@ def forward(
     """
     check_vlm(vlm)
     check_prune(prune)
-    extras = visual_args(
-        vlm,
-        image_grid_thw=image_grid_thw,
-        image_sizes=image_sizes,
-        pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-    )
+    extras = visual_args(vlm, visual_arrays)
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     for name, value in (
         ("keep_positions", keep_positions),

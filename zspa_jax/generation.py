@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from zspa_jax.batch import (
-    VISUAL_ARGS,
     device_arrays,
     encode,
     kept_per_row,
@@ -37,8 +36,8 @@ from zspa_jax.decode import (  # noqa: F401  (TRACE_COUNTS: the compile counter 
     prefill_program,
     step_program,
 )
-from zspa_jax.families import HostBatch
-from zspa_jax.families.base import prompt_bucket, round_up
+from zspa_jax.families import family_of
+from zspa_jax.host import HostBatch, prompt_bucket, round_up
 from zspa_jax.loading import VLM, check_prune, check_vlm
 from zspa_jax.pruning import PruneConfig
 from zspa_jax.sampling import Sampling
@@ -81,6 +80,25 @@ def _eos_ids(vlm: VLM, eos_token_id) -> tuple[int, ...]:
     return check_token_ids("eos_token_id", eos_token_id, vlm.config.text.vocab_size)
 
 
+def cached_prompt_length(prune: PruneConfig | None, batch: HostBatch) -> int:
+    """Cache slots the prefill fills per row: the (pruned) prompt, its N placeholders
+    replaced by the kept tokens (inside the LLM, early layers cache the whole prompt)."""
+    length = int(np.shape(batch.input_ids)[1])
+    if prune is not None and not prune.record.llm_layer:
+        length = length - batch.num_visual + kept_per_row(prune, batch)
+    return length
+
+
+def check_cache_room(cache_length: int, prompt_length: int, max_new_tokens: int) -> None:
+    """A KV cache of `cache_length` slots must hold the prompt's `prompt_length` and
+    `max_new_tokens` more: a shorter cache would end the answer early."""
+    if prompt_length + max_new_tokens > cache_length:
+        raise ValueError(
+            f"the KV cache holds {cache_length} slots, but the prompt ({prompt_length} slots after pruning) "
+            f"plus max_new_tokens ({max_new_tokens}) needs {prompt_length + max_new_tokens}"
+        )
+
+
 def _settings(
     vlm: VLM,
     batch: HostBatch,
@@ -93,20 +111,25 @@ def _settings(
 ):
     check_bool("keep_positions", keep_positions)
     prune = resolve_prune(prune, batch)  # None without images: nothing to prune
-    prompt_length = int(np.shape(batch.input_ids)[1])
-    if (
-        prune is not None and not prune.record.llm_layer
-    ):  # inside the LLM, early layers cache the whole prompt
-        prompt_length = prompt_length - batch.num_visual + kept_per_row(prune, batch)
+    cache_length = round_up(cached_prompt_length(prune, batch) + max_new_tokens_bound, CACHE_BUCKET)
+    # the host path's own count of what the prefill caches (zspa_jax.host), not the sizing's
+    check_cache_room(cache_length, batch.llm_length, max_new_tokens_bound)
     return StaticSettings(
         sampling=sampling,
         prune=prune,
-        cache_length=round_up(prompt_length + max_new_tokens_bound, CACHE_BUCKET),
+        cache_length=cache_length,
         eos_ids=_eos_ids(vlm, eos_token_id),
         pad_id=vlm.pad_token_id,
         special_ids=vlm.special_token_ids,
         keep_positions=bool(keep_positions),
     )
+
+
+def _check_decode_room(state, st: StaticSettings, max_new_tokens: int) -> None:
+    """The prefill's token buffer (what the cache has room for) must hold max_new_tokens:
+    the decode loop stops at its end, so a short one is an error here, never a short answer."""
+    room = int(state.tokens.shape[1])
+    check_cache_room(st.cache_length, st.cache_length - room, max_new_tokens)
 
 
 def _check_max_new_tokens(max_new_tokens) -> int:
@@ -128,19 +151,16 @@ def generate_tokens(
     rng: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     keep_positions: bool = False,
-    image_grid_thw=None,
-    image_sizes=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    second_per_grid_ts=None,
+    **visual_arrays,
 ) -> GenerateOutput:
     """Array-in, array-out generation; traceable inside a caller's `jax.jit` (LLaVA; a
     Qwen2.5-VL batch needs concrete arrays, whose grid layouts are built on the host).
 
     input_ids: int [B, L], left-padded; pixel_values: the processor's pixel_values or
-    None; attention_mask: [B, L]; image_grid_thw ... second_per_grid_ts: the family's other
-    visual arrays (transformers' names; Qwen2.5-VL: image_grid_thw int [n, 3], and for
-    videos pixel_values_videos, video_grid_thw int [v, 3], second_per_grid_ts [v]).
+    None; attention_mask: [B, L]; **visual_arrays: the family's other visual arrays by the
+    names its record declares (`Family.visual_args`, transformers' names; Qwen2.5-VL:
+    image_grid_thw int [n, 3], and for videos pixel_values_videos, video_grid_thw int
+    [v, 3], second_per_grid_ts [v]; LLaVA-NeXT: image_sizes int [n, 2]).
     `max_new_tokens` may be traced, in which case
     `max_new_tokens_bound` (a Python int) sizes the KV cache and bounds it. Returns
     tokens int32 [B, T] (T >= max_new_tokens; pad after a row stops), lengths int32 [B],
@@ -160,14 +180,7 @@ def generate_tokens(
                 f"max_new_tokens ({int(max_new_tokens)}) exceeds max_new_tokens_bound ({max_new_tokens_bound})"
             )
     check_prune(prune)
-    extras = visual_args(
-        vlm,
-        image_grid_thw=image_grid_thw,
-        image_sizes=image_sizes,
-        pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-    )
+    extras = visual_args(vlm, visual_arrays)
     batch = prepare_arrays(
         vlm,
         input_ids,
@@ -197,6 +210,7 @@ def generate_tokens(
         rng = place_key(rng, vlm.mesh)
     with mesh_context(vlm.mesh):
         s, kept = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        _check_decode_room(s, st, max_new_tokens_bound)
         s = decode_program(vlm.graphdef, vlm.state, s, max_new_tokens, st)
     if batch.rows is not None:  # mesh padding dropped
         return GenerateOutput(
@@ -216,11 +230,6 @@ def generate(
     input_ids=None,
     pixel_values=None,
     attention_mask=None,
-    image_grid_thw=None,
-    image_sizes=None,
-    pixel_values_videos=None,
-    video_grid_thw=None,
-    second_per_grid_ts=None,
     prune: PruneConfig | None = None,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -231,6 +240,7 @@ def generate(
     keep_positions: bool = False,
     chat_template: bool | None = None,
     stream: bool = False,
+    **visual_arrays,
 ) -> GenerateResult | Iterator[np.ndarray]:
     """Generate answers for prompts about images, optionally pruning visual tokens first.
 
@@ -240,7 +250,8 @@ def generate(
     `zspa_jax.Video` with its frame rate and sampling — or a list of the prompt's videos) —
     encoded with the saved HF processor, chat template included when the model has one — or
     `input_ids` (+ `pixel_values`, `attention_mask`, and the family's other visual arrays
-    such as Qwen2.5-VL's `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
+    as keyword arguments by the names its record declares (`Family.visual_args`), such as
+    Qwen2.5-VL's `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`,
     `second_per_grid_ts`), with transformers' names.
     Prompts are left-padded to `prompt_bucket(length)` tokens (a pruned prompt to its
     pruned length's bucket); Qwen2.5-VL's tower windows and pruned image spans are padded
@@ -263,14 +274,7 @@ def generate(
     max_new_tokens = _check_max_new_tokens(max_new_tokens)
     seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
     check_bool("stream", stream)
-    extras = visual_args(
-        vlm,
-        image_grid_thw=image_grid_thw,
-        image_sizes=image_sizes,
-        pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-    )
+    extras = visual_args(vlm, visual_arrays)
     if (prompts is None) == (input_ids is None):
         raise ValueError("give exactly one of prompts (strings) or input_ids (arrays)")
     if prompts is not None:
@@ -285,7 +289,7 @@ def generate(
         input_ids, pixel_values, attention_mask = (
             encoded.get(k) for k in ("input_ids", "pixel_values", "attention_mask")
         )
-        extras = {k: v for k, v in encoded.items() if k in VISUAL_ARGS}
+        extras = {k: v for k, v in encoded.items() if k in family_of(vlm).visual_args}
     else:
         if images is not None:
             raise ValueError("images go with prompts; with input_ids, pass pixel_values")
@@ -330,6 +334,7 @@ def generate(
     t0 = time.perf_counter()
     with mesh_context(vlm.mesh):
         s, kept = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+        _check_decode_room(s, st, max_new_tokens)
         jax.block_until_ready(s.logits)
         t1 = time.perf_counter()
         s = decode_program(vlm.graphdef, vlm.state, s, max_new_tokens, st)
@@ -393,6 +398,7 @@ def _stream(
 ) -> Iterator[np.ndarray]:
     with mesh_context(vlm.mesh):
         s, _ = prefill_program(vlm.graphdef, vlm.state, ids, pixels, mask, aux, rng, st)
+    _check_decode_room(s, st, max_new_tokens)
     for step in range(max_new_tokens):
         if fetch(s.done)[rows].all():
             return

@@ -9,28 +9,34 @@ prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stag
 keep in {576, 192, 128, 64}; or for Qwen2.5-VL-7B at one image size (its visual token
 count follows the image: `estimate_qwen2_5_vl`); or the per-device bytes on a mesh.
 
-One job per module:
+One job per module; the core (flops.py, memory.py, hooks.py, presets.py) imports nothing
+from zspa_jax.families, and only model.py and cli.py, on top, look a config's family up:
 
     flops.py        the counting convention (its docstring) and the generic counts: decoder
                     layer, LLM prefill/decode, FastV's split, each method's selection
     hooks.py        EstimateHooks / ImagePlan: what a family answers about its image side
-    llava.py        LLaVA's hooks: CLIP tower, MLP projector (`Family.estimate` of llava)
-    qwen2_5_vl.py   Qwen2.5-VL's hooks: image grid (smart_resize), windowed ViT + merger
-    memory.py       KV-cache and weight bytes, per-device bytes on a mesh (`mesh_bytes`)
+    memory.py       KV-cache and weight bytes, per-device bytes of a model on a mesh
+    presets.py      named real configs (LLaVA-1.5-7B/13B, Qwen2.5-VL-7B/72B), `MODELS`
     model.py        the whole-model estimate: `estimate_model` reads the family's hooks
                     (`family_of(cfg).estimate`); `estimate` (LLaVA) and
-                    `estimate_qwen2_5_vl` are that call with each family's arguments
-    presets.py      named real configs (LLaVA-1.5-7B/13B, Qwen2.5-VL-7B/72B), `MODELS`
+                    `estimate_qwen2_5_vl` are that call with each family's arguments;
+                    `mesh_bytes` with the family's model
     cli.py          `main`: argument parsing and the tables
+
+Each family's hooks live beside its record (zspa_jax.families.<family>.estimate: LLaVA's
+CLIP tower and projector, LLaVA-NeXT's crops, Qwen2.5-VL's grid and windowed ViT). The
+names below other than the core's are imported on first use, so that importing a family's
+hooks (which import the core) loads neither the CLI, the presets nor the registry.
 
 Convention (every count in FLOPs = multiply-accumulates x 2, matrix products only,
 attention over the full n x n square): zspa_jax.estimate.flops's docstring; the towers'
-formulas: zspa_jax.estimate.llava and zspa_jax.estimate.qwen2_5_vl.
+formulas: zspa_jax.families.llava.estimate and zspa_jax.families.qwen2_5_vl.estimate.
 """
 
 from __future__ import annotations
 
-from zspa_jax.estimate.cli import main
+import importlib
+
 from zspa_jax.estimate.flops import (
     decode_flops,
     decoder_layer_macs,
@@ -41,41 +47,60 @@ from zspa_jax.estimate.flops import (
     pruning_flops,
 )
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
-from zspa_jax.estimate.llava import (
-    clip_layer_macs,
-    projector_flops,
-    vision_flops,
-    vision_layers_run,
-)
 from zspa_jax.estimate.memory import (  # noqa: F401 (_numel_llm: read by tests)
     _numel_llm,
     decode_weight_bytes,
     kv_cache_bytes,
-    mesh_bytes,
 )
-from zspa_jax.estimate.model import (
-    estimate,
-    estimate_model,
-    estimate_qwen2_5_vl,
-    hooks_of,
-)
-from zspa_jax.estimate.presets import (
-    LLAVA_1_5_7B,
-    MODELS,
-    llava_1_5_7b_config,
-    llava_1_5_13b_config,
-    llava_v1_6_7b_config,
-    qwen2_5_vl_3b_config,
-    qwen2_5_vl_7b_config,
-    qwen2_5_vl_72b_config,
-)
-from zspa_jax.estimate.qwen2_5_vl import (  # noqa: F401
-    _numel_qwen_vision,
-    _qwen_window_sizes,
-    qwen_image_grid,
-    qwen_video_grid,
-    qwen_vision_flops,
-)
+
+# name -> the module that defines it, imported on first use (module docstring)
+_LAZY = {
+    **dict.fromkeys(
+        ("estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of", "mesh_bytes"),
+        "zspa_jax.estimate.model",
+    ),
+    "main": "zspa_jax.estimate.cli",
+    **dict.fromkeys(
+        (
+            "LLAVA_1_5_7B",
+            "MODELS",
+            "llava_1_5_7b_config",
+            "llava_1_5_13b_config",
+            "llava_v1_6_7b_config",
+            "qwen2_5_vl_3b_config",
+            "qwen2_5_vl_7b_config",
+            "qwen2_5_vl_72b_config",
+        ),
+        "zspa_jax.estimate.presets",
+    ),
+    **dict.fromkeys(
+        ("clip_layer_macs", "projector_flops", "vision_flops", "vision_layers_run"),
+        "zspa_jax.families.llava.estimate",
+    ),
+    **dict.fromkeys(
+        (
+            "_numel_qwen_vision",
+            "_qwen_window_sizes",
+            "qwen_image_grid",
+            "qwen_video_grid",
+            "qwen_vision_flops",
+        ),
+        "zspa_jax.families.qwen2_5_vl.estimate",
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once: later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "clip_layer_macs",

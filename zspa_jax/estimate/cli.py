@@ -9,8 +9,7 @@ import json
 from collections.abc import Callable
 from typing import NamedTuple
 
-from zspa_jax.estimate.memory import mesh_bytes
-from zspa_jax.estimate.model import estimate_model, hooks_of
+from zspa_jax.estimate.model import estimate_model, hooks_of, mesh_bytes
 from zspa_jax.estimate.presets import MODELS
 
 __all__ = ["FLOPS_TABLES", "main"]

@@ -1,7 +1,7 @@
 """Generic FLOP counts: the decoder (LLM prefill, decode) and the pruning methods' selection.
 
 Nothing here knows a model family: the vision towers and projectors are counted by each
-family's estimate hooks (zspa_jax.estimate.llava, zspa_jax.estimate.qwen2_5_vl), bytes by
+family's estimate hooks (zspa_jax.families.<family>.estimate), bytes by
 zspa_jax.estimate.memory.
 
 Convention (every count below is in FLOPs = multiply-accumulates x 2):
@@ -22,9 +22,9 @@ Convention (every count below is in FLOPs = multiply-accumulates x 2):
 * CLIP encoder layer on n_v = patches (+1 CLS) tokens: 4*n_v*d^2 + 2*n_v^2*d + 2*n_v*d*m
   MACs (two-layer MLP), plus the patch convolution patches * (C*p*p) * d once. Only the
   layers up to LLaVA's `vision_feature_layer` run (-2: all but the last).
-  (zspa_jax.estimate.llava)
+  (zspa_jax.families.llava.estimate)
 * Projector: N * (d_vision*n_layers * d + d * d) MACs (linear_1, linear_2).
-  (zspa_jax.estimate.llava)
+  (zspa_jax.families.llava.estimate)
 * Pruning (ZSPAPrune, `select_tokens`) with N visual tokens of width D, keep K, core
   k = round(K*r), T prompt tokens: unit vectors 3*N*D FLOPs (square, sum, divide), the
   prompt mean 2*T*D, relevance N*D MACs, core similarities N*k*D MACs and the greedy fill
@@ -69,7 +69,7 @@ Convention (every count below is in FLOPs = multiply-accumulates x 2):
 Everything scales with `batch` except weight bytes.
 
 Qwen2.5-VL's tower and merger (the image grid, windowed attention): the docstring of
-zspa_jax.estimate.qwen2_5_vl. Its LLM is the shared decoder count with L' = T + K.
+zspa_jax.families.qwen2_5_vl.estimate. Its LLM is the shared decoder count with L' = T + K.
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 
 KV cache = 2 (k and v) * layers * batch * length * hkv * dh * kv_dtype_bytes; weights =
 parameter count * the config's dtype size (the vision tower's and projector's counts are
-the family's estimate hooks). `mesh_bytes` reads the family's sharding rules.
+the family's estimate hooks). `model_mesh_bytes` splits a model's parameters by its
+sharding rules (`zspa_jax.estimate.model.mesh_bytes` finds them from a config's family).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from models.checkpoint import flatten, param_template
 from models.layers import dtype_of
 from models.llama import LlamaConfig
+from zspa_jax import sharding
 
-__all__ = ["decode_weight_bytes", "dtype_bytes", "kv_cache_bytes", "mesh_bytes"]
+__all__ = ["decode_weight_bytes", "dtype_bytes", "kv_cache_bytes", "model_mesh_bytes"]
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -77,25 +80,26 @@ def _kv_bytes(
     return kv_cache_bytes(t, batch, length, dtype_bytes) + extra
 
 
-def mesh_bytes(
-    cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtype_bytes: int | None = None
+def model_mesh_bytes(
+    cfg,
+    model_cls: type,
+    axis_sizes: dict[str, int],
+    batch: int,
+    length: int,
+    kv_dtype_bytes: int | None = None,
 ) -> dict:
     """Per-device bytes on a ("data", "model") mesh, as `zspa_jax.load(mesh=)` and
-    `generate` place them: parameters by the family's rule table (models.*.SHARDING_RULES;
-    dims that do not divide are replicated), the KV cache of `batch` rows (padded to a
-    multiple of "data") and `length` slots split over "data" and, when the KV heads divide
-    it, over "model" (otherwise every "model" device holds all heads).
+    `generate` place them: parameters of `model_cls` (the family's NNX model) by its rule
+    table (`model_cls.SHARDING_RULES`; dims that do not divide are replicated), the KV
+    cache of `batch` rows (padded to a multiple of "data") and `length` slots split over
+    "data" and, when the KV heads divide it, over "model" (otherwise every "model" device
+    holds all heads).
 
     Computed from the abstract parameter tree: no memory, no devices.
     """
-    from models.checkpoint import flatten, param_template
-    from zspa_jax import sharding
-    from zspa_jax.families import family_of
-
-    family = family_of(cfg)
-    template = flatten(param_template(cfg, family.model_cls))
+    template = flatten(param_template(cfg, model_cls))
     shapes = {p: tuple(t.shape) for p, t in template.items()}
-    plan = sharding.plan_params(shapes, family.sharding_rules, axis_sizes)
+    plan = sharding.plan_params(shapes, model_cls.SHARDING_RULES, axis_sizes)
     itemsize = {p: np.dtype(t.dtype).itemsize for p, t in template.items()}
     t = cfg.text
     kvb = dtype_bytes(t.dtype) if kv_dtype_bytes is None else int(kv_dtype_bytes)

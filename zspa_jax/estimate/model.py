@@ -1,6 +1,11 @@
 """The whole-model estimate: the family's image side (its `Family.estimate` hooks) + the
 shared LLM side (flops.py, memory.py). `estimate` (LLaVA) and `estimate_qwen2_5_vl` are
-the same call with the family's arguments."""
+the same call with the family's arguments; `mesh_bytes` is memory.py's per-device split
+with the family's model.
+
+The estimator's entry by config, with the CLI above it: the only part of the estimate
+package that looks a config's family up in the registry (the core, flops.py, memory.py,
+hooks.py and presets.py, imports nothing from zspa_jax.families)."""
 
 from __future__ import annotations
 
@@ -12,17 +17,26 @@ from zspa_jax.estimate.memory import (
     decode_weight_bytes,
     dtype_bytes,
     kv_cache_bytes,
+    model_mesh_bytes,
 )
+from zspa_jax.families import family_of
 from zspa_jax.methods import get_method
 
-__all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of"]
+__all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of", "mesh_bytes"]
+
+
+def mesh_bytes(
+    cfg, axis_sizes: dict[str, int], batch: int, length: int, kv_dtype_bytes: int | None = None
+) -> dict:
+    """Per-device bytes of `cfg`'s family model on a ("data", "model") mesh
+    (`memory.model_mesh_bytes`, its docstring)."""
+    return model_mesh_bytes(
+        cfg, family_of(cfg).model_cls, axis_sizes, batch, length, kv_dtype_bytes
+    )
 
 
 def hooks_of(cfg) -> EstimateHooks:
     """The estimate hooks of `cfg`'s family (`Family.estimate`)."""
-    # imported here: the family records import this package's hooks
-    from zspa_jax.families import family_of
-
     family = family_of(cfg)
     if family.estimate is None:
         raise TypeError(f"the {family.display_name} family has no estimate hooks (Family.estimate)")
@@ -66,8 +80,6 @@ def estimate_model(
     """
     hooks = hooks_of(cfg)
     if video is not None:
-        from zspa_jax.families import family_of
-
         if hooks.video is None:
             raise ValueError(f"the {family_of(cfg).display_name} family takes no video")
         if image_hw is not None:
@@ -75,8 +87,6 @@ def estimate_model(
     record = get_method(method)
     dims = hooks.tower_dims(cfg)
     if record.needs_cls_attention and dims is None:
-        from zspa_jax.families import family_of
-
         raise ValueError(
             f"method {method!r} needs a [CLS] token, which the {family_of(cfg).display_name} tower does not have"
         )
@@ -221,7 +231,7 @@ def estimate_qwen2_5_vl(
     fastv_layer: int = 2,
 ) -> dict:
     """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
-    width) pixels (`estimate_model`; zspa_jax.estimate.qwen2_5_vl's docstring). Same keys as
+    width) pixels (`estimate_model`; zspa_jax.families.qwen2_5_vl.estimate's docstring). Same keys as
     `estimate` (bar decode_weight_bytes_per_token and vision_layers_run), plus the image
     size and grid. Methods that need the tower's [CLS] token are refused: this tower has none."""
     return estimate_model(

@@ -19,7 +19,7 @@ import numpy as np
 
 import zspa_jax
 from zspa_jax.eval.args import ModelArgs
-from zspa_jax.families.base import prompt_bucket
+from zspa_jax.host import prompt_bucket
 from zspa_jax.sharding import device_mesh
 
 # Generation kwargs that tasks pass and that do not change greedy decoding here.

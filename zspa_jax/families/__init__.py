@@ -1,8 +1,8 @@
 """Model families: one record per family (`Family`), one module per family.
 
 To add a family, write its models/ file (config + NNX modules implementing
-models.protocol), its convert/ table, and a module here with its host adapter and
-`Family` record, and list the record in `_RECORDS`. The checkpoint records the family's
+models.protocol), its convert/ table, and a package here with its `Family` record, host
+adapter and layout, estimate hooks and processor, and list the record in `_RECORDS`. The checkpoint records the family's
 name; `zspa_jax.load` looks it up here.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from models import checkpoint
 from models.checkpoint import CONFIG_NAME, RECONVERT, CheckpointError, read_payload
 from zspa_jax.families import llava, llava_next, qwen2_5_vl
-from zspa_jax.families.base import Family, HostBatch
+from zspa_jax.families.base import Family
 
 _RECORDS = (llava.FAMILY, qwen2_5_vl.FAMILY, llava_next.FAMILY)
 FAMILIES: dict[str, Family] = {f.name: f for f in _RECORDS}
@@ -21,13 +21,24 @@ FAMILIES: dict[str, Family] = {f.name: f for f in _RECORDS}
 __all__ = [
     "FAMILIES",
     "Family",
-    "HostBatch",
     "family_of",
     "get_family",
     "param_template",
     "read_config",
     "restore_model",
+    "video_arg_names",
+    "visual_arg_names",
 ]
+
+
+def visual_arg_names() -> tuple[str, ...]:
+    """Every visual array name (besides pixel_values) some family takes (`Family.visual_args`)."""
+    return tuple(dict.fromkeys(name for f in _RECORDS for name in f.visual_args))
+
+
+def video_arg_names() -> tuple[str, ...]:
+    """Every video array name some family takes (`Family.video_args`)."""
+    return tuple(dict.fromkeys(name for f in _RECORDS for name in f.video_args))
 
 
 def get_family(name: str) -> Family:

@@ -2,14 +2,15 @@
 (models/qwen2_5_vl.py, convert/qwen2_5_vl.py).
 
 Host side: grids, window layouts and 3-D positions computed from `image_grid_thw` and
-`video_grid_thw` (`layout.prepare_batch`); images and videos (transformers' arrays:
-pixel_values_videos, video_grid_thw, second_per_grid_ts) go through the tower as one
-patch array in reading order; the tower's patch slots (a ladder of buckets <= 10% apart
-from 256 patches), each video's temporal patches and, when pruning, each item span padded
-to buckets so items of different sizes and clips of different lengths share compiled
-programs; a pruned prompt is left-padded to its own (pruned) length's bucket; rows carry different numbers of visual tokens
-(a valid mask). Strings + images + frames go through the saved tokenizer, chat template,
-Qwen2-VL image processor and the video processor's settings (`processor`, `video`).
+`video_grid_thw` (`layout.check_items`, then `layout.lay_out` once zspa_jax.host has padded
+the ids); images and videos (transformers' arrays: pixel_values_videos, video_grid_thw,
+second_per_grid_ts) go through the tower as one patch array in reading order; the tower's
+patch slots (a ladder of buckets <= 10% apart from 256 patches), each video's temporal
+patches and, when pruning, each item span padded to buckets so items of different sizes
+and clips of different lengths share compiled programs; rows carry different numbers of
+visual tokens (a valid mask). Strings + images + frames go through the saved tokenizer,
+chat template, Qwen2-VL image processor and the video processor's settings (`processor`,
+`video`); the estimate hooks count its tower (`estimate`).
 """
 
 from __future__ import annotations
@@ -19,38 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from zspa_jax.estimate.qwen2_5_vl import HOOKS as ESTIMATE_HOOKS
-from zspa_jax.families.base import Family, HostBatch, check_ids_and_mask, is_traced
+from zspa_jax.families.base import Family
 from zspa_jax.families.qwen2_5_vl import layout
+from zspa_jax.families.qwen2_5_vl.estimate import HOOKS as ESTIMATE_HOOKS
 from zspa_jax.families.qwen2_5_vl.processor import QwenProcessor
-from zspa_jax.validation import check_finite, check_ids_in_range
+from zspa_jax.host import FamilyLayout, Spans, check_ids_and_mask
+from zspa_jax.validation import check_finite, check_ids_in_range, is_traced
 
 __all__ = ["FAMILY", "QwenAdapter", "QwenProcessor"]
 
-SPAN_BUCKET = (
-    64  # pruning: each row's placeholder slots (and item widths) padded to a multiple of this
-)
+SPAN_BUCKET = 64  # pruning: each row's placeholder slots (and item widths) padded to a multiple
 VIDEO_ARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class QwenAdapter:
     """Qwen2.5-VL: grids, window layouts and 3-D positions computed here from
     `image_grid_thw` / `video_grid_thw`; images and videos go through the tower as one
-    patch array in reading order; tower patches, pruned spans and video lengths padded to
-    buckets when `bucket`."""
+    patch array in reading order; tower patches and video lengths padded to buckets when
+    `bucket`."""
 
-    def prepare(
-        self,
-        vlm,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        extras,
-        prune,
-        extra_length,
-        bucket,
-        prompt_bucket=None,
-    ):
+    def spans(self, vlm, input_ids, pixel_values, attention_mask, extras, prune, bucket) -> Spans:
         image_grid_thw = extras.get("image_grid_thw")
         videos = {name: extras.get(name) for name in VIDEO_ARGS}
         if is_traced(input_ids, pixel_values, attention_mask, image_grid_thw, *videos.values()):
@@ -74,9 +63,7 @@ class QwenAdapter:
                 )
             if pixels.size:
                 check_finite(name, pixels, what="patch row")
-        visual = pixel_values is not None or videos["pixel_values_videos"] is not None
-        pruning = prune is not None and visual
-        if pruning and prune.record.needs_grid and videos["video_grid_thw"] is not None:
+        if prune is not None and prune.record.needs_grid and videos["video_grid_thw"] is not None:
             frames = (
                 np.asarray(videos["video_grid_thw"]).reshape(-1, 3)[:, 0]
                 if np.size(videos["video_grid_thw"])
@@ -88,64 +75,37 @@ class QwenAdapter:
                     "patch (video_grid_thw t > 1) has a 3-D grid, and 3-D pooling is not implemented: use another "
                     "method (e.g. zspaprune) for videos"
                 )
-
-        def dropped_before_llm(visual_counts, item_tokens, items_per_row, slots: int) -> int:
-            """The placeholders pruning removes before the LLM (N - K; none for in-LLM methods)."""
-            if prune.record.llm_layer:
-                return 0
-            return slots - prune.row_keep(
-                int(visual_counts.min()), int(item_tokens.min()), int(items_per_row.max())
+        items = layout.check_items(
+            cfg, ids, mask, pixel_values, image_grid_thw, bucket=bool(bucket), **videos
+        )
+        if items is None:
+            return Spans(ids, mask, None, state=(items, bool(bucket)))
+        if prune is not None and not all(items.per_row):
+            raise ValueError(
+                f"pruning needs at least one image or video in every prompt: items per row {items.per_row}"
             )
-
-        batch = layout.prepare_batch(
-            cfg,
+        return Spans(
             ids,
             mask,
-            pixel_values,
-            image_grid_thw,
-            pixel_values_videos=videos["pixel_values_videos"],
-            video_grid_thw=videos["video_grid_thw"],
-            second_per_grid_ts=videos["second_per_grid_ts"],
-            visual_layout=pruning,
-            slot_multiple=SPAN_BUCKET if bucket and pruning else None,
-            bucket=bool(bucket),
-            pad_id=vlm.pad_token_id,
-            prompt_bucket=prompt_bucket,
-            prompt_dropped=dropped_before_llm if pruning else None,
+            items.by_row(items.tokens),
+            (cfg.image_token_id, cfg.video_token_id),
+            item_slots=items.by_row(items.shaped_tokens),
+            slot_multiple=SPAN_BUCKET,
+            state=(items, bool(bucket)),
         )
-        aux = batch.aux
-        n = 0 if aux.visual_index is None else aux.visual_index.shape[1]
-        per_row = (aux.feature_index >= 0).sum(axis=1)  # real visual tokens per row
-        has_visual = batch.pixel_values is not None
-        min_visual = int(per_row.min()) if has_visual else 0
-        min_image = int(batch.item_tokens.min()) if has_visual else 0
-        dropped = 0
-        if pruning:
-            keep = prune.row_keep(
-                min_visual, min_image, int(batch.images_per_row.max())
-            )  # too large: a clear error
-            dropped = 0 if prune.record.llm_layer else n - keep
-        batch_max = int(aux.next_position.max()) if aux.next_position.size else 0
-        length = batch.input_ids.shape[1] - dropped
-        max_pos = cfg.text.max_position_embeddings
-        if max(batch_max, length) + extra_length > max_pos:
-            raise ValueError(
-                f"the prompt (positions up to {batch_max}) plus max_new_tokens ({extra_length}) needs "
-                f"{max(batch_max, length) + extra_length} positions; the model allows at most {max_pos}"
-            )
-        return HostBatch(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.pixel_values,
-            aux,
-            n,
-            min_visual,
-            mask.sum(1),
-            per_row if has_visual else None,
-            image_grid=aux.image_grid,
-            images_per_row=batch.images_per_row,
-            min_image_visual=min_image,
+
+    def layout(self, vlm, spans: Spans, input_ids, attention_mask, slots) -> FamilyLayout:
+        items, bucket = spans.state
+        pixels, aux = layout.lay_out(
+            vlm.config,
+            items,
+            input_ids,
+            attention_mask,
+            visual_layout=slots is not None,
+            slot_multiple=SPAN_BUCKET if bucket else None,
+            bucket=bucket,
         )
+        return FamilyLayout(pixels, aux, aux.image_grid, aux.next_position)
 
     def last_row_arrays(self, vlm, ids: np.ndarray, extras) -> dict[str, int]:
         """The last row's trailing images and videos: its placeholders of each kind, matched
@@ -191,5 +151,6 @@ FAMILY = Family(
     has_cls=False,
     variable_tokens=True,
     visual_args=("image_grid_thw",) + VIDEO_ARGS,
+    video_args=VIDEO_ARGS,
     estimate=ESTIMATE_HOOKS,
 )

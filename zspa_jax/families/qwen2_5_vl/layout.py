@@ -2,8 +2,9 @@
 
 Window order and its inverse, the tower's 2-D rotary positions and attention segments
 (`vision_layout`), the LLM's 3-D M-RoPE positions as transformers' `get_rope_index`
-(`rope_index`), and the whole checked batch (`prepare_batch`), so that the jitted
-programs only see arrays of static shape (`models.qwen2_5_vl.VisionLayout`, `QwenAux`).
+(`rope_index`), and the whole checked batch (`check_items`, then `lay_out` once the shared
+host rules (zspa_jax.host) have padded the ids), so that the jitted programs only see
+arrays of static shape (`models.qwen2_5_vl.VisionLayout`, `QwenAux`).
 
 Images and videos go through the same tower: a batch's visual *items* are its images
 (`pixel_values`, `image_grid_thw`) and videos (`pixel_values_videos`, `video_grid_thw`)
@@ -15,7 +16,6 @@ from one feature array (`QwenAux.feature_index`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -28,18 +28,22 @@ from models.qwen2_5_vl import (
     VisionLayout,
     window_slots,
 )
-from zspa_jax.families.base import image_slot_index, left_pad, pad_visual_slots, round_up
+from zspa_jax.host import round_up
 
 __all__ = [
     "IMAGE",
     "VIDEO",
+    "Items",
     "PreparedBatch",
     "SLOT_LADDER_START",
     "SLOT_MANTISSAS",
     "SLOT_RATIO",
     "check_grid",
+    "check_items",
+    "image_slot_index",
     "image_spans",
     "image_token_counts",
+    "lay_out",
     "num_patches",
     "num_windows",
     "prepare_batch",
@@ -444,22 +448,29 @@ def rope_index(
     return out.astype(np.int32), next_pos.astype(np.int32)
 
 
+class Items(NamedTuple):
+    """A batch's checked visual items (images and videos) in reading order (`check_items`)."""
+
+    grid: np.ndarray  # int64 [n, 3]: each item's (t, h, w)
+    pixels: np.ndarray  # f32 [sum t*h*w, C*T*p*p]: the items' patches, concatenated
+    tokens: np.ndarray  # int64 [n]: merged tokens of each item
+    shaped_tokens: np.ndarray  # int64 [n]: the slots its shapes take (temporal buckets)
+    per_row: list[int]  # items of each row
+    image_grid: np.ndarray | None  # int64 [images, 3]: what rope_index reads
+    video_grid: np.ndarray | None  # int64 [videos, 3]
+    seconds: list | None  # second_per_grid_ts, one entry per video
+
+    def by_row(self, counts: np.ndarray) -> list[list[int]]:
+        """`counts` [n] split into each row's items."""
+        starts = np.cumsum([0] + self.per_row)
+        return [counts[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
 class PreparedBatch(NamedTuple):
-    input_ids: np.ndarray  # int32 [B, L] (spans padded to N slots when asked)
-    attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding and on added span slots
-    pixel_values: (
-        np.ndarray | None
-    )  # f32 [P, C*T*p*p]: the items' patches, then zero rows up to the layout's P slots
-    aux: QwenAux | None
-    visual_counts: (
-        np.ndarray | None
-    )  # int [B]: real visual tokens per row when laid out for pruning, else None
-    images_per_row: (
-        np.ndarray | None
-    )  # int [B]: items (images and videos) of each row when laid out for pruning
-    item_tokens: np.ndarray | None = (
-        None  # int [n]: merged tokens of each item (images and videos), reading order
-    )
+    input_ids: np.ndarray  # int32 [B, L]
+    attention_mask: np.ndarray  # int32 [B, L]: 0 on left padding (and on added span slots)
+    pixel_values: np.ndarray | None  # f32 [P, C*T*p*p]: the items' patches, then zero rows
+    aux: QwenAux
 
 
 def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfig):
@@ -490,50 +501,29 @@ def _checked_visual(kind: int, pixel_values, grid_thw, vc: Qwen2_5_VLVisionConfi
     return pixels, grid
 
 
-def prepare_batch(
+def check_items(
     cfg: Qwen2_5_VLConfig,
-    input_ids,
-    attention_mask,
+    ids: np.ndarray,
+    mask: np.ndarray,
     pixel_values,
     image_grid_thw,
     *,
     pixel_values_videos=None,
     video_grid_thw=None,
     second_per_grid_ts=None,
-    visual_layout: bool = False,
-    slot_multiple: int | None = None,
     bucket: bool = False,
-    pad_id: int = 0,
-    prompt_bucket: Callable[[int], int] | None = None,
-    prompt_dropped: Callable[[np.ndarray, np.ndarray, np.ndarray, int], int] | None = None,
-) -> PreparedBatch:
-    """Validate a Qwen2.5-VL batch and compute everything grid-dependent on the host.
+) -> Items | None:
+    """Check a Qwen2.5-VL batch's visual arrays against each other and against the
+    placeholders of `ids` [B, L] (`mask`: 0 on left padding); None without any.
 
-    input_ids, attention_mask: [B, L] (left padding); pixel_values: [P, C*T*p*p], the image
-    processor's flattened patches of all images, image_grid_thw: [n, 3];
-    pixel_values_videos / video_grid_thw: the same for videos (t = frames /
-    temporal_patch_size); second_per_grid_ts: [v] seconds per temporal patch (None:
-    transformers' default of 1). A row may hold images and videos, in any order. With
-    `visual_layout` (pruning), `aux` carries the visual layout of models.protocol: each
-    row's placeholders (image and video tokens) as merged-token indices, padded with masked
-    slots to the row with the most, and each item's slots (one entry per image or video)
-    and, when every item is a single frame (t = 1), its (h, w) grid; `slot_multiple`
-    rounds the slot count and the item width up to a multiple of it. `bucket`: the tower's
-    patch slots padded to `slot_bucket` (and the largest full-attention segment to the same
-    ladder) and every video's temporal patches counted as `temporal_bucket(t)` in every
-    shape (tower slots, span slots, prompt length), so items of different sizes and clips
-    of different lengths in one bucket share compiled programs; `prompt_bucket` left-pads
-    the prompt so that its length minus `prompt_dropped` is the length it gives, where
-    `prompt_dropped(visual_counts, item_tokens, items_per_row, slots)` (pruning only) gives
-    the placeholders pruning removes before the LLM, so a pruned prompt is padded to its own
-    length's bucket. Raises ValueError naming the argument.
+    pixel_values: [P, C*T*p*p], the image processor's flattened patches of all images,
+    image_grid_thw: [n, 3]; pixel_values_videos / video_grid_thw: the same for videos (t =
+    frames / temporal_patch_size); second_per_grid_ts: [v] seconds per temporal patch (None:
+    transformers' default of 1). A row may hold images and videos, in any order. `bucket`:
+    every video's temporal patches count as `temporal_bucket(t)` in the shapes
+    (`Items.shaped_tokens`), so clips of different lengths in one bucket share compiled
+    programs. Raises ValueError naming the argument.
     """
-    ids = np.asarray(input_ids)
-    mask = (
-        np.ones(ids.shape, np.int32)
-        if attention_mask is None
-        else np.asarray(attention_mask).astype(np.int32)
-    )
     vc = cfg.vision
     real = mask != 0
     visual = {
@@ -542,8 +532,7 @@ def prepare_batch(
     }
     if second_per_grid_ts is not None and visual[VIDEO] is None:
         raise ValueError("second_per_grid_ts was given without pixel_values_videos")
-    token_ids = (cfg.image_token_id, cfg.video_token_id)
-    for kind, token in zip((IMAGE, VIDEO), token_ids):
+    for kind, token in zip((IMAGE, VIDEO), (cfg.image_token_id, cfg.video_token_id)):
         what, pixels_name, grid_name = KIND[kind]
         found = int(((ids == token) & real).sum())
         if visual[kind] is None:
@@ -560,13 +549,9 @@ def prepare_batch(
             )
     image_grid = None if visual[IMAGE] is None else visual[IMAGE][1]
     video_grid = None if visual[VIDEO] is None else visual[VIDEO][1]
-    seconds = None if video_grid is None else _seconds_list(second_per_grid_ts, len(video_grid))
     if image_grid is None and video_grid is None:
-        if prompt_bucket:
-            ids, mask = left_pad(ids, mask, prompt_bucket, pad_id)
-        positions, next_pos = rope_index(ids, mask, None, cfg)
-        aux = QwenAux(None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None)
-        return PreparedBatch(ids.astype(np.int32), mask, None, aux, None, None)
+        return None
+    seconds = None if video_grid is None else _seconds_list(second_per_grid_ts, len(video_grid))
 
     # The items (images and videos) in reading order, each kind taking its grids in order.
     spans = visual_spans(ids, mask, cfg)
@@ -586,9 +571,7 @@ def prepare_batch(
     }
     taken = {IMAGE: 0, VIDEO: 0}
     items = []  # (kind, index within its kind), reading order over the batch
-    row_items = []
     for row in spans:
-        row_items.append(len(row))
         for kind, _, _ in row:
             items.append((kind, taken[kind]))
             taken[kind] += 1
@@ -597,73 +580,77 @@ def prepare_batch(
         [visual[k][0][offsets[k][i] : offsets[k][i + 1]] for k, i in items]
     ).astype(np.float32)
     is_video = np.array([k == VIDEO for k, _ in items])
-    counts = image_token_counts(item_grid, vc)
     shaped_grid = item_grid.copy()  # the grids the shapes follow (temporal buckets for videos)
     if bucket:
         shaped_grid[is_video, 0] = [temporal_bucket(t) for t in item_grid[is_video, 0]]
-    shaped_counts = image_token_counts(shaped_grid, vc)
-    starts = np.cumsum([0] + row_items)
-    visual_counts = images_per_row = image_index = None
-    if visual_layout:
-        tokens = [counts[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
-        if not all(tokens):
-            raise ValueError(
-                f"pruning needs at least one image or video in every prompt: items per row {row_items}"
-            )
-        images_per_row = np.asarray(row_items)
-        visual_counts = np.asarray([sum(t) for t in tokens])
-        slots = int(max(shaped_counts[a:b].sum() for a, b in zip(starts[:-1], starts[1:])))
-        width = None
-        if slot_multiple:
-            slots, width = (
-                round_up(slots, slot_multiple),
-                round_up(int(shaped_counts.max()), slot_multiple),
-            )
-        if slots > visual_counts.min():
-            ids, mask = pad_visual_slots(ids, mask, token_ids, slots, pad_id)
-        image_index = image_slot_index(tokens, width)
-    elif bucket and is_video.any():
-        # Unpruned: left padding for the tokens the shorter clips lack, so the prompt
-        # length follows the temporal bucket only.
-        extra = shaped_counts - counts
-        target = max(
-            int(mask[r].sum()) + int(extra[a:b].sum())
-            for r, (a, b) in enumerate(zip(starts[:-1], starts[1:]))
+    return Items(
+        item_grid,
+        item_pixels,
+        image_token_counts(item_grid, vc),
+        image_token_counts(shaped_grid, vc),
+        [len(row) for row in spans],
+        image_grid,
+        video_grid,
+        seconds,
+    )
+
+
+def lay_out(
+    cfg: Qwen2_5_VLConfig,
+    items: Items | None,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    visual_layout: bool = False,
+    slot_multiple: int | None = None,
+    bucket: bool = False,
+) -> tuple[np.ndarray | None, QwenAux]:
+    """Everything grid-dependent for the final ids [B, L] (placeholders already padded to
+    each row's slots under pruning; left padding allowed): (patches f32 [P, C*T*p*p] or
+    None, `QwenAux`).
+
+    With `visual_layout` (pruning), `aux` carries the visual layout of models.protocol: each
+    row's placeholders (image and video tokens) as merged-token indices and each item's
+    slots (one entry per image or video) and, when every item is a single frame (t = 1),
+    its (h, w) grid; `slot_multiple` rounds the item width up to a multiple of it. `bucket`:
+    the tower's patch slots padded to `slot_bucket` (and the largest full-attention segment
+    to the same ladder), so items of different sizes share a compiled tower.
+    """
+    if items is None:
+        positions, next_pos = rope_index(ids, mask, None, cfg)
+        return None, QwenAux(
+            None, positions, next_pos, np.full(ids.shape, -1, np.int32), None, None
         )
-        if target > ids.shape[1]:
-            more = target - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (more, 0)), constant_values=pad_id)
-            mask = np.pad(mask, ((0, 0), (more, 0)))
-    if prompt_bucket:
-        dropped = 0
-        if visual_layout and prompt_dropped is not None:
-            dropped = int(
-                prompt_dropped(
-                    visual_counts, counts, images_per_row, int(np.isin(ids, token_ids).sum(1).max())
-                )
-            )
-        ids, mask = left_pad(ids, mask, prompt_bucket, pad_id, dropped)
+    vc = cfg.vision
+    token_ids = (cfg.image_token_id, cfg.video_token_id)
     # also checks each span against its grid
-    positions, next_pos = rope_index(ids, mask, image_grid, cfg, video_grid, seconds)
+    positions, next_pos = rope_index(
+        ids, mask, items.image_grid, cfg, items.video_grid, items.seconds
+    )
     placeholder = np.isin(ids, token_ids)
     real_visual = placeholder & (mask != 0)
     feature_index = np.full(ids.shape, -1, np.int64)
-    feature_index[real_visual] = np.arange(
-        int(real_visual.sum())
-    )  # reading order = item order = merged-token order
-    visual_index = visual_valid = grid_hw = None
+    # reading order = item order = merged-token order
+    feature_index[real_visual] = np.arange(int(real_visual.sum()))
+    visual_index = visual_valid = image_index = grid_hw = None
     if visual_layout:
+        width = None
+        if slot_multiple:
+            width = round_up(int(items.shaped_tokens.max()), slot_multiple)
+        image_index = image_slot_index(items.by_row(items.tokens), width)
         visual_index = feature_index[placeholder].reshape(ids.shape[0], -1)
         visual_valid = visual_index >= 0
         visual_index = np.maximum(visual_index, 0).astype(np.int32)
-        if (item_grid[:, 0] == 1).all():  # one frame each: every item is an (h, w) grid, row-major
+        if (items.grid[:, 0] == 1).all():  # one frame each: every item is an (h, w) grid, row-major
             grid_hw = np.zeros(image_index.shape[:2] + (2,), np.int32)
-            grid_hw[image_index[:, :, 0] >= 0] = item_grid[:, 1:] // vc.spatial_merge_size
+            grid_hw[image_index[:, :, 0] >= 0] = items.grid[:, 1:] // vc.spatial_merge_size
     slots = segment_slots = None
     if bucket:
-        slots = slot_bucket(num_patches(shaped_grid), vc)
-        segment_slots = min(slots, slot_bucket(int((item_grid[:, 1] * item_grid[:, 2]).max()), vc))
-    layout = vision_layout(item_grid, vc, slots=slots, segment_slots=segment_slots)
+        shaped_patches = int((items.shaped_tokens * vc.merge_unit).sum())
+        slots = slot_bucket(shaped_patches, vc)
+        largest = int((items.grid[:, 1] * items.grid[:, 2]).max())
+        segment_slots = min(slots, slot_bucket(largest, vc))
+    layout = vision_layout(items.grid, vc, slots=slots, segment_slots=segment_slots)
     aux = QwenAux(
         layout,
         positions,
@@ -675,7 +662,55 @@ def prepare_batch(
         grid_hw,
     )
     # Zero rows up to the slot count: the tower's input shape then follows the bucket only.
-    pixels = np.pad(item_pixels, ((0, layout.order.size - item_pixels.shape[0]), (0, 0)))
-    return PreparedBatch(
-        ids.astype(np.int32), mask, pixels, aux, visual_counts, images_per_row, counts
+    pixels = np.pad(items.pixels, ((0, layout.order.size - items.pixels.shape[0]), (0, 0)))
+    return pixels, aux
+
+
+def prepare_batch(
+    cfg: Qwen2_5_VLConfig,
+    input_ids,
+    attention_mask,
+    pixel_values,
+    image_grid_thw,
+    *,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    bucket: bool = False,
+) -> PreparedBatch:
+    """`check_items` then `lay_out` of an unpruned batch as given (no slot or prompt
+    padding: the shared host rules, zspa_jax.host, add those for forward and generate)."""
+    ids = np.asarray(input_ids)
+    mask = (
+        np.ones(ids.shape, np.int32)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(np.int32)
     )
+    items = check_items(
+        cfg,
+        ids,
+        mask,
+        pixel_values,
+        image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
+        bucket=bucket,
+    )
+    pixels, aux = lay_out(cfg, items, ids, mask, bucket=bucket)
+    return PreparedBatch(ids.astype(np.int32), mask, pixels, aux)
+
+
+def image_slot_index(tokens_per_image: list[list[int]], width: int | None = None) -> np.ndarray:
+    """int32 [B, I, n]: for row b's image i, the slots [start, start + count) it holds among
+    the row's placeholders (images follow each other in reading order); -1 pads images to
+    n = max(count, width) and rows to I = the most images in a row."""
+    images = max(len(r) for r in tokens_per_image)
+    n = max([c for r in tokens_per_image for c in r] + [width or 0, 1])
+    index = np.full((len(tokens_per_image), images, n), -1, np.int32)
+    for b, counts in enumerate(tokens_per_image):
+        start = 0
+        for i, count in enumerate(counts):
+            index[b, i, :count] = np.arange(start, start + count)
+            start += count
+    return index

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from zspa_jax.families.base import images_per_prompt, to_rgb
+from zspa_jax.families.images import images_per_prompt, to_rgb
 from zspa_jax.families.qwen2_5_vl.video import VideoSettings, process_videos
 from zspa_jax.video import Video
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from zspa_jax.families.base import to_rgb
+from zspa_jax.families.images import to_rgb
 from zspa_jax.families.qwen2_5_vl.resize import resize_bicubic_uint8
 from zspa_jax.video import Video
 

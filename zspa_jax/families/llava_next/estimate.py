@@ -1,14 +1,20 @@
 """LLaVA-NeXT's estimate hooks: an image becomes a base view plus an anyres crop grid, each
 crop one CLIP pass and one projector pass; the visual tokens follow the image size
-(`models.llava_next.image_token_count`, newlines included). The [CLS]-attention methods
+(`layout.image_token_count`, newlines included). The [CLS]-attention methods
 keep K tokens of every crop (base view included), as their official LLaVA-NeXT code does."""
 
 from __future__ import annotations
 
-from models.llava_next import LlavaNextConfig, image_num_patches, image_token_count
+from models.llava_next import LlavaNextConfig
 from zspa_jax.estimate.hooks import EstimateHooks, ImagePlan
-from zspa_jax.estimate.llava import _numel_projector, _numel_vision, projector_flops, vision_flops
 from zspa_jax.estimate.memory import dtype_bytes
+from zspa_jax.families.llava.estimate import (
+    _numel_projector,
+    _numel_vision,
+    projector_flops,
+    vision_flops,
+)
+from zspa_jax.families.llava_next.layout import image_num_patches, image_token_count
 
 __all__ = ["HOOKS"]
 
