@@ -65,7 +65,7 @@ def forward(
       attention_mask: [B, L], 0 on left padding.
       prune: a PruneConfig (one or several images per row; `budget` says whether K is per
         row or per image); the kept tokens replace the placeholders (methods inside the
-        LLM: from layer `prune.layer` on; earlier layers see all tokens).
+        LLM: from layer `prune.options["layer"]` on; earlier layers see all tokens).
       image_grid_thw, image_sizes, pixel_values_videos, video_grid_thw, second_per_grid_ts:
         the family's other visual arrays, by transformers' names (Qwen2.5-VL: image_grid_thw
         int [num_images, 3]); one the family does not take is a ValueError.
