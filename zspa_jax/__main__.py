@@ -44,7 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
     s = result.stats
     print(result.texts[0] if result.texts else result.sequences[0].tolist())
     print(
-        f"[visual tokens {s['visual_tokens_kept_per_row'][0]}/{s['visual_tokens_per_row'][0]} | "
+        f"[visual tokens {s['visual_tokens_kept_per_row']}/{s['visual_tokens_per_row'][0]} | "
         f"sequence {s['prompt_tokens_per_row_pruned'][0]} (from {s['prompt_tokens_per_row'][0]}) | "
         f"prefill {s['prefill_seconds'] * 1e3:.0f} ms | "
         f"{s['new_tokens_total']} new tokens at {s['decode_tokens_per_second_total']:.1f} tok/s | "
@@ -103,7 +103,7 @@ def _open_video(path: str, fps: float | None, num_frames: int | None):
         raise ValueError(f"--video {path!r} holds no frames")
     import numpy as np
 
-    return Video(np.stack(frames), fps=fps or rate, num_frames=num_frames)
+    return Video(np.stack(frames), fps=rate if fps is None else fps, num_frames=num_frames)
 
 
 def check_writable_file(option: str, path: str | Path) -> Path:
