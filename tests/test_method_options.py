@@ -393,3 +393,12 @@ def test_visionzip_contextual_share_changes_the_selection_as_the_reference_says(
     assert [split_counts(keep, s) for s in chosen] == [(7, 1), (4, 4), (8, 0)]
     assert not np.array_equal(chosen[10 / 64], chosen[0.5])
     assert not np.array_equal(chosen[0.5], chosen[0.0])
+
+
+def test_readme_tables_the_options_of_the_records():
+    from pathlib import Path
+
+    from zspa_jax.prune_args import options_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_table() in readme  # regenerate the table when an option changes

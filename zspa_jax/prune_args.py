@@ -18,6 +18,7 @@ from zspa_jax.pruning import BUDGETS, PROMPT_SCOPES, PruneConfig
 __all__ = [
     "OPTION_NAMES",
     "add_prune_arguments",
+    "options_table",
     "option_owners",
     "parse_option_pairs",
     "prune_config",
@@ -45,6 +46,21 @@ def option_help(name: str) -> str:
     defaults = {f"{o.default:g}" for _, o in pairs}
     default = defaults.pop() if len(defaults) == 1 else "per method"
     return f"({methods}) {first.help}. Values: {first.describe()}; default {default}"
+
+
+def options_table() -> str:
+    """The README's table of every method option (Markdown), from the records."""
+    lines = [
+        "| method | option | meaning | default | values | official default |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHODS.values():
+        for o in method.options:
+            lines.append(
+                f"| `{method.name}` | `{o.name}` | {o.help} | {o.default:g} | {o.describe()} "
+                f"| {o.official} |"
+            )
+    return "\n".join(lines)
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser, *, several_keeps: bool = False) -> None:
