@@ -54,19 +54,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_image(path: str):
+def _open_image(path: str, flag: str = "--image"):
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path).expanduser()
     if file.is_dir():
-        raise ValueError(f"--image {path!r} is a directory; give an image file")
+        raise ValueError(f"{flag} {path!r} is a directory; give an image file")
     if not file.exists():
-        raise ValueError(f"--image {path!r} does not exist")
+        raise ValueError(f"{flag} {path!r} does not exist")
     try:
         with Image.open(file) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--image {path!r} is not a readable image ({type(e).__name__})") from None
+        raise ValueError(f"{flag} {path!r} is not a readable image ({type(e).__name__})") from None
 
 
 def _open_video(path: str, fps: float | None, num_frames: int | None):
@@ -81,7 +81,7 @@ def _open_video(path: str, fps: float | None, num_frames: int | None):
         names = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not names:
             raise ValueError(f"--video {path!r} is an empty folder; give a video file or frames")
-        frames = [_open_image(str(p)) for p in names]
+        frames = [_open_image(str(p), "--video frame") for p in names]
         return Video(frames, fps=fps, num_frames=num_frames)
     try:
         import av
