@@ -68,7 +68,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import zspa_jax  # noqa: E402
 from models.layers import placeholder_slots  # noqa: E402
-from models.llava import cls_feature_state  # noqa: E402
 from zspa_jax import estimate as est  # noqa: E402
 from zspa_jax import pruning  # noqa: E402
 from zspa_jax.demo import DEMO_MODEL_DIR as ASSET_DIR  # noqa: E402
@@ -343,7 +342,7 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
     t_prompt = prompt.shape[1]  # the padded width is what the kernels run over
     rng = jax.random.key(0)
     # Tower outputs for the [CLS]-attention methods, computed once (the tower runs anyway).
-    index = cls_feature_state(vlm.model.config, vlm.model.vision_tower, "vispruner")
+    index = vlm.model.cls_feature_index()
     tower = jax.jit(
         lambda g, s, px: nnx.merge(g, s).vision_tower.hidden_states(
             px, num_layers=index, cls_attention_layer=index - 1
@@ -450,7 +449,7 @@ def method_costs(vlm, ev: Evaluator, keeps: list[int], repeats: int) -> dict:
                     visual.shape[-1],
                     keep,
                     t_prompt,
-                    args.get("core_ratio", 0.6),
+                    {k: v for k, v in args.items() if k != "method"},  # the method's options
                     auto_zero_share=zero_share,
                 )
             cost["selection"].setdefault(label, {})[str(keep)] = {

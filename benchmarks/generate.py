@@ -651,7 +651,9 @@ def bench_model(bm, args, bandwidth: dict) -> dict:
         prune = None if keep == n else PruneConfig(keep=keep, core_ratio=CORE_RATIO)
         length = t_text + keep
         cache_length = round_up(length + n_new, decode.CACHE_BUCKET)
-        est = estimate(vlm.config, t_text, keep=keep, new_tokens=n_new)
+        est = estimate(
+            vlm.config, t_text, PruneConfig(keep=keep, core_ratio=CORE_RATIO), new_tokens=n_new
+        )
         log(f"-- keep {keep}: sequence {length} tokens")
 
         # Pruning inputs and pruned embeddings for both frameworks (not timed).

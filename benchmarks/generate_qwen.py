@@ -515,7 +515,7 @@ def image_rows(
     rows = []
     for keep in keeps:
         prefill, decode = generate_stats(timing[f"jax {keep}"][1])
-        flops = estimate_model(vlm.config, text_tokens, hw, keep=keep)
+        flops = estimate_model(vlm.config, text_tokens, hw, zspa_jax.PruneConfig(keep=keep))
         unpruned = keep == n
         row = {
             "image": f"{hw[0]}x{hw[1]}",

@@ -217,11 +217,15 @@ class LlavaForConditionalGeneration(nnx.Module):
             grid,
         )
 
-    def cls_tower(self, pixel_values: jax.Array, method: str, aux=None) -> TowerFeatures:
-        """The tower at the feature layer with its [CLS] attention row (models.protocol), for
-        the tower-stage methods; pixel_values [M, C, H, W], one row of features per image
-        (the trivial layout: `aux` is unused)."""
-        index = cls_feature_state(self.config, self.vision_tower, method)
+    def cls_feature_index(self) -> int:
+        """The tower hidden state whose [CLS] attention `cls_tower` reads (models.protocol)."""
+        return cls_feature_state(self.config, self.vision_tower)
+
+    def cls_tower(self, pixel_values: jax.Array, aux=None) -> TowerFeatures:
+        """The tower at the feature layer with its [CLS] attention row (models.protocol);
+        pixel_values [M, C, H, W], one row of features per image (the trivial layout: `aux`
+        is unused)."""
+        index = self.cls_feature_index()
         states, cls = self.vision_tower.hidden_states(
             pixel_values, num_layers=index, cls_attention_layer=index - 1
         )
@@ -250,24 +254,21 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.language_model.logits(hidden)
 
 
-def cls_feature_state(cfg: LlavaConfig, tower, method: str) -> int:
-    """The hidden-state index whose [CLS] attention `method` reads: the one feature layer,
-    produced by an attention layer; a ValueError naming the method otherwise."""
+def cls_feature_state(cfg: LlavaConfig, tower) -> int:
+    """The hidden-state index whose [CLS] attention the tower's features come with: the one
+    feature layer, produced by an attention layer; a ValueError saying why not otherwise."""
     if not getattr(tower, "has_cls_token", False):
-        raise ValueError(
-            f"method {method!r} needs the vision tower's [CLS] attention, but this tower "
-            f"({type(tower).__name__}) has no [CLS] token"
-        )
+        raise ValueError(f"this tower ({type(tower).__name__}) has no [CLS] token")
     layers = cfg.feature_layers
     if len(layers) != 1:
         raise ValueError(
-            f"method {method!r} reads the [CLS] attention at the vision feature layer, but this model "
-            f"concatenates several feature layers {layers}"
+            f"this model concatenates several feature layers {layers}, so no one layer's [CLS] "
+            "attention goes with its features"
         )
     index = layers[0] % (cfg.vision.num_hidden_layers + 1)
     if index == 0:
         raise ValueError(
-            f"method {method!r} needs the [CLS] attention of the layer that produces the features, but "
-            "vision_feature_layer selects the embeddings (hidden state 0), which no attention layer produced"
+            "vision_feature_layer selects the embeddings (hidden state 0), which no attention "
+            "layer produced"
         )
     return index

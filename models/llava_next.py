@@ -358,9 +358,11 @@ class LlavaNextForConditionalGeneration(nnx.Module):
             image_index=image_index,
         )
 
-    def cls_tower(
-        self, pixel_values: jax.Array, method: str, aux: AnyresLayout | None = None
-    ) -> TowerFeatures:
+    def cls_feature_index(self) -> int:
+        """The tower hidden state whose [CLS] attention `cls_tower` reads (models.protocol)."""
+        return cls_feature_state(self.config, self.vision_tower)
+
+    def cls_tower(self, pixel_values: jax.Array, aux: AnyresLayout | None = None) -> TowerFeatures:
         """The tower at the feature layer with its [CLS] attention row (models.protocol), for
         the tower-stage methods: one tower row per crop, pixel_values [M, C, ...] -> M * C
         rows of P tokens (base view, then the crop grid, per image), and their layout from
@@ -376,10 +378,10 @@ class LlavaNextForConditionalGeneration(nnx.Module):
         crop = self._check_crops(pixel_values)
         if aux is None or aux.tower_slot is None:
             raise ValueError(
-                f"method {method!r} needs aux: the AnyresLayout of the batch "
+                "cls_tower needs aux: the AnyresLayout of the batch "
                 "(anyres_layout(image_sizes, config, input_ids=...))"
             )
-        index = cls_feature_state(self.config, self.vision_tower, method)
+        index = self.cls_feature_index()
         n, k = pixel_values.shape[:2]
         states, cls = self.vision_tower.hidden_states(
             pixel_values.reshape(n * k, *crop), num_layers=index, cls_attention_layer=index - 1

@@ -14,8 +14,13 @@ adapter in `zspa_jax.families`.
 A family whose tower has a [CLS] token also exposes, for the tower-stage methods
 (VisPruner, VisionZip),
 
-    cls_tower(pixel_values, method, aux) -> TowerFeatures    # raises when it cannot serve `method`
-    project_tower_features(x [B, K, Dv]) -> [B, K, D]        # the projector
+    cls_feature_index() -> int                   # the tower hidden state read; a ValueError
+                                                 # saying why when the tower cannot serve
+    cls_tower(pixel_values, aux) -> TowerFeatures
+    project_tower_features(x [B, K, Dv]) -> [B, K, D]   # the projector
+
+Models know nothing about pruning: no method name or option reaches them (the family
+record checks a method's needs against the model and names the method).
 
 A tower-stage method runs on each tower row (one tower input: an image, or one crop of an
 image) and keeps K of its P tokens. `TowerFeatures.layout` says where the kept tokens go in

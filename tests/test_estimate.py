@@ -23,6 +23,7 @@ from models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
 from zspa_jax import estimate as est
 from zspa_jax.families import param_template
+from zspa_jax.pruning import PruneConfig
 
 # Element-wise ops XLA counts and the estimator does not: ~1% here (measured 0.8-1.4%).
 LOW, HIGH = 0.995, 1.05
@@ -130,7 +131,7 @@ def test_kv_bytes_equal_kvcache_nbytes(dtype, kv_dtype_bytes):
     e = est.estimate(
         cfg,
         text_tokens,
-        keep=keep,
+        PruneConfig(keep=keep),
         new_tokens=new_tokens,
         batch=batch,
         kv_dtype_bytes=kv_dtype_bytes,
@@ -166,7 +167,7 @@ def test_weight_bytes_equal_the_parameter_tree():
 def test_pruning_reduces_prefill_flops_by_the_expected_amount(decoder):
     text_tokens, keep = 32, 64
     n = LLAVA.image_seq_length
-    e = est.estimate(LLAVA, text_tokens, keep=keep)
+    e = est.estimate(LLAVA, text_tokens, PruneConfig(keep=keep))
     assert (
         e["sequence_length"] == text_tokens + keep
         and e["sequence_length_unpruned"] == text_tokens + n
@@ -187,7 +188,7 @@ def test_pruning_reduces_prefill_flops_by_the_expected_amount(decoder):
 def test_llava_1_5_7b_numbers():
     cfg = est.llava_1_5_7b_config()
     assert cfg.image_seq_length == 576 and cfg.vision.num_patches + 1 == 577
-    e = est.estimate(cfg, 60, keep=64, kv_dtype_bytes=2)
+    e = est.estimate(cfg, 60, PruneConfig(keep=64), kv_dtype_bytes=2)
     # LLaMA-2-7B: 512 KiB of f16 K+V per token; 6.74e9 parameters (vocab 32064 adds 2 x 64 rows).
     assert e["kv_cache_bytes_per_token"] == 2 * 32 * 4096 * 2
     assert e["kv_cache_bytes"] == 124 * 2 * 32 * 4096 * 2
@@ -196,7 +197,7 @@ def test_llava_1_5_7b_numbers():
     assert e["pruning_flops"] < 1e-3 * (e["llm_prefill_flops_unpruned"] - e["llm_prefill_flops"])
     assert e["prefill_reduction"] > 5.0
     with pytest.raises(ValueError, match="keep"):
-        est.estimate(cfg, 60, keep=577)
+        est.estimate(cfg, 60, PruneConfig(keep=577))
 
 
 # ----------------------------------------------------------------------------- methods' own cost
@@ -269,7 +270,8 @@ def _selection_xla(method: str, core_ratio=0.6) -> float:
 )
 def test_selection_flops_match_xla(unrolled, method, core_ratio):
     xla = _selection_xla(method, core_ratio)
-    ours = est.method_flops(method, N_SEL, D_SEL, K_SEL, T_SEL, core_ratio)
+    options = {"core_ratio": core_ratio} if method == "zspaprune" else None
+    ours = est.method_flops(method, N_SEL, D_SEL, K_SEL, T_SEL, options)
     assert M_LOW <= xla / ours <= M_HIGH, (method, xla, ours, xla / ours)
 
 
@@ -284,10 +286,12 @@ def test_auto_core_flops_match_xla(unrolled):
     xla = lowered_flops(
         lambda v, t, m: auto_core.select_auto(v, t, m, keep=K_SEL, batching="vmap"), v, t, m
     )
-    ours = est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto")
+    ours = est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, {"core_ratio": "auto"})
     assert M_LOW <= xla / ours <= M_HIGH, (xla, ours, xla / ours)
     assert (
-        est.method_flops("zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, "auto", auto_zero_share=0.0)
+        est.method_flops(
+            "zspaprune", N_SEL, D_SEL, K_SEL, T_SEL, {"core_ratio": "auto"}, auto_zero_share=0.0
+        )
         < 0.5 * xla
     )
 
@@ -374,14 +378,16 @@ def test_fastv_prefill_flops_match_xla(decoder):
         < ours
         < est.llm_prefill_flops(TEXT, text_tokens + n)
     )
-    e = est.estimate(LLAVA, text_tokens, keep=keep, method="fastv", fastv_layer=layer, new_tokens=4)
+    e = est.estimate(
+        LLAVA, text_tokens, PruneConfig(keep=keep, method="fastv", layer=layer), new_tokens=4
+    )
     assert e["llm_prefill_flops"] == est.fastv_prefill_flops(
         TEXT, text_tokens, LLAVA.image_seq_length, keep, layer
     )
     assert e["pruning_flops"] == 0
     assert (
         e["kv_cache_bytes"]
-        > est.estimate(LLAVA, text_tokens, keep=keep, new_tokens=4)["kv_cache_bytes"]
+        > est.estimate(LLAVA, text_tokens, PruneConfig(keep=keep), new_tokens=4)["kv_cache_bytes"]
     )
 
 
@@ -436,13 +442,13 @@ def test_llava_next_cls_methods_keep_k_of_every_crop(hw):
     )
     width, head = cfg.vision.hidden_size, cfg.vision.hidden_size // cfg.vision.num_attention_heads
     for method in ("visionzip", "vispruner"):
-        r = est.estimate_model(cfg, 60, hw, keep=64, method=method)
+        r = est.estimate_model(cfg, 60, hw, PruneConfig(keep=64, method=method))
         assert r["kept_tokens"] == crops * 64 and r["sequence_length"] == 60 + crops * 64
         assert r["pruning_flops"] == crops * est.method_flops(
-            method, 576, width, 64, 60, 0.6, key_dim=head
+            method, 576, width, 64, 60, key_dim=head
         )
     with pytest.raises(ValueError, match="one crop"):
-        est.estimate_model(cfg, 60, hw, keep=577, method="visionzip")
+        est.estimate_model(cfg, 60, hw, PruneConfig(keep=577, method="visionzip"))
     assert (
-        est.estimate_model(cfg, 60, hw, keep=64)["kept_tokens"] == 64
+        est.estimate_model(cfg, 60, hw, PruneConfig(keep=64))["kept_tokens"] == 64
     )  # other methods: K of the image

@@ -286,7 +286,8 @@ def test_each_served_method_gives_a_row_what_it_gives_the_row_alone(case):
     served = list(_served(case))
     assert "zspaprune" in served and "fastv" in served
     for name in served:
-        prune = zspa_jax.PruneConfig(keep=KEEP, method=name, layer=1)
+        layer = {"layer": 1} if METHODS[name].option("layer") else None  # in-LLM methods
+        prune = zspa_jax.PruneConfig(keep=KEEP, method=name, options=layer)
         logits, kept, mask = zspa_jax.forward(
             case.vlm, **batch, prune=prune, return_kept=True, return_mask=True
         )

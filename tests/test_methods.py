@@ -214,7 +214,7 @@ def test_auto_needs_a_method_with_a_core(method):
         PruneConfig(keep=K, method=method, core_ratio="auto")
     with pytest.raises(ValueError, match="core_ratio.*'auto'"):
         PruneConfig(keep=K, core_ratio="sometimes")
-    assert PruneConfig(keep=K, core_ratio="auto").core_ratio == "auto"
+    assert PruneConfig(keep=K, core_ratio="auto").options["core_ratio"] == "auto"
 
 
 # --------------------------------------------------------------------------- VisPruner

@@ -459,19 +459,14 @@ def test_fastv_bad_input(tiny, vlm):
     ids = _prompt(tiny, 1, 3, seed=11)[None]
     px = _pixels(tiny, 1, seed=11)
     n_layers = tiny.options["text_layers"]
-    for layer in (0, n_layers, -1):
-        with pytest.raises(ValueError, match=f"'fastv': layer K={layer} is outside the decoder"):
-            zspa_jax.forward(
-                vlm, ids, px, prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer)
-            )
-        with pytest.raises(ValueError, match="outside the decoder"):
-            zspa_jax.generate(
-                vlm,
-                input_ids=ids,
-                pixel_values=px,
-                max_new_tokens=2,
-                prune=PruneConfig(keep=KEEP, method="fastv", fastv_layer=layer),
-            )
+    for layer in (0, -1):  # below the option's range: refused by the config itself
+        with pytest.raises(ValueError, match="'fastv': option layer must be an integer >= 1"):
+            PruneConfig(keep=KEEP, method="fastv", layer=layer)
+    prune = PruneConfig(keep=KEEP, method="fastv", layer=n_layers)  # the model's bound
+    with pytest.raises(ValueError, match=f"'fastv': layer K={n_layers} is outside the decoder"):
+        zspa_jax.forward(vlm, ids, px, prune=prune)
+    with pytest.raises(ValueError, match="outside the decoder"):
+        zspa_jax.generate(vlm, input_ids=ids, pixel_values=px, max_new_tokens=2, prune=prune)
     too_many = tiny.tokens_per_image + 1
     for method in ("fastv", "vispruner", "visionzip", "cdpruner"):
         with pytest.raises(
@@ -485,16 +480,24 @@ def test_cls_methods_need_one_feature_layer_produced_by_attention(tiny, vlm):
     import dataclasses
 
     from models.llava import cls_feature_state
+    from zspa_jax.families import family_of
 
     assert (
-        cls_feature_state(vlm.config, vlm.model.vision_tower, "vispruner")
-        == tiny.options["vision_layers"] - 1
+        cls_feature_state(vlm.config, vlm.model.vision_tower) == tiny.options["vision_layers"] - 1
     )  # -2
+    assert vlm.model.cls_feature_index() == tiny.options["vision_layers"] - 1
     for layers, reason in [((-2, -3), "several feature layers"), (0, "embeddings")]:
         cfg = dataclasses.replace(vlm.config, vision_feature_layer=layers)
-        for method in ("vispruner", "visionzip"):
+        with pytest.raises(ValueError, match=reason):  # the model says why, naming no method
+            cls_feature_state(cfg, vlm.model.vision_tower)
+        model = type(
+            "Model",
+            (),
+            {"cls_feature_index": lambda self, c=cfg: cls_feature_state(c, vlm.model.vision_tower)},
+        )()
+        for method in ("vispruner", "visionzip"):  # the family record names the method
             with pytest.raises(ValueError, match=f"method '{method}'.*{reason}"):
-                cls_feature_state(cfg, vlm.model.vision_tower, method)
+                family_of(vlm).check_method(PruneConfig(keep=KEEP, method=method), model)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 from tests.qwen2_5_vl_helpers import converted, random_image, tiny_model
 from zspa_jax import estimate as est
 from zspa_jax.families import read_config
+from zspa_jax.pruning import PruneConfig
 
 
 @pytest.mark.parametrize("hw", [(448, 448), (1344, 1008), (333, 200), (40, 3000), (20, 20)])
@@ -25,13 +26,13 @@ def test_grid_matches_image_processor(hw):
 
 def test_448_and_1344x1008_token_counts():
     cfg = est.qwen2_5_vl_7b_config()
-    small = est.estimate_qwen2_5_vl(cfg, 60, (448, 448), keep=64)
-    large = est.estimate_qwen2_5_vl(cfg, 60, (1344, 1008), keep=64)
+    small = est.estimate_qwen2_5_vl(cfg, 60, (448, 448), PruneConfig(keep=64))
+    large = est.estimate_qwen2_5_vl(cfg, 60, (1344, 1008), PruneConfig(keep=64))
     assert small["visual_tokens"] == 256 and large["visual_tokens"] == 82 * 60 // 4
     assert small["sequence_length"] == large["sequence_length"] == 124  # fixed K: one LLM shape
     assert large["prefill_reduction"] > small["prefill_reduction"] > 1
     with pytest.raises(ValueError, match="keep must be in"):
-        est.estimate_qwen2_5_vl(cfg, 60, (448, 448), keep=257)
+        est.estimate_qwen2_5_vl(cfg, 60, (448, 448), PruneConfig(keep=257))
 
 
 def test_parameter_count_matches_transformers():
@@ -72,8 +73,8 @@ def test_video_tokens_flops_and_cli():
         frames, VideoSettings()
     )  # transformers' Qwen2VLVideoProcessor class defaults
     assert grid.tolist() == [8, 32, 32] == list(est.qwen_video_grid(16, 448, 448, cfg.vision))
-    clip = est.estimate_model(cfg, 60, video=(16, 448, 448), keep=256, fps=2.0)
-    image = est.estimate_model(cfg, 60, (448, 448), keep=256)
+    clip = est.estimate_model(cfg, 60, None, PruneConfig(keep=256), video=(16, 448, 448), fps=2.0)
+    image = est.estimate_model(cfg, 60, (448, 448), PruneConfig(keep=256))
     assert clip["visual_tokens"] == 8 * 256 and clip["kept_tokens"] == 256
     assert clip["vision_flops"] == 8 * image["vision_flops"]
     assert clip["llm_prefill_flops"] == image["llm_prefill_flops"]  # the same L' = T + K

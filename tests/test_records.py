@@ -27,10 +27,11 @@ def test_every_method_is_one_record_and_a_prune_method():
     for name, m in METHODS.items():
         assert m.name == name and m.stage in STAGES
         assert callable(m.select) and callable(m.flops) and m.summary
+        options = m.resolve_options()  # flops reads the method's own options
         assert (
-            m.flops(16, 8, 16, 4, core_ratio=0.6, key_dim=None, auto_zero_share=1.0) == 0
+            m.flops(16, 8, 16, 4, key_dim=None, auto_zero_share=1.0, **options) == 0
         )  # keep == N: nothing to do
-        assert m.flops(64, 8, 16, 4, core_ratio=0.6, key_dim=4, auto_zero_share=1.0) >= 0
+        assert m.flops(64, 8, 16, 4, key_dim=4, auto_zero_share=1.0, **options) >= 0
     with pytest.raises(ValueError, match="method must be one of"):
         get_method("topk")
 
@@ -79,20 +80,21 @@ def test_family_support_follows_capabilities(family, name):
 
 def test_core_ratio_auto_needs_a_method_with_a_core():
     for name, m in METHODS.items():
-        if m.uses_core_ratio:
-            assert PruneConfig(keep=4, method=name, core_ratio="auto").core_ratio == "auto"
+        if m.option("core_ratio") is not None:
+            prune = PruneConfig(keep=4, method=name, core_ratio="auto")
+            assert prune.options["core_ratio"] == "auto"
         else:
-            with pytest.raises(ValueError, match="no core ratio"):
+            with pytest.raises(ValueError, match="no core_ratio option"):
                 PruneConfig(keep=4, method=name, core_ratio="auto")
 
 
-def test_layer_and_its_earlier_name():
-    assert PruneConfig(keep=4, method="fastv", fastv_layer=3).layer == 3
+def test_layer_shorthand_is_the_layer_option():
+    assert PruneConfig(keep=4, method="fastv", layer=3).options["layer"] == 3
     assert PruneConfig(keep=4, method="dart", layer=1) == PruneConfig(
-        keep=4, method="dart", fastv_layer=1
+        keep=4, method="dart", options={"layer": 1}
     )
-    with pytest.raises(ValueError, match="PruneConfig.layer must be an int"):
-        PruneConfig(keep=4, layer=1.5)
+    with pytest.raises(ValueError, match="option layer must be an integer"):
+        PruneConfig(keep=4, method="fastv", layer=1.5)
 
 
 def test_families_are_found_by_config_and_name():

@@ -260,13 +260,15 @@ def visionzip_reference(
     *,
     keep: int,
     cls_in_placeholders: bool = False,
+    contextual_share: float = 10 / 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip (arXiv:2412.04467) in the official code's shape -> (tokens [B, K, Dv], slots [B, K]).
 
     hidden [B, L, Dv] with [CLS] at 0; cls_attention [B, L] ([CLS] row, head mean); keys
-    [B, L, Dh] (head mean). contextual = floor(K * 10/64 + 0.5) capped at K - 1.
+    [B, L, Dh] (head mean). contextual = floor(K * contextual_share + 0.5) capped at K - 1
+    (official: 10 of 64).
     """
-    contextual = min(math.floor(keep * 10 / 64 + 0.5), keep - 1)
+    contextual = min(math.floor(keep * contextual_share + 0.5), keep - 1)
     dominant = keep - contextual
     out_tokens, out_slots = [], []
     slot = (lambda i: i) if cls_in_placeholders else (lambda i: max(i - 1, 0))

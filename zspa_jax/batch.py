@@ -85,12 +85,13 @@ def kept_per_row(prune: PruneConfig, batch: HostBatch) -> int:
 
 
 def check_prune_for(vlm, prune: PruneConfig | None) -> None:
-    """The method's needs against the family's capabilities and the decoder's depth."""
+    """The method's needs against the family's capabilities and the model (its tower's
+    [CLS] layer; the decoder's depth bounds an in-LLM method's layer option)."""
     if prune is None:
         return
-    family_of(vlm).check_method(prune)
+    family_of(vlm).check_method(prune, vlm.model)
     if prune.record.llm_layer:
-        check_layer(vlm.config.text.num_hidden_layers, prune.layer, prune.method)
+        check_layer(vlm.config.text.num_hidden_layers, prune.options["layer"], prune.method)
 
 
 def prepare_arrays(

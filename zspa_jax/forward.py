@@ -64,7 +64,7 @@ def forward(
       attention_mask: [B, L], 0 on left padding.
       prune: a PruneConfig (one or several images per row; `budget` says whether K is per
         row or per image); the kept tokens replace the placeholders (methods inside the
-        LLM: from layer `prune.layer` on; earlier layers see all tokens).
+        LLM: from layer `prune.options["layer"]` on; earlier layers see all tokens).
       **visual_arrays: the family's other visual arrays by the names its record declares
         (`Family.visual_args`, transformers' names; Qwen2.5-VL: image_grid_thw int
         [num_images, 3], ...; LLaVA-NeXT: image_sizes int [num_images, 2]); one the family

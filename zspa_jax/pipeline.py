@@ -114,7 +114,9 @@ def _choose(mm, groups, prompt, prompt_mask, prune: PruneConfig, rng) -> Chosen:
     if mm.image_grid is not None and mm.image_grid.shape[1] == g:  # each group is one image
         grid = mm.image_grid.reshape(b * g, 2)
     inputs = MethodInputs(visual, valid, prompt, prompt_mask, rng, None, grid)
-    sel = method.select(inputs, keep=keep, core_ratio=prune.core_ratio, batching=default_batching())
+    sel = method.select(
+        inputs, keep=keep, batching=default_batching(), **method.select_options(prune.options)
+    )
     # Back to row terms: group-local indices -> the row's slots, groups in reading order.
     kept = jnp.take_along_axis(safe, sel.kept, axis=1).reshape(b, g * keep)
     if sel.tokens is None:
@@ -151,7 +153,9 @@ def _choose_tower(
     inputs = MethodInputs(
         tower.features, None, prompt, prompt_mask, rng, tower.cls_attention, None, tower.layer
     )
-    sel = method.select(inputs, keep=keep, core_ratio=prune.core_ratio, batching=default_batching())
+    sel = method.select(
+        inputs, keep=keep, batching=default_batching(), **method.select_options(prune.options)
+    )
     local = (
         sel.kept
     )  # [M, K]: tower-token index (merging methods: the token whose slot each entry takes)
@@ -236,7 +240,7 @@ def decoder_inputs(
     b, length = input_ids.shape
     tower = None
     if tower_stage:  # tower rows (laid out by the host) and where their tokens go
-        tower = model.cls_tower(pixel_values, prune.method, aux)
+        tower = model.cls_tower(pixel_values, aux)
         m, p = tower.features.shape[:2]
         if m % b:
             raise ValueError(

@@ -14,13 +14,14 @@ decode loop needs to know.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from models.llama import KVCache, LlamaModel
-from zspa_jax.methods.base import LayerInputs, Method
+from zspa_jax.methods.base import LayerInputs, Method, check_layer
 
 __all__ = [
     "Prefilled",
@@ -41,15 +42,6 @@ class Prefilled(NamedTuple):
     cache: KVCache | None  # per-layer k/v [B, S_i, Hkv, Dh] (None without a cache)
     kv_valid: tuple[jax.Array, ...] | None  # per layer bool [B, S_i]: slots holding a prompt token
     prompt_lengths: jax.Array | None  # int32 [layers]: each layer's first free slot
-
-
-def check_layer(num_layers: int, layer: int, method: str) -> None:
-    """An LLM-stage method's K must leave layers before it (to choose) and after it (to prune)."""
-    if not 1 <= layer < num_layers:
-        raise ValueError(
-            f"method {method!r}: layer K={layer} is outside the decoder: K must be in [1, {num_layers - 1}] for this "
-            f"{num_layers}-layer decoder (layers before K choose the tokens, layers K.. run without them)"
-        )
 
 
 def pruned_gather_index(
@@ -169,10 +161,12 @@ def prefill_pruned_at_layer(
     text_mask: jax.Array,
     cache_length: int | None = None,
     last_only: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Prefilled:
     """An "llm"-stage method on the unpruned prompt (module docstring). visual_index: int32
     [B, N], each row's placeholder positions. With `cache_length` S, layers < K cache S
-    slots and layers >= K cache S - N + K. `last_only`: as in `prefill`."""
+    slots and layers >= K cache S - N + K. `last_only`: as in `prefill`. `options`: the
+    method's option values (`PruneConfig.options`; None: its defaults); `layer` is K."""
     num_layers = len(decoder.layers)
     num_visual = visual_index.shape[1]
     check_layer(num_layers, layer, method.name)
@@ -195,7 +189,8 @@ def prefill_pruned_at_layer(
         text_mask,
         num_visual,
     )
-    kept = method.select(inputs, keep=keep)
+    values = method.resolve_options(options)
+    kept = method.select(inputs, keep=keep, **method.select_options(values))
     src, _ = pruned_gather_index(
         visual_index, jnp.take_along_axis(visual_index, kept, axis=1), length
     )
@@ -233,7 +228,8 @@ def run_prefill(
         inputs.positions,
         inputs.mask,
         method=prune.record,
-        layer=prune.layer,
+        layer=prune.options["layer"],
+        options=prune.options,
         keep=prune.num_keep(inputs.visual_index.shape[1]),
         visual_index=inputs.visual_index,
         visual_valid=inputs.visual_valid,

@@ -2,10 +2,10 @@
 
 Every method is a record in `zspa_jax.methods` (ZSPAPrune and its r = 1 / r = 0 ends,
 random, uniform, CDPruner, VisPruner, VisionZip, FastV, ...); this module validates
-arguments against the record's capabilities and calls its select function. Methods that
-need model internals (a whole tower layer, the LLM's attention) run through `PruneConfig`
-in `forward`/`generate`. Everything is computed in float32 and jit-compiled once per
-(shapes, keep, method, core size).
+arguments against the record's capabilities and options and calls its select function
+with its own options. Methods that need model internals (a whole tower layer, the LLM's
+attention) run through `PruneConfig` in `forward`/`generate`. Everything is computed in
+float32 and jit-compiled once per (shapes, keep, method, options).
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zspa_jax.methods import METHODS, MethodInputs, auto_core, get_method
+from zspa_jax.methods import METHODS, Method, MethodInputs, auto_core, get_method
 from zspa_jax.methods._common import default_batching
-from zspa_jax.methods.zspaprune import AUTO, core_size
+from zspa_jax.methods.base import OptionValues
+from zspa_jax.methods.zspaprune import core_size
 from zspa_jax.sharding import fetch
 from zspa_jax.validation import check_binary_mask, check_rng, is_traced
 
@@ -32,6 +34,7 @@ __all__ = [
     "core_size",
     "default_batching",
     "gather_tokens",
+    "resolve_options",
     "select_tokens",
 ]
 
@@ -43,71 +46,86 @@ BUDGETS: tuple[str, ...] = ("row", "image")
 # --------------------------------------------------------------------------- config
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class PruneConfig:
     """How many visual tokens to keep and how to choose them.
 
+    PruneConfig(keep=None, ratio=None, method="zspaprune", *, budget="row",
+                prompt_scope="question", options=None, core_ratio=None, layer=None)
+
     Exactly one of `keep` (a count, >= 1) or `ratio` (fraction kept, in (0, 1]).
-    `method`: a name in PRUNE_METHODS. `core_ratio`: r in [0, 1], or "auto" (methods
-    that read it: r chosen per example from the relevance scores, see
-    `zspa_jax.methods.auto_core`). `layer`: for methods that prune inside the LLM
-    ("fastv"), the decoder layer K whose input loses the dropped tokens (1 <= K < number
-    of decoder layers; the choice reads layer K-1's output). `fastv_layer` is the same
-    field under its earlier name (given, it sets `layer`). `budget`: "row" (default) applies
-    keep/ratio to all of a row's visual tokens together, whatever images they come from;
-    "image" applies it to each image (every image keeps K; a row of I images keeps I * K),
-    for methods that choose before the LLM. Frozen and hashable, so it can be a static
-    argument of `jax.jit`.
+    `method`: a name in PRUNE_METHODS. `budget`: "row" (default) applies keep/ratio to all
+    of a row's visual tokens together, whatever images they come from; "image" applies it
+    to each image (every image keeps K; a row of I images keeps I * K), for methods that
+    choose before the LLM. `prompt_scope`: which text is "the prompt" for the methods that
+    read it: "question" (text after the last image) or "all_text".
+    `options`: the method's hyperparameters by name (its record's `options`, e.g.
+    {"core_ratio": "auto"} for zspaprune, {"layer": 3, "image_pivots": 2} for dart); an
+    unknown name or a value out of range is a ValueError naming the method and its options.
+    `core_ratio=` and `layer=` are shorthands for options={"core_ratio": ...} /
+    {"layer": ...}, refused for a method without that option.
+
+    `options` then holds every option of the method, defaults filled in (a read-only
+    mapping). Frozen and hashable, so it can be a static argument of `jax.jit`.
     """
 
-    keep: int | None = None
-    ratio: float | None = None
-    method: str = "zspaprune"
-    core_ratio: float | str = 0.6
-    prompt_scope: str = "question"
-    layer: int = 2
-    fastv_layer: dataclasses.InitVar[int | None] = None
-    budget: str = "row"
+    keep: int | None
+    ratio: float | None
+    method: str
+    budget: str
+    prompt_scope: str
+    options: OptionValues
 
-    def __post_init__(self, fastv_layer: int | None = None) -> None:
-        if (self.keep is None) == (self.ratio is None):
+    def __init__(
+        self,
+        keep: int | None = None,
+        ratio: float | None = None,
+        method: str = "zspaprune",
+        *,
+        budget: str = "row",
+        prompt_scope: str = "question",
+        options: Mapping[str, Any] | None = None,
+        core_ratio: float | str | None = None,
+        layer: int | None = None,
+    ) -> None:
+        if (keep is None) == (ratio is None):
             raise ValueError(
-                f"PruneConfig needs exactly one of keep or ratio, got keep={self.keep!r}, ratio={self.ratio!r}"
+                f"PruneConfig needs exactly one of keep or ratio, got keep={keep!r}, ratio={ratio!r}"
             )
-        if self.keep is not None:
-            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, np.integer)):
-                raise ValueError(f"PruneConfig.keep must be an int >= 1, got {self.keep!r}")
-            if self.keep < 1:
-                raise ValueError(f"PruneConfig.keep must be >= 1, got {self.keep}")
-            object.__setattr__(self, "keep", int(self.keep))
-        if self.ratio is not None:
-            if not _is_real(self.ratio) or not 0.0 < float(self.ratio) <= 1.0:
-                raise ValueError(f"PruneConfig.ratio must be in (0, 1], got {self.ratio!r}")
-            object.__setattr__(self, "ratio", float(self.ratio))
-        if self.method not in METHODS:
+        if keep is not None:
+            if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)):
+                raise ValueError(f"PruneConfig.keep must be an int >= 1, got {keep!r}")
+            if keep < 1:
+                raise ValueError(f"PruneConfig.keep must be >= 1, got {keep}")
+            keep = int(keep)
+        if ratio is not None:
+            if not _is_real(ratio) or not 0.0 < float(ratio) <= 1.0:
+                raise ValueError(f"PruneConfig.ratio must be in (0, 1], got {ratio!r}")
+            ratio = float(ratio)
+        if not isinstance(method, str) or method not in METHODS:
+            raise ValueError(f"PruneConfig.method must be one of {PRUNE_METHODS}, got {method!r}")
+        record = METHODS[method]
+        if budget not in BUDGETS:
+            raise ValueError(f"PruneConfig.budget must be one of {BUDGETS}, got {budget!r}")
+        if budget == "image" and record.llm_layer:
             raise ValueError(
-                f"PruneConfig.method must be one of {PRUNE_METHODS}, got {self.method!r}"
-            )
-        _check_core_ratio(self.core_ratio, self.method, "PruneConfig.core_ratio")
-        if self.core_ratio != AUTO:
-            object.__setattr__(self, "core_ratio", float(self.core_ratio))
-        for name, value in (("fastv_layer", fastv_layer), ("layer", self.layer)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, np.integer))
-            ):
-                raise ValueError(f"PruneConfig.{name} must be an int, got {value!r}")
-        object.__setattr__(self, "layer", int(self.layer if fastv_layer is None else fastv_layer))
-        if self.budget not in BUDGETS:
-            raise ValueError(f"PruneConfig.budget must be one of {BUDGETS}, got {self.budget!r}")
-        if self.budget == "image" and self.record.llm_layer:
-            raise ValueError(
-                f"PruneConfig.budget='image' is for methods that choose before the LLM; method {self.method!r} "
+                f"PruneConfig.budget='image' is for methods that choose before the LLM; method {method!r} "
                 "chooses inside it, over the row's visual tokens together: use budget='row'"
             )
-        if self.prompt_scope not in PROMPT_SCOPES:
+        if prompt_scope not in PROMPT_SCOPES:
             raise ValueError(
-                f"PruneConfig.prompt_scope must be one of {PROMPT_SCOPES}, got {self.prompt_scope!r}"
+                f"PruneConfig.prompt_scope must be one of {PROMPT_SCOPES}, got {prompt_scope!r}"
             )
+        values = resolve_options(record, options, core_ratio=core_ratio, layer=layer)
+        for name, value in (
+            ("keep", keep),
+            ("ratio", ratio),
+            ("method", method),
+            ("budget", budget),
+            ("prompt_scope", prompt_scope),
+            ("options", values),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def record(self):
@@ -140,23 +158,34 @@ class PruneConfig:
         return keep * images if self.budget == "image" else keep
 
 
+def resolve_options(
+    record: Method, options: Mapping[str, Any] | None = None, **shorthands: Any
+) -> OptionValues:
+    """Every option of `record`'s method, checked, defaults filled in: `options` plus the
+    shorthand keywords that are not None (`core_ratio=`, `layer=`). A shorthand for an
+    option the method lacks, or an option given twice, is a ValueError."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(
+            f"options must be a mapping of option names to values, got {type(options).__name__}"
+        )
+    given = dict(options or {})
+    for name, value in shorthands.items():
+        if value is None:
+            continue
+        if record.option(name) is None:
+            owners = [m.name for m in METHODS.values() if m.option(name) is not None]
+            raise ValueError(
+                f"{name}={value!r}: method {record.name!r} has no {name} option "
+                f"({record.known_options()}); methods with one: {', '.join(owners)}"
+            )
+        if name in given:
+            raise ValueError(f"option {name} given twice: as {name}= and in options")
+        given[name] = value
+    return record.resolve_options(given)
+
+
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def _check_core_ratio(core_ratio: Any, method: str, name: str) -> None:
-    if isinstance(core_ratio, str):
-        if core_ratio != AUTO:
-            raise ValueError(f"{name} must be a number in [0, 1] or 'auto', got {core_ratio!r}")
-        if not get_method(method).uses_core_ratio:
-            with_core = [m.name for m in METHODS.values() if m.uses_core_ratio]
-            raise ValueError(
-                f"{name}='auto' chooses the size of a relevance core, but method {method!r} "
-                f"has no core ratio to choose (methods with one: {with_core})"
-            )
-        return
-    if not _is_real(core_ratio) or not 0.0 <= float(core_ratio) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] or 'auto', got {core_ratio!r}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -192,9 +221,10 @@ def select_tokens(
     *,
     keep: int,
     method: str = "zspaprune",
-    core_ratio: float | str = 0.6,
-    rng: jax.Array | None = None,
+    options: Mapping[str, Any] | None = None,
+    core_ratio: float | str | None = None,
     visual_mask: jax.Array | None = None,
+    rng: jax.Array | None = None,
     cls_attention: jax.Array | None = None,
 ) -> jax.Array:
     """Indices of the visual tokens to keep, int32 [B, keep], ascending per row.
@@ -213,10 +243,13 @@ def select_tokens(
       keep: K, 1 <= K <= N (static).
       method: a name in PRUNE_METHODS whose record is a function of these arrays (not the
         ones that read a whole tower layer, merge tokens or run inside the LLM) (static).
-        "zspaprune" uses `core_ratio`; "relevance" is r = 1, "divprune" is r = 0; "random"
-        needs `rng`; "uniform" is floor((i + 0.5) * N / K); "cdpruner" is the conditional
-        DPP of `zspa_jax.methods.cdpruner`; "vispruner" needs `cls_attention`.
-      core_ratio: r in [0, 1] or "auto" (static, only read by methods with a core).
+        "zspaprune" reads its `core_ratio` option; "relevance" is r = 1, "divprune" is
+        r = 0; "random" needs `rng`; "uniform" is floor((i + 0.5) * N / K); "cdpruner" is
+        the conditional DPP of `zspa_jax.methods.cdpruner`; "vispruner" needs
+        `cls_attention`.
+      options: the method's options by name (static; as `PruneConfig(options=)`).
+      core_ratio: shorthand for options={"core_ratio": r}: r in [0, 1] or "auto"
+        (zspaprune; refused by methods without a core).
       rng: a JAX PRNG key, required by "random" (each batch row gets its own subset).
       visual_mask: [B, N], nonzero/True = real visual token; None = all real. Lets rows
         carry different numbers of tokens N_b <= N in one array: masked tokens are never
@@ -231,8 +264,17 @@ def select_tokens(
     the indices of the same (bf16-valued) inputs upcast to f32. Deterministic methods
     give each batch row the result of running it alone. Ties go to the lower index.
     """
-    record = _validate(
-        visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask
+    record, values = _validate(
+        visual,
+        prompt,
+        prompt_mask,
+        keep,
+        method,
+        rng,
+        cls_attention,
+        visual_mask,
+        options,
+        core_ratio,
     )
     keep = operator.index(keep)
     b, n, _ = visual.shape
@@ -240,7 +282,9 @@ def select_tokens(
     if keep == n and valid is None:
         return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # nothing to choose
     inputs = MethodInputs(visual, valid, prompt, prompt_mask, rng, cls_attention, None)
-    return record.select(inputs, keep=keep, core_ratio=core_ratio, batching=default_batching()).kept
+    return record.select(
+        inputs, keep=keep, batching=default_batching(), **record.select_options(values)
+    ).kept
 
 
 def auto_core_ratio(
@@ -248,7 +292,7 @@ def auto_core_ratio(
 ) -> jax.Array:
     """f32 [B]: the core ratio r that `core_ratio="auto"` picks for each example (see
     `zspa_jax.methods.auto_core`); the core holds round(r * keep) tokens."""
-    _validate(visual, prompt, prompt_mask, keep, "zspaprune", AUTO, None, None)
+    _validate(visual, prompt, prompt_mask, keep, "zspaprune", None, None, core_ratio="auto")
     return auto_core.auto_core_ratio(visual, prompt, prompt_mask, keep=operator.index(keep))
 
 
@@ -268,9 +312,19 @@ def _validate_visual_mask(visual_mask, b: int, n: int, keep: int) -> None:
 
 
 def _validate(
-    visual, prompt, prompt_mask, keep, method, core_ratio, rng, cls_attention, visual_mask=None
+    visual,
+    prompt,
+    prompt_mask,
+    keep,
+    method,
+    rng,
+    cls_attention,
+    visual_mask=None,
+    options=None,
+    core_ratio=None,
 ):
-    """Check select_tokens' arguments against the method's record; returns the record."""
+    """Check select_tokens' arguments against the method's record; returns the record and
+    the method's option values."""
     record = get_method(method)
     if record.llm_layer or record.needs_tower or record.merges:
         where = (
@@ -319,7 +373,7 @@ def _validate(
         raise ValueError(f"keep must be a Python int in [1, N={n}], got {keep!r}")
     if not 1 <= keep <= n:
         raise ValueError(f"keep must be in [1, N={n}] (number of visual tokens), got {keep}")
-    _check_core_ratio(core_ratio, method, "core_ratio")
+    values = resolve_options(record, options, core_ratio=core_ratio)
     if record.needs_rng:
         if rng is None:
             raise ValueError(f"rng (a JAX PRNG key) is required for method={method!r}")
@@ -344,7 +398,7 @@ def _validate(
             )
         _validate_visual_mask(visual_mask, b, n, keep)
     _check_finite_values(visual, prompt, prompt_mask, visual_mask)
-    return record
+    return record, values
 
 
 @jax.jit

@@ -4,6 +4,9 @@
     python -m zspa_jax.estimate --model qwen2.5-vl-7b --image 1344x1008 [--keep 1230 256 128 64]
     python -m zspa_jax.estimate --model qwen2.5-vl-7b --video 16x448x448 [--fps 2]
     python -m zspa_jax.estimate --model M --mesh data=D,model=M [--batch B] [--json]
+    python -m zspa_jax.estimate --method dart --layer 3 --image-pivots 2 --keep 64 [--ratio R]
+
+(the pruning flags are `python -m zspa_jax generate`'s, one per method option)
 
 prints, for LLaVA-1.5-7B (CLIP ViT-L/14-336 + LLaMA-2-7B), the cost of each stage at
 keep in {576, 192, 128, 64}; or for Qwen2.5-VL-7B at one image size (its visual token

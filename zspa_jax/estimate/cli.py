@@ -1,6 +1,8 @@
 """`python -m zspa_jax.estimate`: the FLOPs/KV table of a named model, or its per-device
 bytes on a mesh (--mesh). Models come from presets.MODELS; the family's estimate hooks
-say how many visual tokens an image becomes."""
+say how many visual tokens an image becomes. The pruning flags (--keep/--ratio, --method,
+one per method option) are `python -m zspa_jax generate`'s (zspa_jax.prune_args): each
+row's PruneConfig is built from them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import NamedTuple
 
 from zspa_jax.estimate.model import estimate_model, hooks_of, mesh_bytes
 from zspa_jax.estimate.presets import MODELS
+from zspa_jax.prune_args import add_prune_arguments, prune_from_args
 
 __all__ = ["FLOPS_TABLES", "main"]
 
@@ -134,6 +137,14 @@ FLOPS_TABLES = {
 }
 
 
+def _prunes(args, default_keeps) -> list:
+    """One PruneConfig per --keep / --ratio value (default: `default_keeps`), all with the
+    command line's method and options."""
+    if args.ratio:
+        return [prune_from_args(args, ratio=r) for r in args.ratio]
+    return [prune_from_args(args, keep=k) for k in args.keep or default_keeps]
+
+
 def _mesh_table(
     name: str,
     cfg,
@@ -172,24 +183,25 @@ def _table(
     cfg,
     text_tokens: int,
     new_tokens: int,
-    keeps,
+    prunes,
     kv_dtype_bytes: int,
     image_hw=None,
     video=None,
     fps=None,
 ) -> tuple[str, list[dict]]:
+    """One row per PruneConfig of `prunes` (None: unpruned)."""
     rows = [
         estimate_model(
             cfg,
             text_tokens,
             image_hw,
-            keep=k,
+            prune,
             new_tokens=new_tokens,
             kv_dtype_bytes=kv_dtype_bytes,
             video=video,
             fps=fps,
         )
-        for k in keeps
+        for prune in prunes
     ]
     g, t = 1e9, 1e12
     head = (
@@ -217,13 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--new-tokens", type=int, default=0, help="generated tokens (KV size, decode cost)"
-    )
-    parser.add_argument(
-        "--keep",
-        type=int,
-        nargs="+",
-        default=None,
-        help="kept visual tokens (default: all, 192/256, 128, 64)",
     )
     parser.add_argument("--model", choices=tuple(MODELS), default="llava-1.5-7b")
     parser.add_argument(
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=1, help="prompts per call (with --mesh; default 1)"
     )
+    add_prune_arguments(parser, several_keeps=True)
+    parser.set_defaults(keep=None)  # several budgets; default: all, 192/256, 128, 64
     args = parser.parse_args(argv)
     if args.mesh is not None:
         return _mesh_main(args, parser)
@@ -268,19 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     hw, video, plan = _visual_plan(args, parser, cfg, hooks)
     n = plan.visual_tokens
     if video is not None:
-        keeps = args.keep or _video_keeps(n)
+        default_keeps = _video_keeps(n)
     else:
-        keeps = args.keep or (list(spec.keeps) if spec.keeps is not None else _default_keeps(n))
-    table, rows = _table(
-        cfg,
-        args.text_tokens,
-        args.new_tokens,
-        keeps,
-        kv_dtype_bytes=2,
-        image_hw=hw,
-        video=video,
-        fps=args.fps,
-    )
+        default_keeps = list(spec.keeps) if spec.keeps is not None else _default_keeps(n)
+    try:
+        prunes = _prunes(args, default_keeps)
+    except ValueError as e:
+        parser.error(str(e))
+    try:  # the options against this model (e.g. a layer beyond its decoder)
+        table, rows = _table(
+            cfg,
+            args.text_tokens,
+            args.new_tokens,
+            prunes,
+            kv_dtype_bytes=2,
+            image_hw=hw,
+            video=video,
+            fps=args.fps,
+        )
+    except ValueError as e:
+        parser.error(str(e))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -302,7 +316,11 @@ def _mesh_main(args, parser) -> int:
     hooks = hooks_of(cfg)
     _, video, plan = _visual_plan(args, parser, cfg, hooks)
     n = plan.visual_tokens
-    keeps = args.keep or (_video_keeps(n) if video is not None else _default_keeps(n))
+    try:
+        prunes = _prunes(args, _video_keeps(n) if video is not None else _default_keeps(n))
+    except ValueError as e:
+        parser.error(str(e))
+    keeps = [n if p is None else p.num_keep(n) for p in prunes]
     table, rows = _mesh_table(
         args.model, cfg, sizes, args.batch, args.text_tokens, args.new_tokens, n, keeps
     )

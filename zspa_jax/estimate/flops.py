@@ -49,7 +49,7 @@ Convention (every count below is in FLOPs = multiply-accumulates x 2):
                          assignment matrix times their hidden states (width C))
       random, uniform    0 (top-k of noise / a constant)
       fastv              0 for the selection (a top-k over one attention row); its cost
-                         is in the LLM: layers < fastv_layer run on all T + N tokens,
+                         is in the LLM: layers < K (its `layer` option) run on all T + N tokens,
                          the others on T + K (`fastv_prefill_flops`, what `estimate`
                          reports as LLM prefill for method="fastv"; its decode and KV
                          cache follow the same split).
@@ -74,8 +74,12 @@ zspa_jax.families.qwen2_5_vl.estimate. Its LLM is the shared decoder count with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from models.llama import LlamaConfig
 from zspa_jax.methods import get_method
+from zspa_jax.methods.zspaprune import DEFAULT_CORE_RATIO
 
 __all__ = [
     "decode_flops",
@@ -104,9 +108,11 @@ def decoder_layer_macs(t: LlamaConfig, n: int, kv_len: int | None = None) -> int
     return projections + attention + mlp
 
 
-def pruning_flops(n: int, d: int, keep: int, text_tokens: int, core_ratio: float = 0.6) -> int:
+def pruning_flops(
+    n: int, d: int, keep: int, text_tokens: int, core_ratio: float | str = DEFAULT_CORE_RATIO
+) -> int:
     """FLOPs of `select_tokens(method="zspaprune")` for one example (0 when keep == n)."""
-    return method_flops("zspaprune", n, d, keep, text_tokens, core_ratio)
+    return method_flops("zspaprune", n, d, keep, text_tokens, {"core_ratio": core_ratio})
 
 
 def method_flops(
@@ -115,7 +121,7 @@ def method_flops(
     d: int,
     keep: int,
     text_tokens: int,
-    core_ratio: float | str = 0.6,
+    options: Mapping[str, Any] | None = None,
     *,
     key_dim: int | None = None,
     auto_zero_share: float = 1.0,
@@ -124,22 +130,19 @@ def method_flops(
     docstring lists each formula).
 
     n: visual tokens N; d: the width the method reads (the LLM width D for the
-    embedding-stage methods, the tower width C for the tower-stage ones); key_dim: the
-    tower's head width Dh ("visionzip"; default d); core_ratio: the core ratio or "auto";
-    auto_zero_share: expected share of examples whose automatic core is empty (1 = the
-    worst case, what a vmapped batch computes). Methods inside the LLM count their
-    selection only; their saving is in the LLM prefill (`fastv_prefill_flops`).
+    embedding-stage methods, the tower width C for the tower-stage ones); options: the
+    method's options (`PruneConfig.options`, or some of them by name; the others take their
+    defaults), e.g. {"core_ratio": "auto"}; key_dim: the tower's head width Dh
+    ("visionzip"; default d); auto_zero_share: expected share of examples whose automatic
+    core is empty (1 = the worst case, what a vmapped batch computes). Methods inside the
+    LLM count their selection only; their saving is in the LLM prefill
+    (`fastv_prefill_flops`).
     """
     record = get_method(method)
+    values = record.resolve_options(options)
     return int(
         record.flops(
-            n,
-            d,
-            keep,
-            text_tokens,
-            core_ratio=core_ratio,
-            key_dim=key_dim,
-            auto_zero_share=auto_zero_share,
+            n, d, keep, text_tokens, key_dim=key_dim, auto_zero_share=auto_zero_share, **values
         )
     )
 
@@ -178,30 +181,32 @@ def language_model_flops(
     text_tokens: int,
     new_tokens: int,
     batch: int,
-    core_ratio: float | str,
     method: str = "zspaprune",
-    fastv_layer: int = 2,
+    options: Mapping[str, Any] | None = None,
     tower_dims: tuple[int, int] | None = None,
     tower_rows: tuple[int, int] | None = None,
 ):
     """(pruning, LLM prefill, unpruned LLM prefill, decode total, decode per token) FLOPs for
-    a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens.
-    tower_dims: (tower width, head width) read by the [CLS]-attention methods; tower_rows:
-    (R, P) when such a method chooses keep / R of each of R tower rows of P tokens."""
+    a batch whose prompts hold `text_tokens` text tokens and keep `keep` of `n` visual tokens
+    by `method` with `options` (its `layer` option, for a method inside the LLM, splits the
+    decoder). tower_dims: (tower width, head width) read by the [CLS]-attention methods;
+    tower_rows: (R, P) when such a method chooses keep / R of each of R tower rows of P tokens."""
     length = text_tokens + keep
     record = get_method(method)
+    options = record.resolve_options(options)
     width, key_dim = tower_dims if record.stage == "tower" else (t.hidden_size, None)
     rows, chosen_from = tower_rows if record.stage == "tower" and tower_rows else (1, n)
     pruning = (
         batch
         * rows
         * method_flops(
-            method, chosen_from, width, keep // rows, text_tokens, core_ratio, key_dim=key_dim
+            method, chosen_from, width, keep // rows, text_tokens, options, key_dim=key_dim
         )
     )
     fastv = record.llm_layer and keep < n  # early layers keep all N tokens
+    layer = options["layer"] if fastv else 0
     if fastv:
-        prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, fastv_layer)
+        prefill = batch * fastv_prefill_flops(t, text_tokens, n, keep, layer)
     else:
         prefill = batch * llm_prefill_flops(t, length)
     prefill_full = batch * llm_prefill_flops(t, text_tokens + n)
@@ -209,14 +214,11 @@ def language_model_flops(
     def step(i: int) -> int:  # decode step i: FastV's early layers still attend over all N
         if not fastv:
             return decode_flops(t, length + i + 1)
-        early = fastv_layer * decoder_layer_macs(t, 1, text_tokens + n + i + 1)
-        late = (t.num_hidden_layers - fastv_layer) * decoder_layer_macs(t, 1, length + i + 1)
+        early = layer * decoder_layer_macs(t, 1, text_tokens + n + i + 1)
+        late = (t.num_hidden_layers - layer) * decoder_layer_macs(t, 1, length + i + 1)
         return 2 * (early + late + t.hidden_size * t.vocab_size)
 
     if not new_tokens:
         return pruning, prefill, prefill_full, 0, float(step(0))
     decode_total = batch * sum(step(i) for i in range(new_tokens))
     return pruning, prefill, prefill_full, decode_total, decode_total / (batch * new_tokens)
-
-
-_language_model_flops = language_model_flops  # the old private name

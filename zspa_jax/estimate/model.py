@@ -21,6 +21,8 @@ from zspa_jax.estimate.memory import (
 )
 from zspa_jax.families import family_of
 from zspa_jax.methods import get_method
+from zspa_jax.methods.base import check_layer
+from zspa_jax.pruning import PruneConfig
 
 __all__ = ["estimate", "estimate_model", "estimate_qwen2_5_vl", "hooks_of", "mesh_bytes"]
 
@@ -47,13 +49,11 @@ def estimate_model(
     cfg,
     text_tokens: int,
     image_hw: tuple[int, int] | None = None,
-    keep: int | None = None,
+    prune: PruneConfig | None = None,
+    *,
     new_tokens: int = 0,
     batch: int = 1,
     kv_dtype_bytes: int | None = None,
-    core_ratio: float | str = 0.6,
-    method: str = "zspaprune",
-    fastv_layer: int = 2,
     video: tuple[int, int, int] | None = None,
     fps: float | None = None,
 ) -> dict:
@@ -64,50 +64,58 @@ def estimate_model(
       text_tokens: T, text tokens of the prompt (everything but the image placeholders).
       image_hw: (height, width) pixels of the image, for families whose visual token count
         follows the image (ignored by fixed-size families such as LLaVA).
-      keep: K visual tokens kept (None = all N, no pruning); for a [CLS]-attention method on
-        a family whose tower rows are crops (LLaVA-NeXT), K of each crop.
+      prune: a `zspa_jax.PruneConfig` (None: all N visual tokens, no pruning): its keep or
+        ratio gives K (for a [CLS]-attention method on a family whose tower rows are crops,
+        LLaVA-NeXT, K of each crop); its method and options set the selection cost, and a
+        method inside the LLM changes the LLM prefill, decode and KV cache instead (layers
+        before its `layer` option keep all N tokens). Methods that read the tower's [CLS]
+        token are refused for towers without one.
       new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
       batch: B prompts (one image each).
       kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
-      core_ratio: ZSPAPrune's r or "auto" (only the pruning cost depends on it).
-      method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
-        and KV cache instead (layers < fastv_layer keep all N tokens). Methods that read the
-        tower's [CLS] token are refused for towers without one.
       video: (frames, height, width) of one clip per prompt instead of an image (families
-        that take video: Qwen2.5-VL); `keep` then counts over the clip's tokens together.
+        that take video: Qwen2.5-VL); K then counts over the clip's tokens together.
       fps: the clip's frame rate (only its temporal positions depend on it).
     Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
     """
+    if prune is not None and not isinstance(prune, PruneConfig):
+        raise TypeError(f"prune must be a zspa_jax.PruneConfig or None, got {type(prune).__name__}")
     hooks = hooks_of(cfg)
     if video is not None:
         if hooks.video is None:
             raise ValueError(f"the {family_of(cfg).display_name} family takes no video")
         if image_hw is not None:
             raise ValueError("give image_hw or video, not both (one visual input per prompt)")
+    method = "zspaprune" if prune is None else prune.method
     record = get_method(method)
     dims = hooks.tower_dims(cfg)
     if record.needs_cls_attention and dims is None:
         raise ValueError(
             f"method {method!r} needs a [CLS] token, which the {family_of(cfg).display_name} tower does not have"
         )
+    if prune is not None and record.llm_layer:
+        check_layer(cfg.text.num_hidden_layers, prune.options["layer"], method)
     plan = (
         hooks.video(cfg, tuple(video), fps)
         if video is not None
         else hooks.image(cfg, image_hw if hooks.image_sized else None)
     )
     n = plan.visual_tokens
-    per_row = record.stage == "tower" and plan.tower_rows is not None and keep is not None
+    per_row = record.stage == "tower" and plan.tower_rows is not None and prune is not None
     if per_row:  # K of each tower row (a crop): the LLM sees R * K tokens
         rows, row_tokens = plan.tower_rows
-        if not 1 <= int(keep) <= row_tokens:
+        if prune.keep is not None and not 1 <= prune.keep <= row_tokens:
             raise ValueError(
                 f"keep must be in [1, {row_tokens}] (the tokens of one crop; {method!r} keeps K of "
-                f"each of the image's {rows} crops), got {keep}"
+                f"each of the image's {rows} crops), got {prune.keep}"
             )
-        keep = rows * int(keep)
-    keep = n if keep is None else int(keep)
-    if not per_row and not 1 <= keep <= n:
-        raise ValueError(f"keep must be in [1, {n}] ({plan.label}), got {keep}")
+        keep = rows * prune.num_keep(row_tokens)
+    elif prune is None:
+        keep = n
+    else:
+        if prune.keep is not None and not 1 <= prune.keep <= n:
+            raise ValueError(f"keep must be in [1, {n}] ({plan.label}), got {prune.keep}")
+        keep = prune.num_keep(n)
     if text_tokens < 0 or new_tokens < 0 or batch < 1:
         raise ValueError(
             f"need text_tokens >= 0, new_tokens >= 0, batch >= 1; got {text_tokens}, {new_tokens}, {batch}"
@@ -130,9 +138,8 @@ def estimate_model(
         text_tokens,
         new_tokens,
         batch,
-        core_ratio,
         method,
-        fastv_layer,
+        None if prune is None else prune.options,
         tower_dims=dims,
         tower_rows=plan.tower_rows if per_row else None,
     )
@@ -140,8 +147,15 @@ def estimate_model(
     w_vision = hooks.vision_weight_bytes(cfg)
     w_projector = hooks.projector_weight_bytes(cfg)
     w_llm = _numel_llm(t) * weight_bytes_per
+    inside_llm = prune is not None and record.llm_layer
     kv = _kv_bytes(
-        t, batch, length + new_tokens, kv_bytes_per, record.llm_layer, n - keep, fastv_layer
+        t,
+        batch,
+        length + new_tokens,
+        kv_bytes_per,
+        inside_llm,
+        n - keep,
+        prune.options["layer"] if inside_llm else 0,
     )
 
     out = {
@@ -181,13 +195,11 @@ def estimate_model(
 def estimate(
     cfg,
     text_tokens: int,
-    keep: int | None = None,
+    prune: PruneConfig | None = None,
+    *,
     new_tokens: int = 0,
     batch: int = 1,
     kv_dtype_bytes: int | None = None,
-    core_ratio: float | str = 0.6,
-    method: str = "zspaprune",
-    fastv_layer: int = 2,
 ) -> dict:
     """FLOPs per stage and bytes for one LLaVA call (`estimate_model` without an image size;
     flops.py's docstring has the convention).
@@ -195,26 +207,20 @@ def estimate(
     Args:
       cfg: a `models.llava.LlavaConfig`.
       text_tokens: T, text tokens of the prompt (everything but the image placeholders).
-      keep: K visual tokens kept (None = all N, no pruning).
+      prune: a `zspa_jax.PruneConfig` (None: no pruning), as in `estimate_model`.
       new_tokens: tokens generated after the prompt (sizes the KV cache and the decode cost).
       batch: B prompts (one image each).
       kv_dtype_bytes: bytes per KV-cache element (default: the decoder's dtype).
-      core_ratio: ZSPAPrune's r or "auto" (only the pruning cost depends on it).
-      method: the pruning method (`method_flops`); "fastv" changes the LLM prefill, decode
-        and KV cache instead (layers < fastv_layer keep all N tokens).
     Returns a flat dict of ints/floats (FLOPs, bytes, token counts).
     """
     return estimate_model(
         cfg,
         text_tokens,
         None,
-        keep=keep,
+        prune,
         new_tokens=new_tokens,
         batch=batch,
         kv_dtype_bytes=kv_dtype_bytes,
-        core_ratio=core_ratio,
-        method=method,
-        fastv_layer=fastv_layer,
     )
 
 
@@ -222,13 +228,11 @@ def estimate_qwen2_5_vl(
     cfg,
     text_tokens: int,
     image_hw: tuple[int, int],
-    keep: int | None = None,
+    prune: PruneConfig | None = None,
+    *,
     new_tokens: int = 0,
     batch: int = 1,
     kv_dtype_bytes: int | None = None,
-    core_ratio: float | str = 0.6,
-    method: str = "zspaprune",
-    fastv_layer: int = 2,
 ) -> dict:
     """FLOPs per stage and bytes for one Qwen2.5-VL call on an image of image_hw = (height,
     width) pixels (`estimate_model`; zspa_jax.families.qwen2_5_vl.estimate's docstring). Same keys as
@@ -238,11 +242,8 @@ def estimate_qwen2_5_vl(
         cfg,
         text_tokens,
         image_hw,
-        keep=keep,
+        prune,
         new_tokens=new_tokens,
         batch=batch,
         kv_dtype_bytes=kv_dtype_bytes,
-        core_ratio=core_ratio,
-        method=method,
-        fastv_layer=fastv_layer,
     )

@@ -3,10 +3,12 @@
 Every check here runs in the model's constructor, before lmms-eval loads any task, and a
 bad value is a `ValueError` that names the argument:
 
-    pretrained=DIR        a converted checkpoint directory (python -m convert.llava SRC DIR)
+    pretrained=DIR        a converted checkpoint directory (python -m convert.<family> SRC DIR)
     keep=K | ratio=R      visual tokens kept (a count, or a fraction in (0, 1]); neither: no pruning
     method=M              one of zspa_jax.PRUNE_METHODS (default zspaprune)
-    core_ratio=r          share of the budget chosen by prompt relevance (default 0.6)
+    <option>=V            each option of the chosen method (its record's `options`: core_ratio,
+                          layer, image_pivots, contextual_share, ...), parsed with its type
+                          and range (zspa_jax.prune_args)
     prompt_scope=S        question | all_text (default question)
     budget=G              row | image: keep/ratio over a prompt's visual tokens together, or per image (default row)
     keep_positions=B      kept tokens keep their original RoPE positions (default false)
@@ -28,6 +30,7 @@ from typing import Any
 
 import zspa_jax
 from models.layers import DTYPES as LIBRARY_DTYPES
+from zspa_jax.prune_args import OPTION_NAMES, prune_config
 
 DTYPES = tuple(LIBRARY_DTYPES)  # what zspa_jax.load(dtype=) takes
 # Passed by lmms-eval's evaluator to every model; accepted and not used (JAX picks the device).
@@ -103,7 +106,7 @@ def _pretrained(value: Any) -> Path:
     if value is None or value == "":
         raise ValueError(
             "zspa_jax model_args: pretrained is required: the directory of a converted checkpoint "
-            "(python -m convert.llava SRC DIR), e.g. --model_args pretrained=./llava-1.5-7b"
+            "(python -m convert.<family> SRC DIR), e.g. --model_args pretrained=./llava-1.5-7b"
         )
     path = Path(str(value)).expanduser()
     if not path.is_dir():
@@ -111,7 +114,7 @@ def _pretrained(value: Any) -> Path:
     if not (path / "zspa_config.json").is_file():
         raise ValueError(
             f"zspa_jax model_args: pretrained={str(value)!r} is not a converted zspa_jax checkpoint "
-            "(no zspa_config.json); convert it first: python -m convert.llava SRC DIR"
+            "(no zspa_config.json); convert it first: python -m convert.<family> SRC DIR"
         )
     return path
 
@@ -122,7 +125,8 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
     Unknown names are an error (a typo would otherwise silently evaluate something else).
     """
     known = {f.name for f in dataclasses.fields(ModelArgs)} - {"prune"}
-    known |= {"keep", "ratio", "method", "core_ratio", "prompt_scope", "budget", *IGNORED}
+    pruning = ("method", *OPTION_NAMES, "prompt_scope", "budget")
+    known |= {"keep", "ratio", *pruning, *IGNORED}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
@@ -134,7 +138,6 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
             f"zspa_jax model_args: give keep or ratio, not both (got keep={keep!r}, ratio={ratio!r})"
         )
     method = _choice("method", kwargs.get("method", "zspaprune"), tuple(zspa_jax.PRUNE_METHODS))
-    core_ratio = _float("core_ratio", kwargs.get("core_ratio", 0.6), 0.0, 1.0)
     scope = kwargs.get("prompt_scope", "question")
     if not isinstance(scope, str):
         raise _fail("prompt_scope", "a string such as question or all_text", scope)
@@ -143,7 +146,7 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
         raise _fail("budget", "row or image", budget)
     prune = None
     if keep is None and ratio is None:
-        given = [n for n in ("method", "core_ratio", "prompt_scope", "budget") if n in kwargs]
+        given = [n for n in pruning if n in kwargs]
         if given:
             raise ValueError(
                 f"zspa_jax model_args: {', '.join(given)} configure pruning, which needs keep or ratio "
@@ -152,18 +155,10 @@ def parse_model_args(kwargs: Mapping[str, Any]) -> ModelArgs:
     else:
         keep = None if keep is None else _int("keep", keep, 1)
         ratio = None if ratio is None else _float("ratio", ratio, 0.0, 1.0, lo_open=True)
-        try:
-            prune = zspa_jax.PruneConfig(
-                keep=keep,
-                ratio=ratio,
-                method=method,
-                core_ratio=core_ratio,
-                prompt_scope=scope,
-                budget=budget,
-            )
-        except (
-            ValueError
-        ) as e:  # e.g. an unknown prompt_scope: the library's message names the field
+        options = {name: kwargs[name] for name in OPTION_NAMES if name in kwargs}
+        try:  # the chosen method's options, parsed with each Option's type and range
+            prune = prune_config(keep, ratio, method, options, budget=budget, prompt_scope=scope)
+        except ValueError as e:  # the library's message names the field or option
             raise ValueError(f"zspa_jax model_args: {e}") from None
     dtype = kwargs.get("dtype")
     return ModelArgs(

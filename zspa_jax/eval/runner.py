@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import zspa_jax
+from zspa_jax.batch import check_prune_for
 from zspa_jax.eval.args import ModelArgs
 from zspa_jax.host import prompt_bucket
 from zspa_jax.sharding import device_mesh
@@ -149,6 +150,10 @@ def load_model(args: ModelArgs) -> zspa_jax.VLM:
             f"zspa_jax model_args: pretrained={str(args.pretrained)!r} has no saved tokenizer/processor; "
             "evaluation needs one (convert a checkpoint that includes them)"
         )
+    try:  # the method against this model (a [CLS] tower, an in-LLM layer below its depth)
+        check_prune_for(vlm, args.prune)
+    except ValueError as e:
+        raise ValueError(f"zspa_jax model_args: {e}") from None
     n_visual = getattr(vlm, "tokens_per_image", None)
     if args.prune is not None and n_visual:
         try:

@@ -78,8 +78,10 @@ class Family:
     def sharding_rules(self):
         return self.model_cls.SHARDING_RULES
 
-    def check_method(self, prune) -> None:
-        """Refuse, by name, a method whose needs this family does not meet (before any compile)."""
+    def check_method(self, prune, model=None) -> None:
+        """Refuse, by name, a method whose needs this family (and, given, this `model`)
+        does not meet, before any compile. The model's own check of its tower
+        (`cls_feature_index`, models.protocol) says why; the message names the method."""
         if prune is None:
             return
         method = prune.record
@@ -88,6 +90,14 @@ class Family:
                 f"method {method.name!r} needs the vision tower's [CLS] attention; {self.display_name}'s tower has "
                 "no [CLS] token"
             )
+        if method.needs_cls_attention and model is not None:
+            try:
+                model.cls_feature_index()
+            except ValueError as e:
+                raise ValueError(
+                    f"method {method.name!r} needs the vision tower's [CLS] attention at its "
+                    f"feature layer: {e}"
+                ) from None
         if method.needs_grid and not self.grid_tokens:
             raise ValueError(
                 f"method {method.name!r} reads each image's visual tokens as a 2-D grid; {self.display_name}'s are not "

@@ -1,14 +1,23 @@
 """Visual-token pruning methods: one record (`Method`) per method, one module per method.
 
-To add a method, write its module (a `Method` value with its select and FLOPs functions
-and its capabilities) and list it in `_RECORDS` below; everything else (PruneConfig,
-select_tokens, the families' support checks, the pipeline, estimate) reads the record.
+To add a method, write its module (a `Method` value with its select and FLOPs functions,
+its capabilities and its hyperparameters as `Option` records) and list it in `_RECORDS`
+below; everything else (PruneConfig, select_tokens, the families' support checks, the
+pipeline, estimate, the command lines and the lmms-eval model arguments) reads the record.
 """
 
 from __future__ import annotations
 
 from zspa_jax.methods import baselines, cdpruner, dart, fastv, pool, visionzip, vispruner, zspaprune
-from zspa_jax.methods.base import ClsTower, LayerInputs, Method, MethodInputs, Selection
+from zspa_jax.methods.base import (
+    ClsTower,
+    LayerInputs,
+    Method,
+    MethodInputs,
+    Option,
+    OptionValues,
+    Selection,
+)
 
 _RECORDS = (
     zspaprune.ZSPAPRUNE,
@@ -31,6 +40,8 @@ __all__ = [
     "LayerInputs",
     "Method",
     "MethodInputs",
+    "Option",
+    "OptionValues",
     "Selection",
     "get_method",
 ]

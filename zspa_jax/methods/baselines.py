@@ -43,12 +43,12 @@ def uniform_indices(b: int, n: int, keep: int, valid: jax.Array | None = None) -
     return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (b, keep))  # a constant: no compile
 
 
-def _random(inputs: MethodInputs, *, keep: int, **_) -> Selection:
+def _random(inputs: MethodInputs, *, keep: int, batching: str) -> Selection:
     b, n = inputs.visual.shape[:2]
     return Selection(random_subset(inputs.rng, b, n, keep, inputs.valid))
 
 
-def _uniform(inputs: MethodInputs, *, keep: int, **_) -> Selection:
+def _uniform(inputs: MethodInputs, *, keep: int, batching: str) -> Selection:
     b, n = inputs.visual.shape[:2]
     return Selection(uniform_indices(b, n, keep, inputs.valid))
 

@@ -136,7 +136,7 @@ def cdpruner_flops(n: int, d: int, keep: int, text_tokens: int, **_) -> int:
 METHOD = Method(
     name="cdpruner",
     stage="embedding",
-    select=lambda inputs, *, keep, batching, **_: Selection(
+    select=lambda inputs, *, keep, batching: Selection(
         cdpruner_select(
             inputs.visual,
             inputs.prompt,

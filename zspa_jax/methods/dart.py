@@ -8,6 +8,10 @@ Official code: github.com/ZichenWen1/DART (read at commit 5a19452, Aug 31 2025),
 `Qwen2_5-VL/Qwen2_5VL_DART/modeling_qwen2_5_vl_self.py` (`DART.get_retained_image_token`,
 the same selection; Qwen2-VL's `Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py` too).
 
+Options (the record's): `layer` K (official `--pruned_layer 2`), `image_pivots` and
+`text_pivots` (official `--pivot_image_token 4 --pivot_text_token 4`; every LLaVA-1.5/1.6
+and Qwen eval script of the official code passes these values).
+
 What the official code does, at decoder layer K (default K = 2), before running it, on the
 whole prompt (batch size 1):
   * `last_layer_state = self.norm(layer_outputs[0])`: the output of layer K-1 (= the hidden
@@ -86,12 +90,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from zspa_jax.methods._common import HIGHEST, batched, default_batching, unit
-from zspa_jax.methods.base import LayerInputs, Method
+from zspa_jax.methods.base import LayerInputs, Method, Option, layer_option
 
 __all__ = [
     "DEFAULT_IMAGE_PIVOTS",
     "DEFAULT_LAYER",
     "DEFAULT_TEXT_PIVOTS",
+    "METHOD",
     "dart_flops",
     "dart_select",
 ]
@@ -266,7 +271,7 @@ def dart_flops(
     return (n + text_tokens) * kd + 2 * (n + pivots) * d + 2 * n * d * pivots
 
 
-def _select(inputs: LayerInputs, *, keep: int) -> jax.Array:
+def _select(inputs: LayerInputs, *, keep: int, image_pivots: int, text_pivots: int) -> jax.Array:
     b, length = inputs.hidden.shape[:2]
     return dart_select(
         inputs.hidden,
@@ -277,19 +282,58 @@ def _select(inputs: LayerInputs, *, keep: int) -> jax.Array:
         keep=keep,
         visual_valid=inputs.visual_valid,
         norm_weight=inputs.norm_weight,
+        num_image_pivots=image_pivots,
+        num_text_pivots=text_pivots,
         batching=default_batching(),
     )
+
+
+def _flops(n, d, keep, text_tokens, *, image_pivots, text_pivots, key_dim=None, **_) -> int:
+    if keep >= n:
+        return 0
+    return dart_flops(
+        n,
+        d,
+        keep,
+        text_tokens,
+        key_dim=key_dim,
+        num_image_pivots=image_pivots,
+        num_text_pivots=text_pivots,
+    )
+
+
+_OFFICIAL_SCRIPTS = "official scripts (github.com/ZichenWen1/DART, scripts/v1_5/eval/*.sh)"
+OPTIONS = (
+    layer_option(f"{DEFAULT_LAYER}: --pruned_layer {DEFAULT_LAYER} in the {_OFFICIAL_SCRIPTS}"),
+    Option(
+        name="image_pivots",
+        type=int,
+        default=DEFAULT_IMAGE_PIVOTS,
+        minimum=0,
+        help="image pivots: the visual tokens of largest key L1 norm, kept, that the others "
+        "are compared with (0: none, unless the row has no text)",
+        official=f"{DEFAULT_IMAGE_PIVOTS}: --pivot_image_token {DEFAULT_IMAGE_PIVOTS} in the {_OFFICIAL_SCRIPTS}",
+    ),
+    Option(
+        name="text_pivots",
+        type=int,
+        default=DEFAULT_TEXT_PIVOTS,
+        minimum=0,
+        help="question pivots: the text tokens after the image of largest key L1 norm, "
+        "compared with (not kept)",
+        official=f"{DEFAULT_TEXT_PIVOTS}: --pivot_text_token {DEFAULT_TEXT_PIVOTS} in the {_OFFICIAL_SCRIPTS}",
+    ),
+)
 
 
 METHOD = Method(
     name="dart",
     stage="llm",
     select=_select,
-    flops=lambda n, d, keep, text_tokens, **kw: (
-        0 if keep >= n else dart_flops(n, d, keep, text_tokens, **kw)
-    ),
+    flops=_flops,
     summary="pivot tokens (largest key L1 norm, image and question) at LLM layer K, then per pivot the visual "
     "tokens least similar to it; later layers never hold the others",
     citation="arXiv:2502.11494 (EMNLP 2025), github.com/ZichenWen1/DART",
     keeps_positions=True,
+    options=OPTIONS,
 )

@@ -5,7 +5,7 @@ Inference Acceleration for Large Vision-Language Models", ECCV 2024, arXiv:2403.
 (section 4). Official code: github.com/pkunlp-icler/FastV,
 `src/FastV/llava-hf/transformers/.../modeling_llama.py` (`fastv_forward`, in-place variant).
 
-With the decoder layer index K (`PruneConfig.layer`, default 2): layers 0..K-1 run on the
+With the decoder layer index K (the `layer` option, default 2): layers 0..K-1 run on the
 whole prompt; the attention of layer K-1 (the K-th layer; what it computed for the last
 prompt token, i.e. the last position of a left-padded row), averaged over heads, scores
 the N visual tokens; the `keep` best (ties -> lower index) stay, and layers K..end and
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zspa_jax.methods.base import LayerInputs, Method, no_flops
+from zspa_jax.methods.base import LayerInputs, Method, layer_option, no_flops
 
 __all__ = ["METHOD", "fastv_select"]
 
@@ -41,4 +41,5 @@ METHOD = Method(
     summary="the visual tokens the last prompt token attends to most at LLM layer K; later layers never hold the others",
     citation="arXiv:2403.06764, github.com/pkunlp-icler/FastV",
     keeps_positions=True,
+    options=(layer_option("2: the paper's K = 2 (arXiv 2403.06764, 'after layer 2')"),),
 )

@@ -165,7 +165,7 @@ def pool_flops(n: int, d: int, keep: int) -> int:
     return 2 * keep * n * d
 
 
-def _select(inputs: MethodInputs, *, keep: int, **_) -> Selection:
+def _select(inputs: MethodInputs, *, keep: int, batching: str) -> Selection:
     if inputs.grid is None:
         raise ValueError(
             "method 'pool' needs each row's visual tokens as a 2-D grid; this model's visual tokens are not one "

@@ -9,8 +9,9 @@ Per example, with the tower's hidden state h [L, Dv] at LLaVA's feature layer *i
 [CLS] at index 0*, a_j = the [CLS] query's attention to token j at that layer (averaged
 over heads; the official sum over heads orders tokens the same way) and the same layer's
 keys averaged over heads, k [L, Dh]:
-  1. K = dominant + contextual with contextual = floor(K * 10/64 + 0.5) capped at K - 1
-     (the official configurations 54+10, 108+20, 162+30 for K = 64, 128, 192);
+  1. K = dominant + contextual with contextual = floor(K * s + 0.5) capped at K - 1, where
+     s is the `contextual_share` option, 10/64 by default (the official configurations
+     54+10, 108+20, 162+30 for K = 64, 128, 192; s = 0 keeps dominant tokens only);
   2. dominant tokens: [CLS] and the dominant - 1 patches with the largest a_j (ties ->
      lower index), in ascending token order ([CLS] first);
   3. the M = L - dominant remaining tokens, in ascending order: targets are positions
@@ -41,27 +42,27 @@ import jax.numpy as jnp
 from jax import lax
 
 from zspa_jax.methods._common import HIGHEST, batched, unit
-from zspa_jax.methods.base import Method, MethodInputs, Selection
+from zspa_jax.methods.base import Method, MethodInputs, Option, Selection
 
-__all__ = ["CONTEXTUAL_SHARE", "split_counts", "visionzip_merge"]
+__all__ = ["CONTEXTUAL_SHARE", "METHOD", "split_counts", "visionzip_merge"]
 
-CONTEXTUAL_SHARE = 10 / 64
+CONTEXTUAL_SHARE = 10 / 64  # official LLaVA-1.5 setting: 54 dominant + 10 contextual of 64
 KIND_CLS, KIND_CONTEXTUAL = (
     1,
     2,
 )  # Selection.kind of the new tokens (a dominant patch is its own token: 0)
 
 
-def split_counts(keep: int) -> tuple[int, int]:
+def split_counts(keep: int, contextual_share: float = CONTEXTUAL_SHARE) -> tuple[int, int]:
     """(dominant incl. [CLS], contextual) for K tokens."""
-    contextual = min(math.floor(keep * CONTEXTUAL_SHARE + 0.5), keep - 1)
+    contextual = min(math.floor(keep * contextual_share + 0.5), keep - 1)
     return keep - contextual, contextual
 
 
-def _visionzip_one(h, a, k, *, keep: int, cls_in_placeholders: bool):
+def _visionzip_one(h, a, k, *, keep: int, cls_in_placeholders: bool, contextual_share: float):
     """h [L, Dv], a [L], k [L, Dh] f32 -> tokens [keep, Dv], slots int32 [keep]."""
     length = h.shape[0]
-    dominant, contextual = split_counts(keep)
+    dominant, contextual = split_counts(keep, contextual_share)
     n_patch_dom = dominant - 1
     top = (
         lax.top_k(jnp.where(a[1:] == 0.0, 0.0, a[1:]), n_patch_dom)[1] + 1
@@ -98,7 +99,7 @@ def _visionzip_one(h, a, k, *, keep: int, cls_in_placeholders: bool):
     return jnp.concatenate(tokens, axis=0), jnp.concatenate(slots).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("keep", "cls_in_placeholders", "batching"))
+@partial(jax.jit, static_argnames=("keep", "cls_in_placeholders", "contextual_share", "batching"))
 def visionzip_merge(
     hidden: jax.Array,
     cls_attention: jax.Array,
@@ -106,6 +107,7 @@ def visionzip_merge(
     *,
     keep: int,
     cls_in_placeholders: bool = False,
+    contextual_share: float = CONTEXTUAL_SHARE,
     batching: str = "vmap",
 ) -> tuple[jax.Array, jax.Array]:
     """VisionZip tokens: hidden [B, L, Dv] ([CLS] at 0), cls_attention [B, L], keys [B, L, Dh]
@@ -114,12 +116,19 @@ def visionzip_merge(
     `cls_in_placeholders`: the placeholders hold [CLS] too (LLaVA's "full" strategy), so
     token i takes slot i; otherwise ("default") patch i takes slot i - 1 and [CLS] slot 0.
     """
-    one = partial(_visionzip_one, keep=keep, cls_in_placeholders=cls_in_placeholders)
+    one = partial(
+        _visionzip_one,
+        keep=keep,
+        cls_in_placeholders=cls_in_placeholders,
+        contextual_share=contextual_share,
+    )
     args = (hidden.astype(jnp.float32), cls_attention.astype(jnp.float32), keys.astype(jnp.float32))
     return batched(one, args, batching)
 
 
-def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
+def _select(
+    inputs: MethodInputs, *, keep: int, batching: str, contextual_share: float
+) -> Selection:
     tower = inputs.tower
     tokens, slots = visionzip_merge(
         tower.hidden,
@@ -127,9 +136,10 @@ def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection
         tower.keys,
         keep=keep,
         cls_in_placeholders=tower.cls_in_placeholders,
+        contextual_share=contextual_share,
         batching=batching,
     )
-    dominant, contextual = split_counts(keep)
+    dominant, contextual = split_counts(keep, contextual_share)
     kind = jnp.asarray(
         [KIND_CLS] + [0] * (dominant - 1) + [KIND_CONTEXTUAL] * contextual, jnp.int32
     )
@@ -137,7 +147,14 @@ def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection
 
 
 def visionzip_flops(
-    n: int, d: int, keep: int, text_tokens: int, *, key_dim: int | None = None, **_
+    n: int,
+    d: int,
+    keep: int,
+    text_tokens: int,
+    *,
+    key_dim: int | None = None,
+    contextual_share: float = CONTEXTUAL_SHARE,
+    **_,
 ) -> int:
     """d = the tower width C, key_dim = its head width Dh: unit keys of the L = N + 1 tower
     tokens, the cosine of the M - c merged tokens to the c targets, then the one-hot
@@ -146,7 +163,7 @@ def visionzip_flops(
         return 0
     dh = d if key_dim is None else key_dim
     length = n + 1
-    dominant, contextual = split_counts(keep)
+    dominant, contextual = split_counts(keep, contextual_share)
     merged = length - dominant - contextual
     if contextual == 0 or merged <= 0:
         return 0
@@ -162,4 +179,17 @@ METHOD = Method(
     citation="arXiv:2412.04467, github.com/dvlab-research/VisionZip",
     accepts_mask=False,
     merges=True,
+    options=(
+        Option(
+            name="contextual_share",
+            type=float,
+            default=CONTEXTUAL_SHARE,
+            minimum=0.0,
+            maximum=1.0,
+            help="the share of K made of contextual (merged) tokens, rounded, at most K - 1; "
+            "the rest are dominant tokens",
+            official="10/64 = 0.15625: dominant=54, contextual=10 of 64 in the official LLaVA "
+            "setting (github.com/dvlab-research/VisionZip README; 108+20, 162+30 for 128, 192)",
+        ),
+    ),
 )

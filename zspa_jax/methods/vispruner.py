@@ -119,7 +119,7 @@ def vispruner_select(
     )
 
 
-def _select(inputs: MethodInputs, *, keep: int, batching: str, **_) -> Selection:
+def _select(inputs: MethodInputs, *, keep: int, batching: str) -> Selection:
     return Selection(
         vispruner_select(inputs.visual, inputs.cls_attention, keep=keep, batching=batching)
     )

@@ -30,11 +30,33 @@ from jax import lax
 
 from zspa_jax.methods import auto_core
 from zspa_jax.methods._common import HIGHEST, batched, prompt_relevance, unit
-from zspa_jax.methods.base import Method, MethodInputs, Selection
+from zspa_jax.methods.base import Method, MethodInputs, Option, Selection
 
 AUTO = "auto"
+DEFAULT_CORE_RATIO = 0.6
 
-__all__ = ["AUTO", "DIVPRUNE", "RELEVANCE", "ZSPAPRUNE", "core_size", "zspaprune_flops"]
+__all__ = [
+    "AUTO",
+    "CORE_RATIO",
+    "DEFAULT_CORE_RATIO",
+    "DIVPRUNE",
+    "RELEVANCE",
+    "ZSPAPRUNE",
+    "core_size",
+    "zspaprune_flops",
+]
+
+CORE_RATIO = Option(
+    name="core_ratio",
+    type=float,
+    default=DEFAULT_CORE_RATIO,
+    minimum=0.0,
+    maximum=1.0,
+    words=(AUTO,),
+    help="r: the share of the budget kept by prompt relevance before the diversity fill; "
+    "'auto': chosen per example from the relevance scores",
+    official="0.6: this library's default (relevance and divprune are r = 1 and r = 0)",
+)
 
 
 def core_size(keep: int, core_ratio: float) -> int:
@@ -217,9 +239,10 @@ def select_fixed_core(
 
 
 def _select(
-    inputs: MethodInputs, *, keep: int, core_ratio, batching: str, fixed: float | None = None
+    inputs: MethodInputs, *, keep: int, batching: str, core_ratio: float | str
 ) -> Selection:
-    r = core_ratio if fixed is None else fixed
+    """ZSPAPrune with r = core_ratio (a number, or "auto": `auto_core`)."""
+    r = core_ratio
     if r == AUTO:
         return Selection(
             auto_core.select_auto(
@@ -249,7 +272,7 @@ def zspaprune_flops(
     keep: int,
     text_tokens: int,
     *,
-    core_ratio=0.6,
+    core_ratio: float | str = DEFAULT_CORE_RATIO,
     auto_zero_share: float = 1.0,
     **_,
 ) -> int:
@@ -286,12 +309,12 @@ ZSPAPRUNE = Method(
     summary="prompt-relevance core (core_ratio of the budget) + greedy max-min diversity fill",
     citation="arXiv:2510.17197",
     needs_prompt=True,
-    uses_core_ratio=True,
+    options=(CORE_RATIO,),
 )
 RELEVANCE = Method(
     name="relevance",
     stage="embedding",
-    select=partial(_select, fixed=1.0),
+    select=partial(_select, core_ratio=1.0),
     flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(
         n, d, keep, text_tokens, core_ratio=1.0
     ),
@@ -302,7 +325,7 @@ RELEVANCE = Method(
 DIVPRUNE = Method(
     name="divprune",
     stage="embedding",
-    select=partial(_select, fixed=0.0),
+    select=partial(_select, core_ratio=0.0),
     flops=lambda n, d, keep, text_tokens, **_: zspaprune_flops(
         n, d, keep, text_tokens, core_ratio=0.0
     ),
