@@ -60,9 +60,8 @@ class LlavaNextConfig(LlavaFields):
     vision: CLIPVisionConfig
     text: LlamaConfig
     image_token_index: int = 32000
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = (
-        DEFAULT_PINPOINTS  # (height, width) in pixels
-    )
+    # (height, width) in pixels
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
@@ -158,23 +157,18 @@ class AnyresLayout(NamedTuple):
 
     index: np.ndarray  # int32 [M, S]
     valid: np.ndarray  # bool [M, S]
-    row_index: np.ndarray | None = (
-        None  # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
-    )
-    image_index: np.ndarray | None = (
-        None  # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
-    )
+    # int32 [B, N]: packed slot m * S + s of row b's n-th placeholder, -1 none
+    row_index: np.ndarray | None = None
+    # int32 [B, I, S]: row slot of each token of row b's i-th image, -1 padding
+    image_index: np.ndarray | None = None
     # The tower layout of models.protocol for the tower-stage methods (with input_ids): per
     # image, crop (base view first, max_patches of them) and tower token
-    tower_slot: np.ndarray | None = (
-        None  # int32 [M, C, P]: the row slot whose position the token takes, -1: no crop
-    )
-    tower_order: np.ndarray | None = (
-        None  # int32 [M, C, P]: raster index in the crop grid's full (padded) map
-    )
-    tower_start: np.ndarray | None = (
-        None  # int32 [M, C]: row slot of the base view's / the crop grid's first token
-    )
+    # int32 [M, C, P]: the row slot whose position the token takes, -1: no crop
+    tower_slot: np.ndarray | None = None
+    # int32 [M, C, P]: raster index in the crop grid's full (padded) map
+    tower_order: np.ndarray | None = None
+    # int32 [M, C]: row slot of the base view's / the crop grid's first token
+    tower_start: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- model

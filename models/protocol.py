@@ -46,12 +46,10 @@ class MultimodalInputs(NamedTuple):
     # in sequence order, so the row's images follow each other in reading order.
     visual: jax.Array | None  # [B, N, D]: each row's visual tokens, slot by slot
     visual_valid: jax.Array | None  # bool [B, N]: real tokens of `visual` (None: all real)
-    image_index: jax.Array | None = (
-        None  # int32 [B, I, n]: each image's (or video's) slots in [0, N), -1 padding
-    )
-    image_grid: jax.Array | None = (
-        None  # int32 [B, I, 2]: each image's token grid (rows, cols), row-major
-    )
+    # int32 [B, I, n]: each image's (or video's) slots in [0, N), -1 padding
+    image_index: jax.Array | None = None
+    # int32 [B, I, 2]: each image's token grid (rows, cols), row-major
+    image_grid: jax.Array | None = None
 
 
 class ClsTower(NamedTuple):
@@ -77,20 +75,17 @@ class TowerLayout(NamedTuple):
     """
 
     slot: jax.Array  # int32 [M, P]: the placeholder slot in [0, N) whose position each tower token takes; -1: padding row
-    order: (
-        jax.Array
-    )  # int32 [M, P]: reading order of the tokens within their map (interleaved maps)
+    # int32 [M, P]: reading order of the tokens within their map (interleaved maps)
+    order: jax.Array
     start: jax.Array  # int32 [M]: the slot where the tower row's map begins (its entries sit there)
     interleave: jax.Array  # bool [M]: the tower row's map is read in `order` across its tower rows
     num_slots: int  # N: placeholder slots per batch row (static)
 
 
 class TowerFeatures(NamedTuple):
-    features: (
-        jax.Array
-    )  # [M, P, Dv] the tower features of each tower row's P tokens (before the projector)
+    # [M, P, Dv] the tower features of each tower row's P tokens (before the projector)
+    features: jax.Array
     cls_attention: jax.Array  # [M, P] the [CLS] query's attention to each of them
     layer: ClsTower  # the whole feature layer
-    layout: TowerLayout | None = (
-        None  # None: tower rows are images, P placeholder slots each, in order
-    )
+    # None: tower rows are images, P placeholder slots each, in order
+    layout: TowerLayout | None = None

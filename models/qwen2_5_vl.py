@@ -70,9 +70,8 @@ class Qwen2_5_VLVisionConfig:
     out_hidden_size: int = 3584
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
-    tokens_per_second: int = (
-        4  # video temporal positions per second (transformers' default 4; the 7B uses 2)
-    )
+    # video temporal positions per second (transformers' default 4; the 7B uses 2)
+    tokens_per_second: int = 4
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -187,20 +186,16 @@ class VisionLayout(NamedTuple):
     which hold every key of its queries' windows (windowed blocks) or segments (full).
     """
 
-    order: (
-        np.ndarray
-    )  # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
+    # int32 [P]: source patch row of each slot (num_patches = a zero row for padding)
+    order: np.ndarray
     positions: np.ndarray  # int32 [P, 2]: (h, w) rotary position of each slot
     valid: np.ndarray  # bool [P]: the slot holds a real patch (the first num_patches slots)
-    image_segment: (
-        np.ndarray
-    )  # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
-    inverse: (
-        np.ndarray
-    )  # int32 [U]: merged slot of each merged token in input order, padding slots last
-    window_segment: (
-        np.ndarray
-    )  # int32 [P]: window of each slot (windowed attention's segment), -1 padding
+    # int32 [P]: full-attention segment (one temporal patch of one item) of each slot, -1 padding
+    image_segment: np.ndarray
+    # int32 [U]: merged slot of each merged token in input order, padding slots last
+    inverse: np.ndarray
+    # int32 [P]: window of each slot (windowed attention's segment), -1 padding
+    window_segment: np.ndarray
     # Full attention: for each of C query chunks, the first key slot of its key span.
     chunk_keys: np.ndarray  # int32 [C]
     key_offsets: np.ndarray  # int32 [span]: 0, 1, ..., span - 1
@@ -225,28 +220,23 @@ class QwenAux(NamedTuple):
     layout: VisionLayout
     positions: np.ndarray  # int32 [3, B, L]: M-RoPE positions of the (unpruned) prompt
     next_position: np.ndarray  # int32 [B]: max position + 1, where decoding continues
-    feature_index: (
-        np.ndarray
-    )  # int32 [B, L]: merged-token index of each real image or video token, -1 elsewhere
+    # int32 [B, L]: merged-token index of each real image or video token, -1 elsewhere
+    feature_index: np.ndarray
     # The visual layout when pruning (models.protocol), else None:
-    visual_index: (
-        np.ndarray | None
-    )  # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
+    # int32 [B, N]: merged-token index of each placeholder slot (0 on padding)
+    visual_index: np.ndarray | None
     visual_valid: np.ndarray | None  # bool [B, N]: False on slots added to give every row N
-    image_index: np.ndarray | None = (
-        None  # int32 [B, I, n]: each image's or video's slots in [0, N), -1 padding
-    )
-    image_grid: np.ndarray | None = (
-        None  # int32 [B, I, 2]: each item's merged-token grid (h, w) / merge (single frames only)
-    )
+    # int32 [B, I, n]: each image's or video's slots in [0, N), -1 padding
+    image_index: np.ndarray | None = None
+    # int32 [B, I, 2]: each item's merged-token grid (h, w) / merge (single frames only)
+    image_grid: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- vision tower
 
 
-QUERY_CHUNK = (
-    256  # full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
-)
+# full-attention blocks score this many queries at a time (memory ~ H * chunk * key span)
+QUERY_CHUNK = 256
 
 
 def _segment_attention(q, k, v, segment, chunk_keys, key_offsets, sequential: bool) -> jax.Array:

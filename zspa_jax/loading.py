@@ -42,9 +42,8 @@ class VLM:
     special_token_ids: tuple[int, ...] = ()  # never part of "the prompt" for pruning
     eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generate
     pad_token_id: int = 0  # written after a row has stopped
-    mesh: Any = (
-        None  # jax Mesh ("data", "model") the parameters are split over, or None (one device)
-    )
+    # jax Mesh ("data", "model") the parameters are split over, or None (one device)
+    mesh: Any = None
     graphdef: Any = dataclasses.field(init=False, repr=False)
     state: Any = dataclasses.field(init=False, repr=False)
 

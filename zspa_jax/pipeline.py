@@ -31,15 +31,13 @@ class DecoderInputs(NamedTuple):
     embeds: jax.Array  # [B, L', D]
     mask: jax.Array  # int32 [B, L'], 0 on left padding
     positions: jax.Array  # int32 [B, L'] or [3, B, L'] (M-RoPE)
-    kept_indices: (
-        jax.Array | None
-    )  # int32 [B, K] into the row's N visual tokens (reading order), ascending
+    # int32 [B, K] into the row's N visual tokens (reading order), ascending
+    kept_indices: jax.Array | None
     # (merging methods, and tower-stage methods on a tower layout: the placeholder slot each of
     # the K tokens takes, in sequence order; -1 for a masked entry)
     next_position: jax.Array  # int32 [B]: RoPE position of the first generated token
-    visual_index: jax.Array | None = (
-        None  # int32 [B, N]: placeholder positions (unpruned inputs with images)
-    )
+    # int32 [B, N]: placeholder positions (unpruned inputs with images)
+    visual_index: jax.Array | None = None
     visual_valid: jax.Array | None = None  # bool [B, N]: real placeholders
     prompt_mask: jax.Array | None = None  # bool [B, L]: "the prompt" (unpruned inputs with images)
 

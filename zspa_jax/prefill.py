@@ -34,9 +34,8 @@ __all__ = [
 
 
 class Prefilled(NamedTuple):
-    hidden: (
-        jax.Array
-    )  # [B, L', D] final-normed hidden states of the (pruned) prompt ([B, 1, D]: `last_only`)
+    # [B, L', D] final-normed hidden states of the (pruned) prompt ([B, 1, D]: `last_only`)
+    hidden: jax.Array
     mask: jax.Array  # int32 [B, L']: 0 on padding
     kept: jax.Array | None  # int32 [B, K] kept visual tokens chosen inside the LLM, else None
     cache: KVCache | None  # per-layer k/v [B, S_i, Hkv, Dh] (None without a cache)

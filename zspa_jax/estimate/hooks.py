@@ -24,12 +24,10 @@ class ImagePlan(NamedTuple):
     label: str  # what N counts, for errors ("visual tokens", "visual tokens of a (448, 448) image")
     grid: tuple[int, int] | None = None  # the patch grid (rows, cols) when the image sets it
     report: dict[str, Any] | None = None  # entries the estimate reports right after "batch"
-    temporal_patches: int = (
-        1  # a video's temporal patches (the tower runs each on the grid); 1 for an image
-    )
-    tower_rows: tuple[int, int] | None = (
-        None  # (R, P): a [CLS] method keeps K of each of R tower rows of P
-    )
+    # a video's temporal patches (the tower runs each on the grid); 1 for an image
+    temporal_patches: int = 1
+    # (R, P): a [CLS] method keeps K of each of R tower rows of P
+    tower_rows: tuple[int, int] | None = None
     # tokens (LLaVA-NeXT's crops); None: K of the N visual tokens
 
 

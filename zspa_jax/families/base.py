@@ -64,9 +64,8 @@ class Family:
     converter: str  # the module run as `python -m <converter> SRC OUT`
     has_cls: bool  # the tower has a [CLS] token (the tower-stage methods need it)
     variable_tokens: bool  # rows carry different numbers of visual tokens (a valid mask)
-    grid_tokens: bool = (
-        True  # an image's visual tokens form a 2-D grid (what the grid-reading methods need)
-    )
+    # an image's visual tokens form a 2-D grid (what the grid-reading methods need)
+    grid_tokens: bool = True
     tokens_per_image: Callable[[Any], int | None] = lambda cfg: None  # fixed N per image, or None
     # The visual arrays besides pixel_values it takes, by transformers' names (what forward,
     # generate and encode accept and pass on), and which of them are video

@@ -185,9 +185,8 @@ class LayerInputs(NamedTuple):
     attention_row: jax.Array  # f32 [B, L]: layer K-1's last-query attention, head mean
     keys: jax.Array  # [B, L, Hkv, Dh]: layer K-1's keys after RoPE
     norm_weight: jax.Array  # [D]: the decoder's final RMSNorm scale
-    visual_index: (
-        jax.Array
-    )  # int32 [B, N]: each row's placeholder positions, ascending (its images in order)
+    # int32 [B, N]: each row's placeholder positions, ascending (its images in order)
+    visual_index: jax.Array
     visual_valid: jax.Array | None  # bool [B, N]: real placeholders (None: all)
     text_mask: jax.Array  # bool [B, L]: real text tokens after the last image (the question)
     num_visual: int  # N (static)
