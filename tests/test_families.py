@@ -126,14 +126,14 @@ class QwenCase:
     family = "qwen2_5_vl"
 
     def __init__(self, tiny_hf_llava, converted):
-        from tests.qwen2_5_vl_helpers import converted as qwen_converted
-        from tests.qwen2_5_vl_helpers import tiny_model
+        from tests.support.tiny_qwen2_5_vl import converted as qwen_converted
+        from tests.support.tiny_qwen2_5_vl import tiny_model
 
         self.tiny = tiny_model()
         self.vlm = zspa_jax.load(qwen_converted(self.tiny))
 
     def _hf_batch(self):
-        from tests.qwen2_5_vl_helpers import hf_inputs, random_image
+        from tests.support.tiny_qwen2_5_vl import hf_inputs, random_image
 
         images = [random_image(40, 56, seed=50), random_image(24, 32, seed=51)]
         return hf_inputs(
@@ -162,9 +162,9 @@ class QwenCase:
             return self.tiny.hf(**self._hf_batch()).logits.numpy()
 
     def hf_pruned_row(self, batch, row: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from tests.test_qwen2_5_vl_generate import _hf_pruned_row_logits
+        from tests.support.tiny_qwen2_5_vl import hf_pruned_row_logits
 
-        logits, mask, _, _ = _hf_pruned_row_logits(self.tiny, self._hf_batch(), row, kept)
+        logits, mask, _, _ = hf_pruned_row_logits(self.tiny, self._hf_batch(), row, kept)
         return logits, mask
 
     keep_positions = False  # 3-D positions are always the original ones
@@ -174,13 +174,13 @@ class LlavaNextCase:
     family = "llava_next"
 
     def __init__(self, tiny_hf_llava, converted):
-        from tests.llava_next_helpers import tiny_llava_next
+        from tests.support.tiny_llava_next import tiny_llava_next
 
         self.tiny = tiny_llava_next()
         self.vlm = zspa_jax.load(self.tiny.out)
 
     def batch(self) -> dict:
-        from tests.llava_next_helpers import rows
+        from tests.support.tiny_llava_next import rows
 
         return rows(self.tiny, [(3, [(40, 70)], 6), (1, [(64, 30)], 4)], seed=13)
 
@@ -194,7 +194,7 @@ class LlavaNextCase:
         }
 
     def hf_logits(self, batch) -> np.ndarray:
-        from tests.llava_next_helpers import hf_pieces, hf_row_logits
+        from tests.support.tiny_llava_next import hf_pieces, hf_row_logits
 
         merged, _ = hf_pieces(self.tiny, batch)
         out = np.zeros(
@@ -207,7 +207,7 @@ class LlavaNextCase:
         return out
 
     def hf_pruned_row(self, batch, row: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from tests.llava_next_helpers import hf_pieces, hf_row_logits
+        from tests.support.tiny_llava_next import hf_pieces, hf_row_logits
 
         merged, _ = hf_pieces(self.tiny, batch)
         logits = hf_row_logits(self.tiny, merged, batch, row, kept, keep_positions=True)

@@ -1,5 +1,5 @@
 """VisPruner and VisionZip on LLaVA-NeXT: every crop (base view included) keeps K tokens by its
-own [CLS] attention, laid out as the official LLaVA-NeXT code does (tests/torch_reference_anyres.py),
+own [CLS] attention, laid out as the official LLaVA-NeXT code does (tests/support/torch_reference_anyres.py),
 against eager PyTorch on transformers' own CLIP outputs: which tokens, in which order, at which
 slots, and the pruned logits of transformers fed those tokens' embeddings. Batches hold images
 of different crop grids (padding crops masked out) and rows of two images.
@@ -15,8 +15,8 @@ import torch
 
 import zspa_jax
 from models.llava_next import anyres_grid_shape, image_num_patches, image_token_count
-from tests.llava_next_helpers import rows, tiny_llava_next
-from tests.torch_reference_anyres import visionzip_anyres, vispruner_anyres
+from tests.support.tiny_llava_next import rows, tiny_llava_next
+from tests.support.torch_reference_anyres import visionzip_anyres, vispruner_anyres
 
 pytestmark = pytest.mark.slow  # a tiny transformers model and several programs
 

@@ -13,8 +13,8 @@ from PIL import Image
 
 import zspa_jax
 from models.llava_next import image_token_count
-from tests.llava_next_helpers import hf_pieces, hf_row_logits, rows, tiny_llava_next
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.tiny_llava_next import hf_pieces, hf_row_logits, rows, tiny_llava_next
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax import generation
 
 BOUND = 1e-4  # pruned-logit bound of the other families' pruned parity tests

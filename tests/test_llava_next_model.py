@@ -52,8 +52,8 @@ from models.llava_next import (
     select_best_resolution,
     unpadded_features_shape,
 )
-from tests.conftest import IMAGE_TOKEN, REPO_ROOT
-from tests.llava_next_helpers import (
+from tests.support.paths import REPO_ROOT
+from tests.support.tiny_llava_next import (
     IMAGE_SIZE,
     MAX_PATCHES,
     PATCH_SIZE,
@@ -62,6 +62,7 @@ from tests.llava_next_helpers import (
     build,
     random_pixels,
 )
+from tests.support.tokenizers import IMAGE_TOKEN
 
 TOL = 1e-5
 # (height, width): landscape, portrait, square, extreme strips, odd sizes, tiny and huge

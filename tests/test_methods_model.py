@@ -12,7 +12,8 @@ import torch
 
 import zspa_jax
 from models.layers import padding_causal_mask, positions_from_mask
-from tests.torch_reference_pruning import (
+from tests.support.drop_at_layer import DropAtLayer
+from tests.support.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
     visionzip_reference,
@@ -292,7 +293,7 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
     its output hidden states (`output_hidden_states`), through the eager torch DART."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from tests.torch_reference_dart import dart_select_reference
+    from tests.support.torch_reference_dart import dart_select_reference
 
     lm = tiny.hf.model.language_model
     with torch.no_grad():
@@ -325,41 +326,6 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
             norm_weight=lm.norm.weight,
         )
     return kept.numpy()
-
-
-class DropAtLayer:
-    """Forward pre-hooks on HF decoder layers >= K: the prefill's hidden states, RoPE tables,
-    position ids and mask lose the dropped tokens; decode steps' masks lose their columns."""
-
-    def __init__(self, lm, layer: int, src: np.ndarray, length: int):
-        self.src = torch.as_tensor(src)
-        self.length = length
-        self.handles = [
-            lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True)
-            for i in range(layer, len(lm.layers))
-        ]
-
-    def hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        mask = kwargs["attention_mask"]
-        assert mask is not None and mask.dim() == 4
-        cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
-        if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
-            if (
-                hidden.shape[1] == self.length
-            ):  # layer K itself: drop the tokens from the hidden states
-                hidden = hidden[:, self.src]
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
-            kwargs["position_ids"] = kwargs["position_ids"][:, self.src]
-            kwargs["attention_mask"] = mask[:, :, self.src][:, :, :, cols]
-        else:  # a decode step: the cache of this layer lacks the dropped tokens' columns
-            kwargs["attention_mask"] = mask[..., cols]
-        return (hidden,) + tuple(args[1:]), kwargs
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _src(tiny, ids, kept) -> np.ndarray:
@@ -569,7 +535,7 @@ def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(
 ):
     """The pooled tokens (torch's adaptive_avg_pool2d over the projected token grid) at their
     window-centre slots: logits equal transformers fed those embeddings at those positions."""
-    from tests.torch_reference_pool import pool_reference
+    from tests.support.torch_reference_pool import pool_reference
 
     ids = _prompt(tiny, 3, 6, seed=21)[None]
     px = _pixels(tiny, 1, seed=21)

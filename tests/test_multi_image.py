@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax.pruning import PruneConfig
 
 BOUND = 1e-4  # pruned-logit parity bound of the single-image tests (tests/test_generate.py)
@@ -216,7 +216,7 @@ def test_tower_methods_prune_each_image_on_its_own(tiny, vlm):
 
 @pytest.mark.slow
 def test_fastv_over_several_images_matches_transformers(tiny, vlm, parity_record):
-    from tests.test_methods_model import DropAtLayer
+    from tests.support.drop_at_layer import DropAtLayer
 
     row = _row(tiny, (2, "img", 2, "img", 5), seed=70)
     px = _pixels(tiny, 2, seed=71)

@@ -12,7 +12,7 @@ import pytest
 from convert.core import ConversionError
 from convert.qwen2_5_vl import convert, map_key
 from models.checkpoint import flatten, restore_params
-from tests.qwen2_5_vl_helpers import converted, tiny_model
+from tests.support.tiny_qwen2_5_vl import converted, tiny_model
 from zspa_jax.families import param_template, read_config
 
 

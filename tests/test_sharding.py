@@ -1,7 +1,7 @@
 """Meshes: both families on host-device meshes (1x8, 2x4, 8x1) and on 2 processes x 4
 devices, against the single-device run and transformers.
 
-The meshes run in subprocesses (tests/mesh_worker.py) so this process keeps one device;
+The meshes run in subprocesses (tests/support/mesh_worker.py) so this process keeps one device;
 the rule tables, plans and mesh checks that need no devices are tested here directly.
 """
 
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import zspa_jax
-from tests import qwen2_5_vl_helpers as qwen_helpers
-from tests.conftest import REPO_ROOT, _subprocess_env
+from tests.support import tiny_qwen2_5_vl as qwen_helpers
+from tests.support.converter import subprocess_env
+from tests.support.paths import REPO_ROOT
 from zspa_jax import estimate, sharding
 
 MESHES = ("1x8", "2x4", "8x1")
@@ -28,11 +29,19 @@ ROWS = 8
 
 
 def _worker(model, inputs, out, *extra: str, timeout: float = 900) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tests.mesh_worker", str(model), str(inputs), str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.support.mesh_worker",
+        str(model),
+        str(inputs),
+        str(out),
+        *extra,
+    ]
     return subprocess.Popen(
         cmd,
         cwd=REPO_ROOT,
-        env=_subprocess_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -140,7 +149,7 @@ def _qwen_batch(tiny) -> dict:
 
 def _llava_next_batch(tiny) -> dict:
     """8 rows, one image each of four sizes (different crop grids: 52, 56, 36 and 34 tokens)."""
-    from tests.llava_next_helpers import rows
+    from tests.support.tiny_llava_next import rows
 
     sizes = [(40, 70), (64, 30), (32, 32), (20, 60)] * 2
     return rows(tiny, [(1 + i % 3, [size], 2 + i) for i, size in enumerate(sizes)], seed=21)
@@ -148,7 +157,7 @@ def _llava_next_batch(tiny) -> dict:
 
 def _hf_llava_next(tiny, batch: dict) -> tuple[np.ndarray, np.ndarray]:
     """transformers on each row alone: prompt logits (at the row's real positions) and cached greedy tokens."""
-    from tests.llava_next_helpers import hf_pieces, hf_row_logits
+    from tests.support.tiny_llava_next import hf_pieces, hf_row_logits
 
     merged, _ = hf_pieces(tiny, batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -182,7 +191,7 @@ def mesh_runs(tiny_hf_llava, converted, tmp_path_factory):
     qwen_arrays = {
         k: qwen_batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
     }
-    from tests.llava_next_helpers import tiny_llava_next
+    from tests.support.tiny_llava_next import tiny_llava_next
 
     llava_next = tiny_llava_next()
     llava_next_arrays = _llava_next_batch(llava_next)

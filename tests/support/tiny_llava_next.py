@@ -21,7 +21,8 @@ from models.llava_next import (
     image_num_patches,
     image_token_count,
 )
-from tests.conftest import IMAGE_TOKEN, build_tiny_tokenizer, randomize_weights_
+from tests.support.random_weights import randomize_weights_
+from tests.support.tokenizers import IMAGE_TOKEN, build_tiny_tokenizer
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGE_SIZE, PATCH_SIZE = 32, 8

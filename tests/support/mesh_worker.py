@@ -1,7 +1,7 @@
 """Runs one converted model on host-device meshes and writes what tests/test_sharding.py checks.
 
-    python -m tests.mesh_worker MODEL INPUTS.npz OUT.npz [--meshes 1x8,2x4,8x1] [--devices 8]
-    python -m tests.mesh_worker MODEL INPUTS.npz OUT.npz --meshes 2x4 --devices 4 \
+    python -m tests.support.mesh_worker MODEL INPUTS.npz OUT.npz [--meshes 1x8,2x4,8x1] [--devices 8]
+    python -m tests.support.mesh_worker MODEL INPUTS.npz OUT.npz --meshes 2x4 --devices 4 \
         --process-id I --num-processes 2 --port P          # one of several processes
 
 A separate process because the fake device count must be set before jax starts (the
