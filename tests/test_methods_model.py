@@ -508,23 +508,6 @@ def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
     np.testing.assert_array_equal(out.sequences, ref)
 
 
-@pytest.mark.slow
-def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
-    rows = [_prompt(tiny, 2, 5, seed=14), _prompt(tiny, 8, 11, seed=15)]
-    width = max(map(len, rows))
-    ids = np.full((2, width), tiny.pad_token_id, np.int64)
-    mask = np.zeros((2, width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    px = _pixels(tiny, 2, seed=14)
-    prune = PruneConfig(keep=KEEP, method="fastv")
-    logits, kept = zspa_jax.forward(vlm, ids, px, mask, prune=prune, return_kept=True)
-    for i, r in enumerate(rows):
-        one, one_kept = zspa_jax.forward(vlm, r[None], px[i : i + 1], prune=prune, return_kept=True)
-        np.testing.assert_array_equal(kept[i], one_kept[0])
-        np.testing.assert_allclose(logits[i, -one.shape[1] :], one[0], atol=2e-5, rtol=0)
-
-
 # --------------------------------------------------------------------------- pool
 
 

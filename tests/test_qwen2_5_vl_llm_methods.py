@@ -9,7 +9,7 @@ cache lacks). The kept indices equal independent references on transformers' own
 K-1 internals (FastV: the head-mean last-query attention from `output_attentions`; DART:
 `tests/support/torch_reference_dart.py` on its output hidden states and its keys after M-RoPE).
 Checked: the pruned prefill logits at each row's real positions, greedy generation, and
-that each row of the ragged batch equals the row run alone through zspa_jax.
+that each row of the ragged batch equals the row run alone through zspa_jax (tests/test_families.py).
 
 The tiny model has 3 decoder layers (K = 2 needs layers after it; the default tiny has 2).
 """
@@ -26,7 +26,6 @@ from tests.support.tiny_qwen2_5_vl import converted, hf_inputs, random_image, ti
 from zspa_jax import PruneConfig
 
 BOUND = 1e-4  # as tests/test_methods_model.py's in-LLM prefill check (f32)
-ROW_BOUND = 2e-5  # batch row vs the same row alone, both zspa_jax (test_fastv_left_padded_batch_equals_per_example)
 LAYER = 2  # K: FastV's and DART's default
 TEXT_LAYERS = 3
 KEEP = 6
@@ -208,24 +207,3 @@ def test_greedy_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, vl
     assert any(differs), (
         "without the hooks transformers answers the same: this check proves nothing"
     )
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.slow
-def test_ragged_batch_rows_equal_rows_alone(tiny, vlm, method):
-    """The padded span slots of the smaller image and the left padding change nothing: each
-    row of the batch has the kept indices and logits (at its real positions) of that row alone."""
-    batch, rows = _batch(tiny, method)
-    prune = PruneConfig(keep=KEEP, method=method, layer=LAYER)
-    logits, kept, out_mask = zspa_jax.forward(
-        vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True, return_mask=True
-    )
-    for r, row in enumerate(rows):
-        one, one_kept, one_mask = zspa_jax.forward(
-            vlm, **_zspa_args(_np(row)), prune=prune, return_kept=True, return_mask=True
-        )
-        assert one_mask.all()
-        np.testing.assert_array_equal(kept[r], one_kept[0], err_msg=f"row {r}")
-        got = logits[r][out_mask[r].astype(bool)]
-        assert got.shape == one[0].shape
-        np.testing.assert_allclose(got, one[0], atol=ROW_BOUND, rtol=0, err_msg=f"row {r}")
