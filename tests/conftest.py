@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.support import parity_report  # noqa: E402
+from tests.support import parity_report, process_limits  # noqa: E402
 from tests.support.converter import (  # noqa: E402
     ConvertRunner,
     describe_failure,
@@ -47,6 +47,11 @@ torch.set_num_threads(2)
 
 def pytest_sessionfinish(session, exitstatus):
     """Under pytest-xdist each worker hands its rows to the controller, which prints them."""
+    controller = getattr(session.config.option, "numprocesses", None) and not hasattr(
+        session.config, "workerinput"
+    )
+    if not controller:  # the processes that ran tests: their memory
+        parity_report.record_note(process_limits.summary())
     output = getattr(session.config, "workeroutput", None)
     if output is not None:
         output["zspa_parity"] = parity_report.worker_payload()
@@ -73,14 +78,17 @@ def parity_note():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop jit's compiled programs after each test module. Each compiled CPU executable
-    holds ~20 memory mappings; the whole suite compiles thousands, and past the kernel's
-    vm.max_map_count (65530 by default) LLVM's next mmap fails inside XLA's compiler, which
-    ends the process with a segfault. Programs a later module needs are compiled again."""
+def _release_compiled_programs(request):
+    """Keep jit's compiled programs from module to module (later modules run many of the
+    same programs), but drop them all once this process nears a limit: each compiled CPU
+    executable holds ~20 memory mappings, and past the kernel's vm.max_map_count (65530 by
+    default) LLVM's next mmap fails inside XLA's compiler, which ends the process with a
+    segfault; or once its resident memory nears what a CI runner allows a worker."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if process_limits.near_limit():
+        jax.clear_caches()
+        gc.collect()
+        process_limits.CLEARED.append(request.module.__name__)
 
 
 # --------------------------------------------------------------------------------------
