@@ -1,7 +1,7 @@
 """Properties every model family has, one test each, parametrized over the family registry.
 
-Each registered family has a `Case` here (a tiny random transformers model, converted by the
-real CLI, and how to ask transformers for a reference); a test fails when a family is
+Each registered family has a `Case` here (a tiny random transformers model, converted in process by
+the converter, and how to ask transformers for a reference); a test fails when a family is
 registered without one. What holds for every family:
   * forward's logits of a left-padded batch equal transformers';
   * pruning keeps original positions: logits equal transformers fed the kept tokens'
@@ -9,8 +9,8 @@ registered without one. What holds for every family:
     3-D positions always);
   * every method the family serves (its record's capabilities against the method's) gives a
     row of a batch what it gives that row beside another neighbour (the batch in the other
-    row order: the same shapes, so one compiled program per method); ZSPAPrune and the two
-    in-LLM methods (FastV, DART) also what they give the row alone, unpadded;
+    row order: the same shapes, so one compiled program per method); the two in-LLM
+    methods (FastV, DART) also what they give the row alone, unpadded;
   * the checkpoint names its family and loads through the registry.
 
 Per-family files keep what only their family has (several images per row, crop layouts,
@@ -41,9 +41,10 @@ from zspa_jax.methods import METHODS
 
 KEEP = 4
 ROW_BOUND = 1e-5  # one row in two batches, or in a batch and alone: both zspa_jax
-# Methods also run on each row alone (its own unpadded shape, a compile per row): one that
-# prunes before the LLM and the two that prune inside it, where padding meets attention.
-ALONE = ("zspaprune", "fastv", "dart")
+# Methods also run on each row alone (its own unpadded shape, a compile per row): the two
+# that prune inside the LLM, where left padding meets attention scores. (ZSPAPrune's row of a
+# padded batch is checked against transformers on the row alone above.)
+ALONE = ("fastv", "dart")
 
 
 class LlavaCase:
