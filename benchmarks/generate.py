@@ -10,7 +10,7 @@ JAX uses). Stages are timed separately in each framework:
 
   vision    tower + projector.   JAX: jit(model.image_features).  torch: hf.model.get_image_features.
   prune     ZSPAPrune selection (K < N only). JAX: zspa_jax.select_tokens (jitted).
-            torch: tests/torch_reference_pruning.select_tokens_vectorised (batched, same
+            torch: tests/support/torch_reference_pruning.select_tokens_vectorised (batched, same
             running-max algorithm; a device-aware copy of it on CUDA).
   prefill   the LLM on the pruned prompt (L' = T + K tokens, exact length, no padding) into a
             KV cache, logits of the last position only. JAX: a jit of the decoder with a
@@ -57,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # benchmarks/models.py would shadow the repo's `models` package if this directory stayed first.
-sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [
+sys.path[:] = [str(ROOT), str(ROOT / "tests" / "support")] + [
     p for p in sys.path if Path(p or ".").resolve() != HERE
 ]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -386,7 +386,7 @@ def load_torch(bm):
 
 
 def torch_zspaprune(visual, prompt, prompt_mask, *, keep: int, core_ratio: float = CORE_RATIO):
-    """Device-aware copy of tests/torch_reference_pruning.select_tokens_vectorised (CUDA path)."""
+    """Device-aware copy of tests/support/torch_reference_pruning.select_tokens_vectorised (CUDA path)."""
     visual, prompt = visual.float(), prompt.float()
     bsz, n, _ = visual.shape
     dev = visual.device

@@ -166,7 +166,12 @@ def build_model(directory: Path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
 
-    from tests.qwen2_5_vl_helpers import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, randomize_
+    from tests.support.tiny_qwen2_5_vl import (
+        CHAT_TEMPLATE,
+        SPECIAL_TOKENS,
+        build_tokenizer,
+        randomize_,
+    )
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -223,7 +228,7 @@ def build_model(directory: Path):
         )
         check = (
             ProcessorMixin.check_argument_for_proper_class
-        )  # no torchvision: see tests/qwen2_5_vl_helpers
+        )  # no torchvision: see tests/support/tiny_qwen2_5_vl
         ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: type(arg)
         try:
             processor = Qwen2_5_VLProcessor(
@@ -269,7 +274,7 @@ def torch_cache_bytes(cache) -> int:
 def video_rows(hf, vlm, size: tuple[int, int, int], repeats: int) -> list[dict]:
     """The clip at keep all, N/8, N/16: zspa_jax's generate against transformers' tower and
     LLM prefill on the (pruned) prompt at the kept tokens' 3-D positions."""
-    from tests.qwen2_5_vl_helpers import random_clip as clip
+    from tests.support.tiny_qwen2_5_vl import random_clip as clip
 
     frames, height, width = size
     video = zspa_jax.Video(clip(frames, height, width, seed=1), fps=VIDEO_FPS)
@@ -429,7 +434,7 @@ def image_rows(
     """The image at each keep (None: unpruned): zspa_jax's generate and tower against
     transformers' vision and LLM prefill (sdpa), generate and eager attention, all timed in
     turns (`round_robin`) after every program has compiled."""
-    from tests.qwen2_5_vl_helpers import hf_inputs, random_image
+    from tests.support.tiny_qwen2_5_vl import hf_inputs, random_image
 
     batch = hf_inputs(
         processor, [("describe the picture in detail", 1)], [random_image(*hw, seed=1)]

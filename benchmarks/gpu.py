@@ -129,8 +129,8 @@ def uniform_tensor(
 
 
 def init_tensor(seed: int, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """The tests' initialisation rules (tests/conftest.randomize_weights_,
-    tests/qwen2_5_vl_helpers.randomize_), as uniform draws: norm scales ~ [0.5, 1.5],
+    """The tests' initialisation rules (tests/support/random_weights.randomize_weights_,
+    tests/support/tiny_qwen2_5_vl.randomize_), as uniform draws: norm scales ~ [0.5, 1.5],
     biases std 0.1, token embeddings std 1, CLIP class/position embeddings std 0.5, every
     other matrix std 1/sqrt(fan_in), so activations stay O(1) at any width."""
     n = name.lower()

@@ -10,7 +10,7 @@ leaves its prefix early: see zspa_jax/methods/zspaprune.py) and ragged rows (a v
 mask: rows of N/2 ... N real tokens; the torch columns run each row on its real tokens).
 Columns:
   jax          zspa_jax.select_tokens, median of repeats (block_until_ready)
-  torch ref    tests/torch_reference_pruning.select_tokens_reference: the readable oracle
+  torch ref    tests/support/torch_reference_pruning.select_tokens_reference: the readable oracle
                (per example, full N x N cosine matrix, Python greedy loop)
   torch vec    batched torch with the same running-max algorithm as the JAX kernel
 Roofline per call: max(FLOPs / matmul rate, bytes / stream bandwidth), both measured
@@ -39,7 +39,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from torch_reference_pruning import select_tokens_reference, select_tokens_vectorised  # noqa: E402
 

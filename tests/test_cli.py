@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, random_clip, tiny_model
+from tests.support.tiny_qwen2_5_vl import converted, random_clip, tiny_model
 from zspa_jax.__main__ import main
 from zspa_jax.demo import scenes
 from zspa_jax.demo.run import demo_model_path

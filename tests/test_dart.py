@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.torch_reference_dart import dart_select_reference, rms_norm
+from tests.support.torch_reference_dart import dart_select_reference, rms_norm
 from zspa_jax.methods.dart import dart_flops, dart_select
 
 D, HEADS, DH = 32, 2, 8

@@ -21,6 +21,7 @@ from models.clip import CLIPVisionConfig
 from models.layers import padding_causal_mask
 from models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from models.llava import LlavaConfig, LlavaForConditionalGeneration
+from tests.support.xla_cost import xla_flops
 from zspa_jax import estimate as est
 from zspa_jax.families import param_template
 from zspa_jax.pruning import PruneConfig
@@ -45,14 +46,6 @@ VISION = CLIPVisionConfig(
     patch_size=8,
 )
 LLAVA = LlavaConfig(vision=VISION, text=TEXT, image_token_index=511)  # 256 visual tokens
-
-
-def xla_flops(fn, *args) -> float:
-    """XLA's FLOP count of jit(fn) compiled for these (abstract) arguments."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
-        analysis = analysis[0]
-    return float(analysis["flops"])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import zspa_jax
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax import generation
 from zspa_jax.host import round_up
 from zspa_jax.pruning import PruneConfig
@@ -804,8 +804,8 @@ def test_qwen_pruned_prompt_is_padded_to_its_own_bucket_and_costs_less_at_every_
     and the largest keep: the prompt has one real token more than a bucket, so dropping any
     visual token saves a whole step. For the small image the span's masked slots would
     otherwise push the prompt into the next bucket."""
-    from tests.qwen2_5_vl_helpers import converted as qwen_converted
-    from tests.qwen2_5_vl_helpers import random_image, tiny_model
+    from tests.support.tiny_qwen2_5_vl import converted as qwen_converted
+    from tests.support.tiny_qwen2_5_vl import random_image, tiny_model
     from zspa_jax import decode
     from zspa_jax.batch import device_arrays, prepare_arrays
     from zspa_jax.sampling import Sampling

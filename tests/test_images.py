@@ -45,7 +45,7 @@ def test_llava_encode_of_a_sixteen_bit_image_equals_its_eight_bit_image():
 
 
 def test_qwen_encode_of_a_sixteen_bit_image_equals_its_eight_bit_image(tmp_path):
-    from tests.qwen2_5_vl_helpers import build_processor
+    from tests.support.tiny_qwen2_5_vl import build_processor
 
     build_processor(tmp_path)
     processor = QwenProcessor.load(tmp_path)

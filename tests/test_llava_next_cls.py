@@ -1,5 +1,5 @@
 """VisPruner and VisionZip on LLaVA-NeXT: every crop (base view included) keeps K tokens by its
-own [CLS] attention, laid out as the official LLaVA-NeXT code does (tests/torch_reference_anyres.py),
+own [CLS] attention, laid out as the official LLaVA-NeXT code does (tests/support/torch_reference_anyres.py),
 against eager PyTorch on transformers' own CLIP outputs: which tokens, in which order, at which
 slots, and the pruned logits of transformers fed those tokens' embeddings. Batches hold images
 of different crop grids (padding crops masked out) and rows of two images.
@@ -7,15 +7,13 @@ of different crop grids (padding crops masked out) and rows of two images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
 
 import zspa_jax
-from tests.llava_next_helpers import rows, tiny_llava_next
-from tests.torch_reference_anyres import visionzip_anyres, vispruner_anyres
+from tests.support.tiny_llava_next import hf_slot_of, rows, tiny_llava_next
+from tests.support.torch_reference_anyres import visionzip_anyres, vispruner_anyres
 from zspa_jax.families.llava_next.layout import (
     anyres_grid_shape,
     image_num_patches,
@@ -68,41 +66,6 @@ def _hf_tower(tiny, crops: np.ndarray):
     return out.hidden_states[layer + 1], out.attentions[layer][:, :, 0, :].mean(1), keys
 
 
-def _slot_of(tiny, size) -> Callable[[int, int], int]:
-    """(crop, token) -> the image's placeholder slot whose position that tower token takes:
-    where transformers' own pack_image_features puts it, or for a token its unpadding cuts
-    away, the slot of the kept token nearest in the crop grid (row and column clamped)."""
-    hf, side = tiny.hf, tiny.cfg.tokens_per_side
-    crops, tokens = image_num_patches(size, tiny.cfg), tiny.cfg.tokens_per_crop
-    code = torch.arange(1, crops * tokens + 1, dtype=torch.float32).view(crops, tokens, 1)
-    with torch.no_grad():
-        packed, _ = hf.model.pack_image_features(
-            [code], torch.as_tensor([size]), "default", torch.zeros(1)
-        )
-    packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed  # one image
-    packed = (
-        packed[:, 0].long().numpy() - 1
-    )  # tower token (crop * P + token) of each slot, -1 newline
-    where = {int(v): s for s, v in enumerate(packed) if v >= 0}
-    _, cols = anyres_grid_shape(size, tiny.cfg.image_grid_pinpoints, tiny.cfg.crop_size)
-
-    def full(c: int, t: int) -> tuple[int, int]:
-        return ((c - 1) // cols) * side + t // side, ((c - 1) % cols) * side + t % side
-
-    inside = [full(v // tokens, v % tokens) for v in where if v >= tokens]
-    r_lo, r_hi = min(r for r, _ in inside), max(r for r, _ in inside)
-    c_lo, c_hi = min(c for _, c in inside), max(c for _, c in inside)
-    at = {full(v // tokens, v % tokens): s for v, s in where.items() if v >= tokens}
-
-    def slot(c: int, t: int) -> int:
-        if c == 0:
-            return where[t]
-        r, col = full(c, t)
-        return at[(min(max(r, r_lo), r_hi), min(max(col, c_lo), c_hi))]
-
-    return slot
-
-
 def _reference(tiny, batch: dict, method: str, keep: int):
     """Per image: (projected tokens [T, D] in sequence order, their slots within the image)."""
     sizes, pixels = batch["image_sizes"], batch["pixel_values"]
@@ -121,7 +84,7 @@ def _reference(tiny, batch: dict, method: str, keep: int):
             tokens, sources = visionzip_anyres(hidden, row, keys, keep=keep, grid=grid, side=side)
         with torch.no_grad():
             projected = tiny.hf.model.multi_modal_projector(tokens)
-        slot = _slot_of(tiny, size)
+        slot = hf_slot_of(tiny, size)
         out.append((projected, np.array([slot(int(c), int(t)) for c, t in sources])))
     return out
 

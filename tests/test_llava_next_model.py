@@ -41,14 +41,15 @@ from models.checkpoint import (
     with_dtype,
 )
 from models.llava_next import NEWLINE, LlavaNextConfig, LlavaNextForConditionalGeneration
-from tests.conftest import IMAGE_TOKEN, REPO_ROOT
-from tests.llava_next_helpers import (
+from tests.support.paths import REPO_ROOT
+from tests.support.tiny_llava_next import (
     IMAGE_SIZE,
     MAX_PATCHES,
     PATCH_SIZE,
     PINPOINTS,
     Built,
     build,
+    hf_slot_of,
     random_pixels,
 )
 from zspa_jax.families.llava_next.layout import (
@@ -60,6 +61,7 @@ from zspa_jax.families.llava_next.layout import (
     select_best_resolution,
     unpadded_features_shape,
 )
+from tests.support.tokenizers import IMAGE_TOKEN
 
 TOL = 1e-5
 # (height, width): landscape, portrait, square, extreme strips, odd sizes, tiny and huge
@@ -380,6 +382,32 @@ def test_row_layout_with_two_images_in_a_row_and_masked_placeholders(tiny):
             input_ids=np.array([row0[:-2] + [8, 8], [tok] + row1[1:]]),
             attention_mask=mask,
         )
+
+
+def test_per_crop_tower_layout_matches_transformers_packing(tiny):
+    """Each tower token's row slot (the layout the per-crop methods write kept tokens to):
+    where transformers' own pack_image_features puts that token (newline slots ending every
+    row of the unpadded crop grid), or for a token unpadding cuts away the nearest kept
+    token's. Host-side only: images whose unpadding cuts rows, columns or neither, two of
+    them in one row after text."""
+    cfg, tok = tiny.cfg, tiny.cfg.image_token_index
+    sizes = [(40, 70), (64, 30), (33, 97), (45, 45)]
+    counts = [image_token_count(s, cfg) for s in sizes]
+    row0 = [5, 6] + [tok] * counts[0] + [7] + [tok] * counts[1] + [8]
+    row1 = [9] + [tok] * counts[2] + [tok] * counts[3] + [10, 11]
+    width = max(len(row0), len(row1))
+    ids = np.array([[0] * (width - len(r)) + r for r in (row0, row1)])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in (row0, row1)])
+    layout = anyres_layout(sizes, cfg, input_ids=ids, attention_mask=mask)
+    first = [int(layout.image_index[b, i, 0]) for b in range(2) for i in range(2)]
+    for m, size in enumerate(sizes):
+        slot = hf_slot_of(tiny, size)
+        crops = image_num_patches(size, cfg)
+        expect = np.array([[slot(c, t) for t in range(cfg.tokens_per_crop)] for c in range(crops)])
+        np.testing.assert_array_equal(
+            layout.tower_slot[m, :crops] - first[m], expect, err_msg=f"image {m} {size}"
+        )
+        assert (layout.tower_slot[m, crops:] == -1).all()
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.torch_reference_pruning import select_tokens_reference, visionzip_reference
+from tests.support.torch_reference_pruning import select_tokens_reference, visionzip_reference
 from zspa_jax import estimate as est
 from zspa_jax.demo import DEMO_MODEL_DIR
 from zspa_jax.methods import METHODS, Option, OptionValues
@@ -290,7 +290,7 @@ def _hf_dart_kept(tiny, ids, px, layer: int, keep: int, **pivots) -> np.ndarray:
     its output hidden states), with the given pivot counts."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from tests.torch_reference_dart import dart_select_reference
+    from tests.support.torch_reference_dart import dart_select_reference
 
     lm = tiny.hf.model.language_model
     with torch.no_grad():

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_pruning import assert_same, check_valid, make_data
-from tests.torch_reference_pruning import (
+from tests.support.pruning_data import assert_same, check_valid, make_data
+from tests.support.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
     visionzip_reference,

@@ -12,7 +12,8 @@ import torch
 
 import zspa_jax
 from models.layers import padding_causal_mask, positions_from_mask
-from tests.torch_reference_pruning import (
+from tests.support.drop_at_layer import DropAtLayer
+from tests.support.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
     visionzip_reference,
@@ -292,7 +293,7 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
     its output hidden states (`output_hidden_states`), through the eager torch DART."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from tests.torch_reference_dart import dart_select_reference
+    from tests.support.torch_reference_dart import dart_select_reference
 
     lm = tiny.hf.model.language_model
     with torch.no_grad():
@@ -325,41 +326,6 @@ def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
             norm_weight=lm.norm.weight,
         )
     return kept.numpy()
-
-
-class DropAtLayer:
-    """Forward pre-hooks on HF decoder layers >= K: the prefill's hidden states, RoPE tables,
-    position ids and mask lose the dropped tokens; decode steps' masks lose their columns."""
-
-    def __init__(self, lm, layer: int, src: np.ndarray, length: int):
-        self.src = torch.as_tensor(src)
-        self.length = length
-        self.handles = [
-            lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True)
-            for i in range(layer, len(lm.layers))
-        ]
-
-    def hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        mask = kwargs["attention_mask"]
-        assert mask is not None and mask.dim() == 4
-        cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
-        if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
-            if (
-                hidden.shape[1] == self.length
-            ):  # layer K itself: drop the tokens from the hidden states
-                hidden = hidden[:, self.src]
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
-            kwargs["position_ids"] = kwargs["position_ids"][:, self.src]
-            kwargs["attention_mask"] = mask[:, :, self.src][:, :, :, cols]
-        else:  # a decode step: the cache of this layer lacks the dropped tokens' columns
-            kwargs["attention_mask"] = mask[..., cols]
-        return (hidden,) + tuple(args[1:]), kwargs
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def _src(tiny, ids, kept) -> np.ndarray:
@@ -545,39 +511,30 @@ def test_visionzip_generate_left_padded_batch_matches_transformers(tiny, vlm):
     np.testing.assert_array_equal(out.sequences, ref)
 
 
-@pytest.mark.slow
-def test_fastv_left_padded_batch_equals_per_example(tiny, vlm):
-    rows = [_prompt(tiny, 2, 5, seed=14), _prompt(tiny, 8, 11, seed=15)]
-    width = max(map(len, rows))
-    ids = np.full((2, width), tiny.pad_token_id, np.int64)
-    mask = np.zeros((2, width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
-    px = _pixels(tiny, 2, seed=14)
-    prune = PruneConfig(keep=KEEP, method="fastv")
-    logits, kept = zspa_jax.forward(vlm, ids, px, mask, prune=prune, return_kept=True)
-    for i, r in enumerate(rows):
-        one, one_kept = zspa_jax.forward(vlm, r[None], px[i : i + 1], prune=prune, return_kept=True)
-        np.testing.assert_array_equal(kept[i], one_kept[0])
-        np.testing.assert_allclose(logits[i, -one.shape[1] :], one[0], atol=2e-5, rtol=0)
-
-
 # --------------------------------------------------------------------------- pool
 
 
-@pytest.mark.parametrize("keep_positions", [False, True])
-@pytest.mark.slow
+# One case in the fast tier: merged tokens at original positions, where a token's RoPE
+# position comes from its window-centre slot and not from where it is placed (its anchor).
+@pytest.mark.parametrize(
+    "keep_positions, keeps",
+    [
+        pytest.param(True, (4,), id="original_positions-keep4"),
+        pytest.param(True, (6,), id="original_positions-keep6", marks=pytest.mark.slow),
+        pytest.param(False, (4, 6), id="renumbered", marks=pytest.mark.slow),
+    ],
+)
 def test_pool_in_forward_matches_adaptive_avg_pool_and_transformers(
-    tiny, vlm, keep_positions, parity_record
+    tiny, vlm, keep_positions, keeps, parity_record
 ):
     """The pooled tokens (torch's adaptive_avg_pool2d over the projected token grid) at their
     window-centre slots: logits equal transformers fed those embeddings at those positions."""
-    from tests.torch_reference_pool import pool_reference
+    from tests.support.torch_reference_pool import pool_reference
 
     ids = _prompt(tiny, 3, 6, seed=21)[None]
     px = _pixels(tiny, 1, seed=21)
     side = tiny.image_size // tiny.options["patch_size"]
-    for keep in (4, 6):  # 2 x 2 and 2 x 3 windows of the side x side grid
+    for keep in keeps:  # 4, 6: 2 x 2 and 2 x 3 windows of the side x side grid
         logits, slots = zspa_jax.forward(
             vlm,
             ids,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax.pruning import PruneConfig
 
 BOUND = 1e-4  # pruned-logit parity bound of the single-image tests (tests/test_generate.py)
@@ -216,7 +216,7 @@ def test_tower_methods_prune_each_image_on_its_own(tiny, vlm):
 
 @pytest.mark.slow
 def test_fastv_over_several_images_matches_transformers(tiny, vlm, parity_record):
-    from tests.test_methods_model import DropAtLayer
+    from tests.support.drop_at_layer import DropAtLayer
 
     row = _row(tiny, (2, "img", 2, "img", 5), seed=70)
     px = _pixels(tiny, 2, seed=71)
@@ -255,6 +255,29 @@ def test_fastv_over_several_images_matches_transformers(tiny, vlm, parity_record
         BOUND,
     )
     assert d <= BOUND
+
+
+def test_image_budget_keeps_each_images_tokens_in_its_own_span(tiny, vlm):
+    """budget="image" runs the method on each image of each row: every image's K kept
+    indices lie in that image's placeholder span, and a row keeps the same tokens whichever
+    row of the batch it is (both orders: the same compiled program), so no image's choice
+    lands in, or reads the prompt of, another row."""
+    rows = [_row(tiny, pieces, seed=70 + i) for i, (pieces, _) in enumerate(ROWS["image"])]
+    ids, mask = _left_pad(rows, tiny.pad_token_id)
+    px = _pixels(tiny, 4, seed=70)  # row 0's two images, then row 1's
+    prune = PruneConfig(keep=KEEP, budget="image")
+    n = tiny.tokens_per_image
+    _, kept = zspa_jax.forward(vlm, ids, px, mask, prune, return_kept=True)
+    assert kept.shape == (2, 2 * KEEP)
+    for b in range(2):
+        for i in range(2):
+            block = kept[b, i * KEEP : (i + 1) * KEEP]
+            assert ((block >= i * n) & (block < (i + 1) * n)).all(), f"row {b} image {i}: {block}"
+            assert (np.diff(block) > 0).all()
+    _, swapped = zspa_jax.forward(
+        vlm, ids[::-1], np.concatenate([px[2:], px[:2]]), mask[::-1], prune, return_kept=True
+    )
+    np.testing.assert_array_equal(swapped[::-1], kept)
 
 
 def test_budget_and_layout_errors(tiny, vlm):

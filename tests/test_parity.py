@@ -1,5 +1,5 @@
 """PyTorch parity: every component and the full LLaVA forward of zspa_jax against
-transformers, on tiny random models converted by the real CLI and on real SmolLM2 weights.
+transformers, on tiny random models converted by the converter and on real SmolLM2 weights.
 
 All comparisons are f32 (matmul precision "highest", set in conftest) with
 max |diff| <= 1e-4 (aim 1e-5), except the bf16 conversion (KL bound, see below) and the
@@ -25,11 +25,12 @@ import pytest
 import torch
 from flax import nnx
 
-from tests.conftest import LAYOUTS, REAL_TEXT, detect_layout, safetensors_keys, smollm2_cached_path
+from tests.support.key_layouts import LAYOUTS, detect_layout, safetensors_keys
+from tests.support.smollm2 import REAL_TEXT
 
 pytestmark = (
     pytest.mark.slow
-)  # converter CLI subprocesses (3 tiny configs, bf16) and the SmolLM2 build
+)  # 3 tiny configs, bf16, and the SmolLM2 build with its converter CLI subprocess
 
 TOL = 1e-4
 SEQ_LEN = 40  # one length for every tiny-config batch
@@ -184,30 +185,10 @@ class Case:
         return self._hf_full
 
 
-def _needed_here(session, module_file) -> tuple[set[str], bool, bool]:
-    """Which tiny configs, whether bf16 and whether SmolLM2 the selected tests of this module use."""
-    keys, bf16, smol = set(), False, False
-    for item in session.items:
-        if str(getattr(item, "fspath", "")) != module_file:
-            continue
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "case" in params:
-            keys.add(params["case"])
-        if "key" in params:
-            keys.add(params["key"])
-        if "layout" in params:
-            keys.add(LAYOUT_CONFIG[params["layout"]])
-        if "case_a" in item.fixturenames:
-            keys.add("A")
-        bf16 |= item.name.startswith("test_bf16")
-        smol |= "smollm2" in item.fixturenames
-    return keys, bf16, smol
-
-
 @pytest.fixture(scope="module")
 def get_case(request, tiny_hf_llava, layout_dir, converted):
     """`get_case(key) -> Case`, built once per module: the config's HF model is rewritten
-    into its key layout (CONFIGS[key]["layout"]), converted by the real CLI and loaded."""
+    into its key layout (CONFIGS[key]["layout"]), converted by the CLI's `main` and loaded."""
     import zspa_jax
 
     cases: dict[str, Case] = {}
@@ -215,26 +196,10 @@ def get_case(request, tiny_hf_llava, layout_dir, converted):
         tiny_hf_llava(f"cfg{k}", **CONFIGS[k]["opts"]), CONFIGS[k]["layout"]
     )  # noqa: E731
 
-    def prefetch_all():
-        """Start every conversion the selected tests need at once, in the background: each
-        tiny one is mostly interpreter start-up and imports, so they overlap well."""
-        keys, bf16, smol = _needed_here(request.session, str(request.module.__file__))
-        for k in sorted(keys):
-            converted.prefetch(source(k))
-        if bf16:
-            converted.prefetch(source("A"), "--dtype", "bfloat16")
-        # The real-weights conversion too, when its HF source is already cached on disk
-        # (its CPU time is reported; its wall time then includes sharing the cores).
-        if smol and smollm2_cached_path() is not None:
-            converted.prefetch(smollm2_cached_path())
-
     def get(key: str) -> Case:
         if key not in cases:
-            first = not cases
             src = source(key)
-            out = converted(src)  # the first case converts alone: its tests can start sooner
-            if first:
-                prefetch_all()  # the rest convert in the background while those tests run
+            out = converted(src)
             cases[key] = Case(
                 key, tiny_hf_llava(f"cfg{key}", **CONFIGS[key]["opts"]), src, zspa_jax.load(out)
             )
@@ -345,7 +310,8 @@ def test_full_logits(case, parity_record):
     assert compare(parity_record, "llava logits", case.label, ours, case.hf_full_logits) <= TOL
 
 
-@pytest.mark.parametrize("key", ["A", "B"])  # GQA and MHA
+# MHA; a GQA left-padded batch (config A's heads) is tests/test_families.py's llava case.
+@pytest.mark.parametrize("key", ["B"])
 def test_left_padded_batch(key, get_case, parity_record):
     """Row 1 is left-padded by PAD tokens. Each row of the batch equals HF run on that row
     alone (unpadded), and row 1 also equals ours run alone. (Row 0 has no padding, so its
@@ -492,8 +458,8 @@ def smollm2(smollm2_hf, converted, parity_note):
         parity_note(
             f"SmolLM2-LLaVA HF fixture built from GGUF in {smollm2_hf.build_seconds:.1f} s (now cached)"
         )
-    out = converted(smollm2_hf.path)
-    proc = converted.process(smollm2_hf.path)
+    proc = converted.process(smollm2_hf.path)  # the real CLI, in a subprocess: its peak RSS
+    out = proc.out
     rss = f"{proc.max_rss_mb:.0f} MiB" if proc.max_rss_mb else "n/a"
     cpu = f"{proc.cpu_seconds:.1f} s CPU (user+sys), " if proc.cpu_seconds else ""
     parity_note(

@@ -1,5 +1,5 @@
 """The `pool` baseline (zspa_jax.methods.pool) against an eager torch reference
-(tests/torch_reference_pool.py: torch.nn.functional.adaptive_avg_pool2d)."""
+(tests/support/torch_reference_pool.py: torch.nn.functional.adaptive_avg_pool2d)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_reference_pool import choose_shape_reference, pool_reference
+from tests.support.torch_reference_pool import choose_shape_reference, pool_reference
 from zspa_jax.methods.pool import check_pool_grid, factor_pairs, pool_flops, pool_tokens
 
 ATOL = 1e-6

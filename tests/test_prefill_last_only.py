@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from models.llama import LlamaConfig, LlamaModel
-from tests.test_estimate import xla_flops
+from tests.support.xla_cost import xla_flops
 from zspa_jax.prefill import prefill, prefill_pruned_at_layer
 from zspa_jax.pruning import PruneConfig
 

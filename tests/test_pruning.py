@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.pruning_data import assert_same, check_valid, make_data
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax import pruning
 from zspa_jax.methods.zspaprune import select_fixed_core
 from zspa_jax.pruning import PRUNE_METHODS, PruneConfig, gather_tokens, select_tokens
@@ -32,33 +33,6 @@ def _torch_single_thread():
     torch.set_num_threads(n)
 
 
-def make_data(seed: int, b: int, n: int, t: int, d: int, kind: str = "gauss"):
-    """numpy f32 visual [B,N,D], prompt [B,T,D], bool mask [B,T] (~30% masked)."""
-    rng = np.random.default_rng(seed)
-    if kind == "gauss":
-        v = rng.standard_normal((b, n, d))
-    elif kind == "clustered":  # a few tight clusters: diversity decides which cluster is next
-        # (within-cluster cosine ~0.99. Much tighter clusters (noise 0.05, cosines within
-        # ~1e-4 of each other) produced a genuine 1-ulp near-tie in relevance, 4.4e-8 apart
-        # in float64, that f32 JAX and f32 torch legitimately order differently.)
-        n_clusters = int(rng.integers(2, 6))
-        centers = rng.standard_normal((b, n_clusters, d)) * 3.0
-        assign = rng.integers(0, n_clusters, (b, n))
-        v = np.take_along_axis(centers, assign[..., None], axis=1) + 0.3 * rng.standard_normal(
-            (b, n, d)
-        )
-    else:
-        raise ValueError(kind)
-    v = v * rng.uniform(0.2, 5.0, (b, n, 1))  # varied norms
-    p = rng.standard_normal((b, t, d))
-    if kind == "clustered":  # prompt near one cluster so relevance is meaningful
-        p = p * 0.3 + v[:, :1, :]
-    m = rng.random((b, t)) < 0.7
-    if seed % 5 == 0:
-        m[0, :] = False  # an all-masked row now and then
-    return v.astype(np.float32), p.astype(np.float32), m
-
-
 def jax_select(v, p, m, **kw) -> np.ndarray:
     out = select_tokens(jnp.asarray(v), jnp.asarray(p), None if m is None else jnp.asarray(m), **kw)
     assert out.dtype == jnp.int32
@@ -70,20 +44,6 @@ def torch_select(v, p, m, **kw) -> np.ndarray:
     return select_tokens_reference(
         torch.from_numpy(np.array(v)), torch.from_numpy(np.array(p)), tm, **kw
     ).numpy()
-
-
-def assert_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
-    if not np.array_equal(a, b):
-        rows = np.nonzero((a != b).any(axis=1))[0]
-        raise AssertionError(
-            f"{what}: rows {rows.tolist()} differ\njax   {a[rows]}\ntorch {b[rows]}"
-        )
-
-
-def check_valid(idx: np.ndarray, b: int, n: int, k: int) -> None:
-    assert idx.shape == (b, k)
-    assert (idx >= 0).all() and (idx < n).all()
-    assert (np.diff(idx, axis=1) > 0).all()  # strictly ascending => unique
 
 
 def cosine64(v: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from convert.core import ConversionError
 from convert.qwen2_5_vl import convert, map_key
 from models.checkpoint import flatten, restore_params
-from tests.qwen2_5_vl_helpers import converted, tiny_model
+from tests.support.tiny_qwen2_5_vl import convert_cli, converted, tiny_model
 from zspa_jax.families import param_template, read_config
 
 
@@ -46,10 +46,14 @@ def _params(out):
 
 @pytest.mark.slow
 def test_both_layouts_give_identical_params(tiny, tmp_path):
-    saved = _params(converted(tiny))
+    """The CLI in a subprocess (the one test that runs it; the others convert in process)
+    on the saved layout, and `convert` on the in-memory layout: the same parameters."""
+    proc = convert_cli(tiny.path, tmp_path / "cli")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = _params(tmp_path / "cli")
     assert any(k.startswith("visual.") for k in saved) and "language_model.lm_head.kernel" in saved
     src = _rewrite(tiny.path, tmp_path / "in_memory", _in_memory)
-    convert(src, tmp_path / "out", progress=False)  # in process (the CLI made `saved`)
+    convert(src, tmp_path / "out", progress=False)
     other = _params(tmp_path / "out")
     assert saved.keys() == other.keys()
     for k in saved:

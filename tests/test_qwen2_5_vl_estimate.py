@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.qwen2_5_vl_helpers import converted, random_image, tiny_model
+from tests.support.tiny_qwen2_5_vl import converted, random_image, tiny_model
 from zspa_jax import estimate as est
 from zspa_jax.families import read_config
 from zspa_jax.pruning import PruneConfig

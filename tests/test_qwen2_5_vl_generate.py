@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import (
+from tests.support.tiny_qwen2_5_vl import (
     converted,
     hf_greedy_from_pruned,
     hf_inputs,
+    hf_pruned_row_logits,
     random_image,
     tiny_model,
 )
-from tests.torch_reference_pruning import select_tokens_reference
+from tests.support.torch_reference_pruning import select_tokens_reference
 from zspa_jax import decode, generation
 from zspa_jax.pipeline import prompt_token_mask
 
@@ -102,43 +103,6 @@ def test_strings_and_pil_match_hf_processor_and_generate(tiny, vlm):
     assert res.texts == texts
 
 
-def _hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
-    """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions
-    (`kept` index the row's placeholders in reading order; `tokens` [K, D]: merged tokens
-    written at the kept slots first)."""
-    hf = tiny.hf
-    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
-    with torch.no_grad():
-        embeds = hf.model.get_input_embeddings()(ids)
-        feats = hf.model.get_image_features(batch["pixel_values"], grid).pooler_output
-        image = ids == tiny.image_token_id
-        embeds[image] = torch.cat(feats)
-        positions, _ = hf.model.get_rope_index(
-            ids,
-            mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=grid,
-            attention_mask=mask,
-        )
-        slots = torch.nonzero(image[row])[
-            :, 0
-        ]  # the row's placeholders, its images in reading order
-        kept_slots = slots[torch.as_tensor(np.array(kept))]
-        if tokens is not None:
-            embeds[row, kept_slots] = tokens
-        others = torch.nonzero(~image[row])[:, 0]
-        src = torch.sort(torch.cat([others, kept_slots])).values
-        logits = (
-            hf(
-                inputs_embeds=embeds[row, src][None],
-                position_ids=positions[:, row, src][:, None],
-                attention_mask=mask[row, src][None],
-            )
-            .logits[0]
-            .numpy()
-        )
-    return logits, mask[row, src].numpy().astype(bool), feats, embeds
-
-
 def _question_mask(tiny, vlm, ids, mask):
     """The prompt tokens, from the tokenizer's own special list: after the image span,
     real, not special (chat template and vision tokens never count)."""
@@ -182,7 +146,7 @@ def test_pruned_logits_and_kept_indices_match_references(tiny, vlm, sizes, parit
     )
     np.testing.assert_array_equal(ours_mask, qmask)
     for row in range(2):
-        ref, ref_mask, feats, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
+        ref, ref_mask, feats, embeds = hf_pruned_row_logits(tiny, batch, row, kept[row])
         # Kept indices: the eager torch ZSPAPrune on HF's merger output and HF's embeddings.
         expect = select_tokens_reference(
             feats[row][None],
@@ -207,7 +171,7 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
     """`pool` over each row's own merged-token grid (images of different sizes in one batch):
     tokens and centre slots equal adaptive_avg_pool2d on transformers' merger output, and the
     logits equal transformers fed those tokens at those slots' 3-D positions."""
-    from tests.torch_reference_pool import pool_reference
+    from tests.support.torch_reference_pool import pool_reference
 
     keep = 2
     images = [random_image(40, 56, seed=30), random_image(24, 32, seed=31)]
@@ -233,7 +197,7 @@ def test_pool_on_rows_of_different_grids_matches_transformers(tiny, vlm, parity_
     for row in range(2):
         tokens, slots = pool_reference(feats[row][None], [grids[row]], keep)
         np.testing.assert_array_equal(kept[row], slots.numpy()[0])
-        ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, row, kept[row], tokens=tokens[0])
+        ref, ref_mask, _, _ = hf_pruned_row_logits(tiny, batch, row, kept[row], tokens=tokens[0])
         got = logits[row][out_mask[row].astype(bool)]
         d = parity_record(
             "qwen pool logits (3-D positions)",
@@ -273,7 +237,7 @@ def test_several_images_per_row_match_references(tiny, vlm, budget, method, pari
     indices index each row's placeholders in reading order and equal the eager torch
     reference over the row's tokens together (budget="row") or over each image ("image");
     logits equal transformers fed the kept tokens at their original 3-D positions."""
-    from tests.torch_reference_pruning import cdpruner_reference
+    from tests.support.torch_reference_pruning import cdpruner_reference
 
     keep = 5
     prompts, sizes = SEVERAL[budget]
@@ -299,7 +263,7 @@ def test_several_images_per_row_match_references(tiny, vlm, budget, method, pari
     )
     groups = np.split(tokens_per_image, np.cumsum(counts)[:-1])
     for row in range(2):
-        ref, ref_mask, _, embeds = _hf_pruned_row_logits(tiny, batch, row, kept[row])
+        ref, ref_mask, _, embeds = hf_pruned_row_logits(tiny, batch, row, kept[row])
         slots = torch.nonzero(batch["input_ids"][row] == tiny.image_token_id)[:, 0]
         visual, prompt = embeds[row, slots], torch.tensor(qmask[row])[None]
 
@@ -360,7 +324,7 @@ def test_several_images_greedy_generation_matches_transformers(tiny, vlm):
     assert (
         kept.max() >= 35
     )  # tokens of the second image are among the kept (35 = the first image's)
-    _, _, _, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
+    _, _, _, embeds = hf_pruned_row_logits(tiny, batch, 0, kept)
     ids = batch["input_ids"]
     positions, _ = tiny.hf.model.get_rope_index(
         ids,
@@ -378,7 +342,7 @@ def test_several_images_greedy_generation_matches_transformers(tiny, vlm):
 def test_pool_per_image_on_several_images(tiny, vlm, parity_record):
     """`pool` with budget="image" pools each image's own grid: tokens and centre slots equal
     adaptive_avg_pool2d per image, and the logits equal transformers fed them."""
-    from tests.torch_reference_pool import pool_reference
+    from tests.support.torch_reference_pool import pool_reference
 
     keep = 2
     images = [random_image(40, 56, seed=80), random_image(24, 32, seed=81)]
@@ -418,7 +382,7 @@ def test_pool_per_image_on_several_images(tiny, vlm, parity_record):
         slots.append(sl.numpy()[0] + offset)
         offset += grid[0] * grid[1]
     np.testing.assert_array_equal(kept[0], np.concatenate(slots))
-    ref, ref_mask, _, _ = _hf_pruned_row_logits(tiny, batch, 0, kept[0], tokens=torch.cat(tokens))
+    ref, ref_mask, _, _ = hf_pruned_row_logits(tiny, batch, 0, kept[0], tokens=torch.cat(tokens))
     d = parity_record(
         "qwen pool per image (3-D positions)",
         f"grids {grids}",
@@ -444,7 +408,7 @@ def test_pruned_generation_continues_after_unpruned_max_position(tiny, vlm):
     )
     kept = res.kept_indices[0]
     hf = tiny.hf
-    _, _, feats, embeds = _hf_pruned_row_logits(tiny, batch, 0, kept)
+    _, _, feats, embeds = hf_pruned_row_logits(tiny, batch, 0, kept)
     ids = batch["input_ids"]
     positions, _ = hf.model.get_rope_index(
         ids,

@@ -7,9 +7,9 @@ forward pre-hooks on decoder layers >= K that drop the pruned visual tokens (hid
 M-RoPE cos/sin, text position ids and mask; decode steps: the mask columns the layer's
 cache lacks). The kept indices equal independent references on transformers' own layer
 K-1 internals (FastV: the head-mean last-query attention from `output_attentions`; DART:
-`tests/torch_reference_dart.py` on its output hidden states and its keys after M-RoPE).
+`tests/support/torch_reference_dart.py` on its output hidden states and its keys after M-RoPE).
 Checked: the pruned prefill logits at each row's real positions, greedy generation, and
-that each row of the ragged batch equals the row run alone through zspa_jax.
+that each row of the ragged batch equals the row run alone through zspa_jax (tests/test_families.py).
 
 The tiny model has 3 decoder layers (K = 2 needs layers after it; the default tiny has 2).
 """
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
+from tests.support.drop_at_layer import QwenDropAtLayer, qwen_layer_internals
+from tests.support.tiny_qwen2_5_vl import converted, hf_inputs, random_image, tiny_model
 from zspa_jax import PruneConfig
 
 BOUND = 1e-4  # as tests/test_methods_model.py's in-LLM prefill check (f32)
-ROW_BOUND = 2e-5  # batch row vs the same row alone, both zspa_jax (test_fastv_left_padded_batch_equals_per_example)
 LAYER = 2  # K: FastV's and DART's default
 TEXT_LAYERS = 3
 KEEP = 6
@@ -99,41 +99,14 @@ def _question_mask(tiny, ids: torch.Tensor) -> torch.Tensor:
     return out[None]
 
 
-def _hf_layer_internals(tiny, row, layer):
-    """transformers on one row alone: layer `layer`'s head-mean last-query attention [L], its
-    keys after M-RoPE [L, Hkv * Dh], and the hidden states leaving it [L, D]."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-    attn = tiny.hf.model.language_model.layers[layer].self_attn
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs["hidden_states"]
-        captured["rope"] = kwargs["position_embeddings"]
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = tiny.hf(**row, output_attentions=True, output_hidden_states=True)
-            x = captured["x"]
-            b, length = x.shape[:2]
-            k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
-            cos, sin = captured["rope"]
-            _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    finally:
-        handle.remove()
-    keys = k.transpose(1, 2).reshape(b, length, -1)[0]
-    return out.attentions[layer][0, :, -1, :].mean(0), keys, out.hidden_states[layer + 1][0]
-
-
 def _reference_kept(tiny, method, row, layer, keep) -> np.ndarray:
     """The kept visual tokens of one row alone, from transformers' layer K-1 (ascending)."""
     start, n = _span(tiny, row)
-    attention, keys, hidden = _hf_layer_internals(tiny, row, layer - 1)
+    attention, keys, hidden = qwen_layer_internals(tiny, row, layer - 1)
     if method == "fastv":
         scores = attention[start : start + n]
         return np.sort(torch.sort(scores, descending=True, stable=True).indices[:keep].numpy())
-    from tests.torch_reference_dart import dart_select_reference
+    from tests.support.torch_reference_dart import dart_select_reference
 
     with torch.no_grad():
         kept = dart_select_reference(
@@ -148,50 +121,6 @@ def _reference_kept(tiny, method, row, layer, keep) -> np.ndarray:
     return kept.numpy()[0]
 
 
-class DropAtLayer:
-    """Forward pre-hooks on transformers' Qwen2.5-VL decoder layers >= K: the prefill's hidden
-    states, M-RoPE cos/sin (already combined per section by the rotary embedding: [B, L, Dh]),
-    text position ids ([B, L]; None outside generate) and mask [B, 1, L, L] lose the dropped
-    tokens; a decode step's mask [B, 1, 1, S] loses the columns this layer's cache lacks."""
-
-    def __init__(self, lm, layer: int, src: np.ndarray, length: int):
-        self.src = torch.as_tensor(src)
-        self.length = length
-        self.calls = {"prefill": 0, "decode": 0}
-        self.handles = [
-            lm.layers[i].register_forward_pre_hook(self.hook, with_kwargs=True)
-            for i in range(layer, len(lm.layers))
-        ]
-
-    def hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        mask = kwargs["attention_mask"]
-        assert mask is not None and mask.dim() == 4
-        cols = torch.cat([self.src, torch.arange(self.length, mask.shape[-1])])
-        cos, sin = kwargs["position_embeddings"]
-        if mask.shape[-2] == self.length:  # prefill: queries are the whole prompt
-            if (
-                hidden.shape[1] == self.length
-            ):  # layer K itself: drop the tokens from the hidden states
-                hidden = hidden[:, self.src]
-            assert cos.shape[:2] == sin.shape[:2] == (1, self.length), cos.shape
-            kwargs["position_embeddings"] = (cos[:, self.src], sin[:, self.src])
-            if kwargs.get("position_ids") is not None:
-                assert kwargs["position_ids"].shape == (1, self.length)
-                kwargs["position_ids"] = kwargs["position_ids"][:, self.src]
-            kwargs["attention_mask"] = mask[:, :, self.src][:, :, :, cols]
-            self.calls["prefill"] += 1
-        else:  # a decode step: the cache of this layer lacks the dropped tokens' columns
-            assert hidden.shape[1] == mask.shape[-2] == cos.shape[1] == 1
-            kwargs["attention_mask"] = mask[..., cols]
-            self.calls["decode"] += 1
-        return (hidden,) + tuple(args[1:]), kwargs
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def _src(tiny, row, kept) -> np.ndarray:
     """Positions of the row alone that layers >= K keep."""
     start, n = _span(tiny, row)
@@ -201,7 +130,7 @@ def _src(tiny, row, kept) -> np.ndarray:
 
 
 def _hooked(tiny, row, kept):
-    return DropAtLayer(
+    return QwenDropAtLayer(
         tiny.hf.model.language_model, LAYER, _src(tiny, row, kept), row["input_ids"].shape[1]
     )
 
@@ -278,24 +207,3 @@ def test_greedy_on_ragged_rows_matches_transformers_with_tokens_dropped(tiny, vl
     assert any(differs), (
         "without the hooks transformers answers the same: this check proves nothing"
     )
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.slow
-def test_ragged_batch_rows_equal_rows_alone(tiny, vlm, method):
-    """The padded span slots of the smaller image and the left padding change nothing: each
-    row of the batch has the kept indices and logits (at its real positions) of that row alone."""
-    batch, rows = _batch(tiny, method)
-    prune = PruneConfig(keep=KEEP, method=method, layer=LAYER)
-    logits, kept, out_mask = zspa_jax.forward(
-        vlm, **_zspa_args(_np(batch)), prune=prune, return_kept=True, return_mask=True
-    )
-    for r, row in enumerate(rows):
-        one, one_kept, one_mask = zspa_jax.forward(
-            vlm, **_zspa_args(_np(row)), prune=prune, return_kept=True, return_mask=True
-        )
-        assert one_mask.all()
-        np.testing.assert_array_equal(kept[r], one_kept[0], err_msg=f"row {r}")
-        got = logits[r][out_mask[r].astype(bool)]
-        assert got.shape == one[0].shape
-        np.testing.assert_allclose(got, one[0], atol=ROW_BOUND, rtol=0, err_msg=f"row {r}")

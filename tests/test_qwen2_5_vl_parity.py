@@ -18,7 +18,7 @@ from flax import nnx
 
 from models import qwen2_5_vl
 from models.qwen2_5_vl import window_slots
-from tests.qwen2_5_vl_helpers import converted, hf_inputs, random_image, tiny_model
+from tests.support.tiny_qwen2_5_vl import converted, hf_inputs, random_image, tiny_model
 from zspa_jax.families import restore_model
 from zspa_jax.families.qwen2_5_vl.layout import rope_index, vision_layout
 

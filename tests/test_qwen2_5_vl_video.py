@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import zspa_jax
-from tests.qwen2_5_vl_helpers import (
+from tests.support.tiny_qwen2_5_vl import (
     MERGE,
     converted,
     hf_greedy_from_pruned,
@@ -27,8 +27,8 @@ from tests.qwen2_5_vl_helpers import (
     tiny_model,
     video_processor_config,
 )
-from tests.qwen2_5_vl_helpers import random_clip as clip
-from tests.torch_reference_pruning import cdpruner_reference, select_tokens_reference
+from tests.support.tiny_qwen2_5_vl import random_clip as clip
+from tests.support.torch_reference_pruning import cdpruner_reference, select_tokens_reference
 from zspa_jax import Video, generation
 from zspa_jax.families.qwen2_5_vl.layout import rope_index, temporal_bucket, vision_layout
 from zspa_jax.families.qwen2_5_vl.resize import resize_bicubic_uint8
@@ -937,12 +937,9 @@ def test_in_llm_methods_on_a_clip_match_transformers(method, parity_record):
     """FastV / DART choose among a clip's tokens at layer K-1 and drop the others from layer K:
     kept indices equal the references on transformers' own layer internals, and the logits
     equal transformers with those tokens dropped at layer K (tests/test_qwen2_5_vl_llm_methods.py)."""
-    from tests.test_qwen2_5_vl_llm_methods import (
-        LAYER,
-        TEXT_LAYERS,
-        DropAtLayer,
-        _hf_layer_internals,
-    )
+    from tests.support.drop_at_layer import QwenDropAtLayer, qwen_layer_internals
+
+    LAYER, TEXT_LAYERS = 2, 3  # as tests/test_qwen2_5_vl_llm_methods.py
 
     tiny = tiny_model(text_layers=TEXT_LAYERS)
     vlm = zspa_jax.load(converted(tiny))
@@ -961,7 +958,7 @@ def test_in_llm_methods_on_a_clip_match_transformers(method, parity_record):
     where = torch.nonzero(ids == tiny.config.video_token_id)[:, 0]
     start, n = int(where[0]), len(where)
     assert (where == start + torch.arange(n)).all()
-    attention, keys, hidden = _hf_layer_internals(tiny, t, LAYER - 1)
+    attention, keys, hidden = qwen_layer_internals(tiny, t, LAYER - 1)
     if method == "fastv":
         expect = np.sort(
             torch.sort(attention[start : start + n], descending=True, stable=True)
@@ -969,7 +966,7 @@ def test_in_llm_methods_on_a_clip_match_transformers(method, parity_record):
             .numpy()
         )
     else:
-        from tests.torch_reference_dart import dart_select_reference
+        from tests.support.torch_reference_dart import dart_select_reference
 
         tok = tiny.processor.tokenizer
         special = set(tok.all_special_ids) | {tok.pad_token_id, tok.eos_token_id}
@@ -988,7 +985,7 @@ def test_in_llm_methods_on_a_clip_match_transformers(method, parity_record):
             ).numpy()[0]
     np.testing.assert_array_equal(kept[0], expect)
     src = np.concatenate([np.arange(start), start + kept[0], np.arange(start + n, len(ids))])
-    hooks = DropAtLayer(tiny.hf.model.language_model, LAYER, src, len(ids))
+    hooks = QwenDropAtLayer(tiny.hf.model.language_model, LAYER, src, len(ids))
     try:
         with torch.no_grad():
             ref = tiny.hf(**t).logits[0].numpy()
@@ -1046,7 +1043,7 @@ import jax
 import numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 import zspa_jax
-from tests.qwen2_5_vl_helpers import random_clip, random_image
+from tests.support.tiny_qwen2_5_vl import random_clip, random_image
 path = sys.argv[1]
 one, many = zspa_jax.load(path), zspa_jax.load(path, mesh=jax.make_mesh((2, 2), ("data", "model")))
 prompts = ["what happens", "describe the clip", "compare"]  # 3 rows on data=2: padded with the last row
@@ -1076,7 +1073,7 @@ def test_clips_on_a_mesh_equal_one_device(tiny, parity_record):
     import subprocess
     import sys
 
-    from tests.qwen2_5_vl_helpers import REPO_ROOT
+    from tests.support.paths import REPO_ROOT
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(

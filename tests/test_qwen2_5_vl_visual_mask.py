@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.torch_reference_pruning import cdpruner_reference, select_tokens_reference
+from tests.support.torch_reference_pruning import cdpruner_reference, select_tokens_reference
 from zspa_jax.pruning import select_tokens
 
 CASES = [
@@ -62,7 +62,7 @@ def test_rows_equal_reference_on_real_tokens(method, r):
 
 def test_auto_core_rows_equal_reference_on_real_tokens():
     """core_ratio="auto" on ragged rows: the median/MAD and every pick read a row's real tokens only."""
-    from tests.torch_reference_pruning import select_auto_reference
+    from tests.support.torch_reference_pruning import select_auto_reference
 
     rng = np.random.default_rng(5)
     b, n, d, t, keep = 4, 23, 16, 7, 6

@@ -28,7 +28,7 @@ from convert.qwen3_vl import convert
 from models.checkpoint import read_payload, restore_model
 from models.llama import DeepStackInput, mrope_rows
 from models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision_layout
-from tests.qwen2_5_vl_helpers import randomize_
+from tests.support.tiny_qwen2_5_vl import randomize_
 
 BOUND = 1e-5
 IMAGE, VIDEO, START, END, PAD = 120, 121, 122, 123, 0

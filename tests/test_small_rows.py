@@ -27,8 +27,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tests.torch_reference_pool import pool_reference
-from tests.torch_reference_pruning import (
+from tests.support.torch_reference_pool import pool_reference
+from tests.support.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
     select_tokens_reference,

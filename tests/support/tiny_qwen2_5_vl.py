@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO_ROOT
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -388,14 +388,54 @@ def tiny_model(**overrides) -> TinyQwen:
 
 
 def converted(tiny: TinyQwen, *extra: str) -> Path:
-    """`python -m convert.qwen2_5_vl tiny.path OUT *extra` (once per process); fails loudly."""
+    """`python -m convert.qwen2_5_vl tiny.path OUT *extra` run in this process (the CLI's
+    `main`), once per process; fails loudly. `convert_cli` is the real subprocess."""
+    from tests.support.converter import run_converter_in_process
+
     key = (str(tiny.path), extra)
     if key not in _CONVERTED:
         out = _temp_dir("zspa_qwen_conv_") / "out"
-        proc = convert_cli(tiny.path, out, *extra)
+        proc = run_converter_in_process("qwen2_5_vl", tiny.path, out, *extra)
         if proc.returncode != 0:
             raise AssertionError(
                 f"converter failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
             )
         _CONVERTED[key] = out
     return _CONVERTED[key]
+
+
+def hf_pruned_row_logits(tiny, batch, row, kept, tokens=None):
+    """HF fed the pruned inputs_embeds of one row with its kept tokens' original 3-D positions
+    (`kept` index the row's placeholders in reading order; `tokens` [K, D]: merged tokens
+    written at the kept slots first)."""
+    hf = tiny.hf
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    with torch.no_grad():
+        embeds = hf.model.get_input_embeddings()(ids)
+        feats = hf.model.get_image_features(batch["pixel_values"], grid).pooler_output
+        image = ids == tiny.image_token_id
+        embeds[image] = torch.cat(feats)
+        positions, _ = hf.model.get_rope_index(
+            ids,
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=grid,
+            attention_mask=mask,
+        )
+        slots = torch.nonzero(image[row])[
+            :, 0
+        ]  # the row's placeholders, its images in reading order
+        kept_slots = slots[torch.as_tensor(np.array(kept))]
+        if tokens is not None:
+            embeds[row, kept_slots] = tokens
+        others = torch.nonzero(~image[row])[:, 0]
+        src = torch.sort(torch.cat([others, kept_slots])).values
+        logits = (
+            hf(
+                inputs_embeds=embeds[row, src][None],
+                position_ids=positions[:, row, src][:, None],
+                attention_mask=mask[row, src][None],
+            )
+            .logits[0]
+            .numpy()
+        )
+    return logits, mask[row, src].numpy().astype(bool), feats, embeds

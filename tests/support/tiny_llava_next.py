@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,13 @@ import torch
 from convert.llava_next import convert
 from models.checkpoint import read_payload, restore_model
 from models.llava_next import LlavaNextConfig, LlavaNextForConditionalGeneration
-from tests.conftest import IMAGE_TOKEN, build_tiny_tokenizer, randomize_weights_
-from zspa_jax.families.llava_next.layout import image_num_patches, image_token_count
+from tests.support.random_weights import randomize_weights_
+from tests.support.tokenizers import IMAGE_TOKEN, build_tiny_tokenizer
+from zspa_jax.families.llava_next.layout import (
+    anyres_grid_shape,
+    image_num_patches,
+    image_token_count,
+)
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -216,3 +222,38 @@ def hf_row_logits(
             .logits[0]
             .numpy()
         )
+
+
+def hf_slot_of(tiny: Built, size) -> Callable[[int, int], int]:
+    """(crop, token) -> the image's placeholder slot whose position that tower token takes:
+    where transformers' own pack_image_features puts it, or for a token its unpadding cuts
+    away, the slot of the kept token nearest in the crop grid (row and column clamped)."""
+    hf, side = tiny.hf, tiny.cfg.tokens_per_side
+    crops, tokens = image_num_patches(size, tiny.cfg), tiny.cfg.tokens_per_crop
+    code = torch.arange(1, crops * tokens + 1, dtype=torch.float32).view(crops, tokens, 1)
+    with torch.no_grad():
+        packed, _ = hf.model.pack_image_features(
+            [code], torch.as_tensor([size]), "default", torch.zeros(1)
+        )
+    packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed  # one image
+    packed = (
+        packed[:, 0].long().numpy() - 1
+    )  # tower token (crop * P + token) of each slot, -1 newline
+    where = {int(v): s for s, v in enumerate(packed) if v >= 0}
+    _, cols = anyres_grid_shape(size, tiny.cfg.image_grid_pinpoints, tiny.cfg.crop_size)
+
+    def full(c: int, t: int) -> tuple[int, int]:
+        return ((c - 1) // cols) * side + t // side, ((c - 1) % cols) * side + t % side
+
+    inside = [full(v // tokens, v % tokens) for v in where if v >= tokens]
+    r_lo, r_hi = min(r for r, _ in inside), max(r for r, _ in inside)
+    c_lo, c_hi = min(c for _, c in inside), max(c for _, c in inside)
+    at = {full(v // tokens, v % tokens): s for v, s in where.items() if v >= tokens}
+
+    def slot(c: int, t: int) -> int:
+        if c == 0:
+            return where[t]
+        r, col = full(c, t)
+        return at[(min(max(r, r_lo), r_hi), min(max(col, c_lo), c_hi))]
+
+    return slot

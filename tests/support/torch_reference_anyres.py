@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.torch_reference_pruning import visionzip_reference, vispruner_reference
+from tests.support.torch_reference_pruning import visionzip_reference, vispruner_reference
 
 
 def _grid(kept: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:

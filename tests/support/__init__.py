@@ -1,0 +1,1 @@
+"""Helpers the tests share: builders of tiny models, references, runners (no fixtures)."""
