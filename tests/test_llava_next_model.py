@@ -52,6 +52,7 @@ from tests.support.tiny_llava_next import (
     hf_slot_of,
     random_pixels,
 )
+from tests.support.tokenizers import IMAGE_TOKEN
 from zspa_jax.families.llava_next.layout import (
     anyres_grid_shape,
     anyres_layout,
@@ -61,7 +62,6 @@ from zspa_jax.families.llava_next.layout import (
     select_best_resolution,
     unpadded_features_shape,
 )
-from tests.support.tokenizers import IMAGE_TOKEN
 
 TOL = 1e-5
 # (height, width): landscape, portrait, square, extreme strips, odd sizes, tiny and huge
