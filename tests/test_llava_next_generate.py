@@ -155,8 +155,8 @@ def test_several_images_per_row_and_every_served_method(tiny, vlm):
     counts = [image_token_count(s, tiny.cfg) for s in sizes]
     # Every served method's row-vs-alone on one-image rows is tests/test_families.py's; here the
     # layout of several images per row, for a method before the LLM and one inside it.
-    for method in ("zspaprune", "dart"):
-        prune = zspa_jax.PruneConfig(keep=5, method=method, layer=1)
+    for method, options in (("zspaprune", None), ("dart", {"layer": 1})):
+        prune = zspa_jax.PruneConfig(keep=5, method=method, options=options)
         logits, kept, out_mask = zspa_jax.forward(
             vlm, ids, pixels, mask, prune, image_sizes=sizes, return_kept=True, return_mask=True
         )
