@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import zspa_jax
+from tests.support.torch_reference_dart import hf_llava_dart_kept
 from tests.support.torch_reference_pruning import select_tokens_reference, visionzip_reference
 from zspa_jax import estimate as est
 from zspa_jax.demo import DEMO_MODEL_DIR
@@ -285,54 +286,17 @@ def _pixels(tiny, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _hf_dart_kept(tiny, ids, px, layer: int, keep: int, **pivots) -> np.ndarray:
-    """The eager torch DART on transformers' own internals (layer K-1's keys after RoPE,
-    its output hidden states), with the given pivot counts."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from tests.support.torch_reference_dart import dart_select_reference
-
-    lm = tiny.hf.model.language_model
-    with torch.no_grad():
-        out = tiny.hf(
-            input_ids=torch.as_tensor(ids),
-            pixel_values=torch.as_tensor(px),
-            output_hidden_states=True,
-        )
-        attn = lm.layers[layer - 1].self_attn
-        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
-        b, length = ids.shape
-        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        keys = k.transpose(1, 2).reshape(b, length, -1)
-        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
-        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
-        text = after & torch.as_tensor((ids != tiny.pad_token_id) & (ids != tiny.bos_token_id))
-        kept = dart_select_reference(
-            out.hidden_states[layer],
-            keys,
-            start,
-            text,
-            num_visual=tiny.tokens_per_image,
-            keep=keep,
-            norm_weight=lm.norm.weight,
-            **pivots,
-        )
-    return kept.numpy()
-
-
 def test_dart_pivot_options_change_the_selection_as_the_reference_says(tiny, vlm):
     ids = _prompt(tiny, 3, 9, seed=21)[None]
     px = _pixels(tiny, seed=21)
     layer = 2
     default = PruneConfig(keep=KEEP, method="dart", layer=layer)
     _, kept_default = zspa_jax.forward(vlm, ids, px, prune=default, return_kept=True)
-    np.testing.assert_array_equal(kept_default, _hf_dart_kept(tiny, ids, px, layer, KEEP))
+    np.testing.assert_array_equal(kept_default, hf_llava_dart_kept(tiny, ids, px, layer, KEEP))
     for pivots in ({"image_pivots": 1, "text_pivots": 2}, {"image_pivots": 0, "text_pivots": 1}):
         prune = PruneConfig(keep=KEEP, method="dart", layer=layer, options=pivots)
         _, kept = zspa_jax.forward(vlm, ids, px, prune=prune, return_kept=True)
-        ref = _hf_dart_kept(
+        ref = hf_llava_dart_kept(
             tiny,
             ids,
             px,

@@ -13,6 +13,7 @@ import torch
 import zspa_jax
 from models.layers import padding_causal_mask, positions_from_mask
 from tests.support.drop_at_layer import DropAtLayer
+from tests.support.torch_reference_dart import hf_llava_dart_kept
 from tests.support.torch_reference_pruning import (
     cdpruner_reference,
     select_auto_reference,
@@ -288,46 +289,6 @@ def _hf_fastv_kept(tiny, ids, px, layer, keep) -> np.ndarray:
     return np.sort(torch.sort(scores, descending=True, stable=True).indices[:keep].numpy())[None]
 
 
-def _hf_dart_kept(tiny, ids, px, layer, keep) -> np.ndarray:
-    """The reference choice on transformers' own internals: layer K-1's keys after RoPE and
-    its output hidden states (`output_hidden_states`), through the eager torch DART."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from tests.support.torch_reference_dart import dart_select_reference
-
-    lm = tiny.hf.model.language_model
-    with torch.no_grad():
-        out = tiny.hf(
-            input_ids=torch.as_tensor(ids),
-            pixel_values=torch.as_tensor(px),
-            output_hidden_states=True,
-        )
-        attn = lm.layers[layer - 1].self_attn
-        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
-        b, length = ids.shape
-        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        keys = k.transpose(1, 2).reshape(b, length, -1)
-        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
-        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
-        text = (
-            after
-            & torch.as_tensor(ids != tiny.pad_token_id)
-            & torch.as_tensor(ids != tiny.bos_token_id)
-        )
-        kept = dart_select_reference(
-            out.hidden_states[layer],
-            keys,
-            start,
-            text,
-            num_visual=tiny.tokens_per_image,
-            keep=keep,
-            norm_weight=lm.norm.weight,
-        )
-    return kept.numpy()
-
-
 def _src(tiny, ids, kept) -> np.ndarray:
     start = int(np.flatnonzero(ids[0] == tiny.image_token_index)[0])
     n = tiny.tokens_per_image
@@ -343,7 +304,7 @@ IN_LLM_GREEDY_SEED = {"fastv": 10, "dart": 24}
 
 
 def _in_llm_kept(method):
-    return {"fastv": _hf_fastv_kept, "dart": _hf_dart_kept}[method]
+    return {"fastv": _hf_fastv_kept, "dart": hf_llava_dart_kept}[method]
 
 
 @pytest.mark.parametrize("method", sorted(IN_LLM_PREFILL))

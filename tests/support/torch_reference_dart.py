@@ -20,6 +20,7 @@ match also checks that the kernel's "weight only" shortcut is exact.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -122,3 +123,38 @@ def dart_select_reference(
         )
         rows.append(torch.tensor([p - start for p in kept], dtype=torch.int64))
     return torch.stack(rows)
+
+
+def hf_llava_dart_kept(tiny, ids, px, layer: int, keep: int, **pivots) -> np.ndarray:
+    """The eager torch DART on a tiny transformers LLaVA's own internals (layer K-1's keys
+    after RoPE, its output hidden states), with the given pivot counts -> int [B, keep]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = tiny.hf.model.language_model
+    with torch.no_grad():
+        out = tiny.hf(
+            input_ids=torch.as_tensor(ids),
+            pixel_values=torch.as_tensor(px),
+            output_hidden_states=True,
+        )
+        attn = lm.layers[layer - 1].self_attn
+        x = lm.layers[layer - 1].input_layernorm(out.hidden_states[layer - 1])
+        b, length = ids.shape
+        k = attn.k_proj(x).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = lm.rotary_emb(x, torch.arange(length)[None])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        keys = k.transpose(1, 2).reshape(b, length, -1)
+        start = torch.as_tensor(np.argmax(ids == tiny.image_token_index, axis=1))
+        after = torch.arange(length)[None] >= start[:, None] + tiny.tokens_per_image
+        text = after & torch.as_tensor((ids != tiny.pad_token_id) & (ids != tiny.bos_token_id))
+        kept = dart_select_reference(
+            out.hidden_states[layer],
+            keys,
+            start,
+            text,
+            num_visual=tiny.tokens_per_image,
+            keep=keep,
+            norm_weight=lm.norm.weight,
+            **pivots,
+        )
+    return kept.numpy()
